@@ -1,0 +1,50 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - build/reuse the control plane, start it, run fleetkeeper, play a scenario, summary
+#   make test   - every test (unit, layering, promtool, network namespaces, end-to-end)
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NODES ?= 200
+KEEP ?=
+
+.PHONY: demo test unit e2e bench lint deps system-deps controlplane clean lock
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	touch $(STAMP)
+
+deps: $(STAMP) system-deps
+
+# Debian packages the tests and demo use (promtool, iptables, tc, ip netns, chromium).
+system-deps:
+	@bash hack/install-system-deps.sh
+
+controlplane: deps
+	@bash hack/build-controlplane.sh >/dev/null
+
+lock:
+	$(BIN)/uv pip compile -q pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+demo: controlplane
+	NODES=$(NODES) KEEP=$(KEEP) $(BIN)/fleetkeeper demo
+
+lint: deps
+	$(BIN)/lint-imports
+
+unit: deps
+	$(BIN)/pytest -q -m "not e2e" -p no:cacheprovider
+
+test: controlplane lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+bench: controlplane
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	-$(BIN)/fleetkeeper cluster down
+	rm -rf $(VENV) build *.egg-info

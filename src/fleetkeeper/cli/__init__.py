@@ -1,0 +1,1 @@
+"""The ``fleetkeeper`` command line (top layer: may import every component)."""

@@ -1,0 +1,210 @@
+"""``fleetkeeper``: the command line.
+
+Components plug in through :data:`COMPONENTS`: each entry names a package
+that may provide
+  * ``<pkg>.cli:app``                            a typer sub-app (``fleetkeeper <name> ...``)
+  * ``<pkg>.controller:setup(mgr, options)``     controllers for ``fleetkeeper run``
+  * ``<pkg>.explain:explain_node(kube, names, node) -> list[str]`` and
+    ``explain_pod(kube, names, ns, name) -> list[str]`` for ``fleetkeeper explain``
+  * ``<pkg>.demo:demo(ctx)``                     its part of ``make demo``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from typing import Any
+
+import typer
+
+from fleetkeeper import __version__
+from fleetkeeper.cli import cluster as cluster_cli
+from fleetkeeper.cli.common import console, kubeconfig_option, out, resolve_kubeconfig, run_async
+from fleetkeeper.core import errors, log as fklog
+from fleetkeeper.core.config import load_model
+from fleetkeeper.core.domain import DEFAULT_DOMAIN, Names
+from fleetkeeper.core.settings import RuntimeSettings
+
+# name -> package. Order matters for `run` and the demo.
+COMPONENTS: dict[str, str] = {
+}
+# Sub-apps without controllers (name -> module with `app`).
+SUBAPPS: dict[str, str] = {
+}
+
+app = typer.Typer(name="fleetkeeper", help="Run a research GPU cluster on Kubernetes at 7,500-node scale.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(cluster_cli.app, name="cluster")
+
+
+def _optional(module: str) -> Any | None:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return None
+        raise
+
+
+def _register_subapps() -> None:
+    for name, pkg in COMPONENTS.items():
+        mod = _optional(f"{pkg}.cli")
+        if mod is not None and hasattr(mod, "app"):
+            app.add_typer(mod.app, name=name)
+    for name, module in SUBAPPS.items():
+        app.add_typer(importlib.import_module(module).app, name=name)
+
+
+@app.command()
+def version() -> None:
+    """Print fleetkeeper's version and the pinned control-plane versions."""
+    from fleetkeeper.localcluster.cluster import versions
+
+    out.print(f"fleetkeeper {__version__}")
+    for k, v in versions().items():
+        out.print(f"  {k}: {v}")
+
+
+@app.command()
+def run(
+    controllers: str = typer.Option(",".join(COMPONENTS) or "", "--controllers",
+                                    help="comma-separated components to run"),
+    kubeconfig: str = kubeconfig_option(),
+    domain: str = typer.Option(DEFAULT_DOMAIN, "--domain", help="label/taint domain"),
+    namespace: str = typer.Option("fleetkeeper-system", "--namespace"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="decide and report; never write"),
+    metrics_port: int = typer.Option(8080, "--metrics-port", min=0, max=65535),
+    leader_elect: bool = typer.Option(True, "--leader-elect/--no-leader-elect"),
+    log_level: str = typer.Option("info", "--log-level"),
+    log_format: str = typer.Option("auto", "--log-format", help="json, text or auto"),
+) -> None:
+    """Run the controller manager with the chosen controllers."""
+    fklog.setup(log_level, log_format)
+    names = [c.strip() for c in controllers.split(",") if c.strip()]
+    unknown = [c for c in names if c not in COMPONENTS]
+    if unknown:
+        console.print(f"[red]unknown controller(s)[/red]: {', '.join(unknown)}; known: {', '.join(COMPONENTS) or 'none'}")
+        raise typer.Exit(2)
+    settings = load_model(RuntimeSettings, {
+        "domain": domain, "namespace": namespace, "dry_run": dry_run, "kubeconfig": kubeconfig,
+        "server": {"port": metrics_port}, "leader_election": {"enabled": leader_elect}, "controllers": names,
+    }, "flags")
+    run_async(run_manager(settings))
+
+
+async def run_manager(settings: RuntimeSettings, *, registry=None, clock=None, identity: str | None = None,
+                      stop: asyncio.Event | None = None) -> None:
+    from fleetkeeper.core.kube import Kube
+    from fleetkeeper.core.manager import Manager
+
+    kube = await Kube.connect(resolve_kubeconfig(settings.kubeconfig))
+    try:
+        mgr = Manager(kube, settings, registry=registry, clock=clock, identity=identity)
+        for name in settings.controllers:
+            mod = importlib.import_module(f"{COMPONENTS[name]}.controller")
+            await mod.setup(mgr, None)
+        if stop is None:
+            await mgr.run()
+        else:
+            runner = asyncio.create_task(mgr.run())
+            waiter = asyncio.create_task(stop.wait())
+            await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            runner.cancel()
+            waiter.cancel()
+            await asyncio.gather(runner, waiter, return_exceptions=True)
+    finally:
+        await kube.close()
+
+
+explain_app = typer.Typer(help="Why is this node tainted? Why is my pod not running?", no_args_is_help=True)
+app.add_typer(explain_app, name="explain")
+
+
+async def _explain(kind: str, target: str, kubeconfig: str | None, domain: str) -> list[tuple[str, list[str]]]:
+    from fleetkeeper.core.kube import NODES, PODS, Kube
+
+    names = Names(domain)
+    async with await Kube.connect(resolve_kubeconfig(kubeconfig)) as kube:
+        sections: list[tuple[str, list[str]]] = []
+        if kind == "node":
+            node = await kube.get_or_none(NODES, target)
+            if node is None:
+                raise errors.ConfigError("explain", [("node", target, "no such node")])
+            spec = node.get("spec") or {}
+            lines = [f"taint {t['key']}={t.get('value', '')}:{t['effect']}" for t in spec.get("taints") or []]
+            if spec.get("unschedulable"):
+                lines.append("cordoned (spec.unschedulable)")
+            for c in (node.get("status") or {}).get("conditions") or []:
+                if (c["type"] == "Ready") != (c["status"] == "True") or c["type"] not in (
+                        "Ready", "MemoryPressure", "DiskPressure", "PIDPressure", "NetworkUnavailable"):
+                    lines.append(f"condition {c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}")
+            sections.append(("node", lines or ["no taints, no abnormal conditions: generally schedulable"]))
+        else:
+            if "/" not in target:
+                raise errors.ConfigError("explain", [("pod", target, "expected NAMESPACE/NAME")])
+            ns, name = target.split("/", 1)
+            pod = await kube.get_or_none(PODS, name, ns)
+            if pod is None:
+                raise errors.ConfigError("explain", [("pod", target, "no such pod")])
+            st = pod.get("status") or {}
+            lines = [f"phase {st.get('phase')} on node {pod['spec'].get('nodeName') or '(not scheduled)'}"]
+            for c in st.get("conditions") or []:
+                if c.get("status") != "True":
+                    lines.append(f"{c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}")
+            sections.append(("pod", lines))
+        for comp, pkg in COMPONENTS.items():
+            mod = _optional(f"{pkg}.explain")
+            if mod is None:
+                continue
+            fn = getattr(mod, f"explain_{kind}", None)
+            if fn is None:
+                continue
+            try:
+                lines = await (fn(kube, names, target) if kind == "node" else fn(kube, names, *target.split("/", 1)))
+            except errors.FleetkeeperError as exc:
+                lines = [f"(could not explain: {exc})"]
+            if lines:
+                sections.append((comp, lines))
+        return sections
+
+
+def _print_sections(sections: list[tuple[str, list[str]]]) -> None:
+    for title, lines in sections:
+        out.print(f"[bold]{title}[/bold]")
+        for line in lines:
+            out.print(f"  {line}")
+
+
+@explain_app.command("node")
+def explain_node(name: str, kubeconfig: str = kubeconfig_option(),
+                 domain: str = typer.Option(DEFAULT_DOMAIN, "--domain")) -> None:
+    """Why this node carries its taints, its health history and next step."""
+    _print_sections(run_async(_explain("node", name, kubeconfig, domain)))
+
+
+@explain_app.command("pod")
+def explain_pod(target: str = typer.Argument(..., metavar="NAMESPACE/NAME"), kubeconfig: str = kubeconfig_option(),
+                domain: str = typer.Option(DEFAULT_DOMAIN, "--domain")) -> None:
+    """Where this pod may or may not go, and why."""
+    _print_sections(run_async(_explain("pod", target, kubeconfig, domain)))
+
+
+@app.command()
+def demo(
+    nodes: int = typer.Option(200, "--nodes", envvar="NODES", min=10, help="simulated nodes"),
+    keep: bool = typer.Option(False, "--keep", envvar="KEEP", help="leave the cluster up afterwards"),
+) -> None:
+    """Build or reuse the control plane, start it, run fleetkeeper, play a scenario, print a summary."""
+    from fleetkeeper.cli.demo import run_demo
+
+    fklog.setup("warning", "text")
+    run_async(run_demo(nodes=nodes, keep=keep, components=COMPONENTS))
+
+
+def main() -> None:
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    _register_subapps()
+    app()
+
+

@@ -1,0 +1,195 @@
+"""Informers: list, then watch, keeping a projected cache.
+
+* list (paginated), then watch from the list's resourceVersion with bookmarks;
+* a dropped watch resumes from the last resourceVersion seen (events or
+  bookmarks) so nothing is missed and nothing is replayed;
+* ``410 Gone`` (resourceVersion too old) leads to a relist; the relist is
+  diffed against the cache so handlers see only real changes (adds, updates
+  with a new resourceVersion, deletes of objects that vanished);
+* only the fields a component needs are kept: a ``project`` function maps the
+  raw object to a small immutable value (a dataclass or tuple). At 7,500 nodes
+  and tens of thousands of pods this is what keeps a Python controller small.
+
+Handlers are plain callables ``(event_type, key, old, new)``; a controller
+usually maps them to work-queue keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.clock import Clock, RealClock
+from fleetkeeper.core.kube import Kube, Resource
+from fleetkeeper.core.metrics import RuntimeMetrics
+
+log = logging.getLogger("fleetkeeper.informer")
+
+T = TypeVar("T")
+Handler = Callable[[str, str, Any, Any], None]
+
+
+def object_key(obj: dict) -> str:
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace")
+    return f"{ns}/{meta['name']}" if ns else meta["name"]
+
+
+def identity(obj: dict) -> dict:
+    return obj
+
+
+@dataclass
+class _Entry(Generic[T]):
+    rv: str
+    value: T
+
+
+class Informer(Generic[T]):
+    """A cache of one resource kept current by list+watch."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        resource: Resource,
+        project: Callable[[dict], T] = identity,  # type: ignore[assignment]
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        metrics: RuntimeMetrics | None = None,
+        clock: Clock | None = None,
+        watch_timeout: int = 300,
+        page_size: int = 500,
+    ):
+        self.kube = kube
+        self.resource = resource
+        self.project = project
+        self.namespace = namespace
+        self.label_selector = label_selector
+        self.field_selector = field_selector
+        self.metrics = metrics
+        self.clock = clock or RealClock()
+        self.watch_timeout = watch_timeout
+        self.page_size = page_size
+        self._store: dict[str, _Entry[T]] = {}
+        self._handlers: list[Handler] = []
+        self._synced = asyncio.Event()
+        self.resource_version: str = ""
+        self.relists = 0
+        self.watch_starts = 0
+
+    # --- reading --------------------------------------------------------
+    def get(self, key: str) -> T | None:
+        e = self._store.get(key)
+        return e.value if e else None
+
+    def items(self) -> list[T]:
+        return [e.value for e in self._store.values()]
+
+    def keys(self) -> list[str]:
+        return list(self._store)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @property
+    def synced(self) -> bool:
+        return self._synced.is_set()
+
+    async def wait_synced(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._synced.wait(), timeout)
+
+    def add_handler(self, handler: Handler) -> None:
+        self._handlers.append(handler)
+
+    # --- running --------------------------------------------------------
+    def _emit(self, typ: str, key: str, old: Any, new: Any) -> None:
+        for h in self._handlers:
+            try:
+                h(typ, key, old, new)
+            except Exception:  # a broken handler must not stop the informer
+                log.exception("informer handler failed for %s %s", self.resource.plural, key)
+
+    async def _relist(self, reason: str) -> None:
+        self.relists += 1
+        if self.metrics:
+            self.metrics.informer_relists.labels(self.resource.plural, reason).inc()
+        seen: set[str] = set()
+        rv = ""
+        async for page, page_rv in self.kube.list_pages(
+            self.resource, self.namespace, label_selector=self.label_selector,
+            field_selector=self.field_selector, page_size=self.page_size,
+        ):
+            for raw in page:
+                self._apply("SYNC", raw)
+                seen.add(object_key(raw))
+            if page_rv:
+                rv = page_rv
+        for key in [k for k in self._store if k not in seen]:
+            old = self._store.pop(key)
+            self._emit("DELETED", key, old.value, None)
+        self.resource_version = rv
+        if self.metrics:
+            self.metrics.informer_objects.labels(self.resource.plural).set(len(self._store))
+        self._synced.set()
+
+    def _apply(self, typ: str, raw: dict) -> None:
+        key = object_key(raw)
+        rv = (raw.get("metadata") or {}).get("resourceVersion", "")
+        old = self._store.get(key)
+        if typ == "DELETED":
+            if old is not None:
+                del self._store[key]
+                self._emit("DELETED", key, old.value, None)
+            return
+        if old is not None and old.rv == rv:
+            return  # unchanged (a relist, or a replayed event)
+        value = self.project(raw)
+        self._store[key] = _Entry(rv, value)
+        self._emit("ADDED" if old is None else "MODIFIED", key, old.value if old else None, value)
+
+    async def run(self) -> None:
+        """List and watch until cancelled."""
+        backoff = 0.5
+        need_list = True
+        reason = "start"
+        while True:
+            try:
+                if need_list:
+                    await self._relist(reason)
+                    need_list = False
+                self.watch_starts += 1
+                async for typ, raw in self.kube.watch(
+                    self.resource, self.resource_version, self.namespace,
+                    label_selector=self.label_selector, field_selector=self.field_selector,
+                    timeout_seconds=self.watch_timeout,
+                ):
+                    if typ == "BOOKMARK":
+                        self.resource_version = raw["metadata"]["resourceVersion"]
+                        continue
+                    if self.metrics:
+                        self.metrics.informer_events.labels(self.resource.plural, typ).inc()
+                    self._apply(typ, raw)
+                    self.resource_version = raw["metadata"]["resourceVersion"]
+                    if self.metrics:
+                        self.metrics.informer_objects.labels(self.resource.plural).set(len(self._store))
+                backoff = 0.5  # watch ended normally (server timeout): resume from rv
+            except asyncio.CancelledError:
+                raise
+            except errors.Gone:
+                log.info("watch of %s expired (410 Gone) at rv %s; relisting", self.resource.plural, self.resource_version)
+                need_list, reason = True, "gone"
+            except (errors.Temporary, errors.ServerError, errors.TooManyRequests) as exc:
+                log.warning("watch of %s failed: %s; retrying in %.1fs", self.resource.plural, exc, backoff)
+                await self.clock.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+            except errors.ApiError as exc:
+                log.error("watch of %s failed: %s; relisting in %.1fs", self.resource.plural, exc, backoff)
+                await self.clock.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                need_list, reason = True, "error"

@@ -1,0 +1,126 @@
+"""The controller manager: one Kube client, one metrics registry, one clock,
+shared informers (one per resource and selector), leader election, the ops
+server, and the components' runnables.
+
+A component provides ``setup(mgr: Manager, options) -> None`` and calls
+:meth:`Manager.node_informer`, :meth:`Manager.pod_informer`,
+:meth:`Manager.informer`, :meth:`Manager.recorder` and :meth:`Manager.add`.
+Runnables added with ``leader=True`` (the default: anything that writes)
+start only while this process holds the lease, and the process exits if the
+lease is lost, so a restarted process re-reads everything (level-based).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from fleetkeeper.core.clock import Clock, RealClock
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.events import EventRecorder
+from fleetkeeper.core.informer import Informer
+from fleetkeeper.core.kube import NODES, PODS, Kube, Resource
+from fleetkeeper.core.leader import LeaderElector
+from fleetkeeper.core.metrics import RuntimeMetrics
+from fleetkeeper.core.server import OpsServer
+from fleetkeeper.core.settings import RuntimeSettings
+from fleetkeeper.core.views import NodeView, PodView, default_projector
+
+log = logging.getLogger("fleetkeeper.manager")
+
+
+@dataclass
+class _Runnable:
+    name: str
+    fn: Callable[[], Awaitable[Any]]
+    leader: bool
+
+
+class Manager:
+    def __init__(self, kube: Kube, settings: RuntimeSettings, *, registry: CollectorRegistry | None = None,
+                 clock: Clock | None = None, identity: str | None = None):
+        self.kube = kube
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = RuntimeMetrics(self.registry)
+        kube.metrics = kube.metrics or self.metrics.api
+        self.clock = clock or RealClock()
+        self.names = Names(settings.domain)
+        self.projector = default_projector(settings.domain)
+        self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"
+        self._informers: dict[tuple, Informer] = {}
+        self._runnables: list[_Runnable] = []
+        self.server = OpsServer(self.registry, settings.server.host, settings.server.port)
+        self.elector: LeaderElector | None = None
+
+    # --- building blocks for components --------------------------------
+    def informer(self, resource: Resource, project: Callable[[dict], Any], *, namespace: str | None = None,
+                 label_selector: str | None = None, field_selector: str | None = None, key: str = "") -> Informer:
+        """A shared informer; two calls with the same arguments get the same one."""
+        k = (resource, namespace, label_selector, field_selector, key or getattr(project, "__qualname__", ""))
+        if k not in self._informers:
+            inf = Informer(self.kube, resource, project, namespace=namespace, label_selector=label_selector,
+                           field_selector=field_selector, metrics=self.metrics, clock=self.clock)
+            self._informers[k] = inf
+            self.server.add_ready_check(f"informer:{resource.plural}", lambda i=inf: i.synced)
+        return self._informers[k]
+
+    def node_informer(self) -> Informer[NodeView]:
+        return self.informer(NODES, self.projector.node, key="nodeview")
+
+    def pod_informer(self) -> Informer[PodView]:
+        return self.informer(PODS, self.projector.pod, key="podview")
+
+    def recorder(self, controller: str) -> EventRecorder:
+        return EventRecorder(self.kube, controller, namespace=self.settings.namespace, clock=self.clock,
+                             metrics=self.metrics, dry_run=self.settings.dry_run)
+
+    def add(self, name: str, fn: Callable[[], Awaitable[Any]], *, leader: bool = True) -> None:
+        self._runnables.append(_Runnable(name, fn, leader))
+
+    async def wait_synced(self, timeout: float = 120) -> None:
+        await asyncio.gather(*(i.wait_synced(timeout) for i in self._informers.values()))
+
+    # --- running --------------------------------------------------------
+    async def run(self) -> None:
+        await self.server.start()
+        log.info("ops server on http://%s:%d (metrics, healthz, readyz)", self.server.host, self.server.port)
+        tasks: list[asyncio.Task] = []
+        try:
+            for inf in self._informers.values():
+                tasks.append(asyncio.create_task(inf.run(), name=f"informer:{inf.resource.plural}"))
+            for r in self._runnables:
+                if not r.leader:
+                    tasks.append(asyncio.create_task(r.fn(), name=r.name))
+            le = self.settings.leader_election
+            if le.enabled and not self.settings.dry_run:
+                self.elector = LeaderElector(self.kube, le.lease_name, self.settings.namespace, self.identity,
+                                             le.lease_duration, le.renew_period, self.clock, self.metrics)
+                elect = asyncio.create_task(self.elector.run(), name="leader-election")
+                tasks.append(elect)
+                await self.elector.is_leader.wait()
+            await self.wait_synced()
+            for r in self._runnables:
+                if r.leader:
+                    tasks.append(asyncio.create_task(r.fn(), name=r.name))
+            log.info("running %d controllers as %s", len(self._runnables), self.identity)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t.exception():
+                    raise t.exception()  # type: ignore[misc]
+            if self.elector and self.elector.lost.is_set():
+                log.error("leadership lost; exiting so a restart re-reads the cluster")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.elector:
+                await self.elector.release()
+            await self.server.stop()

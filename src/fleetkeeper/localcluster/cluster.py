@@ -1,0 +1,498 @@
+"""Start, inspect and stop the local control plane.
+
+State lives in one directory (default ``~/.local/state/fleetkeeper/cluster``,
+``$FLEETKEEPER_CLUSTER_DIR`` overrides): ``state.json`` (ports, pids,
+options), ``pki/``, ``kubeconfig``, ``logs/``, ``etcd/``. Every process binds
+to 127.0.0.1 only. ``up`` is idempotent: processes that run are kept, missing
+ones are started, missing nodes are created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.kube import NODES, Kube, RetryPolicy
+from fleetkeeper.core.ratelimit import TokenBucket
+from fleetkeeper.localcluster import pki
+from fleetkeeper.localcluster.fleet import KWOK_LABEL, KWOK_LABEL_VALUE, FleetSpec, node_manifest
+
+log = logging.getLogger("fleetkeeper.localcluster")
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+BUILD_SCRIPT = REPO_ROOT / "hack" / "build-controlplane.sh"
+VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
+COMPONENTS = ("etcd", "etcd-events", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+FEATURE_GATES = "GenericWorkload=true,GangScheduling=true"
+RUNTIME_CONFIG = "scheduling.k8s.io/v1alpha2=true"
+# Test identities (static token file). Team membership comes from groups.
+TEST_USERS = {
+    "alice": ["team-a"],
+    "bob": ["team-b"],
+    "carol": ["team-c"],
+    "mallory": [],
+}
+
+Progress = Callable[[str], None]
+
+
+def default_dir() -> Path:
+    env = os.environ.get("FLEETKEEPER_CLUSTER_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fleetkeeper" / "cluster"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for line in VERSIONS_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            out[k] = v
+    return out
+
+
+def ensure_binaries(progress: Progress | None = None) -> Path:
+    """Build (or reuse) the control-plane binaries; returns their directory."""
+    env_dir = os.environ.get("FLEETKEEPER_BIN_DIR")
+    if env_dir:
+        return Path(env_dir)
+    if not BUILD_SCRIPT.exists():
+        raise errors.ClusterError(f"{BUILD_SCRIPT} not found: run from a fleetkeeper checkout or set FLEETKEEPER_BIN_DIR")
+    proc = subprocess.Popen(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None and proc.stdout is not None
+    tail: list[str] = []
+    for line in proc.stderr:
+        line = line.rstrip()
+        tail = (tail + [line])[-20:]
+        if line.startswith("[build-controlplane]") and progress:
+            progress(line.removeprefix("[build-controlplane] "))
+    out = proc.stdout.read().strip().splitlines()
+    if proc.wait() != 0 or not out:
+        raise errors.ClusterError("building the control plane failed:\n" + "\n".join(tail))
+    return Path(out[-1])
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Ports:
+    apiserver: int = 0
+    etcd: int = 0
+    etcd_peer: int = 0
+    etcd_events: int = 0
+    etcd_events_peer: int = 0
+    controller_manager: int = 0
+    scheduler: int = 0
+    kwok: int = 0
+
+
+@dataclass
+class State:
+    ports: Ports = field(default_factory=Ports)
+    pids: dict[str, int] = field(default_factory=dict)
+    token: str = ""
+    user_tokens: dict[str, str] = field(default_factory=dict)
+    events_etcd: bool = False
+    bin_dir: str = ""
+    gpus_per_node: int = 8
+
+    @classmethod
+    def load(cls, path: Path) -> "State":
+        d = json.loads(path.read_text())
+        d["ports"] = Ports(**d.get("ports", {}))
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+
+def _alive(pid: int, name: str) -> bool:
+    try:
+        os.kill(pid, 0)
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        return Path(cmd).name == name.replace("etcd-events", "etcd")
+    except (OSError, ValueError):
+        return False
+
+
+class LocalCluster:
+    def __init__(self, directory: Path | None = None):
+        self.dir = Path(directory or default_dir())
+        self.state_path = self.dir / "state.json"
+        self.state = State.load(self.state_path) if self.state_path.exists() else State()
+
+    # --- paths ------------------------------------------------------------
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    def user_kubeconfig(self, user: str) -> Path:
+        return self.dir / f"kubeconfig-{user}"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.state.ports.apiserver}"
+
+    def _bin(self, name: str) -> str:
+        return str(Path(self.state.bin_dir) / name.replace("etcd-events", "etcd"))
+
+    # --- status -----------------------------------------------------------
+    def running(self) -> dict[str, bool]:
+        wanted = [c for c in COMPONENTS if c != "etcd-events" or self.state.events_etcd]
+        return {c: (c in self.state.pids and _alive(self.state.pids[c], c)) for c in wanted}
+
+    def is_up(self) -> bool:
+        r = self.running()
+        return bool(r) and all(r.values())
+
+    # --- setup ------------------------------------------------------------
+    def _choose_ports(self, apiserver_port: int | None) -> None:
+        p = self.state.ports
+        if apiserver_port:
+            p.apiserver = apiserver_port
+        for name in ("apiserver", "etcd", "etcd_peer", "etcd_events", "etcd_events_peer",
+                     "controller_manager", "scheduler", "kwok"):
+            if not getattr(p, name):
+                setattr(p, name, free_port())
+
+    def _check_ports(self, running: dict[str, bool]) -> None:
+        p = self.state.ports
+        owners = {
+            "kube-apiserver": [p.apiserver], "etcd": [p.etcd, p.etcd_peer],
+            "etcd-events": [p.etcd_events, p.etcd_events_peer], "kube-controller-manager": [p.controller_manager],
+            "kube-scheduler": [p.scheduler], "kwok": [p.kwok],
+        }
+        for comp, ports in owners.items():
+            if running.get(comp) or (comp == "etcd-events" and not self.state.events_etcd):
+                continue
+            for port in ports:
+                if not port_free(port):
+                    raise errors.ClusterError(
+                        f"port {port} on 127.0.0.1 (for {comp}) is already in use by another process. "
+                        f"Stop that process, run 'fleetkeeper cluster down' if it is an old cluster, "
+                        f"or choose another port (--port for the API server; others are picked automatically "
+                        f"after 'fleetkeeper cluster down --purge')."
+                    )
+
+    def _write_auth(self) -> None:
+        st = self.state
+        if not st.token:
+            st.token = secrets.token_hex(24)
+        for user in TEST_USERS:
+            st.user_tokens.setdefault(user, secrets.token_hex(24))
+        lines = [f'{st.token},admin,admin-uid,"system:masters"']
+        for user, groups in TEST_USERS.items():
+            g = ",".join(groups + ["researchers"])
+            lines.append(f'{st.user_tokens[user]},{user},{user}-uid,"{g}"')
+        tokens = self.dir / "pki" / "tokens.csv"
+        tokens.write_text("\n".join(lines) + "\n")
+        tokens.chmod(0o600)
+        ca = (self.dir / "pki" / "ca.crt").read_text()
+        import base64
+
+        ca_b64 = base64.b64encode(ca.encode()).decode()
+
+        def kubeconfig(user: str, token: str) -> str:
+            return (
+                "apiVersion: v1\nkind: Config\n"
+                f"clusters:\n- name: fleetkeeper-local\n  cluster:\n    server: {self.server}\n"
+                f"    certificate-authority-data: {ca_b64}\n"
+                f"users:\n- name: {user}\n  user:\n    token: {token}\n"
+                f"contexts:\n- name: fleetkeeper-local\n  context:\n    cluster: fleetkeeper-local\n    user: {user}\n"
+                "current-context: fleetkeeper-local\n"
+            )
+
+        self.kubeconfig.write_text(kubeconfig("admin", st.token))
+        self.kubeconfig.chmod(0o600)
+        for user, token in st.user_tokens.items():
+            path = self.user_kubeconfig(user)
+            path.write_text(kubeconfig(user, token))
+            path.chmod(0o600)
+
+    def _kwok_config(self) -> Path:
+        stages_dir = Path(self.state.bin_dir) / "kwok-stages"
+        docs = [f.read_text() for f in sorted(stages_dir.glob("*.yaml"))]
+        docs.append((Path(__file__).parent / "stages.yaml").read_text())
+        path = self.dir / "kwok.yaml"
+        path.write_text("\n---\n".join(d.strip() for d in docs) + "\n")
+        return path
+
+    def _command(self, comp: str) -> list[str]:
+        p, d = self.state.ports, self.dir
+        pk = d / "pki"
+        if comp in ("etcd", "etcd-events"):
+            client, peer = (p.etcd, p.etcd_peer) if comp == "etcd" else (p.etcd_events, p.etcd_events_peer)
+            return [
+                self._bin("etcd"), f"--name={comp}", f"--data-dir={d / comp}",
+                f"--listen-client-urls=http://127.0.0.1:{client}", f"--advertise-client-urls=http://127.0.0.1:{client}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}", f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster={comp}=http://127.0.0.1:{peer}", "--quota-backend-bytes=8589934592",
+                "--unsafe-no-fsync=true", "--log-level=warn", "--snapshot-count=50000",
+            ]
+        if comp == "kube-apiserver":
+            cmd = [
+                self._bin(comp), f"--etcd-servers=http://127.0.0.1:{p.etcd}", "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1", f"--secure-port={p.apiserver}",
+                f"--tls-cert-file={pk / 'apiserver.crt'}", f"--tls-private-key-file={pk / 'apiserver.key'}",
+                f"--client-ca-file={pk / 'ca.crt'}", f"--token-auth-file={pk / 'tokens.csv'}",
+                "--authorization-mode=Node,RBAC", "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={pk / 'sa.pub'}", f"--service-account-signing-key-file={pk / 'sa.key'}",
+                "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
+                "--endpoint-reconciler-type=none", f"--feature-gates={FEATURE_GATES}",
+                f"--runtime-config={RUNTIME_CONFIG}", "--max-requests-inflight=800",
+                "--max-mutating-requests-inflight=400", "--v=1",
+            ]
+            if self.state.events_etcd:
+                cmd.append(f"--etcd-servers-overrides=/events#http://127.0.0.1:{p.etcd_events}")
+            return cmd
+        if comp == "kube-controller-manager":
+            return [
+                self._bin(comp), f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
+                "--bind-address=127.0.0.1", f"--secure-port={p.controller_manager}",
+                f"--service-account-private-key-file={pk / 'sa.key'}", f"--root-ca-file={pk / 'ca.crt'}",
+                "--controllers=*,-nodeipam,-bootstrapsigner,-tokencleaner", "--kube-api-qps=200",
+                "--kube-api-burst=400", "--node-monitor-grace-period=900s", f"--feature-gates={FEATURE_GATES}",
+                "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10", "--v=1",
+            ]
+        if comp == "kube-scheduler":
+            cfg = d / "scheduler.yaml"
+            cfg.write_text(
+                "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\n"
+                f"clientConnection:\n  kubeconfig: {self.kubeconfig}\n  qps: 500\n  burst: 1000\n"
+                "leaderElection:\n  leaderElect: false\n"
+            )
+            return [
+                self._bin(comp), f"--config={cfg}", "--bind-address=127.0.0.1", f"--secure-port={p.scheduler}",
+                f"--feature-gates={FEATURE_GATES}", "--v=1",
+            ]
+        if comp == "kwok":
+            return [
+                self._bin(comp), f"--kubeconfig={self.kubeconfig}", "--manage-all-nodes=false",
+                f"--manage-nodes-with-label-selector={KWOK_LABEL}={KWOK_LABEL_VALUE}",
+                "--node-lease-duration-seconds=600", f"--config={self._kwok_config()}",
+                "--server-address=127.0.0.1:" + str(p.kwok), "--cidr=10.128.0.0/10", "--node-ip=10.0.0.1",
+            ]
+        raise ValueError(comp)
+
+    def _start(self, comp: str) -> None:
+        logs = self.dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out = open(logs / f"{comp}.log", "ab")
+        proc = subprocess.Popen(self._command(comp), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=self.dir)
+        out.close()
+        self.state.pids[comp] = proc.pid
+        self.state.save(self.state_path)
+
+    def _ssl(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.dir / "pki" / "ca.crt"))
+
+    def _wait_http(self, comp: str, url: str, timeout: float, token: bool = True, tls: bool = True) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not _alive(self.state.pids.get(comp, -1), comp):
+                raise errors.ClusterError(f"{comp} exited during start-up; see {self.dir / 'logs' / (comp + '.log')}:\n"
+                                          + self.log_tail(comp))
+            try:
+                req = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.state.token}"} if token else {})
+                ctx = self._ssl() if tls else None
+                if comp in ("kube-controller-manager", "kube-scheduler"):
+                    ctx = ssl._create_unverified_context()  # self-signed serving certs on loopback
+                with urllib.request.urlopen(req, timeout=5, context=ctx) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError, ConnectionError) as exc:
+                last = str(exc)
+            time.sleep(0.3)
+        raise errors.ClusterError(f"{comp} did not become healthy within {timeout:.0f}s ({last}); "
+                                  f"see {self.dir / 'logs' / (comp + '.log')}")
+
+    def log_tail(self, comp: str, lines: int = 15) -> str:
+        path = self.dir / "logs" / f"{comp}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def start_component(self, comp: str) -> None:
+        """Start one component (if not running) and wait until it is healthy."""
+        if _alive(self.state.pids.get(comp, -1), comp):
+            return
+        self._start(comp)
+        p = self.state.ports
+        if comp == "etcd":
+            self._wait_http(comp, f"http://127.0.0.1:{p.etcd}/health", 60, token=False, tls=False)
+        elif comp == "etcd-events":
+            self._wait_http(comp, f"http://127.0.0.1:{p.etcd_events}/health", 60, token=False, tls=False)
+        elif comp == "kube-apiserver":
+            self._wait_http(comp, f"{self.server}/readyz", 120)
+        elif comp == "kube-controller-manager":
+            self._wait_http(comp, f"https://127.0.0.1:{p.controller_manager}/healthz", 60, token=False)
+        elif comp == "kube-scheduler":
+            self._wait_http(comp, f"https://127.0.0.1:{p.scheduler}/healthz", 60, token=False)
+        elif comp == "kwok":
+            self._wait_http(comp, f"http://127.0.0.1:{p.kwok}/healthz", 60, token=False, tls=False)
+
+    def stop_component(self, comp: str, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        pid = self.state.pids.get(comp)
+        if not pid or not _alive(pid, comp):
+            self.state.pids.pop(comp, None)
+            return
+        try:
+            os.killpg(pid, sig)
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid, comp):
+            time.sleep(0.1)
+        if _alive(pid, comp):
+            os.killpg(pid, signal.SIGKILL)
+        self.state.pids.pop(comp, None)
+        self.state.save(self.state_path)
+
+    def start_processes(self, *, apiserver_port: int | None = None, events_etcd: bool = False,
+                        progress: Progress | None = None) -> None:
+        say = progress or (lambda s: None)
+        if not self.state.bin_dir or not Path(self.state.bin_dir, "kwok").exists():
+            self.state.bin_dir = str(ensure_binaries(say))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.state.events_etcd != events_etcd and any(self.running().values()):
+            if events_etcd != self.state.events_etcd:
+                say("events-etcd layout changed: restarting the API server")
+                self.stop_component("kube-apiserver")
+        self.state.events_etcd = events_etcd
+        if apiserver_port and self.state.ports.apiserver and apiserver_port != self.state.ports.apiserver \
+                and self.running().get("kube-apiserver"):
+            raise errors.ClusterError(
+                f"the cluster in {self.dir} already serves on port {self.state.ports.apiserver}; "
+                f"run 'fleetkeeper cluster down' first to change it to {apiserver_port}")
+        self._choose_ports(apiserver_port)
+        self._check_ports(self.running())
+        pki.write_cluster_pki(self.dir / "pki")
+        self._write_auth()
+        self.state.save(self.state_path)
+        order = ["etcd"] + (["etcd-events"] if events_etcd else []) + [
+            "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]
+        for comp in order:
+            if _alive(self.state.pids.get(comp, -1), comp):
+                continue
+            say(f"starting {comp}")
+            self.start_component(comp)
+
+    async def connect(self, **kw) -> Kube:
+        return await Kube.connect(str(self.kubeconfig), **kw)
+
+    async def up(self, nodes: int = 50, gpus_per_node: int = 8, *, apiserver_port: int | None = None,
+                 events_etcd: bool = False, join_gate: bool = False, create_rate: float | None = None,
+                 progress: Progress | None = None, wait_ready: bool = True) -> dict:
+        say = progress or (lambda s: None)
+        await asyncio.to_thread(self.start_processes, apiserver_port=apiserver_port, events_etcd=events_etcd,
+                                progress=say)
+        self.state.gpus_per_node = gpus_per_node
+        self.state.save(self.state_path)
+        t0 = time.monotonic()
+        async with await self.connect(retry=RetryPolicy(attempts=8)) as kube:
+            spec = FleetSpec(nodes=nodes, gpus_per_node=gpus_per_node, join_gate=join_gate)
+            created = await create_nodes(kube, spec, rate=create_rate, progress=say)
+            ready = await wait_nodes_ready(kube, nodes, timeout=max(120.0, nodes / 20), progress=say) if wait_ready else 0
+        return {"created": created, "ready": ready, "seconds": round(time.monotonic() - t0, 1)}
+
+    def down(self, purge: bool = False) -> list[str]:
+        stopped = []
+        for comp in reversed(COMPONENTS):
+            if self.state.pids.get(comp) and _alive(self.state.pids[comp], comp):
+                stopped.append(comp)
+            self.stop_component(comp)
+        if purge and self.dir.exists():
+            shutil.rmtree(self.dir)
+        elif self.state_path.exists():
+            self.state.save(self.state_path)
+        return stopped
+
+
+async def create_nodes(kube: Kube, spec: FleetSpec, *, rate: float | None = None, concurrency: int = 32,
+                       progress: Progress | None = None, start: int = 0) -> int:
+    """Create the fleet's nodes that do not exist yet; ``rate`` (nodes per second)
+    paces registrations (R17). Returns how many were created."""
+    existing, _ = await kube.list(NODES, label_selector=f"{KWOK_LABEL}={KWOK_LABEL_VALUE}")
+    have = {n["metadata"]["name"] for n in existing}
+    todo = [node_manifest(spec, i) for i in range(start, spec.nodes)]
+    todo = [n for n in todo if n["metadata"]["name"] not in have]
+    if not todo:
+        return 0
+    bucket = TokenBucket(rate, max(1, int(rate))) if rate else None
+    sem = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def one(node: dict) -> None:
+        nonlocal done
+        if bucket:
+            await bucket.acquire()
+        async with sem:
+            try:
+                await kube.create(NODES, node)
+            except errors.Conflict:
+                pass
+        done += 1
+        if progress and (done % 500 == 0 or done == len(todo)):
+            progress(f"nodes created: {done}/{len(todo)}")
+
+    await asyncio.gather(*(one(n) for n in todo))
+    return len(todo)
+
+
+def node_ready(node: dict) -> bool:
+    for c in (node.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return c.get("status") == "True"
+    return False
+
+
+async def wait_nodes_ready(kube: Kube, count: int, timeout: float = 300, progress: Progress | None = None) -> int:
+    deadline = time.monotonic() + timeout
+    last = -1
+    ready = 0
+    while time.monotonic() < deadline:
+        nodes, _ = await kube.list(NODES, label_selector=f"{KWOK_LABEL}={KWOK_LABEL_VALUE}")
+        ready = sum(1 for n in nodes if node_ready(n))
+        if ready != last and progress:
+            progress(f"nodes Ready: {ready}/{count}")
+            last = ready
+        if ready >= count:
+            return ready
+        await asyncio.sleep(1.0)
+    raise errors.ClusterError(f"only {ready} of {count} nodes became Ready within {timeout:.0f}s (see logs/kwok.log)")
