@@ -77,9 +77,9 @@ def aggregate_comment(traffic: str, scope: str) -> str:
     return f"{EXPORTER_PREFIX} traffic={traffic} scope={scope}"
 
 
-def shape_comment(pod: PodInfo, bucket: int) -> str:
+def shape_comment(pod: PodInfo, bucket: int, scope: str = "pod") -> str:
     head = f"{SHAPE_PREFIX} ns={pod.namespace} pod="
-    tail = f" bucket={bucket}"
+    tail = f" bucket={bucket} scope={scope}"
     return head + _short(pod.name, MAX_COMMENT - len(head) - len(tail)) + tail
 
 
@@ -145,11 +145,11 @@ class Desired:
 
 
 def desired_rules(pods: list[PodInfo], internal: tuple[ipaddress.IPv4Network, ...],
-                  marks: dict[str, int] | None = None, mark_mask: int = 0x0FFF0000,
+                  marks: dict[str, tuple[int, str]] | None = None, mark_mask: int = 0x0FFF0000,
                   mark_shift: int = 16) -> Desired:
     """The complete desired content of fleetkeeper's chains.
 
-    ``marks`` maps pod key (ns/name) -> shaping bucket id; those pods get a MARK
+    ``marks`` maps pod key (ns/name) -> (bucket id, scope); those pods get a MARK
     rule on internet-bound packets so the uplink's HTB puts them in their class.
     """
     marks = marks or {}
@@ -185,9 +185,10 @@ def desired_rules(pods: list[PodInfo], internal: tuple[ipaddress.IPv4Network, ..
         add(CH_INET_OUT, "-s", ip, *_c(pod_comment("internet-out", pod)))
         add(CH_INTERNAL, "-s", ip, *_c(pod_comment("internal-out", pod)))
         add(CH_INTERNAL, "-d", ip, *_c(pod_comment("internal-in", pod)))
-        bucket = marks.get(pod.key)
-        if bucket is not None:
-            add(CH_INET_OUT, "-s", ip, *_c(shape_comment(pod, bucket)), "-j", "MARK",
+        mark = marks.get(pod.key)
+        if mark is not None:
+            bucket, scope = mark
+            add(CH_INET_OUT, "-s", ip, *_c(shape_comment(pod, bucket, scope)), "-j", "MARK",
                 "--set-xmark", f"{hex(bucket << mark_shift)}/{hex(mark_mask)}")
 
     jumps = {hook: Rule(hook, (*_c(JUMP_COMMENT), "-j", chain)) for hook, chain in HOOKS.items()}
