@@ -163,6 +163,10 @@ class TrafficCollector(Collector):
             self._shaping_last[key] = now
         self._shaping = dict(buckets)
 
+    def pod_totals(self) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """(direction, namespace, pod) -> (packets, bytes) of pods present now."""
+        return {(d, ns, pod): (a.packets, a.bytes) for (d, ns, pod, _t), a in self._pod.items()}
+
     # ------------------------------------------------------------ scraping
     def describe(self) -> Iterable[Metric]:
         return []

@@ -25,6 +25,9 @@ INTERNET_IP = "203.0.113.2"
 UPLINK = "up0"
 POD_A_IP = "10.1.0.2"
 POD_B_IP = "10.2.0.2"
+# wire bytes per TCP payload byte at MTU 1500 with timestamps: (1448 + 52 + 14) / 1448;
+# HTB counts whole frames, the receiver counts payload
+WIRE_OVERHEAD = 1514 / 1448
 
 
 def unavailable_reason() -> str | None:
