@@ -25,19 +25,19 @@ def test_parse_rate_rejects(text, why):
 def test_settings_errors_name_field_value_and_rule(tmp_path):
     with pytest.raises(ConfigError) as ei:
         make_settings("cfg.yaml", {"node": "n", "internal_ranges": ["10.0.0.1/8"], "interval_s": 0,
-                                   "team_limits": {"vision": "lots"}, "mark_mask": "0x0f0f0000", "bogus": 1})
+                                   "team_limits": {"vision": "lots"}, "bogus": 1})
     paths = {p for p, _v, _m in ei.value.problems}
-    assert {"internal_ranges", "interval_s", "team_limits", "mark_mask", "bogus"} <= paths
+    assert {"internal_ranges", "interval_s", "team_limits", "bogus"} <= paths
     msg = str(ei.value)
-    assert "host bits set" in msg and "vision" in msg and "contiguous" in msg
+    assert "host bits set" in msg and "vision" in msg
 
 
 def test_settings_defaults_and_file(tmp_path):
     f = tmp_path / "s.yaml"
-    f.write_text("node: n1\ninternal_ranges: [10.0.0.0/8, 172.16.0.0/12]\nmark_mask: '0x00ff0000'\n")
+    f.write_text("node: n1\ninternal_ranges: [10.0.0.0/8, 172.16.0.0/12]\n")
     st = load_settings(f, {"uplink": "eth0"})
     assert [str(n) for n in st.internal_ranges] == ["10.0.0.0/8", "172.16.0.0/12"]
-    assert st.mark_shift == 16 and st.max_buckets == 0xFF and st.uplink == "eth0"
+    assert st.max_buckets == 0xFFF and st.uplink == "eth0"
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="either pods_file or relay_url"):

@@ -59,26 +59,29 @@ def recorded_tc():
 
 def test_parse_recorded_tc():
     st = recorded_tc()
-    assert st.ours and st.filters == {1}
+    assert st.ours and st.filters == set()
     c = st.classes[1]
-    assert c.rate_bps == 8_000_000 and c.sent_bytes == 210246 and c.overlimits == 17 and c.dropped == 0
+    assert c.rate_bps == 8_000_000 and c.sent_bytes == 209446 and c.sent_packets == 143 and c.overlimits == 17 and c.dropped == 0
 
 
 def test_plan_tc():
     st = recorded_tc()
-    assert S.plan_tc("up0", {1: 8_000_000}, st, 16, 0x0FFF0000) == []
-    cmds = S.plan_tc("up0", {1: 16_000_000, 2: 8_000_000}, st, 16, 0x0FFF0000)
+    assert S.plan_tc("up0", {1: 8_000_000}, st) == []
+    cmds = S.plan_tc("up0", {1: 16_000_000, 2: 8_000_000}, st)
     assert cmds[0].startswith("class replace dev up0 parent fee7: classid fee7:1 htb rate 16000000bit")
-    assert any("handle 800::2 u32 match mark 0x20000 0xfff0000 flowid fee7:2" in c for c in cmds)
-    assert S.plan_tc("up0", {}, st, 16, 0x0FFF0000) == ["qdisc del dev up0 root"]
-    gone = S.plan_tc("up0", {2: 8_000_000}, st, 16, 0x0FFF0000)
-    assert gone[:2] == ["filter del dev up0 parent fee7: protocol ip prio 10 handle 800::1 u32",
-                        "class del dev up0 classid fee7:1"]
-    fresh = S.plan_tc("eth0", {1: 8_000_000}, S.TcState(root_kind="mq", root_handle="0:"), 16, 0x0FFF0000)
+    assert any("classid fee7:2 htb rate 8000000bit ceil 8000000bit" in c for c in cmds)
+    assert not any(c.startswith("filter") for c in cmds)
+    assert S.plan_tc("up0", {}, st) == ["qdisc del dev up0 root"]
+    gone = S.plan_tc("up0", {2: 8_000_000}, st)
+    assert gone[0] == "class del dev up0 classid fee7:1"
+    st.filters = {7}  # a filter in our qdisc that fleetkeeper never makes: removed
+    assert S.plan_tc("up0", {1: 8_000_000}, st) == [
+        "filter del dev up0 parent fee7: protocol ip prio 10 handle 800::7 u32"]
+    fresh = S.plan_tc("eth0", {1: 8_000_000}, S.TcState(root_kind="mq", root_handle="0:"))
     assert fresh[0] == "qdisc replace dev eth0 root handle fee7: htb default 0"
     with pytest.raises(S.ForeignQdisc, match="did not install"):
-        S.plan_tc("eth0", {1: 8_000_000}, S.TcState(root_kind="htb", root_handle="1:"), 16, 0x0FFF0000)
-    assert S.plan_tc("eth0", {}, S.TcState(root_kind="mq", root_handle="0:"), 16, 0x0FFF0000) == []
+        S.plan_tc("eth0", {1: 8_000_000}, S.TcState(root_kind="htb", root_handle="1:"))
+    assert S.plan_tc("eth0", {}, S.TcState(root_kind="mq", root_handle="0:")) == []
 
 
 SAVE = """*mangle

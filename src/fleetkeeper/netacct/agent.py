@@ -114,13 +114,13 @@ class Agent:
         ids, overflow = S.allocate(limits.buckets, ids_seen, st.max_buckets)
         if overflow:
             self.metrics.shaping_errors.labels("no-bucket-ids").inc()
-            log.error("%d shaping bucket(s) left unshaped: only %d ids fit mark mask %#x: %s",
-                      len(overflow), st.max_buckets, st.mark_mask, ", ".join(overflow[:5]))
+            log.error("%d shaping bucket(s) left unshaped: at most %d buckets per node: %s",
+                      len(overflow), st.max_buckets, ", ".join(overflow[:5]))
         report.buckets = {k: b for k, b in limits.buckets.items() if k in ids}
         report.bucket_ids = ids
         desired_tc = {ids[k]: b.rate_bps for k, b in report.buckets.items()}
         try:
-            report.tc_commands = S.plan_tc(st.uplink, desired_tc, tcstate, st.mark_shift, st.mark_mask)
+            report.tc_commands = S.plan_tc(st.uplink, desired_tc, tcstate)
         except S.ForeignQdisc as exc:
             self.metrics.shaping_errors.labels("foreign-qdisc").inc()
             report.shaping_error = str(exc)
@@ -145,8 +145,7 @@ class Agent:
             observed = await ipt.save()
             self.traffic.observe(observed)
             marks, tcstate = await self._plan_shaping(pods, observed, report)
-            desired = R.desired_rules(pods, self.settings.internal_ranges, marks,
-                                      self.settings.mark_mask, self.settings.mark_shift)
+            desired = R.desired_rules(pods, self.settings.internal_ranges, marks, S.QDISC_MAJOR)
             plan = R.plan(desired, observed)
             report.rule_plan = plan
             if dry_run:

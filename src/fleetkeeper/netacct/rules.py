@@ -9,7 +9,7 @@ jump each, inserted first and marked with a comment)::
                FLEETKEEPER-ACCT-FWD-DI   (dst internal) -s <internal> -g INTERNAL; -g INET-IN
                FLEETKEEPER-ACCT-FWD-DX   (dst outside)  -s <internal> -g INET-OUT
                FLEETKEEPER-ACCT-INET-IN  count scope=pods, then one rule per pod (-d ip)
-               FLEETKEEPER-ACCT-INET-OUT count scope=pods, one rule per pod (-s ip), MARK rules of shaped pods
+               FLEETKEEPER-ACCT-INET-OUT count scope=pods, one rule per pod (-s ip), CLASSIFY rules of shaped pods
                FLEETKEEPER-ACCT-INTERNAL count scope=pods, per pod internal-out (-s ip) and internal-in (-d ip)
 
 The classification chains make any number of internal ranges work without
@@ -145,12 +145,12 @@ class Desired:
 
 
 def desired_rules(pods: list[PodInfo], internal: tuple[ipaddress.IPv4Network, ...],
-                  marks: dict[str, tuple[int, str]] | None = None, mark_mask: int = 0x0FFF0000,
-                  mark_shift: int = 16) -> Desired:
+                  marks: dict[str, tuple[int, str]] | None = None, qdisc_major: str = "fee7") -> Desired:
     """The complete desired content of fleetkeeper's chains.
 
-    ``marks`` maps pod key (ns/name) -> (bucket id, scope); those pods get a MARK
-    rule on internet-bound packets so the uplink's HTB puts them in their class.
+    ``marks`` maps pod key (ns/name) -> (bucket id, scope); those pods get a
+    CLASSIFY rule on internet-bound packets (it sets the packet's priority to the
+    bucket's HTB class) so the uplink's HTB queues them in their class.
     """
     marks = marks or {}
     ch: dict[str, list[Rule]] = {c: [] for c in ALL_CHAINS}
@@ -188,8 +188,8 @@ def desired_rules(pods: list[PodInfo], internal: tuple[ipaddress.IPv4Network, ..
         mark = marks.get(pod.key)
         if mark is not None:
             bucket, scope = mark
-            add(CH_INET_OUT, "-s", ip, *_c(shape_comment(pod, bucket, scope)), "-j", "MARK",
-                "--set-xmark", f"{hex(bucket << mark_shift)}/{hex(mark_mask)}")
+            add(CH_INET_OUT, "-s", ip, *_c(shape_comment(pod, bucket, scope)), "-j", "CLASSIFY",
+                "--set-class", f"{qdisc_major}:{bucket:04x}")
 
     jumps = {hook: Rule(hook, (*_c(JUMP_COMMENT), "-j", chain)) for hook, chain in HOOKS.items()}
     return Desired(ch, jumps)

@@ -83,7 +83,6 @@ class NetacctSettings(BaseModel):
                                         description="team -> per-pod internet egress limit")
     namespace_limits: dict[str, str] = Field(default_factory=dict,
                                              description="namespace -> limit shared by its pods on this node")
-    mark_mask: int = Field(0x0FFF0000, description="packet-mark bits fleetkeeper may use (contiguous, >= 4 bits)")
 
     @field_validator("internal_ranges", mode="before")
     @classmethod
@@ -123,24 +122,6 @@ class NetacctSettings(BaseModel):
             raise ValueError("; ".join(bad))
         return v
 
-    @field_validator("mark_mask", mode="before")
-    @classmethod
-    def _mask(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            try:
-                v = int(v, 0)
-            except ValueError:
-                raise ValueError("must be an integer such as 0x0fff0000") from None
-        if isinstance(v, int):
-            if not 0 < v <= 0xFFFFFFFF:
-                raise ValueError("must be a 32-bit mask")
-            low = v & -v
-            if (v + low) & v:
-                raise ValueError("must be one contiguous run of bits, e.g. 0x0fff0000")
-            if bin(v).count("1") < 4:
-                raise ValueError("needs at least 4 bits")
-        return v
-
     @model_validator(mode="after")
     def _one_source(self) -> "NetacctSettings":
         if self.pods_file is not None and self.relay_url is not None:
@@ -150,13 +131,9 @@ class NetacctSettings(BaseModel):
         return self
 
     @property
-    def mark_shift(self) -> int:
-        return (self.mark_mask & -self.mark_mask).bit_length() - 1
-
-    @property
     def max_buckets(self) -> int:
-        """Shaping buckets are numbered 1..N; u32 handles and HTB minors bound N at 0xfff."""
-        return min(self.mark_mask >> self.mark_shift, 0xFFF)
+        """Shaping buckets are HTB classes fee7:1 .. fee7:fff."""
+        return 0xFFF
 
 
 def _problems(exc: ValidationError) -> list[tuple[str, Any, str]]:

@@ -5,13 +5,16 @@ its veth as *ingress*, and ingress can only be policed (dropped), not queued.
 fleetkeeper therefore shapes on the egress of the node's **uplink** (the
 interface internet-bound traffic leaves by). In mangle FORWARD, after the
 packet has been classified as internet-bound (destination outside every
-internal range), a rule MARKs it with the pod's bucket id in the configured
-mark bits. The uplink's root HTB qdisc has one class per bucket
-(``rate == ceil == limit``) and a u32 ``match mark`` filter per bucket that
-sends marked packets there (u32 rather than ``fw``: u32 is built into
-every kernel that has HTB; cls_fw often is not). HTB's ``default 0`` sends
-every unmarked packet, i.e. all cluster-internal traffic, straight out
-(HTB's direct queue): internal traffic is never queued behind a limit.
+internal range), a ``CLASSIFY --set-class fee7:<bucket>`` rule marks it with
+its bucket's HTB class (in ``skb->priority``; HTB reads that before any
+filter). The uplink's root HTB qdisc has one class per bucket
+(``rate == ceil == limit``). No tc filter and no packet-mark bits are needed:
+``fw`` and u32 ``match mark`` depend on kernel options (cls_fw,
+CONFIG_CLS_U32_MARK) that are often missing — without the latter u32 silently
+ignores the mark and matches everything — and mark bits collide with CNIs.
+HTB's ``default 0`` sends every unclassified packet, i.e. all
+cluster-internal traffic, straight out (HTB's direct queue): internal traffic
+is never queued behind a limit.
 
 Buckets: a pod annotation ``<domain>/egress-limit`` gives the pod its own
 bucket; otherwise a namespace limit gives all the namespace's pods on the
@@ -106,7 +109,7 @@ def resolve_limits(pods: list[PodInfo], names: Names, team_limits: dict[str, str
 
 
 def observed_bucket_ids(dump: SaveDump) -> dict[str, int]:
-    """Bucket key -> id from the MARK rules' comments, so ids survive restarts."""
+    """Bucket key -> id from the CLASSIFY rules' comments, so ids survive restarts."""
     ids: dict[str, int] = {}
     chain = dump.table(TABLE).chains.get(CH_INET_OUT)
     for r in chain.rules if chain else []:
@@ -220,7 +223,7 @@ def _quantum(bps: int) -> int:
     return max(1514, min(200_000, bps // 8 // 10))
 
 
-def plan_tc(dev: str, desired: dict[int, int], observed: TcState, mark_shift: int, mark_mask: int) -> list[str]:
+def plan_tc(dev: str, desired: dict[int, int], observed: TcState) -> list[str]:
     """``tc -batch`` lines that make ``dev`` shape exactly ``desired`` (bucket id -> bit/s).
 
     Raises :class:`ForeignQdisc` rather than replace a root qdisc someone else set up."""
@@ -234,7 +237,7 @@ def plan_tc(dev: str, desired: dict[int, int], observed: TcState, mark_shift: in
     if not observed.ours:
         cmds.append(f"qdisc replace dev {dev} root handle {major}: htb default 0")
         observed = TcState(root_kind="htb", root_handle=f"{major}:")
-    for i in sorted(set(observed.filters) - set(desired)):
+    for i in sorted(observed.filters):  # fleetkeeper classifies with CLASSIFY, never filters
         cmds.append(f"filter del dev {dev} parent {major}: protocol ip prio {FILTER_PRIO} "
                     f"handle {U32_TABLE}::{i:x} u32")
     for i in sorted(set(observed.classes) - set(desired)):
@@ -244,10 +247,6 @@ def plan_tc(dev: str, desired: dict[int, int], observed: TcState, mark_shift: in
         if have is None or abs(have.rate_bps - bps) > max(1000, bps // 100):
             cmds.append(f"class replace dev {dev} parent {major}: classid {major}:{i:x} htb "
                         f"rate {bps}bit ceil {bps}bit quantum {_quantum(bps)}")
-        if i not in observed.filters:
-            cmds.append(f"filter replace dev {dev} parent {major}: protocol ip prio {FILTER_PRIO} "
-                        f"handle {U32_TABLE}::{i:x} u32 match mark {hex(i << mark_shift)} {hex(mark_mask)} "
-                        f"flowid {major}:{i:x}")
     return cmds
 
 
