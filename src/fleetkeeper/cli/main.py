@@ -32,6 +32,7 @@ COMPONENTS: dict[str, str] = {
 # Sub-apps without controllers (name -> module with `app`).
 SUBAPPS: dict[str, str] = {
     "netacct": "fleetkeeper.netacct.cli",
+    "promguard": "fleetkeeper.promguard.cli",
 }
 
 app = typer.Typer(name="fleetkeeper", help="Run a research GPU cluster on Kubernetes at 7,500-node scale.",
