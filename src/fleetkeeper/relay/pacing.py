@@ -1,0 +1,270 @@
+"""Paced node joins.
+
+When hundreds of nodes join at once (a new rack, a cluster restart), every
+controller that reacts to a new node writes at once: labels, taints, a
+per-node bootstrap pod, agent registrations. The API server sees a burst of
+writes on top of the nodes' own registrations. :class:`JoinPacer` performs
+that per-node join work for every new node at a configured rate (a token
+bucket: ``rate`` nodes per second, ``burst`` saved up) and with at most
+``workers`` nodes in flight, so a burst of joins becomes a steady stream.
+
+The work for one node, in order (idempotent; a crash in between is healed by
+the next pass):
+
+1. create the bootstrap pod (bound to the node with ``nodeName``, owned by
+   the Node so it goes when the node goes); AlreadyExists is success;
+2. one merge patch of the Node with a resourceVersion precondition: the
+   configured labels, the configured taints added to the node's own, and the
+   annotation ``<domain>/join-work-done`` that marks the node as done.
+
+:func:`decide` is pure; :class:`JoinPacer` is the thin apply adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.clock import Clock, RealClock
+from fleetkeeper.core.controller import Controller
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.events import EventRecorder, node_ref
+from fleetkeeper.core.informer import Informer
+from fleetkeeper.core.kube import NODES, PODS, Kube
+from fleetkeeper.core.metrics import RuntimeMetrics
+from fleetkeeper.core.ratelimit import TokenBucket
+from fleetkeeper.core.views import NodeView
+from fleetkeeper.relay.metrics import PacerMetrics
+from fleetkeeper.relay.settings import PacerSettings
+
+log = logging.getLogger("fleetkeeper.relay.pacer")
+
+CONTROLLER = "join-pacer"
+
+
+def done_annotation(names: Names) -> str:
+    return f"{names.domain}/join-work-done"
+
+
+# --- label selectors (the subset node selectors need) ---------------------------------
+_REQ = re.compile(r"^\s*(!)?\s*([A-Za-z0-9./_-]+)\s*(?:(=|==|!=)\s*([A-Za-z0-9._-]*))?\s*$")
+
+
+@dataclass(frozen=True)
+class Selector:
+    reqs: tuple[tuple[str, str, str], ...]  # (key, op, value); op in =, !=, exists, !exists
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        for key, op, value in self.reqs:
+            have = labels.get(key)
+            if op == "=" and have != value:
+                return False
+            if op == "!=" and have == value:
+                return False
+            if op == "exists" and have is None:
+                return False
+            if op == "!exists" and have is not None:
+                return False
+        return True
+
+
+def parse_selector(text: str) -> Selector:
+    """Parse ``k=v,k!=v,k,!k``; raises ValueError naming the bad requirement."""
+    reqs = []
+    for part in [p for p in text.split(",") if p.strip()]:
+        m = _REQ.match(part)
+        if not m:
+            raise ValueError(f"cannot parse selector requirement {part.strip()!r} (supported: k=v, k!=v, k, !k)")
+        neg, key, op, value = m.groups()
+        if neg and op:
+            raise ValueError(f"cannot parse selector requirement {part.strip()!r}")
+        if op:
+            reqs.append((key, "=" if op in ("=", "==") else "!=", value or ""))
+        else:
+            reqs.append((key, "!exists" if neg else "exists", ""))
+    return Selector(tuple(reqs))
+
+
+# --- decide -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JoinPlan:
+    node: str
+    patch: dict
+    pod: dict | None
+    summary: str
+
+
+def bootstrap_pod_name(prefix: str, node: str) -> str:
+    name = f"{prefix}{node}".lower()
+    if len(name) > 253:
+        digest = hashlib.sha256(node.encode()).hexdigest()[:10]
+        name = f"{name[:242]}-{digest}"
+    return name.rstrip("-.")
+
+
+def _fmt(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def decide(node: NodeView, cfg: PacerSettings, selector: Selector, names: Names, namespace: str,
+           now: float) -> JoinPlan | None:
+    """The join work ``node`` still needs, or None (done, deleting, or not selected)."""
+    if node.deleting or done_annotation(names) in node.annotations or not selector.matches(node.labels):
+        return None
+    patch: dict = {"metadata": {"resourceVersion": node.resource_version,
+                                "annotations": {done_annotation(names): _fmt(now)}}}
+    if cfg.labels:
+        patch["metadata"]["labels"] = dict(cfg.labels)
+    have = {(t.key, t.effect) for t in node.taints}
+    add = [t for t in cfg.taints if (t.key, t.effect) not in have]
+    if add:
+        patch["spec"] = {"taints": [{"key": t.key, "value": t.value, "effect": t.effect} for t in node.taints]
+                         + [{"key": t.key, "value": t.value, "effect": t.effect} for t in add]}
+    pod = None
+    parts = []
+    if cfg.labels:
+        parts.append("labels " + ",".join(f"{k}={v}" for k, v in sorted(cfg.labels.items())))
+    if add:
+        parts.append("taints " + ",".join(f"{t.key}={t.value}:{t.effect}" for t in add))
+    bp = cfg.bootstrap_pod
+    if bp is not None:
+        ns = bp.namespace or namespace
+        name = bootstrap_pod_name(bp.name_prefix, node.name)
+        labels = {names.managed_by: "relay-join-pacer", **bp.labels}
+        if len(node.name) <= 63:
+            labels[f"{names.domain}/join-node"] = node.name
+        container: dict = {"name": "bootstrap", "image": bp.image}
+        if bp.command:
+            container["command"] = list(bp.command)
+        pod = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": labels, "annotations": dict(bp.annotations),
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": node.name,
+                                              "uid": node.uid}]},
+            "spec": {"nodeName": node.name, "restartPolicy": "Never", "terminationGracePeriodSeconds": 5,
+                     "tolerations": [{"operator": "Exists"}], "containers": [container]},
+        }
+        parts.append(f"bootstrap pod {ns}/{name}")
+    return JoinPlan(node.name, patch, pod, "; ".join(parts) or "marked")
+
+
+# --- apply ------------------------------------------------------------------------------
+class JoinPacer:
+    """Performs the join work of new nodes at ``cfg.rate`` nodes per second."""
+
+    def __init__(self, kube: Kube, nodes: Informer[NodeView], cfg: PacerSettings, names: Names, namespace: str, *,
+                 recorder: EventRecorder | None = None, metrics: PacerMetrics | None = None,
+                 runtime_metrics: RuntimeMetrics | None = None, clock: Clock | None = None, dry_run: bool = False):
+        self.kube = kube
+        self.nodes = nodes
+        self.cfg = cfg
+        self.names = names
+        self.namespace = namespace
+        self.recorder = recorder
+        self.metrics = metrics
+        self.clock = clock or RealClock()
+        self.dry_run = dry_run
+        try:
+            self.selector = parse_selector(cfg.node_selector)
+        except ValueError as exc:
+            raise errors.ConfigError("pacer", [("node_selector", cfg.node_selector, str(exc))]) from None
+        self.bucket = TokenBucket(cfg.rate, cfg.burst, self.clock) if cfg.rate > 0 else None
+        self.controller = Controller(CONTROLLER, self.reconcile, metrics=runtime_metrics, clock=self.clock,
+                                     workers=cfg.workers)
+        self.pending: set[str] = set()
+        self.done: dict[str, float] = {}  # node -> seconds from first seen to done (last runs)
+        self._first_seen: dict[str, float] = {}
+        self._dry_done: set[str] = set()
+        if metrics:
+            metrics.rate.set(cfg.rate)
+        nodes.add_handler(self._on_node)
+
+    def _on_node(self, typ: str, key: str, old: NodeView | None, new: NodeView | None) -> None:
+        if new is None:
+            self.pending.discard(key)
+            self._first_seen.pop(key, None)
+        elif key not in self._dry_done and decide(new, self.cfg, self.selector, self.names, self.namespace,
+                                                  self.clock.now()) is not None:
+            if key not in self.pending:
+                self.pending.add(key)
+                self._first_seen.setdefault(key, self.clock.monotonic())
+            self.controller.enqueue(key)
+        else:
+            self.pending.discard(key)
+        if self.metrics:
+            self.metrics.pending.set(len(self.pending))
+
+    def plan(self, name: str) -> JoinPlan | None:
+        node = self.nodes.get(name)
+        if node is None:
+            return None
+        return decide(node, self.cfg, self.selector, self.names, self.namespace, self.clock.now())
+
+    async def reconcile(self, key: str) -> None:
+        if key in self._dry_done or self.plan(key) is None:
+            return
+        if self.bucket is not None:
+            t0 = self.clock.monotonic()
+            await self.bucket.acquire()
+            if self.metrics:
+                self.metrics.wait.observe(self.clock.monotonic() - t0)
+        plan = self.plan(key)  # the node may have changed (or gone) while waiting
+        if plan is None:
+            return
+        if self.dry_run:
+            self._dry_done.add(key)
+            self._finish(key, "dry_run")
+            if self.recorder:
+                await self.recorder.emit(node_ref(key), "JoinWorkPlanned", f"dry run: would apply {plan.summary}")
+            return
+        try:
+            if plan.pod is not None:
+                ns = plan.pod["metadata"]["namespace"]
+                try:
+                    await self.kube.create(PODS, plan.pod, ns)
+                    if self.metrics:
+                        self.metrics.writes.labels("bootstrap_pod").inc()
+                except errors.Conflict:
+                    pass  # AlreadyExists: an earlier pass created it
+                except errors.NotFound:
+                    if self.metrics:
+                        self.metrics.joins.labels("error").inc()
+                    raise errors.Temporary(f"cannot create the bootstrap pod of {key}: namespace {ns} does not "
+                                           f"exist", delay=30) from None
+            await self.kube.patch(NODES, key, plan.patch)
+            if self.metrics:
+                self.metrics.writes.labels("node_patch").inc()
+        except errors.Conflict:
+            if self.metrics:
+                self.metrics.joins.labels("conflict").inc()
+            raise errors.Temporary(f"node {key} changed while its join work was written; again", delay=0.2)
+        except errors.NotFound:
+            return  # the node went away
+        except errors.FleetkeeperError:
+            if self.metrics:
+                self.metrics.joins.labels("error").inc()
+            raise
+        self._finish(key, "done")
+        if self.recorder:
+            await self.recorder.emit(node_ref(key), "JoinWorkDone", plan.summary)
+
+    def _finish(self, key: str, result: str) -> None:
+        self.pending.discard(key)
+        first = self._first_seen.pop(key, None)
+        if first is not None:
+            self.done[key] = self.clock.monotonic() - first
+            if len(self.done) > 20_000:
+                self.done.pop(next(iter(self.done)))
+        if self.metrics:
+            self.metrics.joins.labels(result).inc()
+            self.metrics.pending.set(len(self.pending))
+
+    async def run(self) -> None:
+        await self.nodes.wait_synced()
+        log.info("join pacer: %s, %d workers", f"{self.cfg.rate:g} nodes/s (burst {self.cfg.burst})"
+                 if self.bucket else "unpaced", self.cfg.workers)
+        await self.controller.run()
