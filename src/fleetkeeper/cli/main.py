@@ -28,10 +28,10 @@ from fleetkeeper.core.settings import RuntimeSettings
 
 # name -> package. Order matters for `run` and the demo.
 COMPONENTS: dict[str, str] = {
+    "netacct": "fleetkeeper.netacct",
 }
 # Sub-apps without controllers (name -> module with `app`).
 SUBAPPS: dict[str, str] = {
-    "netacct": "fleetkeeper.netacct.cli",
     "promguard": "fleetkeeper.promguard.cli",
 }
 

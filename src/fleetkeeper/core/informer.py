@@ -149,7 +149,14 @@ class Informer(Generic[T]):
             return
         if old is not None and old.rv == rv:
             return  # unchanged (a relist, or a replayed event)
-        value = self.project(raw)
+        try:
+            value = self.project(raw)
+        except Exception:  # one malformed object must not stop the informer
+            log.exception("cannot project %s %s; leaving it out of the cache", self.resource.plural, key)
+            if old is not None:
+                del self._store[key]
+                self._emit("DELETED", key, old.value, None)
+            return
         self._store[key] = _Entry(rv, value)
         self._emit("ADDED" if old is None else "MODIFIED", key, old.value if old else None, value)
 

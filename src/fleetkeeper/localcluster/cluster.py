@@ -76,16 +76,18 @@ def ensure_binaries(progress: Progress | None = None) -> Path:
         return Path(env_dir)
     if not BUILD_SCRIPT.exists():
         raise errors.ClusterError(f"{BUILD_SCRIPT} not found: run from a fleetkeeper checkout or set FLEETKEEPER_BIN_DIR")
-    proc = subprocess.Popen(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None and proc.stdout is not None
     tail: list[str] = []
-    for line in proc.stderr:
-        line = line.rstrip()
-        tail = (tail + [line])[-20:]
-        if line.startswith("[build-controlplane]") and progress:
-            progress(line.removeprefix("[build-controlplane] "))
-    out = proc.stdout.read().strip().splitlines()
-    if proc.wait() != 0 or not out:
+    with subprocess.Popen(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        assert proc.stderr is not None and proc.stdout is not None
+        for line in proc.stderr:
+            line = line.rstrip()
+            tail = (tail + [line])[-20:]
+            if line.startswith("[build-controlplane]") and progress:
+                progress(line.removeprefix("[build-controlplane] "))
+        out = proc.stdout.read().strip().splitlines()
+        rc = proc.wait()
+    if rc != 0 or not out:
         raise errors.ClusterError("building the control plane failed:\n" + "\n".join(tail))
     return Path(out[-1])
 
@@ -140,9 +142,25 @@ class State:
         tmp.replace(path)
 
 
+def _reap_later(pid: int) -> None:
+    """Collect the exit status of a child we started, so it does not linger as a zombie."""
+    import threading
+
+    def wait() -> None:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+    threading.Thread(target=wait, daemon=True, name=f"reap-{pid}").start()
+
+
 def _alive(pid: int, name: str) -> bool:
     try:
         os.kill(pid, 0)
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        if raw[raw.rindex(")") + 2] == "Z":  # exited, not yet reaped
+            return False
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         return Path(cmd).name == name.replace("etcd-events", "etcd")
     except (OSError, ValueError):
@@ -311,12 +329,21 @@ class LocalCluster:
     def _start(self, comp: str) -> None:
         logs = self.dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        out = open(logs / f"{comp}.log", "ab")
-        proc = subprocess.Popen(self._command(comp), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=self.dir)
-        out.close()
-        self.state.pids[comp] = proc.pid
+        cmd = self._command(comp)
+        # posix_spawn, not Popen: the process outlives this one (its own session),
+        # and is tracked by pid in state.json, not by a Popen object.
+        log_fd = os.open(logs / f"{comp}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            pid = os.posix_spawn(cmd[0], cmd, dict(os.environ), setsid=True, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ])
+        finally:
+            os.close(log_fd)
+        self.state.pids[comp] = pid
         self.state.save(self.state_path)
+        _reap_later(pid)
 
     def _ssl(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.dir / "pki" / "ca.crt"))
