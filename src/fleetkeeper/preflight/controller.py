@@ -1,0 +1,468 @@
+"""The preflight controllers: the join gate (one reconcile per node) and the
+periodic re-tester (a planner loop), plus the optional Node-CREATE webhook.
+
+* gate: every node carrying the preflight taint or label gets one test pod at
+  a time; its signed report releases the node (taint and label removed in one
+  patch with a resourceVersion precondition) or records the failure and
+  retries with backoff up to ``max_attempts``.
+* periodic: picks idle in-service nodes whose validation is getting old, runs
+  low-priority test pods there (real work preempts them), gives them up when
+  real work arrives, and reports coverage.
+* simulation (KWOK nodes, or ``simulate: always``): the suite runs in-process
+  against the fault plan and the pod carries the signed result for KWOK to
+  return as its termination message; the real result path handles it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import tempfile
+from pathlib import Path
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.config import parse_yaml
+from fleetkeeper.core.controller import Controller, Result
+from fleetkeeper.core.events import node_ref
+from fleetkeeper.core.faults import FaultPlan, default_fault_file
+from fleetkeeper.core.kube import CONFIGMAPS, MUTATING_WEBHOOKS, NODES, PODS, PRIORITYCLASSES, SECRETS, \
+    SERVICEACCOUNTS
+from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.domain import INSTANCE_TYPE_LABEL
+from fleetkeeper.core.ratelimit import SlidingWindow, TokenBucket
+from fleetkeeper.core.views import NodeView, PodView
+from fleetkeeper.preflight import gate, periodic
+from fleetkeeper.preflight.config import CONFIGMAP_KEY, CONFIGMAP_NAME, PreflightConfig, load_config
+from fleetkeeper.preflight.history import GpuHistory
+from fleetkeeper.preflight.keys import FAILED, GATE, KWOK_NODE_ANNOTATION, PERIODIC, Keys
+from fleetkeeper.preflight.metrics import PreflightMetrics
+from fleetkeeper.preflight.pods import HMAC_KEY_FIELD, pod_name, priority_class, test_pod
+from fleetkeeper.preflight.report import ReportError, decode, encode, summary
+from fleetkeeper.preflight.suite import SimulatedBackend, SimulatedHost, SuiteResult, run_suite
+
+log = logging.getLogger("fleetkeeper.preflight")
+
+
+async def load_from_cluster(mgr: Manager) -> PreflightConfig:
+    cm = await mgr.kube.get_or_none(CONFIGMAPS, CONFIGMAP_NAME, mgr.settings.namespace)
+    if cm is None:
+        return PreflightConfig()
+    source = f"configmap {mgr.settings.namespace}/{CONFIGMAP_NAME} key {CONFIGMAP_KEY}"
+    text = (cm.get("data") or {}).get(CONFIGMAP_KEY)
+    if text is None:
+        raise errors.ConfigError(source, [("data", sorted(cm.get("data") or {}), f"missing key {CONFIGMAP_KEY}")])
+    return load_config(parse_yaml(text, source), source)
+
+
+async def setup(mgr: Manager, options) -> None:
+    if options is None:
+        cfg = await load_from_cluster(mgr)
+    elif isinstance(options, PreflightConfig):
+        cfg = options
+    else:
+        cfg = load_config(options, "preflight options")
+    Preflight(mgr, cfg).register()
+
+
+class Preflight:
+    def __init__(self, mgr: Manager, cfg: PreflightConfig):
+        self.mgr, self.cfg = mgr, cfg
+        self.kube, self.clock = mgr.kube, mgr.clock
+        self.keys = Keys(mgr.names)
+        self.namespace = cfg.namespace or mgr.settings.namespace
+        self.dry_run = mgr.settings.dry_run
+        self.metrics = PreflightMetrics(mgr.registry)
+        self.recorder = mgr.recorder("preflight")
+        self.nodes = mgr.node_informer()
+        self.pods = mgr.pod_informer()
+        self.key: bytes = b""
+        self.faults = FaultPlan(cfg.fault_file or default_fault_file())
+        self.gate_ctl = Controller("preflight-gate", self.reconcile, metrics=mgr.metrics, clock=self.clock,
+                                   workers=cfg.gate.workers)
+        self.create_bucket = TokenBucket(cfg.gate.pod_create_rate, max(1, int(cfg.gate.pod_create_rate)), self.clock)
+        self.node_bucket = TokenBucket(cfg.gate.node_write_rate, max(1, int(cfg.gate.node_write_rate)), self.clock)
+        self.periodic_failures = SlidingWindow(3600.0, self.clock)
+        self.history = GpuHistory(self.kube, self.namespace, cfg.history_shards, cfg.history_entries, self.clock,
+                                  self.metrics, self.dry_run)
+        # indexes kept by informer handlers
+        self.test_pods: dict[str, dict[str, PodView]] = {}  # node -> pod key -> our test pods
+        self.pods_on_node: dict[str, dict[str, PodView]] = {}  # node -> pod key -> every pod bound there
+        self.last_busy: dict[str, float] = {}
+        self.started = self.clock.now()
+        self.we_deleted: set[str] = set()
+        self.webhook_server = None
+        self.webhook_url = ""
+
+    # ----------------------------------------------------------- wiring
+    def register(self) -> None:
+        self.nodes.add_handler(self._on_node)
+        self.pods.add_handler(self._on_pod)
+        self.mgr.add("preflight-gate", self.run_gate)
+        self.mgr.add("preflight-periodic", self.run_periodic)
+        if self.cfg.webhook.enabled:
+            self.mgr.add("preflight-webhook", self.run_webhook, leader=False)
+
+    def _gated(self, n: NodeView | None) -> bool:
+        return n is not None and (n.taint(self.keys.gate) is not None or self.keys.gate in n.labels)
+
+    def _on_node(self, typ: str, key: str, old, new) -> None:
+        if self._gated(new) or self._gated(old) or self.test_pods.get(key):
+            self.gate_ctl.enqueue(key)
+
+    def _on_pod(self, typ: str, key: str, old: PodView | None, new: PodView | None) -> None:
+        keys = self.keys
+        if old is not None and old.node:
+            self.pods_on_node.get(old.node, {}).pop(key, None)
+            if periodic.is_real_work(old, keys) and (new is None or not periodic.is_real_work(new, keys)):
+                self.last_busy[old.node] = self.clock.now()
+        if new is not None and new.node and new.active:
+            self.pods_on_node.setdefault(new.node, {})[key] = new
+            if periodic.is_real_work(new, keys):
+                self.last_busy[new.node] = self.clock.now()
+        mine = (new or old)
+        if mine is None or keys.pod_kind not in mine.labels or mine.namespace != self.namespace:
+            return
+        node = mine.annotations.get(keys.pod_node) or mine.node
+        if new is None:
+            self.test_pods.get(node, {}).pop(key, None)
+            if old is not None and old.labels.get(keys.pod_kind) == PERIODIC and old.active \
+                    and old.name not in self.we_deleted:
+                self.metrics.results.labels(PERIODIC, "preempted").inc()
+            self.we_deleted.discard(mine.name)
+        else:
+            self.test_pods.setdefault(node, {})[key] = new
+        if mine.labels.get(keys.pod_kind) == GATE:
+            self.gate_ctl.enqueue(node)
+
+    # ----------------------------------------------------------- start-up
+    async def ensure_objects(self) -> None:
+        """The HMAC key Secret, the runner ServiceAccount (no RBAC), the periodic PriorityClass."""
+        if self.dry_run:
+            sec = await self.kube.get_or_none(SECRETS, self.cfg.key_secret, self.namespace)
+            self.key = base64.b64decode((sec or {}).get("data", {}).get(HMAC_KEY_FIELD, "")) or secrets.token_bytes(32)
+            return
+        sec = await self.kube.get_or_none(SECRETS, self.cfg.key_secret, self.namespace)
+        if sec is None:
+            body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": {"name": self.cfg.key_secret, "namespace": self.namespace,
+                                 "labels": {self.keys.component: "preflight"}},
+                    "data": {HMAC_KEY_FIELD: base64.b64encode(secrets.token_bytes(32)).decode()}}
+            try:
+                sec = await self.kube.create(SECRETS, body, self.namespace)
+            except errors.Conflict:
+                sec = await self.kube.get(SECRETS, self.cfg.key_secret, self.namespace)
+        self.key = base64.b64decode(sec["data"][HMAC_KEY_FIELD])
+        if await self.kube.get_or_none(SERVICEACCOUNTS, self.cfg.service_account, self.namespace) is None:
+            try:
+                await self.kube.create(SERVICEACCOUNTS, {
+                    "apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False,
+                    "metadata": {"name": self.cfg.service_account, "namespace": self.namespace,
+                                 "labels": {self.keys.component: "preflight"}}}, self.namespace)
+            except errors.Conflict:
+                pass
+        try:
+            await self.kube.apply(PRIORITYCLASSES, priority_class(self.cfg, self.keys))
+        except errors.Invalid as exc:  # value of an existing PriorityClass cannot change
+            log.warning("PriorityClass %s: %s", self.cfg.periodic.priority_class, exc)
+
+    # ----------------------------------------------------------- gate
+    async def run_gate(self) -> None:
+        await self.ensure_objects()
+        for name in self.nodes.keys():
+            if self._gated(self.nodes.get(name)) or self.test_pods.get(name):
+                self.gate_ctl.enqueue(name)
+        await asyncio.gather(self.gate_ctl.run(), self.history.run())
+
+    def _verify(self, node: NodeView):
+        def verify(pod: PodView) -> SuiteResult:
+            if pod.node and pod.node != node.name:
+                raise ReportError(f"test pod ran on {pod.node!r}, not on {node.name!r}")
+            return decode(pod.termination_message, key=self.key, node=node.name, pod=pod.name,
+                          nonce=pod.annotations.get(self.keys.nonce, ""))
+        return verify
+
+    def simulated(self, node: NodeView) -> bool:
+        return self.cfg.simulate == "always" or (
+            self.cfg.simulate == "auto" and node.annotations.get(KWOK_NODE_ANNOTATION) == "fake")
+
+    def simulate(self, node: NodeView, profile_name: str, pod: str, nonce: str) -> tuple[bool, str]:
+        """Run the suite in-process against the fault plan; the signed report for KWOK to return."""
+        try:
+            faults = [str(f) for f in self.faults.faults(node.name)]
+        except errors.ConfigError as exc:
+            log.warning("fault plan unreadable (%s); simulating a healthy node", exc)
+            faults = []
+        profile = self.cfg.profile_named(profile_name)
+        res = run_suite(node.name, profile, SimulatedBackend(node.name, profile, faults),
+                        SimulatedHost(profile, faults), clock=self.clock.now)
+        return res.passed, encode(res, pod=pod, nonce=nonce, key=self.key)
+
+    async def reconcile(self, name: str) -> Result | None:
+        node = self.nodes.get(name)
+        pods = list(self.test_pods.get(name, {}).values())
+        if node is None:
+            for p in pods:
+                await self._delete_pod(p, "node gone")
+            return None
+        if not gate.in_scope(node, self.cfg) and not pods:
+            return None
+        now = self.clock.now()
+        plan = gate.decide(node, pods, self.cfg, self.keys, now, self._verify(node))
+        if plan.create_pod:
+            inflight = sum(1 for ps in self.test_pods.values() for p in ps.values()
+                           if p.active and p.labels.get(self.keys.pod_kind) == GATE)
+            if inflight >= self.cfg.gate.max_concurrent:
+                raise errors.Temporary(f"{inflight} gate test pods in flight (max {self.cfg.gate.max_concurrent})", 2.0)
+        if plan.patches_node:
+            await self._patch_node(node, plan)
+        for pname in plan.delete_pods:
+            p = next((p for p in pods if p.name == pname), None)
+            if p is not None:
+                await self._delete_pod(p, plan.outcome)
+        if plan.create_pod:
+            cycle = node.annotations.get(self.keys.gated_at) or plan.annotations.get(self.keys.gated_at) or ""
+            await self._create_pod(node, GATE, pod_name(GATE, node.name, f"{cycle}", plan.attempt),
+                                   self.cfg.gate.sim_duration_ms)
+        if plan.event:
+            reason, note, typ = plan.event
+            await self.recorder.emit(node_ref(node.name, node.uid), reason, note, type_=typ)
+        self._account(node, plan, now)
+        return Result(requeue_after=plan.requeue_after) if plan.requeue_after is not None else None
+
+    def _account(self, node: NodeView, plan: gate.Plan, now: float) -> None:
+        m = self.metrics
+        if plan.outcome in ("passed", "failed", "exhausted", "timeout"):
+            outcome = plan.outcome
+            if plan.outcome in ("failed", "exhausted") and plan.result is None:
+                outcome = "rejected" if plan.outcome == "failed" else outcome
+            m.results.labels(GATE, outcome).inc()
+        if plan.outcome == "passed":
+            try:
+                m.gate_seconds.observe(max(0.0, now - float(node.annotations.get(self.keys.gated_at) or now)))
+            except ValueError:
+                pass
+        if plan.outcome in ("failed", "exhausted", "timeout"):
+            for c in (plan.annotations.get(self.keys.failed_check) or "").split(","):
+                if c:
+                    m.check_failures.labels(c).inc()
+        if plan.result is not None:
+            self._record_gpus(node.name, GATE, plan.result, now)
+
+    def _record_gpus(self, node: str, kind: str, result: SuiteResult, now: float) -> None:
+        for u in result.gpus:
+            self.history.add(u, {"t": int(now), "n": node, "k": kind,
+                                 "ok": result.passed and u not in result.failed_gpus,
+                                 "s": summary(result)[:120] if u in result.failed_gpus or not result.passed else "ok"})
+
+    async def _patch_node(self, node: NodeView, plan: gate.Plan, action: str | None = None) -> None:
+        action = action or {"passed": "release", "failed": "fail", "exhausted": "fail", "timeout": "fail",
+                            "retaint": "retaint", "reset": "reset"}.get(plan.outcome, "annotate")
+        body: dict = {"metadata": {"resourceVersion": node.resource_version}}
+        if plan.labels:
+            body["metadata"]["labels"] = plan.labels
+        if plan.annotations:
+            body["metadata"]["annotations"] = plan.annotations
+        if plan.taints is not None:
+            body["spec"] = {"taints": plan.taints}
+        self.metrics.node_writes.labels(action).inc()
+        if self.dry_run:
+            log.info("dry-run: would patch node %s (%s): %s", node.name, action, body)
+            return
+        await self.node_bucket.acquire()
+        try:
+            await self.kube.patch(NODES, node.name, body)
+        except errors.Conflict:
+            raise errors.Temporary(f"node {node.name} changed meanwhile; re-reading", 0.2) from None
+        except errors.NotFound:
+            return
+
+    async def _create_pod(self, node: NodeView, kind: str, name: str, sim_ms: int) -> bool:
+        nonce = secrets.token_hex(12)
+        profile = self.cfg.profile_for(node.labels.get(INSTANCE_TYPE_LABEL, "")).name
+        sim = self.simulate(node, profile, name, nonce) if self.simulated(node) else None
+        body = test_pod(node, kind, name, nonce, profile, self.cfg, self.keys, self.namespace, sim=sim,
+                        sim_delay_ms=sim_ms)
+        if self.dry_run:
+            log.info("dry-run: would create %s test pod %s on %s", kind, name, node.name)
+            return False
+        await self.create_bucket.acquire()
+        try:
+            await self.kube.create(PODS, body, self.namespace)
+        except errors.Conflict:
+            return False  # exists already (an earlier pass created it)
+        self.metrics.pods_created.labels(kind).inc()
+        return True
+
+    async def _delete_pod(self, pod: PodView, why: str) -> None:
+        kind = pod.labels.get(self.keys.pod_kind, "")
+        if self.dry_run:
+            log.info("dry-run: would delete test pod %s (%s)", pod.key, why)
+            return
+        self.we_deleted.add(pod.name)
+        try:
+            await self.kube.delete(PODS, pod.name, pod.namespace, grace_period=0 if not pod.active else None)
+            self.metrics.pods_deleted.labels(kind).inc()
+        except errors.NotFound:
+            pass
+
+    # ----------------------------------------------------------- periodic
+    async def run_periodic(self) -> None:
+        await self.nodes.wait_synced()
+        await self.pods.wait_synced()
+        while not self.key:
+            await self.clock.sleep(0.5)  # the gate runnable loads the key
+        while True:
+            try:
+                await self.periodic_pass()
+            except errors.FleetkeeperError as exc:
+                log.warning("periodic pass failed: %s", exc)
+            await self.clock.sleep(self.cfg.periodic.interval_s)
+
+    async def periodic_pass(self) -> periodic.PeriodicPlan:
+        now = self.clock.now()
+        nodes = self.nodes.items()
+        pods_by_node: dict[str, list[PodView]] = {}
+        for n in nodes:
+            ps = list(self.pods_on_node.get(n.name, {}).values())
+            ps += [p for p in self.test_pods.get(n.name, {}).values() if not p.node]
+            pods_by_node[n.name] = ps
+        last_busy = {n.name: self.last_busy.get(n.name, self.started) for n in nodes}
+        plan = periodic.decide(nodes, pods_by_node, last_busy, self.cfg, self.keys, now)
+        m = self.metrics
+        m.coverage.set(plan.coverage)
+        m.oldest.set(plan.oldest_age)
+        m.eligible.set(plan.eligible)
+        # results of finished periodic pods
+        for node_name, ps in list(self.test_pods.items()):
+            for p in list(ps.values()):
+                if p.labels.get(self.keys.pod_kind) == PERIODIC and p.phase in ("Succeeded", "Failed") \
+                        and not p.deleting:
+                    await self._periodic_result(node_name, p, now)
+        for pname, why in plan.give_up:
+            pod = next((p for ps in self.test_pods.values() for p in ps.values() if p.name == pname), None)
+            if pod is not None:
+                await self._delete_pod(pod, why)
+                m.results.labels(PERIODIC, "given-up").inc()
+                n = self.nodes.get(pod.annotations.get(self.keys.pod_node, ""))
+                if n is not None:
+                    await self.recorder.emit(node_ref(n.name, n.uid), "PreflightYielded",
+                                             f"periodic test {pname} stopped: {why}")
+        for name in plan.start:
+            node = self.nodes.get(name)
+            if node is None:
+                continue
+            stamp = node.annotations.get(self.keys.validated_at) or str(int(node.created))
+            if await self._create_pod(node, PERIODIC, pod_name(PERIODIC, name, stamp + str(int(now)), 0),
+                                      self.cfg.periodic.sim_duration_ms):
+                await self.recorder.emit(node_ref(node.name, node.uid), "PreflightPeriodicStarted",
+                                         "idle node due for re-validation: low-priority test pod started")
+        m.in_flight.labels(PERIODIC).set(plan.in_flight - len(plan.give_up) + len(plan.start))
+        m.in_flight.labels(GATE).set(sum(1 for ps in self.test_pods.values() for p in ps.values()
+                                         if p.active and p.labels.get(self.keys.pod_kind) == GATE))
+        self._gauge_gated(nodes)
+        return plan
+
+    def _gauge_gated(self, nodes: list[NodeView]) -> None:
+        counts = {"pending": 0, "testing": 0, "failed": 0, "exhausted": 0}
+        for n in nodes:
+            if not self._gated(n):
+                continue
+            label = n.labels.get(self.keys.gate)
+            try:
+                attempts = int(n.annotations.get(self.keys.attempts, "0"))
+            except ValueError:
+                attempts = 0
+            if label == FAILED and attempts >= self.cfg.gate.max_attempts:
+                counts["exhausted"] += 1
+            elif any(p.active for p in self.test_pods.get(n.name, {}).values()):
+                counts["testing"] += 1
+            elif label == FAILED:
+                counts["failed"] += 1
+            else:
+                counts["pending"] += 1
+        for s, v in counts.items():
+            self.metrics.gated.labels(s).set(v)
+
+    async def _periodic_result(self, node_name: str, pod: PodView, now: float) -> None:
+        node = self.nodes.get(node_name)
+        if node is None:
+            await self._delete_pod(pod, "node gone")
+            return
+        keys = self.keys
+        if node.annotations.get(keys.last_pod) == pod.name:
+            await self._delete_pod(pod, "result applied")
+            return
+        try:
+            result = self._verify(node)(pod)
+            ok = result.passed and pod.phase == "Succeeded"
+            why = summary(result)
+            failed = result.failed_checks or ["pod"]
+        except ReportError as exc:
+            result, ok, why, failed = None, False, f"report rejected: {exc}", ["report"]
+        entry = gate.history_entry(now, PERIODIC, result, why, pod.name)
+        ann: dict[str, str | None] = {keys.history: gate.append_history(node.annotations.get(keys.history), entry,
+                                                                          self.cfg.history_entries),
+                                      keys.last_pod: pod.name}
+        if result is not None and result.gpus:
+            ann[keys.gpus] = ",".join(result.gpus)[:2000]
+            self._record_gpus(node.name, PERIODIC, result, now)
+        plan = gate.Plan("periodic", annotations=ann)
+        if ok:
+            ann[keys.validated_at] = str(int(now))
+            await self._patch_node(node, plan, "periodic-pass")
+            self.metrics.results.labels(PERIODIC, "passed").inc()
+        elif self.periodic_failures.count() >= self.cfg.periodic.fail_budget_per_hour:
+            self.metrics.budget_denied.inc()
+            self.metrics.results.labels(PERIODIC, "failed").inc()
+            await self._patch_node(node, plan, "annotate")
+            await self.recorder.emit(node_ref(node.name, node.uid), "PreflightFailedNoBudget",
+                                     f"periodic validation {why}; node left in service: the budget of "
+                                     f"{self.cfg.periodic.fail_budget_per_hour} removals per hour is spent",
+                                     type_="Warning")
+        else:
+            self.periodic_failures.record()
+            ann.update({keys.attempts: "1", keys.failed_check: ",".join(failed)[:200],
+                        keys.retry_at: str(int(now + gate.backoff(self.cfg, 1))), keys.gated_at: str(int(now))})
+            plan.labels = {keys.gate: FAILED}
+            plan.taints = [{"key": t.key, "value": t.value, "effect": t.effect} for t in node.taints
+                           if t.key != keys.gate] + [gate.gate_taint(keys, FAILED)]
+            await self._patch_node(node, plan, "periodic-fail")
+            self.metrics.results.labels(PERIODIC, "failed").inc()
+            for c in failed:
+                self.metrics.check_failures.labels(c).inc()
+            await self.recorder.emit(node_ref(node.name, node.uid), "PreflightFailed",
+                                     f"periodic validation {why}; node taken out of service and handed to the gate",
+                                     type_="Warning")
+        await self._delete_pod(pod, "result applied")
+
+    # ----------------------------------------------------------- webhook
+    async def run_webhook(self) -> None:
+        from fleetkeeper.core.webhook import WebhookServer
+        from fleetkeeper.preflight.webhook import WEBHOOK_NAME, gate_node, gate_registration, self_signed
+
+        wc = self.cfg.webhook
+        if wc.cert_dir and (Path(wc.cert_dir) / "tls.crt").exists():
+            cert, key = Path(wc.cert_dir) / "tls.crt", Path(wc.cert_dir) / "tls.key"
+            ca = (Path(wc.cert_dir) / "ca.crt").read_bytes() if (Path(wc.cert_dir) / "ca.crt").exists() \
+                else cert.read_bytes()
+        else:
+            hosts = [wc.url_host] if wc.url_host else [f"{wc.service_name}.{self.namespace}.svc",
+                                                        f"{wc.service_name}.{self.namespace}.svc.cluster.local"]
+            cert, key, ca = self_signed(Path(tempfile.mkdtemp(prefix="fk-preflight-webhook-")), hosts)
+        server = WebhookServer(str(cert), str(key), host=wc.host, port=wc.port, registry=self.mgr.registry)
+        server.add(WEBHOOK_NAME, lambda req: gate_node(req, self.keys, wc.exempt_labels))
+        await server.start()
+        self.webhook_server = server
+        try:
+            if wc.auto_register and not self.dry_run:
+                url = f"https://{wc.url_host}:{server.port}/{WEBHOOK_NAME}" if wc.url_host else None
+                self.webhook_url = url or ""
+                await self.kube.apply(MUTATING_WEBHOOKS, gate_registration(wc, ca, url=url, namespace=self.namespace))
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+
+__all__ = ["setup", "Preflight", "load_from_cluster"]
