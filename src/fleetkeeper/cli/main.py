@@ -29,10 +29,10 @@ from fleetkeeper.core.settings import RuntimeSettings
 # name -> package. Order matters for `run` and the demo.
 COMPONENTS: dict[str, str] = {
     "netacct": "fleetkeeper.netacct",
+    "promguard": "fleetkeeper.promguard",
 }
 # Sub-apps without controllers (name -> module with `app`).
 SUBAPPS: dict[str, str] = {
-    "promguard": "fleetkeeper.promguard.cli",
 }
 
 app = typer.Typer(name="fleetkeeper", help="Run a research GPU cluster on Kubernetes at 7,500-node scale.",
