@@ -1,0 +1,152 @@
+"""Serving and registering the toleration webhook.
+
+:func:`registrations` (pure) builds the Mutating- and
+ValidatingWebhookConfiguration; :class:`WebhookRunner` serves the handlers
+over TLS and registers them by URL (local control plane) or Service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.kube import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS, Kube
+from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
+
+from fleetkeeper.teams.admission import TeamAdmission
+from fleetkeeper.teams.options import WebhookOptions
+from fleetkeeper.teams.pki import write_serving_cert
+
+log = logging.getLogger("fleetkeeper.teams.webhook")
+
+MUTATE, VALIDATE = "teams-mutate", "teams-validate"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+def rules(workloads: bool, operations: list[str], pod_operations: list[str]) -> list[dict]:
+    out = [{"apiGroups": [""], "apiVersions": ["v1"], "operations": pod_operations, "resources": ["pods"],
+            "scope": "Namespaced"}]
+    if workloads:
+        out.append({"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": operations,
+                    "resources": ["deployments", "replicasets", "statefulsets", "daemonsets"], "scope": "Namespaced"})
+        out.append({"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": operations,
+                    "resources": ["jobs", "cronjobs"], "scope": "Namespaced"})
+    return out
+
+
+def namespace_selector(opts: WebhookOptions, own_namespace: str) -> dict:
+    excluded = sorted(set(opts.exclude_namespaces) | {own_namespace, "kube-system"})
+    sel: dict = {"matchExpressions": [{"key": NAMESPACE_NAME_LABEL, "operator": "NotIn", "values": excluded}]}
+    if opts.namespace_labels:
+        sel["matchLabels"] = dict(opts.namespace_labels)
+    return sel
+
+
+def client_target(opts: WebhookOptions, port: int, path: str) -> tuple[str | None, dict | None]:
+    if opts.service:
+        ns, _, rest = opts.service.partition("/")
+        name, _, p = rest.partition(":")
+        return None, {"namespace": ns, "name": name, "path": f"/{path}", "port": int(p or 443)}
+    return f"https://{opts.url_host or opts.host}:{port}/{path}", None
+
+
+def registrations(opts: WebhookOptions, own_namespace: str, port: int, ca_bundle: bytes,
+                  domain: str) -> tuple[dict, dict]:
+    sel = namespace_selector(opts, own_namespace)
+    url, svc = client_target(opts, port, MUTATE)
+    mutating = registration("mutating", opts.config_name, [webhook_entry(
+        f"tolerations.teams.{domain}", url=url, service=svc, ca_bundle=ca_bundle,
+        rules=rules(opts.workloads, ["CREATE", "UPDATE"], ["CREATE"]),
+        failure_policy=opts.mutating_failure_policy, timeout_seconds=opts.timeout_seconds,
+        namespace_selector=sel, reinvocation="IfNeeded")])
+    url, svc = client_target(opts, port, VALIDATE)
+    validating = registration("validating", opts.config_name, [webhook_entry(
+        f"entitlement.teams.{domain}", url=url, service=svc, ca_bundle=ca_bundle,
+        rules=rules(opts.workloads, ["CREATE", "UPDATE"], ["CREATE", "UPDATE"]),
+        failure_policy=opts.validating_failure_policy, timeout_seconds=opts.timeout_seconds,
+        namespace_selector=sel)])
+    for obj in (mutating, validating):
+        obj["metadata"]["labels"] = {f"{domain}/managed-by": "fleetkeeper-teams"}
+    return mutating, validating
+
+
+async def unregister(kube: Kube, config_name: str) -> None:
+    for res in (MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS):
+        try:
+            await kube.delete(res, config_name)
+        except errors.NotFound:
+            pass
+
+
+class WebhookRunner:
+    def __init__(self, kube: Kube, admission: TeamAdmission, opts: WebhookOptions, own_namespace: str,
+                 domain: str, registry: CollectorRegistry):
+        self.kube, self.admission, self.opts = kube, admission, opts
+        self.own_namespace, self.domain = own_namespace, domain
+        try:
+            self.server = self._server(registry)
+        except ValueError:  # another webhook in this process already registered the core webhook metrics
+            log.warning("webhook metrics already registered by another component; teams webhook metrics "
+                        "are kept in a private registry")
+            self.server = self._server(CollectorRegistry())
+        self.ready = asyncio.Event()
+        self.ca_bundle = b""
+
+    def _server(self, registry: CollectorRegistry) -> WebhookServer:
+        cert, key = self._certs()
+        return WebhookServer(cert, key, host=self.opts.host, port=self.opts.port, registry=registry)
+
+    def _certs(self) -> tuple[str, str]:
+        o = self.opts
+        if o.cert and o.key:
+            if not o.ca_bundle and o.register_webhook:
+                raise errors.ConfigError("teams webhook", [("webhook.caBundle", None,
+                                                            "required with webhook.cert to register the webhook")])
+            self.ca_bundle = Path(o.ca_bundle).read_bytes() if o.ca_bundle else b""
+            return o.cert, o.key
+        host = o.url_host or o.host
+        hosts = [host] if not o.service else []
+        if o.service:
+            ns, _, rest = o.service.partition("/")
+            name = rest.partition(":")[0]
+            hosts = [f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"]
+        directory = Path(o.cert_dir) if o.cert_dir else Path(tempfile.mkdtemp(prefix="fk-teams-webhook-"))
+        sc = write_serving_cert(directory, hosts)
+        self.ca_bundle = sc.ca_bundle
+        return str(sc.cert), str(sc.key)
+
+    def objects(self) -> tuple[dict, dict]:
+        return registrations(self.opts, self.own_namespace, self.server.port, self.ca_bundle, self.domain)
+
+    async def start(self) -> None:
+        self.server.add(MUTATE, self.admission.mutate)
+        self.server.add(VALIDATE, self.admission.validate)
+        await self.server.start()
+        log.info("teams webhook serving on https://%s:%d", self.opts.host, self.server.port)
+        if self.opts.register_webhook:
+            mutating, validating = self.objects()
+            await self.kube.apply(MUTATING_WEBHOOKS, mutating)
+            await self.kube.apply(VALIDATING_WEBHOOKS, validating)
+            log.info("registered webhook configurations %s", self.opts.config_name)
+        self.ready.set()
+
+    async def stop(self) -> None:
+        try:
+            if self.opts.register_webhook and self.opts.unregister_on_exit:
+                await unregister(self.kube, self.opts.config_name)
+        except errors.FleetkeeperError as exc:
+            log.warning("could not unregister webhook %s: %s", self.opts.config_name, exc)
+        finally:
+            await self.server.stop()
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.shield(self.stop())
