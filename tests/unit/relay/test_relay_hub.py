@@ -1,0 +1,196 @@
+"""The hub: per-node fan-out, resume from history, 410s, slow subscribers."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from fleetkeeper.relay.hub import Gone, Hub
+from fleetkeeper.relay.views import AgentProjector
+
+PROJ = AgentProjector(("fleetkeeper.io/",))
+
+
+def raw_pod(name: str, node: str, rv: str = "1", ns: str = "ns", ip: str = "10.0.0.1", phase: str = "Running",
+            labels: dict | None = None, annotations: dict | None = None) -> dict:
+    return {"metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}", "resourceVersion": rv,
+                         "labels": labels or {}, "annotations": annotations or {}},
+            "spec": {"nodeName": node} if node else {}, "status": {"podIP": ip, "phase": phase}}
+
+
+def raw_node(name: str, rv: str = "1", heartbeat: str = "2026-01-01T00:00:00Z", labels: dict | None = None) -> dict:
+    return {"metadata": {"name": name, "uid": f"uid-{name}", "resourceVersion": rv, "labels": labels or {}},
+            "spec": {}, "status": {"conditions": [{"type": "Ready", "status": "True",
+                                                   "lastHeartbeatTime": heartbeat}]}}
+
+
+def lines(sub) -> list[dict]:
+    return [orjson.loads(x) for x in sub.drain()]
+
+
+def add_pod(hub: Hub, raw: dict, old=None):
+    new = PROJ.pod(raw)
+    hub.on_pod("ADDED" if old is None else "MODIFIED", new.key, old, new)
+    return new
+
+
+def test_pod_event_reaches_only_its_node():
+    hub = Hub()
+    a, b = hub.subscribe("node-a", None), hub.subscribe("node-b", None)
+    lines(a), lines(b)  # initial bookmarks
+    add_pod(hub, raw_pod("p1", "node-a"))
+    got_a, got_b = lines(a), lines(b)
+    assert [(e["type"], e["kind"], e["object"]["name"]) for e in got_a] == [("ADDED", "Pod", "p1")]
+    assert got_b == []
+    assert hub.stats.fanned_out == 1
+
+
+def test_initial_watch_lists_current_state_then_bookmark():
+    hub = Hub()
+    n = PROJ.node(raw_node("node-a"))
+    hub.on_node("ADDED", "node-a", None, n)
+    add_pod(hub, raw_pod("p2", "node-a"))
+    add_pod(hub, raw_pod("p1", "node-a"))
+    add_pod(hub, raw_pod("q", "node-b"))
+    sub = hub.subscribe("node-a", "0")
+    evs = lines(sub)
+    assert [(e["type"], e.get("kind"), (e.get("object") or {}).get("name")) for e in evs] == [
+        ("ADDED", "Node", "node-a"), ("ADDED", "Pod", "p1"), ("ADDED", "Pod", "p2"), ("BOOKMARK", None, None)]
+    assert evs[-1]["resourceVersion"] == hub.rv()
+
+
+def test_unscheduled_pod_then_binding_then_delete():
+    hub = Hub()
+    sub = hub.subscribe("node-a", None)
+    lines(sub)
+    p0 = add_pod(hub, raw_pod("p", "", ip=""))
+    assert lines(sub) == [] and hub.entries.get("") is None
+    p1 = add_pod(hub, raw_pod("p", "node-a", rv="2"), old=p0)
+    assert [e["type"] for e in lines(sub)] == ["ADDED"]
+    hub.on_pod("DELETED", p1.key, p1, None)
+    evs = lines(sub)
+    assert [(e["type"], e["object"]["name"]) for e in evs] == [("DELETED", "p")]
+    assert hub.pod_docs("node-a") == []
+
+
+def test_heartbeat_only_updates_are_suppressed():
+    hub = Hub()
+    sub = hub.subscribe("node-a", None)
+    lines(sub)
+    n1 = PROJ.node(raw_node("node-a", "1", "2026-01-01T00:00:00Z"))
+    hub.on_node("ADDED", "node-a", None, n1)
+    n2 = PROJ.node(raw_node("node-a", "2", "2026-01-01T00:00:40Z"))
+    hub.on_node("MODIFIED", "node-a", n1, n2)
+    assert [e["type"] for e in lines(sub)] == ["ADDED"]
+    assert hub.stats.suppressed == 1
+    n3 = PROJ.node(raw_node("node-a", "3", labels={"fleetkeeper.io/team": "a"}))
+    hub.on_node("MODIFIED", "node-a", n2, n3)
+    assert [e["object"]["labels"] for e in lines(sub)] == [{"fleetkeeper.io/team": "a"}]
+
+
+def test_resume_replays_only_missed_events_of_the_node():
+    hub = Hub()
+    p1 = add_pod(hub, raw_pod("p1", "node-a"))
+    rv = hub.rv()
+    add_pod(hub, raw_pod("other", "node-b"))
+    add_pod(hub, raw_pod("p2", "node-a"))
+    hub.on_pod("DELETED", p1.key, p1, None)
+    sub = hub.subscribe("node-a", rv)
+    assert [(e["type"], e["object"]["name"]) for e in lines(sub)] == [("ADDED", "p2"), ("DELETED", "p1")]
+
+
+@pytest.mark.parametrize("rv,why", [
+    ("otherepoch-1", "another relay process"),
+    ("garbage", "not a relay resourceVersion"),
+    ("EPOCH-999", "ahead of the relay"),
+])
+def test_resume_with_foreign_rv_is_gone(rv, why):
+    hub = Hub(epoch="EPOCH")
+    add_pod(hub, raw_pod("p1", "node-a"))
+    with pytest.raises(Gone):
+        hub.subscribe("node-a", rv)
+    assert hub.stats.gone == 1
+
+
+def test_trimmed_history_is_gone_but_recent_resume_works():
+    hub = Hub(history=3)
+    add_pod(hub, raw_pod("p0", "node-a"))
+    old = hub.rv()
+    pods = [add_pod(hub, raw_pod(f"p{i}", "node-a")) for i in range(1, 6)]
+    with pytest.raises(Gone):
+        hub.subscribe("node-a", old)
+    recent = hub.rv(hub.seq - 2)
+    sub = hub.subscribe("node-a", recent)
+    assert [e["object"]["name"] for e in lines(sub)] == [p.doc["name"] for p in pods[-2:]]
+
+
+def test_forgotten_node_entry_makes_old_rvs_gone():
+    hub = Hub()
+    p = add_pod(hub, raw_pod("p", "node-a"))
+    rv = hub.rv()
+    hub.on_pod("DELETED", p.key, p, None)  # node-a has nothing left: entry forgotten
+    assert "node-a" not in hub.entries
+    with pytest.raises(Gone):
+        hub.subscribe("node-a", rv)  # the DELETED event is no longer in any history
+    sub = hub.subscribe("node-a", hub.rv())
+    assert lines(sub) == []
+
+
+def test_slow_subscriber_is_dropped_and_memory_freed():
+    dropped = []
+    hub = Hub(buffer=3, on_drop=dropped.append)
+    slow = hub.subscribe("node-a", hub.rv())
+    fast = hub.subscribe("node-a", hub.rv())
+    for i in range(5):
+        add_pod(hub, raw_pod(f"p{i}", "node-a"))
+        lines(fast)
+    assert slow.overflowed and not slow.buf and dropped == [slow]
+    assert hub.subscriber_count("node-a") == 1 and hub.subscribers == 1
+    assert hub.stats.dropped == 1
+
+
+def test_team_config_goes_to_every_subscriber_and_is_replayed():
+    hub = Hub()
+    rv = hub.rv()
+    a, b = hub.subscribe("node-a", rv), hub.subscribe("node-b", rv)
+    t = PROJ.teams({"metadata": {"name": "fleetkeeper-teams", "namespace": "fk", "resourceVersion": "5"},
+                    "data": {"teams.yaml": "a: {}"}})
+    hub.on_teams("ADDED", "fk/fleetkeeper-teams", None, t)
+    assert [e["kind"] for e in lines(a)] == ["TeamConfig"] and [e["kind"] for e in lines(b)] == ["TeamConfig"]
+    late = hub.subscribe("node-c", rv)
+    assert [e["object"]["data"] for e in lines(late)] == [{"teams.yaml": "a: {}"}]
+    hub.on_teams("DELETED", "fk/fleetkeeper-teams", t, None)
+    assert [e["type"] for e in lines(a)] == ["DELETED"]
+    assert hub.teams_doc() is None
+
+
+def test_unsubscribe_forgets_empty_entries():
+    hub = Hub()
+    sub = hub.subscribe("node-x", None)
+    assert "node-x" in hub.entries
+    hub.unsubscribe(sub)
+    assert "node-x" not in hub.entries and hub.subscribers == 0
+
+
+def test_fan_out_cost_does_not_grow_with_other_nodes_subscribers():
+    hub = Hub()
+    subs = [hub.subscribe(f"node-{i}", None) for i in range(2000)]
+    for s in subs:
+        s.drain()
+    before = hub.stats.fanned_out
+    add_pod(hub, raw_pod("p", "node-7"))
+    assert hub.stats.fanned_out - before == 1
+    assert len(subs[7].buf) == 1 and all(not s.buf for i, s in enumerate(subs) if i != 7)
+
+
+def test_projection_keeps_agent_fields_only():
+    raw = raw_pod("p", "node-a", labels={"fleetkeeper.io/team": "a", "app": "x"},
+                  annotations={"fleetkeeper.io/egress-limit": "100mbit",
+                               "kubectl.kubernetes.io/last-applied-configuration": "{...}"})
+    raw["spec"]["containers"] = [{"name": "c", "image": "i", "env": [{"name": "X", "value": "y" * 1000}]}]
+    doc = PROJ.pod(raw).doc
+    assert doc == {"namespace": "ns", "name": "p", "uid": "uid-p", "ip": "10.0.0.1", "phase": "Running",
+                   "labels": {"fleetkeeper.io/team": "a", "app": "x"},
+                   "annotations": {"fleetkeeper.io/egress-limit": "100mbit"}}
+    raw["spec"]["hostNetwork"] = True
+    assert PROJ.pod(raw).doc["ip"] == ""

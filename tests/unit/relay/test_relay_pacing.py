@@ -1,0 +1,183 @@
+"""Join pacing: the pure plan, selectors, and the token-bucket pace (FakeClock)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.clock import FakeClock
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.views import NodeView, Taint
+from fleetkeeper.relay.pacing import JoinPacer, bootstrap_pod_name, decide, done_annotation, parse_selector
+from fleetkeeper.relay.settings import PacerSettings
+
+NAMES = Names()
+
+
+def node(name="n1", labels=None, annotations=None, taints=(), deleting=False, rv="7") -> NodeView:
+    return NodeView(name=name, uid=f"uid-{name}", resource_version=rv, labels=labels or {"type": "kwok"},
+                    annotations=annotations or {}, taints=tuple(taints), unschedulable=False, conditions=(),
+                    gpus=8, cpu_millis=96000, created=0.0, deleting=deleting)
+
+
+CFG = PacerSettings(enabled=True, rate=2, burst=1, workers=4, node_selector="type=kwok",
+                    labels={"fleetkeeper.io/joined": "true"},
+                    taints=[{"key": "fleetkeeper.io/preflight", "value": "pending"}],
+                    bootstrap_pod={"namespace": "boot", "annotations": {"fleetkeeper.io/sim-result": "succeed"}})
+
+
+def test_plan_for_a_new_node():
+    existing = Taint("other", "x", "NoExecute")
+    plan = decide(node(taints=[existing]), CFG, parse_selector(CFG.node_selector), NAMES, "fk", 1_800_000_000)
+    assert plan is not None
+    assert plan.patch == {
+        "metadata": {"resourceVersion": "7", "annotations": {done_annotation(NAMES): "2027-01-15T08:00:00Z"},
+                     "labels": {"fleetkeeper.io/joined": "true"}},
+        "spec": {"taints": [{"key": "other", "value": "x", "effect": "NoExecute"},
+                            {"key": "fleetkeeper.io/preflight", "value": "pending", "effect": "NoSchedule"}]},
+    }
+    pod = plan.pod
+    assert pod["metadata"]["namespace"] == "boot" and pod["metadata"]["name"] == "join-n1"
+    assert pod["spec"]["nodeName"] == "n1" and pod["spec"]["tolerations"] == [{"operator": "Exists"}]
+    assert pod["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": "uid-n1"}]
+    assert pod["metadata"]["annotations"] == {"fleetkeeper.io/sim-result": "succeed"}
+
+
+@pytest.mark.parametrize("n,why", [
+    (node(annotations={"fleetkeeper.io/join-work-done": "x"}), "done"),
+    (node(deleting=True), "deleting"),
+    (node(labels={"type": "real"}), "not selected"),
+])
+def test_no_plan(n, why):
+    assert decide(n, CFG, parse_selector(CFG.node_selector), NAMES, "fk", 0) is None, why
+
+
+def test_taint_already_present_is_not_duplicated():
+    t = Taint("fleetkeeper.io/preflight", "pending", "NoSchedule")
+    plan = decide(node(taints=[t]), CFG, parse_selector(""), NAMES, "fk", 0)
+    assert "spec" not in plan.patch
+
+
+@pytest.mark.parametrize("text,labels,match", [
+    ("", {}, True),
+    ("type=kwok", {"type": "kwok"}, True),
+    ("type==kwok", {"type": "x"}, False),
+    ("type!=kwok", {}, True),
+    ("fleetkeeper.io/pool", {"fleetkeeper.io/pool": "gpu"}, True),
+    ("!fleetkeeper.io/pool", {"fleetkeeper.io/pool": "gpu"}, False),
+    ("a=1, b", {"a": "1"}, False),
+])
+def test_selectors(text, labels, match):
+    assert parse_selector(text).matches(labels) is match
+
+
+@pytest.mark.parametrize("bad", ["a in (x,y)", "!a=b", "a=b=c"])
+def test_bad_selectors(bad):
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_selector(bad)
+
+
+def test_long_node_names_give_valid_pod_names():
+    name = bootstrap_pod_name("join-", "n" * 300)
+    assert len(name) <= 253 and name.startswith("join-n")
+
+
+class FakeInformer:
+    def __init__(self, nodes):
+        self.nodes = {n.name: n for n in nodes}
+        self.handlers = []
+
+    def add_handler(self, h):
+        self.handlers.append(h)
+
+    def get(self, k):
+        return self.nodes.get(k)
+
+    async def wait_synced(self):
+        return None
+
+    def feed(self):
+        for n in self.nodes.values():
+            for h in self.handlers:
+                h("ADDED", n.name, None, n)
+
+
+class FakeKube:
+    def __init__(self, clock, fail_conflict_once=()):
+        self.clock = clock
+        self.writes: list[tuple[float, str, str]] = []
+        self.conflicts = set(fail_conflict_once)
+
+    async def create(self, res, body, namespace=None, **kw):
+        self.writes.append((self.clock.monotonic(), "create", body["metadata"]["name"]))
+        return body
+
+    async def patch(self, res, name, body, namespace=None, **kw):
+        if name in self.conflicts:
+            self.conflicts.discard(name)
+            raise errors.Conflict(409, "Conflict", "the object has been modified")
+        self.writes.append((self.clock.monotonic(), "patch", name))
+        return body
+
+
+async def test_pacer_spreads_work_at_the_configured_rate():
+    clock = FakeClock()
+    inf = FakeInformer([node(f"n{i}") for i in range(6)])
+    kube = FakeKube(clock)
+    pacer = JoinPacer(kube, inf, CFG, NAMES, "fk", clock=clock)
+    inf.feed()
+    assert len(pacer.pending) == 6
+    task = asyncio.create_task(pacer.run())
+    try:
+        for _ in range(40):
+            await clock.advance(0.25)
+        patches = [t for t, kind, _ in kube.writes if kind == "patch"]
+        assert len(patches) == 6 and not pacer.pending
+        # burst 1 at 2 nodes/s: the 6th node's work starts ~2.5 s after the first
+        assert patches[-1] - patches[0] == pytest.approx(2.5, abs=0.3)
+        assert all(b - a >= 0.49 for a, b in zip(patches, patches[1:]))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_unpaced_does_everything_at_once_and_conflicts_retry():
+    clock = FakeClock()
+    cfg = CFG.model_copy(update={"rate": 0.0})
+    inf = FakeInformer([node(f"n{i}") for i in range(5)])
+    kube = FakeKube(clock, fail_conflict_once={"n3"})
+    pacer = JoinPacer(kube, inf, cfg, NAMES, "fk", clock=clock)
+    inf.feed()
+    task = asyncio.create_task(pacer.run())
+    try:
+        for _ in range(10):
+            await clock.advance(0.1)
+        patched = sorted(n for _, kind, n in kube.writes if kind == "patch")
+        assert patched == [f"n{i}" for i in range(5)]
+        assert sum(1 for _, kind, n in kube.writes if kind == "create" and n == "join-n3") == 2  # retried
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_dry_run_writes_nothing():
+    clock = FakeClock()
+    inf = FakeInformer([node("n1")])
+    kube = FakeKube(clock)
+    pacer = JoinPacer(kube, inf, CFG, NAMES, "fk", clock=clock, dry_run=True)
+    inf.feed()
+    task = asyncio.create_task(pacer.run())
+    try:
+        await clock.advance(1)
+        assert kube.writes == [] and not pacer.pending and "n1" in pacer.done
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_bad_selector_is_a_config_error():
+    with pytest.raises(errors.ConfigError, match="node_selector"):
+        JoinPacer(FakeKube(FakeClock()), FakeInformer([]), CFG.model_copy(update={"node_selector": "a in (b)"}),
+                  NAMES, "fk")

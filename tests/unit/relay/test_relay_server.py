@@ -1,0 +1,139 @@
+"""The HTTP API and RelayClient, in-process (hub fed by hand, real sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from fleetkeeper.core import errors
+from fleetkeeper.relay.client import RelayClient, RelayGone
+from fleetkeeper.relay.hub import Hub
+from fleetkeeper.relay.metrics import RelayMetrics
+from fleetkeeper.relay.server import RelayServer
+from fleetkeeper.relay.settings import RelaySettings
+from fleetkeeper.relay.views import AgentProjector
+
+from test_relay_hub import raw_node, raw_pod  # same directory (rootdir-relative import)
+
+PROJ = AgentProjector(("fleetkeeper.io/",))
+
+
+@contextlib.asynccontextmanager
+async def serving(hub: Hub, ready=lambda: True, **kw):
+    reg = CollectorRegistry()
+    metrics = RelayMetrics(reg)
+    metrics.attach_hub(hub, lambda: 3)
+    srv = RelayServer(hub, RelaySettings(port=0, **kw), metrics, ready=ready)
+    await srv.start()
+    try:
+        yield srv, f"http://127.0.0.1:{srv.port}", reg
+    finally:
+        await srv.stop()
+
+
+async def wait_for(pred, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_snapshots_and_pods_shape():
+    hub = Hub()
+    hub.on_node("ADDED", "node-a", None, PROJ.node(raw_node("node-a")))
+    p = PROJ.pod(raw_pod("p1", "node-a", labels={"fleetkeeper.io/team": "a"}))
+    hub.on_pod("ADDED", p.key, None, p)
+    async with serving(hub) as (_, url, reg), RelayClient(url, "node-a") as c:
+        doc = await c.pods()
+        assert doc["items"] == [{"namespace": "ns", "name": "p1", "uid": "uid-p1", "ip": "10.0.0.1",
+                                 "phase": "Running", "labels": {"fleetkeeper.io/team": "a"}, "annotations": {}}]
+        assert doc["resourceVersion"] == hub.rv()
+        assert (await c.node_object())["name"] == "node-a"
+        with pytest.raises(errors.NotFound):
+            await RelayClient(url, "node-zz", session=c._s()).node_object()
+        with pytest.raises(errors.NotFound):
+            await c.teams()
+        assert reg.get_sample_value("fleetkeeper_relay_requests_total", {"endpoint": "pods", "code": "200"}) == 1
+        assert reg.get_sample_value("fleetkeeper_relay_bytes_sent_total", {"endpoint": "pods"}) > 50
+
+
+async def test_not_ready_answers_503():
+    async with serving(Hub(), ready=lambda: False) as (_, url, _reg):
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/nodes/x/pods") as r:
+            assert r.status == 503
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/readyz") as r:
+            assert r.status == 503
+
+
+async def test_sync_follows_changes_and_relists_after_gone():
+    hub = Hub()
+    async with serving(hub, bookmark_interval=0.2) as (srv, url, reg), RelayClient(url, "node-a") as c:
+        states = []
+
+        async def follow():
+            async for st in c.sync():
+                states.append((st.relists, sorted(st.pods)))
+
+        task = asyncio.create_task(follow())
+        try:
+            await wait_for(lambda: states and hub.subscriber_count("node-a") == 1)
+            p = PROJ.pod(raw_pod("p1", "node-a"))
+            hub.on_pod("ADDED", p.key, None, p)
+            q = PROJ.pod(raw_pod("q1", "node-b"))
+            hub.on_pod("ADDED", q.key, None, q)
+            await wait_for(lambda: states[-1] == (1, ["ns/p1"]))
+            # a bookmark arrives while idle and moves the client's resourceVersion
+            await wait_for(lambda: (reg.get_sample_value("fleetkeeper_relay_bytes_sent_total",
+                                                         {"endpoint": "watch"}) or 0) > 150)
+            # a "restart": the hub gets a new epoch; the client's watch is cut and its rv is foreign
+            hub.epoch = "restarted"
+            await srv.stop()
+            srv.reset()
+            srv.settings = srv.settings.model_copy(update={"port": srv.port})
+            await srv.start()
+            hub.on_pod("DELETED", p.key, p, None)
+            await wait_for(lambda: states[-1] == (2, []), timeout=10)
+            assert not any("ns/q1" in pods for _, pods in states)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_watch_resume_and_poll_mode():
+    hub = Hub()
+    async with serving(hub) as (_, url, _reg), RelayClient(url, "node-a") as c:
+        rv = hub.rv()
+        p = PROJ.pod(raw_pod("p1", "node-a"))
+        hub.on_pod("ADDED", p.key, None, p)
+        async with c._s().get(f"{url}/v1/nodes/node-a/watch", params={"resourceVersion": rv, "mode": "poll",
+                                                                       "timeoutSeconds": "2"}) as r:
+            doc = await r.json()
+        assert [(e["type"], e["object"]["name"]) for e in doc["events"]] == [("ADDED", "p1")]
+        with pytest.raises(RelayGone):
+            async for _ in c.watch("someone-else-1", timeout_seconds=1):
+                pass
+        evs = []
+        async for ev in c.watch(rv, timeout_seconds=1):
+            evs.append(ev)
+        assert [e["type"] for e in evs] == ["ADDED"]
+
+
+async def test_slow_watcher_gets_410_in_stream():
+    hub = Hub(buffer=2)
+    async with serving(hub) as (_, url, reg), RelayClient(url, "node-a") as c:
+        rv = hub.rv()
+        gen = c.watch(rv, timeout_seconds=5)
+        first = asyncio.ensure_future(gen.__anext__())
+        await wait_for(lambda: hub.subscriber_count("node-a") == 1)
+        for i in range(10):  # synchronously: the writer cannot drain in between
+            p = PROJ.pod(raw_pod(f"p{i}", "node-a"))
+            hub.on_pod("ADDED", p.key, None, p)
+        with pytest.raises(RelayGone):
+            await first
+        await gen.aclose()
+        assert hub.stats.dropped == 1 and hub.subscribers == 0
