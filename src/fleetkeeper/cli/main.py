@@ -30,6 +30,7 @@ from fleetkeeper.core.settings import RuntimeSettings
 COMPONENTS: dict[str, str] = {
     "netacct": "fleetkeeper.netacct",
     "promguard": "fleetkeeper.promguard",
+    "preflight": "fleetkeeper.preflight",
 }
 # Sub-apps without controllers (name -> module with `app`).
 SUBAPPS: dict[str, str] = {
@@ -88,10 +89,14 @@ def run(
     if unknown:
         console.print(f"[red]unknown controller(s)[/red]: {', '.join(unknown)}; known: {', '.join(COMPONENTS) or 'none'}")
         raise typer.Exit(2)
-    settings = load_model(RuntimeSettings, {
+    try:
+        settings = load_model(RuntimeSettings, {
         "domain": domain, "namespace": namespace, "dry_run": dry_run, "kubeconfig": kubeconfig,
         "server": {"port": metrics_port}, "leader_election": {"enabled": leader_elect}, "controllers": names,
-    }, "flags")
+        }, "flags")
+    except errors.ConfigError as exc:
+        console.print(f"[red]configuration error[/red]: {exc}")
+        raise typer.Exit(2) from None
     run_async(run_manager(settings))
 
 

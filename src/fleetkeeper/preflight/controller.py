@@ -141,14 +141,14 @@ class Preflight:
         """The HMAC key Secret, the runner ServiceAccount (no RBAC), the periodic PriorityClass."""
         if self.dry_run:
             sec = await self.kube.get_or_none(SECRETS, self.cfg.key_secret, self.namespace)
-            self.key = base64.b64decode((sec or {}).get("data", {}).get(HMAC_KEY_FIELD, "")) or secrets.token_bytes(32)
+            self.key = base64.b64decode((sec or {}).get("data", {}).get(HMAC_KEY_FIELD, "")) or secrets.token_hex(32).encode()
             return
         sec = await self.kube.get_or_none(SECRETS, self.cfg.key_secret, self.namespace)
         if sec is None:
             body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                     "metadata": {"name": self.cfg.key_secret, "namespace": self.namespace,
                                  "labels": {self.keys.component: "preflight"}},
-                    "data": {HMAC_KEY_FIELD: base64.b64encode(secrets.token_bytes(32)).decode()}}
+                    "data": {HMAC_KEY_FIELD: base64.b64encode(secrets.token_hex(32).encode()).decode()}}
             try:
                 sec = await self.kube.create(SECRETS, body, self.namespace)
             except errors.Conflict:

@@ -54,7 +54,7 @@ def test_pod(node: NodeView, kind: str, name: str, nonce: str, profile: str, cfg
         "tolerations": tolerations,
         "containers": [{
             "name": "validate", "image": cfg.image,
-            "command": ["fleetkeeper", "validate", "--json", "--profile", profile,
+            "command": ["fleetkeeper", "preflight", "validate", "--json", "--profile", profile,
                         "--termination-log", TERMINATION_LOG],
             "env": env, "resources": resources,
             "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "File",
