@@ -1,0 +1,140 @@
+"""Configuration of the capacity component: balloon pools and gang scheduling.
+
+Loaded from the ConfigMap ``fleetkeeper-capacity`` (key ``config.yaml``) in the
+manager's namespace when started by ``fleetkeeper run``, or from a file with
+``fleetkeeper capacity ... --config``. Unknown keys are errors: a typo must not
+silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fleetkeeper.core.config import load_model, parse_yaml
+
+CONFIGMAP_NAME = "fleetkeeper-capacity"
+CONFIGMAP_KEY = "config.yaml"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class PoolConfig(BaseModel):
+    """One node pool that balloons keep warm."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="value of the pool label on the pool's nodes (gpu, cpu)")
+    max_nodes: int | None = Field(None, ge=0, le=100_000,
+                                  description="the pool's maximum size (cluster-autoscaler max); "
+                                              "balloon replicas. None: the pool's current node count")
+    resource: Literal["gpu", "cpu"] = Field("gpu", description="what a balloon pod takes from its node")
+    gpus: int | None = Field(None, ge=1, le=64, description="GPUs per balloon; None: the pool nodes' allocatable")
+    cpu_fraction: float = Field(0.9, gt=0, le=1.0,
+                                description="share of a node's allocatable CPU a CPU balloon requests")
+    enabled: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _DNS_LABEL.match(v) or len(v) > 40:
+            raise ValueError("must be a DNS label of at most 40 characters (it names the balloon Deployment)")
+        return v
+
+
+class BalloonConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    namespace: str | None = Field(None, description="where balloon Deployments live; None: the manager's namespace")
+    priority_class: str = "fleetkeeper-balloon"
+    priority: int = Field(-5, ge=-1_000_000_000, le=-1,
+                          description="negative, so any real work (priority 0 and up) preempts a balloon; "
+                                      "keep it above cluster-autoscaler's --expendable-pods-priority-cutoff")
+    image: str = "registry.k8s.io/pause:3.10"
+    tolerate_team_taints: bool = Field(True, description="balloons also keep teams' dedicated nodes warm")
+    tolerations: list[dict[str, str]] = Field(
+        default_factory=list, description="extra tolerations of balloon pods (e.g. nvidia.com/gpu:NoSchedule); "
+                                          "never add the preflight or quarantine taints here")
+    evict_per_minute: float = Field(60.0, gt=0, le=6000,
+                                    description="rate limit for removing balloons from preflight/quarantined nodes")
+    pools: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig(name="gpu", resource="gpu"),
+                                                             PoolConfig(name="cpu", resource="cpu")])
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, v: list[dict[str, str]]) -> list[dict[str, str]]:
+        allowed = {"key", "operator", "value", "effect"}
+        for t in v:
+            extra = set(t) - allowed
+            if extra:
+                raise ValueError(f"unknown toleration field(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+            if t.get("operator", "Equal") not in ("Equal", "Exists"):
+                raise ValueError("toleration operator must be Equal or Exists")
+            if t.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+                raise ValueError("toleration effect must be NoSchedule, PreferNoSchedule or NoExecute")
+            if not t.get("key") and t.get("operator") != "Exists":
+                raise ValueError("a toleration without a key must use operator Exists")
+            if not t.get("key"):
+                raise ValueError("a toleration that tolerates every taint would put balloons on "
+                                 "preflight and quarantined nodes; name a key")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> "BalloonConfig":
+        seen: set[str] = set()
+        for p in self.pools:
+            if p.name in seen:
+                raise ValueError(f"pool {p.name!r} is listed twice")
+            seen.add(p.name)
+        return self
+
+
+class GangConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    backend: Literal["in-tree", "coscheduling", "both"] = Field(
+        "in-tree", description="in-tree: scheduling.k8s.io/v1alpha2 Workload+PodGroup (kube-scheduler "
+                               "GangScheduling); coscheduling: scheduling.x-k8s.io PodGroup (scheduler-plugins)")
+    coscheduling_scheduler_name: str | None = Field(
+        None, description="schedulerName set on gang pods for the coscheduling backend (None: leave as is)")
+    schedule_timeout_seconds: int = Field(600, ge=10, le=86_400,
+                                          description="coscheduling PodGroup scheduleTimeoutSeconds")
+    bare_pod_settle_seconds: float = Field(
+        5.0, ge=0, le=600, description="for pods without an owner or a min-members annotation: wait this long "
+                                       "after the last member appears before fixing the gang size")
+    cleanup_grace_seconds: float = Field(30.0, ge=0, le=86_400,
+                                         description="delete a gang's group objects this long after its last pod")
+    webhook_port: int = Field(9443, ge=0, le=65535)
+    webhook_host: str = "127.0.0.1"
+    webhook_url: str | None = Field(None, description="URL the API server calls (local clusters); "
+                                                      "None: register via the Service below")
+    webhook_service: str = "fleetkeeper-capacity-webhook"
+    manage_webhook_registration: bool = True
+
+
+class CapacityConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    balloons: BalloonConfig = BalloonConfig()
+    gangs: GangConfig = GangConfig()
+    resync_seconds: float = Field(60.0, ge=1, le=3600)
+
+    @property
+    def in_tree(self) -> bool:
+        return self.gangs.backend in ("in-tree", "both")
+
+    @property
+    def coscheduling(self) -> bool:
+        return self.gangs.backend in ("coscheduling", "both")
+
+
+def load_config(data: Any, source: str) -> CapacityConfig:
+    """Validate a parsed document (None or empty: defaults)."""
+    return load_model(CapacityConfig, data or {}, source)
+
+
+def load_config_text(text: str, source: str) -> CapacityConfig:
+    return load_config(parse_yaml(text, source), source)

@@ -1,0 +1,441 @@
+"""The capacity controllers: balloon manager, gang group manager, gang webhook.
+
+* ``capacity-balloons`` (one key): snapshot nodes and balloon pods from the
+  shared informers, :func:`balloons.decide`, apply (server-side apply of the
+  PriorityClass and one Deployment per pool; eviction of balloons from
+  preflight/quarantined nodes, rate limited; metrics).
+* ``capacity-gangs`` (key ``namespace/gang``): snapshot the gang's members,
+  its owner and its group objects, :func:`gangs.decide_gang`, apply (create or
+  delete Workload/PodGroup/coscheduling PodGroup, record the gang's state on
+  the group objects and as Events).
+* ``capacity-webhook`` (every replica, not only the leader): serves the pod
+  CREATE mutation that puts gang members into their group, and registers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.controller import Controller, Result
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.events import EventRecorder, ObjectRef
+from fleetkeeper.core.kube import (
+    CONFIGMAPS, COSCHED_PODGROUPS, DEPLOYMENTS, MUTATING_WEBHOOKS, NAMESPACES, PODGROUPS, PODS, PRIORITYCLASSES,
+    WORKLOADS, Kube, Resource,
+)
+from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.ratelimit import TokenBucket
+from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
+
+from fleetkeeper.capacity import balloons as bl
+from fleetkeeper.capacity import gangs as gg
+from fleetkeeper.capacity.certs import ensure_webhook_cert
+from fleetkeeper.capacity.config import CONFIGMAP_KEY, CONFIGMAP_NAME, CapacityConfig, load_config, load_config_text
+from fleetkeeper.capacity.metrics import GANG_STATES, CapacityMetrics
+
+log = logging.getLogger("fleetkeeper.capacity")
+
+WEBHOOK_PATH = "capacity-gang"
+WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
+_GROUP_KIND = {PODGROUPS: "PodGroup", WORKLOADS: "Workload", COSCHED_PODGROUPS: "CoschedulingPodGroup"}
+
+
+@dataclass
+class CapacityOptions:
+    config: CapacityConfig = field(default_factory=CapacityConfig)
+    webhook: bool = True
+    webhook_cert_dir: Path | None = None
+    webhook_config_name: str = WEBHOOK_CONFIG_NAME
+    namespace_selector: dict | None = None  # restrict the webhook (tests: their namespaces)
+    unregister_on_exit: bool = False
+
+
+async def load_cluster_config(kube: Kube, namespace: str) -> CapacityConfig:
+    """The ConfigMap ``fleetkeeper-capacity`` in ``namespace``; defaults if it does not exist."""
+    cm = await kube.get_or_none(CONFIGMAPS, CONFIGMAP_NAME, namespace)
+    if cm is None:
+        log.info("no ConfigMap %s/%s: using the default capacity configuration", namespace, CONFIGMAP_NAME)
+        return load_config(None, "defaults")
+    text = (cm.get("data") or {}).get(CONFIGMAP_KEY)
+    if text is None:
+        raise errors.ConfigError(f"ConfigMap {namespace}/{CONFIGMAP_NAME}",
+                                 [(f"data.{CONFIGMAP_KEY}", None, "missing key")])
+    return load_config_text(text, f"ConfigMap {namespace}/{CONFIGMAP_NAME} {CONFIGMAP_KEY}")
+
+
+def _ident(obj: dict) -> dict:
+    meta = obj.get("metadata") or {}
+    return {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "annotations", "uid",
+                                                   "deletionTimestamp", "resourceVersion")},
+            "spec": obj.get("spec") or {}, "status": obj.get("status") or {}}
+
+
+class BalloonManager:
+    def __init__(self, mgr: Manager, cfg: CapacityConfig, metrics: CapacityMetrics, recorder: EventRecorder):
+        self.kube, self.names, self.cfg = mgr.kube, mgr.names, cfg
+        self.dry_run = mgr.settings.dry_run
+        self.namespace = cfg.balloons.namespace or mgr.settings.namespace
+        self.metrics, self.recorder, self.clock = metrics, recorder, mgr.clock
+        self.nodes = mgr.node_informer()
+        self.pods = mgr.pod_informer()
+        self.bucket = TokenBucket(cfg.balloons.evict_per_minute / 60.0, max(1, int(cfg.balloons.evict_per_minute // 6)),
+                                  mgr.clock)
+        self.controller = Controller("capacity-balloons", self.reconcile, metrics=mgr.metrics, clock=mgr.clock)
+        self._applied: dict[str, str] = {}
+        self._ns_ready = False
+        self.last_plan: bl.BalloonPlan | None = None
+        label = bl.balloon_label(self.names)
+        self.nodes.add_handler(self.controller.handler(lambda k, o, n: "pools"))
+        self.pods.add_handler(self.controller.handler(
+            lambda k, o, n: "pools" if ((n or o) and (n or o).labels.get(label)) else None))
+        for p in cfg.balloons.pools:
+            metrics.init_pool(p.name, "nvidia.com/gpu" if p.resource == "gpu" else "cpu")
+
+    async def run(self) -> None:
+        self.controller.enqueue("pools")
+        await self.controller.run()
+
+    async def _ensure_namespace(self) -> None:
+        if self._ns_ready or self.dry_run:
+            return
+        try:
+            await self.kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
+                                                "metadata": {"name": self.namespace}})
+        except errors.Conflict:
+            pass
+        self._ns_ready = True
+
+    async def _apply(self, res: Resource, body: dict) -> bool:
+        meta = body["metadata"]
+        key = f"{res.plural}/{meta.get('namespace', '')}/{meta['name']}"
+        digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        if self._applied.get(key) == digest:
+            return False
+        await self.kube.apply(res, body, dry_run=self.dry_run)
+        self._applied[key] = digest
+        return True
+
+    async def reconcile(self, key: str) -> Result:
+        await self._ensure_namespace()
+        existing: list[str] = []
+        if not self.dry_run:
+            items, _ = await self.kube.list(DEPLOYMENTS, self.namespace,
+                                            label_selector=f"{self.names.managed_by}={bl.MANAGER}")
+            existing = [d["metadata"]["name"] for d in items
+                        if bl.balloon_label(self.names) in ((d["metadata"].get("labels")) or {})]
+        plan = bl.decide(self.cfg.balloons, self.names, self.namespace, self.nodes.items(), self.pods.items(), existing)
+        self.last_plan = plan
+        for problem in plan.problems:
+            log.warning("balloons: %s", problem)
+        if plan.priority_class:
+            try:
+                await self._apply(PRIORITYCLASSES, plan.priority_class)
+            except errors.Invalid as exc:
+                raise errors.Terminal(f"PriorityClass {self.cfg.balloons.priority_class}: {exc} (its value is "
+                                      f"immutable: delete it to change the balloon priority)") from exc
+        for dep in plan.deployments:
+            if await self._apply(DEPLOYMENTS, dep):
+                meta = dep["metadata"]
+                await self.recorder.emit(
+                    ObjectRef("Deployment", meta["name"], meta["namespace"], api_version="apps/v1"),
+                    "BalloonPoolSized",
+                    f"{dep['spec']['replicas']} balloons of {meta['annotations'][f'{self.names.domain}/balloon-size']} "
+                    f"each, one per node of pool {meta['labels'][bl.balloon_label(self.names)]}")
+        for name in plan.delete_deployments:
+            if self.dry_run:
+                continue
+            try:
+                await self.kube.delete(DEPLOYMENTS, name, self.namespace)
+                await self.recorder.emit(ObjectRef("Deployment", name, self.namespace, api_version="apps/v1"),
+                                         "BalloonPoolRemoved", "pool no longer configured for balloons")
+            except errors.NotFound:
+                pass
+        requeue = self.cfg.resync_seconds
+        for ev in plan.evictions:
+            if not self.bucket.take():
+                self.metrics.evictions.labels(ev.pool, "rate_limited").inc()
+                requeue = min(requeue, max(0.5, self.bucket.wait_time()))
+                continue
+            result = "dry_run" if self.dry_run else "ok"
+            try:
+                if not self.dry_run:
+                    await self.kube.evict(ev.namespace, ev.name)
+            except errors.NotFound:
+                continue
+            except errors.ApiError as exc:
+                result = "error"
+                log.warning("could not remove balloon %s/%s from %s: %s", ev.namespace, ev.name, ev.node, exc)
+            self.metrics.evictions.labels(ev.pool, result).inc()
+            await self.recorder.emit(ObjectRef("Pod", ev.name, ev.namespace), "BalloonRemoved",
+                                     f"balloon of pool {ev.pool} removed from node {ev.node} ({ev.reason}): "
+                                     f"balloons never hold preflight or quarantined nodes"
+                                     + (" [dry-run]" if self.dry_run else ""), type_="Warning")
+        for st in plan.status:
+            self.metrics.idle.labels(st.pool, st.resource).set(st.idle_capacity)
+            self.metrics.balloons.labels(st.pool, "running").set(st.running)
+            self.metrics.balloons.labels(st.pool, "pending").set(st.pending)
+            self.metrics.balloons.labels(st.pool, "desired").set(st.desired)
+            self.metrics.blocked.labels(st.pool).set(len(st.blocked_nodes))
+        return Result(requeue_after=requeue)
+
+
+class GangManager:
+    def __init__(self, mgr: Manager, cfg: CapacityConfig, metrics: CapacityMetrics, recorder: EventRecorder):
+        self.kube, self.names, self.cfg = mgr.kube, mgr.names, cfg
+        self.dry_run = mgr.settings.dry_run
+        self.metrics, self.recorder, self.clock = metrics, recorder, mgr.clock
+        self.nodes = mgr.node_informer()
+        self.pods = mgr.informer(PODS, gg.gang_pod_projector(self.names), label_selector=self.names.gang,
+                                 key="capacity-gang-pods")
+        sel = f"{self.names.managed_by}={gg.MANAGER}"
+        self.groups: dict[Resource, object] = {}
+        if cfg.in_tree:
+            self.groups[WORKLOADS] = mgr.informer(WORKLOADS, _ident, label_selector=sel, key="capacity-groups")
+            self.groups[PODGROUPS] = mgr.informer(PODGROUPS, _ident, label_selector=sel, key="capacity-groups")
+        if cfg.coscheduling:
+            self.groups[COSCHED_PODGROUPS] = mgr.informer(COSCHED_PODGROUPS, _ident, label_selector=sel,
+                                                          key="capacity-groups")
+        self.controller = Controller("capacity-gangs", self.reconcile, metrics=mgr.metrics, clock=mgr.clock,
+                                     workers=4)
+        self.members: dict[str, dict[str, gg.GangPod]] = {}
+        self.by_node: dict[str, set[str]] = {}
+        self.empty_since: dict[str, float] = {}
+        self.states: dict[str, str] = {}
+        self.plans: dict[str, gg.GangPlan] = {}
+        self.pods.add_handler(self._on_pod)
+        for inf in self.groups.values():
+            inf.add_handler(self.controller.handler())
+        self.nodes.add_handler(self._on_node)
+
+    def _on_pod(self, typ: str, key: str, old: gg.GangPod | None, new: gg.GangPod | None) -> None:
+        if old is not None and old.gang:
+            self.members.get(old.key, {}).pop(old.name, None)
+            if old.node:
+                self.by_node.get(old.node, set()).discard(old.key)
+        if new is not None and new.gang:
+            self.members.setdefault(new.key, {})[new.name] = new
+            if new.node:
+                self.by_node.setdefault(new.node, set()).add(new.key)
+        for p in (old, new):
+            if p is not None and p.gang:
+                self.controller.enqueue(p.key)
+
+    def _on_node(self, typ: str, key: str, old, new) -> None:
+        if old is not None and new is not None and old.ready == new.ready:
+            return
+        for gang in list(self.by_node.get(key, ())):
+            self.controller.enqueue(gang)
+
+    async def run(self) -> None:
+        for key in list(self.members):
+            self.controller.enqueue(key)
+        for inf in self.groups.values():
+            for k in inf.keys():
+                self.controller.enqueue(k)
+        await self.controller.run()
+
+    async def _owner(self, pods: list[gg.GangPod]) -> gg.Owner | None:
+        owners = {(p.owner_kind, p.owner_name, p.owner_uid, p.owner_api_version) for p in pods if p.owner_kind}
+        if len(owners) != 1:
+            return None
+        kind, name, uid, api_version = owners.pop()
+        api = gg.OWNER_APIS.get(kind)
+        if api is None:
+            return gg.Owner(kind, name, uid, api_version, None)
+        res = Resource(api[0], api[1], api[2], kind, True)
+        obj = await self.kube.get_or_none(res, name, pods[0].namespace)
+        if obj is None or obj["metadata"].get("uid") != uid:
+            return gg.Owner(kind, name, uid, api_version, None)
+        return gg.Owner(kind, name, uid, api_version, gg.owner_replicas(kind, obj))
+
+    async def reconcile(self, key: str) -> Result | None:
+        ns, gang = key.split("/", 1)
+        pods = list(self.members.get(key, {}).values())
+        if not pods:
+            self.members.pop(key, None)
+            self.empty_since.setdefault(key, self.clock.now())
+        else:
+            self.empty_since.pop(key, None)
+        objs = gg.GroupObjects(
+            workload=self.groups[WORKLOADS].get(key) if WORKLOADS in self.groups else None,
+            podgroup=self.groups[PODGROUPS].get(key) if PODGROUPS in self.groups else None,
+            cosched=self.groups[COSCHED_PODGROUPS].get(key) if COSCHED_PODGROUPS in self.groups else None,
+        )
+        owner = await self._owner(pods) if pods else None
+        node_ok: dict[str, bool] = {}
+        for p in pods:
+            if p.node:
+                nv = self.nodes.get(p.node)
+                if nv is not None and not nv.deleting:
+                    node_ok[p.node] = nv.ready
+        plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
+                              self.empty_since.get(key))
+        self.plans[key] = plan
+        await self._apply(ns, gang, plan, owner, pods, objs)
+        if plan.state == "Deleted":
+            self.plans.pop(key, None)
+            self.states.pop(key, None)
+            self.empty_since.pop(key, None)
+        elif plan.state:
+            self.states[key] = plan.state
+        counts = {s: 0 for s in GANG_STATES}
+        for s in self.states.values():
+            if s in counts:
+                counts[s] += 1
+        for s, n in counts.items():
+            self.metrics.gangs.labels(s).set(n)
+        return Result(requeue_after=plan.requeue_after) if plan.requeue_after else None
+
+    async def _apply(self, ns: str, gang: str, plan: gg.GangPlan, owner: gg.Owner | None,
+                     pods: list[gg.GangPod], objs: gg.GroupObjects) -> None:
+        for problem in plan.problems:
+            log.warning("gang %s: %s", plan.key, problem)
+        for res, body in plan.create:
+            kind = _GROUP_KIND[res]
+            try:
+                if self.dry_run:
+                    self.metrics.group_ops.labels(kind, "create", "dry_run").inc()
+                else:
+                    await self.kube.create(res, body, ns)
+                    self.metrics.group_ops.labels(kind, "create", "ok").inc()
+            except errors.Conflict:
+                pass
+            except errors.NotFound as exc:
+                self.metrics.group_ops.labels(kind, "create", "error").inc()
+                raise errors.Temporary(f"{res.kind} API {res.api_version} not served: {exc} (GenericWorkload "
+                                       f"feature gate, or the scheduler-plugins CRD for coscheduling)", 30) from exc
+        if plan.create and plan.min_count:
+            await self._event(ns, gang, owner, pods, "GangGroupCreated",
+                              f"gang {gang}: {', '.join(r.kind for r, _ in plan.create)} with minCount "
+                              f"{plan.min_count} ({plan.size_source}); its members are scheduled all or nothing")
+        for res, name in plan.delete:
+            kind = _GROUP_KIND[res]
+            if self.dry_run:
+                self.metrics.group_ops.labels(kind, "delete", "dry_run").inc()
+                continue
+            try:
+                await self.kube.delete(res, name, ns)
+                self.metrics.group_ops.labels(kind, "delete", "ok").inc()
+            except errors.NotFound:
+                pass
+        if plan.state == "Deleted" and plan.delete:
+            await self.recorder.emit(ObjectRef("PodGroup", gang, ns, api_version=PODGROUPS.api_version),
+                                     "GangGroupDeleted", f"gang {gang} has no pods left; group objects removed")
+        for name in plan.patch_labels:
+            if not self.dry_run:
+                try:
+                    await self.kube.patch(PODS, name, {"metadata": {"labels": {gg.COSCHED_LABEL: gang}}}, ns)
+                except errors.NotFound:
+                    pass
+        if plan.state_changed:
+            if not self.dry_run:
+                ann = {"metadata": {"annotations": {gg.state_annotation(self.names): plan.state,
+                                                    gg.message_annotation(self.names): plan.message[:1000]}}}
+                for res, o in ((WORKLOADS, objs.workload), (PODGROUPS, objs.podgroup),
+                               (COSCHED_PODGROUPS, objs.cosched)):
+                    if o is not None:
+                        try:
+                            await self.kube.patch(res, gang, ann, ns)
+                        except errors.NotFound:
+                            pass
+            if plan.state == "Broken":
+                self.metrics.members_lost.inc()
+            await self._event(ns, gang, owner, pods, f"Gang{plan.state}", f"gang {gang}: {plan.message}",
+                              type_="Warning" if plan.state in ("Broken", "Failed") else "Normal")
+
+    async def _event(self, ns: str, gang: str, owner: gg.Owner | None, pods: list[gg.GangPod], reason: str,
+                     note: str, type_: str = "Normal") -> None:
+        if owner is not None and owner.kind:
+            ref = ObjectRef(owner.kind, owner.name, ns, owner.uid, owner.api_version)
+        elif pods:
+            ref = ObjectRef("Pod", pods[0].name, ns, pods[0].uid)
+        else:
+            ref = ObjectRef("PodGroup", gang, ns, api_version=PODGROUPS.api_version)
+        await self.recorder.emit(ref, reason, note, type_=type_)
+
+
+class GangWebhook:
+    def __init__(self, mgr: Manager, cfg: CapacityConfig, options: CapacityOptions):
+        self.kube, self.names, self.cfg, self.options = mgr.kube, mgr.names, cfg, options
+        self.dry_run = mgr.settings.dry_run
+        self.registry = mgr.registry
+        self.server: WebhookServer | None = None
+        self.ready = asyncio.Event()
+
+    def handler(self, req):
+        return gg.mutate_pod(req, self.cfg, self.names)
+
+    def registration(self, url: str | None, ca: bytes) -> dict:
+        g = self.cfg.gangs
+        service = None if url else {"name": g.webhook_service, "namespace": "fleetkeeper-system",
+                                    "path": f"/{WEBHOOK_PATH}", "port": g.webhook_port}
+        entry = webhook_entry(
+            f"gang.{self.names.domain}", url=url, service=service, ca_bundle=ca,
+            rules=[{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+                    "scope": "Namespaced"}],
+            failure_policy="Fail", timeout_seconds=5, namespace_selector=self.options.namespace_selector,
+            object_selector={"matchExpressions": [{"key": self.names.gang, "operator": "Exists"}]},
+            reinvocation="IfNeeded")
+        return registration("mutating", self.options.webhook_config_name, [entry])
+
+    async def run(self) -> None:
+        g = self.cfg.gangs
+        cert_dir = self.options.webhook_cert_dir or Path(tempfile.gettempdir()) / "fleetkeeper-capacity-webhook"
+        hosts = [g.webhook_host, f"{g.webhook_service}.fleetkeeper-system.svc", "localhost"]
+        cert = await asyncio.to_thread(ensure_webhook_cert, cert_dir, hosts)
+        self.server = WebhookServer(str(cert.cert), str(cert.key), host=g.webhook_host, port=g.webhook_port,
+                                    registry=self.registry)
+        self.server.add(WEBHOOK_PATH, self.handler)
+        await self.server.start()
+        url = g.webhook_url or (self.server.url(WEBHOOK_PATH) if g.webhook_host in ("127.0.0.1", "localhost") else None)
+        log.info("gang webhook serving on %s", self.server.url(WEBHOOK_PATH))
+        try:
+            if g.manage_webhook_registration and not self.dry_run:
+                await self.kube.apply(MUTATING_WEBHOOKS, self.registration(url, cert.ca_bundle))
+            self.ready.set()
+            await asyncio.Event().wait()
+        finally:
+            if self.options.unregister_on_exit and not self.dry_run:
+                try:
+                    await asyncio.shield(self.kube.delete(MUTATING_WEBHOOKS, self.options.webhook_config_name))
+                except (errors.FleetkeeperError, asyncio.CancelledError):
+                    pass
+            await self.server.stop()
+
+
+@dataclass
+class Capacity:
+    """Handles on the running parts (tests and the demo read them)."""
+
+    config: CapacityConfig
+    metrics: CapacityMetrics
+    balloons: BalloonManager | None = None
+    gangs: GangManager | None = None
+    webhook: GangWebhook | None = None
+
+
+async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
+    if options is None:
+        options = CapacityOptions(config=await load_cluster_config(mgr.kube, mgr.settings.namespace))
+    cfg = options.config
+    metrics = CapacityMetrics(mgr.registry)
+    recorder = mgr.recorder("capacity")
+    cap = Capacity(cfg, metrics)
+    if cfg.balloons.enabled:
+        cap.balloons = BalloonManager(mgr, cfg, metrics, recorder)
+        mgr.add("capacity-balloons", cap.balloons.run)
+    if cfg.gangs.enabled:
+        cap.gangs = GangManager(mgr, cfg, metrics, recorder)
+        mgr.add("capacity-gangs", cap.gangs.run)
+        if options.webhook:
+            cap.webhook = GangWebhook(mgr, cfg, options)
+            mgr.add("capacity-webhook", cap.webhook.run, leader=False)
+    return cap

@@ -1,0 +1,47 @@
+"""Metrics of the capacity component (balloons and gangs), on an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from fleetkeeper.core.metrics import PREFIX
+
+GANG_STATES = ("Waiting", "Running", "Broken", "Completed", "Failed")
+
+
+class CapacityMetrics:
+    def __init__(self, registry: CollectorRegistry, pools: list[tuple[str, str]] = ()):
+        self.idle = Gauge(f"{PREFIX}_balloon_idle_capacity",
+                          "Capacity held by running balloons (GPUs or CPU cores), free for real work at once",
+                          ["pool", "resource"], registry=registry)
+        self.balloons = Gauge(f"{PREFIX}_balloon_pods", "Balloon pods by pool and state (running, pending, desired)",
+                              ["pool", "state"], registry=registry)
+        self.blocked = Gauge(f"{PREFIX}_balloon_blocked_nodes",
+                             "Pool nodes balloons may not use (preflight or quarantine taint)", ["pool"],
+                             registry=registry)
+        self.evictions = Counter(f"{PREFIX}_balloon_evictions_total",
+                                 "Balloons removed from preflight/quarantined nodes",
+                                 ["pool", "result"], registry=registry)
+        self.gangs = Gauge(f"{PREFIX}_gangs", "Gangs by state", ["state"], registry=registry)
+        self.group_ops = Counter(f"{PREFIX}_gang_group_operations_total",
+                                 "Group objects created/deleted for gangs", ["kind", "op", "result"],
+                                 registry=registry)
+        self.members_lost = Counter(f"{PREFIX}_gang_broken_total",
+                                    "Gangs that lost a member while running (the job must restart whole)",
+                                    registry=registry)
+        for s in GANG_STATES:
+            self.gangs.labels(s).set(0)
+        for kind in ("Workload", "PodGroup", "CoschedulingPodGroup"):
+            for op in ("create", "delete"):
+                for r in ("ok", "error", "dry_run"):
+                    self.group_ops.labels(kind, op, r)
+        for pool, resource in pools:
+            self.init_pool(pool, resource)
+
+    def init_pool(self, pool: str, resource: str) -> None:
+        self.idle.labels(pool, resource)
+        for s in ("running", "pending", "desired"):
+            self.balloons.labels(pool, s)
+        self.blocked.labels(pool)
+        for r in ("ok", "error", "dry_run", "rate_limited"):
+            self.evictions.labels(pool, r)
