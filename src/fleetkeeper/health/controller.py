@@ -1,0 +1,528 @@
+"""The remediation controller: reads Node conditions (from this agent or
+node-problem-detector), decides with :mod:`fleetkeeper.health.decide`, and
+applies the ladder with budgets, dry-run, Events and metrics.
+
+All state lives on the Node (taint ``<domain>/quarantine`` and
+``<domain>/health-*`` annotations), so a controller killed in the middle of a
+drain continues from the cluster's state: a node already tainted is not
+re-admitted against the budget, pods already evicted are gone, a node
+already deleted is not deleted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.controller import Controller, Result
+from fleetkeeper.core.events import node_ref
+from fleetkeeper.core.faults import FaultPlan, default_fault_file
+from fleetkeeper.core.kube import CONFIGMAPS, NODES
+from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.ratelimit import SlidingWindow, TokenBucket
+from fleetkeeper.core.views import NodeView, PodView
+from fleetkeeper.health.decide import (
+    FleetStats,
+    Keys,
+    Plan,
+    admit,
+    evictable,
+    fleet_stats,
+    history_add,
+    scopes_of,
+    selected,
+    storm_threshold,
+    watched_types,
+)
+from fleetkeeper.health.metrics import NODE_STATES, AgentMetrics, RemediationMetrics
+from fleetkeeper.health.policy import Policy, load_policy
+from fleetkeeper.health.provider import CloudProvider, LocalProvider
+
+log = logging.getLogger("fleetkeeper.health")
+
+CONFIGMAP = "fleetkeeper-health"
+POLICY_KEY = "policy.yaml"
+_LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def taint_value(text: str) -> str:
+    v = _LABEL_VALUE.sub("-", text)[:63].strip("-_.")
+    return v or "unhealthy"
+
+
+@dataclass
+class HealthOptions:
+    policy: Policy | None = None  # None: the ConfigMap's, else defaults
+    simulate: bool | None = None  # run simulated agents for KWOK nodes (None: the ConfigMap's flag)
+    fault_file: str | None = None
+    sim_interval: float = 2.0
+    sim_heartbeat: float = 300.0
+    provider: CloudProvider | None = None
+    stats_interval: float = 1.0
+    reload_interval: float = 30.0
+    workers: int = 4
+
+
+class FlapTracker:
+    """Transitions of watched conditions per node (from informer updates)."""
+
+    def __init__(self) -> None:
+        self._t: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=64))
+
+    def observe(self, node: str, old: NodeView | None, new: NodeView | None, watched: set[str], now: float) -> bool:
+        if old is None or new is None:
+            if new is None:
+                self._t.pop(node, None)
+            return False
+        before = {c.type: c.status for c in old.conditions if c.type in watched}
+        changed = False
+        for c in new.conditions:
+            if c.type in watched and c.type in before and before[c.type] != c.status:
+                self._t[node].append(now)
+                changed = True
+        return changed
+
+    def flapping(self, node: str, now: float, transitions: int, window: float) -> bool:
+        q = self._t.get(node)
+        return bool(q) and sum(1 for t in q if now - t < window) >= transitions
+
+
+@dataclass
+class Remediator:
+    mgr: Manager
+    policy: Policy
+    provider: CloudProvider
+    stats_interval: float = 1.0
+    workers: int = 4
+    metrics: RemediationMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = self.mgr.names
+        self.keys = Keys(self.names)
+        self.clock = self.mgr.clock
+        self.kube = self.mgr.kube
+        self.recorder = self.mgr.recorder("health")
+        self.metrics = RemediationMetrics(self.mgr.registry)
+        self.nodes = self.mgr.node_informer()
+        self.pods = self.mgr.pod_informer()
+        self.flaps = FlapTracker()
+        self._pods_by_node: dict[str, dict[str, PodView]] = defaultdict(dict)
+        self.controller = Controller("health", self.reconcile, metrics=self.mgr.metrics, clock=self.clock,
+                                     workers=self.workers)
+        self._lock = asyncio.Lock()  # budget admission is serialised
+        self._stats: FleetStats | None = None
+        self._stats_at = -1e9
+        self._inflight: dict[str, float] = {}  # admitted, not yet seen tainted in the cache
+        self._dry_quarantined: set[str] = set()
+        self._admissions: list[float] = []
+        self._storm_until = 0.0
+        self._noted: set[tuple[str, str]] = set()
+        self._evict_bucket = TokenBucket(self.policy.drain.evictions_per_second,
+                                         max(1, int(self.policy.drain.evictions_per_second)), self.clock)
+        self._terminations = SlidingWindow(3600.0, self.clock)
+        self._watched = watched_types(self.policy)
+        self.nodes.add_handler(self._on_node)
+        self.pods.add_handler(self._on_pod)
+
+    # --- informer handlers -----------------------------------------------
+    @property
+    def dry_run(self) -> bool:
+        return self.mgr.settings.dry_run or self.policy.dry_run
+
+    def _on_node(self, typ: str, key: str, old: NodeView | None, new: NodeView | None) -> None:
+        self.flaps.observe(key, old, new, self._watched, self.clock.now())
+        if new is not None and new.taint(self.names.quarantine) is not None:
+            self._inflight.pop(key, None)
+        if new is None:
+            self._pods_by_node.pop(key, None)
+            self._inflight.pop(key, None)
+            self._dry_quarantined.discard(key)
+            return
+        if selected(new, self.policy):
+            self.controller.enqueue(key)
+
+    def _on_pod(self, typ: str, key: str, old: PodView | None, new: PodView | None) -> None:
+        pv = new or old
+        if pv is None or not pv.node:
+            return
+        if old is not None and old.node and old.node != pv.node:
+            self._pods_by_node[old.node].pop(key, None)
+        if new is None:
+            self._pods_by_node[pv.node].pop(key, None)
+        else:
+            self._pods_by_node[pv.node][key] = new
+        nv = self.nodes.get(pv.node)
+        if nv is not None and nv.taint(self.names.quarantine) is not None:
+            self.controller.enqueue(pv.node)
+
+    def pods_on(self, node: str) -> list[PodView]:
+        return list(self._pods_by_node.get(node, {}).values())
+
+    # --- fleet view ----------------------------------------------------------
+    def stats(self, force: bool = False) -> FleetStats:
+        mono = self.clock.monotonic()
+        if force or self._stats is None or mono - self._stats_at >= self.stats_interval:
+            now = self.clock.now()
+            views = self.nodes.items()
+            left = {n.name: sum(len(x) for x in evictable(self.pods_on(n.name)))
+                    for n in views if n.taint(self.names.quarantine) is not None}
+            st = fleet_stats(views, left, self.policy, self.names, now, self._admissions)
+            # admitted but not yet visible in the cache (and dry-run "quarantines") count too
+            extra = [n for n in list(self._inflight) + list(self._dry_quarantined)
+                     if (v := self.nodes.get(n)) is not None and v.taint(self.names.quarantine) is None]
+            for n in extra:
+                for s in scopes_of(self.nodes.get(n), self.names):  # type: ignore[arg-type]
+                    st.disrupted[s] = st.disrupted.get(s, 0) + 1
+            self._stats, self._stats_at = st, mono
+            self._admissions = [t for t in self._admissions if now - t < max(self.policy.budget.window,
+                                                                                 self.policy.storm.window)]
+        return self._stats  # type: ignore[return-value]
+
+    def publish(self) -> FleetStats:
+        st = self.stats(force=True)
+        m = self.metrics
+        for s in NODE_STATES:
+            m.nodes.labels(s).set(st.states.get(s, 0))
+        for scope in set(st.totals) | {"cluster"}:
+            m.budget_used.labels(scope).set(round(st.used_ratio(scope, self.policy), 4))
+            over = bool(st.wanting.get(scope)) and bool(admit(st, [scope], self.policy)) and \
+                "window" not in admit(st, [scope], self.policy)
+            m.budget_exhausted.labels(scope).set(1 if over else 0)
+        if st.wanting.get("cluster") and "window" in admit(st, ["cluster"], self.policy):
+            m.budget_exhausted.labels("window").set(1)
+        else:
+            m.budget_exhausted.labels("window").set(0)
+        m.storm.set(1 if self.clock.now() < self._storm_until else 0)
+        return st
+
+    async def stats_loop(self) -> None:
+        while True:
+            try:
+                self.publish()
+            except Exception:  # noqa: BLE001
+                log.exception("health stats failed")
+            await self.clock.sleep(max(1.0, self.stats_interval * 5))
+
+    # --- reconcile -----------------------------------------------------------
+    async def reconcile(self, key: str) -> Result | None:
+        from fleetkeeper.health.decide import decide_node
+
+        node = self.nodes.get(key)
+        if node is None:
+            return None
+        now = self.clock.now()
+        fl = self.policy.flapping
+        plan = decide_node(node, self.pods_on(key), self.policy, self.names, now,
+                           flapping=self.flaps.flapping(key, now, fl.transitions, fl.window))
+        if plan.kind in ("noop",):
+            self._noted = {x for x in self._noted if x[0] != key} if any(x[0] == key for x in self._noted) else \
+                self._noted
+            return None
+        return await self.apply(plan, node)
+
+    async def _note(self, node: NodeView, reason: str, note: str, type_: str = "Normal") -> None:
+        """An Event once per (node, reason) episode; the episode ends when the node is healthy again."""
+        if (node.name, reason) in self._noted:
+            return
+        self._noted.add((node.name, reason))
+        await self.recorder.emit(node_ref(node.name, node.uid), reason, note, type_=type_)
+
+    def _count(self, action: str, result: str) -> None:
+        self.metrics.actions.labels(action, result).inc()
+
+    async def apply(self, plan: Plan, node: NodeView) -> Result | None:
+        p = plan
+        if p.kind == "wait":
+            if p.wait == "validation":
+                pass
+            return Result(requeue_after=p.requeue_after) if p.requeue_after else None
+        if p.kind == "note":
+            await self._note(node, "HealthProblem",
+                             f"{p.why} ({p.remedy}); policy records it and takes no action", "Warning")
+            return None
+        if p.kind == "quarantine":
+            return await self._quarantine(p, node)
+        if p.kind == "escalate":
+            return await self._mutate(node, p, "escalate", "Escalated",
+                                      f"{p.why}: escalating to {p.action} (fixable by {p.remedy})",
+                                      annotations=self._marker_annotations(p, node, keep_since=True))
+        if p.kind == "evict":
+            return await self._evict(p, node)
+        if p.kind == "mark_drained":
+            return await self._mutate(node, p, "evict", "Drained",
+                                      f"all pods evicted; node stays quarantined until {p.remedy} fixes it "
+                                      f"and its conditions clear",
+                                      annotations={self.keys.drained: str(int(self.clock.now()))})
+        if p.kind == "terminate":
+            return await self._terminate(p, node)
+        if p.kind == "return":
+            return await self._mutate(
+                node, p, "return", "ReturnedToValidation",
+                f"{p.why}; handing the node to the preflight gate before it takes work again",
+                remove_taints=(self.names.quarantine,),
+                add_taint={"key": self.names.preflight, "value": "pending", "effect": "NoSchedule"},
+                labels={self.names.preflight: "pending"},
+                annotations={**{k: None for k in self.keys.all_state()}, self.keys.state: "validating"})
+        if p.kind == "mark_cleared":
+            return await self._mutate(node, p, "return", "ConditionsCleared", f"{p.why} "
+                                      f"{self.policy.return_to_service.hold:.0f}s before return",
+                                      annotations={self.keys.cleared: str(int(self.clock.now()))},
+                                      requeue=p.requeue_after)
+        if p.kind == "unmark_cleared":
+            return await self._mutate(node, p, "return", "ConditionsReturned", p.why,
+                                      annotations={self.keys.cleared: None}, warn=True)
+        if p.kind == "release":
+            self._noted = {x for x in self._noted if x[0] != node.name}
+            return await self._mutate(node, p, "release", "ReturnedToService", p.why,
+                                      remove_taints=(self.names.quarantine,),
+                                      annotations={k: None for k in self.keys.all_state()})
+        log.warning("unknown plan %s for %s", p.kind, node.name)
+        return None
+
+    def _marker_annotations(self, p: Plan, node: NodeView, keep_since: bool = False) -> dict[str, str | None]:
+        now = self.clock.now()
+        types = sorted({pr.type for pr in p.problems} |
+                       (set((node.annotations.get(self.keys.types) or "").split(",")) - {""} if keep_since else set()))
+        ann: dict[str, str | None] = {
+            self.keys.action: p.action, self.keys.remedy: p.remedy,
+            self.keys.reason: "; ".join(pr.label for pr in p.problems)[:500] or p.why,
+            self.keys.types: ",".join(types),
+            self.keys.cleared: None, self.keys.state: None,
+        }
+        if not keep_since:
+            ann[self.keys.since] = str(int(now))
+            ann[self.keys.drained] = None
+        return ann
+
+    async def _quarantine(self, p: Plan, node: NodeView) -> Result | None:
+        now = self.clock.now()
+        async with self._lock:
+            if self._storm_until > now:
+                await self._note(node, "RemediationPaused",
+                                 f"{p.why}: a fault storm paused new quarantines until "
+                                 f"{self._storm_until - now:.0f}s from now", "Warning")
+                self._count("quarantine", "budget")
+                return Result(requeue_after=min(30.0, self._storm_until - now + 0.5))
+            st = self.stats()
+            total = st.totals.get("cluster", 0)
+            if st.onsets >= storm_threshold(total, self.policy) and total:
+                self._storm_until = now + self.policy.storm.cooldown
+                self.metrics.storm.set(1)
+                log.warning("fault storm: %d nodes faulted within %.0fs (threshold %d); pausing new quarantines "
+                            "for %.0fs", st.onsets, self.policy.storm.window, storm_threshold(total, self.policy),
+                            self.policy.storm.cooldown)
+                await self._note(node, "RemediationPaused",
+                                 f"{p.why}: fault storm ({st.onsets} nodes within "
+                                 f"{self.policy.storm.window:.0f}s); pausing new quarantines for "
+                                 f"{self.policy.storm.cooldown:.0f}s", "Warning")
+                self._count("quarantine", "budget")
+                return Result(requeue_after=30.0)
+            over = admit(st, scopes_of(node, self.names), self.policy)
+            if over:
+                for s in over:
+                    self.metrics.budget_exhausted.labels(s).set(1)
+                await self._note(node, "BudgetExhausted",
+                                 f"{p.why} wants {p.action} (fixable by {p.remedy}), but the remediation budget "
+                                 f"of {', '.join(over)} is used up; waiting", "Warning")
+                self._count("quarantine", "budget")
+                return Result(requeue_after=5.0)
+            # admitted: count it now, before the write, so concurrent reconciles see it
+            for s in scopes_of(node, self.names):
+                st.disrupted[s] = st.disrupted.get(s, 0) + 1
+            st.new_in_window += 1
+            self._admissions.append(now)
+            if self.dry_run:
+                self._dry_quarantined.add(node.name)
+            else:
+                self._inflight[node.name] = now
+        res = await self._mutate(
+            node, p, "quarantine", "Quarantined",
+            f"{p.why}: tainted {self.names.quarantine}:NoSchedule; ladder target {p.action}; "
+            f"fixable by {p.remedy}" + (" (needs hardware replacement)" if p.remedy == "replace" else ""),
+            add_taint={"key": self.names.quarantine, "value": taint_value(p.problems[0].label if p.problems else p.why),
+                       "effect": "NoSchedule"},
+            annotations=self._marker_annotations(p, node), warn=True)
+        if not self.dry_run and p.problems:
+            since = max(pr.since for pr in p.problems)
+            if since > 0:
+                self.metrics.latency.observe(max(0.0, now - since))
+        return res
+
+    async def _mutate(self, node: NodeView, p: Plan, action: str, reason: str, note: str, *,
+                      add_taint: dict | None = None, remove_taints: tuple[str, ...] = (),
+                      labels: dict[str, str | None] | None = None, annotations: dict[str, str | None] | None = None,
+                      warn: bool = False, requeue: float | None = None) -> Result | None:
+        """Read the live node, change taints/labels/annotations, write it back with
+        a resourceVersion precondition (one write), then Event + metric + log."""
+        now = self.clock.now()
+        if self.dry_run:
+            if (node.name, f"dry:{action}:{p.action}") not in self._noted:
+                self._noted.add((node.name, f"dry:{action}:{p.action}"))
+                log.info("dry-run: %s %s: %s", action, node.name, note)
+                await self.recorder.emit(node_ref(node.name, node.uid), f"DryRun{reason}", f"would: {note}",
+                                         type_="Normal")
+                self._count(action, "dry_run")
+            return None
+        try:
+            live = await self.kube.get(NODES, node.name)
+        except errors.NotFound:
+            return None
+        meta, spec = live["metadata"], live.get("spec") or {}
+        taints = [t for t in spec.get("taints") or [] if t.get("key") not in remove_taints]
+        if add_taint:
+            taints = [t for t in taints if t.get("key") != add_taint["key"]] + [add_taint]
+        ann = dict(annotations or {})
+        ann[self.keys.history] = history_add((meta.get("annotations") or {}).get(self.keys.history), now,
+                                             f"{reason}: {note}")
+        body: dict = {"metadata": {"resourceVersion": meta["resourceVersion"], "annotations": ann}}
+        if add_taint or remove_taints:
+            body["spec"] = {"taints": taints or None}
+        if labels:
+            body["metadata"]["labels"] = labels
+        try:
+            await self.kube.patch(NODES, node.name, body)
+        except errors.Conflict:
+            self._count(action, "error")
+            raise errors.Temporary(f"{node.name} changed while acting; re-reading", 0.2)
+        except errors.NotFound:
+            return None
+        except errors.ApiError:
+            self._count(action, "error")
+            raise
+        self._count(action, "success")
+        log.info("%s %s: %s", action, node.name, note)
+        await self.recorder.emit(node_ref(node.name, node.uid), reason, note, type_="Warning" if warn else "Normal")
+        return Result(requeue_after=requeue) if requeue else None
+
+    async def _evict(self, p: Plan, node: NodeView) -> Result | None:
+        evicted, blocked, errs = 0, [], 0
+        for key in p.pods:
+            if not self._evict_bucket.take():
+                self._count("evict", "blocked")
+                return Result(requeue_after=max(0.2, self._evict_bucket.wait_time()))
+            ns, name = key.split("/", 1)
+            try:
+                await self.kube.evict(ns, name, dry_run=self.dry_run)
+                evicted += 1
+                self._count("evict", "dry_run" if self.dry_run else "success")
+            except errors.NotFound:
+                pass
+            except errors.TooManyRequests as exc:
+                blocked.append(key)
+                self._count("evict", "blocked")
+                log.info("eviction of %s from %s blocked: %s", key, node.name, exc.message)
+            except errors.ServerError as exc:  # e.g. more than one PDB selects the pod
+                blocked.append(key)
+                self._count("evict", "error")
+                log.warning("eviction of %s failed: %s", key, exc)
+            except errors.ApiError as exc:
+                errs += 1
+                self._count("evict", "error")
+                log.warning("eviction of %s failed: %s", key, exc)
+        if evicted:
+            verb = "would evict" if self.dry_run else "evicted"
+            await self.recorder.emit(node_ref(node.name, node.uid), "Evicting",
+                                     f"{verb} {evicted} pod(s) through the Eviction API ({p.action}, fixable by "
+                                     f"{p.remedy})", type_="Warning")
+            log.info("%s %d pod(s) from %s", verb, evicted, node.name)
+        if blocked:
+            since = float(node.annotations.get(self.keys.since) or self.clock.now())
+            left = since + self.policy.drain.deadline - self.clock.now()
+            await self._note(node, "EvictionBlocked",
+                             f"{len(blocked)} pod(s) protected by a PodDisruptionBudget ({', '.join(blocked[:5])}); "
+                             f"retrying every {self.policy.drain.retry_interval:.0f}s"
+                             + (f"; terminating anyway in {left:.0f}s (drain deadline)"
+                                if p.action == "terminate" or self.policy.drain.terminate_at_deadline else ""),
+                             "Warning")
+        if self.dry_run:
+            return None
+        return Result(requeue_after=p.requeue_after if blocked or errs else 1.0)
+
+    async def _terminate(self, p: Plan, node: NodeView) -> Result | None:
+        if self._terminations.count() >= self.policy.terminate.max_per_hour:
+            await self._note(node, "TerminationRateLimited",
+                             f"{p.why}, but {self.policy.terminate.max_per_hour} machines were already terminated "
+                             "within the hour; waiting", "Warning")
+            self._count("terminate", "budget")
+            return Result(requeue_after=60.0)
+        reason = "TerminatedAtDeadline" if p.deadline_passed else "Terminated"
+        note = (f"{p.why}; terminating the machine through the {self.provider.name} provider "
+                f"(fixable by {p.remedy})" + ("; a PodDisruptionBudget still blocked eviction" if p.deadline_passed
+                                              else ""))
+        if self.dry_run:
+            return await self._mutate(node, p, "terminate", reason, note)
+        await self.recorder.emit(node_ref(node.name, node.uid), reason, note, type_="Warning")
+        try:
+            outcome = await self.provider.terminate(node.name)
+        except errors.FleetkeeperError as exc:
+            self._count("terminate", "error")
+            log.warning("terminate %s failed: %s", node.name, exc)
+            raise
+        self._terminations.record()
+        self._count("terminate", "success")
+        log.info("terminate %s: %s (%s)", node.name, note, outcome)
+        return None
+
+
+async def load_from_configmap(mgr: Manager) -> tuple[Policy, bool]:
+    cm = await mgr.kube.get_or_none(CONFIGMAPS, CONFIGMAP, mgr.settings.namespace)
+    data = (cm or {}).get("data") or {}
+    source = f"configmap {mgr.settings.namespace}/{CONFIGMAP} key {POLICY_KEY}"
+    policy = load_policy(data.get(POLICY_KEY), source)
+    sim = str(data.get("simulate", "")).lower() in ("1", "true", "yes")
+    return policy, sim
+
+
+async def reload_loop(mgr: Manager, rem: Remediator, interval: float) -> None:
+    """Pick up ConfigMap changes; a broken policy keeps the last good one."""
+    last_error = ""
+    while True:
+        await mgr.clock.sleep(interval)
+        try:
+            policy, _ = await load_from_configmap(mgr)
+        except errors.ConfigError as exc:
+            if str(exc) != last_error:
+                log.error("new health policy rejected, keeping the previous one: %s", exc)
+                last_error = str(exc)
+            continue
+        except errors.FleetkeeperError as exc:
+            log.warning("could not read the health policy: %s", exc)
+            continue
+        last_error = ""
+        if policy != rem.policy:
+            log.info("health policy reloaded")
+            rem.policy = policy
+            rem._watched = watched_types(policy)
+            for k in rem.nodes.keys():
+                rem.controller.enqueue(k)
+
+
+async def setup(mgr: Manager, options: HealthOptions | None) -> None:
+    opts = options or HealthOptions()
+    from_cm = opts.policy is None
+    policy, sim_flag = (await load_from_configmap(mgr)) if from_cm else (opts.policy, False)
+    simulate = opts.simulate if opts.simulate is not None else (
+        sim_flag or os.environ.get("FLEETKEEPER_HEALTH_SIMULATE", "") in ("1", "true"))
+    rem = Remediator(mgr, policy, opts.provider or LocalProvider(mgr.kube), stats_interval=opts.stats_interval,
+                     workers=opts.workers)
+    mgr.health = rem  # type: ignore[attr-defined]  # for the demo and tests in the same process
+    mgr.add("health-remediation", rem.controller.run)
+    mgr.add("health-stats", rem.stats_loop)
+    if from_cm:
+        mgr.add("health-policy-reload", lambda: reload_loop(mgr, rem, opts.reload_interval))
+    if simulate:
+        from fleetkeeper.health.agent import AgentCore, ConditionWriter, SimulatedFleet
+
+        core = AgentCore(ConditionWriter(mgr.kube, dry_run=mgr.settings.dry_run), mgr.clock,
+                         heartbeat=opts.sim_heartbeat, metrics=AgentMetrics(mgr.registry))
+        fleet = SimulatedFleet(core, FaultPlan(opts.fault_file or default_fault_file()),
+                               lambda: [(n.name, n.gpus) for n in rem.nodes.items()
+                                        if n.labels.get("type") == "kwok" and selected(n, rem.policy)],
+                               interval=opts.sim_interval)
+        mgr.simulated_agents = fleet  # type: ignore[attr-defined]
+        mgr.add("health-simulated-agents", fleet.run)
