@@ -1,0 +1,113 @@
+"""ConfigMap validation, node patches, registrations."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetkeeper.core.errors import ConfigError
+from fleetkeeper.core.views import Taint
+from fleetkeeper.teams.apply import is_conflict, node_patch
+from fleetkeeper.teams.config import ConfigState, parse_configmap
+from fleetkeeper.teams.controller import load_config_into, priorities_from
+from fleetkeeper.teams.options import WebhookOptions
+from fleetkeeper.teams.serve import registrations
+
+from helpers import N, view
+
+GOOD = """
+teams:
+  - {team: team-a, nodeSelector: {example.com/pool: gpu}, count: 4}
+membership:
+  team-a: {groups: [team-a]}
+"""
+
+
+def cm(text: str, rv: str = "1") -> dict:
+    return {"metadata": {"name": "fleetkeeper-teams", "namespace": "fk", "resourceVersion": rv},
+            "data": {"config.yaml": text}}
+
+
+def test_good_config():
+    c = parse_configmap(cm(GOOD), "example.com")
+    assert c.desired("team-a") == 4 and c.teams_of("alice", ["team-a"]) == ["team-a"]
+
+
+@pytest.mark.parametrize("text,path,words", [
+    ("teams: [{team: Team_A, count: 1}]", "teams[0].team", "RFC 1123"),
+    ("teams: [{team: a, count: -1}]", "teams[0].count", "greater than or equal to 0"),
+    ("teams: [{team: a, count: lots}]", "teams[0].count", "integer"),
+    ("teams: [{team: a, count: 1, nodeSelector: {'bad key!': x}}]", "teams[0].nodeSelector", "invalid"),
+    ("teams: [{team: a, count: 1, nodeSelector: {gpu-type: h100}}]", "teams[0].nodeSelector.gpu-type", "not visible"),
+    ("teams: [{team: a, count: 1, colour: red}]", "teams[0].colour", "Extra inputs"),
+    ("teams: [{team: a, count: 1}, {team: a, count: 2}]", "", "repeats teams[0]"),
+    ("lowPriority: {below: x}", "lowPriority.below", "integer"),
+    ("teams: [{team: a, count: 1}\n  - oops", "line", "not valid YAML"),
+    ("- just a list", "", "expected a mapping"),
+])
+def test_bad_configs_name_path_value_and_rule(text, path, words):
+    with pytest.raises(ConfigError) as ei:
+        parse_configmap(cm(text), "example.com")
+    msg = str(ei.value)
+    assert path in msg and words in msg, msg
+
+
+def test_missing_key():
+    with pytest.raises(ConfigError, match="missing key 'config.yaml'"):
+        parse_configmap({"metadata": {"name": "x", "namespace": "y"}, "data": {}}, "example.com")
+
+
+def test_invalid_version_keeps_last_good():
+    st = ConfigState()
+    load_config_into(st, cm(GOOD, "1"), "example.com", "src")
+    good = st.config
+    load_config_into(st, cm("teams: [{team: a, count: -1}]", "2"), "example.com", "src")
+    assert st.config is good and st.error and st.error_resource_version == "2"
+    load_config_into(st, None, "example.com", "src")
+    assert st.config is good and "not found" in st.error
+    load_config_into(st, cm(GOOD.replace("count: 4", "count: 5"), "3"), "example.com", "src")
+    assert st.config.desired("team-a") == 5 and not st.error
+
+
+def test_node_patch_assign_release_move():
+    v = view("n0", rv="42")
+    ops = node_patch(v, N, "a")
+    assert ops[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "42"}
+    assert {"op": "add", "path": "/spec/taints", "value": [{"key": N.team, "value": "a", "effect": "NoSchedule"}]} in ops
+    assert {"op": "add", "path": "/metadata/labels/example.com~1team", "value": "a"} in ops
+    other = Taint("example.com/quarantine", "x", "NoSchedule")
+    moved = node_patch(view("n1", team="a", taints=(other,)), N, "b")
+    assert moved[1:] == [{"op": "remove", "path": "/spec/taints/1"},
+                         {"op": "add", "path": "/spec/taints/-", "value": {"key": N.team, "value": "b", "effect": "NoSchedule"}},
+                         {"op": "add", "path": "/metadata/labels/example.com~1team", "value": "b"}]
+    released = node_patch(view("n2", team="a"), N, "")
+    assert released[1:] == [{"op": "remove", "path": "/spec/taints/0"},
+                            {"op": "remove", "path": "/metadata/labels/example.com~1team"}]
+
+
+def test_conflict_detection():
+    from fleetkeeper.core import errors
+
+    assert is_conflict(errors.api_error(409, {"message": "x"}))
+    assert is_conflict(errors.api_error(422, {"message": "testing value /metadata/resourceVersion failed: test failed"}))
+    assert not is_conflict(errors.api_error(422, {"message": "spec.taints: Invalid value"}))
+
+
+def test_registrations_exclude_system_namespaces_and_choose_policies():
+    m, v = registrations(WebhookOptions(namespaceLabels={"t": "on"}), "fk-system", 8443, b"CA", "example.com")
+    wm, wv = m["webhooks"][0], v["webhooks"][0]
+    assert wm["clientConfig"]["url"] == "https://127.0.0.1:8443/teams-mutate"
+    assert wm["failurePolicy"] == "Ignore" and wv["failurePolicy"] == "Fail"
+    assert wm["reinvocationPolicy"] == "IfNeeded" and wm["timeoutSeconds"] == 2
+    expr = wm["namespaceSelector"]["matchExpressions"][0]
+    assert expr["operator"] == "NotIn" and {"kube-system", "fk-system"} <= set(expr["values"])
+    assert wm["namespaceSelector"]["matchLabels"] == {"t": "on"}
+    assert wm["rules"][0]["operations"] == ["CREATE"] and wv["rules"][0]["operations"] == ["CREATE", "UPDATE"]
+    m2, _ = registrations(WebhookOptions(service="fk-system/teams-webhook:9443"), "fk-system", 0, b"CA", "example.com")
+    assert m2["webhooks"][0]["clientConfig"]["service"] == {"namespace": "fk-system", "name": "teams-webhook",
+                                                           "path": "/teams-mutate", "port": 9443}
+
+
+def test_priorities_default():
+    p = priorities_from([("low", -10, False), ("std", 100, True)])
+    assert p.of("Pod", {}) == 100 and p.of("Pod", {"priorityClassName": "low"}) == -10
+    assert p.of("Pod", {"priority": 5}) == 5
