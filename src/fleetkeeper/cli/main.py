@@ -29,6 +29,7 @@ from fleetkeeper.core.settings import RuntimeSettings
 # name -> package. Order matters for `run` and the demo.
 COMPONENTS: dict[str, str] = {
     "netacct": "fleetkeeper.netacct",
+    "relay": "fleetkeeper.relay",
     "promguard": "fleetkeeper.promguard",
     "preflight": "fleetkeeper.preflight",
 }
