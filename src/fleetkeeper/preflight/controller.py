@@ -25,7 +25,7 @@ from pathlib import Path
 from fleetkeeper.core import errors
 from fleetkeeper.core.config import parse_yaml
 from fleetkeeper.core.controller import Controller, Result
-from fleetkeeper.core.events import node_ref
+from fleetkeeper.core.events import EventRecorder, node_ref
 from fleetkeeper.core.faults import FaultPlan, default_fault_file
 from fleetkeeper.core.kube import CONFIGMAPS, MUTATING_WEBHOOKS, NODES, PODS, PRIORITYCLASSES, SECRETS, \
     SERVICEACCOUNTS
@@ -74,7 +74,10 @@ class Preflight:
         self.namespace = cfg.namespace or mgr.settings.namespace
         self.dry_run = mgr.settings.dry_run
         self.metrics = PreflightMetrics(mgr.registry)
-        self.recorder = mgr.recorder("preflight")
+        # Events about Nodes (cluster-scoped) must live in "default": the API server rejects them in any other
+        # namespace, and Manager.recorder() puts them in the manager's namespace, so build our own here.
+        self.recorder = EventRecorder(self.kube, "preflight", namespace="default", clock=self.clock,
+                                      metrics=mgr.metrics, dry_run=mgr.settings.dry_run)
         self.nodes = mgr.node_informer()
         self.pods = mgr.pod_informer()
         self.key: bytes = b""

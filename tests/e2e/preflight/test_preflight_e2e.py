@@ -1,0 +1,175 @@
+"""The preflight loop against the real local control plane: webhook gate on
+Node CREATE, simulated test pods completed by KWOK, signed reports, release,
+bounded retries, least privilege, and periodic re-tests that yield to real work."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.faults import FaultPlan, parse_fault
+from fleetkeeper.core.kube import MUTATING_WEBHOOKS, NODES, PODS
+from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.settings import RuntimeSettings
+from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
+from fleetkeeper.preflight.config import PreflightConfig
+from fleetkeeper.preflight.controller import Preflight
+from fleetkeeper.preflight.explain import explain_node
+from fleetkeeper.preflight.keys import Keys
+from fleetkeeper.preflight.webhook import CONFIG_NAME
+
+NAMES = Names()
+KEYS = Keys(NAMES)
+TEST_LABEL = "fleetkeeper.io/test-gate"
+
+
+async def until(pred, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = await pred()
+        if v:
+            return v
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def taint(node: dict) -> dict | None:
+    return next((t for t in (node.get("spec") or {}).get("taints") or [] if t["key"] == KEYS.gate), None)
+
+
+async def start(kube, ns: str, cfg: PreflightConfig):
+    mgr = Manager(kube, RuntimeSettings(namespace=ns, server={"port": 0}, leader_election={"enabled": False}),
+                  registry=CollectorRegistry(), identity="test")
+    pf = Preflight(mgr, cfg)
+    pf.register()
+    task = asyncio.create_task(mgr.run(), name="preflight-manager")
+    return mgr, pf, task
+
+
+async def stop(task):
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def my_nodes(tid: str, n: int) -> list[dict]:
+    spec = FleetSpec(nodes=n, cpu_fraction=0.0, prefix=f"pf{tid}")
+    out = []
+    for i in range(n):
+        m = node_manifest(spec, i, NAMES)
+        m["metadata"]["labels"][TEST_LABEL] = tid
+        out.append(m)
+    return out
+
+
+async def delete_nodes(kube, nodes: list[dict]):
+    for n in nodes:
+        try:
+            await kube.delete(NODES, n["metadata"]["name"])
+        except errors.NotFound:
+            pass
+
+
+async def test_join_gate_end_to_end(kube, namespace, tmp_path):
+    tid = secrets.token_hex(3)
+    faults = FaultPlan(tmp_path / "faults.json")
+    cfg = PreflightConfig.model_validate({
+        "namespace": namespace, "fault_file": str(faults.path), "node_selector": {TEST_LABEL: tid},
+        "gate": {"max_attempts": 3, "retry_backoff_s": 3, "sim_duration_ms": 2000},
+        "periodic": {"enabled": False},
+        "webhook": {"enabled": True, "host": "127.0.0.1", "port": 0, "url_host": "127.0.0.1",
+                    "object_selector": {"matchLabels": {TEST_LABEL: tid}}},
+    })
+    nodes = my_nodes(tid, 4)
+    good, bad, flaky, good2 = (n["metadata"]["name"] for n in nodes)
+    faults.inject(bad, parse_fault("validation:nccl"))
+    faults.inject(flaky, parse_fault("validation:gpu-hbm"))
+    mgr, pf, task = await start(kube, namespace, cfg)
+    try:
+        await until(lambda: kube.get_or_none(MUTATING_WEBHOOKS, CONFIG_NAME), 30, "webhook registration")
+        await asyncio.sleep(1.0)  # the API server picks up new webhook configurations asynchronously
+        created = []
+        for n in nodes:
+            obj = await kube.create(NODES, n)
+            created.append(obj)
+        # the webhook gated every node in the same write that created it: no window
+        for obj in created:
+            assert taint(obj) == {"key": KEYS.gate, "value": "pending", "effect": "NoSchedule"}, obj["metadata"]["name"]
+            assert obj["metadata"]["labels"][KEYS.gate] == "pending"
+        # a real pod aimed at a gated node must wait until the node passed
+        work = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "work", "namespace": namespace},
+                "spec": {"nodeSelector": {"kubernetes.io/hostname": good},
+                         "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
+                         "containers": [{"name": "c", "image": "busybox"}]}}
+        await kube.create(PODS, work, namespace)
+
+        async def work_bound_after_release():
+            p = await kube.get(PODS, "work", namespace)
+            node = await kube.get(NODES, good)
+            if p["spec"].get("nodeName"):
+                assert taint(node) is None, "a pod was bound to a node still held by the gate"
+                return True
+            return False
+
+        await until(work_bound_after_release, 60, "work pod bound after release")
+        async def released(name):
+            return taint(await kube.get(NODES, name)) is None
+
+        await until(lambda: released(good2), 30, "second healthy node released")
+        for name in (good, good2):
+            node = await kube.get(NODES, name)
+            assert taint(node) is None and KEYS.gate not in node["metadata"]["labels"]
+            assert KEYS.validated_at in node["metadata"]["annotations"]
+
+        # the flaky node fails once, then (fault cleared) passes within its limit
+        async def attempts(name):
+            n = await kube.get(NODES, name)
+            return int(n["metadata"].get("annotations", {}).get(KEYS.attempts, "0"))
+
+        await until(lambda: attempts(flaky), 30, "first failed attempt on the flaky node")
+        faults.clear(flaky)
+
+        await until(lambda: released(flaky), 60, "flaky node released on retry")
+        hist = [line for line in await explain_node(kube, NAMES, flaky) if " gate " in line]
+        assert len(hist) == 2 and "PASS" in hist[0] and "FAIL" in hist[1] and "gpu-hbm" in hist[1], hist
+
+        # the broken node stays out after max_attempts, with its reason visible
+        async def exhausted():
+            n = await kube.get(NODES, bad)
+            a = n["metadata"].get("annotations", {})
+            return n if a.get(KEYS.attempts) == "3" and not a.get(KEYS.retry_at) else None
+
+        n = await until(exhausted, 60, "broken node exhausted")
+        assert taint(n) is not None and n["metadata"]["labels"][KEYS.gate] == "failed"
+        assert n["metadata"]["annotations"][KEYS.failed_check] == "nccl"
+        await asyncio.sleep(2.0)
+        mine, _ = await kube.list(PODS, namespace, label_selector=f"{KEYS.pod_node}={bad}")
+        assert [p for p in mine if not p["metadata"].get("deletionTimestamp")] == [], "no retries past the limit"
+        lines = await explain_node(kube, NAMES, bad)
+        text = "\n".join(lines)
+        assert "GATED" in text and "nccl" in text and "no retries left" in text, text
+        assert sum(1 for line in lines if "FAIL" in line) == 3, text
+        assert "history by UUID" in text
+
+        # the test pods' ServiceAccount cannot patch (or even read) any node
+        sa = kube.as_user(f"system:serviceaccount:{namespace}:{cfg.service_account}",
+                          ["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"])
+        with pytest.raises(errors.Forbidden):
+            await sa.patch(NODES, bad, {"metadata": {"labels": {KEYS.gate: None}}})
+        with pytest.raises(errors.Forbidden):
+            await sa.patch(NODES, bad, {"status": {"conditions": []}}, subresource="status")
+        ev = [e for e in pf.recorder.emitted if e[2] == "PreflightFailed"]
+        assert ev and all(e[1] == "Warning" for e in ev)
+        assert pf.metrics.results.labels("gate", "passed")._value.get() >= 3
+    finally:
+        await stop(task)
+        try:
+            await kube.delete(MUTATING_WEBHOOKS, CONFIG_NAME)
+        except errors.NotFound:
+            pass
+        await delete_nodes(kube, nodes)
