@@ -210,6 +210,7 @@ class GangManager:
         self.empty_since: dict[str, float] = {}
         self.states: dict[str, str] = {}
         self.plans: dict[str, gg.GangPlan] = {}
+        self._reported: dict[tuple[str, str], bool] = {}
         self.pods.add_handler(self._on_pod)
         for inf in self.groups.values():
             inf.add_handler(self.controller.handler())
@@ -254,7 +255,7 @@ class GangManager:
         obj = await self.kube.get_or_none(res, name, pods[0].namespace)
         if obj is None or obj["metadata"].get("uid") != uid:
             return gg.Owner(kind, name, uid, api_version, None)
-        return gg.Owner(kind, name, uid, api_version, gg.owner_replicas(kind, obj))
+        return gg.Owner(kind, name, uid, api_version, gg.owner_replicas(kind, obj), gg.owner_problem(kind, obj))
 
     async def reconcile(self, key: str) -> Result | None:
         ns, gang = key.split("/", 1)
@@ -297,7 +298,10 @@ class GangManager:
     async def _apply(self, ns: str, gang: str, plan: gg.GangPlan, owner: gg.Owner | None,
                      pods: list[gg.GangPod], objs: gg.GroupObjects) -> None:
         for problem in plan.problems:
-            log.warning("gang %s: %s", plan.key, problem)
+            if self._reported.get((plan.key, problem)) is None:
+                self._reported[(plan.key, problem)] = True
+                log.warning("gang %s: %s", plan.key, problem)
+                await self._event(ns, gang, owner, pods, "GangProblem", f"gang {gang}: {problem}", type_="Warning")
         for res, body in plan.create:
             kind = _GROUP_KIND[res]
             try:

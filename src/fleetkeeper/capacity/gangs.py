@@ -111,6 +111,15 @@ class Owner:
     uid: str
     api_version: str
     replicas: int | None  # None: unknown (owner gone, or a kind without a replica count)
+    problem: str = ""  # a setting of the owner that stops its gang from ever starting
+
+
+def owner_problem(kind: str, obj: dict) -> str:
+    spec = obj.get("spec") or {}
+    if kind == "StatefulSet" and spec.get("podManagementPolicy", "OrderedReady") != "Parallel":
+        return ("StatefulSet uses podManagementPolicy OrderedReady: it creates one pod at a time and waits for it "
+                "to be Ready, but a gang member is never placed alone; set podManagementPolicy: Parallel")
+    return ""
 
 
 @dataclass(frozen=True)
@@ -291,6 +300,8 @@ def decide_gang(key: str, pods: list[GangPod], owner: Owner | None, objs: GroupO
                 cfg: CapacityConfig, names: Names, now: float, empty_since: float | None) -> GangPlan:
     ns, gang = key.split("/", 1)
     plan = GangPlan(key, previous_state=_state_of(objs, names))
+    if owner is not None and owner.problem and pods:
+        plan.problems.append(owner.problem)
     if not pods:
         if not objs.any:
             return plan

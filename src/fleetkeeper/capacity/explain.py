@@ -1,0 +1,95 @@
+"""``fleetkeeper explain pod|node``: the capacity view.
+
+For a pod: is it in a gang, how big is the gang, how many members exist and
+are placed, what the scheduler said about the group, and what the gang waits
+for. For a node: does a balloon hold it (and so is free for real work at
+once), or may balloons not use it, and why.
+"""
+
+from __future__ import annotations
+
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.errors import NotFound
+from fleetkeeper.core.kube import COSCHED_PODGROUPS, NODES, PODGROUPS, PODS, Kube
+from fleetkeeper.core.views import default_projector
+
+from fleetkeeper.capacity import balloons as bl
+from fleetkeeper.capacity import gangs as gg
+
+
+async def explain_pod(kube: Kube, names: Names, namespace: str, name: str) -> list[str]:
+    pod = await kube.get_or_none(PODS, name, namespace)
+    if pod is None:
+        return []
+    labels = pod["metadata"].get("labels") or {}
+    if labels.get(bl.balloon_label(names)):
+        return [f"balloon of pool {labels[bl.balloon_label(names)]}: a placeholder at priority "
+                f"{pod['spec'].get('priority', '?')} that any real work preempts"]
+    member = gg.gang_pod_projector(names)(pod)
+    group_name = member.scheduling_group or member.cosched_group or member.gang
+    if not group_name:
+        return []
+    lines = [f"gang {group_name}" + (f" (label {names.gang}={member.gang})" if member.gang else "")]
+    if member.gang and not member.scheduling_group and not member.cosched_group:
+        lines.append("this pod was created without spec.schedulingGroup (the gang webhook was not active): it is "
+                     "scheduled on its own, not with its gang; delete it so its controller recreates it")
+    pg = await _get(kube, PODGROUPS, group_name, namespace)
+    cs = await _get(kube, COSCHED_PODGROUPS, group_name, namespace)
+    group = pg or cs
+    if group is None:
+        lines.append(f"no PodGroup {namespace}/{group_name} yet: the scheduler keeps every member out of its queue "
+                     f"until fleetkeeper creates it (it waits for the gang size to be known)")
+        return lines
+    min_count = gg.group_min(group) or 0
+    items, _ = await kube.list(PODS, namespace, label_selector=f"{names.gang}={member.gang}") if member.gang \
+        else ([], "")
+    members = [gg.gang_pod_projector(names)(p) for p in items]
+    active = [m for m in members if m.active]
+    bound = [m for m in active if m.node]
+    lines.append(f"minimum members placed together: {min_count}; members: {len(active)} active, "
+                 f"{len(bound)} placed, {sum(1 for m in members if m.phase == 'Succeeded')} succeeded, "
+                 f"{sum(1 for m in members if m.phase == 'Failed')} failed")
+    cond = gg.group_condition(group)
+    if cond is not None:
+        lines.append(f"scheduler: PodGroupScheduled={cond.get('status')} {cond.get('reason', '')}"
+                     + (f": {cond['message']}" if cond.get("message") else ""))
+    ann = (group["metadata"].get("annotations") or {})
+    state = ann.get(gg.state_annotation(names))
+    if state:
+        lines.append(f"gang state: {state}: {ann.get(gg.message_annotation(names), '')}")
+    if not member.node and member.active:
+        if len(active) < min_count:
+            lines.append(f"waiting whole: only {len(active)} of {min_count} members exist")
+        elif len(bound) < min_count:
+            lines.append(f"waiting whole: the scheduler places all {min_count} members at once or none; there is "
+                         f"no room for all of them yet (no member takes a node while the others cannot)")
+            if member.scheduled_message:
+                lines.append(f"pod condition: {member.scheduled_message}")
+    return lines
+
+
+async def explain_node(kube: Kube, names: Names, node_name: str) -> list[str]:
+    node = await kube.get_or_none(NODES, node_name)
+    if node is None:
+        return []
+    view = default_projector(names.domain).node(node)
+    lines: list[str] = []
+    why = bl.blocked(view, names)
+    if why:
+        lines.append(f"balloons may not use this node ({why}); any balloon here is removed")
+    pods, _ = await kube.list(PODS, field_selector=f"spec.nodeName={node_name}",
+                              label_selector=bl.balloon_label(names))
+    for p in pods:
+        pool = (p["metadata"].get("labels") or {}).get(bl.balloon_label(names))
+        lines.append(f"balloon {p['metadata']['namespace']}/{p['metadata']['name']} (pool {pool}) holds this node "
+                     f"warm: real work preempts it at once")
+    if not pods and not why and view.labels.get(names.pool):
+        lines.append(f"no balloon on this node (pool {view.labels[names.pool]})")
+    return lines
+
+
+async def _get(kube: Kube, res, name: str, namespace: str) -> dict | None:
+    try:
+        return await kube.get(res, name, namespace)
+    except NotFound:
+        return None

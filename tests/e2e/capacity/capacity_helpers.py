@@ -1,0 +1,76 @@
+"""Helpers for the capacity end-to-end tests: private nodes (own pool label
+and an isolation taint, so other tests' pods never land there and "100% of the
+GPU nodes" means 100% of these nodes) and the capacity controllers running in
+the test process against the shared control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from fleetkeeper.capacity.config import CapacityConfig
+from fleetkeeper.capacity.controller import Capacity, CapacityOptions, setup
+from fleetkeeper.core import errors
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.kube import JOBS, MUTATING_WEBHOOKS, NODES, PODS, Kube, build_request
+from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.settings import RuntimeSettings
+from fleetkeeper.localcluster.cluster import node_ready
+from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
+
+NAMES = Names()
+ISOLATION_TAINT = "fleetkeeper.io/e2e-capacity"
+
+
+@dataclass
+class Pool:
+    pool: str
+    nodes: list[str]
+    toleration: dict
+    kube: Kube
+    extra_taints: dict[str, dict] = field(default_factory=dict)
+
+    def pod_spec(self, gpus: int = 8, tolerations: list[dict] | None = None) -> dict:
+        return {
+            "nodeSelector": {NAMES.pool: self.pool},
+            "tolerations": [self.toleration, *(tolerations or [])],
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "train", "image": "trainer:latest",
+                            "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
+        }
+
+
+async def wait_for(fn, timeout: float = 60.0, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await fn()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+
+
+async def pods_of(kube: Kube, ns: str, selector: str) -> list[dict]:
+    items, _ = await kube.list(PODS, ns, label_selector=selector)
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def bound(pods: list[dict]) -> list[dict]:
+    return [p for p in pods if p["spec"].get("nodeName")]
+
+
+async def delete_jobs(kube: Kube, ns: str) -> None:
+    items, _ = await kube.list(JOBS, ns)
+    for j in items:
+        try:
+            await kube.request(build_request(
+                "delete", JOBS, namespace=ns, name=j["metadata"]["name"],
+                body={"propagationPolicy": "Background"}))
+        except errors.NotFound:
+            pass

@@ -1,0 +1,108 @@
+"""Two experiments each asking for 100% of the GPU nodes, on the real
+scheduler: with gangs one runs whole and the other waits whole (then runs
+whole when the first ends); without gangs the same demand is placed partially
+and both are stuck."""
+
+from __future__ import annotations
+
+from fleetkeeper.capacity.config import CapacityConfig
+from fleetkeeper.capacity.explain import explain_pod
+from fleetkeeper.core.kube import PODGROUPS, PODS, STATEFULSETS, WORKLOADS, build_request
+
+from capacity_helpers import NAMES, bound, pods_of, wait_for
+
+NODES = 4
+
+
+def experiment(name: str, spec: dict, replicas: int) -> dict:
+    """A long-running training job: a StatefulSet (Parallel pod management: an
+    OrderedReady set would wait for pod 0 to be Ready, which a gang never is
+    alone). Only the gang label marks it; fleetkeeper does the rest."""
+    labels = {"experiment": name, NAMES.gang: name}
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name},
+            "spec": {"replicas": replicas, "podManagementPolicy": "Parallel", "serviceName": name,
+                     "selector": {"matchLabels": {"experiment": name}},
+                     "template": {"metadata": {"labels": labels}, "spec": spec}}}
+
+
+def cfg() -> CapacityConfig:
+    return CapacityConfig.model_validate({"balloons": {"enabled": False},
+                                          "gangs": {"webhook_port": 0, "cleanup_grace_seconds": 0}})
+
+
+async def test_two_whole_cluster_experiments_with_gangs(kube, namespace, pool_factory, run_capacity):
+    pool = await pool_factory(NODES)
+    cap, registry = await run_capacity(cfg(), namespace)
+    spec = pool.pod_spec()
+    for name in ("exp-a", "exp-b"):
+        await kube.create(STATEFULSETS, experiment(name, spec, NODES), namespace)
+
+    async def settled():
+        a = await pods_of(kube, namespace, "experiment=exp-a")
+        b = await pods_of(kube, namespace, "experiment=exp-b")
+        if len(a) == NODES and len(b) == NODES and sorted([len(bound(a)), len(bound(b))]) == [0, NODES]:
+            return a, b
+        return None
+    a, b = await wait_for(settled, 90, what="one experiment placed whole")
+    winner, loser = ("exp-a", "exp-b") if len(bound(a)) == NODES else ("exp-b", "exp-a")
+    win_pods = bound(a) if winner == "exp-a" else bound(b)
+    assert {p["spec"]["nodeName"] for p in win_pods} == set(pool.nodes)
+    # every member carries the group reference the webhook set at creation
+    for p in a + b:
+        assert p["spec"]["schedulingGroup"]["podGroupName"] == p["metadata"]["labels"][NAMES.gang]
+    # fleetkeeper created the groups with minCount = replicas, owned by the StatefulSet
+    pg = await kube.get(PODGROUPS, loser, namespace)
+    assert pg["spec"]["schedulingPolicy"]["gang"]["minCount"] == NODES
+    assert pg["metadata"]["ownerReferences"][0]["kind"] == "StatefulSet"
+    wl = await kube.get(WORKLOADS, loser, namespace)
+    assert wl["spec"]["controllerRef"]["name"] == loser
+
+    # the loser waits whole, with the reason visible in explain
+    async def explained():
+        pods = await pods_of(kube, namespace, f"experiment={loser}")
+        lines = await explain_pod(kube, NAMES, namespace, pods[0]["metadata"]["name"])
+        text = "\n".join(lines)
+        return text if "waiting whole" in text and "gang state: Waiting" in text else None
+    text = await wait_for(explained, 30, what="explain shows the loser waiting whole")
+    assert f"minimum members placed together: {NODES}" in text
+    async def counted():
+        return registry.get_sample_value("fleetkeeper_gangs", {"state": "Waiting"}) == 1 and \
+            registry.get_sample_value("fleetkeeper_gangs", {"state": "Running"}) == 1
+    await wait_for(counted, 20, what="gang metrics: one Waiting, one Running")
+
+    # the winner ends: the loser runs whole
+    await kube.request(build_request("delete", STATEFULSETS, namespace=namespace, name=winner,
+                                     body={"propagationPolicy": "Background"}))
+
+    async def loser_runs():
+        pods = await pods_of(kube, namespace, f"experiment={loser}")
+        return len(bound(pods)) == NODES and all(p["status"].get("phase") == "Running" for p in pods)
+    await wait_for(loser_runs, 90, what=f"{loser} placed whole after {winner} ended")
+
+    # groups of a finished gang are cleaned up once its pods are gone
+    async def groups_gone():
+        return await kube.get_or_none(PODGROUPS, winner, namespace) is None and \
+            await kube.get_or_none(WORKLOADS, winner, namespace) is None
+    await wait_for(groups_gone, 60, what=f"{winner}'s Workload and PodGroup removed")
+
+
+async def test_same_demand_without_gangs_deadlocks(kube, namespace, pool_factory):
+    """No fleetkeeper gangs: members of both experiments, arriving interleaved
+    as they do from two controllers, each take part of the cluster; neither can
+    ever start (the article's deadlock)."""
+    pool = await pool_factory(NODES)
+    spec = pool.pod_spec()
+    for i in range(NODES):
+        for exp in ("exp-a", "exp-b"):
+            await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod",
+                                     "metadata": {"name": f"{exp}-{i}", "labels": {"experiment": exp}},
+                                     "spec": spec}, namespace)
+
+    async def placed():
+        a = await pods_of(kube, namespace, "experiment=exp-a")
+        b = await pods_of(kube, namespace, "experiment=exp-b")
+        return (a, b) if len(bound(a)) + len(bound(b)) == NODES else None
+    a, b = await wait_for(placed, 60, what="the nodes filled")
+    assert 0 < len(bound(a)) < NODES and 0 < len(bound(b)) < NODES, \
+        f"expected a partial placement of both, got {len(bound(a))} and {len(bound(b))}"
+    assert len(a) - len(bound(a)) > 0 and len(b) - len(bound(b)) > 0
