@@ -206,7 +206,7 @@ class Remediator:
                 self.publish()
             except Exception:  # noqa: BLE001
                 log.exception("health stats failed")
-            await self.clock.sleep(max(1.0, self.stats_interval * 5))
+            await self.clock.sleep(max(0.5, self.stats_interval))
 
     # --- reconcile -----------------------------------------------------------
     async def reconcile(self, key: str) -> Result | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from fleetkeeper.core.domain import ZONE_LABEL, Names
 from fleetkeeper.core.views import NodeView, PodView
 from fleetkeeper.health.conditions import AGENT_TYPES, NPD_TYPES
-from fleetkeeper.health.policy import LADDER, Policy
+from fleetkeeper.health.policy import LADDER, Policy, human
 
 REMEDY_RANK = {"none": 0, "wait": 1, "investigate": 2, "reset": 3, "reboot": 4, "replace": 5}
 _XID = re.compile(r"Xid\s?(\d+)")
@@ -220,6 +220,9 @@ def decide_node(node: NodeView, pods: list[PodView], policy: Policy, names: Name
     if a.get(k.cleared) and not cleared_types:
         return Plan("unmark_cleared", node.name, "problem is back while holding")
     pending_types = [t for t in types if t not in h.false_since]
+    recheck = 30.0
+    if types and not pending_types and not blocking:
+        recheck = max(0.5, max(h.false_since[t] + clear_after_for(policy, t) - now for t in types) + 0.1)
     unknown = [t for t in types if t in h.missing]
     why_waiting = (f"condition(s) {', '.join(unknown)} missing (unknown, not healthy)" if unknown else
                    f"{', '.join(pending_types) or 'conditions'} not yet clear")
@@ -230,7 +233,7 @@ def decide_node(node: NodeView, pods: list[PodView], policy: Policy, names: Name
         if to_evict or terminating:
             if deadline_passed and (target == "terminate" or policy.drain.terminate_at_deadline):
                 return Plan("terminate", node.name,
-                            f"drain deadline {policy.drain.deadline / 86400:g}d passed with "
+                            f"drain deadline {human(policy.drain.deadline)} passed with "
                             f"{len(to_evict) + len(terminating)} pod(s) still on the node", target, remedy,
                             deadline_passed=True)
             if to_evict:
@@ -242,8 +245,8 @@ def decide_node(node: NodeView, pods: list[PodView], policy: Policy, names: Name
             return Plan("terminate", node.name, "drained", target, remedy)
         if not a.get(k.drained):
             return Plan("mark_drained", node.name, f"drained; fixable by {remedy}", target, remedy)
-        return Plan("wait", node.name, f"drained; {why_waiting}", wait="drained", requeue_after=60.0)
-    return Plan("wait", node.name, why_waiting, wait="cleared", requeue_after=30.0)
+        return Plan("wait", node.name, f"drained; {why_waiting}", wait="drained", requeue_after=min(60.0, recheck))
+    return Plan("wait", node.name, why_waiting, wait="cleared", requeue_after=recheck)
 
 
 # --- budget -----------------------------------------------------------------

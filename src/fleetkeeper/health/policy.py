@@ -41,6 +41,14 @@ def parse_duration(v: Any) -> float:
     raise ValueError("expected a duration such as 30s, 10m, 2h, 7d or a number of seconds")
 
 
+def human(seconds: float) -> str:
+    """7d, 2h, 30m, 45s: the largest unit that divides evenly, else seconds."""
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{int(seconds // n)}{unit}"
+    return f"{seconds:g}s"
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 

@@ -1,0 +1,283 @@
+"""The remediation ladder on the real local control plane, on this test's own
+KWOK nodes (prefix "hl"), with simulated agents reading a fault plan."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.faults import FaultPlan, parse_fault
+from fleetkeeper.core.kube import EVENTS, NODES, PDBS, PODS
+from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.settings import RuntimeSettings
+from fleetkeeper.health.controller import HealthOptions, setup
+from fleetkeeper.health.policy import load_policy
+from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
+
+GROUP = "fleetkeeper.io/e2e-group"
+
+
+async def wait_for(fn, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await fn()
+        if last:
+            return last
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture
+async def own_nodes(kube):
+    made: list[str] = []
+    group = secrets.token_hex(3)
+
+    async def make(n: int, racks: int = 1) -> list[str]:
+        spec = FleetSpec(nodes=n, prefix=f"hl{group}", cpu_fraction=0.0, nodes_per_rack=max(1, n // racks))
+        for i in range(n):
+            m = node_manifest(spec, i)
+            m["metadata"]["labels"][GROUP] = group
+            await kube.create(NODES, m)
+            made.append(m["metadata"]["name"])
+        return list(made)
+
+    make.group = group  # type: ignore[attr-defined]
+    yield make
+    for name in made:
+        try:
+            await kube.delete(NODES, name)
+        except errors.NotFound:
+            pass
+
+
+async def start(kube, tmp_path, group: str, policy_yaml: str):
+    registry = CollectorRegistry()
+    settings = RuntimeSettings(server={"port": 0}, leader_election={"enabled": False}, namespace="default")
+    mgr = Manager(kube, settings, registry=registry)
+    policy = load_policy(policy_yaml + f"\nnode_selector: {{{GROUP}: '{group}'}}\n", "test")
+    plan = FaultPlan(tmp_path / "faults.json")
+    await setup(mgr, HealthOptions(policy=policy, simulate=True, fault_file=str(plan.path), sim_interval=0.5,
+                                   sim_heartbeat=60.0))
+    task = asyncio.create_task(mgr.run())
+    await mgr.wait_synced(60)
+    return mgr, plan, registry, task
+
+
+async def stop(task):
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def taint(node: dict, key: str) -> dict | None:
+    return next((t for t in (node.get("spec") or {}).get("taints") or [] if t["key"] == key), None)
+
+
+async def events_for(kube, node: str) -> list[dict]:
+    items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={node}")
+    return items
+
+
+POLICY = """
+budget: {cluster: {max_nodes: 10}, zone: {max_percent: 100}, rack: {max_nodes: 10}}
+drain: {deadline: 8s, retry_interval: 1s}
+storm: {min_nodes: 50}
+"""
+
+
+async def test_ecc_quarantines_severe_fault_evicts_pdb_holds_until_deadline(kube, namespace, own_nodes, tmp_path):
+    nodes = await own_nodes(3)
+    ecc_node, lost_node, _ = nodes
+    mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, POLICY)
+    try:
+        # pods on the node whose GPUs will go missing (replace -> terminate ladder), one guarded by a PDB
+        for i in range(2):
+            await kube.create(PODS, {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"work-{i}", "namespace": namespace, "labels": {"app": f"w{i}"}},
+                "spec": {"nodeName": lost_node, "terminationGracePeriodSeconds": 1, "containers": [{"name": "c", "image": "busybox"}]}}, namespace)
+        await kube.create(PDBS, {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                                 "metadata": {"name": "hold", "namespace": namespace},
+                                 "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "w1"}}}},
+                          namespace)
+
+        async def running():
+            items, _ = await kube.list(PODS, namespace)
+            return sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running") == 2
+        await wait_for(running, 30, "pods Running")
+
+        t0 = time.monotonic()
+        plan.inject(ecc_node, parse_fault("ecc"))
+        plan.inject(lost_node, parse_fault("gpu-missing"))
+
+        async def quarantined(name=ecc_node):
+            n = await kube.get(NODES, name)
+            return n if taint(n, "fleetkeeper.io/quarantine") else None
+        n = await wait_for(quarantined, 20, "ECC quarantine")
+        assert time.monotonic() - t0 < 15
+        cond = next(c for c in n["status"]["conditions"] if c["type"] == "GPUUnhealthy")
+        assert cond["status"] == "True" and cond["reason"] == "UncorrectableECC"
+        assert n["metadata"]["annotations"]["fleetkeeper.io/health-remedy"] == "reset"
+        assert taint(n, "fleetkeeper.io/quarantine")["effect"] == "NoSchedule"
+
+        # the severe fault evicts the unprotected pod; the PDB keeps the other one
+        async def work0_gone():
+            p = await kube.get_or_none(PODS, "work-0", namespace)
+            return p is None or bool(p["metadata"].get("deletionTimestamp"))
+        await wait_for(work0_gone, 20, "work-0 evicted")
+        w1 = await kube.get_or_none(PODS, "work-1", namespace)
+        assert w1 is not None and not w1["metadata"].get("deletionTimestamp")
+        ln = await kube.get(NODES, lost_node)
+        assert ln["metadata"]["annotations"]["fleetkeeper.io/health-action"] == "terminate"
+
+        async def blocked_event():
+            return any(e["reason"] == "EvictionBlocked" for e in await events_for(kube, lost_node))
+        await wait_for(blocked_event, 15, "EvictionBlocked event")
+
+        # at the deadline the node is terminated anyway, with an Event saying why
+        async def node_gone():
+            return await kube.get_or_none(NODES, lost_node) is None
+        await wait_for(node_gone, 30, "termination at the deadline")
+        evs = await events_for(kube, lost_node)
+        term = [e for e in evs if e["reason"] == "TerminatedAtDeadline"]
+        assert term and "PodDisruptionBudget" in term[0]["note"]
+        assert registry.get_sample_value("fleetkeeper_remediation_actions_total",
+                                         {"action": "terminate", "result": "success"}) == 1
+        # the ECC node (reset ladder) was drained, not terminated
+        assert await kube.get_or_none(NODES, ecc_node) is not None
+    finally:
+        await stop(task)
+
+
+async def test_budget_holds_most_of_a_storm(kube, own_nodes, tmp_path):
+    nodes = await own_nodes(10)
+    policy = """
+rules: [{type: GPUUnhealthy, reason: UncorrectableECC, remedy: reset, action: quarantine, clear_after: 1s}]
+budget: {cluster: {max_nodes: 2}, zone: {max_percent: 100}, rack: {max_nodes: 10}}
+storm: {min_nodes: 50}
+return_to_service: {mode: preflight}
+"""
+    mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy)
+    try:
+        for n in nodes[:3]:  # 30 % of the fleet at once
+            plan.inject(n, parse_fault("ecc"))
+
+        async def tainted():
+            out = []
+            for n in nodes:
+                if taint(await kube.get(NODES, n), "fleetkeeper.io/quarantine"):
+                    out.append(n)
+            return out
+
+        async def two():
+            return len(await tainted()) == 2 and registry.get_sample_value(
+                "fleetkeeper_remediation_budget_exhausted", {"scope": "cluster"}) == 1
+        await wait_for(two, 20, "two quarantined and the budget alert")
+        await asyncio.sleep(2.0)  # give the controller a chance to over-act; it must not
+        held = await tainted()
+        assert len(held) == 2
+        waiting = [n for n in nodes[:3] if n not in held][0]
+        assert any(e["reason"] == "BudgetExhausted" for e in await events_for(kube, waiting))
+        assert registry.get_sample_value("fleetkeeper_remediation_budget_used_ratio", {"scope": "cluster"}) == 1.0
+
+        # a restarted controller continues from the cluster's state: no double action
+        await stop(task)
+        mgr2, _, registry2, task = await start(kube, tmp_path, own_nodes.group, policy)
+        await asyncio.sleep(2.0)
+        assert sorted(await tainted()) == sorted(held)
+        assert registry2.get_sample_value("fleetkeeper_remediation_actions_total",
+                                          {"action": "quarantine", "result": "success"}) == 0
+
+        # the cleared node goes to the preflight gate, not straight back to service
+        plan.clear(held[0])
+
+        async def validating():
+            n = await kube.get(NODES, held[0])
+            return n if taint(n, "fleetkeeper.io/preflight") and not taint(n, "fleetkeeper.io/quarantine") else None
+        n = await wait_for(validating, 30, "hand-over to preflight")
+        assert n["metadata"]["labels"]["fleetkeeper.io/preflight"] == "pending"
+        assert n["metadata"]["annotations"]["fleetkeeper.io/health-state"] == "validating"
+        # the freed budget goes to the waiting node
+        async def waiting_taken():
+            return taint(await kube.get(NODES, waiting), "fleetkeeper.io/quarantine") is not None
+        await wait_for(waiting_taken, 20, "the waiting node admitted")
+    finally:
+        await stop(task)
+
+
+async def test_flapping_does_not_churn_and_hold_delays_return(kube, own_nodes, tmp_path):
+    nodes = await own_nodes(2)
+    flappy, held = nodes
+    policy = """
+rules:
+  - {type: NetworkUnreachable, remedy: investigate, action: quarantine, trigger_after: 30s, clear_after: 2s}
+  - {type: GPUUnhealthy, reason: UncorrectableECC, remedy: reset, action: quarantine, clear_after: 1s}
+budget: {cluster: {max_nodes: 10}, zone: {max_percent: 100}, rack: {max_nodes: 10}}
+flapping: {transitions: 4, window: 10m}
+return_to_service: {mode: hold, hold: 4s}
+storm: {min_nodes: 50}
+"""
+    mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy)
+    try:
+        plan.inject(held, parse_fault("ecc"))
+
+        async def is_tainted(name):
+            return taint(await kube.get(NODES, name), "fleetkeeper.io/quarantine") is not None
+
+        async def cond(name, typ):
+            n = await kube.get(NODES, name)
+            return next((c["status"] for c in n["status"]["conditions"] if c["type"] == typ), None)
+
+        # the network condition flaps faster than trigger_after: no taint on each flap
+        for i in range(3):
+            plan.inject(flappy, parse_fault("net-down"))
+            await wait_for(lambda: _eq(cond(flappy, "NetworkUnreachable"), "True"), 10, "net down")
+            assert not await is_tainted(flappy)
+            plan.clear(flappy)
+            await wait_for(lambda: _eq(cond(flappy, "NetworkUnreachable"), "False"), 10, "net up")
+        # ... but the flapping itself quarantines the node once, and it stays quarantined
+        await wait_for(lambda: is_tainted(flappy), 15, "flapping quarantine")
+        n = await kube.get(NODES, flappy)
+        assert n["metadata"]["annotations"]["fleetkeeper.io/health-types"] == "Flapping"
+        plan.inject(flappy, parse_fault("net-down"))
+        await wait_for(lambda: _eq(cond(flappy, "NetworkUnreachable"), "True"), 10, "net down")
+        plan.clear(flappy)
+        await wait_for(lambda: _eq(cond(flappy, "NetworkUnreachable"), "False"), 10, "net up")
+        await asyncio.sleep(3)
+        assert await is_tainted(flappy)
+        assert registry.get_sample_value("fleetkeeper_remediation_actions_total",
+                                         {"action": "quarantine", "result": "success"}) == 2  # flappy + held
+        assert registry.get_sample_value("fleetkeeper_remediation_actions_total",
+                                         {"action": "release", "result": "success"}) == 0
+
+        # hold mode: a cleared condition returns the node only after the hold time
+        await wait_for(lambda: is_tainted(held), 15, "ECC quarantine")
+        plan.clear(held)
+        await wait_for(lambda: _eq(cond(held, "GPUUnhealthy"), "False"), 10, "ECC cleared")
+        t_clear = time.monotonic()
+        await wait_for(lambda: _has_ann(kube, held, "fleetkeeper.io/health-cleared-at"), 10, "cleared mark")
+        assert await is_tainted(held)
+
+        async def released():
+            return not await is_tainted(held)
+        await wait_for(released, 20, "release after hold")
+        assert time.monotonic() - t_clear >= 4.0
+        n = await kube.get(NODES, held)
+        assert not any(k.startswith("fleetkeeper.io/health-") and k != "fleetkeeper.io/health-history"
+                       for k in n["metadata"]["annotations"])
+    finally:
+        await stop(task)
+
+
+async def _eq(coro, want):
+    return (await coro) == want
+
+
+async def _has_ann(kube, name, key):
+    n = await kube.get(NODES, name)
+    return key in (n["metadata"].get("annotations") or {})
