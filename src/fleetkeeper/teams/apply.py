@@ -69,7 +69,8 @@ class ApplyResult:
 
 async def apply_changes(kube: Kube, changes: list[Change], views: dict[str, NodeView], names: Names, *,
                         bucket: TokenBucket, concurrency: int, dry_run: bool, metrics: TeamsMetrics,
-                        recorder: EventRecorder | None, summary_ref: ObjectRef | None = None) -> ApplyResult:
+                        recorder: EventRecorder | None, summary_recorder: EventRecorder | None = None,
+                        summary_ref: ObjectRef | None = None) -> ApplyResult:
     res = ApplyResult()
     sem = asyncio.Semaphore(concurrency)
     per_node = len(changes) <= PER_NODE_EVENTS
@@ -112,9 +113,10 @@ async def apply_changes(kube: Kube, changes: list[Change], views: dict[str, Node
                                 f"team {c.old_team or 'none'} -> {c.new_team or 'none'}: {c.reason}")
 
     await asyncio.gather(*(one(c) for c in changes))
-    if not per_node and recorder is not None and summary_ref is not None and res.ok:
+    summary_recorder = summary_recorder or recorder
+    if not per_node and summary_recorder is not None and summary_ref is not None and res.ok:
         counts = Counter(c.action for c in res.ok)
-        await recorder.emit(summary_ref, "TeamNodesChanged",
+        await summary_recorder.emit(summary_ref, "TeamNodesChanged",
                             f"{'planned (dry-run)' if dry_run else 'changed'} {len(res.ok)} node(s): "
                             + ", ".join(f"{n} {a}" for a, n in sorted(counts.items())))
     return res

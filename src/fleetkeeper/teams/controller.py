@@ -63,7 +63,12 @@ class TeamManager:
         self.nodes, self.pods, self.configmaps = nodes, pods, configmaps
         self.namespace = opts.config_namespace or mgr.settings.namespace
         self.dry_run = mgr.settings.dry_run
+        # The API server accepts Events about cluster-scoped objects (Nodes) only in
+        # the "default" namespace; the manager's recorder writes them to its own
+        # namespace, so node events get a recorder of their own.
         self.recorder: EventRecorder = mgr.recorder("teams")
+        self.node_recorder = EventRecorder(mgr.kube, "teams", namespace="default", clock=mgr.clock,
+                                           metrics=mgr.metrics, dry_run=mgr.settings.dry_run)
         self.controller = Controller("teams", self.reconcile, metrics=mgr.metrics, clock=mgr.clock)
         self._reported_generation = -1
         self._bucket: TokenBucket | None = None
@@ -138,7 +143,8 @@ class TeamManager:
                  plan.replacements, plan.throttled, (time.perf_counter() - t0) * 1000)
         res = await apply_changes(self.kube, plan.changes, views, self.names, bucket=bucket,
                                   concurrency=cfg.writes.concurrency, dry_run=self.dry_run, metrics=self.metrics,
-                                  recorder=self.recorder, summary_ref=self.cm_ref)
+                                  recorder=self.node_recorder, summary_recorder=self.recorder,
+                                  summary_ref=self.cm_ref)
         self.writes += len(res.written)
         for c in res.ok:
             if c.action == "replace":
@@ -198,6 +204,11 @@ class TeamManager:
             log.warning("could not publish teams status: %s", exc)
 
     async def run(self) -> None:
+        # informers are synced before leader runnables start; a ConfigMap that
+        # does not exist produces no event, so say so here
+        if len(self.configmaps) == 0 and self.state.config is None and not self.state.error:
+            self.state.reject(errors.ConfigError(f"configmap {self.namespace}/{self.opts.configmap}", [
+                ("", None, "ConfigMap not found; no team owns any node until it exists")]), "")
         self.controller.enqueue(KEY)
         await self.controller.run()
 
@@ -251,14 +262,6 @@ async def setup(mgr: Manager, options: TeamsOptions | dict | None) -> None:
     pods = mgr.pod_informer()
     tm = TeamManager(mgr, opts, state, metrics, nodes, pods, configmaps)
 
-    async def missing_check() -> None:
-        # a ConfigMap that does not exist at start produces no informer event
-        await configmaps.wait_synced(timeout=None)
-        if len(configmaps) == 0 and state.config is None and not state.error:
-            state.reject(errors.ConfigError(source, [("", None, "ConfigMap not found; no team owns any node")]), "")
-            tm.controller.enqueue(KEY)
-
-    mgr.add("teams-config-check", missing_check, leader=False)
     mgr.add("teams", tm.run, leader=True)
     mgr.teams = tm  # type: ignore[attr-defined]  # for tests and the demo
     if opts.webhook.enabled:

@@ -88,14 +88,14 @@ class WebhookRunner:
                  domain: str, registry: CollectorRegistry):
         self.kube, self.admission, self.opts = kube, admission, opts
         self.own_namespace, self.domain = own_namespace, domain
+        self.ready = asyncio.Event()
+        self.ca_bundle = b""
         try:
             self.server = self._server(registry)
         except ValueError:  # another webhook in this process already registered the core webhook metrics
             log.warning("webhook metrics already registered by another component; teams webhook metrics "
                         "are kept in a private registry")
             self.server = self._server(CollectorRegistry())
-        self.ready = asyncio.Event()
-        self.ca_bundle = b""
 
     def _server(self, registry: CollectorRegistry) -> WebhookServer:
         cert, key = self._certs()

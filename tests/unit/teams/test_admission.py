@@ -11,7 +11,7 @@ from fleetkeeper.core.webhook import AdmissionRequest
 from fleetkeeper.teams.admission import ANY, Priorities, TeamAdmission, borrower_label, coverage, judge, patch_for
 from fleetkeeper.teams.config import ConfigState, TeamsConfig
 
-from helpers import N
+from teams_helpers import N
 
 CFG = TeamsConfig.model_validate({
     "teams": [{"team": "team-a", "nodeSelector": {}, "count": 1}, {"team": "team-b", "nodeSelector": {}, "count": 1}],

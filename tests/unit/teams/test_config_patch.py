@@ -12,7 +12,7 @@ from fleetkeeper.teams.controller import load_config_into, priorities_from
 from fleetkeeper.teams.options import WebhookOptions
 from fleetkeeper.teams.serve import registrations
 
-from helpers import N, view
+from teams_helpers import N, view
 
 GOOD = """
 teams:

@@ -7,7 +7,7 @@ import pytest
 from fleetkeeper.core.views import Taint
 from fleetkeeper.teams.plan import decide, explain_node
 
-from helpers import N, cfg, state, teams_of
+from teams_helpers import N, cfg, state, teams_of
 
 GPU = {"example.com/pool": "gpu"}
 
