@@ -327,6 +327,7 @@ class LocalCluster:
                 f"--manage-nodes-with-label-selector={KWOK_LABEL}={KWOK_LABEL_VALUE}",
                 "--node-lease-duration-seconds=600", f"--config={self._kwok_config()}",
                 "--server-address=127.0.0.1:" + str(p.kwok), "--cidr=10.128.0.0/10", "--node-ip=10.0.0.1",
+                "--v=WARN",
             ]
         raise ValueError(comp)
 
