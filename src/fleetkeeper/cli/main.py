@@ -32,9 +32,11 @@ COMPONENTS: dict[str, str] = {
     "relay": "fleetkeeper.relay",
     "promguard": "fleetkeeper.promguard",
     "preflight": "fleetkeeper.preflight",
+    "health": "fleetkeeper.health",
 }
 # Sub-apps without controllers (name -> module with `app`).
 SUBAPPS: dict[str, str] = {
+    "fault": "fleetkeeper.health.faultcli",
 }
 
 app = typer.Typer(name="fleetkeeper", help="Run a research GPU cluster on Kubernetes at 7,500-node scale.",
