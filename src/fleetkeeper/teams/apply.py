@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleetkeeper.core import errors
@@ -53,9 +54,15 @@ def node_patch(view: NodeView, names: Names, new_team: str) -> list[dict]:
 
 
 def is_conflict(exc: errors.ApiError) -> bool:
+    """A stale plan: 409, or the 422 the API server answers when a JSON-patch op
+    fails to apply (our resourceVersion ``test``, or a taint index that moved).
+    That 422 carries no field causes; a real validation error always does."""
     if isinstance(exc, errors.Conflict):
         return True
-    return isinstance(exc, errors.Invalid) and "test" in (exc.message or "").lower()
+    if not isinstance(exc, errors.Invalid):
+        return False
+    causes = (exc.body.get("details") or {}).get("causes") or []
+    return not causes
 
 
 @dataclass
@@ -70,7 +77,8 @@ class ApplyResult:
 async def apply_changes(kube: Kube, changes: list[Change], views: dict[str, NodeView], names: Names, *,
                         bucket: TokenBucket, concurrency: int, dry_run: bool, metrics: TeamsMetrics,
                         recorder: EventRecorder | None, summary_recorder: EventRecorder | None = None,
-                        summary_ref: ObjectRef | None = None) -> ApplyResult:
+                        summary_ref: ObjectRef | None = None,
+                        on_write: Callable[[Change], None] | None = None) -> ApplyResult:
     res = ApplyResult()
     sem = asyncio.Semaphore(concurrency)
     per_node = len(changes) <= PER_NODE_EVENTS
@@ -106,6 +114,8 @@ async def apply_changes(kube: Kube, changes: list[Change], views: dict[str, Node
                 log.warning("could not %s node %s: %s", c.action, c.node, exc)
                 return
         metrics.node_writes.labels(c.action, "ok").inc()
+        if on_write is not None:
+            on_write(c)
         res.ok.append(c)
         res.written[c.node] = view.resource_version
         if per_node and recorder is not None:

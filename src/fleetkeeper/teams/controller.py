@@ -144,8 +144,7 @@ class TeamManager:
         res = await apply_changes(self.kube, plan.changes, views, self.names, bucket=bucket,
                                   concurrency=cfg.writes.concurrency, dry_run=self.dry_run, metrics=self.metrics,
                                   recorder=self.node_recorder, summary_recorder=self.recorder,
-                                  summary_ref=self.cm_ref)
-        self.writes += len(res.written)
+                                  summary_ref=self.cm_ref, on_write=self._count_write)
         for c in res.ok:
             if c.action == "replace":
                 window.record()
@@ -161,6 +160,9 @@ class TeamManager:
         if plan.throttled:
             return Result(requeue_after=min(self.opts.resync_seconds, cfg.replacement.window_seconds / max(1, cfg.replacement.max_nodes)))
         return Result(requeue_after=self.opts.resync_seconds)
+
+    def _count_write(self, change) -> None:
+        self.writes += 1
 
     async def _await_cache(self, written: dict[str, str], timeout: float = 30.0) -> None:
         """Wait until the node cache has seen our writes, so the next plan is

@@ -88,8 +88,11 @@ def test_conflict_detection():
     from fleetkeeper.core import errors
 
     assert is_conflict(errors.api_error(409, {"message": "x"}))
-    assert is_conflict(errors.api_error(422, {"message": "testing value /metadata/resourceVersion failed: test failed"}))
-    assert not is_conflict(errors.api_error(422, {"message": "spec.taints: Invalid value"}))
+    # what kube-apiserver answers when a JSON-patch test op fails (no causes)
+    assert is_conflict(errors.api_error(422, {"message": "the server rejected our request due to an error in our "
+                                                         "request", "reason": "Invalid", "details": {}}))
+    assert not is_conflict(errors.api_error(422, {"message": "Node is invalid", "details": {
+        "causes": [{"field": "spec.taints[0].value", "message": "Invalid value"}]}}))
 
 
 def test_registrations_exclude_system_namespaces_and_choose_policies():
