@@ -107,7 +107,7 @@ class GangConfig(BaseModel):
                                        "after the last member appears before fixing the gang size")
     cleanup_grace_seconds: float = Field(30.0, ge=0, le=86_400,
                                          description="delete a gang's group objects this long after its last pod")
-    webhook_port: int = Field(9443, ge=0, le=65535)
+    webhook_port: int = Field(9445, ge=0, le=65535, description="0: any free port (local clusters)")
     webhook_host: str = "127.0.0.1"
     webhook_url: str | None = Field(None, description="URL the API server calls (local clusters); "
                                                       "None: register via the Service below")

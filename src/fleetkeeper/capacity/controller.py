@@ -366,11 +366,30 @@ class GangManager:
         await self.recorder.emit(ref, reason, note, type_=type_)
 
 
+def webhook_registration(cfg: CapacityConfig, names: Names, config_name: str, url: str | None, ca: bytes,
+                         namespace_selector: dict | None = None, service_namespace: str = "fleetkeeper-system") -> dict:
+    """The MutatingWebhookConfiguration: pod CREATE, only pods carrying the gang
+    label (objectSelector), failurePolicy Fail (a gang member created without its
+    group would be scheduled alone: the partial placement gangs exist to prevent)."""
+    g = cfg.gangs
+    service = None if url else {"name": g.webhook_service, "namespace": service_namespace,
+                                "path": f"/{WEBHOOK_PATH}", "port": g.webhook_port}
+    entry = webhook_entry(
+        f"gang.{names.domain}", url=url, service=service, ca_bundle=ca,
+        rules=[{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+                "scope": "Namespaced"}],
+        failure_policy="Fail", timeout_seconds=5, namespace_selector=namespace_selector,
+        object_selector={"matchExpressions": [{"key": names.gang, "operator": "Exists"}]},
+        reinvocation="IfNeeded")
+    return registration("mutating", config_name, [entry])
+
+
 class GangWebhook:
     def __init__(self, mgr: Manager, cfg: CapacityConfig, options: CapacityOptions):
         self.kube, self.names, self.cfg, self.options = mgr.kube, mgr.names, cfg, options
         self.dry_run = mgr.settings.dry_run
         self.registry = mgr.registry
+        self.namespace = mgr.settings.namespace
         self.server: WebhookServer | None = None
         self.ready = asyncio.Event()
 
@@ -378,22 +397,13 @@ class GangWebhook:
         return gg.mutate_pod(req, self.cfg, self.names)
 
     def registration(self, url: str | None, ca: bytes) -> dict:
-        g = self.cfg.gangs
-        service = None if url else {"name": g.webhook_service, "namespace": "fleetkeeper-system",
-                                    "path": f"/{WEBHOOK_PATH}", "port": g.webhook_port}
-        entry = webhook_entry(
-            f"gang.{self.names.domain}", url=url, service=service, ca_bundle=ca,
-            rules=[{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
-                    "scope": "Namespaced"}],
-            failure_policy="Fail", timeout_seconds=5, namespace_selector=self.options.namespace_selector,
-            object_selector={"matchExpressions": [{"key": self.names.gang, "operator": "Exists"}]},
-            reinvocation="IfNeeded")
-        return registration("mutating", self.options.webhook_config_name, [entry])
+        return webhook_registration(self.cfg, self.names, self.options.webhook_config_name, url, ca,
+                                    self.options.namespace_selector, self.namespace)
 
     async def run(self) -> None:
         g = self.cfg.gangs
         cert_dir = self.options.webhook_cert_dir or Path(tempfile.gettempdir()) / "fleetkeeper-capacity-webhook"
-        hosts = [g.webhook_host, f"{g.webhook_service}.fleetkeeper-system.svc", "localhost"]
+        hosts = [g.webhook_host, f"{g.webhook_service}.{self.namespace}.svc", "localhost"]
         cert = await asyncio.to_thread(ensure_webhook_cert, cert_dir, hosts)
         self.server = WebhookServer(str(cert.cert), str(cert.key), host=g.webhook_host, port=g.webhook_port,
                                     registry=self.registry)

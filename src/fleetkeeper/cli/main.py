@@ -33,6 +33,7 @@ COMPONENTS: dict[str, str] = {
     "promguard": "fleetkeeper.promguard",
     "preflight": "fleetkeeper.preflight",
     "health": "fleetkeeper.health",
+    "capacity": "fleetkeeper.capacity",
 }
 # Sub-apps without controllers (name -> module with `app`).
 SUBAPPS: dict[str, str] = {
