@@ -34,6 +34,7 @@ COMPONENTS: dict[str, str] = {
     "preflight": "fleetkeeper.preflight",
     "health": "fleetkeeper.health",
     "capacity": "fleetkeeper.capacity",
+    "teams": "fleetkeeper.teams",
 }
 # Sub-apps without controllers (name -> module with `app`).
 SUBAPPS: dict[str, str] = {
