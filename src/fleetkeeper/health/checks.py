@@ -120,11 +120,11 @@ class DiskCheck:
                                         f"{p} is {100.0 * used / total:.1f}% full (threshold {self.full_percent:g}%)"))
         if self.kernel is not None:
             self.kernel.poll()
-            devs = sorted({e.device for e in self.kernel.io_errors
-                           if not e.device.startswith(self.io_error_devices_ignore)})
+            real = [e for e in self.kernel.io_errors if not e.device.startswith(self.io_error_devices_ignore)]
+            devs = sorted({e.device for e in real})
             if devs:
                 problems.append(Finding(DISK_UNHEALTHY, True, "IOErrors",
-                                        f"kernel I/O errors on {', '.join(devs)}: {self.kernel.io_errors[-1].line}"))
+                                        f"kernel I/O errors on {', '.join(devs)}: {real[-1].line}"))
         return problems or [Finding.ok(DISK_UNHEALTHY, f"{len(self.paths)} path(s) below {self.full_percent:g}% "
                                                        "and writable; no kernel I/O errors")]
 
@@ -150,9 +150,9 @@ class GpuCheck:
         if lost:
             health.append(Finding(GPU_UNHEALTHY, True, "GPULost",
                                   f"GPU(s) {', '.join(str(g.index) for g in lost)} fell off the bus"))
-        if self.expected and len(visible) < self.expected:
+        if self.expected and len(gpus) < self.expected:  # a lost GPU is reported as lost, not missing
             health.append(Finding(GPU_UNHEALTHY, True, "GPUMissing",
-                                  f"{len(visible)} of {self.expected} GPUs visible"))
+                                  f"{len(gpus)} of {self.expected} GPUs present"))
         for g in visible:
             if g.remap_failure:
                 health.append(Finding(GPU_UNHEALTHY, True, "RowRemapFailure",

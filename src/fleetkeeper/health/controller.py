@@ -340,18 +340,29 @@ class Remediator:
                 self._dry_quarantined.add(node.name)
             else:
                 self._inflight[node.name] = now
-        res = await self._mutate(
+        try:
+            res = await self._quarantine_write(p, node)
+        except BaseException:
+            # not written: undo the admission so the retry is not counted twice
+            self._inflight.pop(node.name, None)
+            if now in self._admissions:
+                self._admissions.remove(now)
+            self._stats_at = -1e9
+            raise
+        if not self.dry_run and p.problems:
+            since = max(pr.since for pr in p.problems)
+            if since > 0:
+                self.metrics.latency.observe(max(0.0, now - since))
+        return res
+
+    async def _quarantine_write(self, p: Plan, node: NodeView) -> Result | None:
+        return await self._mutate(
             node, p, "quarantine", "Quarantined",
             f"{p.why}: tainted {self.names.quarantine}:NoSchedule; ladder target {p.action}; "
             f"fixable by {p.remedy}" + (" (needs hardware replacement)" if p.remedy == "replace" else ""),
             add_taint={"key": self.names.quarantine, "value": taint_value(p.problems[0].label if p.problems else p.why),
                        "effect": "NoSchedule"},
             annotations=self._marker_annotations(p, node), warn=True)
-        if not self.dry_run and p.problems:
-            since = max(pr.since for pr in p.problems)
-            if since > 0:
-                self.metrics.latency.observe(max(0.0, now - since))
-        return res
 
     async def _mutate(self, node: NodeView, p: Plan, action: str, reason: str, note: str, *,
                       add_taint: dict | None = None, remove_taints: tuple[str, ...] = (),
@@ -373,6 +384,10 @@ class Remediator:
         except errors.NotFound:
             return None
         meta, spec = live["metadata"], live.get("spec") or {}
+        if meta.get("resourceVersion") != node.resource_version:
+            # the cache is behind the live node (our own last write, or an agent's): decide again on
+            # fresh state instead of acting twice
+            raise errors.Temporary(f"{node.name}: cache behind the live object; deciding again", 0.2)
         taints = [t for t in spec.get("taints") or [] if t.get("key") not in remove_taints]
         if add_taint:
             taints = [t for t in taints if t.get("key") != add_taint["key"]] + [add_taint]

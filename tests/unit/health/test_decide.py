@@ -1,0 +1,240 @@
+"""The pure remediation decisions, table by table, and the agent's write logic on a FakeClock."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetkeeper.core.clock import FakeClock
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.errors import ConfigError
+from fleetkeeper.core.faults import parse_fault
+from fleetkeeper.core.views import Condition, NodeView, PodView, Taint
+from fleetkeeper.health.agent import AgentCore, simulated_findings
+from fleetkeeper.health.conditions import Finding
+from fleetkeeper.health.decide import FleetStats, Keys, admit, classify, decide_node, fleet_stats, history_add
+from fleetkeeper.health.policy import Policy, load_policy
+
+N = Names()
+K = Keys(N)
+NOW = 1_800_000_000.0
+
+
+def node(conds=(), taints=(), ann=None, name="n1", zone="zone-a", rack="rack-0001") -> NodeView:
+    return NodeView(name, "uid", "1", {"topology.kubernetes.io/zone": zone, N.rack: rack}, dict(ann or {}),
+                    tuple(Taint(k, v, "NoSchedule") for k, v in taints), False,
+                    tuple(Condition(t, s, r, "", since) for t, s, r, since in conds), 8, 0, 0.0, False)
+
+
+def pod(name, owner="Job", phase="Running", deleting=False) -> PodView:
+    return PodView("ns", name, "u", "1", "n1", phase, 0, "", {}, {}, owner, "o", (), 0, deleting, 0.0, "", "", "",
+                   "", "")
+
+
+P = Policy()
+
+
+@pytest.mark.parametrize("ctype,reason,remedy,action", [
+    ("GPUXidError", "Xid79", "reboot", "drain"),
+    ("GPUXidError", "Xid48,Xid64", "replace", "terminate"),  # the worst code wins
+    ("GPUXidError", "Xid13", "none", None),  # application error: no problem
+    ("GPUXidError", "Xid999", "investigate", "quarantine"),  # unknown code
+    ("GPUUnhealthy", "UncorrectableECC", "reset", "drain"),
+    ("GPUUnhealthy", "GPUMissing", "replace", "terminate"),
+    ("DiskUnhealthy", "IOErrors", "replace", "terminate"),
+    ("MaintenanceScheduled", "AzureReboot", "wait", "drain"),
+    ("MaintenanceScheduled", "GCEMigrate", "wait", "event"),
+    ("KernelDeadlock", "DockerHung", "reboot", "drain"),  # node-problem-detector's condition
+])
+def test_classification_table(ctype, reason, remedy, action):
+    h = classify(node([(ctype, "True", reason, NOW - 1)]), P, NOW)
+    if action is None:
+        assert h.worst is None
+    else:
+        assert (h.worst.remedy, h.worst.action) == (remedy, action)
+
+
+def test_new_fault_quarantines_and_pending_waits_for_trigger():
+    p = decide_node(node([("GPUUnhealthy", "True", "UncorrectableECC", NOW - 1)]), [], P, N, NOW)
+    assert (p.kind, p.action, p.remedy) == ("quarantine", "drain", "reset")
+    p = decide_node(node([("NetworkUnreachable", "True", "TargetsUnreachable", NOW - 10)]), [], P, N, NOW)
+    assert p.kind == "wait" and p.wait == "trigger" and 49 < p.requeue_after <= 50
+
+
+def q_ann(action="drain", remedy="reset", types="GPUUnhealthy", since=NOW - 100, **extra):
+    return {K.action: action, K.remedy: remedy, K.types: types, K.since: str(int(since)), **extra}
+
+
+QT = [(N.quarantine, "x")]
+
+
+def test_ladder_evicts_then_drains_then_terminates():
+    c = [("GPUUnhealthy", "True", "GPUMissing", NOW - 100)]
+    pods = [pod("a"), pod("ds", owner="DaemonSet"), pod("done", phase="Succeeded")]
+    p = decide_node(node(c, QT, q_ann("terminate", "replace")), pods, P, N, NOW)
+    assert p.kind == "evict" and p.pods == ("ns/a",)
+    p = decide_node(node(c, QT, q_ann("terminate", "replace")), [pod("a", deleting=True)], P, N, NOW)
+    assert p.kind == "wait" and p.wait == "pdb"
+    p = decide_node(node(c, QT, q_ann("terminate", "replace")), [], P, N, NOW)
+    assert p.kind == "terminate" and not p.deadline_passed
+    # drain ladder: drained, then wait for the repair
+    c2 = [("GPUUnhealthy", "True", "UncorrectableECC", NOW - 100)]
+    assert decide_node(node(c2, QT, q_ann()), [], P, N, NOW).kind == "mark_drained"
+    assert decide_node(node(c2, QT, q_ann(**{K.drained: "1"})), [], P, N, NOW).wait == "drained"
+
+
+def test_deadline_terminates_even_when_a_pdb_blocks():
+    c = [("GPUUnhealthy", "True", "GPUMissing", NOW - 8 * 86400)]
+    p = decide_node(node(c, QT, q_ann("terminate", "replace", since=NOW - 7 * 86400 - 1)), [pod("a")], P, N, NOW)
+    assert p.kind == "terminate" and p.deadline_passed and "7d" in p.why
+    p = decide_node(node(c, QT, q_ann("terminate", "replace", since=NOW - 6 * 86400)), [pod("a")], P, N, NOW)
+    assert p.kind == "evict"
+
+
+def test_escalation_when_a_worse_problem_appears():
+    c = [("GPUUnhealthy", "True", "UncorrectableECC", NOW - 100), ("GPUUnhealthy", "True", "GPUMissing", NOW)]
+    c = [("GPUXidError", "True", "Xid64", NOW - 5)]
+    p = decide_node(node(c, QT, q_ann()), [], P, N, NOW)
+    assert (p.kind, p.action, p.remedy) == ("escalate", "terminate", "replace")
+
+
+def test_cleared_needs_clear_after_then_preflight_or_hold():
+    cleared_long = [("GPUUnhealthy", "False", "GPUsHealthy", NOW - 61)]
+    cleared_short = [("GPUUnhealthy", "False", "GPUsHealthy", NOW - 10)]
+    assert decide_node(node(cleared_short, QT, q_ann(**{K.drained: "1"})), [], P, N, NOW).kind == "wait"
+    assert decide_node(node(cleared_long, QT, q_ann(**{K.drained: "1"})), [], P, N, NOW).kind == "return"
+    hold = load_policy("return_to_service: {mode: hold, hold: 10m}")
+    assert decide_node(node(cleared_long, QT, q_ann()), [], hold, N, NOW).kind == "mark_cleared"
+    w = decide_node(node(cleared_long, QT, q_ann(**{K.cleared: str(int(NOW - 60))})), [], hold, N, NOW)
+    assert w.kind == "wait" and w.wait == "hold" and w.requeue_after == 540
+    assert decide_node(node(cleared_long, QT, q_ann(**{K.cleared: str(int(NOW - 601))})), [], hold, N,
+                       NOW).kind == "release"
+    back = [("GPUUnhealthy", "True", "UncorrectableECC", NOW - 1)]
+    assert decide_node(node(back, QT, q_ann(**{K.cleared: str(int(NOW - 60))})), [], hold, N,
+                       NOW).kind == "unmark_cleared"
+
+
+def test_missing_condition_is_unknown_not_healthy():
+    # the condition list was rewritten without our types: stay quarantined
+    p = decide_node(node([("Ready", "True", "KubeletReady", 0)], QT, q_ann()), [], P, N, NOW)
+    assert p.kind == "mark_drained" or p.kind == "wait"
+    p = decide_node(node([("Ready", "True", "KubeletReady", 0)], QT, q_ann(**{K.drained: "1"})), [], P, N, NOW)
+    assert p.kind == "wait" and "missing" in p.why
+
+
+def test_flapping_quarantines_once_and_holds():
+    p = decide_node(node([("NetworkUnreachable", "False", "NetworkReachable", NOW - 1)]), [], P, N, NOW,
+                    flapping=True)
+    assert p.kind == "quarantine" and p.problems[0].type == "Flapping"
+    ann = q_ann("quarantine", "investigate", types="Flapping")
+    assert decide_node(node([("NetworkUnreachable", "False", "x", NOW - 1)], QT, ann), [], P, N, NOW,
+                       flapping=True).kind == "wait"
+    assert decide_node(node([("NetworkUnreachable", "False", "x", NOW - 1)], QT, ann), [], P, N, NOW,
+                       flapping=False).kind == "return"
+
+
+def test_validation_handover_and_release():
+    val = {K.state: "validating"}
+    assert decide_node(node([], [(N.preflight, "pending")], val), [], P, N, NOW).wait == "validation"
+    assert decide_node(node([], [], val), [], P, N, NOW).kind == "release"
+    bad = [("GPUUnhealthy", "True", "UncorrectableECC", NOW - 1)]
+    assert decide_node(node(bad, [(N.preflight, "pending")], val), [], P, N, NOW).kind == "quarantine"
+
+
+def test_budget_admission_per_scope_and_window():
+    pol = load_policy("budget: {cluster: {max_nodes: 3}, zone: {max_percent: 10}, rack: {max_nodes: 1}, "
+                      "max_new_per_window: 2}")
+    st = FleetStats(totals={"cluster": 100, "zone:a": 30, "rack:r1": 16}, disrupted={"cluster": 2, "zone:a": 2})
+    assert admit(st, ["cluster", "zone:a", "rack:r1"], pol) == []
+    st.disrupted["rack:r1"] = 1
+    assert admit(st, ["cluster", "zone:a", "rack:r1"], pol) == ["rack:r1"]
+    st.disrupted["cluster"] = 3
+    assert "cluster" in admit(st, ["cluster"], pol)
+    st2 = FleetStats(totals={"cluster": 100}, new_in_window=2)
+    assert admit(st2, ["cluster"], pol) == ["window"]
+    # percent floors at min_nodes
+    assert load_policy("budget: {zone: {max_percent: 1}}").budget.zone.limit(10) == 1
+
+
+def test_fleet_stats_counts_states_and_wanting():
+    nodes = [node([("GPUUnhealthy", "True", "UncorrectableECC", NOW - 5)], name="bad", rack="r1"),
+             node([], QT, q_ann("terminate"), name="q", rack="r1"),
+             node([], [(N.preflight, "pending")], name="pf", rack="r2"),
+             node([], name="ok", rack="r2")]
+    st = fleet_stats(nodes, {"q": 2}, P, N, NOW, [NOW - 10, NOW - 7200])
+    assert st.states == {"ready": 2, "draining": 1, "preflight": 1}
+    assert st.disrupted == {"cluster": 1, "zone:zone-a": 1, "rack:r1": 1}
+    assert st.wanting["cluster"] == 1 and st.onsets == 2 and st.new_in_window == 1
+
+
+def test_policy_errors_name_the_field():
+    with pytest.raises(ConfigError) as e:
+        load_policy("rules: [{type: X, remedy: explode}]\nbudget: {rack: {max_nodes: -1}}\nbogus: 1")
+    msg = str(e.value)
+    assert "rules[0].remedy" in msg and "budget.rack.max_nodes" in msg and "bogus" in msg
+    with pytest.raises(ConfigError):
+        load_policy("budget: [unclosed")
+
+
+def test_history_is_bounded():
+    raw = None
+    for i in range(15):
+        raw = history_add(raw, NOW + i, f"e{i}")
+    assert raw.count("e") == 10 and "e14" in raw and "e4" not in raw
+
+
+# --- agent write logic ------------------------------------------------------------
+class Writer:
+    def __init__(self):
+        self.patches = []
+
+    async def write(self, node, patch):
+        self.patches.append((node, patch))
+
+
+async def test_agent_writes_on_change_and_jittered_heartbeat_only():
+    clock = FakeClock(NOW)
+    w = Writer()
+    core = AgentCore(w, clock, heartbeat=300, jitter=0.2, startup_spread=30, seed=1)
+    healthy = simulated_findings("n1", [], 8)
+    assert not await core.observe("n1", healthy)  # healthy nodes spread their first write
+    await clock.advance(31)
+    assert await core.observe("n1", healthy)
+    conds = {c["type"]: c for c in w.patches[-1][1]["status"]["conditions"]}
+    assert set(conds) == {"GPUUnhealthy", "GPUXidError", "DiskUnhealthy", "NetworkUnreachable",
+                          "MaintenanceScheduled"} and all(c["status"] == "False" for c in conds.values())
+    for _ in range(20):  # steady state: no writes before the heartbeat
+        await clock.advance(10)
+        await core.observe("n1", healthy)
+    assert len(w.patches) == 1
+    bad = simulated_findings("n1", [parse_fault("xid:79")], 8)
+    assert await core.observe("n1", bad)
+    conds = {c["type"]: c for c in w.patches[-1][1]["status"]["conditions"]}
+    assert conds["GPUXidError"]["status"] == "True" and conds["GPUXidError"]["reason"] == "Xid79"
+    assert conds["GPUUnhealthy"]["reason"] == "GPULost"
+    await clock.advance(400)
+    assert await core.observe("n1", bad)  # heartbeat re-asserts (restores a clobbered list)
+    beat = {c["type"]: c for c in w.patches[-1][1]["status"]["conditions"]}
+    assert beat["GPUXidError"]["lastTransitionTime"] == conds["GPUXidError"]["lastTransitionTime"]
+    assert beat["GPUXidError"]["lastHeartbeatTime"] != conds["GPUXidError"]["lastHeartbeatTime"]
+
+
+def test_heartbeats_of_many_agents_spread_out():
+    import random
+
+    from fleetkeeper.health.conditions import heartbeat_delay
+    ds = [heartbeat_delay(300, 0.2, random.Random(i)) for i in range(1000)]
+    assert min(ds) >= 240 and max(ds) <= 360 and max(ds) - min(ds) > 100
+
+
+@pytest.mark.parametrize("fault,ctype,reason", [
+    ("ecc", "GPUUnhealthy", "UncorrectableECC"), ("remap-pending", "GPUUnhealthy", "RemapPending"),
+    ("gpu-missing", "GPUUnhealthy", "GPUMissing"), ("xid:48", "GPUXidError", "Xid48"),
+    ("disk-full", "DiskUnhealthy", "DiskFull"), ("disk-ro", "DiskUnhealthy", "ReadOnlyFilesystem"),
+    ("disk-io", "DiskUnhealthy", "IOErrors"), ("net-down", "NetworkUnreachable", "TargetsUnreachable"),
+    ("maintenance:reboot", "MaintenanceScheduled", "AzureReboot"),
+    ("maintenance:replace", "MaintenanceScheduled", "AzureTerminate"),
+])
+def test_simulated_faults_become_conditions(fault, ctype, reason):
+    f = simulated_findings("n1", [parse_fault(fault)], 8)
+    assert f[ctype] == Finding(ctype, True, reason, f[ctype].message)
+    assert sum(1 for x in f.values() if x.problem) == 1
