@@ -91,6 +91,7 @@ class BalloonManager:
         self.controller = Controller("capacity-balloons", self.reconcile, metrics=mgr.metrics, clock=mgr.clock)
         self._applied: dict[str, str] = {}
         self._ns_ready = False
+        self._last_problems: list[str] = []
         self.last_plan: bl.BalloonPlan | None = None
         label = bl.balloon_label(self.names)
         self.nodes.add_handler(self.controller.handler(lambda k, o, n: "pools"))
@@ -133,8 +134,10 @@ class BalloonManager:
                         if bl.balloon_label(self.names) in ((d["metadata"].get("labels")) or {})]
         plan = bl.decide(self.cfg.balloons, self.names, self.namespace, self.nodes.items(), self.pods.items(), existing)
         self.last_plan = plan
-        for problem in plan.problems:
-            log.warning("balloons: %s", problem)
+        if plan.problems != self._last_problems:
+            for problem in plan.problems:
+                log.warning("balloons: %s", problem)
+            self._last_problems = list(plan.problems)
         if plan.priority_class:
             try:
                 await self._apply(PRIORITYCLASSES, plan.priority_class)

@@ -254,9 +254,10 @@ def group_condition(obj: dict | None, type_: str = "PodGroupScheduled") -> dict 
 
 
 def _state_of(objs: GroupObjects, names: Names) -> str:
-    for o in (objs.workload, objs.podgroup, objs.cosched):
-        if o is not None:
-            return ((o.get("metadata") or {}).get("annotations") or {}).get(state_annotation(names), "")
+    for o in (objs.podgroup, objs.cosched, objs.workload):
+        state = (((o or {}).get("metadata") or {}).get("annotations") or {}).get(state_annotation(names), "")
+        if state:
+            return state
     return ""
 
 

@@ -1,0 +1,213 @@
+"""Gang decisions and the pod mutation, table by table."""
+
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+
+from fleetkeeper.capacity import gangs as gg
+from fleetkeeper.capacity.config import CapacityConfig
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.kube import COSCHED_PODGROUPS, PODGROUPS, WORKLOADS
+from fleetkeeper.core.webhook import AdmissionRequest
+
+N = Names()
+NOW = 1_800_000_000.0
+IN_TREE = CapacityConfig()
+COSCHED = CapacityConfig.model_validate({"gangs": {"backend": "coscheduling"}})
+BOTH = CapacityConfig.model_validate({"gangs": {"backend": "both", "coscheduling_scheduler_name": "sp"}})
+
+
+def member(name: str, node: str = "", phase: str = "Pending", gang: str = "g", min_: str = "", created: float = NOW - 60,
+           owner: str = "Job", group: str = "g", deleting: bool = False) -> gg.GangPod:
+    return gg.GangPod(namespace="ns", name=name, uid=f"u-{name}", gang=gang, min_members=min_, node=node, phase=phase,
+                      deleting=deleting, created=created, owner_kind=owner, owner_name="train" if owner else "",
+                      owner_uid="ou" if owner else "", owner_api_version="batch/v1" if owner else "",
+                      scheduling_group=group, cosched_group="", scheduled_message="")
+
+
+JOB = gg.Owner("Job", "train", "ou", "batch/v1", 4)
+
+
+@pytest.mark.parametrize("pods,owner,now,expect", [
+    ([member("a", min_="3")], JOB, NOW, (3, "annotation", None)),
+    ([member("a", min_="x")], JOB, NOW, (4, "Job parallelism", None)),
+    ([member("a", min_="2"), member("b", min_="5")], JOB, NOW, (5, "annotation", None)),
+    ([member("a")], JOB, NOW, (4, "Job parallelism", None)),
+    ([member("a", owner=""), member("b", owner="")], None, NOW, (2, "members seen", None)),
+    ([member("a", owner="", created=NOW - 1)], None, NOW, (None, "", 4.0)),
+    ([member("a", owner="")], gg.Owner("Job", "train", "ou", "batch/v1", None), NOW, (1, "members seen", None)),
+])
+def test_resolve_min(pods, owner, now, expect):
+    n, src, wait, _ = gg.resolve_min(pods, owner, now, settle=5.0)
+    assert (n, src, wait) == expect
+
+
+@pytest.mark.parametrize("kind,spec,expect", [
+    ("Job", {"parallelism": 8, "completions": 8}, 8),
+    ("Job", {"parallelism": 8, "completions": 3}, 3),
+    ("Job", {}, 1),
+    ("StatefulSet", {"replicas": 16}, 16),
+    ("ReplicaSet", {}, 1),
+    ("DaemonSet", {}, None),
+])
+def test_owner_replicas(kind, spec, expect):
+    assert gg.owner_replicas(kind, {"spec": spec}) == expect
+
+
+def test_owner_problem_ordered_statefulset():
+    assert "Parallel" in gg.owner_problem("StatefulSet", {"spec": {}})
+    assert gg.owner_problem("StatefulSet", {"spec": {"podManagementPolicy": "Parallel"}}) == ""
+
+
+@pytest.mark.parametrize("pods,node_ok,state,text", [
+    ([member("a"), member("b")], {}, "Waiting", "2 of 3 members exist"),
+    ([member("a"), member("b"), member("c")], {}, "Waiting", "0/3 members placed"),
+    ([member("a", "n1", "Running"), member("b", "n2", "Running"), member("c", "n3", "Running")],
+     {"n1": True, "n2": True, "n3": True}, "Running", "3/3 members placed, 3 running"),
+    ([member("a", "n1", "Running"), member("b", "n2", "Running"), member("c", "n3", "Running")],
+     {"n1": True, "n2": False, "n3": True}, "Broken", "b on n2 (NotReady)"),
+    ([member("a", "n1", "Running"), member("b", "n2", "Running"), member("c", "n3", "Running")],
+     {"n1": True, "n2": True}, "Broken", "c on n3 (node gone)"),
+    ([member("a", "n1", "Running"), member("b", "n2", "Running"), member("c", "n3", "Failed")],
+     {"n1": True, "n2": True}, "Broken", "restart whole"),
+    ([member("a", "n1", "Succeeded"), member("b", "n2", "Succeeded"), member("c", "n3", "Succeeded")],
+     {}, "Completed", "3 members succeeded"),
+    ([member("a", "n1", "Succeeded"), member("b", "n2", "Failed"), member("c", "n3", "Failed")],
+     {}, "Failed", "2 members failed"),
+])
+def test_gang_state(pods, node_ok, state, text):
+    s, msg = gg.gang_state(pods, 3, node_ok, None)
+    assert s == state and text in msg, msg
+
+
+def test_gang_state_quotes_the_scheduler():
+    group = {"status": {"conditions": [{"type": "PodGroupScheduled", "status": "False", "reason": "Unschedulable",
+                                        "message": "pod group is unschedulable"}]}}
+    s, msg = gg.gang_state([member("a"), member("b")], 2, {}, group)
+    assert s == "Waiting" and "pod group is unschedulable" in msg
+
+
+def test_decide_creates_workload_and_podgroup_owned_by_the_job():
+    plan = gg.decide_gang("ns/g", [member("a"), member("b")], JOB, gg.GroupObjects(), {}, IN_TREE, N, NOW, None)
+    kinds = {res.kind: body for res, body in plan.create}
+    assert set(kinds) == {"Workload", "PodGroup"}
+    pg = kinds["PodGroup"]
+    assert pg["spec"]["schedulingPolicy"]["gang"]["minCount"] == 4
+    assert pg["spec"]["podGroupTemplateRef"]["workload"]["workloadName"] == "g"
+    assert pg["metadata"]["ownerReferences"][0]["uid"] == "ou"
+    assert kinds["Workload"]["spec"]["controllerRef"] == {"apiGroup": "batch", "kind": "Job", "name": "train"}
+    assert plan.state == "Waiting" and plan.size_source == "Job parallelism"
+
+
+def test_decide_coscheduling_podgroup_and_labels():
+    pods = [member("a"), member("b", node="n1", phase="Running")]
+    plan = gg.decide_gang("ns/g", pods, JOB, gg.GroupObjects(), {"n1": True}, COSCHED, N, NOW, None)
+    assert [(r.kind, r.group) for r, _ in plan.create] == [("PodGroup", "scheduling.x-k8s.io")]
+    assert plan.create[0][1]["spec"] == {"minMember": 4, "scheduleTimeoutSeconds": 600}
+    assert plan.patch_labels == ["a"]  # unplaced members without the coscheduling label
+
+
+def test_decide_existing_groups_not_recreated():
+    objs = gg.GroupObjects(workload=gg.workload_body("ns", "g", 4, JOB, N), podgroup=gg.podgroup_body("ns", "g", 4, JOB, N))
+    plan = gg.decide_gang("ns/g", [member("a")], JOB, objs, {}, IN_TREE, N, NOW, None)
+    assert plan.create == [] and plan.delete == []
+
+
+def test_decide_size_change_recreates_only_while_nothing_is_placed():
+    objs = gg.GroupObjects(workload=gg.workload_body("ns", "g", 2, JOB, N), podgroup=gg.podgroup_body("ns", "g", 2, JOB, N))
+    plan = gg.decide_gang("ns/g", [member("a")], JOB, objs, {}, IN_TREE, N, NOW, None)
+    assert {r.kind for r, _ in plan.delete} == {"Workload", "PodGroup"} and plan.requeue_after
+    plan = gg.decide_gang("ns/g", [member("a", "n1", "Running")], JOB, objs, {"n1": True}, IN_TREE, N, NOW, None)
+    assert plan.delete == [] and any("immutable" in p for p in plan.problems)
+
+
+def test_decide_cleanup_after_grace_only_of_own_objects():
+    mine = gg.podgroup_body("ns", "g", 2, JOB, N)
+    objs = gg.GroupObjects(workload=gg.workload_body("ns", "g", 2, JOB, N), podgroup=mine)
+    cfg = CapacityConfig.model_validate({"gangs": {"cleanup_grace_seconds": 30}})
+    plan = gg.decide_gang("ns/g", [], None, objs, {}, cfg, N, NOW, NOW - 10)
+    assert plan.delete == [] and plan.requeue_after == pytest.approx(20)
+    plan = gg.decide_gang("ns/g", [], None, objs, {}, cfg, N, NOW, NOW - 31)
+    assert [(r, n) for r, n in plan.delete] == [(PODGROUPS, "g"), (WORKLOADS, "g")] and plan.state == "Deleted"
+    foreign = {"metadata": {"name": "g", "labels": {}}, "spec": {"minMember": 2}}
+    plan = gg.decide_gang("ns/g", [], None, gg.GroupObjects(cosched=foreign), {}, cfg, N, NOW, NOW - 100)
+    assert plan.delete == []  # not created by fleetkeeper: left alone
+    assert COSCHED_PODGROUPS  # (the same path handles coscheduling groups)
+
+
+def test_decide_bare_pods_wait_to_settle():
+    pods = [member("a", owner="", created=NOW - 1), member("b", owner="", created=NOW - 2)]
+    plan = gg.decide_gang("ns/g", pods, None, gg.GroupObjects(), {}, IN_TREE, N, NOW, None)
+    assert plan.create == [] and plan.requeue_after == pytest.approx(4.0)
+
+
+def test_decide_reports_members_without_group_reference():
+    plan = gg.decide_gang("ns/g", [member("a", group=""), member("b")], JOB, gg.GroupObjects(), {}, IN_TREE, N, NOW, None)
+    assert plan.not_in_group == ["a"] and "recreate" in plan.message
+
+
+def test_state_change_detected_from_annotation():
+    pg = gg.podgroup_body("ns", "g", 1, JOB, N)
+    pg["metadata"]["annotations"] = {gg.state_annotation(N): "Waiting"}
+    plan = gg.decide_gang("ns/g", [member("a", "n1", "Running", min_="1")], JOB, gg.GroupObjects(podgroup=pg,
+                          workload=gg.workload_body("ns", "g", 1, JOB, N)), {"n1": True}, IN_TREE, N, NOW, None)
+    assert plan.previous_state == "Waiting" and plan.state == "Running" and plan.state_changed
+
+
+def test_group_min_of_each_kind():
+    assert gg.group_min(gg.podgroup_body("ns", "g", 3, None, N)) == 3
+    assert gg.group_min(gg.workload_body("ns", "g", 5, None, N)) == 5
+    assert gg.group_min(gg.cosched_body("ns", "g", 7, None, N, 60)) == 7
+    assert gg.group_min(None) is None
+
+
+def review(labels: dict | None, annotations: dict | None = None, spec: dict | None = None, op: str = "CREATE",
+           kind: str = "Pod") -> AdmissionRequest:
+    obj = {"metadata": {"name": "p", "labels": labels or {}, "annotations": annotations or {}},
+           "spec": spec or {"containers": [{"name": "c"}]}}
+    return AdmissionRequest.from_review({"request": {"uid": "1", "kind": {"kind": kind}, "operation": op,
+                                                     "namespace": "ns", "object": obj, "userInfo": {}}})
+
+
+@pytest.mark.parametrize("req,cfg,allowed,patch_paths", [
+    (review({}), IN_TREE, True, []),
+    (review({N.gang: "exp-a"}), IN_TREE, True, ["/spec/schedulingGroup"]),
+    (review({N.gang: "exp-a"}, spec={"schedulingGroup": {"podGroupName": "exp-a"}}), IN_TREE, True, []),
+    (review({N.gang: "Exp_A"}), IN_TREE, False, []),
+    (review({N.gang: "exp-a"}, {N.gang_min: "zero"}), IN_TREE, False, []),
+    (review({N.gang: "exp-a"}, {N.gang_min: "4"}), IN_TREE, True, ["/spec/schedulingGroup"]),
+    (review({N.gang: "exp-a"}), COSCHED, True, ["/metadata/labels/scheduling.x-k8s.io~1pod-group"]),
+    (review({N.gang: "exp-a"}), BOTH, True, ["/spec/schedulingGroup", "/metadata/labels/scheduling.x-k8s.io~1pod-group",
+                                             "/spec/schedulerName"]),
+    (review({N.gang: "exp-a"}, op="UPDATE"), IN_TREE, True, []),
+    (review({N.gang: "exp-a"}, kind="Node"), IN_TREE, True, []),
+])
+def test_mutate_pod(req, cfg, allowed, patch_paths):
+    adm = gg.mutate_pod(req, cfg, N)
+    assert adm.allowed is allowed
+    assert [op["path"] for op in adm.patch] == patch_paths
+    if patch_paths and patch_paths[0] == "/spec/schedulingGroup":
+        assert adm.patch[0]["value"] == {"podGroupName": "exp-a"}
+        resp = adm.response("1")["response"]
+        assert orjson.loads(base64.b64decode(resp["patch"]))[0]["path"] == "/spec/schedulingGroup"
+    if not allowed:
+        assert N.gang in adm.message or N.gang_min in adm.message
+
+
+def test_mutate_pod_warns_on_foreign_group():
+    adm = gg.mutate_pod(review({N.gang: "exp-a"}, spec={"schedulingGroup": {"podGroupName": "other"}}), IN_TREE, N)
+    assert adm.allowed and adm.patch == [] and adm.warnings
+
+
+def test_projection_reads_the_group_reference():
+    obj = {"metadata": {"name": "p", "namespace": "ns", "labels": {N.gang: "g"}, "annotations": {N.gang_min: "2"},
+                        "ownerReferences": [{"kind": "Job", "name": "j", "uid": "u", "apiVersion": "batch/v1",
+                                             "controller": True}], "creationTimestamp": "2026-01-01T00:00:00Z"},
+           "spec": {"schedulingGroup": {"podGroupName": "g"}, "nodeName": "n"},
+           "status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}]}}
+    p = gg.gang_pod_projector(N)(obj)
+    assert (p.key, p.scheduling_group, p.min_members, p.owner_kind, p.owner_uid, p.node) == \
+        ("ns/g", "g", "2", "Job", "u", "n")
