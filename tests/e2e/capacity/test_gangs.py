@@ -5,13 +5,22 @@ and both are stuck."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.capacity.explain import explain_pod
-from fleetkeeper.core.kube import PODGROUPS, PODS, STATEFULSETS, WORKLOADS, build_request
+from fleetkeeper.core import errors
+from fleetkeeper.core.kube import (
+    COSCHED_PODGROUPS, CRDS, EVENTS, PODGROUPS, PODS, STATEFULSETS, WORKLOADS, build_request,
+)
+from fleetkeeper.core.kube import NODES as NODES_RES
 
 from capacity_helpers import NAMES, bound, pods_of, wait_for
 
 NODES = 4
+CRD_FILE = Path(__file__).resolve().parents[3] / "deploy" / "capacity" / "coscheduling-podgroup-crd.yaml"
 
 
 def experiment(name: str, spec: dict, replicas: int) -> dict:
@@ -106,3 +115,72 @@ async def test_same_demand_without_gangs_deadlocks(kube, namespace, pool_factory
     assert 0 < len(bound(a)) < NODES and 0 < len(bound(b)) < NODES, \
         f"expected a partial placement of both, got {len(bound(a))} and {len(bound(b))}"
     assert len(a) - len(bound(a)) > 0 and len(b) - len(bound(b)) > 0
+
+
+async def test_member_node_lost_reports_the_job_broken(kube, namespace, pool_factory, run_capacity):
+    """A node under a running gang disappears: fleetkeeper reports the job as
+    Broken (it must restart whole from its checkpoint) on the StatefulSet and the
+    group objects."""
+    pool = await pool_factory(2)
+    cap, registry = await run_capacity(cfg(), namespace)
+    await kube.create(STATEFULSETS, experiment("exp-c", pool.pod_spec(), 2), namespace)
+
+    async def running():
+        pods = await pods_of(kube, namespace, "experiment=exp-c")
+        return len(bound(pods)) == 2 and all(p["status"].get("phase") == "Running" for p in pods)
+    await wait_for(running, 60, what="the gang running")
+    await kube.delete(NODES_RES, pool.nodes[1])
+
+    async def reported():
+        items, _ = await kube.list(EVENTS, namespace)
+        return [e for e in items if e.get("reason") == "GangBroken"]
+    events = await wait_for(reported, 30, what="a GangBroken event")
+    assert events[0]["regarding"]["kind"] == "StatefulSet" and "restart whole" in events[0]["note"]
+    assert pool.nodes[1] in events[0]["note"]
+    assert registry.get_sample_value("fleetkeeper_gang_broken_total") >= 1
+
+
+async def test_coscheduling_podgroups_created_and_removed(kube, namespace, pool_factory, run_capacity):
+    """With the scheduler-plugins CRD installed and backend "both", fleetkeeper
+    also creates the Coscheduling PodGroup and labels members for it (the
+    scheduler-plugins scheduler itself is not part of the local control plane)."""
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    created_crd = False
+    if await kube.get_or_none(CRDS, crd["metadata"]["name"]) is None:
+        await kube.create(CRDS, crd)
+        created_crd = True
+    try:
+        async def served():
+            try:
+                await kube.list(COSCHED_PODGROUPS, namespace)
+                return True
+            except errors.NotFound:
+                return False
+        await wait_for(served, 30, what="the coscheduling PodGroup API served")
+        pool = await pool_factory(2)
+        both = CapacityConfig.model_validate({"balloons": {"enabled": False},
+                                              "gangs": {"webhook_port": 0, "backend": "both",
+                                                        "cleanup_grace_seconds": 0}})
+        await run_capacity(both, namespace)
+        for i in range(2):
+            await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod",
+                                     "metadata": {"name": f"cs-{i}", "labels": {NAMES.gang: "cs"},
+                                                  "annotations": {NAMES.gang_min: "2"}},
+                                     "spec": pool.pod_spec()}, namespace)
+
+        async def group():
+            return await kube.get_or_none(COSCHED_PODGROUPS, "cs", namespace)
+        pg = await wait_for(group, 30, what="the coscheduling PodGroup")
+        assert pg["spec"]["minMember"] == 2 and pg["spec"]["scheduleTimeoutSeconds"] == 600
+        pod = await kube.get(PODS, "cs-0", namespace)
+        assert pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "cs"
+        for i in range(2):
+            await kube.delete(PODS, f"cs-{i}", namespace, grace_period=0)
+
+        async def gone():
+            return await kube.get_or_none(COSCHED_PODGROUPS, "cs", namespace) is None and \
+                await kube.get_or_none(PODGROUPS, "cs", namespace) is None
+        await wait_for(gone, 60, what="the gang's group objects removed after its pods")
+    finally:
+        if created_crd:
+            await kube.delete(CRDS, crd["metadata"]["name"])
