@@ -156,7 +156,8 @@ class Preflight:
                 sec = await self.kube.create(SECRETS, body, self.namespace)
             except errors.Conflict:
                 sec = await self.kube.get(SECRETS, self.cfg.key_secret, self.namespace)
-        self.key = base64.b64decode(sec["data"][HMAC_KEY_FIELD])
+        key = base64.b64decode(sec["data"][HMAC_KEY_FIELD])
+        self.key = key
         if await self.kube.get_or_none(SERVICEACCOUNTS, self.cfg.service_account, self.namespace) is None:
             try:
                 await self.kube.create(SERVICEACCOUNTS, {
@@ -167,8 +168,9 @@ class Preflight:
                 pass
         try:
             await self.kube.apply(PRIORITYCLASSES, priority_class(self.cfg, self.keys))
-        except errors.Invalid as exc:  # value of an existing PriorityClass cannot change
+        except errors.ApiError as exc:  # e.g. the value of an existing PriorityClass cannot change
             log.warning("PriorityClass %s: %s", self.cfg.periodic.priority_class, exc)
+        self.key = key  # last: the periodic loop starts once everything above exists
 
     # ----------------------------------------------------------- gate
     async def run_gate(self) -> None:
