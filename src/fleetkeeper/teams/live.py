@@ -1,0 +1,61 @@
+"""One-shot reads of the live cluster for the CLI and ``explain``: the
+ConfigMap, the nodes and pods, and the plan ``decide`` makes from them (the
+same function the controller runs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.kube import CONFIGMAPS, NODES, PODS, Kube
+from fleetkeeper.core.views import NodeView, default_projector
+
+from fleetkeeper.teams.admission import borrower_label
+from fleetkeeper.teams.config import DEFAULT_CONFIGMAP, TeamsConfig, parse_configmap
+from fleetkeeper.teams.plan import NodeState, Plan, decide, fill_borrowed, snapshot
+
+
+@dataclass
+class Live:
+    config: TeamsConfig | None
+    config_error: str
+    controller_status: dict
+    views: dict[str, NodeView]
+    states: list[NodeState]
+    plan: Plan | None
+
+
+async def read_config(kube: Kube, names: Names, namespace: str, configmap: str = DEFAULT_CONFIGMAP
+                      ) -> tuple[TeamsConfig | None, str]:
+    cm = await kube.get_or_none(CONFIGMAPS, configmap, namespace)
+    if cm is None:
+        return None, f"ConfigMap {namespace}/{configmap} not found"
+    try:
+        return parse_configmap(cm, names.domain), ""
+    except errors.ConfigError as exc:
+        return None, str(exc)
+
+
+async def load(kube: Kube, names: Names, namespace: str, configmap: str = DEFAULT_CONFIGMAP,
+               status_configmap: str = "fleetkeeper-teams-status", replacement_budget: int = 1 << 30) -> Live:
+    cfg, err = await read_config(kube, names, namespace, configmap)
+    st_cm = await kube.get_or_none(CONFIGMAPS, status_configmap, namespace)
+    status = {}
+    if st_cm:
+        try:
+            status = orjson.loads((st_cm.get("data") or {}).get("status.json") or "{}")
+        except orjson.JSONDecodeError:
+            status = {}
+    proj = default_projector(names.domain)
+    nodes, _ = await kube.list(NODES)
+    pods, _ = await kube.list(PODS, field_selector="status.phase!=Succeeded,status.phase!=Failed")
+    views = {v.name: v for v in map(proj.node, nodes)}
+    states, borrowers = snapshot(list(views.values()), [proj.pod(p) for p in pods], names, borrower_label(names))
+    plan = None
+    if cfg is not None:
+        plan = decide(states, cfg, replacement_budget)
+        fill_borrowed(plan, borrowers)
+    return Live(cfg, err, status, views, states, plan)
