@@ -192,13 +192,16 @@ class Preflight:
         return self.cfg.simulate == "always" or (
             self.cfg.simulate == "auto" and node.annotations.get(KWOK_NODE_ANNOTATION) == "fake")
 
-    def simulate(self, node: NodeView, profile_name: str, pod: str, nonce: str) -> tuple[bool, str]:
-        """Run the suite in-process against the fault plan; the signed report for KWOK to return."""
+    def simulate(self, node: NodeView, profile_name: str, pod: str, nonce: str) -> tuple[bool, str] | None:
+        """Run the suite in-process against the fault plan; the signed report for KWOK to return.
+        ``validation:hang`` simulates a test that never finishes (None: KWOK keeps the pod Running)."""
         try:
             faults = [str(f) for f in self.faults.faults(node.name)]
         except errors.ConfigError as exc:
             log.warning("fault plan unreadable (%s); simulating a healthy node", exc)
             faults = []
+        if "validation:hang" in faults:
+            return None
         profile = self.cfg.profile_named(profile_name)
         res = run_suite(node.name, profile, SimulatedBackend(node.name, profile, faults),
                         SimulatedHost(profile, faults), clock=self.clock.now)

@@ -173,3 +173,77 @@ async def test_join_gate_end_to_end(kube, namespace, tmp_path):
         except errors.NotFound:
             pass
         await delete_nodes(kube, nodes)
+
+
+async def test_periodic_tests_avoid_and_yield_to_real_work(kube, namespace, tmp_path):
+    tid = secrets.token_hex(3)
+    cfg = PreflightConfig.model_validate({
+        "namespace": namespace, "fault_file": str(tmp_path / "faults.json"), "node_selector": {TEST_LABEL: tid},
+        "periodic": {"period_s": 600, "interval_s": 1, "min_idle_s": 0, "max_concurrent": 5, "sim_duration_ms": 15000},
+    })
+    nodes = my_nodes(tid, 3)
+    busy, preempt, idle = (n["metadata"]["name"] for n in nodes)
+    FaultPlan(tmp_path / "faults.json").inject(preempt, parse_fault("validation:hang"))  # a long test
+    old = str(int(time.time() - 3600))
+    for n in nodes:
+        n["metadata"]["annotations"][KEYS.validated_at] = old
+        await kube.create(NODES, n)
+
+    def work(name: str, node: str, gpus: int) -> dict:
+        res = {"nvidia.com/gpu": str(gpus)} if gpus else {}
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace},
+                "spec": {"nodeSelector": {"kubernetes.io/hostname": node},
+                         "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists"}],
+                         "containers": [{"name": "c", "image": "busybox",
+                                         "resources": {"requests": res, "limits": res}}]}}
+
+    await kube.create(PODS, work("job-on-busy", busy, 1), namespace)
+
+    async def running(name):
+        p = await kube.get(PODS, name, namespace)
+        return (p.get("status") or {}).get("phase") == "Running"
+
+    await until(lambda: running("job-on-busy"), 30, "real work running")
+    mgr, pf, task = await start(kube, namespace, cfg)
+    try:
+        async def periodic_pods():
+            ps, _ = await kube.list(PODS, namespace, label_selector=f"{KEYS.pod_kind}=periodic")
+            return {p["metadata"]["annotations"][KEYS.pod_node]: p for p in ps}
+
+        async def on_both():
+            ps = await periodic_pods()
+            assert busy not in ps, "a periodic test landed on a node running real work"
+            p = ps.get(preempt)
+            return ps if p and (p.get("status") or {}).get("phase") == "Running" else None
+
+        try:
+            ps = await until(on_both, 30, "periodic tests on the idle nodes")
+        except AssertionError:
+            from fleetkeeper.preflight import periodic as per
+            nv = [pf.nodes.get(n["metadata"]["name"]) for n in nodes]
+            dbg = per.decide(pf.nodes.items(), {k: list(v.values()) for k, v in pf.pods_on_node.items()},
+                             {}, cfg, KEYS, time.time())
+            raise AssertionError(f"key={bool(pf.key)} plan={dbg} {await periodic_pods()} eligible={pf.metrics.eligible._value.get()} "
+                                 f"{[(v.name, v.ready, v.taints, per.in_service(v, KEYS)) for v in nv if v]}")
+        victim = ps[preempt]["metadata"]["name"]
+        # real work that needs the GPUs preempts the low-priority test pod
+        await kube.create(PODS, work("job-on-preempt", preempt, 8), namespace)
+        await until(lambda: running("job-on-preempt"), 40, "real work scheduled by preempting the test")
+        assert await kube.get_or_none(PODS, victim, namespace) is None or \
+            (await kube.get(PODS, victim, namespace))["metadata"].get("deletionTimestamp")
+
+        async def revalidated():
+            n = await kube.get(NODES, idle)
+            return n["metadata"]["annotations"].get(KEYS.validated_at) != old
+
+        await until(revalidated, 40, "idle node re-validated")
+        n = await kube.get(NODES, preempt)
+        assert n["metadata"]["annotations"].get(KEYS.validated_at) == old  # preempted: no result
+        assert taint(n) is None
+        assert busy not in await periodic_pods()
+        b = await kube.get(NODES, busy)
+        assert b["metadata"]["annotations"][KEYS.validated_at] == old
+        assert pf.metrics.coverage._value.get() > 0
+    finally:
+        await stop(task)
+        await delete_nodes(kube, nodes)
