@@ -48,7 +48,7 @@ def node_ref(name: str, uid: str = "") -> ObjectRef:
 class EventRecorder:
     kube: Kube
     controller: str
-    namespace: str = "default"  # where events of cluster-scoped objects go
+    namespace: str = "default"  # unused for cluster-scoped objects: their Events must live in "default"
     clock: Clock = field(default_factory=RealClock)
     metrics: RuntimeMetrics | None = None
     rate: float = 20.0  # events per second
@@ -75,7 +75,9 @@ class EventRecorder:
         if not self._bucket.take():
             log.warning("event rate limit reached; dropping %s on %s", reason, obj.name)
             return
-        ns = obj.namespace or self.namespace
+        # The API server requires Events about cluster-scoped objects (Nodes) to
+        # live in "default"; Events about namespaced objects live beside them.
+        ns = obj.namespace or "default"
         key = (obj.kind, obj.namespace, obj.name, reason, note)
         now = _fmt(self.clock.now())
         try:

@@ -9,7 +9,7 @@ from fleetkeeper.core.domain import Names
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 SIM_RESULT = "fleetkeeper.io/sim-result"
 SIM_MESSAGE = "fleetkeeper.io/sim-message"
-SIM_DELAY = "fleetkeeper.io/sim-delay-ms"
+SIM_DELAY = "fleetkeeper.io/sim-delay"  # a Go duration, e.g. "5000ms"
 PENDING, FAILED = "pending", "failed"
 GATE, PERIODIC = "gate", "periodic"
 

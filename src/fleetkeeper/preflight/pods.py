@@ -29,7 +29,7 @@ def test_pod(node: NodeView, kind: str, name: str, nonce: str, profile: str, cfg
         annotations[SIM_RESULT] = "succeed" if sim[0] else "fail"
         annotations[SIM_MESSAGE] = sim[1]
         if sim_delay_ms:
-            annotations[SIM_DELAY] = str(sim_delay_ms)
+            annotations[SIM_DELAY] = f"{sim_delay_ms}ms"
     resources: dict = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
     if node.gpus:
         resources["requests"][GPU_RESOURCE] = str(node.gpus)

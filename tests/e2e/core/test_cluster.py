@@ -40,6 +40,9 @@ async def test_pods_run_and_finish_as_asked(kube, namespace):
 
     await kube.create(PODS, pod("ok", "succeed"), namespace)
     await kube.create(PODS, pod("bad", "fail"), namespace)
+    slow = pod("slow", "succeed")
+    slow["metadata"]["annotations"]["fleetkeeper.io/sim-delay"] = "8s"
+    await kube.create(PODS, slow, namespace)
     deadline = time.monotonic() + 60
     phases = {}
     while time.monotonic() < deadline:
@@ -48,6 +51,8 @@ async def test_pods_run_and_finish_as_asked(kube, namespace):
             break
         await asyncio.sleep(0.5)
     assert phases == {"ok": "Succeeded", "bad": "Failed"}
+    slow_phase = (await kube.get(PODS, "slow", namespace))["status"].get("phase")
+    assert slow_phase in ("Pending", "Running")  # not finished: its delay has not passed yet
     bad = await kube.get(PODS, "bad", namespace)
     term = bad["status"]["containerStatuses"][0]["state"]["terminated"]
     assert term["exitCode"] == 1 and term["message"] == "msg-bad"

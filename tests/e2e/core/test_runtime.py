@@ -144,3 +144,19 @@ async def test_leader_election_hands_over_when_leader_dies(kube, namespace):
     finally:
         tb.cancel()
         await asyncio.gather(tb, return_exceptions=True)
+
+
+async def test_events_about_nodes_and_pods_are_recorded(kube, namespace):
+    from fleetkeeper.core.events import EventRecorder, ObjectRef, node_ref
+    from fleetkeeper.core.kube import EVENTS
+
+    rec = EventRecorder(kube, "test", namespace="fleetkeeper-system")
+    await rec.emit(node_ref("node-gpu-00000"), "TestReason", f"about a node {namespace}")
+    await rec.emit(node_ref("node-gpu-00000"), "TestReason", f"about a node {namespace}")  # aggregated
+    await rec.emit(ObjectRef("Pod", "p", namespace), "TestReason", "about a pod")
+    node_events, _ = await kube.list(EVENTS, "default", field_selector="reason=TestReason")
+    mine = [e for e in node_events if e.get("note") == f"about a node {namespace}"]
+    assert len(mine) == 1 and mine[0]["regarding"]["kind"] == "Node"
+    assert mine[0]["series"]["count"] == 2
+    pod_events, _ = await kube.list(EVENTS, namespace)
+    assert [e["note"] for e in pod_events] == ["about a pod"]
