@@ -1,0 +1,228 @@
+"""Benchmark of the capacity component on a real local control plane.
+
+    .venv/bin/python bench/bench_capacity.py [--nodes N] [--gang G] [--pair P] [--job J]
+
+Starts its own LocalCluster (KWOK nodes, the pinned kube-scheduler with
+GangScheduling) in a temporary directory and runs fleetkeeper's capacity
+controllers in this process. Every figure is printed next to a baseline
+measured in the same run:
+
+1. a G-pod gang (G defaults to min(1000, GPU nodes)): time from the first pod
+   create to all G bound, and scheduler throughput in pods/s, with the gang
+   (webhook + PodGroup + GangScheduling) against the same G pods without it;
+2. the pair: two experiments each asking for all P nodes of a subset: with
+   gangs, who is placed and how long it takes; without gangs, the partial
+   placement that deadlocks both;
+3. balloons: time from a J-pod GPU job's creation to all its pods bound on a
+   pool full of balloons, against the same job on an empty pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from fleetkeeper.capacity.config import CapacityConfig  # noqa: E402
+from fleetkeeper.capacity.controller import CapacityOptions, setup  # noqa: E402
+from fleetkeeper.core import errors  # noqa: E402
+from fleetkeeper.core.domain import Names  # noqa: E402
+from fleetkeeper.core.kube import NAMESPACES, NODES, PODS, Kube, RetryPolicy  # noqa: E402
+from fleetkeeper.core.manager import Manager  # noqa: E402
+from fleetkeeper.core.settings import RuntimeSettings  # noqa: E402
+from fleetkeeper.localcluster.cluster import LocalCluster  # noqa: E402
+
+N = Names()
+
+
+def pod(name: str, *, gang: str | None = None, min_: int | None = None, selector: dict | None = None) -> dict:
+    labels = {"bench": "1"}
+    ann = {}
+    if gang:
+        labels[N.gang] = gang
+        labels["gang-of"] = gang
+    if min_:
+        ann[N.gang_min] = str(min_)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels, "annotations": ann},
+            "spec": {"nodeSelector": {N.pool: "gpu", **(selector or {})}, "terminationGracePeriodSeconds": 0,
+                     "containers": [{"name": "c", "image": "trainer",
+                                     "resources": {"limits": {"nvidia.com/gpu": "8"}}}]}}
+
+
+async def create_all(kube: Kube, ns: str, pods: list[dict], concurrency: int = 32) -> None:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(p):
+        async with sem:
+            await kube.create(PODS, p, ns)
+    await asyncio.gather(*(one(p) for p in pods))
+
+
+async def count_bound(kube: Kube, ns: str, selector: str) -> tuple[int, int]:
+    items, _ = await kube.list(PODS, ns, label_selector=selector)
+    items = [p for p in items if not p["metadata"].get("deletionTimestamp")]
+    return sum(1 for p in items if p["spec"].get("nodeName")), len(items)
+
+
+async def wait_bound(kube: Kube, ns: str, selector: str, want: int, timeout: float) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        b, _ = await count_bound(kube, ns, selector)
+        if b >= want:
+            return time.monotonic() - t0
+        await asyncio.sleep(0.25)
+    return None
+
+
+async def fresh_ns(kube: Kube, prefix: str) -> str:
+    ns = f"{prefix}-{secrets.token_hex(3)}"
+    await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    return ns
+
+
+async def drop_ns(kube: Kube, ns: str, timeout: float = 180) -> None:
+    try:
+        await kube.delete(NAMESPACES, ns)
+    except errors.NotFound:
+        return
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and await kube.get_or_none(NAMESPACES, ns) is not None:
+        await asyncio.sleep(0.5)
+
+
+async def start(kube: Kube, cfg: CapacityConfig, tmp: Path, webhook: bool) -> tuple[asyncio.Task, Manager]:
+    mgr = Manager(kube, RuntimeSettings(namespace="fleetkeeper-system", server={"port": 0},
+                                        leader_election={"enabled": False}), registry=CollectorRegistry())
+    await setup(mgr, CapacityOptions(config=cfg, webhook=webhook, webhook_cert_dir=tmp / "wh",
+                                     webhook_config_name=f"bench-capacity-{secrets.token_hex(2)}",
+                                     unregister_on_exit=True))
+    task = asyncio.create_task(mgr.run())
+    await mgr.wait_synced(300)
+    await asyncio.sleep(2.0)
+    return task, mgr
+
+
+async def stop(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def main(args) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="fk-bench-capacity-") as d:
+        tmp = Path(d)
+        lc = LocalCluster(tmp / "cluster")
+        t0 = time.monotonic()
+        await lc.up(args.nodes, 8)
+        print(f"cluster: {args.nodes} nodes up in {time.monotonic() - t0:.0f}s")
+        kube = await lc.connect(retry=RetryPolicy(attempts=8))
+        try:
+            await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
+                                           "metadata": {"name": "fleetkeeper-system"}})
+            nodes, _ = await kube.list(NODES, label_selector=f"{N.pool}=gpu")
+            gpu_nodes = [n["metadata"]["name"] for n in nodes]
+            print(f"GPU nodes: {len(gpu_nodes)}")
+            g = min(args.gang or 1000, len(gpu_nodes))
+            gangs_cfg = CapacityConfig.model_validate({"balloons": {"enabled": False},
+                                                       "gangs": {"webhook_port": 0, "cleanup_grace_seconds": 0}})
+            task, _ = await start(kube, gangs_cfg, tmp, webhook=True)
+
+            # 1. one big gang vs the same pods without it
+            print(f"\n[1] {g}-pod job, each pod one whole node (8 GPUs)")
+            res = {}
+            for mode in ("plain", "gang"):
+                ns = await fresh_ns(kube, f"b1-{mode}")
+                pods = [pod(f"w-{i}", gang="big" if mode == "gang" else None, min_=g if mode == "gang" else None)
+                        for i in range(g)]
+                t = time.monotonic()
+                await create_all(kube, ns, pods)
+                created = time.monotonic() - t
+                took = await wait_bound(kube, ns, "bench=1", g, 600)
+                total = created + took if took is not None else None
+                res[mode] = total
+                print(f"  {mode:5}: created in {created:.1f}s; all {g} bound {total:.1f}s after the first create "
+                      f"({g / total:.0f} pods/s)" if total else f"  {mode}: not all bound within 600s")
+                await drop_ns(kube, ns)
+            if res.get("plain") and res.get("gang"):
+                print(f"  gang/plain time ratio: {res['gang'] / res['plain']:.2f}")
+
+            # 2. the pair: two experiments each asking for all P nodes
+            p = min(args.pair, len(gpu_nodes))
+            subset = gpu_nodes[:p]
+            for n in subset:
+                await kube.patch(NODES, n, {"metadata": {"labels": {"bench-pair": "yes"}}})
+            print(f"\n[2] two experiments, each asking for all {p} nodes of a subset")
+            for mode in ("gang", "plain"):
+                ns = await fresh_ns(kube, f"b2-{mode}")
+                pods = []
+                for i in range(p):  # interleaved, as two controllers create them
+                    for e in ("a", "b"):
+                        pods.append(pod(f"{e}-{i}", gang=f"exp-{e}" if mode == "gang" else None,
+                                        min_=p if mode == "gang" else None, selector={"bench-pair": "yes"}))
+                        if mode == "plain":
+                            pods[-1]["metadata"]["labels"]["gang-of"] = f"exp-{e}"
+                t = time.monotonic()
+                await create_all(kube, ns, pods)
+                took = await wait_bound(kube, ns, "bench=1", p, 300)
+                await asyncio.sleep(3.0)  # let anything still moving settle
+                a, _ = await count_bound(kube, ns, "gang-of=exp-a")
+                b, _ = await count_bound(kube, ns, "gang-of=exp-b")
+                whole = "one whole, the other waiting whole" if sorted([a, b]) == [0, p] else \
+                    "PARTIAL: both stuck (deadlock)" if a and b else "other"
+                print(f"  {mode:5}: {p} nodes filled in {took:.1f}s; exp-a {a}/{p}, exp-b {b}/{p} placed: {whole}"
+                      if took is not None else f"  {mode}: nodes not filled")
+                await drop_ns(kube, ns)
+            await stop(task)
+
+            # 3. balloons: a job on an empty pool vs on a pool full of balloons
+            j = min(args.job, len(gpu_nodes))
+            print(f"\n[3] a {j}-pod GPU job (8 GPUs a pod)")
+            ns = await fresh_ns(kube, "b3-empty")
+            t = time.monotonic()
+            await create_all(kube, ns, [pod(f"j-{i}") for i in range(j)])
+            base = await wait_bound(kube, ns, "bench=1", j, 300)
+            base = None if base is None else time.monotonic() - t
+            print(f"  empty pool        : all {j} bound {base:.1f}s after creation" if base else
+                  "  empty pool: not all bound within 300s")
+            await drop_ns(kube, ns)
+            bcfg = CapacityConfig.model_validate({"balloons": {"pools": [{"name": "gpu", "max_nodes": len(gpu_nodes)}]},
+                                                  "gangs": {"enabled": False}})
+            task, mgr = await start(kube, bcfg, tmp, webhook=False)
+            t = time.monotonic()
+            full = await wait_bound(kube, "fleetkeeper-system", f"{N.domain}/balloon=gpu", len(gpu_nodes), 900)
+            print(f"  balloons          : {len(gpu_nodes)} placed in {time.monotonic() - t:.1f}s"
+                  if full is not None else "  balloons: pool not full within 900s")
+            ns = await fresh_ns(kube, "b3-full")
+            t = time.monotonic()
+            await create_all(kube, ns, [pod(f"j-{i}") for i in range(j)])
+            took = await wait_bound(kube, ns, "bench=1", j, 300)
+            took = None if took is None else time.monotonic() - t
+            print(f"  pool of balloons  : all {j} bound {took:.1f}s after creation (preempting {j} balloons); "
+                  f"ratio to empty pool {took / base:.2f}" if took and base else "  pool of balloons: not all bound")
+            await drop_ns(kube, ns)
+            t = time.monotonic()
+            back = await wait_bound(kube, "fleetkeeper-system", f"{N.domain}/balloon=gpu", len(gpu_nodes), 300)
+            print(f"  balloons back on every node {time.monotonic() - t:.1f}s after the job's namespace was gone"
+                  if back is not None else "  balloons not back within 300s")
+            await stop(task)
+        finally:
+            await kube.close()
+            lc.down(purge=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=1000, help="simulated nodes (the article: 7500)")
+    ap.add_argument("--gang", type=int, default=1000, help="pods in the big gang (capped at the GPU nodes)")
+    ap.add_argument("--pair", type=int, default=50, help="nodes both experiments ask for")
+    ap.add_argument("--job", type=int, default=100, help="pods of the job arriving on a pool of balloons")
+    asyncio.run(main(ap.parse_args()))
