@@ -45,6 +45,7 @@ log = logging.getLogger("fleetkeeper.capacity")
 
 WEBHOOK_PATH = "capacity-gang"
 WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
+MESSAGE_REFRESH_SECONDS = 5.0  # a gang's message annotation is refreshed at most this often
 _GROUP_KIND = {PODGROUPS: "PodGroup", WORKLOADS: "Workload", COSCHED_PODGROUPS: "CoschedulingPodGroup"}
 
 
@@ -120,7 +121,10 @@ class BalloonManager:
         digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
         if self._applied.get(key) == digest:
             return False
-        await self.kube.apply(res, body, dry_run=self.dry_run)
+        if self.dry_run:
+            log.info("dry-run: would apply %s %s", res.kind, key)
+        else:
+            await self.kube.apply(res, body)
         self._applied[key] = digest
         return True
 
@@ -214,6 +218,9 @@ class GangManager:
         self.states: dict[str, str] = {}
         self.plans: dict[str, gg.GangPlan] = {}
         self._reported: dict[tuple[str, str], bool] = {}
+        self._messages: dict[str, str] = {}
+        self._emitted: dict[str, str] = {}
+        self._annotated_at: dict[str, float] = {}
         self.pods.add_handler(self._on_pod)
         for inf in self.groups.values():
             inf.add_handler(self.controller.handler())
@@ -285,6 +292,10 @@ class GangManager:
         self.plans[key] = plan
         await self._apply(ns, gang, plan, owner, pods, objs)
         if plan.state == "Deleted":
+            self._messages.pop(key, None)
+            self._emitted.pop(key, None)
+            self._annotated_at.pop(key, None)
+            self._reported = {k: v for k, v in self._reported.items() if k[0] != key}
             self.plans.pop(key, None)
             self.states.pop(key, None)
             self.empty_since.pop(key, None)
@@ -342,7 +353,16 @@ class GangManager:
                     await self.kube.patch(PODS, name, {"metadata": {"labels": {gg.COSCHED_LABEL: gang}}}, ns)
                 except errors.NotFound:
                     pass
-        if plan.state_changed:
+        now = self.clock.monotonic()
+        refresh = (plan.state and plan.state != "Deleted" and plan.message != self._messages.get(plan.key)
+                   and now - self._annotated_at.get(plan.key, -1e9) >= MESSAGE_REFRESH_SECONDS)
+        if not (plan.state_changed or refresh) and plan.state and plan.state != "Deleted" and \
+                plan.message != self._messages.get(plan.key):
+            wait = MESSAGE_REFRESH_SECONDS - (now - self._annotated_at.get(plan.key, -1e9))
+            plan.requeue_after = min(plan.requeue_after or wait, max(wait, 0.1))
+        if plan.state_changed or refresh:
+            self._messages[plan.key] = plan.message
+            self._annotated_at[plan.key] = now
             if not self.dry_run:
                 ann = {"metadata": {"annotations": {gg.state_annotation(self.names): plan.state,
                                                     gg.message_annotation(self.names): plan.message[:1000]}}}
@@ -353,6 +373,8 @@ class GangManager:
                             await self.kube.patch(res, gang, ann, ns)
                         except errors.NotFound:
                             pass
+        if plan.state_changed and self._emitted.get(plan.key) != plan.state:
+            self._emitted[plan.key] = plan.state
             if plan.state == "Broken":
                 self.metrics.members_lost.inc()
             await self._event(ns, gang, owner, pods, f"Gang{plan.state}", f"gang {gang}: {plan.message}",

@@ -1,0 +1,44 @@
+"""The webhook's registration and certificate."""
+
+from __future__ import annotations
+
+import ssl
+
+from cryptography import x509
+
+from fleetkeeper.capacity.certs import ensure_webhook_cert
+from fleetkeeper.capacity.config import CapacityConfig
+from fleetkeeper.capacity.controller import webhook_registration
+from fleetkeeper.core.domain import Names
+
+
+def test_registration_is_scoped_to_gang_pods_and_fails_closed():
+    reg = webhook_registration(CapacityConfig(), Names("example.com"), "cfg", None, b"CA", service_namespace="fk")
+    assert reg["kind"] == "MutatingWebhookConfiguration" and reg["metadata"]["name"] == "cfg"
+    wh = reg["webhooks"][0]
+    assert wh["failurePolicy"] == "Fail" and wh["sideEffects"] == "None"
+    assert wh["objectSelector"] == {"matchExpressions": [{"key": "example.com/gang", "operator": "Exists"}]}
+    assert wh["rules"][0]["operations"] == ["CREATE"] and wh["rules"][0]["resources"] == ["pods"]
+    assert wh["clientConfig"]["service"] == {"name": "fleetkeeper-capacity-webhook", "namespace": "fk",
+                                             "path": "/capacity-gang", "port": 9445}
+
+
+def test_registration_by_url_with_namespace_selector():
+    sel = {"matchLabels": {"kubernetes.io/metadata.name": "t"}}
+    reg = webhook_registration(CapacityConfig(), Names(), "cfg", "https://127.0.0.1:1/capacity-gang", b"CA", sel)
+    wh = reg["webhooks"][0]
+    assert wh["clientConfig"]["url"].startswith("https://127.0.0.1") and wh["namespaceSelector"] == sel
+
+
+def test_cert_is_reused_and_renewed_for_new_hosts(tmp_path):
+    a = ensure_webhook_cert(tmp_path, ["127.0.0.1", "svc.ns.svc"])
+    b = ensure_webhook_cert(tmp_path, ["127.0.0.1"])
+    assert a.ca_bundle == b.ca_bundle  # same hosts covered: reused
+    c = ensure_webhook_cert(tmp_path, ["127.0.0.1", "other.ns.svc"])
+    assert c.ca_bundle != a.ca_bundle
+    cert = x509.load_pem_x509_certificate(c.cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "other.ns.svc" in sans.get_values_for_type(x509.DNSName)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(c.cert), str(c.key))  # a usable key pair
+    assert (c.key.stat().st_mode & 0o777) == 0o600
