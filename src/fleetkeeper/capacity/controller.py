@@ -29,7 +29,7 @@ from fleetkeeper.core.domain import Names
 from fleetkeeper.core.events import EventRecorder, ObjectRef
 from fleetkeeper.core.kube import (
     CONFIGMAPS, COSCHED_PODGROUPS, DEPLOYMENTS, MUTATING_WEBHOOKS, NAMESPACES, PODGROUPS, PODS, PRIORITYCLASSES,
-    WORKLOADS, Kube, Resource,
+    WORKLOADS, Kube, Resource, build_request,
 )
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.ratelimit import TokenBucket
@@ -45,6 +45,7 @@ log = logging.getLogger("fleetkeeper.capacity")
 
 WEBHOOK_PATH = "capacity-gang"
 WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
+MIN_BALLOON_PASS_SECONDS = 1.0
 MESSAGE_REFRESH_SECONDS = 5.0  # a gang's message annotation is refreshed at most this often
 _GROUP_KIND = {PODGROUPS: "PodGroup", WORKLOADS: "Workload", COSCHED_PODGROUPS: "CoschedulingPodGroup"}
 
@@ -93,6 +94,7 @@ class BalloonManager:
         self._applied: dict[str, str] = {}
         self._ns_ready = False
         self._last_problems: list[str] = []
+        self._last_pass = -1e9
         self.last_plan: bl.BalloonPlan | None = None
         label = bl.balloon_label(self.names)
         self.nodes.add_handler(self.controller.handler(lambda k, o, n: "pools"))
@@ -129,6 +131,11 @@ class BalloonManager:
         return True
 
     async def reconcile(self, key: str) -> Result:
+        # one pass sees every pool; bursts of pod/node events collapse into at most one pass a second
+        since = self.clock.monotonic() - self._last_pass
+        if since < MIN_BALLOON_PASS_SECONDS:
+            return Result(requeue_after=MIN_BALLOON_PASS_SECONDS - since)
+        self._last_pass = self.clock.monotonic()
         await self._ensure_namespace()
         existing: list[str] = []
         if not self.dry_run:
@@ -461,10 +468,33 @@ class Capacity:
     webhook: GangWebhook | None = None
 
 
+async def check_apis(kube: Kube, cfg: CapacityConfig) -> None:
+    """Fail early, naming the fix, when a gang backend's API is not served."""
+    wanted: list[tuple[Resource, str]] = []
+    if cfg.gangs.enabled and cfg.in_tree:
+        wanted += [(WORKLOADS, "enable the GenericWorkload feature gate and runtime-config "
+                               "scheduling.k8s.io/v1alpha2=true on the API server (and GangScheduling on "
+                               "kube-scheduler), or set gangs.backend: coscheduling"),
+                   (PODGROUPS, "as for workloads")]
+    if cfg.gangs.enabled and cfg.coscheduling:
+        wanted.append((COSCHED_PODGROUPS, "install deploy/capacity/coscheduling-podgroup-crd.yaml (scheduler-plugins), "
+                                          "or set gangs.backend: in-tree"))
+    problems = []
+    for res, fix in wanted:
+        try:
+            await kube.request(build_request("list", res, limit=1))
+        except errors.NotFound:
+            problems.append((f"gangs.backend={cfg.gangs.backend}", res.api_version + " " + res.plural,
+                             f"the API server does not serve it: {fix}"))
+    if problems:
+        raise errors.ConfigError("capacity", problems)
+
+
 async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
     if options is None:
         options = CapacityOptions(config=await load_cluster_config(mgr.kube, mgr.settings.namespace))
     cfg = options.config
+    await check_apis(mgr.kube, cfg)
     metrics = CapacityMetrics(mgr.registry)
     recorder = mgr.recorder("capacity")
     cap = Capacity(cfg, metrics)

@@ -4,9 +4,12 @@ team A's nodes and waiting for the rest."""
 
 from __future__ import annotations
 
+import pytest
+
 from capacity_helpers import NAMES, bound, pods_of, wait_for
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.capacity.explain import explain_pod
+from fleetkeeper.core import errors
 from fleetkeeper.core.kube import PODS, STATEFULSETS
 
 
@@ -56,3 +59,10 @@ async def test_team_gang_stays_on_team_nodes(kube, namespace, pool_factory, run_
     big_pods = await pods_of(kube, namespace, "exp=a-big")
     assert not any(p["spec"].get("nodeName") in team_b for p in big_pods + small)
     assert bound(big_pods) == []
+
+    # a gang name that cannot name a PodGroup is refused at creation, with the reason
+    bad = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "bad", "labels": {NAMES.gang: "Team_A"}}, "spec": spec}
+    with pytest.raises(errors.ApiError) as exc:
+        await kube.create(PODS, bad, namespace)
+    assert "must be a DNS label" in str(exc.value) and NAMES.gang in str(exc.value)
