@@ -220,7 +220,7 @@ class GangManager:
         self.controller = Controller("capacity-gangs", self.reconcile, metrics=mgr.metrics, clock=mgr.clock,
                                      workers=4)
         self.members: dict[str, dict[str, gg.GangPod]] = {}
-        self.by_node: dict[str, set[str]] = {}
+        self.by_node: dict[str, set[tuple[str, str]]] = {}  # node -> {(gang key, pod name)}
         self.empty_since: dict[str, float] = {}
         self.states: dict[str, str] = {}
         self.plans: dict[str, gg.GangPlan] = {}
@@ -237,11 +237,11 @@ class GangManager:
         if old is not None and old.gang:
             self.members.get(old.key, {}).pop(old.name, None)
             if old.node:
-                self.by_node.get(old.node, set()).discard(old.key)
+                self.by_node.get(old.node, set()).discard((old.key, old.name))
         if new is not None and new.gang:
             self.members.setdefault(new.key, {})[new.name] = new
             if new.node:
-                self.by_node.setdefault(new.node, set()).add(new.key)
+                self.by_node.setdefault(new.node, set()).add((new.key, new.name))
         for p in (old, new):
             if p is not None and p.gang:
                 self.controller.enqueue(p.key)
@@ -249,7 +249,7 @@ class GangManager:
     def _on_node(self, typ: str, key: str, old, new) -> None:
         if old is not None and new is not None and old.ready == new.ready:
             return
-        for gang in list(self.by_node.get(key, ())):
+        for gang in {g for g, _ in self.by_node.get(key, ())}:
             self.controller.enqueue(gang)
 
     async def run(self) -> None:
@@ -440,7 +440,17 @@ class GangWebhook:
         self.server = WebhookServer(str(cert.cert), str(cert.key), host=g.webhook_host, port=g.webhook_port,
                                     registry=self.registry)
         self.server.add(WEBHOOK_PATH, self.handler)
-        await self.server.start()
+        delay = 1.0
+        while True:  # a port still held (a previous process) must not take the other controllers down
+            try:
+                await self.server.start()
+                break
+            except OSError as exc:
+                log.error("gang webhook cannot listen on %s:%s: %s; retrying in %.0fs (gang pods cannot be "
+                          "created meanwhile)", g.webhook_host, g.webhook_port, exc, delay)
+                await self.server.stop()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
         url = g.webhook_url or (self.server.url(WEBHOOK_PATH) if g.webhook_host in ("127.0.0.1", "localhost") else None)
         log.info("gang webhook serving on %s", self.server.url(WEBHOOK_PATH))
         try:
