@@ -1,0 +1,324 @@
+"""teams benchmark, on a local control plane of its own (temp dir).
+
+    .venv/bin/python bench/bench_teams.py [--nodes 7500] [--teams 40] [--pods 1000]
+
+Figures, each next to a baseline measured in the same run (never pass/fail):
+
+* convergence from scratch: the controller (informers synced, ConfigMap
+  created -> every node right) vs a bare loop sending the same JSON patches
+  with the same concurrency (the API server's own limit);
+* API writes used vs nodes that changed; writes at steady state;
+* a count change that moves up to 1,000 nodes;
+* webhook handler latency in process (p50/p99), and a burst of pod creations
+  through kube-apiserver with and without the webhook;
+* controller RSS with every node cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.kube import CONFIGMAPS, NAMESPACES, NODES, PODS, Kube, Resource
+from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.settings import RuntimeSettings
+from fleetkeeper.core.views import default_projector
+from fleetkeeper.core.webhook import AdmissionRequest
+from fleetkeeper.localcluster.cluster import LocalCluster
+from fleetkeeper.teams.admission import Priorities, TeamAdmission
+from fleetkeeper.core import errors
+from fleetkeeper.teams.apply import is_conflict, node_patch
+from fleetkeeper.teams.config import ConfigState, TeamsConfig
+from fleetkeeper.teams.controller import setup
+from fleetkeeper.teams.plan import decide, snapshot
+
+ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True)
+NAMES = Names()
+NS = "fleetkeeper-system"
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def config_text(counts: list[int]) -> str:
+    lines = ["teams:"]
+    for k, c in enumerate(counts):
+        zone = ("zone-a", "zone-b", "zone-c")[k % 3]
+        lines.append(f"  - {{team: team-{k:02d}, nodeSelector: {{fleetkeeper.io/pool: gpu, "
+                     f"topology.kubernetes.io/zone: {zone}}}, count: {c}}}")
+    lines += ["membership:", "  team-00: {groups: [team-a]}",
+              "writes: {perSecond: 100000, burst: 100000, concurrency: 16}"]
+    return "\n".join(lines) + "\n"
+
+
+def initial_counts(gpu_nodes: int, teams: int) -> list[int]:
+    per_zone = gpu_nodes // 3
+    per_team = int(per_zone * 0.8) // -(-teams // 3)
+    return [per_team] * teams
+
+
+async def team_counts(kube: Kube) -> dict[str, int]:
+    nodes, _ = await kube.list(NODES, label_selector=NAMES.team)
+    out: dict[str, int] = {}
+    for n in nodes:
+        t = n["metadata"]["labels"][NAMES.team]
+        taints = [x for x in n["spec"].get("taints") or [] if x["key"] == NAMES.team]
+        assert len(taints) == 1 and taints[0]["value"] == t, f"{n['metadata']['name']} inconsistent"
+        out[t] = out.get(t, 0) + 1
+    return out
+
+
+async def bare_loop(kube: Kube, cfg: TeamsConfig, concurrency: int) -> tuple[float, int]:
+    """Same decide, same patches, same concurrency; no controller around it."""
+    proj = default_projector(NAMES.domain)
+    nodes, _ = await kube.list(NODES)
+    views = {v.name: v for v in map(proj.node, nodes)}
+    states, _ = snapshot(list(views.values()), [], NAMES, "x")
+    plan = decide(states, cfg)
+    sem = asyncio.Semaphore(concurrency)
+
+    retries = 0
+
+    async def one(c):
+        nonlocal retries
+        v = views[c.node]
+        async with sem:
+            while True:
+                try:
+                    await kube.patch(NODES, c.node, node_patch(v, NAMES, c.new_team), patch_type="json")
+                    return
+                except errors.ApiError as exc:  # the node moved on (status heartbeat): read it again
+                    if not is_conflict(exc):
+                        raise
+                    retries += 1
+                    v = proj.node(await kube.get(NODES, c.node))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(c) for c in plan.changes))
+    dt = time.perf_counter() - t0
+    if retries:
+        print(f"  (bare loop re-read {retries} node(s) changed since its list)")
+    return dt, len(plan.changes)
+
+
+async def strip_all(kube: Kube) -> None:
+    proj = default_projector(NAMES.domain)
+    nodes, _ = await kube.list(NODES, label_selector=NAMES.team)
+    sem = asyncio.Semaphore(32)
+
+    async def one(v):
+        async with sem:
+            for _ in range(5):
+                try:
+                    await kube.patch(NODES, v.name, node_patch(v, NAMES, ""), patch_type="json")
+                    return
+                except errors.ApiError as exc:
+                    if not is_conflict(exc):
+                        raise
+                    v = proj.node(await kube.get(NODES, v.name))
+
+    await asyncio.gather(*(one(proj.node(n)) for n in nodes))
+
+
+async def wait_counts(kube: Kube, want: dict[str, int], timeout: float) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if await team_counts(kube) == want:
+            return time.perf_counter() - t0
+        await asyncio.sleep(0.25)
+    raise RuntimeError(f"did not converge in {timeout}s: {await team_counts(kube)} != {want}")
+
+
+def handler_latency(n: int = 20000) -> tuple[float, float]:
+    st = ConfigState()
+    st.accept(TeamsConfig.model_validate({
+        "teams": [{"team": f"team-{k:02d}", "nodeSelector": {}, "count": 1} for k in range(40)],
+        "membership": {f"team-{k:02d}": {"groups": [f"g{k}"]} for k in range(40)}}), "1")
+    adm = TeamAdmission(NAMES, st, lambda: Priorities({"low": -10}, 0))
+    review = {"request": {"uid": "u", "kind": {"kind": "Pod"}, "operation": "CREATE", "namespace": "ns",
+                          "userInfo": {"username": "alice", "groups": ["g7", "researchers"]},
+                          "object": {"metadata": {"name": "p", "labels": {"app": "x"}},
+                                     "spec": {"containers": [{"name": "c", "image": "i"}], "priority": 0,
+                                              "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}}}}
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = AdmissionRequest.from_review(review)
+        adm.mutate(r).response(r.uid)
+        adm.validate(r).response(r.uid)
+        lat.append(time.perf_counter() - t0)
+    lat.sort()
+    return lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
+
+
+BURST_CLIENT = """
+import asyncio, sys, time
+from fleetkeeper.core.kube import Kube, PODS
+async def main(cfg, ns, n, conc):
+    async with await Kube.connect(cfg) as k:
+        sem = asyncio.Semaphore(conc)
+        async def one(i):
+            body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"p-{i}", "namespace": ns},
+                    "spec": {"schedulerName": "bench-nobody", "containers": [{"name": "c", "image": "i"}]}}
+            async with sem:
+                await k.create(PODS, body, ns)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        print(time.perf_counter() - t0)
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+"""
+
+
+async def pod_burst(user_kubeconfig: str, kube: Kube, ns: str, n: int, concurrency: int = 32) -> float:
+    await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
+                                   "metadata": {"name": ns, "labels": {"bench": "teams"}}})
+    await kube.create(ROLEBINDINGS, {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "researchers-edit", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "researchers"}]}, ns)
+    await asyncio.sleep(0.5)
+    # the client runs in its own process, so it does not share this event loop
+    # (and its core) with the webhook being measured
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", BURST_CLIENT, user_kubeconfig, ns, str(n), str(concurrency),
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"burst client failed ({proc.returncode})")
+    dt = float(out.decode().strip().splitlines()[-1])
+    await kube.delete(NAMESPACES, ns)
+    return dt
+
+
+async def main(nodes: int, teams: int, pods: int) -> None:
+    print(f"== teams benchmark: {nodes} nodes, {teams} teams, {pods}-pod bursts")
+    p50, p99 = handler_latency()
+    print(f"webhook handler in process (parse + mutate + validate + encode): p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    tmp = tempfile.mkdtemp(prefix="fk-bench-teams-")
+    lc = LocalCluster(Path(tmp))
+    t0 = time.perf_counter()
+    up = await lc.up(nodes, 8)
+    print(f"control plane with {up['ready']} Ready nodes in {time.perf_counter() - t0:.0f}s")
+    kube = await lc.connect()
+    try:
+        all_nodes, _ = await kube.list(NODES)
+        gpu = sum(1 for n in all_nodes if n["metadata"]["labels"].get(NAMES.pool) == "gpu")
+        counts = initial_counts(gpu, teams)
+        cfg = TeamsConfig.model_validate(__import__("yaml").safe_load(config_text(counts)))
+        want = {f"team-{k:02d}": c for k, c in enumerate(counts)}
+
+        # 1. baseline: bare loop with the same patches
+        bare_s, bare_writes = await bare_loop(kube, cfg, 16)
+        assert await team_counts(kube) == want
+        print(f"bare loop: {bare_writes} node patches in {bare_s:.2f}s ({bare_writes / bare_s:.0f}/s, concurrency 16)")
+        await strip_all(kube)
+
+        # 2. controller from scratch
+        rss0 = rss_mb()
+        await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+        settings = RuntimeSettings(server={"port": 0}, leader_election={"enabled": False})
+        reg = CollectorRegistry()
+        mgr = Manager(kube, settings, registry=reg)
+        await setup(mgr, {"webhook": {"enabled": True, "configName": "bench-teams",
+                                      "namespaceLabels": {"bench": "teams"}}})
+        task = asyncio.create_task(mgr.run())
+        await mgr.wait_synced(300)
+        await asyncio.sleep(1)
+        rss_synced = rss_mb()
+        tm = mgr.teams
+        t0 = time.perf_counter()
+        await kube.create(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
+                                       "metadata": {"name": "fleetkeeper-teams", "namespace": NS},
+                                       "data": {"config.yaml": config_text(counts)}}, NS)
+        await wait_counts(kube, want, 600)
+        ctl_s = time.perf_counter() - t0
+        print(f"controller from scratch: {ctl_s:.2f}s = {ctl_s / bare_s:.2f}x the bare loop (target <= 1.2x); "
+              f"writes {tm.writes} for {bare_writes} nodes that changed")
+        # 3. steady state
+        w0 = tm.writes
+        patches0 = reg.get_sample_value("fleetkeeper_api_requests_total",
+                                        {"verb": "patch", "resource": "nodes", "code": "200"}) or 0
+        for _ in range(3):
+            tm.controller.enqueue("teams")
+            r0 = tm.controller.reconciles
+            while tm.controller.reconciles == r0:
+                await asyncio.sleep(0.05)
+        patches1 = reg.get_sample_value("fleetkeeper_api_requests_total",
+                                        {"verb": "patch", "resource": "nodes", "code": "200"}) or 0
+        print(f"steady state: 3 more reconciles, {tm.writes - w0} writes, {patches1 - patches0:.0f} node PATCH requests")
+        # 4. count change moving up to 1,000 nodes
+        move = min(1000, sum(counts) // 2)
+        half = teams // 2
+        new = list(counts)
+        per = -(-move // half)
+        moved = 0
+        for k in range(half):
+            d = min(per, new[k], move - moved)
+            new[k] -= d
+            new[k + half] += d  # k and k + half: same zone when half % 3 == 0
+            moved += d
+        want2 = {f"team-{k:02d}": c for k, c in enumerate(new) if c}
+        before = {n["metadata"]["name"]: n["metadata"]["labels"].get(NAMES.team, "")
+                  for n in (await kube.list(NODES))[0]}
+        w0 = tm.writes
+        t0 = time.perf_counter()
+        await kube.patch(CONFIGMAPS, "fleetkeeper-teams", {"data": {"config.yaml": config_text(new)}}, NS)
+        await wait_counts(kube, want2, 600)
+        ch_s = time.perf_counter() - t0
+        after = {n["metadata"]["name"]: n["metadata"]["labels"].get(NAMES.team, "")
+                 for n in (await kube.list(NODES))[0]}
+        changed = sum(1 for k in after if after[k] != before.get(k, ""))
+        print(f"count change moving {moved} nodes: {ch_s:.2f}s, {tm.writes - w0} writes, {changed} nodes changed team")
+        print(f"controller RSS: {rss_synced:.0f} MB with {len(mgr.node_informer())} nodes and "
+              f"{len(mgr.pod_informer())} pods cached (+{rss_synced - rss0:.0f} MB for the manager; "
+              f"the process also holds the benchmark's own lists)")
+        # 5. pod creation burst through kube-apiserver, with and without the webhook
+        await mgr.teams_webhook.ready.wait()
+        alice = str(lc.user_kubeconfig("alice"))
+        from fleetkeeper.teams.serve import unregister
+
+        mut, val = mgr.teams_webhook.objects()
+        results: dict[str, list[float]] = {"with": [], "without": []}
+        for rnd in range(2):
+            results["with"].append(await pod_burst(alice, kube, f"bench-w{rnd}", pods))
+            await unregister(kube, "bench-teams")
+            await asyncio.sleep(1)
+            results["without"].append(await pod_burst(alice, kube, f"bench-n{rnd}", pods))
+            from fleetkeeper.core.kube import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS
+
+            await kube.apply(MUTATING_WEBHOOKS, mut)
+            await kube.apply(VALIDATING_WEBHOOKS, val)
+            await asyncio.sleep(1)
+        w = statistics.median(results["with"])
+        wo = statistics.median(results["without"])
+        hist = reg.get_sample_value("fleetkeeper_webhook_requests_total", {"webhook": "teams-mutate", "result": "patched"})
+        print(f"{pods}-pod burst (32 concurrent, as a team member): without webhook {wo:.2f}s, with {w:.2f}s "
+              f"= {w / wo:.2f}x (target <= 1.2x); runs {results}; mutate calls patched: {hist}")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await kube.close()
+        lc.down(purge=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, default=7500)
+    ap.add_argument("--teams", type=int, default=40)
+    ap.add_argument("--pods", type=int, default=1000)
+    a = ap.parse_args()
+    asyncio.run(main(a.nodes, a.teams, a.pods))
