@@ -40,6 +40,8 @@ class DemoContext:
         self.lines.append((self.section, line))
         out.print(f"  [cyan]{self.section}[/cyan] {line}")
 
+    __call__ = report  # scenarios may take the context or just a report function
+
 
 async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> None:
     t0 = time.monotonic()

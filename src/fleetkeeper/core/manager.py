@@ -26,7 +26,8 @@ from fleetkeeper.core.clock import Clock, RealClock
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.events import EventRecorder
 from fleetkeeper.core.informer import Informer
-from fleetkeeper.core.kube import NODES, PODS, Kube, Resource
+from fleetkeeper.core import errors
+from fleetkeeper.core.kube import NAMESPACES, NODES, PODS, Kube, Resource
 from fleetkeeper.core.leader import LeaderElector
 from fleetkeeper.core.metrics import RuntimeMetrics
 from fleetkeeper.core.server import OpsServer
@@ -89,7 +90,21 @@ class Manager:
         await asyncio.gather(*(i.wait_synced(timeout) for i in self._informers.values()))
 
     # --- running --------------------------------------------------------
+    async def ensure_namespace(self) -> None:
+        """fleetkeeper's own namespace (Lease, ConfigMaps) must exist; create it if
+        it does not (deploy manifests normally do)."""
+        ns = self.settings.namespace
+        if await self.kube.get_or_none(NAMESPACES, ns) is not None:
+            return
+        try:
+            await self.kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            log.info("created namespace %s", ns)
+        except errors.Conflict:
+            pass
+
     async def run(self) -> None:
+        if not self.settings.dry_run:
+            await self.ensure_namespace()
         await self.server.start()
         log.info("ops server on http://%s:%d (metrics, healthz, readyz)", self.server.host, self.server.port)
         tasks: list[asyncio.Task] = []
