@@ -410,7 +410,7 @@ def report_fanout(results: list[dict]) -> None:
 async def join_wave(lc: LocalCluster, kube: Kube, n: int, mode: str, layout: str) -> dict:
     paced = mode == "paced"
     cfg = PacerSettings(enabled=True, rate=50.0 if paced else 0.0, burst=10, workers=8 if paced else 64,
-                        node_selector=f"join-wave={mode}-{layout}",
+                        node_selector=f"fleetkeeper.io/join-wave={mode}-{layout}",
                         labels={"fleetkeeper.io/joined": "true"},
                         taints=[{"key": "fleetkeeper.io/preflight", "value": "pending", "effect": "NoSchedule"}],
                         bootstrap_pod={"namespace": NS, "annotations": {"fleetkeeper.io/sim-result": "succeed"}})
@@ -425,7 +425,7 @@ async def join_wave(lc: LocalCluster, kube: Kube, n: int, mode: str, layout: str
     manifests = []
     for i in range(n):
         m = node_manifest(spec, i)
-        m["metadata"]["labels"]["join-wave"] = f"{mode}-{layout}"
+        m["metadata"]["labels"]["fleetkeeper.io/join-wave"] = f"{mode}-{layout}"
         manifests.append(m)
     pid = lc.state.pids["kube-apiserver"]
     m0 = await scrape(lc)

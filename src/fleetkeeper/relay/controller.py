@@ -11,13 +11,14 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from fleetkeeper.core import errors
 from fleetkeeper.core.informer import Informer
 from fleetkeeper.core.kube import CONFIGMAPS, NODES, PODS
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.relay.auth import TokenReviewAuthenticator
 from fleetkeeper.relay.hub import Hub
 from fleetkeeper.relay.metrics import PacerMetrics, RelayMetrics
-from fleetkeeper.relay.pacing import CONTROLLER, JoinPacer
+from fleetkeeper.relay.pacing import CONTROLLER, JoinPacer, parse_selector
 from fleetkeeper.relay.server import RelayServer
 from fleetkeeper.relay.settings import PacerSettings, RelayConfig, RelaySettings, load_config
 from fleetkeeper.relay.views import AgentProjector
@@ -85,6 +86,18 @@ def add_relay(mgr: Manager, cfg: RelaySettings) -> RelayHandle:
 
 
 def add_pacer(mgr: Manager, cfg: PacerSettings) -> JoinPacer:
+    """Add the join pacer (leader only). Its selector is matched against the
+    manager's shared NodeView, which keeps only some label prefixes; a selector
+    on any other label would never match, so it is refused here."""
+    try:
+        keys = [k for k, _, _ in parse_selector(cfg.node_selector).reqs]
+    except ValueError as exc:
+        raise errors.ConfigError("pacer", [("node_selector", cfg.node_selector, str(exc))]) from None
+    for key in keys:
+        if not key.startswith(mgr.projector.keep):
+            raise errors.ConfigError("pacer", [("node_selector", cfg.node_selector,
+                                                f"label {key!r} is not kept in node views; use a label under "
+                                                f"{', '.join(mgr.projector.keep)}")])
     pacer = JoinPacer(mgr.kube, mgr.node_informer(), cfg, mgr.names, mgr.settings.namespace,
                       recorder=mgr.recorder(CONTROLLER), metrics=PacerMetrics(mgr.registry),
                       runtime_metrics=mgr.metrics, clock=mgr.clock, dry_run=mgr.settings.dry_run)

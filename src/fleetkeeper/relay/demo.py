@@ -31,7 +31,7 @@ async def _until(pred, timeout: float) -> bool:
 def _node(name: str) -> dict:
     return {"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": {"type": "kwok", "kubernetes.io/hostname": name,
-                                                  "relay-demo": "true"},
+                                                  "fleetkeeper.io/relay-demo": "true"},
                          "annotations": {"kwok.x-k8s.io/node": "fake"}},
             "status": {"capacity": {"cpu": "96", "memory": "384Gi", "pods": "110"},
                        "allocatable": {"cpu": "94", "memory": "370Gi", "pods": "110"}}}
@@ -47,7 +47,7 @@ async def demo(ctx) -> None:
     mgr = Manager(kube, settings, registry=None)
     relay = add_relay(mgr, RelaySettings(port=0, bookmark_interval=5))
     pacer = add_pacer(mgr, PacerSettings(enabled=True, rate=10, burst=5, workers=4,
-                                         node_selector="relay-demo=true", labels={"fleetkeeper.io/joined": "true"},
+                                         node_selector="fleetkeeper.io/relay-demo=true", labels={"fleetkeeper.io/joined": "true"},
                                          bootstrap_pod={"namespace": NS, "annotations":
                                                         {"fleetkeeper.io/sim-result": "succeed"}}))
     task = asyncio.create_task(mgr.run())

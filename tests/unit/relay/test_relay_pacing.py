@@ -181,3 +181,20 @@ def test_bad_selector_is_a_config_error():
     with pytest.raises(errors.ConfigError, match="node_selector"):
         JoinPacer(FakeKube(FakeClock()), FakeInformer([]), CFG.model_copy(update={"node_selector": "a in (b)"}),
                   NAMES, "fk")
+
+
+def test_selector_on_a_label_node_views_drop_is_refused():
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from fleetkeeper.core.manager import Manager
+    from fleetkeeper.core.settings import RuntimeSettings
+    from fleetkeeper.relay.controller import add_pacer
+
+    mgr = Manager(SimpleNamespace(metrics=None), RuntimeSettings(leader_election={"enabled": False}),
+                  registry=CollectorRegistry())
+    with pytest.raises(errors.ConfigError, match="not kept in node views"):
+        add_pacer(mgr, CFG.model_copy(update={"node_selector": "join-wave=a"}))
+    pacer = add_pacer(mgr, CFG.model_copy(update={"node_selector": "fleetkeeper.io/join-wave=a"}))
+    assert pacer.selector.matches({"fleetkeeper.io/join-wave": "a"})
