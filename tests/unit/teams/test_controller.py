@@ -1,0 +1,204 @@
+"""The controller loop against a recording fake API (FakeClock, no sleeps):
+writes only for changes, replacement budget refilled by time, invalid config
+changes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.clock import FakeClock
+from fleetkeeper.core.kube import CONFIGMAPS, NODES
+from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.settings import RuntimeSettings
+from fleetkeeper.teams.controller import TeamManager, setup
+
+DOMAIN = "fleetkeeper.io"
+TEAM = f"{DOMAIN}/team"
+
+
+def node(name: str, *, team: str = "", cordoned: bool = False, rv: int = 1) -> dict:
+    labels = {f"{DOMAIN}/pool": "gpu"}
+    taints = []
+    if team:
+        labels[TEAM] = team
+        taints.append({"key": TEAM, "value": team, "effect": "NoSchedule"})
+    return {"metadata": {"name": name, "uid": name, "resourceVersion": str(rv), "labels": labels},
+            "spec": {"taints": taints, "unschedulable": cordoned},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+def configmap(text: str, rv: str) -> dict:
+    return {"metadata": {"name": "fleetkeeper-teams", "namespace": "fk", "resourceVersion": rv},
+            "data": {"config.yaml": text}}
+
+
+class FakeKube:
+    """Applies JSON patches to an in-memory node store; records every write."""
+
+    metrics = None
+
+    def __init__(self, nodes: list[dict]):
+        self.nodes = {n["metadata"]["name"]: n for n in nodes}
+        self.patches: list[str] = []
+        self.other_writes = 0
+
+    async def patch(self, res, name, body, namespace=None, *, patch_type="merge", **kw):
+        assert res == NODES and patch_type == "json"
+        n = copy.deepcopy(self.nodes[name])
+        for op in body:
+            parts = [p.replace("~1", "/") for p in op["path"].split("/")[1:]]
+            if op["op"] == "test":
+                if n["metadata"]["resourceVersion"] != op["value"]:
+                    raise errors.api_error(422, {"message": "the server rejected our request", "details": {}})
+                continue
+            parent = n
+            for p in parts[:-1]:
+                parent = parent[int(p)] if isinstance(parent, list) else parent[p]
+            last = parts[-1]
+            if op["op"] == "remove":
+                del parent[int(last) if isinstance(parent, list) else last]
+            elif last == "-":
+                parent.append(op["value"])
+            else:
+                parent[last] = op["value"]
+        n["metadata"]["resourceVersion"] = str(int(n["metadata"]["resourceVersion"]) + 1)
+        self.nodes[name] = n
+        self.patches.append(name)
+        return n
+
+    async def apply(self, res, body, **kw):
+        self.other_writes += 1
+        return body
+
+    async def create(self, res, body, namespace=None, **kw):
+        self.other_writes += 1
+        return body
+
+    async def get_or_none(self, *a, **kw):
+        return None
+
+
+async def make(nodes: list[dict], text: str | None):
+    kube = FakeKube(nodes)
+    clock = FakeClock()
+    mgr = Manager(kube, RuntimeSettings(namespace="fk", server={"port": 0}, leader_election={"enabled": False}),
+                  registry=CollectorRegistry(), clock=clock)
+    await setup(mgr, {"webhook": {"enabled": False}})
+    tm: TeamManager = mgr.teams
+    if text is not None:
+        tm.configmaps._apply("ADDED", configmap(text, "1"))
+    for n in nodes:
+        tm.nodes._apply("ADDED", n)
+    return kube, clock, mgr, tm
+
+
+def sync(tm: TeamManager, kube: FakeKube) -> None:
+    """Feed the fake API's current nodes back into the cache (what the watch does)."""
+    for n in kube.nodes.values():
+        tm.nodes._apply("MODIFIED", copy.deepcopy(n))
+
+
+def teams(kube: FakeKube) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in kube.nodes.values():
+        t = n["metadata"]["labels"].get(TEAM)
+        if t:
+            out[t] = out.get(t, 0) + 1
+    return out
+
+
+CFG = """teams:
+  - {team: a, nodeSelector: {fleetkeeper.io/pool: gpu}, count: 3}
+replacement: {maxNodes: 1, windowSeconds: 60}
+"""
+
+
+async def reconcile(tm, kube):
+    tm._await_cache = _noop  # the fake API has no watch; sync() plays it
+    await tm.reconcile("teams")
+    sync(tm, kube)
+
+
+async def _noop(*a, **kw):
+    return None
+
+
+async def test_writes_only_what_changes_and_zero_at_steady_state():
+    kube, clock, mgr, tm = await make([node(f"n{i}") for i in range(6)], CFG)
+    await reconcile(tm, kube)
+    assert teams(kube) == {"a": 3} and len(kube.patches) == 3
+    await reconcile(tm, kube)
+    await reconcile(tm, kube)
+    assert len(kube.patches) == 3
+    assert mgr.registry.get_sample_value("fleetkeeper_teams_node_writes_total", {"action": "assign", "result": "ok"}) == 3
+
+
+async def test_replacements_are_rate_limited_by_the_clock():
+    nodes = [node(f"n{i}", team="a") for i in range(3)] + [node(f"m{i}") for i in range(3)]
+    kube, clock, mgr, tm = await make(nodes, CFG)
+    await reconcile(tm, kube)
+    assert kube.patches == []
+    for name in ("n0", "n1"):  # two team nodes get cordoned
+        kube.nodes[name]["spec"]["unschedulable"] = True
+        kube.nodes[name]["metadata"]["resourceVersion"] = "9"
+    sync(tm, kube)
+    await reconcile(tm, kube)
+    assert len(kube.patches) == 2  # one replacement taken + its unhealthy node released
+    assert mgr.registry.get_sample_value("fleetkeeper_teams_replacements_throttled_total") == 1
+    await reconcile(tm, kube)
+    assert len(kube.patches) == 2  # budget spent: nothing more inside the window
+    await clock.advance(61)
+    await reconcile(tm, kube)
+    assert len(kube.patches) == 4
+    healthy_a = [n for n, o in kube.nodes.items() if o["metadata"]["labels"].get(TEAM) == "a"
+                 and not o["spec"]["unschedulable"]]
+    assert len(healthy_a) == 3
+
+
+async def test_invalid_config_changes_nothing_and_is_reported():
+    kube, clock, mgr, tm = await make([node(f"n{i}") for i in range(4)], CFG)
+    await reconcile(tm, kube)
+    assert teams(kube) == {"a": 3}
+    tm.configmaps._apply("MODIFIED", configmap("teams: [{team: a, count: -5}]", "2"))
+    await reconcile(tm, kube)
+    assert teams(kube) == {"a": 3} and len(kube.patches) == 3
+    assert mgr.registry.get_sample_value("fleetkeeper_teams_config_valid") == 0
+    assert any(r == "ConfigInvalid" and "teams[0].count" in note for _, _, r, note in tm.recorder.emitted)
+    assert "teams[0].count" in tm.status(None)["config"]["error"]
+    tm.configmaps._apply("MODIFIED", configmap(CFG.replace("count: 3", "count: 1"), "3"))
+    await reconcile(tm, kube)
+    assert teams(kube) == {"a": 1}
+
+
+async def test_no_configmap_changes_nothing():
+    kube, clock, mgr, tm = await make([node("n0", team="a"), node("n1")], None)
+    await reconcile(tm, kube)
+    assert kube.patches == [] and teams(kube) == {"a": 1}
+
+
+async def test_dry_run_writes_nothing():
+    kube = FakeKube([node(f"n{i}") for i in range(3)])
+    mgr = Manager(kube, RuntimeSettings(namespace="fk", dry_run=True, server={"port": 0}),
+                  registry=CollectorRegistry(), clock=FakeClock())
+    await setup(mgr, {"webhook": {"enabled": False}})
+    tm = mgr.teams
+    tm.configmaps._apply("ADDED", configmap(CFG, "1"))
+    for n in kube.nodes.values():
+        tm.nodes._apply("ADDED", n)
+    await reconcile(tm, kube)
+    assert kube.patches == [] and kube.other_writes == 0
+    assert mgr.registry.get_sample_value("fleetkeeper_teams_node_writes_total",
+                                         {"action": "assign", "result": "dry_run"}) == 3
+
+
+@pytest.mark.parametrize("bad", ["webhook: {port: -1}", "colour: red"])
+async def test_bad_options_are_config_errors(bad):
+    import yaml
+
+    mgr = Manager(FakeKube([]), RuntimeSettings(server={"port": 0}), registry=CollectorRegistry())
+    with pytest.raises(errors.ConfigError):
+        await setup(mgr, yaml.safe_load(bad))
