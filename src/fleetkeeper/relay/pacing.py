@@ -13,9 +13,11 @@ the next pass):
 
 1. create the bootstrap pod (bound to the node with ``nodeName``, owned by
    the Node so it goes when the node goes); AlreadyExists is success;
-2. one merge patch of the Node with a resourceVersion precondition: the
-   configured labels, the configured taints added to the node's own, and the
-   annotation ``<domain>/join-work-done`` that marks the node as done.
+2. one merge patch of the Node: the configured labels, the configured taints
+   added to the node's own, and the annotation ``<domain>/join-work-done``
+   that marks the node as done. A patch that writes taints replaces the list,
+   so it is built from a fresh GET and carries that resourceVersion; a
+   Conflict (a status update in between) is retried at once from another GET.
 
 :func:`decide` is pure; :class:`JoinPacer` is the thin apply adapter.
 """
@@ -37,7 +39,7 @@ from fleetkeeper.core.informer import Informer
 from fleetkeeper.core.kube import NODES, PODS, Kube
 from fleetkeeper.core.metrics import RuntimeMetrics
 from fleetkeeper.core.ratelimit import TokenBucket
-from fleetkeeper.core.views import NodeView
+from fleetkeeper.core.views import NodeView, default_projector
 from fleetkeeper.relay.metrics import PacerMetrics
 from fleetkeeper.relay.settings import PacerSettings
 
@@ -111,8 +113,12 @@ def _fmt(ts: float) -> str:
 
 
 def decide(node: NodeView, cfg: PacerSettings, selector: Selector, names: Names, namespace: str,
-           now: float) -> JoinPlan | None:
-    """The join work ``node`` still needs, or None (done, deleting, or not selected)."""
+           now: float, raw_taints: list[dict] | None = None) -> JoinPlan | None:
+    """The join work ``node`` still needs, or None (done, deleting, or not selected).
+
+    ``raw_taints`` (the node's ``spec.taints`` as the API server has them) keeps
+    fields a NodeView drops, such as ``timeAdded``; the apply step passes them
+    when it writes taints."""
     if node.deleting or done_annotation(names) in node.annotations or not selector.matches(node.labels):
         return None
     patch: dict = {"metadata": {"resourceVersion": node.resource_version,
@@ -122,8 +128,9 @@ def decide(node: NodeView, cfg: PacerSettings, selector: Selector, names: Names,
     have = {(t.key, t.effect) for t in node.taints}
     add = [t for t in cfg.taints if (t.key, t.effect) not in have]
     if add:
-        patch["spec"] = {"taints": [{"key": t.key, "value": t.value, "effect": t.effect} for t in node.taints]
-                         + [{"key": t.key, "value": t.value, "effect": t.effect} for t in add]}
+        keep = raw_taints if raw_taints is not None else [
+            {"key": t.key, "value": t.value, "effect": t.effect} for t in node.taints]
+        patch["spec"] = {"taints": list(keep) + [{"key": t.key, "value": t.value, "effect": t.effect} for t in add]}
     pod = None
     parts = []
     if cfg.labels:
@@ -172,6 +179,7 @@ class JoinPacer:
             self.selector = parse_selector(cfg.node_selector)
         except ValueError as exc:
             raise errors.ConfigError("pacer", [("node_selector", cfg.node_selector, str(exc))]) from None
+        self._projector = default_projector(names.domain)
         self.bucket = TokenBucket(cfg.rate, cfg.burst, self.clock) if cfg.rate > 0 else None
         self.controller = Controller(CONTROLLER, self.reconcile, metrics=runtime_metrics, clock=self.clock,
                                      workers=cfg.workers)
@@ -235,13 +243,11 @@ class JoinPacer:
                         self.metrics.joins.labels("error").inc()
                     raise errors.Temporary(f"cannot create the bootstrap pod of {key}: namespace {ns} does not "
                                            f"exist", delay=30) from None
-            await self.kube.patch(NODES, key, plan.patch)
-            if self.metrics:
-                self.metrics.writes.labels("node_patch").inc()
+            await self._patch_node(key, plan)
         except errors.Conflict:
             if self.metrics:
                 self.metrics.joins.labels("conflict").inc()
-            raise errors.Temporary(f"node {key} changed while its join work was written; again", delay=0.2)
+            raise errors.Temporary(f"node {key} kept changing while its join work was written; again", delay=1.0)
         except errors.NotFound:
             return  # the node went away
         except errors.FleetkeeperError:
@@ -251,6 +257,32 @@ class JoinPacer:
         self._finish(key, "done")
         if self.recorder:
             await self.recorder.emit(node_ref(key), "JoinWorkDone", plan.summary)
+
+    async def _patch_node(self, key: str, plan: JoinPlan, attempts: int = 5) -> None:
+        """Write the node patch. Labels and annotations merge; taints replace the
+        list, so a patch that writes taints is built from a fresh GET (keeping
+        fields such as ``timeAdded``) and carries its resourceVersion: a node
+        status update in between (kubelet, KWOK) is a Conflict, retried at once
+        from another fresh GET rather than waiting for the cache."""
+        patch = plan.patch
+        for attempt in range(attempts):
+            if "spec" in patch or attempt > 0:
+                raw = await self.kube.get(NODES, key)
+                fresh = decide(self._projector.node(raw), self.cfg, self.selector, self.names, self.namespace,
+                               self.clock.now(), raw_taints=(raw.get("spec") or {}).get("taints") or [])
+                if fresh is None:
+                    return
+                patch = fresh.patch
+            else:
+                patch = {**patch, "metadata": {k: v for k, v in patch["metadata"].items() if k != "resourceVersion"}}
+            try:
+                await self.kube.patch(NODES, key, patch)
+                if self.metrics:
+                    self.metrics.writes.labels("node_patch").inc()
+                return
+            except errors.Conflict:
+                if attempt == attempts - 1:
+                    raise
 
     def _finish(self, key: str, result: str) -> None:
         self.pending.discard(key)

@@ -109,12 +109,21 @@ class FakeKube:
         self.clock = clock
         self.writes: list[tuple[float, str, str]] = []
         self.conflicts = set(fail_conflict_once)
+        self.patches: list[dict] = []
 
     async def create(self, res, body, namespace=None, **kw):
         self.writes.append((self.clock.monotonic(), "create", body["metadata"]["name"]))
         return body
 
+    async def get(self, res, name, namespace=None):
+        self.writes.append((self.clock.monotonic(), "get", name))
+        return {"metadata": {"name": name, "uid": f"uid-{name}", "resourceVersion": "8",
+                             "labels": {"type": "kwok"}},
+                "spec": {"taints": [{"key": "other", "value": "x", "effect": "NoExecute",
+                                     "timeAdded": "2026-01-01T00:00:00Z"}]}}
+
     async def patch(self, res, name, body, namespace=None, **kw):
+        self.patches.append(body)
         if name in self.conflicts:
             self.conflicts.discard(name)
             raise errors.Conflict(409, "Conflict", "the object has been modified")
@@ -156,7 +165,14 @@ async def test_unpaced_does_everything_at_once_and_conflicts_retry():
             await clock.advance(0.1)
         patched = sorted(n for _, kind, n in kube.writes if kind == "patch")
         assert patched == [f"n{i}" for i in range(5)]
-        assert sum(1 for _, kind, n in kube.writes if kind == "create" and n == "join-n3") == 2  # retried
+        # the conflict was retried at once from a fresh GET, not by re-running the whole join work
+        assert sum(1 for _, kind, n in kube.writes if kind == "create" and n == "join-n3") == 1
+        assert sum(1 for _, kind, n in kube.writes if kind == "get" and n == "n3") == 2
+        # taints written from the fresh object keep timeAdded and carry its resourceVersion
+        p = kube.patches[0]
+        assert p["metadata"]["resourceVersion"] == "8"
+        assert p["spec"]["taints"][0]["timeAdded"] == "2026-01-01T00:00:00Z"
+        assert [t["key"] for t in p["spec"]["taints"]] == ["other", "fleetkeeper.io/preflight"]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
