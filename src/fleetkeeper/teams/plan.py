@@ -136,6 +136,7 @@ def serve_order(cfg: TeamsConfig) -> list[int]:
 def match_entries(nodes: list[NodeState], cfg: TeamsConfig) -> list[list[NodeState]]:
     """For each entry, the nodes its selector matches (via a label index)."""
     index: dict[tuple[str, str], set[str]] = defaultdict(set)
+    by_name = {n.name: n for n in nodes}
     wanted = {kv for e in cfg.teams for kv in e.node_selector.items()}
     for n in nodes:
         for kv in n.labels.items():
@@ -148,7 +149,7 @@ def match_entries(nodes: list[NodeState], cfg: TeamsConfig) -> list[list[NodeSta
             continue
         sets = sorted((index.get(kv, set()) for kv in e.node_selector.items()), key=len)
         names = set.intersection(*sets) if sets else set()
-        out.append([n for n in nodes if n.name in names] if names else [])
+        out.append([by_name[x] for x in names])  # callers sort what they use
     return out
 
 
@@ -196,9 +197,11 @@ def decide(nodes: list[NodeState], cfg: TeamsConfig, replacement_budget: int = 1
             fills[i], replaced[i] = [], []
             continue
         cands = [n for n in matches[i] if n.eligible and n.name not in taken]
+        team = e.team
         cands.sort(key=lambda n: (
-            1 if (n.pod_teams - {e.team}) else 0,  # nodes running other teams' pods move last
-            0 if (n.team and n.team != e.team) else 1,  # a node that changes anyway: one write, not two
+            # nodes running other teams' pods move last
+            1 if n.pod_teams and (len(n.pod_teams) > 1 or team not in n.pod_teams) else 0,
+            0 if (n.team and n.team != team) else 1,  # a node that changes anyway: one write, not two
             contention[n.name],
             n.name,
         ))
@@ -293,9 +296,13 @@ def explain_overlaps(cfg: TeamsConfig, matches: list[list[NodeState]], order: li
     rank = {i: r for r, i in enumerate(order)}
     lines = []
     for a in range(len(cfg.teams)):
+        sa = cfg.teams[a].node_selector
         for b in range(a + 1, len(cfg.teams)):
             if cfg.teams[a].team == cfg.teams[b].team:
                 continue
+            sb = cfg.teams[b].node_selector
+            if any(k in sb and sb[k] != v for k, v in sa.items()):
+                continue  # the selectors contradict each other: no node can match both
             common = len(sets[a] & sets[b])
             if common:
                 first, second = (a, b) if rank[a] < rank[b] else (b, a)
