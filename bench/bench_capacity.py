@@ -39,7 +39,7 @@ from fleetkeeper.core.domain import Names  # noqa: E402
 from fleetkeeper.core.kube import NAMESPACES, NODES, PODS, Kube, RetryPolicy  # noqa: E402
 from fleetkeeper.core.manager import Manager  # noqa: E402
 from fleetkeeper.core.settings import RuntimeSettings  # noqa: E402
-from fleetkeeper.localcluster.cluster import LocalCluster  # noqa: E402
+from fleetkeeper.localcluster.cluster import LocalCluster, wait_nodes_ready  # noqa: E402
 
 N = Names()
 
@@ -122,8 +122,10 @@ async def main(args) -> None:
         tmp = Path(d)
         lc = LocalCluster(tmp / "cluster")
         t0 = time.monotonic()
-        await lc.up(args.nodes, 8)
-        print(f"cluster: {args.nodes} nodes up in {time.monotonic() - t0:.0f}s")
+        await lc.up(args.nodes, 8, wait_ready=False)
+        async with await lc.connect(retry=RetryPolicy(attempts=8)) as k:
+            await wait_nodes_ready(k, args.nodes, timeout=max(600.0, args.nodes / 5))
+        print(f"cluster: {args.nodes} nodes Ready in {time.monotonic() - t0:.0f}s")
         kube = await lc.connect(retry=RetryPolicy(attempts=8))
         try:
             await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",

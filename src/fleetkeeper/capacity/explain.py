@@ -37,8 +37,11 @@ async def explain_pod(kube: Kube, names: Names, namespace: str, name: str) -> li
     cs = await _get(kube, COSCHED_PODGROUPS, group_name, namespace)
     group = pg or cs
     if group is None:
-        lines.append(f"no PodGroup {namespace}/{group_name} yet: the scheduler keeps every member out of its queue "
-                     f"until fleetkeeper creates it (it waits for the gang size to be known)")
+        if member.node:
+            lines.append(f"no PodGroup {namespace}/{group_name} (any more)")
+        elif member.scheduling_group or member.cosched_group:
+            lines.append(f"no PodGroup {namespace}/{group_name} yet: the scheduler keeps every member out of its "
+                         f"queue until fleetkeeper creates it (it waits for the gang size to be known)")
         return lines
     min_count = gg.group_min(group) or 0
     items, _ = await kube.list(PODS, namespace, label_selector=f"{names.gang}={member.gang}") if member.gang \
