@@ -122,12 +122,12 @@ async def main(args) -> None:
         tmp = Path(d)
         lc = LocalCluster(tmp / "cluster")
         t0 = time.monotonic()
-        await lc.up(args.nodes, 8, wait_ready=False)
-        async with await lc.connect(retry=RetryPolicy(attempts=8)) as k:
-            await wait_nodes_ready(k, args.nodes, timeout=max(600.0, args.nodes / 5))
-        print(f"cluster: {args.nodes} nodes Ready in {time.monotonic() - t0:.0f}s")
-        kube = await lc.connect(retry=RetryPolicy(attempts=8))
+        kube = None
         try:
+            await lc.up(args.nodes, 8, wait_ready=False)
+            kube = await lc.connect(retry=RetryPolicy(attempts=8))
+            await wait_nodes_ready(kube, args.nodes, timeout=max(600.0, args.nodes / 5))
+            print(f"cluster: {args.nodes} nodes Ready in {time.monotonic() - t0:.0f}s")
             await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
                                            "metadata": {"name": "fleetkeeper-system"}})
             nodes, _ = await kube.list(NODES, label_selector=f"{N.pool}=gpu")
@@ -217,7 +217,8 @@ async def main(args) -> None:
                   if back is not None else "  balloons not back within 300s")
             await stop(task)
         finally:
-            await kube.close()
+            if kube is not None:
+                await kube.close()
             lc.down(purge=True)
 
 
