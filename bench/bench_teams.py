@@ -204,8 +204,46 @@ async def pod_burst(user_kubeconfig: str, kube: Kube, ns: str, n: int, concurren
     return dt
 
 
+def offline_scale(n: int, teams: int) -> None:
+    """decide() and the node cache at full scale without an API server."""
+    import gc
+
+    from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
+
+    gc.collect()
+    r0 = rss_mb()
+    spec = FleetSpec(nodes=n)
+    proj = default_projector(NAMES.domain)
+    raws = [node_manifest(spec, i) for i in range(n)]
+    for r in raws:  # as KWOK reports them
+        r["status"]["conditions"] = [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                      "message": "kubelet is posting ready status",
+                                      "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+    views = [proj.node(r) for r in raws]
+    del raws
+    gc.collect()
+    r1 = rss_mb()
+    gpu = sum(1 for v in views if v.labels.get(NAMES.pool) == "gpu")
+    counts = initial_counts(gpu, teams)
+    cfg = TeamsConfig.model_validate(__import__("yaml").safe_load(config_text(counts)))
+    states, _ = snapshot(views, [], NAMES, "x")
+    t0 = time.perf_counter()
+    plan = decide(states, cfg)
+    t1 = time.perf_counter()
+    after, _ = snapshot(views, [], NAMES, "x")
+    after = [s.__class__(s.name, s.labels, plan.target.get(s.name, ""), True, s.eligible, s.why_ineligible,
+                         s.pod_teams) for s in after]
+    t2 = time.perf_counter()
+    steady = decide(after, cfg)
+    t3 = time.perf_counter()
+    print(f"offline, {n} nodes x {teams} teams: decide from scratch {t1 - t0:.2f}s ({len(plan.changes)} changes), "
+          f"steady state {t3 - t2:.2f}s ({len(steady.changes)} changes); "
+          f"{n} NodeViews take {r1 - r0:.0f} MB")
+
+
 async def main(nodes: int, teams: int, pods: int) -> None:
     print(f"== teams benchmark: {nodes} nodes, {teams} teams, {pods}-pod bursts")
+    offline_scale(7500, teams)
     p50, p99 = handler_latency()
     print(f"webhook handler in process (parse + mutate + validate + encode): p50 {p50:.3f} ms, p99 {p99:.3f} ms")
     tmp = tempfile.mkdtemp(prefix="fk-bench-teams-")

@@ -133,34 +133,55 @@ def serve_order(cfg: TeamsConfig) -> list[int]:
     return sorted(range(len(cfg.teams)), key=lambda i: (-len(cfg.teams[i].node_selector), i))
 
 
-def match_entries(nodes: list[NodeState], cfg: TeamsConfig) -> list[list[NodeState]]:
-    """For each entry, the nodes its selector matches (via a label index)."""
+def _sel_key(e: TeamEntry) -> tuple:
+    return tuple(sorted(e.node_selector.items()))
+
+
+def match_sets(nodes: list[NodeState], cfg: TeamsConfig) -> list[frozenset[str]]:
+    """For each entry, the names of the nodes its selector matches (via a label
+    index; entries with the same selector share one set)."""
     index: dict[tuple[str, str], set[str]] = defaultdict(set)
-    by_name = {n.name: n for n in nodes}
     wanted = {kv for e in cfg.teams for kv in e.node_selector.items()}
     for n in nodes:
         for kv in n.labels.items():
             if kv in wanted:
                 index[kv].add(n.name)
-    out: list[list[NodeState]] = []
+    cache: dict[tuple, frozenset[str]] = {}
+    out: list[frozenset[str]] = []
     for e in cfg.teams:
-        if not e.node_selector:
-            out.append(list(nodes))
-            continue
-        sets = sorted((index.get(kv, set()) for kv in e.node_selector.items()), key=len)
-        names = set.intersection(*sets) if sets else set()
-        out.append([by_name[x] for x in names])  # callers sort what they use
+        k = _sel_key(e)
+        if k not in cache:
+            if not k:
+                cache[k] = frozenset(n.name for n in nodes)
+            else:
+                sets = sorted((index.get(kv, set()) for kv in k), key=len)
+                cache[k] = frozenset(set.intersection(*sets))
+        out.append(cache[k])
     return out
+
+
+def match_entries(nodes: list[NodeState], cfg: TeamsConfig) -> list[list[NodeState]]:
+    """For each entry, the nodes its selector matches (unordered)."""
+    by_name = {n.name: n for n in nodes}
+    return [[by_name[x] for x in m] for m in match_sets(nodes, cfg)]
 
 
 def decide(nodes: list[NodeState], cfg: TeamsConfig, replacement_budget: int = 1 << 30) -> Plan:
     by_name = {n.name: n for n in nodes}
-    matches = match_entries(nodes, cfg)
+    msets = match_sets(nodes, cfg)
     order = serve_order(cfg)
     contention: dict[str, int] = defaultdict(int)
-    for m in matches:
-        for n in m:
-            contention[n.name] += 1
+    multiplicity: dict[frozenset, int] = defaultdict(int)
+    for m in msets:
+        multiplicity[m] += 1
+    for m, k in multiplicity.items():
+        for x in m:
+            contention[x] += k
+    by_team: dict[str, list[NodeState]] = defaultdict(list)
+    for n in nodes:
+        if n.team:
+            by_team[n.team].append(n)
+    eligible_names = frozenset(n.name for n in nodes if n.eligible)
 
     taken: dict[str, int] = {}  # node -> entry index (healthy, or held unhealthy)
     kept: dict[int, list[NodeState]] = {}
@@ -170,7 +191,8 @@ def decide(nodes: list[NodeState], cfg: TeamsConfig, replacement_budget: int = 1
     # 1-2. keep
     for i in order:
         e = cfg.teams[i]
-        own = [n for n in matches[i] if n.team == e.team and n.name not in taken]
+        mi = msets[i]
+        own = [n for n in by_team.get(e.team, ()) if n.name in mi and n.name not in taken]
         healthy = sorted((n for n in own if n.eligible),
                          key=lambda n: (0 if e.team in n.pod_teams else 1, n.name))
         keep = healthy[:e.count]
@@ -196,7 +218,7 @@ def decide(nodes: list[NodeState], cfg: TeamsConfig, replacement_budget: int = 1
         if need <= 0 and not sick:
             fills[i], replaced[i] = [], []
             continue
-        cands = [n for n in matches[i] if n.eligible and n.name not in taken]
+        cands = [by_name[x] for x in msets[i] & eligible_names if x not in taken]
         team = e.team
         cands.sort(key=lambda n: (
             # nodes running other teams' pods move last
@@ -262,38 +284,45 @@ def decide(nodes: list[NodeState], cfg: TeamsConfig, replacement_budget: int = 1
 
     # status
     teams: dict[str, TeamStatus] = {t: TeamStatus(t) for t in cfg.team_names}
-    eligible_sets: dict[str, set[str]] = defaultdict(set)
+    eligible_sets: dict[str, set[frozenset]] = defaultdict(set)
     for i, e in enumerate(cfg.teams):
         st = teams[e.team]
         st.desired += e.count
-        eligible_sets[e.team].update(n.name for n in matches[i] if n.eligible)
+        eligible_sets[e.team].add(msets[i])
+    elig_count: dict[frozenset, int] = {}
     for name, team in target.items():
         if by_name[name].eligible:
             teams[team].assigned += 1
         else:
             teams[team].held_unhealthy += 1
-    for t, s in eligible_sets.items():
-        teams[t].eligible = len(s)
+    for t, group in eligible_sets.items():
+        if len(group) == 1:
+            [m] = group
+            if m not in elig_count:
+                elig_count[m] = len(m & eligible_names)
+            teams[t].eligible = elig_count[m]
+        else:
+            teams[t].eligible = len(frozenset().union(*group) & eligible_names)
     for i in order:
         e = cfg.teams[i]
         st = teams[e.team]
         miss = short_of_candidates.get(i, 0)
         if miss > 0:
             st.reasons.append(f"{entry_label(i, e)}: {miss} node(s) short; "
-                              f"{sum(1 for n in matches[i] if n.eligible)} eligible node(s) match, "
+                              f"{len(msets[i] & eligible_names)} eligible node(s) match, "
                               "the rest are taken by entries served earlier")
     for t, st in teams.items():
         if st.held_unhealthy:
             st.reasons.append(f"{st.held_unhealthy} unhealthy node(s) awaiting replacement"
                               + (" (replacement rate limit)" if throttled else " (no eligible candidate)"))
 
-    overlaps = explain_overlaps(cfg, matches, order)
+    overlaps = explain_overlaps(cfg, msets, order)
     return Plan(changes, target, teams, overlaps, order, replacements, throttled)
 
 
-def explain_overlaps(cfg: TeamsConfig, matches: list[list[NodeState]], order: list[int]) -> list[str]:
-    sets = [{n.name for n in m} for m in matches]
+def explain_overlaps(cfg: TeamsConfig, sets: list[frozenset[str]], order: list[int]) -> list[str]:
     rank = {i: r for r, i in enumerate(order)}
+    inter: dict[tuple, int] = {}
     lines = []
     for a in range(len(cfg.teams)):
         sa = cfg.teams[a].node_selector
@@ -303,7 +332,10 @@ def explain_overlaps(cfg: TeamsConfig, matches: list[list[NodeState]], order: li
             sb = cfg.teams[b].node_selector
             if any(k in sb and sb[k] != v for k, v in sa.items()):
                 continue  # the selectors contradict each other: no node can match both
-            common = len(sets[a] & sets[b])
+            pair = (sets[a], sets[b])
+            if pair not in inter:
+                inter[pair] = len(sets[a] & sets[b])
+            common = inter[pair]
             if common:
                 first, second = (a, b) if rank[a] < rank[b] else (b, a)
                 lines.append(
