@@ -140,6 +140,7 @@ class Hub:
         self.team_since = 0
         self._last_drop = 0  # seq at which an empty entry was last forgotten
         self.subscribers = 0
+        self._pod_node: dict[str, str] = {}  # "namespace/name" -> node, for authorisation
         self.stats = HubStats()
         self.on_drop = on_drop
 
@@ -199,6 +200,10 @@ class Hub:
                 self.seq += 1
                 self._publish(e, encode_event("DELETED", KIND_POD, self.rv(), gone.doc))
                 self._maybe_forget(old_node, e)
+        if new is None or not new_node:
+            self._pod_node.pop(key, None)
+        else:
+            self._pod_node[key] = new_node
         if new is not None and new_node:
             e = self._entry(new_node)
             prev = e.pods.get(key)
@@ -263,12 +268,8 @@ class Hub:
         return [e.pods[k].doc for k in sorted(e.pods)]
 
     def pod_node(self, namespace: str, name: str) -> str | None:
-        """The node of a pod the relay knows (used by authorisation); O(nodes), rare."""
-        key = f"{namespace}/{name}"
-        for node, e in self.entries.items():
-            if key in e.pods:
-                return node
-        return None
+        """The node of a pod the relay knows (used by authorisation)."""
+        return self._pod_node.get(f"{namespace}/{name}")
 
     def teams_doc(self) -> dict | None:
         return self.teams.doc if self.teams else None

@@ -67,9 +67,11 @@ def test_unscheduled_pod_then_binding_then_delete():
     assert lines(sub) == [] and hub.entries.get("") is None
     p1 = add_pod(hub, raw_pod("p", "node-a", rv="2"), old=p0)
     assert [e["type"] for e in lines(sub)] == ["ADDED"]
+    assert hub.pod_node("ns", "p") == "node-a"
     hub.on_pod("DELETED", p1.key, p1, None)
     evs = lines(sub)
     assert [(e["type"], e["object"]["name"]) for e in evs] == [("DELETED", "p")]
+    assert hub.pod_node("ns", "p") is None
     assert hub.pod_docs("node-a") == []
 
 
