@@ -248,6 +248,9 @@ async def setup(mgr: Manager, options: TeamsOptions | dict | None) -> None:
         opts = load_model(TeamsOptions, options, "teams options")
     else:
         opts = options
+    if mgr.settings.dry_run and opts.webhook.register_webhook:
+        # dry-run writes nothing: the webhook is served (and can be tried) but not registered
+        opts = opts.model_copy(update={"webhook": opts.webhook.model_copy(update={"register_webhook": False})})
     namespace = opts.config_namespace or mgr.settings.namespace
     domain = mgr.settings.domain
     state = ConfigState()

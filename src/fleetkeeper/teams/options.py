@@ -42,6 +42,10 @@ class WebhookOptions(BaseModel):
     exclude_namespaces: list[str] = Field(default_factory=lambda: ["kube-system"], alias="excludeNamespaces",
                                           description="never admitted (fleetkeeper's own namespace is added)")
     workloads: bool = Field(True, description="also admit pod templates of Deployments, Jobs, ...")
+    skip_groups: list[str] = Field(default_factory=lambda: ["system:serviceaccounts:kube-system", "system:nodes"],
+                                   alias="skipGroups",
+                                   description="requests from these groups never reach the webhook (matchConditions): "
+                                               "the built-in controllers create pods from templates already admitted")
 
 
 class TeamsOptions(BaseModel):

@@ -55,6 +55,16 @@ def client_target(opts: WebhookOptions, port: int, path: str) -> tuple[str | Non
     return f"https://{opts.url_host or opts.host}:{port}/{path}", None
 
 
+def match_conditions(opts: WebhookOptions) -> list[dict]:
+    """CEL conditions that keep requests of ``skip_groups`` away from the webhook
+    (no round trip at all for pods the built-in controllers create)."""
+    if not opts.skip_groups:
+        return []
+    groups = ", ".join("'" + g.replace("'", "") + "'" for g in opts.skip_groups)
+    return [{"name": "not-from-skipped-groups",
+             "expression": f"!request.userInfo.groups.exists(g, g in [{groups}])"}]
+
+
 def registrations(opts: WebhookOptions, own_namespace: str, port: int, ca_bundle: bytes,
                   domain: str) -> tuple[dict, dict]:
     sel = namespace_selector(opts, own_namespace)
@@ -70,8 +80,12 @@ def registrations(opts: WebhookOptions, own_namespace: str, port: int, ca_bundle
         rules=rules(opts.workloads, ["CREATE", "UPDATE"], ["CREATE", "UPDATE"]),
         failure_policy=opts.validating_failure_policy, timeout_seconds=opts.timeout_seconds,
         namespace_selector=sel)])
+    conditions = match_conditions(opts)
     for obj in (mutating, validating):
         obj["metadata"]["labels"] = {f"{domain}/managed-by": "fleetkeeper-teams"}
+        if conditions:
+            for w in obj["webhooks"]:
+                w["matchConditions"] = conditions
     return mutating, validating
 
 

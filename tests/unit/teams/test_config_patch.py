@@ -105,6 +105,8 @@ def test_registrations_exclude_system_namespaces_and_choose_policies():
     assert expr["operator"] == "NotIn" and {"kube-system", "fk-system"} <= set(expr["values"])
     assert wm["namespaceSelector"]["matchLabels"] == {"t": "on"}
     assert wm["rules"][0]["operations"] == ["CREATE"] and wv["rules"][0]["operations"] == ["CREATE", "UPDATE"]
+    assert wm["matchConditions"][0]["expression"] == (
+        "!request.userInfo.groups.exists(g, g in ['system:serviceaccounts:kube-system', 'system:nodes'])")
     m2, _ = registrations(WebhookOptions(service="fk-system/teams-webhook:9443"), "fk-system", 0, b"CA", "example.com")
     assert m2["webhooks"][0]["clientConfig"]["service"] == {"namespace": "fk-system", "name": "teams-webhook",
                                                            "path": "/teams-mutate", "port": 9443}

@@ -202,3 +202,11 @@ async def test_bad_options_are_config_errors(bad):
     mgr = Manager(FakeKube([]), RuntimeSettings(server={"port": 0}), registry=CollectorRegistry())
     with pytest.raises(errors.ConfigError):
         await setup(mgr, yaml.safe_load(bad))
+
+
+async def test_dry_run_serves_but_does_not_register_the_webhook(tmp_path):
+    mgr = Manager(FakeKube([]), RuntimeSettings(namespace="fk", dry_run=True, server={"port": 0}),
+                  registry=CollectorRegistry(), clock=FakeClock())
+    await setup(mgr, {"webhook": {"certDir": str(tmp_path)}})
+    assert mgr.teams_webhook.opts.register_webhook is False
+    assert (tmp_path / "tls.crt").exists() and mgr.teams_webhook.ca_bundle.startswith(b"-----BEGIN CERTIFICATE")
