@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.clock import FakeClock
-from fleetkeeper.core.kube import CONFIGMAPS, NODES
+from fleetkeeper.core.kube import NODES
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.teams.controller import TeamManager, setup
