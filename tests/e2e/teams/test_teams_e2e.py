@@ -7,7 +7,7 @@ import pytest
 from fleetkeeper.core import errors
 from fleetkeeper.core.kube import CONFIGMAPS, EVENTS, PODS
 
-from conftest import NAMES, until
+from teams_e2e_helpers import NAMES, until
 
 
 def config(env, entries: list[tuple[str, int]], extra: str = "") -> str:
