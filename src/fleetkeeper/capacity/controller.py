@@ -333,6 +333,10 @@ class GangManager:
                     self.metrics.group_ops.labels(kind, "create", "ok").inc()
             except errors.Conflict:
                 pass
+            except errors.Forbidden as exc:  # e.g. the namespace is terminating: retrying will not help
+                self.metrics.group_ops.labels(kind, "create", "error").inc()
+                log.warning("gang %s: cannot create %s: %s", plan.key, res.kind, exc)
+                return
             except errors.NotFound as exc:
                 self.metrics.group_ops.labels(kind, "create", "error").inc()
                 raise errors.Temporary(f"{res.kind} API {res.api_version} not served: {exc} (GenericWorkload "

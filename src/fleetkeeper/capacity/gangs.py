@@ -316,6 +316,8 @@ def decide_gang(key: str, pods: list[GangPod], owner: Owner | None, objs: GroupO
                 plan.delete.append((res, gang))
         plan.state = "Deleted"
         return plan
+    if all(p.deleting for p in pods):
+        return plan  # the gang is going away (e.g. its namespace): create nothing; clean up once the pods are gone
     if not _DNS_LABEL.match(gang) or len(gang) > 63:
         plan.problems.append(f"gang name {gang!r} is not a DNS label; PodGroups cannot be named after it")
         return plan

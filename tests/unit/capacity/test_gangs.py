@@ -211,3 +211,9 @@ def test_projection_reads_the_group_reference():
     p = gg.gang_pod_projector(N)(obj)
     assert (p.key, p.scheduling_group, p.min_members, p.owner_kind, p.owner_uid, p.node) == \
         ("ns/g", "g", "2", "Job", "u", "n")
+
+
+def test_decide_creates_nothing_for_a_gang_being_deleted():
+    pods = [member("a", deleting=True), member("b", "n1", "Running", deleting=True)]
+    plan = gg.decide_gang("ns/g", pods, JOB, gg.GroupObjects(), {"n1": True}, IN_TREE, N, NOW, None)
+    assert plan.create == [] and plan.delete == [] and plan.state == ""
