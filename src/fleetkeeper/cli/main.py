@@ -102,7 +102,18 @@ def run(
     except errors.ConfigError as exc:
         console.print(f"[red]configuration error[/red]: {exc}")
         raise typer.Exit(2) from None
-    run_async(run_manager(settings))
+    async def main() -> None:
+        # SIGTERM (a Deployment's pod being stopped) ends the manager gracefully:
+        # runnables are cancelled (webhooks unregister, leases are released).
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_manager(settings, stop=stop)
+
+    run_async(main())
 
 
 async def run_manager(settings: RuntimeSettings, *, registry=None, clock=None, identity: str | None = None,

@@ -126,12 +126,16 @@ class Manager:
                 if r.leader:
                     tasks.append(asyncio.create_task(r.fn(), name=r.name))
             log.info("running %d controllers as %s", len(self._runnables), self.identity)
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t.exception():
-                    raise t.exception()  # type: ignore[misc]
-            if self.elector and self.elector.lost.is_set():
-                log.error("leadership lost; exiting so a restart re-reads the cluster")
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if not t.cancelled() and t.exception():
+                        raise t.exception()  # type: ignore[misc]
+                if self.elector and self.elector.lost.is_set():
+                    log.error("leadership lost; exiting so a restart re-reads the cluster")
+                    return
+                # a runnable that returned normally (one-shot set-up work) is simply done
         finally:
             for t in tasks:
                 t.cancel()

@@ -13,6 +13,7 @@ import base64
 import logging
 import ssl
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,15 @@ class Admission:
 
 
 Handler = Callable[[AdmissionRequest], Admission]
+_METRICS_BY_REGISTRY = weakref.WeakKeyDictionary()
+
+
+def webhook_metrics(registry: CollectorRegistry) -> "WebhookMetrics":
+    """One set of webhook collectors per registry, shared by every WebhookServer on it."""
+    m = _METRICS_BY_REGISTRY.get(registry)
+    if m is None:
+        m = _METRICS_BY_REGISTRY[registry] = WebhookMetrics(registry)
+    return m
 
 
 class WebhookMetrics:
@@ -95,7 +105,7 @@ class WebhookServer:
     def __init__(self, cert: str, key: str, *, host: str = "127.0.0.1", port: int = 0,
                  registry: CollectorRegistry | None = None):
         self.cert, self.key, self.host, self.port = cert, key, host, port
-        self.metrics = WebhookMetrics(registry or CollectorRegistry())
+        self.metrics = webhook_metrics(registry or CollectorRegistry())
         self.app = web.Application(client_max_size=8 * 1024 * 1024)
         self.handlers: dict[str, Handler] = {}
         self._runner: web.AppRunner | None = None
