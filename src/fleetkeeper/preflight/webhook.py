@@ -6,11 +6,9 @@ instant. The handler is pure; the serving certificate is generated here
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
-import os
 from pathlib import Path
 
+from fleetkeeper.core.pki import write_serving_cert
 from fleetkeeper.core.webhook import Admission, AdmissionRequest, json_patch_path, registration, webhook_entry
 from fleetkeeper.preflight.config import WebhookConfig
 from fleetkeeper.preflight.keys import PENDING, Keys
@@ -53,40 +51,8 @@ def gate_node(req: AdmissionRequest, keys: Keys, exempt: dict[str, str]) -> Admi
 def self_signed(directory: Path, hosts: list[str]) -> tuple[Path, Path, bytes]:
     """Write a CA and a serving certificate for ``hosts`` (DNS names or IPs);
     returns (cert path, key path, CA PEM for the registration's caBundle)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleetkeeper-preflight-webhook-ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=365))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=365))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return cert_path, key_path, ca.public_bytes(serialization.Encoding.PEM)
+    sc = write_serving_cert(directory, hosts, common_name="fleetkeeper-preflight-webhook")
+    return sc.cert, sc.key, sc.ca_bundle
 
 
 def gate_registration(cfg: WebhookConfig, ca_bundle: bytes, *, url: str | None = None, namespace: str = "",

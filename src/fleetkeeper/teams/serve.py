@@ -20,7 +20,7 @@ from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
 
 from fleetkeeper.teams.admission import TeamAdmission
 from fleetkeeper.teams.options import WebhookOptions
-from fleetkeeper.teams.pki import write_serving_cert
+from fleetkeeper.core.pki import write_serving_cert
 
 log = logging.getLogger("fleetkeeper.teams.webhook")
 
