@@ -525,6 +525,8 @@ async def joins(args) -> None:
             for mode in ("unpaced", "paced"):
                 say(f"joins: {layout}, {mode}: {args.join_nodes} nodes join at once")
                 results.append(await join_wave(lc, kube, args.join_nodes, mode, layout))
+                say("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in results[-1].items()))  # kept if a later wave times out
         finally:
             await kube.close()
             lc.down(purge=True)
