@@ -608,6 +608,11 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    import signal
+
+    # `timeout` sends SIGTERM: turn it into SIGINT, which asyncio.run turns into a
+    # cancellation, so the control plane started here is stopped and removed
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     t0 = time.monotonic()
     asyncio.run({"fanout": fanout, "joins": joins, "memory": memory}[args.part](args))
     print(f"\n(total {time.monotonic() - t0:.0f}s; command: {' '.join(sys.argv)})")
