@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from fleetkeeper.cli.common import console, out, run_async
-from fleetkeeper.core import errors
 from fleetkeeper.core.kube import NODES
 from fleetkeeper.localcluster.cluster import LocalCluster, node_ready, versions
 

@@ -112,9 +112,7 @@ class FaultPlan:
 
 
 def default_fault_file() -> Path:
+    from fleetkeeper.core.cliutil import default_cluster_dir
+
     env = os.environ.get("FLEETKEEPER_FAULTS")
-    if env:
-        return Path(env)
-    base = os.environ.get("FLEETKEEPER_CLUSTER_DIR") or str(
-        Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fleetkeeper" / "cluster")
-    return Path(base) / "faults.json"
+    return Path(env) if env else default_cluster_dir() / "faults.json"

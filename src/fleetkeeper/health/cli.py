@@ -17,6 +17,7 @@ import yaml
 from fleetkeeper.core import errors
 from fleetkeeper.core import log as fklog
 from fleetkeeper.core.clock import RealClock
+from fleetkeeper.core import cliutil
 from fleetkeeper.core.domain import DEFAULT_DOMAIN, Names
 from fleetkeeper.core.faults import FaultPlan, default_fault_file, parse_fault
 from fleetkeeper.core.kube import NODES, PODS, Kube
@@ -27,22 +28,7 @@ fault_app = typer.Typer(help="Inject and clear simulated faults on simulated nod
 log = logging.getLogger("fleetkeeper.health")
 
 
-def _run(coro):
-    """Run a coroutine; config errors exit 2, other fleetkeeper errors exit 1, each with a clear line."""
-    try:
-        return asyncio.run(coro)
-    except errors.ConfigError as exc:
-        typer.echo(f"configuration error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except errors.ApiUnreachable as exc:
-        typer.echo(f"cannot reach the Kubernetes API server: {exc}\n"
-                   "Is the cluster up? (check --kubeconfig)", err=True)
-        raise typer.Exit(1) from None
-    except errors.FleetkeeperError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+_run = cliutil.run
 
 
 def _die(msg: str, code: int = 2) -> None:
@@ -50,17 +36,7 @@ def _die(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _kubeconfig(path: Optional[str]) -> Optional[str]:
-    """An explicit --kubeconfig wins; else the local cluster's kubeconfig when it exists;
-    else the client's default chain (in-cluster, $KUBECONFIG, ~/.kube/config)."""
-    if path:
-        return path
-    import os
-
-    base = os.environ.get("FLEETKEEPER_CLUSTER_DIR") or str(
-        Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fleetkeeper" / "cluster")
-    local = Path(base) / "kubeconfig"
-    return str(local) if local.exists() and not os.environ.get("KUBERNETES_SERVICE_HOST") else None
+_kubeconfig = cliutil.resolve_kubeconfig
 
 
 # --- the node agent -------------------------------------------------------------

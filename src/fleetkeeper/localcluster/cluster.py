@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fleetkeeper.core import errors
+from fleetkeeper.core.cliutil import default_cluster_dir
 from fleetkeeper.core.kube import NODES, Kube, RetryPolicy
 from fleetkeeper.core.ratelimit import TokenBucket
 from fleetkeeper.localcluster import pki
@@ -52,11 +53,7 @@ Progress = Callable[[str], None]
 
 
 def default_dir() -> Path:
-    env = os.environ.get("FLEETKEEPER_CLUSTER_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "fleetkeeper" / "cluster"
+    return default_cluster_dir()
 
 
 def versions() -> dict[str, str]:

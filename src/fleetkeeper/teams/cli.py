@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
@@ -11,9 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fleetkeeper.core import errors
+from fleetkeeper.core import cliutil, errors
 from fleetkeeper.core.domain import DEFAULT_DOMAIN, SYSTEM_NAMESPACE, Names
-from fleetkeeper.core.kube import Kube
 from fleetkeeper.core.ratelimit import TokenBucket
 
 from fleetkeeper.teams.config import DEFAULT_CONFIGMAP, parse_config
@@ -25,26 +23,11 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _run(coro):
-    try:
-        return asyncio.run(coro)
-    except errors.ConfigError as exc:
-        err.print(f"[red]configuration error[/red]: {exc}")
-        raise typer.Exit(2) from None
-    except errors.ApiUnreachable as exc:
-        err.print(f"[red]cannot reach the Kubernetes API server[/red]: {exc}")
-        raise typer.Exit(1) from None
-    except errors.FleetkeeperError as exc:
-        err.print(f"[red]error[/red]: {exc}")
-        raise typer.Exit(1) from None
+_run = cliutil.run
+_connect = cliutil.connect
 
 
-async def _connect(kubeconfig: str | None) -> Kube:
-    """--kubeconfig, else $KUBECONFIG / ~/.kube/config / in-cluster."""
-    return await Kube.connect(kubeconfig)
-
-
-KUBECONFIG = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG", help="kubeconfig file")
+KUBECONFIG = cliutil.kubeconfig_option()
 NAMESPACE = typer.Option(SYSTEM_NAMESPACE, "--namespace", "-n", help="where the teams ConfigMap lives")
 CONFIGMAP = typer.Option(DEFAULT_CONFIGMAP, "--configmap", help="name of the teams ConfigMap")
 DOMAIN = typer.Option(DEFAULT_DOMAIN, "--domain", help="label/taint domain")
