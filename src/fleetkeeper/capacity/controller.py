@@ -33,11 +33,11 @@ from fleetkeeper.core.kube import (
 )
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.ratelimit import TokenBucket
+from fleetkeeper.core.pki import write_serving_cert
 from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
 
 from fleetkeeper.capacity import balloons as bl
 from fleetkeeper.capacity import gangs as gg
-from fleetkeeper.capacity.certs import ensure_webhook_cert
 from fleetkeeper.capacity.config import CONFIGMAP_KEY, CONFIGMAP_NAME, CapacityConfig, load_config, load_config_text
 from fleetkeeper.capacity.metrics import GANG_STATES, CapacityMetrics
 
@@ -440,7 +440,7 @@ class GangWebhook:
         g = self.cfg.gangs
         cert_dir = self.options.webhook_cert_dir or Path(tempfile.gettempdir()) / "fleetkeeper-capacity-webhook"
         hosts = [g.webhook_host, f"{g.webhook_service}.{self.namespace}.svc", "localhost"]
-        cert = await asyncio.to_thread(ensure_webhook_cert, cert_dir, hosts)
+        cert = await asyncio.to_thread(write_serving_cert, cert_dir, hosts, common_name="fleetkeeper-capacity-webhook")
         self.server = WebhookServer(str(cert.cert), str(cert.key), host=g.webhook_host, port=g.webhook_port,
                                     registry=self.registry)
         self.server.add(WEBHOOK_PATH, self.handler)

@@ -88,20 +88,26 @@ class ServingCert:
 
 def write_serving_cert(directory: Path, hosts: list[str], *, days: int = 365,
                        common_name: str = "fleetkeeper-webhook") -> ServingCert:
-    """Create (or reuse, while valid for a week more and for the same hosts) a CA
-    and a serving certificate for ``hosts`` in ``directory``."""
+    """Create a CA and a serving certificate for ``hosts`` in ``directory``, or
+    reuse the ones there while they cover every host and stay valid for a week more."""
     directory.mkdir(parents=True, exist_ok=True)
     out = ServingCert(directory / "tls.crt", directory / "tls.key", directory / "ca.crt")
-    hosts_file = directory / "hosts"
-    if out.cert.exists() and out.key.exists() and out.ca.exists() and hosts_file.exists() \
-            and hosts_file.read_text() == ",".join(hosts):
+    if out.cert.exists() and out.key.exists() and out.ca.exists():
         cert = x509.load_pem_x509_certificate(out.cert.read_bytes())
-        if cert.not_valid_after_utc > dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=7):
+        if set(hosts) <= _sans(cert) and \
+                cert.not_valid_after_utc > dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=7):
             return out
     ca_key, ca = make_ca(f"{common_name}-ca", days=days)
     key, leaf = make_leaf(ca_key, ca, common_name, hosts, days=days)
     write_key(out.key, key)
     out.cert.write_bytes(cert_pem(leaf))
     out.ca.write_bytes(cert_pem(ca))
-    hosts_file.write_text(",".join(hosts))
     return out
+
+
+def _sans(cert: x509.Certificate) -> set[str]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {str(v) for v in ext.get_values_for_type(x509.IPAddress)} | set(ext.get_values_for_type(x509.DNSName))

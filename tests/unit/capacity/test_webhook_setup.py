@@ -6,7 +6,7 @@ import ssl
 
 from cryptography import x509
 
-from fleetkeeper.capacity.certs import ensure_webhook_cert
+from fleetkeeper.core.pki import write_serving_cert as ensure_webhook_cert
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.capacity.controller import webhook_registration
 from fleetkeeper.core.domain import Names
@@ -31,11 +31,11 @@ def test_registration_by_url_with_namespace_selector():
 
 
 def test_cert_is_reused_and_renewed_for_new_hosts(tmp_path):
-    a = ensure_webhook_cert(tmp_path, ["127.0.0.1", "svc.ns.svc"])
-    b = ensure_webhook_cert(tmp_path, ["127.0.0.1"])
-    assert a.ca_bundle == b.ca_bundle  # same hosts covered: reused
+    a = ensure_webhook_cert(tmp_path, ["127.0.0.1", "svc.ns.svc"]).ca_bundle
+    b = ensure_webhook_cert(tmp_path, ["127.0.0.1"]).ca_bundle
+    assert a == b  # same hosts covered: reused
     c = ensure_webhook_cert(tmp_path, ["127.0.0.1", "other.ns.svc"])
-    assert c.ca_bundle != a.ca_bundle
+    assert c.ca_bundle != a
     cert = x509.load_pem_x509_certificate(c.cert.read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "other.ns.svc" in sans.get_values_for_type(x509.DNSName)
