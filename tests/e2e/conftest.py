@@ -35,9 +35,11 @@ def cluster():
     lc = LocalCluster(directory)
     import asyncio
 
-    asyncio.run(lc.up(E2E_NODES, 8))
-    yield lc
-    lc.down(purge=True)
+    try:
+        asyncio.run(lc.up(E2E_NODES, 8))
+        yield lc
+    finally:
+        lc.down(purge=True)
 
 
 @pytest.fixture

@@ -457,7 +457,7 @@ class LocalCluster:
         async with await self.connect(retry=RetryPolicy(attempts=8)) as kube:
             spec = FleetSpec(nodes=nodes, gpus_per_node=gpus_per_node, join_gate=join_gate)
             created = await create_nodes(kube, spec, rate=create_rate, progress=say)
-            ready = await wait_nodes_ready(kube, nodes, timeout=max(120.0, nodes / 20), progress=say) if wait_ready else 0
+            ready = await wait_nodes_ready(kube, nodes, timeout=max(300.0, nodes / 4), progress=say) if wait_ready else 0
         return {"created": created, "ready": ready, "seconds": round(time.monotonic() - t0, 1)}
 
     def down(self, purge: bool = False) -> list[str]:
