@@ -28,13 +28,13 @@ from fleetkeeper.core.settings import RuntimeSettings
 
 # name -> package. Order matters for `run` and the demo.
 COMPONENTS: dict[str, str] = {
-    "netacct": "fleetkeeper.netacct",
-    "relay": "fleetkeeper.relay",
-    "promguard": "fleetkeeper.promguard",
     "preflight": "fleetkeeper.preflight",
     "health": "fleetkeeper.health",
     "capacity": "fleetkeeper.capacity",
-    "teams": "fleetkeeper.teams",
+    "relay": "fleetkeeper.relay",
+    "netacct": "fleetkeeper.netacct",
+    "promguard": "fleetkeeper.promguard",
+    "teams": "fleetkeeper.teams",  # last: its team taints would otherwise shape the other scenarios
 }
 # Sub-apps without controllers (name -> module with `app`).
 SUBAPPS: dict[str, str] = {
