@@ -47,6 +47,11 @@ async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> None:
     t0 = time.monotonic()
     lc = LocalCluster()
     out.print(Panel(f"fleetkeeper demo: a real control plane with {nodes} simulated nodes", style="bold"))
+    if lc.state_path.exists():
+        # the scenario starts from a fresh cluster, so a second run tells the same story
+        console.print(f"[dim]·[/dim] removing the previous local cluster in {lc.dir}")
+        lc.down(purge=True)
+        lc = LocalCluster()
     res = await lc.up(nodes, progress=lambda m: console.print(f"[dim]·[/dim] {m}"))
     out.print(f"control plane up at {lc.server}: {res['ready']} nodes Ready ({res['seconds']}s)")
     registry = CollectorRegistry()

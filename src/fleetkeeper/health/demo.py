@@ -72,8 +72,12 @@ async def demo(ctx) -> None:
         ok = await _wait(all_tainted, 30)
         for v in victims:
             a = (await kube.get(NODES, v.name))["metadata"].get("annotations") or {}
+            reason = a.get(names.domain + '/health-reason')
+            if reason is None:
+                ctx.report(f"{v.name}: not acted on yet (held back by the safety budget, or still being evaluated)")
+                continue
             ctx.report(f"{v.name}: {'quarantined' if ok else 'not yet quarantined'}: "
-                       f"{a.get(names.domain + '/health-reason', '?')} -> {a.get(names.domain + '/health-action', '?')}"
+                       f"{reason} -> {a.get(names.domain + '/health-action', '?')}"
                        f", fixable by {a.get(names.domain + '/health-remedy', '?')}")
         ctx.report(f"conditions to taints in {time.monotonic() - t0:.1f}s")
 
