@@ -243,7 +243,10 @@ async def test_periodic_tests_avoid_and_yield_to_real_work(kube, namespace, tmp_
         assert busy not in await periodic_pods()
         b = await kube.get(NODES, busy)
         assert b["metadata"]["annotations"][KEYS.validated_at] == old
-        assert pf.metrics.coverage._value.get() > 0
+        async def covered():  # the next periodic pass (every interval_s) reports the re-validation
+            return pf.metrics.coverage._value.get() > 0
+
+        await until(covered, 10, "coverage reported")
     finally:
         await stop(task)
         await delete_nodes(kube, nodes)
