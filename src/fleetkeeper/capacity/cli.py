@@ -11,15 +11,13 @@ Exit status: 0 ok, 1 cluster/API error, 2 bad flag or configuration.
 
 from __future__ import annotations
 
-import asyncio
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 import yaml
 
-from fleetkeeper.core import errors
+from fleetkeeper.core import cliutil, errors
 from fleetkeeper.core.domain import DEFAULT_DOMAIN, SYSTEM_NAMESPACE, Names
 from fleetkeeper.core.kube import DEPLOYMENTS, NODES, PODS, Kube
 from fleetkeeper.core.views import default_projector
@@ -33,20 +31,13 @@ app = typer.Typer(help="Balloons (warm idle capacity) and gang scheduling (all-o
 
 _CONFIG = typer.Option(None, "--config", "-c", help="capacity configuration YAML (default: the cluster's "
                                                     "ConfigMap fleetkeeper-capacity, else defaults)")
-_KUBECONFIG = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG", help="kubeconfig file")
+_KUBECONFIG = cliutil.kubeconfig_option()
 _DOMAIN = typer.Option(DEFAULT_DOMAIN, "--domain", help="label/taint domain")
 _NAMESPACE = typer.Option(SYSTEM_NAMESPACE, "--namespace", help="fleetkeeper's namespace")
 
 
 def _fail(exc: BaseException) -> None:
-    if isinstance(exc, errors.ConfigError):
-        typer.echo(f"configuration error: {exc}", err=True)
-        raise typer.Exit(2)
-    if isinstance(exc, errors.ApiUnreachable):
-        typer.echo(f"cannot reach the Kubernetes API server: {exc}", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1)
+    raise cliutil.fail(exc)
 
 
 def _file_config(path: Optional[Path]) -> CapacityConfig | None:
@@ -58,21 +49,12 @@ def _file_config(path: Optional[Path]) -> CapacityConfig | None:
 
 
 def _kubeconfig(path: Optional[str]) -> Optional[str]:
-    if path:
-        if not Path(path).is_file():
-            raise errors.ConfigError("--kubeconfig", [("kubeconfig", path, "no such file")])
-        return path
-    local = Path(os.environ.get("FLEETKEEPER_CLUSTER_DIR") or
-                 Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fleetkeeper" /
-                 "cluster") / "kubeconfig"
-    return str(local) if local.is_file() else None
+    if path and not Path(path).is_file():
+        raise errors.ConfigError("--kubeconfig", [("kubeconfig", path, "no such file")])
+    return cliutil.resolve_kubeconfig(path)
 
 
-def _run(coro):
-    try:
-        return asyncio.run(coro)
-    except errors.FleetkeeperError as exc:
-        _fail(exc)
+_run = cliutil.run
 
 
 async def _cluster_config(kube: Kube, namespace: str, cfg: CapacityConfig | None) -> CapacityConfig:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
-from typing import Any
 
 import orjson
 import typer
 
-from fleetkeeper.core import errors
+from fleetkeeper.core import cliutil, errors
 from fleetkeeper.core import log as fklog
 from fleetkeeper.core.config import load_model
 from fleetkeeper.core.domain import DEFAULT_DOMAIN, SYSTEM_NAMESPACE
@@ -26,23 +24,10 @@ log = logging.getLogger("fleetkeeper.relay")
 
 
 def _fail(exc: errors.FleetkeeperError) -> None:
-    if isinstance(exc, errors.ConfigError):
-        typer.echo(f"configuration error: {exc}", err=True)
-        raise typer.Exit(2)
-    if isinstance(exc, errors.ApiUnreachable):
-        typer.echo(f"cannot reach {exc}", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1)
+    raise cliutil.fail(exc)
 
 
-def _run(coro: Any) -> Any:
-    try:
-        return asyncio.run(coro)
-    except errors.FleetkeeperError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+_run = cliutil.run
 
 
 def _split_listen(listen: str) -> tuple[str, str]:
