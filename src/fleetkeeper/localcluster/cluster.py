@@ -152,6 +152,17 @@ def _reap_later(pid: int) -> None:
     threading.Thread(target=wait, daemon=True, name=f"reap-{pid}").start()
 
 
+def _exited(pid: int) -> bool:
+    """Has a process we just started exited? (It may not have exec'd its binary
+    yet, so its name is not checked here.)"""
+    try:
+        os.kill(pid, 0)
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        return raw[raw.rindex(")") + 2] == "Z"
+    except (OSError, ValueError):
+        return True
+
+
 def _alive(pid: int, name: str) -> bool:
     try:
         os.kill(pid, 0)
@@ -354,7 +365,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            if not _alive(self.state.pids.get(comp, -1), comp):
+            if _exited(self.state.pids.get(comp, -1)):
                 raise errors.ClusterError(f"{comp} exited during start-up; see {self.dir / 'logs' / (comp + '.log')}:\n"
                                           + self.log_tail(comp))
             try:
