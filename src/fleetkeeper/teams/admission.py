@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.webhook import Admission, AdmissionRequest, json_patch_path
 
-from fleetkeeper.teams.config import ConfigState, TeamsConfig
+from fleetkeeper.teams.config import ConfigState, Exempt, TeamsConfig
 from fleetkeeper.teams.plan import TEAM_EFFECT
 
 ANY = "*"
@@ -115,6 +115,9 @@ def judge(cfg: TeamsConfig | None, names: Names, username: str, groups: tuple[st
     spec = _dig(obj, SPEC_PATHS[kind])
     meta = _dig(obj, _meta_path(kind))
     if cfg is None:
+        default_exempt = Exempt()  # cluster admins and built-in controllers, as configured by default
+        if username in default_exempt.users or set(groups) & set(default_exempt.groups):
+            return Verdict(True, f"{username} is exempt (default exemptions; team configuration not loaded yet)")
         if any(coverage(t, names.team) for t in spec.get("tolerations") or ()):
             return Verdict(False, "team configuration not loaded yet; team tolerations cannot be checked, "
                                   "try again in a moment")

@@ -166,6 +166,9 @@ def test_without_configuration_team_tolerations_are_refused():
     assert h.mutate(req(pod())).allowed
     r = h.validate(req(pod(tolerations=[A_TOL])))
     assert not r.allowed and "not loaded" in r.message
+    # cluster admins and built-in controllers keep working before the configuration exists
+    admin = h.validate(req(pod(tolerations=[{"operator": "Exists"}]), user="admin", groups=("system:masters",)))
+    assert admin.allowed
 
 
 @pytest.mark.parametrize("kind,obj,tol_path", [
