@@ -125,6 +125,9 @@ class Remediator:
         self._evict_bucket = TokenBucket(self.policy.drain.evictions_per_second,
                                          max(1, int(self.policy.drain.evictions_per_second)), self.clock)
         self._terminations = SlidingWindow(3600.0, self.clock)
+        # machines already terminated (by Node uid): the informer cache can still show a
+        # deleted node for a moment, and a second terminate would be a second action
+        self._terminated: set[str] = set()
         self._watched = watched_types(self.policy)
         self.nodes.add_handler(self._on_node)
         self.pods.add_handler(self._on_pod)
@@ -459,6 +462,8 @@ class Remediator:
         return Result(requeue_after=p.requeue_after if blocked or errs else 1.0)
 
     async def _terminate(self, p: Plan, node: NodeView) -> Result | None:
+        if node.uid and node.uid in self._terminated:
+            return None
         if self._terminations.count() >= self.policy.terminate.max_per_hour:
             await self._note(node, "TerminationRateLimited",
                              f"{p.why}, but {self.policy.terminate.max_per_hour} machines were already terminated "
@@ -479,6 +484,8 @@ class Remediator:
             log.warning("terminate %s failed: %s", node.name, exc)
             raise
         self._terminations.record()
+        if node.uid:
+            self._terminated.add(node.uid)
         self._count("terminate", "success")
         log.info("terminate %s: %s (%s)", node.name, note, outcome)
         return None
