@@ -136,7 +136,10 @@ async def test_join_gate_end_to_end(kube, namespace, tmp_path):
 
         await until(lambda: released(flaky), 60, "flaky node released on retry")
         hist = [line for line in await explain_node(kube, NAMES, flaky) if " gate " in line]
-        assert len(hist) == 2 and "PASS" in hist[0] and "FAIL" in hist[1] and "gpu-hbm" in hist[1], hist
+        # newest first: the pass, after one or more failures of the flaky check (a retry may start
+        # before the test clears the fault), all within the attempt limit (3)
+        assert "PASS" in hist[0] and 2 <= len(hist) <= 3, hist
+        assert all("FAIL" in h and "gpu-hbm" in h for h in hist[1:]), hist
 
         # the broken node stays out after max_attempts, with its reason visible
         async def exhausted():
