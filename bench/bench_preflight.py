@@ -18,13 +18,17 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from fleetkeeper.core.kube import NODES, Kube
+from fleetkeeper.core.kube import NODES, PODS, Kube
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
-from fleetkeeper.localcluster.cluster import LocalCluster, node_ready
+from fleetkeeper.core.informer import Informer
+from fleetkeeper.localcluster.cluster import LocalCluster
 from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
 from fleetkeeper.preflight.config import PreflightConfig
 from fleetkeeper.preflight.controller import Preflight
+
+import apimetrics  # bench/ helper
+from apimetrics import scrape
 
 
 async def burst(kube: Kube, prefix: str, n: int, gate: bool, concurrency: int = 64) -> list[str]:
@@ -40,20 +44,50 @@ async def burst(kube: Kube, prefix: str, n: int, gate: bool, concurrency: int = 
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def wait(kube: Kube, prefix: str, n: int, pred, timeout: float) -> float:
-    t0 = time.monotonic()
+NOT_SCHEDULABLE = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable", "fleetkeeper.io/preflight")
+
+
+def ready(node) -> bool:
+    return node.ready
+
+
+def schedulable(node) -> bool:
+    """What the scheduler needs: Ready, and none of the taints that keep ordinary pods off a joining node
+    (the API server's not-ready taint, which the node lifecycle controller lifts after Ready, and the gate's)."""
+    return node.ready and not node.unschedulable and not any(t.key in NOT_SCHEDULABLE for t in node.taints)
+
+
+def pod_stage(p) -> str:
+    if p.phase in ("Succeeded", "Failed"):
+        return "finished"
+    if p.phase == "Running":
+        return "running"
+    return "bound" if p.node else "unscheduled"
+
+
+async def wait(nodes: Informer, pods: Informer | None, prefix: str, n: int, pred, timeout: float,
+               t0: float, every: float = 15.0) -> float:
+    """Until ``n`` nodes named ``prefix-*`` satisfy ``pred``, read from watch caches (polling the API
+    server with full lists would load it more than the thing measured). With ``pods``, print every
+    ``every`` seconds where the burst stands: nodes Ready / not-ready-tainted / released, and the
+    test pods by stage, so a slow stage shows itself. Times count from ``t0`` (the burst's start)."""
+    last = -every
     while time.monotonic() - t0 < timeout:
-        nodes, _ = await kube.list(NODES)
-        done = sum(1 for x in nodes if x["metadata"]["name"].startswith(prefix + "-") and pred(x))
+        mine = [x for x in nodes.items() if x.name.startswith(prefix + "-")]
+        done = sum(1 for x in mine if pred(x))
+        now = time.monotonic() - t0
+        if pods is not None and (now - last >= every or done >= n):
+            last = now
+            st = {"unscheduled": 0, "bound": 0, "running": 0, "finished": 0}
+            for p in pods.items():
+                st[pod_stage(p)] += 1
+            print(f"  t={now:6.1f}s nodes ready={sum(1 for x in mine if x.ready):5d} "
+                  f"not-ready-taint={sum(1 for x in mine if x.taint(NOT_SCHEDULABLE[0])):5d} released={done:5d} | "
+                  "test pods " + " ".join(f"{k}={v}" for k, v in st.items()), flush=True)
         if done >= n:
-            return time.monotonic() - t0
-        await asyncio.sleep(1.0)
+            return now
+        await asyncio.sleep(0.5)
     raise TimeoutError(f"{prefix}: not all {n} nodes done in {timeout}s")
-
-
-def schedulable(node: dict) -> bool:
-    return node_ready(node) and not any(t["key"] == "fleetkeeper.io/preflight"
-                                        for t in (node.get("spec") or {}).get("taints") or [])
 
 
 def writes(reg: CollectorRegistry) -> float:
@@ -72,17 +106,28 @@ async def main(total: int, n: int) -> None:
         try:
             t = time.monotonic()
             await lc.up(total, 8, progress=lambda m: None)
-            print(f"cluster: {total} nodes up in {time.monotonic() - t:.0f}s")
+            print(f"cluster: {total} nodes up in {time.monotonic() - t:.0f}s", flush=True)
             kube = await lc.connect()
-            # baseline: the same burst without a gate (time until Ready)
-            t0 = time.monotonic()
-            await burst(kube, "base", n, gate=False)
-            base = await wait(kube, "base", n, node_ready, 900) + 0.0
-            base_total = time.monotonic() - t0
-            print(f"baseline (no gate): {n} nodes Ready {base_total:.1f}s after the burst started")
             reg = CollectorRegistry()
             mgr = Manager(kube, RuntimeSettings(namespace="default", server={"port": 0},
                                                 leader_election={"enabled": False}), registry=reg)
+            nodes = mgr.node_informer()
+            pods = mgr.informer(PODS, mgr.projector.pod, namespace="default",
+                                label_selector="fleetkeeper.io/preflight-kind", key="bench-test-pods")
+            watchers = [asyncio.create_task(nodes.run()), asyncio.create_task(pods.run())]
+            await nodes.wait_synced(300)
+            await pods.wait_synced(300)
+
+            # baseline: the same burst with no gate, until schedulable (Ready, not-ready taint lifted)
+            m0 = await scrape(lc)
+            t0 = time.monotonic()
+            await burst(kube, "base", n, gate=False)
+            base_total = await wait(nodes, None, "base", n, schedulable, 1800, t0)
+            base_writes = apimetrics.writes(m0, await scrape(lc))
+            print(f"baseline (no gate): {n} nodes schedulable {base_total:.1f}s after the burst started; "
+                  f"API writes {base_writes:.0f} ({base_writes / base_total:.1f}/s)", flush=True)
+            await asyncio.sleep(5)
+
             cfg = PreflightConfig.model_validate({"namespace": "default", "fault_file": str(Path(tmp) / "faults.json"),
                                                   "periodic": {"enabled": False},
                                                   "gate": {"max_concurrent": 1000, "workers": 16}})
@@ -91,16 +136,21 @@ async def main(total: int, n: int) -> None:
             await mgr.wait_synced(300)
             await asyncio.sleep(2)
             w0 = writes(reg)
+            m0 = await scrape(lc)
             t0 = time.monotonic()
             await burst(kube, "join", n, gate=True)
-            await wait(kube, "join", n, schedulable, 1800)
-            gated_total = time.monotonic() - t0
+            gated_total = await wait(nodes, pods, "join", n, schedulable, 3600, t0)
+            all_writes = apimetrics.writes(m0, await scrape(lc))
             w = writes(reg) - w0
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            for x in watchers:
+                x.cancel()
+            await asyncio.gather(task, *watchers, return_exceptions=True)
             print(f"gated: {n} nodes schedulable {gated_total:.1f}s after the burst started "
                   f"(x{gated_total / base_total:.2f} the no-gate baseline)")
-            print(f"preflight API writes: {w:.0f} in {gated_total:.1f}s = {w / gated_total:.1f}/s "
+            print(f"API writes over the gated burst, every client: {all_writes:.0f} = "
+                  f"{all_writes / gated_total:.1f}/s (baseline {base_writes / base_total:.1f}/s)")
+            print(f"  of which preflight: {w:.0f} = {w / gated_total:.1f}/s "
                   f"({w / n:.1f} per node; pods create+delete, node patch, GPU history shards, events)")
             await kube.close()
         finally:

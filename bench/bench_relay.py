@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import os
 import random
-import ssl
 import sys
 import tempfile
 import time
@@ -53,6 +52,8 @@ from fleetkeeper.relay.client import RelayClient
 from fleetkeeper.relay.controller import add_pacer, add_relay
 from fleetkeeper.relay.settings import PacerSettings, RelaySettings
 
+from apimetrics import _ctx, delta, quantile_from_buckets, scrape, total  # bench/ helper
+
 NS = "relay-bench"
 
 
@@ -61,53 +62,6 @@ def say(msg: str) -> None:
 
 
 # --- the API server's own view ----------------------------------------------------------
-def _ctx(lc: LocalCluster) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(lc.dir / "pki" / "ca.crt"))
-
-
-async def scrape(lc: LocalCluster) -> dict[str, float]:
-    async with aiohttp.ClientSession() as s, s.get(f"{lc.server}/metrics", ssl=_ctx(lc),
-                                                    headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
-        text = await r.text()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            k, _, v = line.rpartition(" ")
-            try:
-                out[k] = float(v)
-            except ValueError:
-                pass
-    return out
-
-
-def total(m: dict[str, float], name: str, *must: str) -> float:
-    return sum(v for k, v in m.items() if k.startswith(name + "{") or k == name
-               if all(x in k for x in must))
-
-
-def delta(a: dict, b: dict, name: str, *must: str) -> float:
-    return total(b, name, *must) - total(a, name, *must)
-
-
-def quantile_from_buckets(a: dict, b: dict, name: str, q: float, *must: str) -> float:
-    """q-quantile of a histogram's observations between two scrapes (upper bucket bound)."""
-    buckets: dict[float, float] = defaultdict(float)
-    for k, v in b.items():
-        if k.startswith(name + "_bucket{") and all(x in k for x in must):
-            le = k.split('le="', 1)[1].split('"', 1)[0]
-            buckets[float("inf") if le == "+Inf" else float(le)] += v - a.get(k, 0.0)
-    if not buckets:
-        return float("nan")
-    les = sorted(buckets)
-    n = buckets[les[-1]]
-    if n <= 0:
-        return float("nan")
-    for le in les:
-        if buckets[le] >= q * n:
-            return le
-    return les[-1]
-
-
 def proc_stat(pid: int) -> tuple[float, float]:
     """(CPU seconds, RSS MiB) of a process."""
     parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

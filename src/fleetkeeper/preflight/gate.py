@@ -26,6 +26,10 @@ from fleetkeeper.preflight.suite import SuiteResult
 
 Verify = Callable[[PodView], SuiteResult]  # raises ReportError
 
+# taints the node lifecycle controller keeps on a node that is not (yet) Ready; no test pod starts under them
+NOT_READY_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+NOT_READY_RECHECK_S = 60.0
+
 
 @dataclass
 class Plan:
@@ -175,5 +179,10 @@ def decide(node: NodeView, pods: list[PodView], cfg: PreflightConfig, keys: Keys
         retry_at = 0.0
     if now < retry_at:
         return Plan("wait", delete_pods=stale, annotations=annotations, requeue_after=retry_at - now)
+    if not node.ready or any(node.taint(k) is not None for k in NOT_READY_TAINTS):
+        # a test pod could not be scheduled or run yet: creating it now only costs failed scheduling
+        # attempts (and their Events), and a node that never comes up would burn its attempts on
+        # timeouts. The node's update (Ready, the taint lifted) re-runs this; the requeue is a backstop.
+        return Plan("wait", delete_pods=stale, annotations=annotations, requeue_after=NOT_READY_RECHECK_S)
     return Plan("start", create_pod=True, attempt=attempts + 1, delete_pods=stale, annotations=annotations,
                 requeue_after=cfg.gate.pod_timeout_s + 1)

@@ -163,6 +163,17 @@ def test_new_gated_node_gets_a_test_pod():
     assert plan.annotations[K.gated_at] == str(int(NOW))
 
 
+@pytest.mark.parametrize("kw", [{"ready": False}, {"taints": [("node.kubernetes.io/not-ready", "", "NoSchedule")]},
+                                {"taints": [("node.kubernetes.io/unreachable", "", "NoExecute")]}])
+def test_no_test_pod_until_the_node_could_run_it(kw):
+    n = node(**kw)
+    plan = gate.decide(n, [], CFG, K, NOW, verify_for(n))
+    assert plan.outcome == "wait" and not plan.create_pod and plan.requeue_after == gate.NOT_READY_RECHECK_S
+    assert plan.annotations[K.gated_at] == str(int(NOW))  # the gating clock starts at join all the same
+    up = node(ann={K.gated_at: str(int(NOW))})
+    assert gate.decide(up, [], CFG, K, NOW + 30, verify_for(up)).create_pod
+
+
 def test_running_pod_waits_then_times_out():
     n = node(ann={K.gated_at: "1"})
     plan = gate.decide(n, [pod(created=NOW - 50)], CFG, K, NOW, verify_for(n))

@@ -1,0 +1,65 @@
+"""API-server metrics for the benchmarks: scrape kube-apiserver's /metrics of a
+LocalCluster and take deltas and histogram quantiles between two scrapes."""
+
+from __future__ import annotations
+
+import ssl
+from collections import defaultdict
+
+import aiohttp
+
+from fleetkeeper.localcluster.cluster import LocalCluster
+
+WRITE_VERBS = ('verb="POST"', 'verb="PATCH"', 'verb="PUT"', 'verb="DELETE"')
+
+
+def _ctx(lc: LocalCluster) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(lc.dir / "pki" / "ca.crt"))
+
+
+async def scrape(lc: LocalCluster) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s, s.get(f"{lc.server}/metrics", ssl=_ctx(lc),
+                                                    headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            k, _, v = line.rpartition(" ")
+            try:
+                out[k] = float(v)
+            except ValueError:
+                pass
+    return out
+
+
+def total(m: dict[str, float], name: str, *must: str) -> float:
+    return sum(v for k, v in m.items() if k.startswith(name + "{") or k == name
+               if all(x in k for x in must))
+
+
+def delta(a: dict, b: dict, name: str, *must: str) -> float:
+    return total(b, name, *must) - total(a, name, *must)
+
+
+def quantile_from_buckets(a: dict, b: dict, name: str, q: float, *must: str) -> float:
+    """q-quantile of a histogram's observations between two scrapes (upper bucket bound)."""
+    buckets: dict[float, float] = defaultdict(float)
+    for k, v in b.items():
+        if k.startswith(name + "_bucket{") and all(x in k for x in must):
+            le = k.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if le == "+Inf" else float(le)] += v - a.get(k, 0.0)
+    if not buckets:
+        return float("nan")
+    les = sorted(buckets)
+    n = buckets[les[-1]]
+    if n <= 0:
+        return float("nan")
+    for le in les:
+        if buckets[le] >= q * n:
+            return le
+    return les[-1]
+
+
+def writes(a: dict, b: dict, *must: str) -> float:
+    """Mutating requests the API server served between two scrapes (every client)."""
+    return sum(delta(a, b, "apiserver_request_total", v, *must) for v in WRITE_VERBS)
