@@ -65,6 +65,8 @@ async def heartbeats(core: AgentCore, names: list[str], stop: asyncio.Event, int
     healthy = simulated_findings("x", [], 8)
     while not stop.is_set():
         for n in names:
+            if stop.is_set():
+                return
             await core.observe(n, healthy)
         try:
             await asyncio.wait_for(stop.wait(), interval)
@@ -72,7 +74,7 @@ async def heartbeats(core: AgentCore, names: list[str], stop: asyncio.Event, int
             pass
 
 
-async def main(total: int, faults: int) -> None:
+async def main(total: int, faults: int, workers: int) -> None:
     with tempfile.TemporaryDirectory(prefix="fk-bench-health-") as tmp:
         lc = LocalCluster(Path(tmp))
         try:
@@ -86,7 +88,7 @@ async def main(total: int, faults: int) -> None:
                                                 leader_election={"enabled": False}), registry=reg)
             policy = Policy.model_validate({"budget": {"cluster": {"max_nodes": 2 * faults},
                                                        "max_new_per_window": 2 * faults}})
-            await setup(mgr, HealthOptions(policy=policy, simulate=False))
+            await setup(mgr, HealthOptions(policy=policy, simulate=False, workers=workers))
             names = mgr.names
             nodes = mgr.node_informer()
             seen: dict[str, float] = {}
@@ -160,7 +162,8 @@ async def main(total: int, faults: int) -> None:
             await hb
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            print(f"condition -> quarantine taint, {faults} faults at once on {total} nodes: {summary(lat)} "
+            print(f"condition -> quarantine taint, {faults} faults at once on {total} nodes, {workers} workers: "
+                  f"{summary(lat)} "
                   f"(p50 x{pct(lat, .5) / pct(floor, .5):.1f} the plain-patch floor); all {faults} tainted "
                   f"{span:.1f}s after the first fault")
             delta = {k: w1.get(k, 0) - w0.get(k, 0) for k in w1 if w1.get(k, 0) - w0.get(k, 0)}
@@ -189,5 +192,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=7500)
     ap.add_argument("--faults", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=HealthOptions.workers, help="remediation controller workers")
     a = ap.parse_args()
-    asyncio.run(main(a.nodes, a.faults))
+    asyncio.run(main(a.nodes, a.faults, a.workers))

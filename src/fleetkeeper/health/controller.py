@@ -46,6 +46,8 @@ from fleetkeeper.health.provider import CloudProvider, LocalProvider
 log = logging.getLogger("fleetkeeper.health")
 
 CONFIGMAP = "fleetkeeper-health"
+STATE_CONFIGMAP = "fleetkeeper-health-state"
+STORM_UNTIL_KEY = "storm-until"
 POLICY_KEY = "policy.yaml"
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -65,7 +67,7 @@ class HealthOptions:
     provider: CloudProvider | None = None
     stats_interval: float = 1.0
     reload_interval: float = 30.0
-    workers: int = 4
+    workers: int = 16  # reconciles in flight: each action is 2-3 API round trips; admission is serialised
 
 
 class FlapTracker:
@@ -98,7 +100,7 @@ class Remediator:
     policy: Policy
     provider: CloudProvider
     stats_interval: float = 1.0
-    workers: int = 4
+    workers: int = 16
     metrics: RemediationMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -302,6 +304,49 @@ class Remediator:
             ann[self.keys.drained] = None
         return ann
 
+    # --- state that must survive a restart -------------------------------------
+    # Everything else is read back from the nodes (taints and annotations); the storm
+    # cooldown is not on any node, so it lives in a small ConfigMap, written only when
+    # a storm starts. Losing it (no RBAC, API down) only shortens a pause after a restart.
+    def _state_ref(self) -> tuple[str, str]:
+        return STATE_CONFIGMAP, self.mgr.settings.namespace
+
+    async def load_state(self) -> None:
+        name, ns = self._state_ref()
+        try:
+            cm = await self.kube.get_or_none(CONFIGMAPS, name, ns)
+        except errors.FleetkeeperError as exc:
+            log.warning("health state %s/%s unreadable (%s); starting without a storm cooldown", ns, name, exc)
+            return
+        raw = ((cm or {}).get("data") or {}).get(STORM_UNTIL_KEY, "")
+        try:
+            until = float(raw) if raw else 0.0
+        except ValueError:
+            log.warning("health state %s/%s: %s=%r is not a time; ignored", ns, name, STORM_UNTIL_KEY, raw)
+            return
+        if until > self.clock.now():
+            self._storm_until = until
+            self.metrics.storm.set(1)
+            log.warning("fault-storm cooldown carried over from before the restart: %.0fs left",
+                        until - self.clock.now())
+
+    async def _save_state(self) -> None:
+        if self.dry_run:
+            return
+        name, ns = self._state_ref()
+        body = {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": ns, "labels": {self.names.managed_by: "health"}},
+                "data": {STORM_UNTIL_KEY: str(int(self._storm_until))}}
+        try:
+            await self.kube.apply(CONFIGMAPS, body)
+        except errors.FleetkeeperError as exc:
+            log.warning("could not record the storm cooldown in %s/%s (%s); a restart would end it early",
+                        ns, name, exc)
+
+    async def run(self) -> None:
+        await self.load_state()
+        await self.controller.run()
+
     async def _quarantine(self, p: Plan, node: NodeView) -> Result | None:
         now = self.clock.now()
         async with self._lock:
@@ -313,14 +358,18 @@ class Remediator:
                 return Result(requeue_after=min(30.0, self._storm_until - now + 0.5))
             st = self.stats()
             total = st.totals.get("cluster", 0)
-            if st.onsets >= storm_threshold(total, self.policy) and total:
+            # the stats may predate this burst (refreshed every stats_interval): this node and every
+            # admission since count as onsets too, so a burst inside one refresh is still seen as a storm
+            onsets = len(st.onset_nodes | {node.name})
+            if onsets >= storm_threshold(total, self.policy) and total:
                 self._storm_until = now + self.policy.storm.cooldown
                 self.metrics.storm.set(1)
+                await self._save_state()
                 log.warning("fault storm: %d nodes faulted within %.0fs (threshold %d); pausing new quarantines "
-                            "for %.0fs", st.onsets, self.policy.storm.window, storm_threshold(total, self.policy),
+                            "for %.0fs", onsets, self.policy.storm.window, storm_threshold(total, self.policy),
                             self.policy.storm.cooldown)
                 await self._note(node, "RemediationPaused",
-                                 f"{p.why}: fault storm ({st.onsets} nodes within "
+                                 f"{p.why}: fault storm ({onsets} nodes within "
                                  f"{self.policy.storm.window:.0f}s); pausing new quarantines for "
                                  f"{self.policy.storm.cooldown:.0f}s", "Warning")
                 self._count("quarantine", "budget")
@@ -338,6 +387,7 @@ class Remediator:
             for s in scopes_of(node, self.names):
                 st.disrupted[s] = st.disrupted.get(s, 0) + 1
             st.new_in_window += 1
+            st.onset_nodes.add(node.name)
             self._admissions.append(now)
             if self.dry_run:
                 self._dry_quarantined.add(node.name)
@@ -533,7 +583,7 @@ async def setup(mgr: Manager, options: HealthOptions | None) -> None:
     rem = Remediator(mgr, policy, opts.provider or LocalProvider(mgr.kube), stats_interval=opts.stats_interval,
                      workers=opts.workers)
     mgr.health = rem  # type: ignore[attr-defined]  # for the demo and tests in the same process
-    mgr.add("health-remediation", rem.controller.run)
+    mgr.add("health-remediation", rem.run)
     mgr.add("health-stats", rem.stats_loop)
     if from_cm:
         mgr.add("health-policy-reload", lambda: reload_loop(mgr, rem, opts.reload_interval))

@@ -271,9 +271,13 @@ class FleetStats:
     totals: dict[str, int] = field(default_factory=dict)  # scope -> managed nodes
     disrupted: dict[str, int] = field(default_factory=dict)  # scope -> quarantined/draining/terminating
     states: dict[str, int] = field(default_factory=dict)  # fleetkeeper_nodes{state}
-    onsets: int = 0  # nodes whose worst problem started within the storm window
+    onset_nodes: set[str] = field(default_factory=set)  # nodes whose worst problem started within the storm window
     wanting: dict[str, int] = field(default_factory=dict)  # scope -> faulty nodes not yet quarantined
     new_in_window: int = 0
+
+    @property
+    def onsets(self) -> int:
+        return len(self.onset_nodes)
 
     def used_ratio(self, scope: str, policy: Policy) -> float:
         lim = scope_limit(scope, self.totals.get(scope, 0), policy)
@@ -318,6 +322,7 @@ def fleet_stats(nodes: list[NodeView], pods_left: dict[str, int], policy: Policy
                 admissions: list[float]) -> FleetStats:
     st = FleetStats()
     k = Keys(names)
+    recent = 0  # quarantines started within the budget window, as the cluster records them
     for n in nodes:
         if not selected(n, policy):
             continue
@@ -332,7 +337,9 @@ def fleet_stats(nodes: list[NodeView], pods_left: dict[str, int], policy: Policy
                 st.disrupted[s] = st.disrupted.get(s, 0) + 1
             since = _ts(n.annotations.get(k.since))
             if since and now - since < policy.storm.window:
-                st.onsets += 1
+                st.onset_nodes.add(n.name)
+            if since and now - since < policy.budget.window:
+                recent += 1
             continue
         if not any(c.status == "True" for c in n.conditions if c.type != "Ready"):
             continue  # fast path: nothing wrong
@@ -340,10 +347,12 @@ def fleet_stats(nodes: list[NodeView], pods_left: dict[str, int], policy: Policy
         if worst is None or LADDER.index(worst.action) < LADDER.index("quarantine"):
             continue
         if now - worst.since < policy.storm.window:
-            st.onsets += 1
+            st.onset_nodes.add(n.name)
         for s in scopes:
             st.wanting[s] = st.wanting.get(s, 0) + 1
-    st.new_in_window = sum(1 for t in admissions if now - t < policy.budget.window)
+    # the process's own admissions include those not yet visible in the cache; the nodes' since
+    # annotations survive a restart (a restarted controller must not get a fresh window)
+    st.new_in_window = max(recent, sum(1 for t in admissions if now - t < policy.budget.window))
     return st
 
 

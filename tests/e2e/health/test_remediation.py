@@ -292,3 +292,48 @@ async def _eq(coro, want):
 async def _has_ann(kube, name, key):
     n = await kube.get(NODES, name)
     return key in (n["metadata"].get("annotations") or {})
+
+
+async def test_storm_cooldown_survives_a_restart(kube, own_nodes, tmp_path):
+    from fleetkeeper.core.kube import CONFIGMAPS
+    from fleetkeeper.health.controller import STATE_CONFIGMAP, STORM_UNTIL_KEY
+
+    nodes = await own_nodes(5)
+    # a storm is 2 onsets within 3 s; the pause lasts an hour. After a restart the onsets are out of
+    # the window, so only the recorded cooldown can keep the next fault from being acted on.
+    policy = """
+rules: [{type: GPUUnhealthy, reason: UncorrectableECC, remedy: reset, action: quarantine}]
+budget: {cluster: {max_nodes: 10}, zone: {max_percent: 100}, rack: {max_nodes: 10}}
+storm: {min_nodes: 2, max_percent: 0, window: 3s, cooldown: 1h}
+"""
+    mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy)
+    try:
+        for n in nodes[:3]:
+            plan.inject(n, parse_fault("ecc"))
+
+        async def storm_on():
+            return registry.get_sample_value("fleetkeeper_remediation_storm_active") == 1
+        await wait_for(storm_on, 20, "the storm detected")
+        cm = await kube.get(CONFIGMAPS, STATE_CONFIGMAP, "default")
+        assert float(cm["data"][STORM_UNTIL_KEY]) > time.time() + 3000
+
+        await stop(task)
+        await asyncio.sleep(4.0)  # the onsets leave the 3 s window
+        mgr2, plan, registry2, task = await start(kube, tmp_path, own_nodes.group, policy)
+        async def storm_on2():  # read back before the first reconcile
+            return registry2.get_sample_value("fleetkeeper_remediation_storm_active") == 1
+        await wait_for(storm_on2, 20, "the cooldown carried over")
+        plan.inject(nodes[4], parse_fault("ecc"))
+
+        async def paused_event():
+            return any(e["reason"] == "RemediationPaused" for e in await events_for(kube, nodes[4]))
+        await wait_for(paused_event, 20, "the new fault paused by the carried-over cooldown")
+        assert taint(await kube.get(NODES, nodes[4]), "fleetkeeper.io/quarantine") is None
+        assert registry2.get_sample_value("fleetkeeper_remediation_actions_total",
+                                          {"action": "quarantine", "result": "success"}) == 0
+    finally:
+        await stop(task)
+        try:
+            await kube.delete(CONFIGMAPS, STATE_CONFIGMAP, "default")
+        except errors.NotFound:
+            pass

@@ -166,6 +166,17 @@ def test_fleet_stats_counts_states_and_wanting():
     assert st.wanting["cluster"] == 1 and st.onsets == 2 and st.new_in_window == 1
 
 
+def test_window_count_survives_a_restart():
+    # a restarted controller has no admissions in memory: the quarantined nodes' since annotations count
+    nodes = [node([], QT, q_ann(since=NOW - 100), name=f"q{i}", rack=f"r{i}") for i in range(3)]
+    nodes.append(node([], QT, q_ann(since=NOW - 2 * P.budget.window), name="old", rack="r9"))
+    st = fleet_stats(nodes, {}, P, N, NOW, [])
+    assert st.new_in_window == 3
+    assert "window" in admit(st, ["cluster"], load_policy("budget: {max_new_per_window: 3}"))
+    assert "window" not in admit(st, ["cluster"], load_policy("budget: {max_new_per_window: 4}"))
+    assert fleet_stats(nodes, {}, P, N, NOW, [NOW - 1] * 5).new_in_window == 5  # not yet in the cache
+
+
 def test_policy_errors_name_the_field():
     with pytest.raises(ConfigError) as e:
         load_policy("rules: [{type: X, remedy: explode}]\nbudget: {rack: {max_nodes: -1}}\nbogus: 1")
