@@ -12,6 +12,7 @@ already deleted is not deleted again.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -48,6 +49,7 @@ log = logging.getLogger("fleetkeeper.health")
 CONFIGMAP = "fleetkeeper-health"
 STATE_CONFIGMAP = "fleetkeeper-health-state"
 STORM_UNTIL_KEY = "storm-until"
+FLAPS_KEY = "flaps"
 POLICY_KEY = "policy.yaml"
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -66,6 +68,7 @@ class HealthOptions:
     sim_heartbeat: float = 300.0
     provider: CloudProvider | None = None
     stats_interval: float = 1.0
+    state_interval: float = 30.0  # flap history written at most this often (when it changed)
     reload_interval: float = 30.0
     workers: int = 16  # reconciles in flight: each action is 2-3 API round trips; admission is serialised
 
@@ -75,11 +78,12 @@ class FlapTracker:
 
     def __init__(self) -> None:
         self._t: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=64))
+        self.dirty = False  # changed since the last export
 
     def observe(self, node: str, old: NodeView | None, new: NodeView | None, watched: set[str], now: float) -> bool:
         if old is None or new is None:
-            if new is None:
-                self._t.pop(node, None)
+            if new is None and self._t.pop(node, None) is not None:
+                self.dirty = True
             return False
         before = {c.type: c.status for c in old.conditions if c.type in watched}
         changed = False
@@ -87,11 +91,27 @@ class FlapTracker:
             if c.type in watched and c.type in before and before[c.type] != c.status:
                 self._t[node].append(now)
                 changed = True
+        self.dirty = self.dirty or changed
         return changed
 
     def flapping(self, node: str, now: float, transitions: int, window: float) -> bool:
         q = self._t.get(node)
         return bool(q) and sum(1 for t in q if now - t < window) >= transitions
+
+    def export(self, now: float, window: float, keep: int, max_nodes: int = 2000) -> dict[str, list[int]]:
+        """The transitions still inside ``window``, the last ``keep`` per node (all that can matter),
+        for the nodes with the most of them; small enough for a ConfigMap."""
+        out = {n: [int(t) for t in q if now - t < window][-keep:] for n, q in self._t.items()}
+        out = {n: ts for n, ts in out.items() if ts}
+        if len(out) > max_nodes:
+            out = dict(sorted(out.items(), key=lambda kv: -len(kv[1]))[:max_nodes])
+        return out
+
+    def restore(self, data: dict[str, list[float]]) -> None:
+        """Merge transitions recorded before a restart (or by another leader) with those seen since."""
+        for node, ts in data.items():
+            merged = sorted(set(self._t.get(node, ())) | {float(t) for t in ts})
+            self._t[node] = deque(merged[-64:], maxlen=64)
 
 
 @dataclass
@@ -101,6 +121,7 @@ class Remediator:
     provider: CloudProvider
     stats_interval: float = 1.0
     workers: int = 16
+    state_interval: float = 30.0
     metrics: RemediationMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -305,9 +326,11 @@ class Remediator:
         return ann
 
     # --- state that must survive a restart -------------------------------------
-    # Everything else is read back from the nodes (taints and annotations); the storm
-    # cooldown is not on any node, so it lives in a small ConfigMap, written only when
-    # a storm starts. Losing it (no RBAC, API down) only shortens a pause after a restart.
+    # Everything else is read back from the nodes (taints and annotations). The storm
+    # cooldown and the flap detector's recent transitions are on no node, so they live in a
+    # small ConfigMap, written when a storm starts and when the transitions changed (at most
+    # every state_interval). Losing it (no RBAC, API down) only shortens a pause or delays
+    # a flapping verdict after a restart.
     def _state_ref(self) -> tuple[str, str]:
         return STATE_CONFIGMAP, self.mgr.settings.namespace
 
@@ -316,36 +339,56 @@ class Remediator:
         try:
             cm = await self.kube.get_or_none(CONFIGMAPS, name, ns)
         except errors.FleetkeeperError as exc:
-            log.warning("health state %s/%s unreadable (%s); starting without a storm cooldown", ns, name, exc)
+            log.warning("health state %s/%s unreadable (%s); starting without it", ns, name, exc)
             return
-        raw = ((cm or {}).get("data") or {}).get(STORM_UNTIL_KEY, "")
+        data = (cm or {}).get("data") or {}
+        raw = data.get(STORM_UNTIL_KEY, "")
         try:
             until = float(raw) if raw else 0.0
         except ValueError:
             log.warning("health state %s/%s: %s=%r is not a time; ignored", ns, name, STORM_UNTIL_KEY, raw)
-            return
+            until = 0.0
         if until > self.clock.now():
             self._storm_until = until
             self.metrics.storm.set(1)
             log.warning("fault-storm cooldown carried over from before the restart: %.0fs left",
                         until - self.clock.now())
+        try:
+            flaps = json.loads(data.get(FLAPS_KEY) or "{}")
+            if not isinstance(flaps, dict) or not all(isinstance(v, list) for v in flaps.values()):
+                raise ValueError("not a mapping of node to a list of times")
+            self.flaps.restore(flaps)
+        except (ValueError, TypeError) as exc:
+            log.warning("health state %s/%s: %s unreadable (%s); flap history starts empty", ns, name, FLAPS_KEY, exc)
 
     async def _save_state(self) -> None:
         if self.dry_run:
             return
         name, ns = self._state_ref()
+        fl = self.policy.flapping
+        flaps = self.flaps.export(self.clock.now(), fl.window, fl.transitions)
+        self.flaps.dirty = False
         body = {"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": name, "namespace": ns, "labels": {self.names.managed_by: "health"}},
-                "data": {STORM_UNTIL_KEY: str(int(self._storm_until))}}
+                "data": {STORM_UNTIL_KEY: str(int(self._storm_until)),
+                         FLAPS_KEY: json.dumps(flaps, separators=(",", ":"), sort_keys=True)}}
         try:
             await self.kube.apply(CONFIGMAPS, body)
         except errors.FleetkeeperError as exc:
-            log.warning("could not record the storm cooldown in %s/%s (%s); a restart would end it early",
-                        ns, name, exc)
+            self.flaps.dirty = True
+            log.warning("could not record the health state in %s/%s (%s); a restart would forget it", ns, name, exc)
+
+    async def state_loop(self) -> None:
+        """Write the flap history when it changed, at most every ``state_interval`` (transitions are rare:
+        each is already an agent write)."""
+        while True:
+            await self.clock.sleep(self.state_interval)
+            if self.flaps.dirty:
+                await self._save_state()
 
     async def run(self) -> None:
         await self.load_state()
-        await self.controller.run()
+        await asyncio.gather(self.controller.run(), self.state_loop())
 
     async def _quarantine(self, p: Plan, node: NodeView) -> Result | None:
         now = self.clock.now()
@@ -581,6 +624,7 @@ async def setup(mgr: Manager, options: HealthOptions | None) -> None:
     simulate = opts.simulate if opts.simulate is not None else (
         sim_flag or os.environ.get("FLEETKEEPER_HEALTH_SIMULATE", "") in ("1", "true"))
     rem = Remediator(mgr, policy, opts.provider or LocalProvider(mgr.kube), stats_interval=opts.stats_interval,
+                     state_interval=opts.state_interval,
                      workers=opts.workers)
     mgr.health = rem  # type: ignore[attr-defined]  # for the demo and tests in the same process
     mgr.add("health-remediation", rem.run)

@@ -4,6 +4,7 @@ KWOK nodes (prefix "hl"), with simulated agents reading a fault plan."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 
@@ -66,14 +67,14 @@ async def own_nodes(kube):
             pass
 
 
-async def start(kube, tmp_path, group: str, policy_yaml: str):
+async def start(kube, tmp_path, group: str, policy_yaml: str, **opts):
     registry = CollectorRegistry()
     settings = RuntimeSettings(server={"port": 0}, leader_election={"enabled": False}, namespace="default")
     mgr = Manager(kube, settings, registry=registry)
     policy = load_policy(policy_yaml + f"\nnode_selector: {{{GROUP}: '{group}'}}\n", "test")
     plan = FaultPlan(tmp_path / "faults.json")
     await setup(mgr, HealthOptions(policy=policy, simulate=True, fault_file=str(plan.path), sim_interval=0.5,
-                                   sim_heartbeat=60.0))
+                                   sim_heartbeat=60.0, **opts))
     task = asyncio.create_task(mgr.run())
     await mgr.wait_synced(60)
     return mgr, plan, registry, task
@@ -337,3 +338,52 @@ storm: {min_nodes: 2, max_percent: 0, window: 3s, cooldown: 1h}
             await kube.delete(CONFIGMAPS, STATE_CONFIGMAP, "default")
         except errors.NotFound:
             pass
+
+
+async def test_flap_history_survives_a_restart(kube, own_nodes, tmp_path):
+    from fleetkeeper.core.kube import CONFIGMAPS
+    from fleetkeeper.health.controller import FLAPS_KEY, STATE_CONFIGMAP
+
+    (flappy,) = await own_nodes(1)
+    policy = """
+rules: [{type: NetworkUnreachable, remedy: investigate, action: quarantine, trigger_after: 60s, clear_after: 1s}]
+budget: {cluster: {max_nodes: 10}, zone: {max_percent: 100}, rack: {max_nodes: 10}}
+flapping: {transitions: 4, window: 10m}
+storm: {min_nodes: 50}
+"""
+
+    async def cond():
+        n = await kube.get(NODES, flappy)
+        return next((c["status"] for c in n["status"]["conditions"] if c["type"] == "NetworkUnreachable"), None)
+
+    async def flap(plan):
+        plan.inject(flappy, parse_fault("net-down"))
+        await wait_for(lambda: _eq(cond(), "True"), 10, "net down")
+        plan.clear(flappy)
+        await wait_for(lambda: _eq(cond(), "False"), 10, "net up")
+
+    mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy, state_interval=0.5)
+    try:
+        await wait_for(lambda: _eq(cond(), "False"), 10, "the agent's first report")
+        await flap(plan)  # two transitions before the restart
+
+        async def recorded():
+            cm = await kube.get_or_none(CONFIGMAPS, STATE_CONFIGMAP, "default")
+            return len(json.loads(((cm or {}).get("data") or {}).get(FLAPS_KEY) or "{}").get(flappy, [])) == 2
+        await wait_for(recorded, 10, "the transitions recorded")
+        await stop(task)
+        mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy, state_interval=0.5)
+        await flap(plan)  # two more after it: four within the window, so the node is flapping
+        await wait_for(lambda: _has_taint(kube, flappy), 15, "the flapping quarantine")
+        n = await kube.get(NODES, flappy)
+        assert n["metadata"]["annotations"]["fleetkeeper.io/health-types"] == "Flapping"
+    finally:
+        await stop(task)
+        try:
+            await kube.delete(CONFIGMAPS, STATE_CONFIGMAP, "default")
+        except errors.NotFound:
+            pass
+
+
+async def _has_taint(kube, name):
+    return taint(await kube.get(NODES, name), "fleetkeeper.io/quarantine") is not None

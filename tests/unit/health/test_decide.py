@@ -249,3 +249,24 @@ def test_simulated_faults_become_conditions(fault, ctype, reason):
     f = simulated_findings("n1", [parse_fault(fault)], 8)
     assert f[ctype] == Finding(ctype, True, reason, f[ctype].message)
     assert sum(1 for x in f.values() if x.problem) == 1
+
+
+def test_flap_history_exports_what_matters_and_merges_back():
+    from fleetkeeper.health.controller import FlapTracker
+
+    def v(status):
+        return node([("NetworkUnreachable", status, "x", NOW)], name="f")
+    ft = FlapTracker()
+    for i, (a, b) in enumerate([("False", "True"), ("True", "False"), ("False", "True")]):
+        assert ft.observe("f", v(a), v(b), {"NetworkUnreachable"}, NOW - 100 + i)
+    ft.observe("old", v("False"), v("True"), {"NetworkUnreachable"}, NOW - 5000)
+    assert ft.dirty
+    data = ft.export(NOW, window=600, keep=2)
+    assert data == {"f": [int(NOW - 99), int(NOW - 98)]}  # the last `keep` in the window; "old" is out of it
+    fresh = FlapTracker()  # a restarted controller
+    fresh.observe("f", v("True"), v("False"), {"NetworkUnreachable"}, NOW)
+    assert not fresh.flapping("f", NOW, 3, 600)
+    fresh.restore(data)
+    assert fresh.flapping("f", NOW, 3, 600) and not fresh.flapping("f", NOW, 4, 600)
+    fresh.restore(data)  # idempotent
+    assert not fresh.flapping("f", NOW, 4, 600)
