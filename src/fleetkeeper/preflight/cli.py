@@ -128,6 +128,7 @@ def status(kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar
     import asyncio
 
     from fleetkeeper.core.kube import NODES
+    from fleetkeeper.preflight.gate import NOT_READY_TAINTS
 
     keys = Keys(Names(domain))
 
@@ -138,7 +139,12 @@ def status(kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar
         for n in nodes:
             meta = n["metadata"]
             ann = meta.get("annotations") or {}
-            lines.append(f"{meta['name']:32} {meta['labels'].get(keys.gate):8} attempts={ann.get(keys.attempts, '0')} "
+            conds = (n.get("status") or {}).get("conditions") or []
+            up = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds) and not any(
+                t.get("key") in NOT_READY_TAINTS for t in (n.get("spec") or {}).get("taints") or [])
+            lines.append(f"{meta['name']:32} {meta['labels'].get(keys.gate):8} "
+                         f"{'' if up else 'not-ready (no test until it is up) '}"
+                         f"attempts={ann.get(keys.attempts, '0')} "
                          f"failed-check={ann.get(keys.failed_check, '-')} "
                          f"type={meta['labels'].get(INSTANCE_TYPE_LABEL, '?')}")
         return lines or ["no node is held by the preflight gate"]

@@ -37,7 +37,7 @@ from fleetkeeper.preflight import gate, periodic
 from fleetkeeper.preflight.config import CONFIGMAP_KEY, CONFIGMAP_NAME, PreflightConfig, load_config
 from fleetkeeper.preflight.history import GpuHistory
 from fleetkeeper.preflight.keys import FAILED, GATE, KWOK_NODE_ANNOTATION, PERIODIC, Keys
-from fleetkeeper.preflight.metrics import PreflightMetrics
+from fleetkeeper.preflight.metrics import STATES, PreflightMetrics
 from fleetkeeper.preflight.pods import HMAC_KEY_FIELD, pod_name, priority_class, test_pod
 from fleetkeeper.preflight.report import ReportError, decode, encode, summary
 from fleetkeeper.preflight.suite import SimulatedBackend, SimulatedHost, SuiteResult, run_suite
@@ -373,7 +373,7 @@ class Preflight:
         return plan
 
     def _gauge_gated(self, nodes: list[NodeView]) -> None:
-        counts = {"pending": 0, "testing": 0, "failed": 0, "exhausted": 0}
+        counts = {s: 0 for s in STATES}
         for n in nodes:
             if not self._gated(n):
                 continue
@@ -386,6 +386,8 @@ class Preflight:
                 counts["exhausted"] += 1
             elif any(p.active for p in self.test_pods.get(n.name, {}).values()):
                 counts["testing"] += 1
+            elif not n.ready or any(n.taint(k) is not None for k in gate.NOT_READY_TAINTS):
+                counts["not-ready"] += 1
             elif label == FAILED:
                 counts["failed"] += 1
             else:

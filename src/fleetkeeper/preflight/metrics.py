@@ -10,7 +10,7 @@ from fleetkeeper.preflight.keys import GATE, PERIODIC
 
 OUTCOMES = ("passed", "failed", "exhausted", "timeout", "rejected", "preempted", "given-up")
 NODE_ACTIONS = ("release", "fail", "retaint", "reset", "annotate", "periodic-fail", "periodic-pass")
-STATES = ("pending", "testing", "failed", "exhausted")
+STATES = ("not-ready", "pending", "testing", "failed", "exhausted")  # not-ready: no test until the node is up
 
 
 class PreflightMetrics:

@@ -253,3 +253,40 @@ async def test_periodic_tests_avoid_and_yield_to_real_work(kube, namespace, tmp_
     finally:
         await stop(task)
         await delete_nodes(kube, nodes)
+
+
+async def test_no_test_pod_until_the_node_is_up(kube, namespace, tmp_path):
+    from fleetkeeper.localcluster.fleet import KWOK_LABEL, KWOK_LABEL_VALUE
+
+    tid = secrets.token_hex(3)
+    cfg = PreflightConfig.model_validate({
+        "namespace": namespace, "fault_file": str(tmp_path / "faults.json"), "node_selector": {TEST_LABEL: tid},
+        "periodic": {"enabled": False, "interval_s": 0.5}})
+    (node,) = my_nodes(tid, 1)
+    name = node["metadata"]["name"]
+    node["spec"]["taints"] = [{"key": KEYS.gate, "value": "pending", "effect": "NoSchedule"}]  # as the kubelet flag does
+    node["metadata"]["labels"][KEYS.gate] = "pending"
+    del node["metadata"]["labels"][KWOK_LABEL]  # no simulated kubelet: the node never becomes Ready
+    mgr, pf, task = await start(kube, namespace, cfg)
+    try:
+        await kube.create(NODES, node)
+
+        async def gauged():
+            return pf.metrics.gated.labels("not-ready")._value.get() >= 1
+        await until(gauged, 20, "the node counted as gated and not ready")
+        await asyncio.sleep(2.0)
+        pods, _ = await kube.list(PODS, namespace, label_selector=f"{KEYS.pod_node}={name}")
+        assert pods == [], "a test pod was created for a node that is not up"
+        n = await kube.get(NODES, name)
+        assert KEYS.gated_at in n["metadata"]["annotations"] and taint(n) is not None
+
+        # the kubelet comes up (KWOK takes the node over): the test runs and releases the node
+        await kube.patch(NODES, name, {"metadata": {"labels": {KWOK_LABEL: KWOK_LABEL_VALUE}}})
+
+        async def released():
+            n = await kube.get(NODES, name)
+            return taint(n) is None and KEYS.validated_at in n["metadata"]["annotations"]
+        await until(released, 90, "the node tested and released once up")
+    finally:
+        await stop(task)
+        await delete_nodes(kube, [node])
