@@ -168,11 +168,14 @@ def agents(
 def status(
     kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"),
     domain: str = typer.Option(DEFAULT_DOMAIN, "--domain"),
-    namespace: str = typer.Option("fleetkeeper-system", "--namespace", help="where the policy ConfigMap lives"),
+    namespace: str = typer.Option("fleetkeeper-system", "--namespace",
+                                  help="where the policy and state ConfigMaps live"),
     policy_file: Optional[Path] = typer.Option(None, "--policy", help="use this policy file instead"),
     output: str = typer.Option("text", "--output", "-o", help="text or json"),
 ) -> None:
-    """Nodes by health state and reason, and the budget used per scope."""
+    """Nodes by health state and reason, the budget used per scope, a storm pause, flapping nodes."""
+    from fleetkeeper.core.kube import CONFIGMAPS
+    from fleetkeeper.health.controller import FLAPS_KEY, STATE_CONFIGMAP, STORM_UNTIL_KEY
     from fleetkeeper.health.decide import Keys, evictable, fleet_stats, scope_limit
     from fleetkeeper.health.explain import load_cluster_policy
     from fleetkeeper.health.policy import load_policy
@@ -207,8 +210,22 @@ def status(
                           "waiting": st.wanting.get(s, 0)}
                       for s in sorted(st.totals, key=lambda s: (s != "cluster", s))
                       if s == "cluster" or st.disrupted.get(s) or st.wanting.get(s)}
+            state = await kube.get_or_none(CONFIGMAPS, STATE_CONFIGMAP, namespace)
+            data = (state or {}).get("data") or {}
+            try:
+                storm_left = max(0.0, float(data.get(STORM_UNTIL_KEY) or 0) - time.time())
+            except ValueError:
+                storm_left = 0.0
+            try:
+                flaps = json.loads(data.get(FLAPS_KEY) or "{}")
+                flapping = sorted(n for n, ts in flaps.items()
+                                  if sum(1 for t in ts if time.time() - t < policy.flapping.window)
+                                  >= policy.flapping.transitions)
+            except (ValueError, TypeError, AttributeError):
+                flapping = []
             return {"policy": src, "states": st.states, "reasons": by_reason, "budget": budget,
-                    "waiting": st.wanting.get("cluster", 0)}
+                    "waiting": st.wanting.get("cluster", 0), "storm_cooldown_s": round(storm_left),
+                    "flapping": flapping}
 
     res = _run(main())
     if output == "json":
@@ -219,6 +236,11 @@ def status(
     for reason, ns in sorted(res["reasons"].items()):
         typer.echo(f"  {len(ns):>4}  {reason}: {', '.join(ns[:5])}{' ...' if len(ns) > 5 else ''}")
     typer.echo(f"faulty nodes waiting for budget or trigger: {res['waiting']}")
+    if res["storm_cooldown_s"]:
+        typer.echo(f"fault storm: new quarantines paused for another {res['storm_cooldown_s']}s")
+    if res["flapping"]:
+        typer.echo(f"flapping: {len(res['flapping'])} node(s): {', '.join(res['flapping'][:5])}"
+                   f"{' ...' if len(res['flapping']) > 5 else ''}")
     typer.echo("budget (quarantined or draining / limit):")
     for s, b in res["budget"].items():
         lim = "none" if b["limit"] is None else b["limit"]

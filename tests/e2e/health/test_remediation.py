@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
 import time
 
 import pytest
@@ -295,7 +296,7 @@ async def _has_ann(kube, name, key):
     return key in (n["metadata"].get("annotations") or {})
 
 
-async def test_storm_cooldown_survives_a_restart(kube, own_nodes, tmp_path):
+async def test_storm_cooldown_survives_a_restart(kube, cluster, own_nodes, tmp_path):
     from fleetkeeper.core.kube import CONFIGMAPS
     from fleetkeeper.health.controller import STATE_CONFIGMAP, STORM_UNTIL_KEY
 
@@ -332,6 +333,16 @@ storm: {min_nodes: 2, max_percent: 0, window: 3s, cooldown: 1h}
         assert taint(await kube.get(NODES, nodes[4]), "fleetkeeper.io/quarantine") is None
         assert registry2.get_sample_value("fleetkeeper_remediation_actions_total",
                                           {"action": "quarantine", "result": "success"}) == 0
+        # and the operator sees the pause
+        pol = tmp_path / "policy.yaml"
+        pol.write_text(policy)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fleetkeeper", "health", "status", "--kubeconfig", str(cluster.kubeconfig),
+            "--namespace", "default", "--policy", str(pol), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert "fault storm: new quarantines paused for another" in out.decode(), out.decode()
     finally:
         await stop(task)
         try:
