@@ -12,8 +12,12 @@ or backend and returns :class:`Finding` values; none talks to the API server.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import random
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +31,8 @@ from fleetkeeper.health.conditions import (
 )
 from fleetkeeper.health.gpu import GpuBackend
 from fleetkeeper.health.kernlog import IoError, KernelLog, XidEvent, scan
+
+log = logging.getLogger("fleetkeeper.health.checks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,10 +250,72 @@ async def icmp_probe(t: Target, timeout: float) -> str | None:
     return f"no echo reply ({err.decode(errors='replace').strip()[:80] or f'rc {proc.returncode}'})"
 
 
+class PeerSource:
+    """This node's peers, learnt without watching the API server:
+
+    * ``file``: one peer per line (``host``, ``host:port`` or ``name=host:port``; ``#`` comments), e.g. a
+      ConfigMap mounted into the DaemonSet (the kubelet keeps it current); re-read when it changes;
+    * ``dns``: a name resolving to every peer, e.g. a headless Service over the agent DaemonSet with
+      ``hostNetwork`` (node IPs); re-resolved at most every ``refresh`` seconds.
+
+    ``exclude`` (this node's name and IPs) is never probed. A source that cannot be read gives no peers
+    (and says why in ``error``): a broken peer list must not make every node look unreachable."""
+
+    def __init__(self, *, file: Path | None = None, dns: str | None = None, port: int = 10250,
+                 exclude: tuple[str, ...] = (), refresh: float = 600.0,
+                 resolver: Callable | None = None, clock: Callable[[], float] = time.monotonic):
+        if not file and not dns:
+            raise ValueError("a peer source needs a file or a DNS name")
+        self.file, self.dns, self.port, self.refresh = file, dns, port, refresh
+        self.exclude = {e for e in exclude if e}
+        self.resolver = resolver or _resolve_all
+        self.clock = clock
+        self.error = ""
+        self._cache: list[Target] = []
+        self._stamp: object = None
+        self._at = -1e18
+
+    def _parse(self, text: str) -> list[Target]:
+        out = []
+        for raw in text.splitlines():
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            name, _, addr = line.rpartition("=")
+            # host:port (IPv6 as [addr]:port) goes through parse_target; a bare host gets the default port
+            out.append(parse_target(line) if ":" in addr else Target(addr, self.port, name))
+        return out
+
+    async def peers(self) -> list[Target]:
+        try:
+            if self.file is not None:
+                st = self.file.stat()
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+                if stamp != self._stamp:
+                    self._cache, self._stamp = self._parse(self.file.read_text()), stamp
+            elif self.clock() - self._at >= self.refresh:
+                hosts = await self.resolver(self.dns)
+                self._cache, self._at = [Target(h, self.port) for h in sorted(set(hosts))], self.clock()
+            self.error = ""
+        except (OSError, ValueError) as exc:
+            if str(exc) != self.error:
+                log.warning("peer list %s unusable: %s; probing no peers", self.file or self.dns, exc)
+            self.error = str(exc)[:200]
+            self._cache, self._stamp = [], None
+        return [t for t in self._cache if t.host not in self.exclude and t.name not in self.exclude]
+
+
+async def _resolve_all(name: str) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    return [i[4][0] for i in infos]
+
+
 @dataclass
 class NetworkCheck:
     """Unreachable when more than ``max_failed_fraction`` of targets fail
-    (a sample of peers may include a peer that is itself down)."""
+    (a sample of peers may include a peer that is itself down). Targets are the fixed ones (API
+    endpoint, gateway) plus, each cycle, ``peer_sample`` peers drawn at random from ``peers``, so over
+    time every node probes many others and a partitioned node is caught from its own side."""
 
     targets: tuple[Target, ...] = ()
     timeout: float = 2.0
@@ -255,6 +323,9 @@ class NetworkCheck:
     attempts: int = 2
     tcp: Callable = field(default=tcp_probe)
     icmp: Callable = field(default=icmp_probe)
+    peers: PeerSource | None = None
+    peer_sample: int = 3
+    rng: random.Random = field(default_factory=random.Random)
 
     async def _one(self, t: Target) -> str | None:
         err = None
@@ -265,16 +336,21 @@ class NetworkCheck:
         return err
 
     async def check(self) -> list[Finding]:
-        if not self.targets:
-            return [Finding.ok(NETWORK_UNREACHABLE, "no targets configured")]
-        results = await asyncio.gather(*(self._one(t) for t in self.targets))
-        failed = [(t, e) for t, e in zip(self.targets, results) if e is not None]
-        frac = len(failed) / len(self.targets)
-        if failed and (frac > self.max_failed_fraction or len(failed) == len(self.targets)):
+        targets = self.targets
+        if self.peers is not None and self.peer_sample > 0:
+            pool = await self.peers.peers()
+            targets = targets + tuple(self.rng.sample(pool, min(self.peer_sample, len(pool))))
+        if not targets:
+            why = f" (peer list: {self.peers.error})" if self.peers is not None and self.peers.error else ""
+            return [Finding.ok(NETWORK_UNREACHABLE, "no targets configured" + why)]
+        results = await asyncio.gather(*(self._one(t) for t in targets))
+        failed = [(t, e) for t, e in zip(targets, results) if e is not None]
+        frac = len(failed) / len(targets)
+        if failed and (frac > self.max_failed_fraction or len(failed) == len(targets)):
             return [Finding(NETWORK_UNREACHABLE, True, "TargetsUnreachable",
-                            f"{len(failed)}/{len(self.targets)} targets unreachable: "
+                            f"{len(failed)}/{len(targets)} targets unreachable: "
                             + "; ".join(f"{t}: {e}" for t, e in failed)[:900])]
-        note = f"{len(self.targets) - len(failed)}/{len(self.targets)} targets reachable"
+        note = f"{len(targets) - len(failed)}/{len(targets)} targets reachable"
         if failed:
             note += f" (down: {', '.join(str(t) for t, _ in failed)})"
         return [Finding.ok(NETWORK_UNREACHABLE, note)]

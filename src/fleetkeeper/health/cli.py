@@ -52,6 +52,14 @@ def agent(
     expected_gpus: int = typer.Option(0, "--expected-gpus", min=0, help="GPUs this machine should have"),
     dcgm_url: Optional[str] = typer.Option(None, "--dcgm-url", help="dcgm-exporter /metrics URL for Xid fields"),
     target: list[str] = typer.Option([], "--target", help="host:port or icmp://host to reach (repeat)"),
+    peers_file: Optional[Path] = typer.Option(None, "--peers-file",
+                                              help="peers, one host[:port] per line (a mounted ConfigMap)"),
+    peers_dns: Optional[str] = typer.Option(None, "--peers-dns",
+                                            help="a name resolving to every peer (headless Service of the agents)"),
+    peer_sample: int = typer.Option(3, "--peer-sample", min=0, help="peers probed per cycle, drawn at random"),
+    peer_port: int = typer.Option(10250, "--peer-port", min=1, max=65535,
+                                  help="TCP port probed on a peer given without one (default: the kubelet's)"),
+    node_ip: list[str] = typer.Option([], "--node-ip", envvar="NODE_IP", help="this node's IPs, never probed"),
     cloud: str = typer.Option("none", "--cloud", help="azure, aws, gce or none"),
     metadata_url: Optional[str] = typer.Option(None, "--metadata-url", help="override the metadata endpoint"),
     interval: float = typer.Option(30.0, "--interval", min=1, help="seconds between check cycles"),
@@ -65,7 +73,7 @@ def agent(
     """Run the node agent (one per node, a DaemonSet in production)."""
     fklog.setup(log_level, "auto")
     from fleetkeeper.health.agent import Agent, AgentCore, Checks, ConditionWriter
-    from fleetkeeper.health.checks import DiskCheck, GpuCheck, KernelEvents, NetworkCheck, parse_target
+    from fleetkeeper.health.checks import DiskCheck, GpuCheck, KernelEvents, NetworkCheck, PeerSource, parse_target
     from fleetkeeper.health.cloud import MaintenanceCheck
     from fleetkeeper.health.gpu import NoGpuBackend
     from fleetkeeper.health.kernlog import KernelLog
@@ -78,6 +86,10 @@ def agent(
         targets = tuple(parse_target(t) for t in target)
     except ValueError as exc:
         _die(f"--target: {exc}")
+    if peers_file and peers_dns:
+        _die("--peers-file and --peers-dns: give one of them")
+    peers = PeerSource(file=peers_file, dns=peers_dns, port=peer_port, exclude=(node, *node_ip)) \
+        if (peers_file or peers_dns) else None
     backend = NoGpuBackend()
     if gpu in ("nvml", "auto"):
         try:
@@ -92,7 +104,7 @@ def agent(
     checks = Checks(
         disk=DiskCheck(tuple(disk_path), full_percent, root, mounts, kernel=klog),
         gpu=GpuCheck(backend, expected_gpus, kernel=klog, dcgm_xids=_dcgm(dcgm_url) if dcgm_url else None),
-        network=NetworkCheck(targets) if targets else None,
+        network=NetworkCheck(targets, peers=peers, peer_sample=peer_sample) if (targets or peers) else None,
         maintenance=MaintenanceCheck(cloud, metadata_url or "", vm_name=node) if cloud != "none" else None,
     )
 

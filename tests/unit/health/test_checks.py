@@ -154,6 +154,62 @@ async def test_network_check_tcp_targets():
         parse_target("nohost")
 
 
+async def test_network_check_samples_peers_from_a_file(tmp_path):
+    import asyncio
+    import random
+
+    from fleetkeeper.health.checks import PeerSource
+
+    async def handle(r, w):
+        w.close()
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    peers = tmp_path / "peers"
+    try:
+        peers.write_text(f"# peers of node-a\nnode-a=127.0.0.1:1\nb=127.0.0.1:{port}\n127.0.0.1:{port}\n\n")
+        src = PeerSource(file=peers, exclude=("node-a",))
+        assert [str(t) for t in await src.peers()] == ["b", f"127.0.0.1:{port}"]  # never itself
+        chk = NetworkCheck(timeout=1, peers=src, peer_sample=2, rng=random.Random(1))
+        f = (await chk.check())[0]
+        assert not f.problem and f.message.startswith("2/2 targets reachable")
+        # the ConfigMap is updated (the kubelet rewrites the file): the new list is used
+        peers.write_text("c=127.0.0.1:1\nd=127.0.0.1:2\n")
+        f = (await chk.check())[0]
+        assert f.problem and "c: " in f.message and "d: " in f.message
+        # a peer list that cannot be read: no peers probed, the node is not called unreachable
+        peers.unlink()
+        f = (await chk.check())[0]
+        assert not f.problem and "peer list" in f.message and src.error
+        # bare hosts get the default port; IPv6 with a port in brackets
+        peers.write_text("10.0.0.7\n[fd00::1]:22\n")
+        assert [(t.host, t.port) for t in await PeerSource(file=peers, port=9100).peers()] == \
+            [("10.0.0.7", 9100), ("fd00::1", 22)]
+    finally:
+        srv.close()
+
+
+async def test_peer_dns_is_resolved_at_most_every_refresh():
+    from fleetkeeper.health.checks import PeerSource
+
+    calls = []
+    now = [0.0]
+
+    async def resolver(name):
+        calls.append(name)
+        return ["10.0.0.2", "10.0.0.1", "10.0.0.2", "10.0.0.9"]
+    src = PeerSource(dns="agents.fleetkeeper-system.svc", exclude=("10.0.0.9",), refresh=600, resolver=resolver,
+                     clock=lambda: now[0])
+    assert [t.host for t in await src.peers()] == ["10.0.0.1", "10.0.0.2"]
+    now[0] = 599
+    await src.peers()
+    assert len(calls) == 1
+    now[0] = 601
+    await src.peers()
+    assert len(calls) == 2
+    with pytest.raises(ValueError):
+        PeerSource()
+
+
 # --- recorded cloud documents -------------------------------------------------------
 AZURE = {"DocumentIncarnation": 2, "Events": [
     {"EventId": "602d9444-d2cd-49c7-8624-8643e7171297", "EventStatus": "Scheduled", "EventType": "Reboot",
