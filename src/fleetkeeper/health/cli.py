@@ -187,7 +187,7 @@ def status(
 ) -> None:
     """Nodes by health state and reason, the budget used per scope, a storm pause, flapping nodes."""
     from fleetkeeper.core.kube import CONFIGMAPS
-    from fleetkeeper.health.controller import FLAPS_KEY, STATE_CONFIGMAP, STORM_UNTIL_KEY
+    from fleetkeeper.health.controller import FLAPS_KEY, STATE_CONFIGMAP, STORM_UNTIL_KEY, FlapTracker
     from fleetkeeper.health.decide import Keys, evictable, fleet_stats, scope_limit
     from fleetkeeper.health.explain import load_cluster_policy
     from fleetkeeper.health.policy import load_policy
@@ -229,10 +229,10 @@ def status(
             except ValueError:
                 storm_left = 0.0
             try:
-                flaps = json.loads(data.get(FLAPS_KEY) or "{}")
-                flapping = sorted(n for n, ts in flaps.items()
-                                  if sum(1 for t in ts if time.time() - t < policy.flapping.window)
-                                  >= policy.flapping.transitions)
+                tracker = FlapTracker()
+                tracker.restore(json.loads(data.get(FLAPS_KEY) or "{}"))
+                flapping = sorted(n for n in tracker.nodes() if tracker.flapping(
+                    n, time.time(), policy.flapping.transitions, policy.flapping.window))
             except (ValueError, TypeError, AttributeError):
                 flapping = []
             return {"policy": src, "states": st.states, "reasons": by_reason, "budget": budget,

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import re
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from fleetkeeper.core import errors
@@ -74,11 +74,27 @@ class HealthOptions:
 
 
 class FlapTracker:
-    """Transitions of watched conditions per node (from informer updates)."""
+    """Transitions of watched conditions per node (from informer updates).
+
+    A transition is identified by what the cluster records, (type, new status, the condition's
+    lastTransitionTime): every replica watching the nodes, and a controller restarted from the
+    saved history, then agree on which transitions happened, and merging two histories never
+    counts one twice. (The agent's time has whole-second resolution, so two transitions to the same
+    status within one second count once: agents check every 30 s.) Local time stands in when
+    a writer leaves lastTransitionTime out."""
 
     def __init__(self) -> None:
-        self._t: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=64))
+        self._t: dict[str, dict[tuple[str, str, int], float]] = defaultdict(dict)
         self.dirty = False  # changed since the last export
+
+    def _add(self, node: str, key: tuple[str, str, int], t: float) -> bool:
+        seen = self._t[node]
+        if key in seen:
+            return False
+        seen[key] = t
+        if len(seen) > 64:  # bounded: drop the oldest
+            del seen[min(seen, key=seen.__getitem__)]
+        return True
 
     def observe(self, node: str, old: NodeView | None, new: NodeView | None, watched: set[str], now: float) -> bool:
         if old is None or new is None:
@@ -89,29 +105,35 @@ class FlapTracker:
         changed = False
         for c in new.conditions:
             if c.type in watched and c.type in before and before[c.type] != c.status:
-                self._t[node].append(now)
-                changed = True
+                t = c.last_transition or now
+                changed = self._add(node, (c.type, c.status, int(t)), t) or changed
         self.dirty = self.dirty or changed
         return changed
 
-    def flapping(self, node: str, now: float, transitions: int, window: float) -> bool:
-        q = self._t.get(node)
-        return bool(q) and sum(1 for t in q if now - t < window) >= transitions
+    def nodes(self) -> list[str]:
+        return [n for n, seen in self._t.items() if seen]
 
-    def export(self, now: float, window: float, keep: int, max_nodes: int = 2000) -> dict[str, list[int]]:
+    def flapping(self, node: str, now: float, transitions: int, window: float) -> bool:
+        seen = self._t.get(node)
+        return bool(seen) and sum(1 for t in seen.values() if now - t < window) >= transitions
+
+    def export(self, now: float, window: float, keep: int, max_nodes: int = 2000) -> dict[str, list[list]]:
         """The transitions still inside ``window``, the last ``keep`` per node (all that can matter),
-        for the nodes with the most of them; small enough for a ConfigMap."""
-        out = {n: [int(t) for t in q if now - t < window][-keep:] for n, q in self._t.items()}
-        out = {n: ts for n, ts in out.items() if ts}
+        for the nodes with the most of them; small enough for a ConfigMap: ``[[time, type, status]]``."""
+        out: dict[str, list[list]] = {}
+        for n, seen in self._t.items():
+            recent = sorted((t, k) for k, t in seen.items() if now - t < window)[-keep:]
+            if recent:
+                out[n] = [[round(t, 3), k[0], k[1]] for t, k in recent]
         if len(out) > max_nodes:
             out = dict(sorted(out.items(), key=lambda kv: -len(kv[1]))[:max_nodes])
         return out
 
-    def restore(self, data: dict[str, list[float]]) -> None:
+    def restore(self, data: dict[str, list]) -> None:
         """Merge transitions recorded before a restart (or by another leader) with those seen since."""
-        for node, ts in data.items():
-            merged = sorted(set(self._t.get(node, ())) | {float(t) for t in ts})
-            self._t[node] = deque(merged[-64:], maxlen=64)
+        for node, items in data.items():
+            for t, typ, status in items:
+                self._add(node, (str(typ), str(status), int(float(t))), float(t))
 
 
 @dataclass
@@ -355,8 +377,9 @@ class Remediator:
                         until - self.clock.now())
         try:
             flaps = json.loads(data.get(FLAPS_KEY) or "{}")
-            if not isinstance(flaps, dict) or not all(isinstance(v, list) for v in flaps.values()):
-                raise ValueError("not a mapping of node to a list of times")
+            if not isinstance(flaps, dict) or not all(isinstance(v, list) and all(
+                    isinstance(x, list) and len(x) == 3 for x in v) for v in flaps.values()):
+                raise ValueError("not a mapping of node to [[time, type, status], ...]")
             self.flaps.restore(flaps)
         except (ValueError, TypeError) as exc:
             log.warning("health state %s/%s: %s unreadable (%s); flap history starts empty", ns, name, FLAPS_KEY, exc)

@@ -1,5 +1,6 @@
 """The remediation ladder on the real local control plane, on this test's own
-KWOK nodes (prefix "hl"), with simulated agents reading a fault plan."""
+KWOK nodes (prefix "hl"), with simulated agents reading a fault plan; and the
+deploy manifests (deploy/health) run under the identities they define."""
 
 from __future__ import annotations
 
@@ -8,16 +9,22 @@ import json
 import secrets
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core import errors
+from fleetkeeper.core.clock import RealClock
 from fleetkeeper.core.faults import FaultPlan, parse_fault
-from fleetkeeper.core.kube import EVENTS, NODES, PDBS, PODS
+from fleetkeeper.core.kube import (
+    CLUSTERROLEBINDINGS, CLUSTERROLES, CONFIGMAPS, DAEMONSETS, DEPLOYMENTS, EVENTS, LEASES, NAMESPACES, NODES, PDBS,
+    PODS, SERVICEACCOUNTS, SERVICES, Resource)
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
-from fleetkeeper.health.controller import HealthOptions, setup
+from fleetkeeper.health.agent import AgentCore, ConditionWriter, simulated_findings
+from fleetkeeper.health.controller import FLAPS_KEY, STATE_CONFIGMAP, STORM_UNTIL_KEY, HealthOptions, setup
 from fleetkeeper.health.policy import load_policy
 from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
 
@@ -297,9 +304,6 @@ async def _has_ann(kube, name, key):
 
 
 async def test_storm_cooldown_survives_a_restart(kube, cluster, own_nodes, tmp_path):
-    from fleetkeeper.core.kube import CONFIGMAPS
-    from fleetkeeper.health.controller import STATE_CONFIGMAP, STORM_UNTIL_KEY
-
     nodes = await own_nodes(5)
     # a storm is 2 onsets within 3 s; the pause lasts an hour. After a restart the onsets are out of
     # the window, so only the recorded cooldown can keep the next fault from being acted on.
@@ -352,9 +356,6 @@ storm: {min_nodes: 2, max_percent: 0, window: 3s, cooldown: 1h}
 
 
 async def test_flap_history_survives_a_restart(kube, own_nodes, tmp_path):
-    from fleetkeeper.core.kube import CONFIGMAPS
-    from fleetkeeper.health.controller import FLAPS_KEY, STATE_CONFIGMAP
-
     (flappy,) = await own_nodes(1)
     policy = """
 rules: [{type: NetworkUnreachable, remedy: investigate, action: quarantine, trigger_after: 60s, clear_after: 1s}]
@@ -373,6 +374,9 @@ storm: {min_nodes: 50}
         plan.clear(flappy)
         await wait_for(lambda: _eq(cond(), "False"), 10, "net up")
 
+    # the node's agent has reported healthy before (a simulated agent's first healthy write waits up to 30 s)
+    await AgentCore(ConditionWriter(kube), RealClock(), startup_spread=0).observe(
+        flappy, simulated_findings(flappy, [], 8))
     mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy, state_interval=0.5)
     try:
         await wait_for(lambda: _eq(cond(), "False"), 10, "the agent's first report")
@@ -398,3 +402,89 @@ storm: {min_nodes: 50}
 
 async def _has_taint(kube, name):
     return taint(await kube.get(NODES, name), "fleetkeeper.io/quarantine") is not None
+
+
+# --- the deploy manifests ----------------------------------------------------------------
+# Accepted by the real API server as written (server-side dry-run), and the RBAC they grant is
+# enough: the remediation controller runs as its ServiceAccount (leader Lease, quarantine,
+# eviction, termination, Events, state ConfigMap) and an agent writes its node's conditions as
+# the agent's ServiceAccount.
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "health"
+NS = "fleetkeeper-system"
+ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role", True)
+ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True)
+BY_KIND = {r.kind: r for r in (SERVICEACCOUNTS, CLUSTERROLES, CLUSTERROLEBINDINGS, ROLES, ROLEBINDINGS,
+                               DAEMONSETS, DEPLOYMENTS, SERVICES)}
+
+
+def docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+
+
+def sa(kube, name: str):
+    return kube.as_user(f"system:serviceaccount:{NS}:{name}",
+                        ["system:serviceaccounts", f"system:serviceaccounts:{NS}", "system:authenticated"])
+
+
+async def test_manifests_are_accepted_and_their_rbac_is_enough(kube, own_nodes, tmp_path):
+    if await kube.get_or_none(NAMESPACES, NS) is None:
+        await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    rbac = docs("rbac.yaml")
+    for d in rbac:
+        await kube.apply(BY_KIND[d["kind"]], d)
+    for name in ("agent-daemonset.yaml", "controller.yaml"):  # validated by the API server, not created
+        for d in docs(name):
+            await kube.create(BY_KIND[d["kind"]], d, d["metadata"].get("namespace"), dry_run=True)
+
+    ecc_node, gone_node = await own_nodes(2)
+    ns = f"rbac-{own_nodes.group}"
+    await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "work", "namespace": ns},
+                             "spec": {"nodeName": gone_node, "terminationGracePeriodSeconds": 1,
+                                      "containers": [{"name": "c", "image": "busybox"}]}}, ns)
+
+    controller = sa(kube, "fleetkeeper-health")
+    mgr = Manager(controller, RuntimeSettings(namespace=NS, server={"port": 0},
+                                              leader_election={"enabled": True, "lease_name": f"fk-health-{ns}"}),
+                  registry=CollectorRegistry())
+    policy = load_policy(f"""
+budget: {{cluster: {{max_nodes: 10}}, zone: {{max_percent: 100}}, rack: {{max_nodes: 10}}}}
+storm: {{min_nodes: 50}}
+node_selector: {{{GROUP}: '{own_nodes.group}'}}
+""")
+    await setup(mgr, HealthOptions(policy=policy, simulate=False, state_interval=0.5))
+    task = asyncio.create_task(mgr.run())
+    agent = AgentCore(ConditionWriter(sa(kube, "fleetkeeper-health-agent")), RealClock(), startup_spread=0)
+    try:
+        await mgr.wait_synced(60)
+        for n in (ecc_node, gone_node):
+            assert await agent.observe(n, simulated_findings(n, [], 8))
+        await asyncio.sleep(1.0)
+        assert await agent.observe(ecc_node, simulated_findings(ecc_node, [parse_fault("ecc")], 8))
+        assert await agent.observe(gone_node, simulated_findings(gone_node, [parse_fault("gpu-missing")], 8))
+
+        async def ecc_quarantined():
+            return taint(await kube.get(NODES, ecc_node), "fleetkeeper.io/quarantine") is not None
+        await wait_for(ecc_quarantined, 30, "the ECC node quarantined by the controller's identity")
+
+        async def terminated():  # evicted its pod, then deleted the node (the local provider's terminate)
+            return await kube.get_or_none(NODES, gone_node) is None
+        await wait_for(terminated, 60, "the GPU-missing node drained and terminated")
+        assert await kube.get_or_none(PODS, "work", ns) is None
+
+        async def state_written():
+            return await kube.get_or_none(CONFIGMAPS, STATE_CONFIGMAP, NS)
+        await wait_for(state_written, 20, "the state ConfigMap")
+        lease = await kube.get(LEASES, f"fk-health-{ns}", NS)
+        assert lease["spec"]["holderIdentity"] == mgr.identity
+        errors_seen = mgr.registry.get_sample_value("fleetkeeper_api_requests_total",
+                                                    {"verb": "patch", "resource": "nodes", "code": "403"}) or 0
+        assert errors_seen == 0
+    finally:
+        await stop(task)
+        for res, name, n in ((CONFIGMAPS, STATE_CONFIGMAP, NS), (LEASES, f"fk-health-{ns}", NS),
+                             (NAMESPACES, ns, None)):
+            try:
+                await kube.delete(res, name, n)
+            except errors.NotFound:
+                pass

@@ -254,19 +254,30 @@ def test_simulated_faults_become_conditions(fault, ctype, reason):
 def test_flap_history_exports_what_matters_and_merges_back():
     from fleetkeeper.health.controller import FlapTracker
 
-    def v(status):
-        return node([("NetworkUnreachable", status, "x", NOW)], name="f")
+    W = {"NetworkUnreachable"}
+
+    def v(status, at, name="f"):
+        return node([("NetworkUnreachable", status, "x", at)], name=name)
     ft = FlapTracker()
-    for i, (a, b) in enumerate([("False", "True"), ("True", "False"), ("False", "True")]):
-        assert ft.observe("f", v(a), v(b), {"NetworkUnreachable"}, NOW - 100 + i)
-    ft.observe("old", v("False"), v("True"), {"NetworkUnreachable"}, NOW - 5000)
+    # three transitions, each stamped by the agent (lastTransitionTime)
+    seq = [("False", "True", NOW - 100), ("True", "False", NOW - 70), ("False", "True", NOW - 40)]
+    prev = NOW - 200
+    for a, b, at in seq:
+        assert ft.observe("f", v(a, prev), v(b, at), W, NOW)
+        prev = at
+    ft.observe("old", v("False", NOW - 6000), v("True", NOW - 5000), W, NOW)
     assert ft.dirty
     data = ft.export(NOW, window=600, keep=2)
-    assert data == {"f": [int(NOW - 99), int(NOW - 98)]}  # the last `keep` in the window; "old" is out of it
-    fresh = FlapTracker()  # a restarted controller
-    fresh.observe("f", v("True"), v("False"), {"NetworkUnreachable"}, NOW)
+    assert data == {"f": [[NOW - 70, "NetworkUnreachable", "False"], [NOW - 40, "NetworkUnreachable", "True"]]}
+    fresh = FlapTracker()  # a restarted controller, or the standby replica that saw the same transitions
+    fresh.observe("f", v("False", NOW - 70), v("True", NOW - 40), W, NOW + 1)  # seen live too
+    fresh.observe("f", v("True", NOW - 40), v("False", NOW - 10), W, NOW + 1)
     assert not fresh.flapping("f", NOW, 3, 600)
-    fresh.restore(data)
+    fresh.restore(data)  # NOW-70 is new, NOW-40 the same transition: counted once
     assert fresh.flapping("f", NOW, 3, 600) and not fresh.flapping("f", NOW, 4, 600)
     fresh.restore(data)  # idempotent
     assert not fresh.flapping("f", NOW, 4, 600)
+    # no lastTransitionTime from the writer: local time stands in
+    ft2 = FlapTracker()
+    assert ft2.observe("g", v("False", 0.0, "g"), v("True", 0.0, "g"), W, NOW)
+    assert ft2.export(NOW, 600, 4) == {"g": [[NOW, "NetworkUnreachable", "True"]]}
