@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -37,7 +35,8 @@ from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.health.agent import AgentCore, ConditionWriter, simulated_findings
 from fleetkeeper.health.controller import HealthOptions, setup
 from fleetkeeper.health.policy import Policy
-from fleetkeeper.localcluster.cluster import LocalCluster
+
+from common import local_cluster  # bench/ helper
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -75,107 +74,100 @@ async def heartbeats(core: AgentCore, names: list[str], stop: asyncio.Event, int
 
 
 async def main(total: int, faults: int, workers: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="fk-bench-health-") as tmp:
-        lc = LocalCluster(Path(tmp))
-        try:
-            t = time.monotonic()
-            await lc.up(total, 8, progress=lambda m: None)
-            print(f"cluster: {total} nodes up in {time.monotonic() - t:.0f}s", flush=True)
-            kube = await lc.connect()
-            agents_kube = await lc.connect()  # the agents are other processes: their writes are not the controller's
-            reg = CollectorRegistry()
-            mgr = Manager(kube, RuntimeSettings(namespace="default", server={"port": 0},
-                                                leader_election={"enabled": False}), registry=reg)
-            policy = Policy.model_validate({"budget": {"cluster": {"max_nodes": 2 * faults},
-                                                       "max_new_per_window": 2 * faults}})
-            await setup(mgr, HealthOptions(policy=policy, simulate=False, workers=workers))
-            names = mgr.names
-            nodes = mgr.node_informer()
-            seen: dict[str, float] = {}
-            probe_key = f"{names.domain}/bench-probe"
-            watching: dict[str, str] = {}  # node -> "taint" or the probe value awaited
+    async with local_cluster(total, "fk-bench-health-") as lc:
+        kube = await lc.connect()
+        agents_kube = await lc.connect()  # the agents are other processes: their writes are not the controller's
+        reg = CollectorRegistry()
+        mgr = Manager(kube, RuntimeSettings(namespace="default", server={"port": 0},
+                                            leader_election={"enabled": False}), registry=reg)
+        policy = Policy.model_validate({"budget": {"cluster": {"max_nodes": 2 * faults},
+                                                   "max_new_per_window": 2 * faults}})
+        await setup(mgr, HealthOptions(policy=policy, simulate=False, workers=workers))
+        names = mgr.names
+        nodes = mgr.node_informer()
+        seen: dict[str, float] = {}
+        probe_key = f"{names.domain}/bench-probe"
+        watching: dict[str, str] = {}  # node -> "taint" or the probe value awaited
 
-            def on_node(typ: str, key: str, old, new) -> None:
-                if new is None or key not in watching or key in seen:
-                    return
-                want = watching[key]
-                if (want == "taint" and new.taint(names.quarantine) is not None) or \
-                        (want != "taint" and new.annotations.get(probe_key) == want):
-                    seen[key] = time.monotonic()
-            nodes.add_handler(on_node)
-            task = asyncio.create_task(mgr.run())
-            await mgr.wait_synced(600)
+        def on_node(typ: str, key: str, old, new) -> None:
+            if new is None or key not in watching or key in seen:
+                return
+            want = watching[key]
+            if (want == "taint" and new.taint(names.quarantine) is not None) or \
+                    (want != "taint" and new.annotations.get(probe_key) == want):
+                seen[key] = time.monotonic()
+        nodes.add_handler(on_node)
+        task = asyncio.create_task(mgr.run())
+        await mgr.wait_synced(600)
 
-            gpu = [n for n in nodes.items() if n.gpus and not n.taints and n.labels.get("type") == "kwok"]
-            by_rack: dict[str, list] = {}
-            for n in gpu:
-                by_rack.setdefault(n.labels.get(names.rack, ""), []).append(n.name)
-            victims = [v[0] for v in by_rack.values()][:faults]
-            probes = [n.name for n in gpu if n.name not in set(victims)][:faults]
-            if len(victims) < faults:
-                raise SystemExit(f"only {len(victims)} racks with GPU nodes; need {faults}")
+        gpu = [n for n in nodes.items() if n.gpus and not n.taints and n.labels.get("type") == "kwok"]
+        by_rack: dict[str, list] = {}
+        for n in gpu:
+            by_rack.setdefault(n.labels.get(names.rack, ""), []).append(n.name)
+        victims = [v[0] for v in by_rack.values()][:faults]
+        probes = [n.name for n in gpu if n.name not in set(victims)][:faults]
+        if len(victims) < faults:
+            raise SystemExit(f"only {len(victims)} racks with GPU nodes; need {faults}")
 
-            core = AgentCore(ConditionWriter(agents_kube), RealClock(), heartbeat=300, jitter=0.2,
-                             startup_spread=300)
-            healthy_names = [n.name for n in nodes.items() if n.name not in set(victims)]
-            stop = asyncio.Event()
-            hb = asyncio.create_task(heartbeats(core, healthy_names, stop))
-            await asyncio.sleep(20)  # heartbeats under way
+        core = AgentCore(ConditionWriter(agents_kube), RealClock(), heartbeat=300, jitter=0.2,
+                         startup_spread=300)
+        healthy_names = [n.name for n in nodes.items() if n.name not in set(victims)]
+        stop = asyncio.Event()
+        hb = asyncio.create_task(heartbeats(core, healthy_names, stop))
+        await asyncio.sleep(20)  # heartbeats under way
 
-            # baseline: F plain patches at once, ack -> visible in the watch
-            acked: dict[str, float] = {}
+        # baseline: F plain patches at once, ack -> visible in the watch
+        acked: dict[str, float] = {}
 
-            async def probe(n: str) -> None:
-                watching[n] = "1"
-                await agents_kube.patch(NODES, n, {"metadata": {"annotations": {probe_key: "1"}}})
-                acked[n] = time.monotonic()
-            await asyncio.gather(*(probe(n) for n in probes))
-            await wait_all(seen, probes, 120)
-            floor = [seen[n] - acked[n] for n in probes]
-            print(f"baseline (plain node PATCH -> visible in the watch, {len(probes)} at once): {summary(floor)}",
-                  flush=True)
+        async def probe(n: str) -> None:
+            watching[n] = "1"
+            await agents_kube.patch(NODES, n, {"metadata": {"annotations": {probe_key: "1"}}})
+            acked[n] = time.monotonic()
+        await asyncio.gather(*(probe(n) for n in probes))
+        await wait_all(seen, probes, 120)
+        floor = [seen[n] - acked[n] for n in probes]
+        print(f"baseline (plain node PATCH -> visible in the watch, {len(probes)} at once): {summary(floor)}",
+              flush=True)
 
-            # the faults: one agent status PATCH each, all at once
-            w0 = writes_by_resource(reg)
-            fault_core = AgentCore(ConditionWriter(agents_kube), RealClock(), heartbeat=300)
-            bad = simulated_findings("x", [parse_fault("ecc")], 8)
-            ok = simulated_findings("x", [], 8)
-            for v in victims:  # each agent has reported healthy before (what it would have done at start)
-                await fault_core.observe(v, ok)
-            await asyncio.sleep(5)
-            acked.clear()
+        # the faults: one agent status PATCH each, all at once
+        w0 = writes_by_resource(reg)
+        fault_core = AgentCore(ConditionWriter(agents_kube), RealClock(), heartbeat=300)
+        bad = simulated_findings("x", [parse_fault("ecc")], 8)
+        ok = simulated_findings("x", [], 8)
+        for v in victims:  # each agent has reported healthy before (what it would have done at start)
+            await fault_core.observe(v, ok)
+        await asyncio.sleep(5)
+        acked.clear()
 
-            async def fault(n: str) -> None:
-                watching[n] = "taint"
-                await fault_core.observe(n, bad)
-                acked[n] = time.monotonic()
-            t0 = time.monotonic()
-            await asyncio.gather(*(fault(n) for n in victims))
-            await wait_all(seen, victims, 600)
-            span = time.monotonic() - t0
-            lat = [seen[n] - acked[n] for n in victims]
-            await asyncio.sleep(5)  # the Events and annotations that follow the taint
-            w1 = writes_by_resource(reg)
-            actions = (reg.get_sample_value("fleetkeeper_remediation_actions_total",
-                                            {"action": "quarantine", "result": "success"}) or 0)
-            stop.set()
-            await hb
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            print(f"condition -> quarantine taint, {faults} faults at once on {total} nodes, {workers} workers: "
-                  f"{summary(lat)} "
-                  f"(p50 x{pct(lat, .5) / pct(floor, .5):.1f} the plain-patch floor); all {faults} tainted "
-                  f"{span:.1f}s after the first fault")
-            delta = {k: w1.get(k, 0) - w0.get(k, 0) for k in w1 if w1.get(k, 0) - w0.get(k, 0)}
-            tot = sum(delta.values())
-            print(f"controller API writes: {tot:.0f} for {actions:.0f} quarantines = {tot / max(1, actions):.2f} "
-                  f"per action (" + ", ".join(f"{k} {v:.0f}" for k, v in sorted(delta.items())) + ")")
-            print(f"agent writes: {core.writer.writes} heartbeats from {len(healthy_names)} healthy agents "
-                  f"over the run, {faults} fault reports (one each)")
-            await kube.close()
-            await agents_kube.close()
-        finally:
-            lc.down(purge=True)
+        async def fault(n: str) -> None:
+            watching[n] = "taint"
+            await fault_core.observe(n, bad)
+            acked[n] = time.monotonic()
+        t0 = time.monotonic()
+        await asyncio.gather(*(fault(n) for n in victims))
+        await wait_all(seen, victims, 600)
+        span = time.monotonic() - t0
+        lat = [seen[n] - acked[n] for n in victims]
+        await asyncio.sleep(5)  # the Events and annotations that follow the taint
+        w1 = writes_by_resource(reg)
+        actions = (reg.get_sample_value("fleetkeeper_remediation_actions_total",
+                                        {"action": "quarantine", "result": "success"}) or 0)
+        stop.set()
+        await hb
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        print(f"condition -> quarantine taint, {faults} faults at once on {total} nodes, {workers} workers: "
+              f"{summary(lat)} "
+              f"(p50 x{pct(lat, .5) / pct(floor, .5):.1f} the plain-patch floor); all {faults} tainted "
+              f"{span:.1f}s after the first fault")
+        delta = {k: w1.get(k, 0) - w0.get(k, 0) for k in w1 if w1.get(k, 0) - w0.get(k, 0)}
+        tot = sum(delta.values())
+        print(f"controller API writes: {tot:.0f} for {actions:.0f} quarantines = {tot / max(1, actions):.2f} "
+              f"per action (" + ", ".join(f"{k} {v:.0f}" for k, v in sorted(delta.items())) + ")")
+        print(f"agent writes: {core.writer.writes} heartbeats from {len(healthy_names)} healthy agents "
+              f"over the run, {faults} fault reports (one each)")
+        await kube.close()
+        await agents_kube.close()
 
 
 async def wait_all(seen: dict[str, float], names: list[str], timeout: float) -> None:

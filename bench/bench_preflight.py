@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -22,13 +20,12 @@ from fleetkeeper.core.kube import NODES, PODS, Kube
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.core.informer import Informer
-from fleetkeeper.localcluster.cluster import LocalCluster
 from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
 from fleetkeeper.preflight.config import PreflightConfig
 from fleetkeeper.preflight.controller import Preflight
 
-import apimetrics  # bench/ helper
-from apimetrics import scrape
+import common  # bench/ helper
+from common import local_cluster, scrape
 
 
 async def burst(kube: Kube, prefix: str, n: int, gate: bool, concurrency: int = 64) -> list[str]:
@@ -101,60 +98,54 @@ def writes(reg: CollectorRegistry) -> float:
 
 
 async def main(total: int, n: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="fk-bench-pf-") as tmp:
-        lc = LocalCluster(Path(tmp))
-        try:
-            t = time.monotonic()
-            await lc.up(total, 8, progress=lambda m: None)
-            print(f"cluster: {total} nodes up in {time.monotonic() - t:.0f}s", flush=True)
-            kube = await lc.connect()
-            reg = CollectorRegistry()
-            mgr = Manager(kube, RuntimeSettings(namespace="default", server={"port": 0},
-                                                leader_election={"enabled": False}), registry=reg)
-            nodes = mgr.node_informer()
-            pods = mgr.informer(PODS, mgr.projector.pod, namespace="default",
-                                label_selector="fleetkeeper.io/preflight-kind", key="bench-test-pods")
-            watchers = [asyncio.create_task(nodes.run()), asyncio.create_task(pods.run())]
-            await nodes.wait_synced(300)
-            await pods.wait_synced(300)
+    async with local_cluster(total, "fk-bench-pf-") as lc:
+        kube = await lc.connect()
+        reg = CollectorRegistry()
+        mgr = Manager(kube, RuntimeSettings(namespace="default", server={"port": 0},
+                                            leader_election={"enabled": False}), registry=reg)
+        # the benchmark's own watch caches (not the manager's, which the controller runs)
+        nodes = Informer(kube, NODES, mgr.projector.node)
+        pods = Informer(kube, PODS, mgr.projector.pod, namespace="default",
+                        label_selector="fleetkeeper.io/preflight-kind")
+        watchers = [asyncio.create_task(nodes.run()), asyncio.create_task(pods.run())]
+        await nodes.wait_synced(300)
+        await pods.wait_synced(300)
 
-            # baseline: the same burst with no gate, until schedulable (Ready, not-ready taint lifted)
-            m0 = await scrape(lc)
-            t0 = time.monotonic()
-            await burst(kube, "base", n, gate=False)
-            base_total = await wait(nodes, None, "base", n, schedulable, 1800, t0)
-            base_writes = apimetrics.writes(m0, await scrape(lc))
-            print(f"baseline (no gate): {n} nodes schedulable {base_total:.1f}s after the burst started; "
-                  f"API writes {base_writes:.0f} ({base_writes / base_total:.1f}/s)", flush=True)
-            await asyncio.sleep(5)
+        # baseline: the same burst with no gate, until schedulable (Ready, not-ready taint lifted)
+        m0 = await scrape(lc)
+        t0 = time.monotonic()
+        await burst(kube, "base", n, gate=False)
+        base_total = await wait(nodes, None, "base", n, schedulable, 1800, t0)
+        base_writes = common.writes(m0, await scrape(lc))
+        print(f"baseline (no gate): {n} nodes schedulable {base_total:.1f}s after the burst started; "
+              f"API writes {base_writes:.0f} ({base_writes / base_total:.1f}/s)", flush=True)
+        await asyncio.sleep(5)
 
-            cfg = PreflightConfig.model_validate({"namespace": "default", "fault_file": str(Path(tmp) / "faults.json"),
-                                                  "periodic": {"enabled": False},
-                                                  "gate": {"max_concurrent": 1000, "workers": 16}})
-            Preflight(mgr, cfg).register()
-            task = asyncio.create_task(mgr.run())
-            await mgr.wait_synced(300)
-            await asyncio.sleep(2)
-            w0 = writes(reg)
-            m0 = await scrape(lc)
-            t0 = time.monotonic()
-            await burst(kube, "join", n, gate=True)
-            gated_total = await wait(nodes, pods, "join", n, schedulable, 3600, t0)
-            all_writes = apimetrics.writes(m0, await scrape(lc))
-            w = writes(reg) - w0
-            task.cancel()
-            for x in watchers:
-                x.cancel()
-            await asyncio.gather(task, *watchers, return_exceptions=True)
-            print(f"gated: {n} nodes schedulable {gated_total:.1f}s after the burst started "
-                  f"(x{gated_total / base_total:.2f} the no-gate baseline)")
-            print(f"API writes over the gated burst, every client: {all_writes:.0f} = "
-                  f"{all_writes / gated_total:.1f}/s (baseline {base_writes / base_total:.1f}/s)")
-            print(f"  of which preflight: {w:.0f} = {w / gated_total:.1f}/s "
-                  f"({w / n:.1f} per node; pods create+delete, node patch, GPU history shards, events)")
-            await kube.close()
-        finally:
-            lc.down(purge=True)
+        cfg = PreflightConfig.model_validate({"namespace": "default", "fault_file": str(lc.dir / "faults.json"),
+                                              "periodic": {"enabled": False},
+                                              "gate": {"max_concurrent": 1000, "workers": 16}})
+        Preflight(mgr, cfg).register()
+        task = asyncio.create_task(mgr.run())
+        await mgr.wait_synced(300)
+        await asyncio.sleep(2)
+        w0 = writes(reg)
+        m0 = await scrape(lc)
+        t0 = time.monotonic()
+        await burst(kube, "join", n, gate=True)
+        gated_total = await wait(nodes, pods, "join", n, schedulable, 3600, t0)
+        all_writes = common.writes(m0, await scrape(lc))
+        w = writes(reg) - w0
+        task.cancel()
+        for x in watchers:
+            x.cancel()
+        await asyncio.gather(task, *watchers, return_exceptions=True)
+        print(f"gated: {n} nodes schedulable {gated_total:.1f}s after the burst started "
+              f"(x{gated_total / base_total:.2f} the no-gate baseline)")
+        print(f"API writes over the gated burst, every client: {all_writes:.0f} = "
+              f"{all_writes / gated_total:.1f}/s (baseline {base_writes / base_total:.1f}/s)")
+        print(f"  of which preflight: {w:.0f} = {w / gated_total:.1f}/s "
+              f"({w / n:.1f} per node; pods create+delete, node patch, GPU history shards, events)")
+        await kube.close()
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from fleetkeeper.relay.client import RelayClient
 from fleetkeeper.relay.controller import add_pacer, add_relay
 from fleetkeeper.relay.settings import PacerSettings, RelaySettings
 
-from apimetrics import _ctx, delta, quantile_from_buckets, scrape, total  # bench/ helper
+from common import _ctx, delta, quantile_from_buckets, scrape, total  # bench/ helper
 
 NS = "relay-bench"
 

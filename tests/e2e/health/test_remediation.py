@@ -349,10 +349,7 @@ storm: {min_nodes: 2, max_percent: 0, window: 3s, cooldown: 1h}
         assert "fault storm: new quarantines paused for another" in out.decode(), out.decode()
     finally:
         await stop(task)
-        try:
-            await kube.delete(CONFIGMAPS, STATE_CONFIGMAP, "default")
-        except errors.NotFound:
-            pass
+        await _delete_state(kube)
 
 
 async def test_flap_history_survives_a_restart(kube, own_nodes, tmp_path):
@@ -394,10 +391,7 @@ storm: {min_nodes: 50}
         assert n["metadata"]["annotations"]["fleetkeeper.io/health-types"] == "Flapping"
     finally:
         await stop(task)
-        try:
-            await kube.delete(CONFIGMAPS, STATE_CONFIGMAP, "default")
-        except errors.NotFound:
-            pass
+        await _delete_state(kube)
 
 
 async def _has_taint(kube, name):
@@ -488,3 +482,11 @@ node_selector: {{{GROUP}: '{own_nodes.group}'}}
                 await kube.delete(res, name, n)
             except errors.NotFound:
                 pass
+
+
+async def _delete_state(kube):
+    """The state ConfigMap a test's controller wrote in "default", so the next test starts without it."""
+    try:
+        await kube.delete(CONFIGMAPS, STATE_CONFIGMAP, "default")
+    except errors.NotFound:
+        pass

@@ -1,14 +1,33 @@
-"""API-server metrics for the benchmarks: scrape kube-apiserver's /metrics of a
-LocalCluster and take deltas and histogram quantiles between two scrapes."""
+"""Shared by the benchmarks: a throw-away local cluster, and kube-apiserver's /metrics
+(scrape, deltas and histogram quantiles between two scrapes)."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+import tempfile
+import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 
 from fleetkeeper.localcluster.cluster import LocalCluster
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(nodes: int, prefix: str) -> AsyncIterator[LocalCluster]:
+    """A control plane with ``nodes`` simulated 8-GPU nodes in a temporary directory, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        lc = LocalCluster(Path(tmp))
+        try:
+            t = time.monotonic()
+            await lc.up(nodes, 8, progress=lambda m: None)
+            print(f"cluster: {nodes} nodes up in {time.monotonic() - t:.0f}s", flush=True)
+            yield lc
+        finally:
+            lc.down(purge=True)
 
 WRITE_VERBS = ('verb="POST"', 'verb="PATCH"', 'verb="PUT"', 'verb="DELETE"')
 
