@@ -407,7 +407,10 @@ class Remediator:
         while True:
             await self.clock.sleep(self.state_interval)
             if self.flaps.dirty:
-                await self._save_state()
+                try:
+                    await self._save_state()
+                except Exception:  # noqa: BLE001 - never take remediation down with the bookkeeping
+                    log.exception("saving the health state failed")
 
     async def run(self) -> None:
         await self.load_state()
