@@ -109,7 +109,10 @@ def decide(node: NodeView, pods: list[PodView], cfg: PreflightConfig, keys: Keys
                     requeue_after=0.0)
     annotations: dict[str, str | None] = {}
     if keys.gated_at not in ann:
-        annotations[keys.gated_at] = str(int(now))
+        # the gating clock of a joining node starts when the node was created; of a node gated again
+        # (after a repair, or by hand) now
+        joining = keys.validated_at not in ann and node.created > 0
+        annotations[keys.gated_at] = str(int(node.created if joining else now))
     last_pod = ann.get(keys.last_pod, "")
     finished = [p for p in gate_pods if p.phase in ("Succeeded", "Failed") and p.name != last_pod]
     stale = [p.name for p in gate_pods if p.name == last_pod and not p.deleting]
@@ -183,6 +186,8 @@ def decide(node: NodeView, pods: list[PodView], cfg: PreflightConfig, keys: Keys
         # a test pod could not be scheduled or run yet: creating it now only costs failed scheduling
         # attempts (and their Events), and a node that never comes up would burn its attempts on
         # timeouts. The node's update (Ready, the taint lifted) re-runs this; the requeue is a backstop.
-        return Plan("wait", delete_pods=stale, annotations=annotations, requeue_after=NOT_READY_RECHECK_S)
+        # No write either: the node lifecycle controller is about to change this node's taints, and a
+        # write now would only make its resourceVersion-guarded patch conflict and retry.
+        return Plan("wait", delete_pods=stale, requeue_after=NOT_READY_RECHECK_S)
     return Plan("start", create_pod=True, attempt=attempts + 1, delete_pods=stale, annotations=annotations,
                 requeue_after=cfg.gate.pod_timeout_s + 1)

@@ -160,7 +160,9 @@ def test_new_gated_node_gets_a_test_pod():
     n = node()
     plan = gate.decide(n, [], CFG, K, NOW, verify_for(n))
     assert plan.outcome == "start" and plan.create_pod and plan.attempt == 1
-    assert plan.annotations[K.gated_at] == str(int(NOW))
+    assert plan.annotations[K.gated_at] == str(int(n.created))  # a joining node: gated since it was created
+    again = node(ann={K.validated_at: str(int(NOW - 86400))})  # validated before: gated again from now
+    assert gate.decide(again, [], CFG, K, NOW, verify_for(again)).annotations[K.gated_at] == str(int(NOW))
 
 
 @pytest.mark.parametrize("kw", [{"ready": False}, {"taints": [("node.kubernetes.io/not-ready", "", "NoSchedule")]},
@@ -169,9 +171,10 @@ def test_no_test_pod_until_the_node_could_run_it(kw):
     n = node(**kw)
     plan = gate.decide(n, [], CFG, K, NOW, verify_for(n))
     assert plan.outcome == "wait" and not plan.create_pod and plan.requeue_after == gate.NOT_READY_RECHECK_S
-    assert plan.annotations[K.gated_at] == str(int(NOW))  # the gating clock starts at join all the same
-    up = node(ann={K.gated_at: str(int(NOW))})
-    assert gate.decide(up, [], CFG, K, NOW + 30, verify_for(up)).create_pod
+    assert not plan.patches_node  # no write while the node lifecycle controller is busy with it
+    up = node()
+    plan = gate.decide(up, [], CFG, K, NOW + 30, verify_for(up))
+    assert plan.create_pod and plan.annotations[K.gated_at] == str(int(up.created))  # the clock started at join
 
 
 def test_running_pod_waits_then_times_out():
