@@ -386,7 +386,12 @@ storm: {min_nodes: 50}
         await stop(task)
         mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy, state_interval=0.5)
         await flap(plan)  # two more after it: four within the window, so the node is flapping
-        await wait_for(lambda: _has_taint(kube, flappy), 15, "the flapping quarantine")
+        try:
+            await wait_for(lambda: _has_taint(kube, flappy), 15, "the flapping quarantine")
+        except AssertionError as exc:  # say what the restarted controller knew
+            n = await kube.get(NODES, flappy)
+            raise AssertionError(f"{exc}; transitions held: {mgr.health.flaps.export(time.time(), 600, 10)}; "
+                                 f"conditions: {[(c['type'], c['status'], c.get('lastTransitionTime')) for c in n['status']['conditions']]}") from None
         n = await kube.get(NODES, flappy)
         assert n["metadata"]["annotations"]["fleetkeeper.io/health-types"] == "Flapping"
     finally:
