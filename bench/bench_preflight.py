@@ -25,7 +25,7 @@ from fleetkeeper.preflight.config import PreflightConfig
 from fleetkeeper.preflight.controller import Preflight
 
 import common  # bench/ helper
-from common import local_cluster, scrape
+from common import local_cluster, own_writes, scrape
 
 
 async def burst(kube: Kube, prefix: str, n: int, gate: bool, concurrency: int = 64) -> list[str]:
@@ -87,16 +87,6 @@ async def wait(nodes: Informer, pods: Informer | None, prefix: str, n: int, pred
     raise TimeoutError(f"{prefix}: not all {n} nodes done in {timeout}s")
 
 
-def writes(reg: CollectorRegistry) -> float:
-    total = 0.0
-    for m in reg.collect():
-        if m.name == "fleetkeeper_api_requests":
-            for s in m.samples:
-                if s.name.endswith("_total") and s.labels.get("verb") in ("create", "patch", "update", "delete"):
-                    total += s.value
-    return total
-
-
 async def main(total: int, n: int) -> None:
     async with local_cluster(total, "fk-bench-pf-") as lc:
         kube = await lc.connect()
@@ -138,13 +128,13 @@ async def main(total: int, n: int) -> None:
         task = asyncio.create_task(mgr.run())
         await mgr.wait_synced(300)
         await asyncio.sleep(2)
-        w0 = writes(reg)
+        w0 = sum(own_writes(reg).values())
         m0 = await scrape(lc)
         t0 = time.monotonic()
         await burst(kube, "join", n, gate=True)
         gated_total = await wait(nodes, pods, "join", n, schedulable, 3600, t0)
         all_writes = common.writes(m0, await scrape(lc))
-        w = writes(reg) - w0
+        w = sum(own_writes(reg).values()) - w0
         task.cancel()
         for x in watchers:
             x.cancel()

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+from prometheus_client import CollectorRegistry
 
 from fleetkeeper.localcluster.cluster import LocalCluster
 
@@ -82,3 +83,15 @@ def quantile_from_buckets(a: dict, b: dict, name: str, q: float, *must: str) -> 
 def writes(a: dict, b: dict, *must: str) -> float:
     """Mutating requests the API server served between two scrapes (every client)."""
     return sum(delta(a, b, "apiserver_request_total", v, *must) for v in WRITE_VERBS)
+
+
+def own_writes(reg: CollectorRegistry) -> dict[str, float]:
+    """Mutating requests fleetkeeper itself sent (its ``fleetkeeper_api_requests_total``), by resource."""
+    out: dict[str, float] = {}
+    for m in reg.collect():
+        if m.name == "fleetkeeper_api_requests":
+            for s in m.samples:
+                if s.name.endswith("_total") and s.labels.get("verb") in ("create", "patch", "update", "delete"):
+                    k = s.labels.get("resource", "?")
+                    out[k] = out.get(k, 0.0) + s.value
+    return out

@@ -187,7 +187,7 @@ def status(
 ) -> None:
     """Nodes by health state and reason, the budget used per scope, a storm pause, flapping nodes."""
     from fleetkeeper.core.kube import CONFIGMAPS
-    from fleetkeeper.health.controller import FLAPS_KEY, STATE_CONFIGMAP, STORM_UNTIL_KEY, FlapTracker
+    from fleetkeeper.health.controller import STATE_CONFIGMAP, parse_state
     from fleetkeeper.health.decide import Keys, evictable, fleet_stats, scope_limit
     from fleetkeeper.health.explain import load_cluster_policy
     from fleetkeeper.health.policy import load_policy
@@ -223,18 +223,10 @@ def status(
                       for s in sorted(st.totals, key=lambda s: (s != "cluster", s))
                       if s == "cluster" or st.disrupted.get(s) or st.wanting.get(s)}
             state = await kube.get_or_none(CONFIGMAPS, STATE_CONFIGMAP, namespace)
-            data = (state or {}).get("data") or {}
-            try:
-                storm_left = max(0.0, float(data.get(STORM_UNTIL_KEY) or 0) - time.time())
-            except ValueError:
-                storm_left = 0.0
-            try:
-                tracker = FlapTracker()
-                tracker.restore(json.loads(data.get(FLAPS_KEY) or "{}"))
-                flapping = sorted(n for n in tracker.nodes() if tracker.flapping(
-                    n, time.time(), policy.flapping.transitions, policy.flapping.window))
-            except (ValueError, TypeError, AttributeError):
-                flapping = []
+            until, tracker, _ = parse_state((state or {}).get("data") or {})
+            storm_left = max(0.0, until - time.time())
+            flapping = sorted(n for n in tracker.nodes() if tracker.flapping(
+                n, time.time(), policy.flapping.transitions, policy.flapping.window))
             return {"policy": src, "states": st.states, "reasons": by_reason, "budget": budget,
                     "waiting": st.wanting.get("cluster", 0), "storm_cooldown_s": round(storm_left),
                     "flapping": flapping}

@@ -129,11 +129,42 @@ class FlapTracker:
             out = dict(sorted(out.items(), key=lambda kv: -len(kv[1]))[:max_nodes])
         return out
 
-    def restore(self, data: dict[str, list]) -> None:
-        """Merge transitions recorded before a restart (or by another leader) with those seen since."""
-        for node, items in data.items():
-            for t, typ, status in items:
-                self._add(node, (str(typ), str(status), int(float(t))), float(t))
+    def restore(self, data: object) -> None:
+        """Merge transitions recorded before a restart (or by another leader) with those seen since.
+        Raises ValueError, merging nothing, when ``data`` is not what :meth:`export` writes."""
+        if not isinstance(data, dict) or not all(
+                isinstance(v, list) and all(isinstance(x, list) and len(x) == 3 for x in v) for v in data.values()):
+            raise ValueError("not a mapping of node to [[time, type, status], ...]")
+        try:
+            parsed = [(node, str(typ), str(status), float(t)) for node, items in data.items()
+                      for t, typ, status in items]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"a transition time is not a number ({exc})") from None
+        for node, typ, status, t in parsed:
+            self._add(node, (typ, status, int(t)), t)
+
+    def merge(self, other: "FlapTracker") -> None:
+        for node, seen in other._t.items():
+            for key, t in seen.items():
+                self._add(node, key, t)
+
+
+def parse_state(data: dict[str, str]) -> tuple[float, FlapTracker, list[str]]:
+    """The state ConfigMap's data: the storm cooldown's end, the flap history, and what was unreadable
+    (each part that cannot be read is left out and named, never fatal)."""
+    problems: list[str] = []
+    raw = data.get(STORM_UNTIL_KEY, "")
+    try:
+        until = float(raw) if raw else 0.0
+    except ValueError:
+        until = 0.0
+        problems.append(f"{STORM_UNTIL_KEY}={raw!r} is not a time")
+    flaps = FlapTracker()
+    try:
+        flaps.restore(json.loads(data.get(FLAPS_KEY) or "{}"))
+    except ValueError as exc:  # json.JSONDecodeError is one
+        problems.append(f"{FLAPS_KEY}: {exc}")
+    return until, flaps, problems
 
 
 @dataclass
@@ -363,26 +394,15 @@ class Remediator:
         except errors.FleetkeeperError as exc:
             log.warning("health state %s/%s unreadable (%s); starting without it", ns, name, exc)
             return
-        data = (cm or {}).get("data") or {}
-        raw = data.get(STORM_UNTIL_KEY, "")
-        try:
-            until = float(raw) if raw else 0.0
-        except ValueError:
-            log.warning("health state %s/%s: %s=%r is not a time; ignored", ns, name, STORM_UNTIL_KEY, raw)
-            until = 0.0
+        until, flaps, problems = parse_state((cm or {}).get("data") or {})
+        for p in problems:
+            log.warning("health state %s/%s: %s; that part starts empty", ns, name, p)
         if until > self.clock.now():
             self._storm_until = until
             self.metrics.storm.set(1)
             log.warning("fault-storm cooldown carried over from before the restart: %.0fs left",
                         until - self.clock.now())
-        try:
-            flaps = json.loads(data.get(FLAPS_KEY) or "{}")
-            if not isinstance(flaps, dict) or not all(isinstance(v, list) and all(
-                    isinstance(x, list) and len(x) == 3 for x in v) for v in flaps.values()):
-                raise ValueError("not a mapping of node to [[time, type, status], ...]")
-            self.flaps.restore(flaps)
-        except (ValueError, TypeError) as exc:
-            log.warning("health state %s/%s: %s unreadable (%s); flap history starts empty", ns, name, FLAPS_KEY, exc)
+        self.flaps.merge(flaps)
 
     async def _save_state(self) -> None:
         if self.dry_run:

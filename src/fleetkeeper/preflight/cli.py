@@ -128,9 +128,11 @@ def status(kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar
     import asyncio
 
     from fleetkeeper.core.kube import NODES
-    from fleetkeeper.preflight.gate import NOT_READY_TAINTS
+    from fleetkeeper.core.views import default_projector
+    from fleetkeeper.preflight.gate import node_up
 
     keys = Keys(Names(domain))
+    proj = default_projector(domain)
 
     async def go() -> list[str]:
         async with await _kube(kubeconfig) as kube:
@@ -139,9 +141,7 @@ def status(kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar
         for n in nodes:
             meta = n["metadata"]
             ann = meta.get("annotations") or {}
-            conds = (n.get("status") or {}).get("conditions") or []
-            up = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds) and not any(
-                t.get("key") in NOT_READY_TAINTS for t in (n.get("spec") or {}).get("taints") or [])
+            up = node_up(proj.node(n))
             lines.append(f"{meta['name']:32} {meta['labels'].get(keys.gate):8} "
                          f"{'' if up else 'not-ready (no test until it is up) '}"
                          f"attempts={ann.get(keys.attempts, '0')} "

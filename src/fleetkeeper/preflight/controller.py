@@ -386,7 +386,7 @@ class Preflight:
                 counts["exhausted"] += 1
             elif any(p.active for p in self.test_pods.get(n.name, {}).values()):
                 counts["testing"] += 1
-            elif not n.ready or any(n.taint(k) is not None for k in gate.NOT_READY_TAINTS):
+            elif not gate.node_up(n):
                 counts["not-ready"] += 1
             elif label == FAILED:
                 counts["failed"] += 1

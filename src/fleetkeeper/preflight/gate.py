@@ -31,6 +31,11 @@ NOT_READY_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreacha
 NOT_READY_RECHECK_S = 60.0
 
 
+def node_up(node: NodeView) -> bool:
+    """Ready and without the not-ready / unreachable taints: a test pod could be scheduled and run."""
+    return node.ready and not any(node.taint(k) is not None for k in NOT_READY_TAINTS)
+
+
 @dataclass
 class Plan:
     outcome: str = "none"  # none, wait, start, passed, failed, exhausted, timeout, retaint, reset, cleanup
@@ -182,7 +187,7 @@ def decide(node: NodeView, pods: list[PodView], cfg: PreflightConfig, keys: Keys
         retry_at = 0.0
     if now < retry_at:
         return Plan("wait", delete_pods=stale, annotations=annotations, requeue_after=retry_at - now)
-    if not node.ready or any(node.taint(k) is not None for k in NOT_READY_TAINTS):
+    if not node_up(node):
         # a test pod could not be scheduled or run yet: creating it now only costs failed scheduling
         # attempts (and their Events), and a node that never comes up would burn its attempts on
         # timeouts. The node's update (Ready, the taint lifted) re-runs this; the requeue is a backstop.

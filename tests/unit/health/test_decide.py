@@ -281,3 +281,19 @@ def test_flap_history_exports_what_matters_and_merges_back():
     ft2 = FlapTracker()
     assert ft2.observe("g", v("False", 0.0, "g"), v("True", 0.0, "g"), W, NOW)
     assert ft2.export(NOW, 600, 4) == {"g": [[NOW, "NetworkUnreachable", "True"]]}
+
+
+def test_state_configmap_bad_parts_are_named_and_left_out():
+    import json
+
+    from fleetkeeper.health.controller import FLAPS_KEY, STORM_UNTIL_KEY, parse_state
+
+    good = {"f": [[NOW - 10, "NetworkUnreachable", "True"]]}
+    until, flaps, problems = parse_state({STORM_UNTIL_KEY: str(int(NOW)), FLAPS_KEY: json.dumps(good)})
+    assert until == NOW and flaps.nodes() == ["f"] and problems == []
+    until, flaps, problems = parse_state({STORM_UNTIL_KEY: "soon", FLAPS_KEY: json.dumps(good)})
+    assert until == 0.0 and flaps.nodes() == ["f"] and "storm-until='soon' is not a time" in problems[0]
+    for bad in ("{not json", json.dumps(["f"]), json.dumps({"f": [[NOW, "X"]]}), json.dumps({"f": [["x", "T", "S"]]})):
+        until, flaps, problems = parse_state({STORM_UNTIL_KEY: str(int(NOW)), FLAPS_KEY: bad})
+        assert until == NOW and flaps.nodes() == [] and problems and problems[0].startswith("flaps:"), bad
+    assert parse_state({})[0] == 0.0
