@@ -88,3 +88,19 @@ def test_build_without_module_proxy_says_what_to_do(tmp_path):
     assert r.returncode != 0 and "GOPROXY is 'off'" in r.stderr
     r = _build({"GOPROXY": "http://127.0.0.1:9"}, tmp_path)
     assert r.returncode != 0 and "cannot reach the Go module proxy" in r.stderr
+
+
+def test_local_cluster_ports_stay_below_the_ephemeral_range(tmp_path):
+    # a port in the ephemeral range can be taken by an outgoing connection (or a client's self-connect)
+    # while a component restarts; the cluster's ports are picked below it
+    from fleetkeeper.localcluster.cluster import ephemeral_range, free_port, port_free
+
+    lo, hi = ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert all(p < lo and port_free(p) for p in ports), (lo, sorted(ports))
+    assert len(ports) > 1  # chosen at random, not one fixed port
+    f = tmp_path / "range"
+    f.write_text("40000\t60999\n")
+    assert ephemeral_range(f) == (40000, 60999)
+    f.write_text("garbage")
+    assert ephemeral_range(f) == (32768, 60999)

@@ -99,8 +99,27 @@ def port_free(port: int) -> bool:
             return False
 
 
+def ephemeral_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in path.read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A free port below the kernel's ephemeral range. A port inside it can be taken by any outgoing
+    connection while its component is down, even by a client retrying that very port (TCP
+    self-connect on loopback), and the restarted component then fails with "address already in use"."""
+    lo, _ = ephemeral_range()
+    first = max(10000, lo - 12000)
+    if lo - first >= 100:
+        rng = secrets.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(first, lo)
+            if port_free(port):
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the range: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
