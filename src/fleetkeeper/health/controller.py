@@ -76,18 +76,18 @@ class HealthOptions:
 class FlapTracker:
     """Transitions of watched conditions per node (from informer updates).
 
-    A transition is identified by what the cluster records, (type, new status, the condition's
-    lastTransitionTime): every replica watching the nodes, and a controller restarted from the
-    saved history, then agree on which transitions happened, and merging two histories never
-    counts one twice. (The agent's time has whole-second resolution, so two transitions to the same
-    status within one second count once: agents check every 30 s.) Local time stands in when
-    a writer leaves lastTransitionTime out."""
+    A transition is identified by what the cluster records: (type, new status, the resourceVersion of
+    the write that made it). Every replica watching the nodes, and a controller restarted from the
+    saved history, then agree on which transitions happened, and merging two histories never counts
+    one twice. Its time is the condition's lastTransitionTime (local time when a writer leaves it out).
+    (A transition first seen through a relist carries the listed object's resourceVersion; a replica
+    that saw it live would count it again, once.)"""
 
     def __init__(self) -> None:
-        self._t: dict[str, dict[tuple[str, str, int], float]] = defaultdict(dict)
+        self._t: dict[str, dict[tuple[str, str, str], float]] = defaultdict(dict)
         self.dirty = False  # changed since the last export
 
-    def _add(self, node: str, key: tuple[str, str, int], t: float) -> bool:
+    def _add(self, node: str, key: tuple[str, str, str], t: float) -> bool:
         seen = self._t[node]
         if key in seen:
             return False
@@ -105,8 +105,8 @@ class FlapTracker:
         changed = False
         for c in new.conditions:
             if c.type in watched and c.type in before and before[c.type] != c.status:
-                t = c.last_transition or now
-                changed = self._add(node, (c.type, c.status, int(t)), t) or changed
+                changed = self._add(node, (c.type, c.status, new.resource_version), c.last_transition or now) \
+                    or changed
         self.dirty = self.dirty or changed
         return changed
 
@@ -119,12 +119,12 @@ class FlapTracker:
 
     def export(self, now: float, window: float, keep: int, max_nodes: int = 2000) -> dict[str, list[list]]:
         """The transitions still inside ``window``, the last ``keep`` per node (all that can matter),
-        for the nodes with the most of them; small enough for a ConfigMap: ``[[time, type, status]]``."""
+        for the nodes with the most of them; small enough for a ConfigMap: ``[[time, type, status, rv]]``."""
         out: dict[str, list[list]] = {}
         for n, seen in self._t.items():
             recent = sorted((t, k) for k, t in seen.items() if now - t < window)[-keep:]
             if recent:
-                out[n] = [[round(t, 3), k[0], k[1]] for t, k in recent]
+                out[n] = [[round(t, 3), k[0], k[1], k[2]] for t, k in recent]
         if len(out) > max_nodes:
             out = dict(sorted(out.items(), key=lambda kv: -len(kv[1]))[:max_nodes])
         return out
@@ -133,15 +133,15 @@ class FlapTracker:
         """Merge transitions recorded before a restart (or by another leader) with those seen since.
         Raises ValueError, merging nothing, when ``data`` is not what :meth:`export` writes."""
         if not isinstance(data, dict) or not all(
-                isinstance(v, list) and all(isinstance(x, list) and len(x) == 3 for x in v) for v in data.values()):
-            raise ValueError("not a mapping of node to [[time, type, status], ...]")
+                isinstance(v, list) and all(isinstance(x, list) and len(x) == 4 for x in v) for v in data.values()):
+            raise ValueError("not a mapping of node to [[time, type, status, resourceVersion], ...]")
         try:
-            parsed = [(node, str(typ), str(status), float(t)) for node, items in data.items()
-                      for t, typ, status in items]
+            parsed = [(node, str(typ), str(status), str(rv), float(t)) for node, items in data.items()
+                      for t, typ, status, rv in items]
         except (TypeError, ValueError) as exc:
             raise ValueError(f"a transition time is not a number ({exc})") from None
-        for node, typ, status, t in parsed:
-            self._add(node, (typ, status, int(t)), t)
+        for node, typ, status, rv, t in parsed:
+            self._add(node, (typ, status, rv), t)
 
     def merge(self, other: "FlapTracker") -> None:
         for node, seen in other._t.items():

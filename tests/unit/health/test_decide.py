@@ -252,35 +252,44 @@ def test_simulated_faults_become_conditions(fault, ctype, reason):
 
 
 def test_flap_history_exports_what_matters_and_merges_back():
+    from dataclasses import replace
+
     from fleetkeeper.health.controller import FlapTracker
 
     W = {"NetworkUnreachable"}
 
-    def v(status, at, name="f"):
-        return node([("NetworkUnreachable", status, "x", at)], name=name)
+    def v(status, at, rv, name="f"):
+        return replace(node([("NetworkUnreachable", status, "x", at)], name=name), resource_version=str(rv))
     ft = FlapTracker()
-    # three transitions, each stamped by the agent (lastTransitionTime)
-    seq = [("False", "True", NOW - 100), ("True", "False", NOW - 70), ("False", "True", NOW - 40)]
-    prev = NOW - 200
-    for a, b, at in seq:
-        assert ft.observe("f", v(a, prev), v(b, at), W, NOW)
-        prev = at
-    ft.observe("old", v("False", NOW - 6000), v("True", NOW - 5000), W, NOW)
+    # three transitions, each made by one write (resourceVersion) and stamped by the agent
+    seq = [("False", "True", NOW - 100, 11), ("True", "False", NOW - 70, 12), ("False", "True", NOW - 40, 13)]
+    prev, prev_rv = NOW - 200, 10
+    for a, b, at, rv in seq:
+        assert ft.observe("f", v(a, prev, prev_rv), v(b, at, rv), W, NOW)
+        prev, prev_rv = at, rv
+    ft.observe("old", v("False", NOW - 6000, 1), v("True", NOW - 5000, 2), W, NOW)
     assert ft.dirty
     data = ft.export(NOW, window=600, keep=2)
-    assert data == {"f": [[NOW - 70, "NetworkUnreachable", "False"], [NOW - 40, "NetworkUnreachable", "True"]]}
+    assert data == {"f": [[NOW - 70, "NetworkUnreachable", "False", "12"],
+                          [NOW - 40, "NetworkUnreachable", "True", "13"]]}
     fresh = FlapTracker()  # a restarted controller, or the standby replica that saw the same transitions
-    fresh.observe("f", v("False", NOW - 70), v("True", NOW - 40), W, NOW + 1)  # seen live too
-    fresh.observe("f", v("True", NOW - 40), v("False", NOW - 10), W, NOW + 1)
+    fresh.observe("f", v("False", NOW - 70, 12), v("True", NOW - 40, 13), W, NOW + 1)  # seen live too
+    fresh.observe("f", v("True", NOW - 40, 13), v("False", NOW - 10, 14), W, NOW + 1)
     assert not fresh.flapping("f", NOW, 3, 600)
-    fresh.restore(data)  # NOW-70 is new, NOW-40 the same transition: counted once
+    fresh.restore(data)  # rv 12 is new, rv 13 the same transition: counted once
     assert fresh.flapping("f", NOW, 3, 600) and not fresh.flapping("f", NOW, 4, 600)
     fresh.restore(data)  # idempotent
     assert not fresh.flapping("f", NOW, 4, 600)
+    # two transitions to the same status within one second (a fast flap): still two, being two writes
+    fast = FlapTracker()
+    fast.observe("h", v("False", NOW, 20, "h"), v("True", NOW, 21, "h"), W, NOW)
+    fast.observe("h", v("True", NOW, 21, "h"), v("False", NOW, 22, "h"), W, NOW)
+    fast.observe("h", v("False", NOW, 22, "h"), v("True", NOW, 23, "h"), W, NOW)
+    assert fast.flapping("h", NOW, 3, 600)
     # no lastTransitionTime from the writer: local time stands in
     ft2 = FlapTracker()
-    assert ft2.observe("g", v("False", 0.0, "g"), v("True", 0.0, "g"), W, NOW)
-    assert ft2.export(NOW, 600, 4) == {"g": [[NOW, "NetworkUnreachable", "True"]]}
+    assert ft2.observe("g", v("False", 0.0, 5, "g"), v("True", 0.0, 6, "g"), W, NOW)
+    assert ft2.export(NOW, 600, 4) == {"g": [[NOW, "NetworkUnreachable", "True", "6"]]}
 
 
 def test_state_configmap_bad_parts_are_named_and_left_out():
@@ -288,12 +297,12 @@ def test_state_configmap_bad_parts_are_named_and_left_out():
 
     from fleetkeeper.health.controller import FLAPS_KEY, STORM_UNTIL_KEY, parse_state
 
-    good = {"f": [[NOW - 10, "NetworkUnreachable", "True"]]}
+    good = {"f": [[NOW - 10, "NetworkUnreachable", "True", "7"]]}
     until, flaps, problems = parse_state({STORM_UNTIL_KEY: str(int(NOW)), FLAPS_KEY: json.dumps(good)})
     assert until == NOW and flaps.nodes() == ["f"] and problems == []
     until, flaps, problems = parse_state({STORM_UNTIL_KEY: "soon", FLAPS_KEY: json.dumps(good)})
     assert until == 0.0 and flaps.nodes() == ["f"] and "storm-until='soon' is not a time" in problems[0]
-    for bad in ("{not json", json.dumps(["f"]), json.dumps({"f": [[NOW, "X"]]}), json.dumps({"f": [["x", "T", "S"]]})):
+    for bad in ("{not json", json.dumps(["f"]), json.dumps({"f": [[NOW, "X", "True"]]}), json.dumps({"f": [["x", "T", "S", "1"]]})):
         until, flaps, problems = parse_state({STORM_UNTIL_KEY: str(int(NOW)), FLAPS_KEY: bad})
         assert until == NOW and flaps.nodes() == [] and problems and problems[0].startswith("flaps:"), bad
     assert parse_state({})[0] == 0.0
