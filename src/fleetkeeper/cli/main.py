@@ -222,7 +222,8 @@ def demo(
     from fleetkeeper.cli.demo import run_demo
 
     fklog.setup("warning", "text")
-    run_async(run_demo(nodes=nodes, keep=keep, components=COMPONENTS))
+    if not run_async(run_demo(nodes=nodes, keep=keep, components=COMPONENTS)):
+        raise typer.Exit(1)
 
 
 def main() -> None:
