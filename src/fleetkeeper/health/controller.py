@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from fleetkeeper.core import errors
+from fleetkeeper.core.configmap import ConfigMapKey
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.events import node_ref
 from fleetkeeper.core.faults import FaultPlan, default_fault_file
@@ -187,7 +188,7 @@ class Remediator:
         self.nodes = self.mgr.node_informer()
         self.pods = self.mgr.pod_informer()
         self.flaps = FlapTracker()
-        self._pods_by_node: dict[str, dict[str, PodView]] = defaultdict(dict)
+        self._pods_by_node = self.mgr.pods_by_node()
         self.controller = Controller("health", self.reconcile, metrics=self.mgr.metrics, clock=self.clock,
                                      workers=self.workers)
         self._lock = asyncio.Lock()  # budget admission is serialised
@@ -218,7 +219,6 @@ class Remediator:
         if new is not None and new.taint(self.names.quarantine) is not None:
             self._inflight.pop(key, None)
         if new is None:
-            self._pods_by_node.pop(key, None)
             self._inflight.pop(key, None)
             self._dry_quarantined.discard(key)
             return
@@ -229,18 +229,12 @@ class Remediator:
         pv = new or old
         if pv is None or not pv.node:
             return
-        if old is not None and old.node and old.node != pv.node:
-            self._pods_by_node[old.node].pop(key, None)
-        if new is None:
-            self._pods_by_node[pv.node].pop(key, None)
-        else:
-            self._pods_by_node[pv.node][key] = new
         nv = self.nodes.get(pv.node)
         if nv is not None and nv.taint(self.names.quarantine) is not None:
             self.controller.enqueue(pv.node)
 
     def pods_on(self, node: str) -> list[PodView]:
-        return list(self._pods_by_node.get(node, {}).values())
+        return self._pods_by_node.get(node)
 
     # --- fleet view ----------------------------------------------------------
     def stats(self, force: bool = False) -> FleetStats:
@@ -630,32 +624,23 @@ class Remediator:
         return None
 
 
-async def load_from_configmap(mgr: Manager) -> tuple[Policy, bool]:
-    cm = await mgr.kube.get_or_none(CONFIGMAPS, CONFIGMAP, mgr.settings.namespace)
-    data = (cm or {}).get("data") or {}
-    source = f"configmap {mgr.settings.namespace}/{CONFIGMAP} key {POLICY_KEY}"
-    policy = load_policy(data.get(POLICY_KEY), source)
-    sim = str(data.get("simulate", "")).lower() in ("1", "true", "yes")
+def policy_source(mgr: Manager) -> ConfigMapKey[Policy]:
+    return ConfigMapKey(mgr.kube, mgr.settings.namespace, CONFIGMAP, POLICY_KEY, load_policy)
+
+
+async def load_from_configmap(mgr: Manager, src: ConfigMapKey[Policy] | None = None) -> tuple[Policy, bool]:
+    src = src or policy_source(mgr)
+    policy = await src.load()
+    sim = str(src.data.get("simulate", "")).lower() in ("1", "true", "yes")
     return policy, sim
 
 
-async def reload_loop(mgr: Manager, rem: Remediator, interval: float) -> None:
-    """Pick up ConfigMap changes; a broken policy keeps the last good one."""
-    last_error = ""
+async def reload_loop(mgr: Manager, rem: Remediator, interval: float, src: ConfigMapKey[Policy]) -> None:
+    """Pick up ConfigMap changes; a broken policy keeps the last good one (core.configmap)."""
     while True:
         await mgr.clock.sleep(interval)
-        try:
-            policy, _ = await load_from_configmap(mgr)
-        except errors.ConfigError as exc:
-            if str(exc) != last_error:
-                log.error("new health policy rejected, keeping the previous one: %s", exc)
-                last_error = str(exc)
-            continue
-        except errors.FleetkeeperError as exc:
-            log.warning("could not read the health policy: %s", exc)
-            continue
-        last_error = ""
-        if policy != rem.policy:
+        policy = await src.reload()
+        if policy is not None and policy != rem.policy:
             log.info("health policy reloaded")
             rem.policy = policy
             rem._watched = watched_types(policy)
@@ -666,7 +651,8 @@ async def reload_loop(mgr: Manager, rem: Remediator, interval: float) -> None:
 async def setup(mgr: Manager, options: HealthOptions | None) -> None:
     opts = options or HealthOptions()
     from_cm = opts.policy is None
-    policy, sim_flag = (await load_from_configmap(mgr)) if from_cm else (opts.policy, False)
+    src = policy_source(mgr)
+    policy, sim_flag = (await load_from_configmap(mgr, src)) if from_cm else (opts.policy, False)
     simulate = opts.simulate if opts.simulate is not None else (
         sim_flag or os.environ.get("FLEETKEEPER_HEALTH_SIMULATE", "") in ("1", "true"))
     rem = Remediator(mgr, policy, opts.provider or LocalProvider(mgr.kube), stats_interval=opts.stats_interval,
@@ -676,7 +662,7 @@ async def setup(mgr: Manager, options: HealthOptions | None) -> None:
     mgr.add("health-remediation", rem.run)
     mgr.add("health-stats", rem.stats_loop)
     if from_cm:
-        mgr.add("health-policy-reload", lambda: reload_loop(mgr, rem, opts.reload_interval))
+        mgr.add("health-policy-reload", lambda: reload_loop(mgr, rem, opts.reload_interval, src))
     if simulate:
         from fleetkeeper.health.agent import AgentCore, ConditionWriter, SimulatedFleet
 

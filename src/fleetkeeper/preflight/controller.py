@@ -24,10 +24,11 @@ from pathlib import Path
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.config import parse_yaml
+from fleetkeeper.core.configmap import ConfigMapKey
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.events import EventRecorder, node_ref
 from fleetkeeper.core.faults import FaultPlan, default_fault_file
-from fleetkeeper.core.kube import CONFIGMAPS, MUTATING_WEBHOOKS, NODES, PODS, PRIORITYCLASSES, SECRETS, \
+from fleetkeeper.core.kube import MUTATING_WEBHOOKS, NODES, PODS, PRIORITYCLASSES, SECRETS, \
     SERVICEACCOUNTS
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.domain import INSTANCE_TYPE_LABEL
@@ -45,15 +46,12 @@ from fleetkeeper.preflight.suite import SimulatedBackend, SimulatedHost, SuiteRe
 log = logging.getLogger("fleetkeeper.preflight")
 
 
+def _parse(text: str | None, source: str) -> PreflightConfig:
+    return PreflightConfig() if text is None else load_config(parse_yaml(text, source), source)
+
+
 async def load_from_cluster(mgr: Manager) -> PreflightConfig:
-    cm = await mgr.kube.get_or_none(CONFIGMAPS, CONFIGMAP_NAME, mgr.settings.namespace)
-    if cm is None:
-        return PreflightConfig()
-    source = f"configmap {mgr.settings.namespace}/{CONFIGMAP_NAME} key {CONFIGMAP_KEY}"
-    text = (cm.get("data") or {}).get(CONFIGMAP_KEY)
-    if text is None:
-        raise errors.ConfigError(source, [("data", sorted(cm.get("data") or {}), f"missing key {CONFIGMAP_KEY}")])
-    return load_config(parse_yaml(text, source), source)
+    return await ConfigMapKey(mgr.kube, mgr.settings.namespace, CONFIGMAP_NAME, CONFIGMAP_KEY, _parse).load()
 
 
 async def setup(mgr: Manager, options) -> None:
@@ -91,7 +89,7 @@ class Preflight:
                                   self.metrics, self.dry_run)
         # indexes kept by informer handlers
         self.test_pods: dict[str, dict[str, PodView]] = {}  # node -> pod key -> our test pods
-        self.pods_on_node: dict[str, dict[str, PodView]] = {}  # node -> pod key -> every pod bound there
+        self.pods_on_node = mgr.pods_by_node()  # every pod bound to a node (the manager's shared index)
         self.last_busy: dict[str, float] = {}
         self.started = self.clock.now()
         self.we_deleted: set[str] = set()
@@ -117,11 +115,9 @@ class Preflight:
     def _on_pod(self, typ: str, key: str, old: PodView | None, new: PodView | None) -> None:
         keys = self.keys
         if old is not None and old.node:
-            self.pods_on_node.get(old.node, {}).pop(key, None)
             if periodic.is_real_work(old, keys) and (new is None or not periodic.is_real_work(new, keys)):
                 self.last_busy[old.node] = self.clock.now()
         if new is not None and new.node and new.active:
-            self.pods_on_node.setdefault(new.node, {})[key] = new
             if periodic.is_real_work(new, keys):
                 self.last_busy[new.node] = self.clock.now()
         mine = (new or old)
@@ -333,7 +329,7 @@ class Preflight:
         nodes = self.nodes.items()
         pods_by_node: dict[str, list[PodView]] = {}
         for n in nodes:
-            ps = list(self.pods_on_node.get(n.name, {}).values())
+            ps = [p for p in self.pods_on_node.get(n.name) if p.active]
             ps += [p for p in self.test_pods.get(n.name, {}).values() if not p.node]
             pods_by_node[n.name] = ps
         last_busy = {n.name: self.last_busy.get(n.name, self.started) for n in nodes}
