@@ -20,29 +20,10 @@ from fleetkeeper.core.domain import ZONE_LABEL, Names
 from fleetkeeper.core.views import NodeView, PodView
 from fleetkeeper.health.conditions import AGENT_TYPES, NPD_TYPES
 from fleetkeeper.health.policy import LADDER, Policy, human
+from fleetkeeper.lifecycle.keys import HealthKeys as Keys  # the markers' names, defined once
 
 REMEDY_RANK = {"none": 0, "wait": 1, "investigate": 2, "reset": 3, "reboot": 4, "replace": 5}
 _XID = re.compile(r"Xid\s?(\d+)")
-
-
-class Keys:
-    """Annotation keys of the controller's state on the node (all level-based)."""
-
-    def __init__(self, names: Names):
-        d = names.domain
-        self.action = f"{d}/health-action"  # quarantine | drain | terminate: the ladder's target
-        self.remedy = f"{d}/health-remedy"  # reset | reboot | replace | investigate | wait
-        self.reason = f"{d}/health-reason"  # "Type/Reason; ..." of the problems acted on
-        self.types = f"{d}/health-types"  # condition types that must clear
-        self.since = f"{d}/health-since"  # when the node was quarantined (epoch seconds)
-        self.drained = f"{d}/health-drained-at"
-        self.cleared = f"{d}/health-cleared-at"  # hold mode: when the conditions cleared
-        self.state = f"{d}/health-state"  # validating: handed to the preflight gate
-        self.history = f"{d}/health-history"  # JSON list of [time, text], newest last
-        self.ignore = f"{d}/health-ignore"  # "true": an operator took over this node
-
-    def all_state(self) -> tuple[str, ...]:
-        return (self.action, self.remedy, self.reason, self.types, self.since, self.drained, self.cleared, self.state)
 
 
 @dataclass(frozen=True)
