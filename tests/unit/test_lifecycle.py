@@ -60,36 +60,38 @@ def ops_of(d, typ):
     return [o for o in d.plan.ops if isinstance(o, typ)]
 
 
-def test_a_new_state_is_recorded_with_its_since_and_reason():
-    d = m.decide(F(quarantined=True, action="quarantine", health_reason="GPUUnhealthy/ECC"), CFG, N, NOW)
-    assert d.state == m.QUARANTINED and d.since == NOW and d.deadline == NOW + CFG.deadlines.quarantined
-    ann = {o.key: o.value for o in ops_of(d, SetAnnotation)}
-    assert ann[RK.state] == m.QUARANTINED and ann[RK.since] == str(int(NOW)) and "ECC" in ann[RK.reason]
-    assert d.plan.requeue_after == pytest.approx(CFG.deadlines.quarantined + 0.5)
-    # recorded already: nothing to write, the deadline counts from the stored since (a restart resumes)
-    again = m.decide(F(quarantined=True, action="quarantine", health_reason="GPUUnhealthy/ECC",
-                       state=m.QUARANTINED, since=NOW - 10, reason="GPUUnhealthy/ECC"), CFG, N, NOW)
-    assert again.plan.node_ops == () and again.since == NOW - 10
+def test_since_comes_from_the_first_action_so_a_restart_resumes_without_a_write():
+    f = F(quarantined=True, action="quarantine", health_reason="GPUUnhealthy/ECC", health_since=NOW - 100)
+    d = m.decide(f, CFG, N, NOW)
+    assert d.state == m.QUARANTINED and d.since == NOW - 100
+    assert d.deadline == NOW - 100 + CFG.deadlines.quarantined
+    assert d.plan.node_ops == ()  # nothing to write: the state is derived from health's own markers
+    assert d.plan.requeue_after == pytest.approx(CFG.deadlines.quarantined - 100 + 0.5)
+    # escalated to drain: the draining and repair deadlines still count from the quarantine
+    assert m.decide(replace(f, action="drain", pods_left=1), CFG, N, NOW).since == NOW - 100
+    assert m.decide(replace(f, action="drain"), CFG, N, NOW).since == NOW - 100
+    # components fold the record into their own writes
+    rec = {o.key: o.value for o in m.record_ops(N, m.QUARANTINED, "x", NOW)}
+    assert rec[RK.state] == m.QUARANTINED and rec[RK.since] == str(int(NOW))
 
 
 @pytest.mark.parametrize("facts,escalation,check", [
     # a repair that never comes: replace (retire) after awaiting_repair, counted from the drain's start
-    (F(quarantined=True, action="drain", remedy="reset", state=m.DRAINING, since=NOW - 4 * H - 1),
+    (F(quarantined=True, action="drain", remedy="reset", health_since=NOW - 4 * H - 1),
      "replace", lambda ann: ann[RK.state] == m.RETIRING),
     # quarantined for investigation too long: drain
-    (F(quarantined=True, action="quarantine", state=m.QUARANTINED, since=NOW - 25 * H),
+    (F(quarantined=True, action="quarantine", health_since=NOW - 25 * H),
      "drain", lambda ann: ann[HK.action] == "drain"),
     # a drain still blocked by a PodDisruptionBudget past its deadline: retire
-    (F(quarantined=True, action="drain", pods_left=2, state=m.DRAINING, since=NOW - 7 * 24 * H - 1),
+    (F(quarantined=True, action="drain", pods_left=2, health_since=NOW - 7 * 24 * H - 1),
      "retire", lambda ann: ann[RK.state] == m.RETIRING),
     # re-validation never passes: retire (no longer stuck in "validating")
-    (F(gated=True, gate_label="failed", attempts=1, handed_to_gate=True, state=m.REVALIDATING,
-       since=NOW - 6 * H - 1), "retire", lambda ann: ann[RK.state] == m.RETIRING),
-    (F(up=False, state=m.JOINING, since=NOW - H - 1), "retire", lambda ann: ann[RK.state] == m.RETIRING),
-    (F(gated=True, gate_label="pending", state=m.VALIDATING, since=NOW - 6 * H - 1), "retire",
+    (F(gated=True, gate_label="failed", attempts=1, handed_to_gate=True, gated_at=NOW - 6 * H - 1), "retire", lambda ann: ann[RK.state] == m.RETIRING),
+    (F(up=False, created=NOW - H - 1), "retire", lambda ann: ann[RK.state] == m.RETIRING),
+    (F(gated=True, gate_label="pending", gated_at=NOW - 6 * H - 1), "retire",
      lambda ann: ann[RK.state] == m.RETIRING),
-    (F(faults=("DiskUnhealthy",), state=m.SUSPECT, since=NOW - H - 1), "report",
-     lambda ann: ann[RK.escalated] == m.SUSPECT),
+    (F(faults=("DiskUnhealthy",), fault_since=NOW - H - 1), "report",
+     lambda ann: ann[RK.escalated] == f"{m.SUSPECT}@{int(NOW - H - 1)}"),
 ])
 def test_every_deadline_escalates_once(facts, escalation, check):
     d = m.decide(facts, CFG, N, NOW)
@@ -99,7 +101,7 @@ def test_every_deadline_escalates_once(facts, escalation, check):
     assert any(e.type == "Warning" for e in ops_of(d, Event))
     if escalation in ("report", "drain"):
         # recorded as escalated: the next pass does not escalate again
-        after = m.decide(replace(facts, escalated=facts.state), CFG, N, NOW + 60)
+        after = m.decide(replace(facts, escalated=ann[RK.escalated]), CFG, N, NOW + 60)
         assert after.escalation == "" and not ops_of(after, Event)
 
 
@@ -117,15 +119,16 @@ def test_retiring_taints_records_then_terminates_once():
     # the machine does not go: an operator is told, once
     stuck = m.decide(replace(f, state=m.RETIRING, since=NOW, terminate_requested=NOW), CFG, N, NOW + 2 * H)
     assert stuck.escalation == "report" and stuck.plan.machine is None
-    assert m.decide(replace(f, state=m.RETIRING, since=NOW, terminate_requested=NOW, escalated=m.RETIRING),
+    assert m.decide(replace(f, state=m.RETIRING, since=NOW, terminate_requested=NOW,
+                            escalated=f"{m.RETIRING}@{int(NOW)}"),
                     CFG, N, NOW + 3 * H).escalation == ""
 
 
 def test_escalation_can_be_reported_only():
     cfg = load_lifecycle("escalate: false")
-    d = m.decide(F(quarantined=True, action="quarantine", state=m.QUARANTINED, since=NOW - 25 * H), cfg, N, NOW)
+    d = m.decide(F(quarantined=True, action="quarantine", health_since=NOW - 25 * H), cfg, N, NOW)
     ann = {o.key: o.value for o in ops_of(d, SetAnnotation)}
-    assert HK.action not in ann and ann[RK.escalated] == m.QUARANTINED
+    assert HK.action not in ann and ann[RK.escalated].startswith(m.QUARANTINED)
     retiring = m.decide(F(gated=True, gate_label="failed", attempts=3), cfg, N, NOW)
     assert retiring.plan.machine is None
 

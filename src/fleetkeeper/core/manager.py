@@ -62,6 +62,7 @@ class Manager:
         self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"
         self._informers: dict[tuple, Informer] = {}
         self._runnables: list[_Runnable] = []
+        self._shared: dict[str, Any] = {}
         self.server = OpsServer(self.registry, settings.server.host, settings.server.port)
         self.elector: LeaderElector | None = None
 
@@ -86,6 +87,13 @@ class Manager:
     def pods_by_node(self) -> Index[PodView]:
         """Every cached pod bound to a node, by node name: one index shared by every component."""
         return self.pod_informer().index("node", _pod_node)
+
+    def shared(self, name: str, factory: Callable[[], Any]) -> Any:
+        """One object per name per manager, shared by the components that ask (the disruption budget's
+        ledger, the machine provider): components never import each other, so they meet here."""
+        if name not in self._shared:
+            self._shared[name] = factory()
+        return self._shared[name]
 
     def recorder(self, controller: str) -> EventRecorder:
         return EventRecorder(self.kube, controller, namespace=self.settings.namespace, clock=self.clock,

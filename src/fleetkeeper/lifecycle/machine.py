@@ -102,6 +102,7 @@ class Facts:
     health_since: float = 0.0
     handed_to_gate: bool = False  # health returned it to the gate after a repair
     faults: tuple[str, ...] = ()  # condition types reported True (other than the kubelet's)
+    fault_since: float = 0.0  # the earliest of their transitions
     maintenance: bool = False
     team: str = ""
     pods_left: int = 0  # pods still to evict (or terminating)
@@ -131,6 +132,8 @@ def facts_of(node: NodeView, names: Names, pods_left: int = 0) -> Facts:
         remedy=a.get(hk.remedy, ""), health_reason=a.get(hk.reason, ""), health_since=_f(a.get(hk.since)),
         handed_to_gate=a.get(hk.state) == "validating",
         faults=tuple(sorted(c.type for c in node.conditions if c.status == "True" and c.type not in IGNORED_CONDITIONS)),
+        fault_since=min((c.last_transition for c in node.conditions
+                         if c.status == "True" and c.type not in IGNORED_CONDITIONS), default=0.0),
         maintenance=any(c.type == MAINTENANCE and c.status == "True" for c in node.conditions),
         team=node.labels.get(names.team, ""), pods_left=pods_left, ignored=a.get(hk.ignore) == "true",
         state=a.get(rk.state, ""), since=_f(a.get(rk.since)), reason=a.get(rk.reason, ""),
@@ -208,34 +211,52 @@ def _next_step(state: str, f: Facts, deadline: float | None, cfg: LifecycleConfi
     return base
 
 
+def since_of(state: str, f: Facts) -> float:
+    """When ``state`` began, from the markers the actions themselves wrote (so deadlines count from the
+    first action, across restarts, without a write of their own); 0 when the markers do not say."""
+    derived = {
+        JOINING: f.created,
+        VALIDATING: f.gated_at or f.created,
+        IN_SERVICE: f.validated_at or f.created,
+        SUSPECT: f.fault_since,
+        QUARANTINED: f.health_since,
+        DRAINING: f.health_since,
+        AWAITING_REPAIR: f.health_since,  # the repair deadline counts from the start of the drain
+        REVALIDATING: f.gated_at,
+    }.get(state, 0.0)
+    if derived:
+        return derived
+    return f.since if f.state == state else 0.0
+
+
 def decide(f: Facts, cfg: LifecycleConfig, names: Names, now: float, *, budget_ok: bool = True) -> Decision:
-    """The state, its record, and what to do now. ``budget_ok``: the disruption budget admits this node
-    (asked only when the plan would take capacity away; an out-of-service node is already counted)."""
+    """The state, its deadline, and what to do now. ``budget_ok``: the disruption budget admits this node
+    (asked only when the plan would take capacity away; an out-of-service node is already counted).
+
+    The record on the node is written by the writes that change the state (components fold
+    :func:`record_ops` into theirs) and by escalations here; deriving ``since`` from the markers costs no
+    write of its own."""
     rk, hk = RecordKeys(names), HealthKeys(names)
     state, reason = state_of(f, cfg)
+    since = since_of(state, f) or now
     if f.ignored:
-        return Decision(state, "an operator took the node over", f.since or now, None, "none", "",
+        return Decision(state, "an operator took the node over", since, None, "none", "",
                         Plan(f.node, "lifecycle"))
-    since = f.since if f.state == state and f.since else now
-    if state == AWAITING_REPAIR and f.state in (DRAINING, AWAITING_REPAIR) and f.since:
-        since = f.since  # the repair deadline counts from the start of the drain
     dl = deadline_of(state, cfg)
     deadline = since + dl if dl is not None else None
     ops: list[Op] = []
-    # the record, written when the state changed (any write folds it in; this is the fallback)
-    if f.state != state and state != TERMINATED:
-        ops += [SetAnnotation(rk.state, state), SetAnnotation(rk.since, str(int(since))),
-                SetAnnotation(rk.reason, reason[:250]), SetAnnotation(rk.escalated, None)]
-    elif f.reason != reason[:250] and state != TERMINATED:
-        ops.append(SetAnnotation(rk.reason, reason[:250]))
     nxt = _next_step(state, f, deadline, cfg)
     due = deadline is not None and now >= deadline
     escalation = ""
-    action = "record"
-    already = f.escalated == state and f.state == state
+    action = "lifecycle"
+    episode = f"{state}@{int(since)}"
+    already = f.escalated == episode
     if state == RETIRING:
-        # retire: taint, record the request, then ask the provider; once
-        if not f.terminate_requested:
+        # retire: taint, record the request, then ask the provider; once. A node on health's terminate
+        # ladder is terminated by health (its hourly limit applies); the record guards both.
+        if f.action == "terminate" and f.quarantined and not f.terminate_requested:
+            nxt = "health terminates the machine"
+        elif not f.terminate_requested:
             if cfg.escalate:
                 ops += [AddTaint(names.quarantine, "retiring"), SetAnnotation(rk.terminate_requested, str(int(now))),
                         SetAnnotation(rk.state, RETIRING), SetAnnotation(rk.reason, reason[:250]),
@@ -244,23 +265,23 @@ def decide(f: Facts, cfg: LifecycleConfig, names: Names, now: float, *, budget_o
                 action = "terminate"
             escalation = "retire"
         elif due and not already:
-            ops += [SetAnnotation(rk.escalated, state),
+            ops += [SetAnnotation(rk.escalated, episode),
                     Event("RetireStuck", f"terminate requested {human(now - f.terminate_requested)} ago and the "
                                          "machine is still there; an operator must remove it", "Warning")]
             escalation, action = "report", "escalate"
     elif due and not already:
         escalation = ESCALATION[state]
         if escalation == "report":
-            ops += [SetAnnotation(rk.escalated, state),
+            ops += [SetAnnotation(rk.escalated, episode),
                     Event("DeadlinePassed", f"{state} for {human(now - since)} ({reason})", "Warning")]
             action = "escalate"
         elif not cfg.escalate:
-            ops += [SetAnnotation(rk.escalated, state),
+            ops += [SetAnnotation(rk.escalated, episode),
                     Event("DeadlinePassed", f"{state} for {human(now - since)}: would {escalation} "
                                             "(escalation disabled)", "Warning")]
             action = "escalate"
         elif escalation == "drain":
-            ops += [SetAnnotation(hk.action, "drain"), SetAnnotation(rk.escalated, state),
+            ops += [SetAnnotation(hk.action, "drain"), SetAnnotation(rk.escalated, episode),
                     Event("Escalated", f"quarantined for {human(now - since)} without clearing ({reason}); "
                                        "draining", "Warning")]
             action = "escalate"

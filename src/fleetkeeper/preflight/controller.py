@@ -23,17 +23,22 @@ import tempfile
 from pathlib import Path
 
 from fleetkeeper.core import errors
+from fleetkeeper.core.applier import Applier
 from fleetkeeper.core.config import parse_yaml
 from fleetkeeper.core.configmap import ConfigMapKey
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.events import EventRecorder, node_ref
 from fleetkeeper.core.faults import FaultPlan, default_fault_file
-from fleetkeeper.core.kube import MUTATING_WEBHOOKS, NODES, PODS, PRIORITYCLASSES, SECRETS, \
+from fleetkeeper.core.kube import MUTATING_WEBHOOKS, PODS, PRIORITYCLASSES, SECRETS, \
     SERVICEACCOUNTS
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.domain import INSTANCE_TYPE_LABEL
-from fleetkeeper.core.ratelimit import SlidingWindow, TokenBucket
+from fleetkeeper.core.plan import AddTaint, Plan as Ops, RemoveTaint, SetAnnotation, SetLabel
+from fleetkeeper.core.ratelimit import TokenBucket
 from fleetkeeper.core.views import NodeView, PodView
+from fleetkeeper.lifecycle import budget as bud
+from fleetkeeper.lifecycle import machine as lifecycle
+from fleetkeeper.lifecycle.controller import shared_budget
 from fleetkeeper.preflight import gate, periodic
 from fleetkeeper.preflight.config import CONFIGMAP_KEY, CONFIGMAP_NAME, PreflightConfig, load_config
 from fleetkeeper.preflight.history import GpuHistory
@@ -83,8 +88,10 @@ class Preflight:
         self.gate_ctl = Controller("preflight-gate", self.reconcile, metrics=mgr.metrics, clock=self.clock,
                                    workers=cfg.gate.workers)
         self.create_bucket = TokenBucket(cfg.gate.pod_create_rate, max(1, int(cfg.gate.pod_create_rate)), self.clock)
-        self.node_bucket = TokenBucket(cfg.gate.node_write_rate, max(1, int(cfg.gate.node_write_rate)), self.clock)
-        self.periodic_failures = SlidingWindow(3600.0, self.clock)
+        # one writer for nodes, and the one disruption budget (periodic failures take capacity away)
+        self.applier = Applier(self.kube, self.recorder, component="preflight", registry=mgr.registry,
+                               clock=self.clock, dry_run=self.dry_run, writes_per_second=cfg.gate.node_write_rate)
+        self.budget = shared_budget(mgr)
         self.history = GpuHistory(self.kube, self.namespace, cfg.history_shards, cfg.history_entries, self.clock,
                                   self.metrics, self.dry_run)
         # indexes kept by informer handlers
@@ -220,7 +227,7 @@ class Preflight:
             if inflight >= self.cfg.gate.max_concurrent:
                 raise errors.Temporary(f"{inflight} gate test pods in flight (max {self.cfg.gate.max_concurrent})", 2.0)
         if plan.patches_node:
-            await self._patch_node(node, plan)
+            await self._patch_node(node, plan, record=lifecycle.IN_SERVICE if plan.outcome == "passed" else "")
         for pname in plan.delete_pods:
             p = next((p for p in pods if p.name == pname), None)
             if p is not None:
@@ -260,27 +267,38 @@ class Preflight:
                                  "ok": result.passed and u not in result.failed_gpus,
                                  "s": summary(result)[:120] if u in result.failed_gpus or not result.passed else "ok"})
 
-    async def _patch_node(self, node: NodeView, plan: gate.Plan, action: str | None = None) -> None:
+    async def _patch_node(self, node: NodeView, plan: gate.Plan, action: str | None = None,
+                          record: str = "") -> None:
+        """One node write through the core applier (cached resourceVersion, rate limit, metric)."""
         action = action or {"passed": "release", "failed": "fail", "exhausted": "fail", "timeout": "fail",
                             "retaint": "retaint", "reset": "reset"}.get(plan.outcome, "annotate")
-        body: dict = {"metadata": {"resourceVersion": node.resource_version}}
-        if plan.labels:
-            body["metadata"]["labels"] = plan.labels
-        if plan.annotations:
-            body["metadata"]["annotations"] = plan.annotations
+        ops: list = [SetLabel(k, v) for k, v in plan.labels.items()]
+        ops += [SetAnnotation(k, v) for k, v in plan.annotations.items()]
         if plan.taints is not None:
-            body["spec"] = {"taints": plan.taints}
+            want = {t["key"]: t for t in plan.taints}
+            ops += [RemoveTaint(t.key) for t in node.taints if t.key not in want]
+            ops += [AddTaint(t["key"], t.get("value", ""), t["effect"]) for t in plan.taints]  # no-ops fold away
+        if record:
+            ops += list(lifecycle.record_ops(self.mgr.names, record, plan.outcome, self.clock.now()))
         self.metrics.node_writes.labels(action).inc()
-        if self.dry_run:
-            log.info("dry-run: would patch node %s (%s): %s", node.name, action, body)
-            return
-        await self.node_bucket.acquire()
-        try:
-            await self.kube.patch(NODES, node.name, body)
-        except errors.Conflict:
-            raise errors.Temporary(f"node {node.name} changed meanwhile; re-reading", 0.2) from None
-        except errors.NotFound:
-            return
+        await self.applier.apply(node, Ops(node.name, action, tuple(ops)))
+
+    def periodic_admission(self, node: NodeView, now: float) -> tuple[bool, str]:
+        """May a periodic failure take ``node`` out of service? The shared disruption budget, then this
+        component's own hourly cap, counted from the nodes (durable): nodes it re-gated within the hour."""
+        cfg = self.budget.cfg
+        snap = bud.snapshot(self.nodes.items(), self.mgr.names, cfg, lambda n: gate.in_scope(n, self.cfg))
+        scopes = snap.scopes.get(node.name) or bud.scopes_of(node, self.mgr.names, cfg)
+        verdict = bud.admit(node.name, scopes, snap, self.budget.ledger.view(), cfg, now)
+        if not verdict.admitted:
+            return False, verdict.explain()
+        recent = sum(1 for n in self.nodes.items()
+                     if n.labels.get(self.keys.gate) == FAILED and self.keys.validated_at in n.annotations
+                     and now - float(n.annotations.get(self.keys.gated_at) or 0) < 3600)
+        recent += sum(1 for f in self.budget.ledger.view().values() if f.kind == "retest" and f.node not in snap.since)
+        if recent >= self.cfg.periodic.fail_budget_per_hour:
+            return False, f"{self.cfg.periodic.fail_budget_per_hour} periodic removals per hour already made"
+        return True, verdict.explain()
 
     async def _create_pod(self, node: NodeView, kind: str, name: str, sim_ms: int) -> bool:
         nonce = secrets.token_hex(12)
@@ -419,22 +437,30 @@ class Preflight:
             ann[keys.validated_at] = str(int(now))
             await self._patch_node(node, plan, "periodic-pass")
             self.metrics.results.labels(PERIODIC, "passed").inc()
-        elif self.periodic_failures.count() >= self.cfg.periodic.fail_budget_per_hour:
+        else:
+            async with self.budget.ledger.lock:
+                admitted, budget_why = self.periodic_admission(node, now)
+                if admitted:
+                    self.budget.ledger.add(bud.InFlight(node.name, "retest", now, bud.scopes_of(
+                        node, self.mgr.names, self.budget.cfg), dry_run=self.dry_run))
+        if not ok and not admitted:
             self.metrics.budget_denied.inc()
             self.metrics.results.labels(PERIODIC, "failed").inc()
             await self._patch_node(node, plan, "annotate")
             await self.recorder.emit(node_ref(node.name, node.uid), "PreflightFailedNoBudget",
-                                     f"periodic validation {why}; node left in service: the budget of "
-                                     f"{self.cfg.periodic.fail_budget_per_hour} removals per hour is spent",
+                                     f"periodic validation {why}; node left in service: {budget_why}",
                                      type_="Warning")
-        else:
-            self.periodic_failures.record()
+        elif not ok:
             ann.update({keys.attempts: "1", keys.failed_check: ",".join(failed)[:200],
                         keys.retry_at: str(int(now + gate.backoff(self.cfg, 1))), keys.gated_at: str(int(now))})
             plan.labels = {keys.gate: FAILED}
             plan.taints = [{"key": t.key, "value": t.value, "effect": t.effect} for t in node.taints
                            if t.key != keys.gate] + [gate.gate_taint(keys, FAILED)]
-            await self._patch_node(node, plan, "periodic-fail")
+            try:
+                await self._patch_node(node, plan, "periodic-fail", record=lifecycle.REVALIDATING)
+            except BaseException:
+                self.budget.ledger.drop(node.name)
+                raise
             self.metrics.results.labels(PERIODIC, "failed").inc()
             for c in failed:
                 self.metrics.check_failures.labels(c).inc()
