@@ -14,66 +14,23 @@ import logging
 import ssl
 import time
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from fleetkeeper.core.admission import (  # noqa: F401 - re-exported for the servers' callers
+    Admission,
+    AdmissionRequest,
+    Handler,
+    json_patch_path,
+)
 from fleetkeeper.core.metrics import PREFIX
 
 log = logging.getLogger("fleetkeeper.webhook")
 
 
-@dataclass(frozen=True)
-class AdmissionRequest:
-    uid: str
-    kind: str  # Pod, Node
-    operation: str  # CREATE, UPDATE, ...
-    namespace: str
-    name: str
-    username: str
-    groups: tuple[str, ...]
-    obj: dict
-    old: dict | None
-    dry_run: bool
-
-    @classmethod
-    def from_review(cls, review: dict) -> "AdmissionRequest":
-        r = review["request"]
-        ui = r.get("userInfo") or {}
-        obj = r.get("object") or {}
-        return cls(
-            uid=r["uid"], kind=(r.get("kind") or {}).get("kind", ""), operation=r.get("operation", ""),
-            namespace=r.get("namespace", ""), name=r.get("name") or (obj.get("metadata") or {}).get("name", ""),
-            username=ui.get("username", ""), groups=tuple(ui.get("groups") or ()), obj=obj,
-            old=r.get("oldObject"), dry_run=bool(r.get("dryRun")),
-        )
-
-
-@dataclass
-class Admission:
-    allowed: bool = True
-    message: str = ""
-    patch: list[dict] = field(default_factory=list)  # RFC 6902 JSON Patch
-    warnings: list[str] = field(default_factory=list)
-    code: int = 403
-
-    def response(self, uid: str) -> dict:
-        resp: dict[str, Any] = {"uid": uid, "allowed": self.allowed}
-        if not self.allowed:
-            resp["status"] = {"code": self.code, "message": self.message, "reason": "Forbidden"}
-        if self.patch:
-            resp["patchType"] = "JSONPatch"
-            resp["patch"] = base64.b64encode(orjson.dumps(self.patch)).decode()
-        if self.warnings:
-            resp["warnings"] = self.warnings
-        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": resp}
-
-
-Handler = Callable[[AdmissionRequest], Admission]
 _METRICS_BY_REGISTRY = weakref.WeakKeyDictionary()
 
 
@@ -181,8 +138,3 @@ def webhook_entry(name: str, *, url: str | None = None, service: dict | None = N
     if reinvocation:
         entry["reinvocationPolicy"] = reinvocation
     return entry
-
-
-def json_patch_path(*parts: str) -> str:
-    """Escape path parts for RFC 6901 (``/`` and ``~`` in label keys)."""
-    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
