@@ -112,6 +112,9 @@ class GangConfig(BaseModel):
     webhook_url: str | None = Field(None, description="URL the API server calls (local clusters); "
                                                       "None: register via the Service below")
     webhook_service: str = "fleetkeeper-capacity-webhook"
+    webhook_cert_dir: str = Field("", description="a mounted serving certificate (tls.crt, tls.key, ca.crt) shared "
+                                                  "by every replica and reloaded when it changes; empty: a "
+                                                  "self-signed one made at start (local clusters)")
     manage_webhook_registration: bool = True
 
 

@@ -33,7 +33,7 @@ from fleetkeeper.core.kube import (
 )
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.ratelimit import TokenBucket
-from fleetkeeper.core.pki import write_serving_cert
+from fleetkeeper.core.pki import mounted_serving_cert, write_serving_cert
 from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
 
 from fleetkeeper.capacity import balloons as bl
@@ -438,9 +438,15 @@ class GangWebhook:
 
     async def run(self) -> None:
         g = self.cfg.gangs
-        cert_dir = self.options.webhook_cert_dir or Path(tempfile.gettempdir()) / "fleetkeeper-capacity-webhook"
-        hosts = [g.webhook_host, f"{g.webhook_service}.{self.namespace}.svc", "localhost"]
-        cert = await asyncio.to_thread(write_serving_cert, cert_dir, hosts, common_name="fleetkeeper-capacity-webhook")
+        cert = mounted_serving_cert(Path(g.webhook_cert_dir)) if g.webhook_cert_dir else None
+        if cert is None and g.webhook_cert_dir:
+            raise errors.ConfigError("capacity", [("gangs.webhook_cert_dir", g.webhook_cert_dir,
+                                                   "no tls.crt and tls.key there")])
+        if cert is None:  # local clusters: a self-signed certificate of this process
+            cert_dir = self.options.webhook_cert_dir or Path(tempfile.gettempdir()) / "fleetkeeper-capacity-webhook"
+            hosts = [g.webhook_host, f"{g.webhook_service}.{self.namespace}.svc", "localhost"]
+            cert = await asyncio.to_thread(write_serving_cert, cert_dir, hosts,
+                                           common_name="fleetkeeper-capacity-webhook")
         self.server = WebhookServer(str(cert.cert), str(cert.key), host=g.webhook_host, port=g.webhook_port,
                                     registry=self.registry)
         self.server.add(WEBHOOK_PATH, self.handler)
