@@ -29,7 +29,7 @@ def deployment_name(pool: str) -> str:
 
 
 def balloon_label(names: Names) -> str:
-    return f"{names.domain}/balloon"
+    return names.balloon
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ class BalloonManager:
         await self.controller.run()
 
     async def _ensure_namespace(self) -> None:
-        if self._ns_ready or self.dry_run:
+        if self._ns_ready or self.dry_run or not self.cfg.balloons.enabled:
             return
         try:
             await self.kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
@@ -137,12 +137,10 @@ class BalloonManager:
             return Result(requeue_after=MIN_BALLOON_PASS_SECONDS - since)
         self._last_pass = self.clock.monotonic()
         await self._ensure_namespace()
-        existing: list[str] = []
-        if not self.dry_run:
-            items, _ = await self.kube.list(DEPLOYMENTS, self.namespace,
-                                            label_selector=f"{self.names.managed_by}={bl.MANAGER}")
-            existing = [d["metadata"]["name"] for d in items
-                        if bl.balloon_label(self.names) in ((d["metadata"].get("labels")) or {})]
+        items, _ = await self.kube.list(DEPLOYMENTS, self.namespace,
+                                        label_selector=f"{self.names.managed_by}={bl.MANAGER}")
+        existing = [d["metadata"]["name"] for d in items
+                    if bl.balloon_label(self.names) in ((d["metadata"].get("labels")) or {})]
         plan = bl.decide(self.cfg.balloons, self.names, self.namespace, self.nodes.items(), self.pods.items(), existing)
         self.last_plan = plan
         if plan.problems != self._last_problems:
@@ -164,12 +162,16 @@ class BalloonManager:
                     f"{dep['spec']['replicas']} balloons of {meta['annotations'][f'{self.names.domain}/balloon-size']} "
                     f"each, one per node of pool {meta['labels'][bl.balloon_label(self.names)]}")
         for name in plan.delete_deployments:
+            why = "balloons are disabled" if not self.cfg.balloons.enabled else "pool no longer configured for balloons"
             if self.dry_run:
+                log.info("dry-run: would delete balloon Deployment %s/%s (%s)", self.namespace, name, why)
                 continue
             try:
                 await self.kube.delete(DEPLOYMENTS, name, self.namespace)
+                self._applied = {k: v for k, v in self._applied.items()
+                                 if k != f"{DEPLOYMENTS.plural}/{self.namespace}/{name}"}
                 await self.recorder.emit(ObjectRef("Deployment", name, self.namespace, api_version="apps/v1"),
-                                         "BalloonPoolRemoved", "pool no longer configured for balloons")
+                                         "BalloonPoolRemoved", f"balloon Deployment removed: {why}")
             except errors.NotFound:
                 pass
         requeue = self.cfg.resync_seconds
@@ -271,8 +273,9 @@ class GangManager:
         res = Resource(api[0], api[1], api[2], kind, True)
         obj = await self.kube.get_or_none(res, name, pods[0].namespace)
         if obj is None or obj["metadata"].get("uid") != uid:
-            return gg.Owner(kind, name, uid, api_version, None)
-        return gg.Owner(kind, name, uid, api_version, gg.owner_replicas(kind, obj), gg.owner_problem(kind, obj))
+            return gg.Owner(kind, name, uid, api_version, None, gone=True)
+        return gg.Owner(kind, name, uid, api_version, gg.owner_replicas(kind, obj), gg.owner_problem(kind, obj),
+                        deleting=bool(obj["metadata"].get("deletionTimestamp")))
 
     async def reconcile(self, key: str) -> Result | None:
         ns, gang = key.split("/", 1)
@@ -512,9 +515,10 @@ async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
     metrics = CapacityMetrics(mgr.registry)
     recorder = mgr.recorder("capacity")
     cap = Capacity(cfg, metrics)
-    if cfg.balloons.enabled:
-        cap.balloons = BalloonManager(mgr, cfg, metrics, recorder)
-        mgr.add("capacity-balloons", cap.balloons.run)
+    # started when balloons are off too: its plan then removes the balloon Deployments a previous
+    # configuration left behind (turning a feature off cleans up after it)
+    cap.balloons = BalloonManager(mgr, cfg, metrics, recorder)
+    mgr.add("capacity-balloons", cap.balloons.run)
     if cfg.gangs.enabled:
         cap.gangs = GangManager(mgr, cfg, metrics, recorder)
         mgr.add("capacity-gangs", cap.gangs.run)
