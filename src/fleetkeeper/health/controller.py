@@ -202,7 +202,7 @@ class Remediator:
         # the one disruption budget: its configuration is this policy's budget section; its ledger of
         # admitted actions not yet in the cache is shared with every component of this manager
         self.budget = shared_budget(self.mgr)
-        self.budget.cfg = self.policy.budget
+        self.budget.configure(self.policy.budget)
         self._bsnap = bud.Snapshot()
         self.provider = shared_provider(self.mgr, self.provider)
         self.applier = Applier(self.kube, self.recorder, component="health", registry=self.mgr.registry,
@@ -633,6 +633,7 @@ async def reload_loop(mgr: Manager, rem: Remediator, interval: float, src: Confi
         if policy is not None and policy != rem.policy:
             log.info("health policy reloaded")
             rem.policy = policy
+            rem.budget.configure(policy.budget)
             rem._watched = watched_types(policy)
             for k in rem.nodes.keys():
                 rem.controller.enqueue(k)

@@ -200,3 +200,9 @@ class SharedBudget:
 
     cfg: BudgetConfig = field(default_factory=BudgetConfig)
     ledger: Ledger = field(default_factory=Ledger)
+    pinned: bool = False  # set by the lifecycle configuration: the health policy's budget no longer applies
+
+    def configure(self, cfg: BudgetConfig, *, pin: bool = False) -> None:
+        if pin or not self.pinned:
+            self.cfg = cfg
+            self.pinned = self.pinned or pin
