@@ -110,7 +110,7 @@ class Lifecycle:
         return machine.facts_of(node, self.names, left)
 
     def snapshot(self) -> bud.Snapshot:
-        return bud.snapshot(self.nodes.items(), self.names, self.budget.cfg)
+        return bud.snapshot(self.nodes.items(), self.names, self.budget.cfg, self.selected)
 
     def admits(self, node: NodeView, now: float) -> bool:
         snap = self.snapshot()
