@@ -49,6 +49,7 @@ from fleetkeeper.lifecycle import budget as bud
 from fleetkeeper.lifecycle import machine as lifecycle
 from fleetkeeper.lifecycle.controller import shared_budget, shared_provider
 from fleetkeeper.lifecycle.gangs import checkpoint_wait, gang_evictions, gang_index
+from fleetkeeper.lifecycle.keys import PreflightFactKeys
 
 log = logging.getLogger("fleetkeeper.health")
 
@@ -343,7 +344,9 @@ class Remediator:
                 remove_taints=(self.names.quarantine,),
                 add_taint={"key": self.names.preflight, "value": "pending", "effect": "NoSchedule"},
                 labels={self.names.preflight: "pending"},
-                annotations={**{k: None for k in self.keys.all_state()}, self.keys.state: "validating"},
+                annotations={**{k: None for k in self.keys.all_state()}, self.keys.state: "validating",
+                             # the gate's clock starts with this write (the gate then needs no write of its own)
+                             PreflightFactKeys(self.names).gated_at: str(int(self.clock.now()))},
                 record=lifecycle.REVALIDATING)
         if p.kind == "mark_cleared":
             return await self._mutate(node, p, "return", "ConditionsCleared", f"{p.why} "
