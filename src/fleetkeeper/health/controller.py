@@ -454,8 +454,8 @@ class Remediator:
             onsets = len(st.onset_nodes | {node.name})
             if onsets >= storm_threshold(total, self.policy) and total:
                 self._storm_until = now + self.policy.storm.cooldown
+                await self._save_state()  # recorded before it is announced
                 self.metrics.storm.set(1)
-                await self._save_state()
                 log.warning("fault storm: %d nodes faulted within %.0fs (threshold %d); pausing new quarantines "
                             "for %.0fs", onsets, self.policy.storm.window, storm_threshold(total, self.policy),
                             self.policy.storm.cooldown)
