@@ -31,6 +31,7 @@ from fleetkeeper.core.settings import RuntimeSettings
 COMPONENTS: dict[str, str] = {
     "preflight": "fleetkeeper.preflight",
     "health": "fleetkeeper.health",
+    "lifecycle": "fleetkeeper.lifecycle",  # after health: health registers the machine provider it shares
     "capacity": "fleetkeeper.capacity",
     "relay": "fleetkeeper.relay",
     "netacct": "fleetkeeper.netacct",
@@ -45,6 +46,15 @@ SUBAPPS: dict[str, str] = {
 app = typer.Typer(name="fleetkeeper", help="Run a research GPU cluster on Kubernetes at 7,500-node scale.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(cluster_cli.app, name="cluster")
+
+
+def _budget_command() -> None:
+    from fleetkeeper.lifecycle.cli import budget
+
+    app.command("budget")(budget)
+
+
+_budget_command()
 
 
 def _optional(module: str) -> Any | None:
