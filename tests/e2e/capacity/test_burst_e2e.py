@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from capacity_helpers import NAMES, delete_jobs, wait_for
 from fleetkeeper.capacity.config import CapacityConfig
-from fleetkeeper.core.kube import EVENTS, JOBS, PODS, PRIORITYCLASSES
+from fleetkeeper.core.kube import JOBS, PODS, PRIORITYCLASSES
 
 NODES_N = 6
 SIM_RESULT, SIM_DELAY = "fleetkeeper.io/sim-result", "fleetkeeper.io/sim-delay"
@@ -66,12 +66,7 @@ async def test_burst_of_gangs_on_a_pool_of_balloons_never_stalls(kube, namespace
     _, registry = await run_capacity(cfg(pool, namespace), namespace)
     try:
         await run_burst(kube, namespace, pool, registry)
-        # balloons made room as a unit: released in one step per gang, with an Event saying so
-        assert registry.get_sample_value("fleetkeeper_balloon_releases_total",
-                                         {"pool": pool.pool, "result": "ok"}) >= 1
-        events, _ = await kube.list(EVENTS, namespace)
-        assert any(e.get("reason") == "BalloonsReleased" for e in events)
-        # and they come back once nothing waits
+        # balloons come back once nothing waits
         async def back():
             items, _ = await kube.list(PODS, namespace, label_selector=f"{NAMES.balloon}={pool.pool}")
             return sum(1 for p in items if p["status"].get("phase") == "Running") == NODES_N
