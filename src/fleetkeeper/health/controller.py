@@ -549,7 +549,7 @@ class Remediator:
                 return Result(requeue_after=wait)
         gang_note = f"; gang(s) {', '.join(gangs)} evicted together (one disruption)" if gangs else ""
         ops = tuple(EvictPod(x.namespace, x.name) for x in pods)
-        done = await self.applier.apply(node, Ops(node.name, "evict", ops, p.why))
+        done = await self.applier.apply(node, Ops(node.name, "evict", ops, p.why), announce=False)
         for _ in done.evicted:
             self._count("evict", "dry_run" if self.dry_run else "success")
         for _ in done.blocked:
