@@ -1,6 +1,7 @@
 """Admission webhooks: one TLS server, pure handlers.
 
-A handler is a plain function ``(AdmissionRequest) -> Admission`` (no I/O),
+A handler is a plain function ``(AdmissionRequest) -> Admission`` (no I/O;
+it may be a coroutine that waits briefly for an informer cache),
 so it is unit-tested directly and timed in process. :class:`WebhookServer`
 serves handlers over HTTPS (aiohttp), records latency and results, and
 :func:`registration` builds the Mutating/ValidatingWebhookConfiguration that
@@ -14,7 +15,8 @@ import logging
 import ssl
 import time
 import weakref
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,7 @@ class AdmissionRequest:
     obj: dict
     old: dict | None
     dry_run: bool
+    group: str = ""  # the API group of kind ("" for the core group)
 
     @classmethod
     def from_review(cls, review: dict) -> "AdmissionRequest":
@@ -49,7 +52,7 @@ class AdmissionRequest:
             uid=r["uid"], kind=(r.get("kind") or {}).get("kind", ""), operation=r.get("operation", ""),
             namespace=r.get("namespace", ""), name=r.get("name") or (obj.get("metadata") or {}).get("name", ""),
             username=ui.get("username", ""), groups=tuple(ui.get("groups") or ()), obj=obj,
-            old=r.get("oldObject"), dry_run=bool(r.get("dryRun")),
+            old=r.get("oldObject"), dry_run=bool(r.get("dryRun")), group=(r.get("kind") or {}).get("group", ""),
         )
 
 
@@ -73,7 +76,7 @@ class Admission:
         return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": resp}
 
 
-Handler = Callable[[AdmissionRequest], Admission]
+Handler = Callable[[AdmissionRequest], "Admission | Awaitable[Admission]"]
 _METRICS_BY_REGISTRY = weakref.WeakKeyDictionary()
 
 
@@ -124,6 +127,8 @@ class WebhookServer:
                 return web.Response(status=400, text=f"bad AdmissionReview: {exc}")
             try:
                 result = handler(req)
+                if inspect.isawaitable(result):  # a handler that may wait for a cache (no I/O)
+                    result = await result
             except Exception as exc:  # a handler bug must answer, not hang the API server
                 log.exception("webhook %s failed on %s/%s", name, req.namespace, req.name)
                 result = Admission(False, f"fleetkeeper webhook {name} internal error: {exc}", code=500)
