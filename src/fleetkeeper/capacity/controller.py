@@ -40,10 +40,12 @@ from fleetkeeper.capacity import balloons as bl
 from fleetkeeper.capacity import gangs as gg
 from fleetkeeper.capacity.config import CONFIGMAP_KEY, CONFIGMAP_NAME, CapacityConfig, load_config, load_config_text
 from fleetkeeper.capacity.metrics import GANG_STATES, CapacityMetrics
+from fleetkeeper.capacity.workload_gangs import mutate_workload, webhook_rules as workload_gang_rules
 
 log = logging.getLogger("fleetkeeper.capacity")
 
 WEBHOOK_PATH = "capacity-gang"
+WORKLOAD_GANG_PATH = "capacity-workload-gang"
 WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
 MIN_BALLOON_PASS_SECONDS = 1.0
 MESSAGE_REFRESH_SECONDS = 5.0  # a gang's message annotation is refreshed at most this often
@@ -417,7 +419,15 @@ def webhook_registration(cfg: CapacityConfig, names: Names, config_name: str, ur
         failure_policy="Fail", timeout_seconds=5, namespace_selector=namespace_selector,
         object_selector={"matchExpressions": [{"key": names.gang, "operator": "Exists"}]},
         reinvocation="IfNeeded")
-    return registration("mutating", config_name, [entry])
+    entries = [entry]
+    if g.workload_gangs:  # workloads that declare a gang (JobSet, MPIJob, ...): label their member templates
+        wservice = None if url else {**service, "path": f"/{WORKLOAD_GANG_PATH}"}  # type: ignore[dict-item]
+        wurl = f"{url.rsplit('/', 1)[0]}/{WORKLOAD_GANG_PATH}" if url else None
+        entries.append(webhook_entry(
+            f"workload-gang.{names.domain}", url=wurl, service=wservice, ca_bundle=ca,
+            rules=workload_gang_rules(), failure_policy="Ignore", timeout_seconds=5,
+            namespace_selector=namespace_selector))
+    return registration("mutating", config_name, entries)
 
 
 class GangWebhook:
@@ -444,6 +454,7 @@ class GangWebhook:
         self.server = WebhookServer(str(cert.cert), str(cert.key), host=g.webhook_host, port=g.webhook_port,
                                     registry=self.registry)
         self.server.add(WEBHOOK_PATH, self.handler)
+        self.server.add(WORKLOAD_GANG_PATH, lambda req: mutate_workload(req, self.names))
         delay = 1.0
         while True:  # a port still held (a previous process) must not take the other controllers down
             try:
