@@ -198,20 +198,23 @@ def judge(cfg: TeamsConfig | None, names: Names, username: str, groups: tuple[st
     if wk is None:
         return Verdict(True, f"kind {kind} not handled")
     tmpls = templates(wk, obj)
+    updating = old is not None
+    old_stamp = ((old or {}).get("metadata") or {}).get("annotations", {}) or {}
     if cfg is None:
+        # no teams known yet: no stamp is written on CREATE (none can be forged either), kept on UPDATE
+        keep = old_stamp.get(names.requester) if updating else None
         default_exempt = Exempt()  # cluster admins and built-in controllers, as configured by default
         if username in default_exempt.users or set(groups) & set(default_exempt.groups):
-            return Verdict(True, f"{username} is exempt (default exemptions; team configuration not loaded yet)")
+            return Verdict(True, f"{username} is exempt (default exemptions; team configuration not loaded yet)",
+                           stamp=keep)
         for _, t in tmpls:
             spec, _ = _template_parts(wk, t)
             if any(coverage(x, names.team) or lifecycle(x, names) for x in spec.get("tolerations") or ()):
                 return Verdict(False, "team configuration not loaded yet; team tolerations cannot be checked, "
                                       "try again in a moment")
-        return Verdict(True, "team configuration not loaded yet")
+        return Verdict(True, "team configuration not loaded yet", stamp=keep)
 
     who = requester_of(cfg, username, groups, obj, owners)
-    updating = old is not None
-    old_stamp = ((old or {}).get("metadata") or {}).get("annotations", {}) or {}
     stamp = old_stamp.get(names.requester) if updating else who.stamp.encode()
     if who.exempt and not updating:
         given = Stamp.decode(((obj.get("metadata") or {}).get("annotations") or {}).get(names.requester))
