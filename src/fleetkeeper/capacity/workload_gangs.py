@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 
 from fleetkeeper.core.domain import Names
-from fleetkeeper.core.webhook import Admission, AdmissionRequest, json_patch_path
+from fleetkeeper.core.admission import Admission, AdmissionRequest, json_patch_path
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from fleetkeeper.core.attribution import OwnerEntry, Stamp, controller_ref, resolve
 from fleetkeeper.core.domain import Names
-from fleetkeeper.core.webhook import Admission, AdmissionRequest, json_patch_path
+from fleetkeeper.core.admission import Admission, AdmissionRequest, json_patch_path
 
 from fleetkeeper.teams.config import ConfigState, Exempt, TeamsConfig
 from fleetkeeper.teams.plan import TEAM_EFFECT

@@ -16,7 +16,7 @@ import time
 import orjson
 
 from fleetkeeper.core import errors
-from fleetkeeper.core.attribution import OwnerIndex
+from fleetkeeper.core.owners import OwnerIndex
 from fleetkeeper.core.config import load_model, parse_yaml
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.events import EventRecorder, ObjectRef

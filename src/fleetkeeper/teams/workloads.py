@@ -16,7 +16,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fleetkeeper.core.kube import Resource
+from fleetkeeper.core.resources import Resource
 
 Path = tuple[str | int, ...]
 
