@@ -69,3 +69,25 @@ def test_ordinary_documents_still_parse():
         "teams": [{"team": "a", "count": 2}], "membership": {"a": {"groups": ["g"]}}}
     assert parse_yaml("", "s") is None
     assert parse_yaml("---\na: 1\n", "s") == {"a": 1}
+
+
+def _loaders():
+    from fleetkeeper.capacity.config import load_config_text
+    from fleetkeeper.health.policy import load_policy
+    from fleetkeeper.lifecycle.config import load_lifecycle
+    from fleetkeeper.preflight.config import parse_config as preflight
+    from fleetkeeper.relay.settings import parse_config as relay
+    from fleetkeeper.teams.config import parse_config as teams
+
+    return {"teams": lambda t: teams(t, "teams", "fleetkeeper.io"), "capacity": lambda t: load_config_text(t, "c"),
+            "health": lambda t: load_policy(t, "h"), "lifecycle": lambda t: load_lifecycle(t, "l"),
+            "preflight": lambda t: preflight(t, "p"), "relay": lambda t: relay(t, "r")}
+
+
+@pytest.mark.parametrize("name", ["teams", "capacity", "health", "lifecycle", "preflight", "relay"])
+def test_every_configmap_loader_refuses_the_bomb_and_duplicates(name):
+    load = _loaders()[name]
+    with pytest.raises(ConfigError, match="anchor &a is not allowed"):
+        load(BOMB)
+    with pytest.raises(ConfigError, match="duplicate key"):
+        load("a: 1\na: 2\n")
