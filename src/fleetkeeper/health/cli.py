@@ -20,7 +20,7 @@ from fleetkeeper.core.clock import RealClock
 from fleetkeeper.core import cliutil
 from fleetkeeper.core.domain import DEFAULT_DOMAIN, Names
 from fleetkeeper.core.faults import FaultPlan, default_fault_file, parse_fault
-from fleetkeeper.core.kube import NODES, PODS, Kube
+from fleetkeeper.core.kube import NODES, Kube
 from fleetkeeper.core.views import default_projector
 
 app = typer.Typer(help="Passive node health checks and safe automatic remediation.", no_args_is_help=True)
@@ -188,8 +188,7 @@ def status(
     """Nodes by health state and reason, the budget used per scope, a storm pause, flapping nodes."""
     from fleetkeeper.core.kube import CONFIGMAPS
     from fleetkeeper.health.controller import STATE_CONFIGMAP, parse_state
-    from fleetkeeper.health.decide import Keys, evictable, fleet_stats, scope_limit
-    from fleetkeeper.health.explain import load_cluster_policy
+    from fleetkeeper.health.explain import budget_status, load_cluster_policy
     from fleetkeeper.health.policy import load_policy
 
     if output not in ("text", "json"):
@@ -202,34 +201,13 @@ def status(
                 policy, src = load_policy(policy_file.read_text(), str(policy_file)), str(policy_file)
             else:
                 policy, src = await load_cluster_policy(kube, namespace)
-            proj = default_projector(domain)
-            nodes = [proj.node(n) for n in (await kube.list(NODES))[0]]
-            quarantined = {n.name for n in nodes if n.taint(names.quarantine)}
-            pods: dict[str, int] = {}
-            if quarantined:
-                for p in (await kube.list(PODS, field_selector="status.phase=Running"))[0]:
-                    pv = proj.pod(p)
-                    if pv.node in quarantined and evictable([pv])[0]:
-                        pods[pv.node] = pods.get(pv.node, 0) + 1
-            st = fleet_stats(nodes, pods, policy, names, time.time(), [])
-            k = Keys(names)
-            by_reason: dict[str, list[str]] = {}
-            for n in nodes:
-                if n.name in quarantined:
-                    by_reason.setdefault(f"{n.annotations.get(k.reason, '?')} -> {n.annotations.get(k.action, '?')}"
-                                         f" ({n.annotations.get(k.remedy, '?')})", []).append(n.name)
-            budget = {s: {"used": st.disrupted.get(s, 0), "limit": scope_limit(s, st.totals[s], policy),
-                          "waiting": st.wanting.get(s, 0)}
-                      for s in sorted(st.totals, key=lambda s: (s != "cluster", s))
-                      if s == "cluster" or st.disrupted.get(s) or st.wanting.get(s)}
+            res = await budget_status(kube, names, namespace, time.time(), (policy, src))
             state = await kube.get_or_none(CONFIGMAPS, STATE_CONFIGMAP, namespace)
             until, tracker, _ = parse_state((state or {}).get("data") or {})
             storm_left = max(0.0, until - time.time())
             flapping = sorted(n for n in tracker.nodes() if tracker.flapping(
                 n, time.time(), policy.flapping.transitions, policy.flapping.window))
-            return {"policy": src, "states": st.states, "reasons": by_reason, "budget": budget,
-                    "waiting": st.wanting.get("cluster", 0), "storm_cooldown_s": round(storm_left),
-                    "flapping": flapping}
+            return {**res, "storm_cooldown_s": round(storm_left), "flapping": flapping}
 
     res = _run(main())
     if output == "json":
