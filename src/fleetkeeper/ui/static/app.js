@@ -139,12 +139,16 @@ function Budget() {
   if (!store.hello || !store.hello.caps.includes("config")) return null;
   if (!b) return html`<section><h2>Budget in use</h2><p class="muted">…</p></section>`;
   if (b.error) return html`<section><h2>Budget in use</h2><p class="muted">${b.error}</p></section>`;
+  // the cluster and every zone; racks only where the budget holds something back (or is full)
+  const rows = Object.entries(b.budget);
+  const shown = rows.filter(([s, r]) => !s.startsWith("rack:") || r.waiting || (r.limit != null && r.used >= r.limit));
+  const racksInUse = rows.filter(([s, r]) => s.startsWith("rack:") && r.used).length;
   return html`<section id="budget"><h2>Budget in use (quarantined or draining / limit)</h2>
     <table><tr><th>scope</th><th>used</th><th>limit</th><th>waiting</th></tr>
-    ${Object.entries(b.budget).map(([s, r]) => html`<tr><td>${s}</td>
+    ${shown.map(([s, r]) => html`<tr><td>${s}</td>
       <td class=${r.limit != null && r.used >= r.limit && r.waiting ? "bad" : ""}>${r.used}</td>
       <td>${r.limit == null ? "none" : r.limit}</td><td>${r.waiting}</td></tr>`)}</table>
-    <div class="muted">policy: ${b.policy}</div></section>`;
+    <div class="muted">${racksInUse} rack(s) with budget in use · policy: ${b.policy}</div></section>`;
 }
 
 function Teams() {
