@@ -6,12 +6,18 @@
    component that has controllers;
 3. play each component's scenario (``<pkg>.demo:demo(ctx)``), in order;
 4. print a summary; stop the cluster unless KEEP=1.
+
+The fleet map is served by the same manager from the start: its URL is
+printed before the scenarios, it shows them live, and with KEEP=1 it stays up
+(with the manager) until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import os
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -59,15 +65,27 @@ async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> None:
     stop = asyncio.Event()
     ctx = DemoContext(lc, kube, Names(), registry, nodes)
     manager_task = None
+    map_url: list[str] = []
     try:
         controllers = [c for c in components if _has(components[c], "controller")]
-        if controllers:
-            from fleetkeeper.cli.main import run_manager
+        from fleetkeeper.cli.main import run_manager
+        from fleetkeeper.ui.server import UiOptions
 
-            settings = RuntimeSettings(controllers=controllers, kubeconfig=str(lc.kubeconfig),
-                                       server={"port": 0}, leader_election={"enabled": True})
-            manager_task = asyncio.create_task(run_manager(settings, registry=registry, stop=stop))
-            out.print(f"fleetkeeper running controllers: {', '.join(controllers)}")
+        settings = RuntimeSettings(controllers=controllers, kubeconfig=str(lc.kubeconfig),
+                                   server={"port": 0}, leader_election={"enabled": True})
+        listening = asyncio.Event()
+
+        def on_ui(server) -> None:
+            map_url.append(server.url)
+            out.print(f"[bold]fleet map: {server.url}[/bold] (live while the scenario runs"
+                      f"{'; stays up afterwards' if keep else '; KEEP=1 keeps it up afterwards'})")
+            listening.set()
+        ui = UiOptions(port=int(os.environ.get("FLEETKEEPER_UI_PORT", "8088")), port_fallback=True,
+                       components=dict(components))
+        manager_task = asyncio.create_task(run_manager(settings, registry=registry, stop=stop, ui=ui, on_ui=on_ui))
+        out.print(f"fleetkeeper running controllers: {', '.join(controllers)}")
+        await asyncio.wait({asyncio.create_task(listening.wait()), manager_task}, timeout=60,
+                           return_when=asyncio.FIRST_COMPLETED)
         ctx.section = "cluster"
         all_nodes, _ = await kube.list(NODES)
         pools = Counter((n["metadata"].get("labels") or {}).get(ctx.names.pool, "?") for n in all_nodes)
@@ -86,13 +104,21 @@ async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> None:
             ctx.report(f"({time.monotonic() - t:.1f}s)")
         if manager_task and manager_task.done() and manager_task.exception():
             raise manager_task.exception()  # type: ignore[misc]
+        if keep and map_url and manager_task and not manager_task.done():
+            out.print(Panel("\n".join(f"[cyan]{s:>10}[/cyan]  {line}" for s, line in ctx.lines) or "(nothing)",
+                            title=f"summary ({time.monotonic() - t0:.0f}s)"))
+            ctx.lines.clear()
+            out.print(f"[bold]the fleet map stays up at {map_url[0]}[/bold]; Ctrl-C stops fleetkeeper "
+                      f"(the cluster stays up)")
+            await _until_interrupted(manager_task)
     finally:
         stop.set()
         if manager_task:
             await asyncio.gather(manager_task, return_exceptions=True)
         await kube.close()
-        out.print(Panel("\n".join(f"[cyan]{s:>10}[/cyan]  {line}" for s, line in ctx.lines) or "(nothing)",
-                        title=f"summary ({time.monotonic() - t0:.0f}s)"))
+        if ctx.lines:
+            out.print(Panel("\n".join(f"[cyan]{s:>10}[/cyan]  {line}" for s, line in ctx.lines),
+                            title=f"summary ({time.monotonic() - t0:.0f}s)"))
         if keep:
             out.print(f"cluster left up (KEEP=1). Look at it with:\n"
                       f"  .venv/bin/fleetkeeper cluster kubectl -- get nodes\n"
@@ -101,6 +127,19 @@ async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> None:
         else:
             lc.down()
             out.print("cluster stopped (KEEP=1 leaves it up)")
+
+
+async def _until_interrupted(task: asyncio.Task) -> None:
+    """Wait for Ctrl-C or SIGTERM (or the manager ending)."""
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    try:
+        await asyncio.wait({asyncio.create_task(done.wait()), task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _has(pkg: str, module: str) -> bool:

@@ -64,6 +64,7 @@ class UiOptions:
     panels_interval: float = 2.0  # at most one budget/team recomputation per interval
     timeline_keep: int = 500
     queue_size: int = 2000  # messages a slow page may fall behind before it is dropped (it reconnects)
+    port_fallback: bool = False  # the port is taken: take any free one (the demo)
 
 
 def loopback(host: str) -> bool:
@@ -419,7 +420,13 @@ class UiServer:
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.opts.host, self.opts.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            if not self.opts.port_fallback:
+                raise errors.ConfigError("ui", [("port", self.opts.port, f"cannot listen: {exc}")]) from exc
+            site = web.TCPSite(self._runner, self.opts.host, 0)
+            await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("fleet map on %s", self.url)
         if self.on_start is not None:
