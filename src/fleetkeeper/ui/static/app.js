@@ -41,11 +41,16 @@ function connect() {
   };
 }
 
-function useTick(ms = 250) {  // re-render on store changes, at most every `ms`
+function useTick(ms = 250) {  // re-render on store changes: at once, then at most every `ms`
   const [, set] = useState(0);
   useEffect(() => {
-    let timer = null;
-    const f = () => { if (!timer) timer = setTimeout(() => { timer = null; set(x => x + 1); }, ms); };
+    let timer = null, last = 0;
+    const fire = () => { timer = null; last = performance.now(); set(x => x + 1); };
+    const f = () => {
+      if (timer) return;
+      const wait = last + ms - performance.now();
+      if (wait <= 0) fire(); else timer = setTimeout(fire, wait);
+    };
     store.listeners.add(f);
     return () => { store.listeners.delete(f); clearTimeout(timer); };
   }, []);
