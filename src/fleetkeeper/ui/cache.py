@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from fleetkeeper.core import errors
@@ -115,28 +116,40 @@ def field_matcher(selector: str | None) -> Callable[[dict], bool]:
 
 
 # --- the client ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """An informer and what it covers: one namespace (None: all, or cluster-scoped) and the
+    objects matching its label selector (None: all)."""
+
+    informer: Informer
+    namespace: str | None = None
+    label_selector: str | None = None
+
+    def serves(self, namespace: str | None, label_selector: str | None) -> bool:
+        if self.namespace is not None and namespace != self.namespace:
+            return False
+        if self.label_selector is None:
+            return True
+        return set(_split(self.label_selector)) <= set(_split(label_selector or ""))
+
+
 class CachedKube:
-    """``get`` / ``get_or_none`` / ``list`` of :class:`Kube`, answered from informers.
+    """``get`` / ``get_or_none`` / ``list`` of :class:`Kube`, answered from informers
+    (``sources``: per resource, the informers that hold it and what each covers)."""
 
-    ``sources`` maps a resource to its informers by the namespace each covers
-    (``None``: all namespaces, or a cluster-scoped resource).
-    """
-
-    def __init__(self, sources: dict[Resource, dict[str | None, Informer]]):
+    def __init__(self, sources: dict[Resource, list[Source]]):
         self.sources = sources
 
-    def _source(self, res: Resource, namespace: str | None) -> Informer:
-        by_ns = self.sources.get(res)
-        if not by_ns:
-            raise CacheMiss(f"{res.plural}.{res.group or 'core'} is not cached by the fleet map")
-        inf = by_ns.get(None) or (by_ns.get(namespace) if namespace else None)
-        if inf is None:
-            raise CacheMiss(f"{res.plural} in namespace {namespace or '(all)'} is not cached by the fleet map "
-                            f"(it keeps {', '.join(sorted(str(n) for n in by_ns))} only)")
-        return inf
+    def _source(self, res: Resource, namespace: str | None, label_selector: str | None = None) -> Informer:
+        for src in self.sources.get(res, ()):
+            if src.serves(namespace, label_selector):
+                return src.informer
+        raise CacheMiss(f"{res.plural}.{res.group or 'core'}"
+                        f"{' in namespace ' + namespace if namespace else ''}"
+                        f"{' with ' + label_selector if label_selector else ''} is not cached by the fleet map")
 
     async def get(self, res: Resource, name: str, namespace: str | None = None) -> dict:
-        obj = self._source(res, namespace).get(f"{namespace}/{name}" if res.namespaced else name)
+        obj = self._source(res, namespace, None).get(f"{namespace}/{name}" if res.namespaced else name)
         if obj is None:
             raise errors.NotFound(f"{res.plural} {namespace + '/' if namespace else ''}{name} not found")
         return obj
@@ -149,7 +162,7 @@ class CachedKube:
 
     def select(self, res: Resource, namespace: str | None = None, *, label_selector: str | None = None,
                field_selector: str | None = None) -> Iterable[dict]:
-        inf = self._source(res, namespace)
+        inf = self._source(res, namespace, label_selector)
         lm, fm = label_matcher(label_selector), field_matcher(field_selector)
         for obj in inf.items():
             meta = obj.get("metadata") or {}
@@ -162,7 +175,7 @@ class CachedKube:
                    field_selector: str | None = None, page_size: int = 500,
                    resource_version: str | None = None) -> tuple[list[dict], str]:
         items = list(self.select(res, namespace, label_selector=label_selector, field_selector=field_selector))
-        return items, self._source(res, namespace).resource_version
+        return items, self._source(res, namespace, label_selector).resource_version
 
     def __getattr__(self, verb: str) -> Any:
         if verb in ("create", "patch", "apply", "replace", "delete", "evict", "watch", "list_pages", "request"):

@@ -44,7 +44,8 @@ from fleetkeeper.explain import explain
 from fleetkeeper.health.explain import budget_status
 from fleetkeeper.teams.live import load as load_teams
 from fleetkeeper.ui.auth import ALL, Access, TokenAuth
-from fleetkeeper.ui.cache import CachedKube, slim
+from fleetkeeper.preflight.history import LABEL as GPU_HISTORY_LABEL
+from fleetkeeper.ui.cache import CachedKube, Source, slim
 from fleetkeeper.ui.model import Cell, FleetModel
 from fleetkeeper.ui.state import LABELS, STATES
 
@@ -156,15 +157,18 @@ class UiServer:
         self.nodes = mgr.informer(NODES, slim, key="ui-slim")
         self.pods = mgr.informer(PODS, slim, key="ui-slim")
         self.events = mgr.informer(EVENTS, event_item, key="ui-timeline")
-        cms = {ns: mgr.informer(CONFIGMAPS, slim, namespace=ns, key="ui-slim")
-               for ns in {self.namespace, SYSTEM_NAMESPACE}}
-        self.sources: dict[Resource, dict[str | None, Any]] = {NODES: {None: self.nodes}, PODS: {None: self.pods},
-                                                               CONFIGMAPS: cms}
+        cms = [Source(mgr.informer(CONFIGMAPS, slim, namespace=ns, key="ui-slim"), ns)
+               for ns in sorted({self.namespace, SYSTEM_NAMESPACE})]
+        # preflight's per-GPU history shards, in whatever namespace they live
+        cms.append(Source(mgr.informer(CONFIGMAPS, slim, label_selector=f"{GPU_HISTORY_LABEL}=true", key="ui-slim"),
+                          None, f"{GPU_HISTORY_LABEL}=true"))
+        self.sources: dict[Resource, list[Source]] = {NODES: [Source(self.nodes)], PODS: [Source(self.pods)],
+                                                      CONFIGMAPS: cms}
         self.nodes.add_handler(self._on_node)
         self.pods.add_handler(self._on_pod)
         self.events.add_handler(self._on_event)
-        for inf in cms.values():
-            inf.add_handler(lambda *a: self._touch_panels())
+        for src in cms:
+            src.informer.add_handler(lambda *a: self._touch_panels())
         self.cached = CachedKube(self.sources)
 
     async def add_optional_informers(self) -> None:
@@ -176,7 +180,7 @@ class UiServer:
             except errors.FleetkeeperError:
                 continue
             if any(r.get("name") == res.plural for r in body.get("resources") or []):
-                self.sources[res] = {None: self.mgr.informer(res, slim, key="ui-slim")}
+                self.sources[res] = [Source(self.mgr.informer(res, slim, key="ui-slim"))]
 
     def _on_node(self, typ: str, key: str, old: Any, new: Any) -> None:
         self.model.on_node(typ, key, old, new)
@@ -198,7 +202,7 @@ class UiServer:
 
     @property
     def synced(self) -> bool:
-        return all(inf.synced for by_ns in self.sources.values() for inf in by_ns.values()) and self.events.synced
+        return all(s.informer.synced for srcs in self.sources.values() for s in srcs) and self.events.synced
 
     # --- pushing ---------------------------------------------------------------------------
     def _publish(self, kind: str, full: dict, nodes_only: dict | None = None, need: str = "nodes") -> None:
@@ -346,9 +350,9 @@ class UiServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        for by_ns in self.sources.values():
-            for inf in by_ns.values():
-                await inf.wait_synced()
+        for srcs in self.sources.values():
+            for src in srcs:
+                await src.informer.wait_synced()
         await self.events.wait_synced()
         # deliver what is pending to the open pages, then take the snapshot: no await in between,
         # so this page misses nothing and gets nothing twice

@@ -12,7 +12,7 @@ from fleetkeeper.core.informer import Informer
 from fleetkeeper.core.kube import CONFIGMAPS, NODES, PODS
 from fleetkeeper.core.views import Condition, NodeView, Taint, default_projector
 from fleetkeeper.health.decide import Keys
-from fleetkeeper.ui.cache import CacheMiss, CachedKube, field_matcher, label_matcher, slim
+from fleetkeeper.ui.cache import CacheMiss, CachedKube, Source, field_matcher, label_matcher, slim
 from fleetkeeper.ui.model import FleetModel
 from fleetkeeper.ui.state import STATES, lifecycle_state
 
@@ -102,7 +102,10 @@ async def test_cached_kube_reads_like_the_client_and_never_writes():
     pods = informer_with(PODS, [raw_pod("ns", "p1", "a"), raw_pod("ns", "p2", "b", phase="Succeeded"),
                                 raw_pod("other", "p3", "a")])
     cms = informer_with(CONFIGMAPS, [{"metadata": {"namespace": "sys", "name": "cm", "resourceVersion": "1"}}])
-    kube = CachedKube({NODES: {None: nodes}, PODS: {None: pods}, CONFIGMAPS: {"sys": cms}})
+    shards = informer_with(CONFIGMAPS, [{"metadata": {"namespace": "x", "name": "s", "resourceVersion": "1",
+                                                      "labels": {"shard": "true", "kind": "gpu"}}}])
+    kube = CachedKube({NODES: [Source(nodes)], PODS: [Source(pods)],
+                       CONFIGMAPS: [Source(cms, "sys"), Source(shards, None, "shard=true")]})
     assert (await kube.get(NODES, "a"))["metadata"]["name"] == "a"
     assert await kube.get_or_none(NODES, "zzz") is None
     with pytest.raises(errors.NotFound):
@@ -114,6 +117,13 @@ async def test_cached_kube_reads_like_the_client_and_never_writes():
     assert await kube.get_or_none(CONFIGMAPS, "cm", "sys") is not None
     with pytest.raises(CacheMiss):  # a namespace it does not keep
         await kube.get_or_none(CONFIGMAPS, "cm", "elsewhere")
+    # a selector-scoped informer serves lists at least as narrow as its selector, in any namespace
+    items, _ = await kube.list(CONFIGMAPS, label_selector="shard=true")
+    assert [c["metadata"]["name"] for c in items] == ["s"]
+    items, _ = await kube.list(CONFIGMAPS, label_selector="shard=true,kind=cpu")
+    assert items == []
+    with pytest.raises(CacheMiss):
+        await kube.list(CONFIGMAPS, label_selector="other=true")
     with pytest.raises(CacheMiss):  # a resource it does not keep
         from fleetkeeper.core.kube import LEASES
         await kube.list(LEASES)
