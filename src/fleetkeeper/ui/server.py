@@ -53,6 +53,7 @@ log = logging.getLogger("fleetkeeper.ui")
 STATIC = Path(str(resources.files("fleetkeeper.ui") / "static"))
 COOKIE = "fleetkeeper_ui_token"
 REPORTER_PREFIX = "fleetkeeper.io/"  # EventRecorder's reportingController
+ACCESS = web.RequestKey("access", Access)
 
 
 @dataclass
@@ -308,7 +309,7 @@ class UiServer:
     async def _authorised(self, request: web.Request, handler):
         public = request.path in ("/healthz", "/login") or request.path.startswith("/static/")
         if self.auth is None:
-            request["access"] = Access("", ALL)
+            request[ACCESS] = Access("", ALL)
             return await handler(request)
         if public:
             return await handler(request)
@@ -318,7 +319,7 @@ class UiServer:
             return self._unauthorised(request)
         if "nodes" not in acc.caps:
             return web.json_response({"error": f"{acc.user} may not get nodes"}, status=403)
-        request["access"] = acc
+        request[ACCESS] = acc
         return await handler(request)
 
     def _unauthorised(self, request: web.Request) -> web.Response:
@@ -346,7 +347,7 @@ class UiServer:
                             headers={"Content-Security-Policy": self._csp, "Cache-Control": "no-store"})
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
-        acc: Access = request["access"]
+        acc: Access = request[ACCESS]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -389,7 +390,7 @@ class UiServer:
         return resp
 
     async def _explain(self, request: web.Request) -> web.Response:
-        acc: Access = request["access"]
+        acc: Access = request[ACCESS]
         if "pods" not in acc.caps:
             return web.json_response({"error": f"{acc.user} may not list pods, which explain names"}, status=403)
         node, pod = request.query.get("node"), request.query.get("pod")
@@ -403,7 +404,7 @@ class UiServer:
         return web.json_response({"kind": kind, "target": target, "sections": sections})
 
     async def _pods(self, request: web.Request) -> web.Response:
-        acc: Access = request["access"]
+        acc: Access = request[ACCESS]
         if "pods" not in acc.caps:
             return web.json_response({"error": f"{acc.user} may not list pods"}, status=403)
         q = request.query.get("q", "").strip().lower()

@@ -34,7 +34,8 @@ _HEALTHY_TRUE = {"Ready"}
 
 def lifecycle_state(node: NodeView, names: Names, pods_on_node: int = 0) -> str:
     """The state of one node. ``pods_on_node``: its active pods (a node the
-    ladder drains is "draining" while pods remain, "awaiting repair" after)."""
+    ladder drains is "draining" while pods remain, "awaiting repair" once the
+    controller marked it drained)."""
     if node.deleting:
         return "terminated"
     k = HealthKeys(names)
@@ -46,7 +47,9 @@ def lifecycle_state(node: NodeView, names: Names, pods_on_node: int = 0) -> str:
         if target == "terminate":
             return "draining" if pods_on_node else "retiring"
         if target == "drain":
-            return "draining" if pods_on_node and not a.get(k.drained) else "awaiting-repair"
+            if a.get(k.drained):
+                return "awaiting-repair"
+            return "draining" if pods_on_node else "quarantined"
         return "quarantined"
     gate = node.labels.get(names.preflight)
     if gate is None and node.taint(names.preflight) is not None:

@@ -39,7 +39,13 @@ GROUP = "fleetkeeper.io/e2e-group"
 N = Names()
 FK = str(Path(sys.executable).with_name("fleetkeeper"))
 COMPONENTS = {"health": "fleetkeeper.health", "teams": "fleetkeeper.teams"}
-POLICY = "budget: {cluster: {max_nodes: 10}, zone: {max_percent: 100}, rack: {max_nodes: 10}}\nstorm: {min_nodes: 50}\n"
+# this site quarantines a GPU that needs a reset and investigates before draining it, so the ECC fault's
+# cell stays "quarantined" (with the default ladder it moves on to draining / awaiting repair)
+POLICY = """
+budget: {cluster: {max_nodes: 10}, zone: {max_percent: 100}, rack: {max_nodes: 10}}
+storm: {min_nodes: 50}
+remedy_actions: {reset: quarantine, reboot: drain, replace: terminate, investigate: quarantine, wait: drain, none: event}
+"""
 
 
 async def wait_for(fn, timeout=60.0, what="condition"):
@@ -157,11 +163,20 @@ async def test_map_shows_every_node_a_fault_turns_quarantined_click_explains_tea
         # a fault injected with the CLI turns the node's cell quarantined (poll; no time asserted)
         subprocess.run([FK, "fault", "inject", sick, "ecc", "--file", str(faults)], check=True, capture_output=True)
 
+        seen: list = []
+
         async def quarantined_on_screen():
-            px, want = await js(browser, "return [window.__fleet.pixel(arguments[0]), "
-                                         "window.__fleet.stateColour('quarantined')]", sick)
+            px, want, cell = await js(browser, "return [window.__fleet.pixel(arguments[0]), "
+                                               "window.__fleet.stateColour('quarantined'), window.__fleet.cell(arguments[0])]",
+                                      sick)
+            n = await kube.get(NODES, sick)
+            seen[:] = [cell, n["spec"].get("taints"), {k: v for k, v in n["metadata"].get("annotations", {}).items()
+                                                       if k.startswith("fleetkeeper.io/")}]
             return px == want
-        await wait_for(quarantined_on_screen, 90, f"{sick}'s cell painted quarantined")
+        try:
+            await wait_for(quarantined_on_screen, 90, f"{sick}'s cell painted quarantined")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the page's cell, the node's taints and annotations: {seen}") from None
         node = await kube.get(NODES, sick)
         assert any(t["key"] == N.quarantine for t in node["spec"].get("taints") or [])
 
