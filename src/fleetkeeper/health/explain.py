@@ -25,38 +25,6 @@ async def load_cluster_policy(kube: Kube, namespace: str = "fleetkeeper-system")
     return load_policy(text, src), src
 
 
-async def budget_status(kube: Kube, names: Names, namespace: str, now: float,
-                        policy: tuple[Policy, str] | None = None, zones: bool = False) -> dict:
-    """The budget in use per scope (``fleetkeeper health status``, the fleet map): nodes by
-    state, quarantine reasons, and per scope used / limit / faulty nodes waiting (the cluster, every
-    zone when ``zones``, and any scope in use)."""
-    from fleetkeeper.health.decide import evictable, fleet_stats, scope_limit
-
-    pol, src = policy or await load_cluster_policy(kube, namespace)
-    proj = default_projector(names.domain)
-    nodes = [proj.node(n) for n in (await kube.list(NODES))[0]]
-    quarantined = {n.name for n in nodes if n.taint(names.quarantine)}
-    pods: dict[str, int] = {}
-    if quarantined:
-        for p in (await kube.list(PODS, field_selector="status.phase=Running"))[0]:
-            pv = proj.pod(p)
-            if pv.node in quarantined and evictable([pv])[0]:
-                pods[pv.node] = pods.get(pv.node, 0) + 1
-    st = fleet_stats(nodes, pods, pol, names, now, [])
-    k = Keys(names)
-    by_reason: dict[str, list[str]] = {}
-    for n in nodes:
-        if n.name in quarantined:
-            by_reason.setdefault(f"{n.annotations.get(k.reason, '?')} -> {n.annotations.get(k.action, '?')}"
-                                 f" ({n.annotations.get(k.remedy, '?')})", []).append(n.name)
-    budget = {s: {"used": st.disrupted.get(s, 0), "limit": scope_limit(s, st.totals[s], pol),
-                  "waiting": st.wanting.get(s, 0)}
-              for s in sorted(st.totals, key=lambda s: (s != "cluster", s))
-              if s == "cluster" or (zones and s.startswith("zone:")) or st.disrupted.get(s) or st.wanting.get(s)}
-    return {"policy": src, "states": st.states, "reasons": by_reason, "budget": budget,
-            "waiting": st.wanting.get("cluster", 0)}
-
-
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 

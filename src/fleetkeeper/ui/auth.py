@@ -11,7 +11,7 @@ with kubectl):
   explain answers (they name pods);
 * ``events`` (``list events.events.k8s.io`` in all namespaces): the timeline;
 * ``config`` (``get configmaps`` in fleetkeeper's namespace): the budget and the
-  team table (they read the health policy and the teams ConfigMap).
+  team table (they read the lifecycle, health and teams ConfigMaps).
 """
 
 from __future__ import annotations

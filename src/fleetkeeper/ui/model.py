@@ -18,6 +18,8 @@ from fleetkeeper.core.domain import ZONE_LABEL, Names
 from fleetkeeper.core.views import NodeView, PodView, Projector
 
 from fleetkeeper.capacity.gangs import gang_pod_projector
+from fleetkeeper.lifecycle.config import LifecycleConfig
+from fleetkeeper.lifecycle.gangs import evictable
 from fleetkeeper.teams.plan import node_state as team_node_state
 from fleetkeeper.ui.state import lifecycle_state
 
@@ -30,6 +32,7 @@ class PodOnNode:
     gpus: int
     gang: str  # namespace/group, or ""
     active: bool
+    to_evict: bool  # what a drain still has to evict (the lifecycle's "pods left")
 
 
 @dataclass
@@ -42,6 +45,13 @@ class FleetModel:
     sent: dict[str, Cell] = field(default_factory=dict)  # the cells the browsers have
     dirty: set[str] = field(default_factory=set)
     version: int = 0
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+
+    def set_lifecycle(self, cfg: LifecycleConfig) -> None:
+        """A new lifecycle configuration: every cell is looked at again."""
+        if cfg != self.lifecycle:
+            self.lifecycle = cfg
+            self.dirty.update(self.views)
 
     def __post_init__(self) -> None:
         self._gang = gang_pod_projector(self.names)
@@ -66,7 +76,8 @@ class FleetModel:
             return
         m = self._gang(new)
         group = m.scheduling_group or m.cosched_group or m.gang
-        p = PodOnNode(pv.node, pv.gpus, f"{pv.namespace}/{group}" if group else "", pv.active)
+        p = PodOnNode(pv.node, pv.gpus, f"{pv.namespace}/{group}" if group else "", pv.active,
+                      evictable(pv) or pv.deleting)
         self.pods[key] = p
         self.by_node.setdefault(pv.node, set()).add(key)
         self.dirty.add(pv.node)
@@ -76,9 +87,11 @@ class FleetModel:
         v = self.views.get(name)
         if v is None:
             return None
-        active = [self.pods[k] for k in self.by_node.get(name, ()) if k in self.pods and self.pods[k].active]
+        pods = [self.pods[k] for k in self.by_node.get(name, ()) if k in self.pods]
+        active = [p for p in pods if p.active]
         return [name, v.labels.get(ZONE_LABEL, ""), v.labels.get(self.names.rack, ""),
-                lifecycle_state(v, self.names, len(active)), team_node_state(v, self.names).team,
+                lifecycle_state(v, self.names, sum(1 for p in pods if p.to_evict), self.lifecycle),
+                team_node_state(v, self.names).team,
                 sum(p.gpus for p in active), v.gpus, sorted({p.gang for p in active if p.gang})]
 
     def current(self) -> list[Cell]:

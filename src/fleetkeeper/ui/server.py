@@ -14,7 +14,8 @@ Stream messages (``data: <json>``), each with a type ``t``:
 * ``snapshot``: every cell (see :mod:`fleetkeeper.ui.model`);
 * ``cells``: the cells that changed and the nodes gone since the last message;
 * ``events``: new timeline entries (fleetkeeper's Kubernetes Events);
-* ``panels``: the budget in use per scope and the team table.
+* ``panels``: the disruption budget in use per scope (the lifecycle's, as
+  ``fleetkeeper budget`` reports it) and the team table.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from fleetkeeper.core.domain import SYSTEM_NAMESPACE
 from fleetkeeper.core.kube import CONFIGMAPS, COSCHED_PODGROUPS, EVENTS, NODES, PODGROUPS, PODS, Request, Resource
 from fleetkeeper.core.views import parse_time
 from fleetkeeper.explain import explain
-from fleetkeeper.health.explain import budget_status
+from fleetkeeper.lifecycle.explain import budget_report, load_fleet
 from fleetkeeper.teams.live import load as load_teams
 from fleetkeeper.ui.auth import ALL, Access, TokenAuth
 from fleetkeeper.preflight.history import LABEL as GPU_HISTORY_LABEL
@@ -63,7 +64,7 @@ class UiOptions:
     auth: str = "none"  # none | tokenreview
     components: Mapping[str, str] = field(default_factory=dict)  # name -> package, for explain
     flush_interval: float = 0.1  # seconds changes are coalesced before they are pushed
-    panels_interval: float = 2.0  # at most one budget/team recomputation per interval
+    panels_interval: float = 5.0  # at most one budget/team recomputation per interval (each reads every node)
     timeline_keep: int = 500
     queue_size: int = 2000  # messages a slow page may fall behind before it is dropped (it reconnects)
     port_fallback: bool = False  # the port is taken: take any free one (the demo)
@@ -243,7 +244,11 @@ class UiServer:
         now = self.clock.now()
         out: dict[str, Any] = {"t": "panels"}
         try:
-            out["budget"] = await budget_status(self.cached, self.names, self.namespace, now, zones=True)
+            fleet = await load_fleet(self.cached, self.names, self.namespace)
+            self.model.set_lifecycle(fleet.cfg)  # its configuration shapes the states (e.g. gate attempts)
+            if self.model.dirty:
+                self._wake.set()
+            out["budget"] = budget_report(fleet, now)
         except errors.FleetkeeperError as exc:
             out["budget"] = {"error": str(exc)}
         try:

@@ -29,24 +29,32 @@ def view(conds=(READY,), taints=(), labels=None, ann=None, unschedulable=False, 
 
 @pytest.mark.parametrize("kwargs,pods,state", [
     ({}, 0, "in-service"),
-    ({"conds": (("Ready", "False"),)}, 0, "suspect"),
+    ({"conds": (("Ready", "False"),)}, 0, "joining"),
     ({"conds": (READY, ("GPUUnhealthy", "True"))}, 0, "suspect"),
-    ({"taints": ((N.preflight, "pending"),), "labels": {N.preflight: "pending"}}, 0, "joining"),
-    ({"labels": {N.preflight: "failed"}}, 0, "awaiting-repair"),
+    ({"taints": ((N.preflight, "pending"),), "labels": {N.preflight: "pending"}}, 0, "validating"),
+    ({"taints": ((N.preflight, "pending"),), "ann": {N.validated_at: "1"}}, 0,
+     "revalidating"),
     ({"taints": ((N.quarantine, "ecc"),)}, 0, "quarantined"),
     ({"taints": ((N.quarantine, "x"),), "ann": {K.action: "quarantine"}}, 3, "quarantined"),
     ({"taints": ((N.quarantine, "x"),), "ann": {K.action: "drain"}}, 2, "draining"),
-    ({"taints": ((N.quarantine, "x"),), "ann": {K.action: "drain"}}, 0, "quarantined"),
-    ({"taints": ((N.quarantine, "x"),), "ann": {K.action: "drain", K.drained: "1"}}, 1, "awaiting-repair"),
+    ({"taints": ((N.quarantine, "x"),), "ann": {K.action: "drain"}}, 0, "awaiting-repair"),
     ({"taints": ((N.quarantine, "x"),), "ann": {K.action: "terminate"}}, 2, "draining"),
     ({"taints": ((N.quarantine, "x"),), "ann": {K.action: "terminate"}}, 0, "retiring"),
-    ({"taints": ((N.quarantine, "x"),), "ann": {K.state: "validating"}}, 0, "joining"),
-    ({"unschedulable": True}, 1, "draining"),
     ({"deleting": True, "taints": ((N.quarantine, "x"),)}, 0, "terminated"),
 ])
-def test_lifecycle_state(kwargs, pods, state):
+def test_lifecycle_state_is_the_lifecycle_machine(kwargs, pods, state):
+    from fleetkeeper.lifecycle import machine
+    from fleetkeeper.lifecycle.config import LifecycleConfig
+
+    v = view(**kwargs)
     assert state in STATES
-    assert lifecycle_state(view(**kwargs), N, pods) == state
+    assert lifecycle_state(v, N, pods) == state == machine.state_of(machine.facts_of(v, N, pods), LifecycleConfig())[0]
+
+
+def test_every_lifecycle_state_has_a_colour():
+    from fleetkeeper.lifecycle import machine
+
+    assert list(STATES) == list(machine.STATES) and len(set(STATES.values())) == len(STATES)
 
 
 def test_label_and_field_selectors():

@@ -142,18 +142,17 @@ function Budget() {
   useTick(1000);
   const b = store.panels && store.panels.budget;
   if (!store.hello || !store.hello.caps.includes("config")) return null;
-  if (!b) return html`<section><h2>Budget in use</h2><p class="muted">…</p></section>`;
-  if (b.error) return html`<section><h2>Budget in use</h2><p class="muted">${b.error}</p></section>`;
-  // the cluster and every zone; racks only where the budget holds something back (or is full)
-  const rows = Object.entries(b.budget);
-  const shown = rows.filter(([s, r]) => !s.startsWith("rack:") || r.waiting || (r.limit != null && r.used >= r.limit));
-  const racksInUse = rows.filter(([s, r]) => s.startsWith("rack:") && r.used).length;
-  return html`<section id="budget"><h2>Budget in use (quarantined or draining / limit)</h2>
-    <table><tr><th>scope</th><th>used</th><th>limit</th><th>waiting</th></tr>
-    ${shown.map(([s, r]) => html`<tr><td>${s}</td>
-      <td class=${r.limit != null && r.used >= r.limit && r.waiting ? "bad" : ""}>${r.used}</td>
-      <td>${r.limit == null ? "none" : r.limit}</td><td>${r.waiting}</td></tr>`)}</table>
-    <div class="muted">${racksInUse} rack(s) with budget in use · policy: ${b.policy}</div></section>`;
+  const title = html`<h2>Disruption budget in use</h2>`;
+  if (!b) return html`<section>${title}<p class="muted">…</p></section>`;
+  if (b.error) return html`<section>${title}<p class="muted">${b.error}</p></section>`;
+  const cap = b.max_new_per_window;
+  return html`<section id="budget">${title}
+    <table><tr><th>scope</th><th>out of service</th><th>limit</th><th>nodes</th></tr>
+    ${Object.entries(b.scopes).map(([s, r]) => html`<tr><td>${s}</td>
+      <td class=${r.limit != null && r.used >= r.limit ? "bad" : ""}>${r.used}</td>
+      <td>${r.limit == null ? "none" : r.limit}</td><td>${r.total}</td></tr>`)}</table>
+    <div class="muted">new disruptions in the last ${Math.round(b.window_s)} s: ${b.new_in_window} / ${cap == null ? "no cap" : cap}
+      · scopes with none out of service not listed · from ${b.source}</div></section>`;
 }
 
 function Teams() {
