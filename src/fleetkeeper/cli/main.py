@@ -178,6 +178,10 @@ def ui_options(host: str, port: int, auth: str, kubeconfig: str | None):
     if auth == "auto":
         in_cluster = kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
         auth = "tokenreview" if in_cluster or not loopback(host) else "none"
+    if auth == "none" and not loopback(host):
+        console.print(f"[red]the fleet map without authentication serves loopback only[/red]: {host!r} is not; "
+                      "use tokenreview to serve others")
+        raise typer.Exit(2)
     return UiOptions(host=host, port=port, auth=auth, components=dict(COMPONENTS))
 
 
