@@ -146,13 +146,17 @@ function Budget() {
   if (!b) return html`<section>${title}<p class="muted">…</p></section>`;
   if (b.error) return html`<section>${title}<p class="muted">${b.error}</p></section>`;
   const cap = b.max_new_per_window;
+  // the cluster and the zones always; other scopes (racks, labels) only when full
+  const rows = Object.entries(b.scopes);
+  const full = r => r.limit != null && r.used >= r.limit;
+  const shown = rows.filter(([s, r]) => s === "cluster" || s.startsWith("zone:") || full(r));
   return html`<section id="budget">${title}
     <table><tr><th>scope</th><th>out of service</th><th>limit</th><th>nodes</th></tr>
-    ${Object.entries(b.scopes).map(([s, r]) => html`<tr><td>${s}</td>
+    ${shown.map(([s, r]) => html`<tr><td>${s}</td>
       <td class=${r.limit != null && r.used >= r.limit ? "bad" : ""}>${r.used}</td>
       <td>${r.limit == null ? "none" : r.limit}</td><td>${r.total}</td></tr>`)}</table>
     <div class="muted">new disruptions in the last ${Math.round(b.window_s)} s: ${b.new_in_window} / ${cap == null ? "no cap" : cap}
-      · scopes with none out of service not listed · from ${b.source}</div></section>`;
+      · ${rows.length - shown.length} more scope(s) with nodes out of service, none full · from ${b.source}</div></section>`;
 }
 
 function Teams() {
