@@ -319,7 +319,11 @@ class UiServer:
         if public:
             return await handler(request)
         token = self._token(request)
-        acc = await self.auth.access(token) if token else None
+        try:
+            acc = await self.auth.access(token) if token else None
+        except errors.FleetkeeperError as exc:  # the API server cannot review it now: not the user's fault
+            log.warning("cannot review a token: %s", exc)
+            return web.json_response({"error": f"cannot check the token now: {exc}"}, status=503)
         if acc is None:
             return self._unauthorised(request)
         if "nodes" not in acc.caps:

@@ -313,3 +313,50 @@ async def test_cluster_mode_needs_a_token_that_may_get_nodes(cluster, kube):
     finally:
         await stop(task)
         await own.close()
+
+
+# --- the deploy manifests ----------------------------------------------------------------------------
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "ui"
+NS = "fleetkeeper-system"
+
+
+async def test_manifests_are_accepted_and_their_rbac_is_enough(cluster, kube, own_nodes):
+    """The map runs as deploy/ui's ServiceAccount (impersonated): its informers sync, it reviews a
+    browser's token, and explain answers; the Deployment and Service are accepted as written."""
+    import yaml
+
+    from fleetkeeper.core.kube import (CLUSTERROLEBINDINGS, CLUSTERROLES, DEPLOYMENTS, NAMESPACES, SERVICEACCOUNTS,
+                                       SERVICES)
+
+    by_kind = {r.kind: r for r in (SERVICEACCOUNTS, CLUSTERROLES, CLUSTERROLEBINDINGS, DEPLOYMENTS, SERVICES)}
+    if await kube.get_or_none(NAMESPACES, NS) is None:
+        await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    for d in yaml.safe_load_all((DEPLOY / "rbac.yaml").read_text()):
+        await kube.apply(by_kind[d["kind"]], d)
+    for d in yaml.safe_load_all((DEPLOY / "ui.yaml").read_text()):
+        await kube.create(by_kind[d["kind"]], d, d["metadata"].get("namespace"), dry_run=True)
+    _, nodes = own_nodes
+    own = await cluster.connect()
+    as_sa = own.as_user(f"system:serviceaccount:{NS}:fleetkeeper-ui",
+                        ["system:serviceaccounts", f"system:serviceaccounts:{NS}", "system:authenticated"])
+    mgr = Manager(as_sa, RuntimeSettings(namespace=NS, server={"port": 0}, leader_election={"enabled": False},
+                                         dry_run=True), registry=CollectorRegistry())
+    ui = await ui_setup(mgr, UiOptions(port=0, auth="tokenreview", components=COMPONENTS))
+    task = asyncio.create_task(mgr.run())
+    try:
+        await mgr.wait_synced(60)  # every list and watch allowed
+        await wait_for(lambda: asyncio.sleep(0, ui._runner is not None), 30, "the map listening")
+        admin = {"Authorization": f"Bearer {cluster.state.token}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(ui.url + "api/stream", headers=admin) as r:  # TokenReview + SARs allowed
+                assert r.status == 200
+                assert b'"caps":["config","events","nodes","pods"]' in await r.content.readuntil(b"\n\n")
+                assert nodes[0].encode() in await r.content.readuntil(b"\n\n")
+            async with http.get(ui.url + "api/explain", params={"node": nodes[0]}, headers=admin) as r:
+                body = await r.json()
+                assert r.status == 200, body
+                text = "\n".join(line for _, lines in body["sections"] for line in lines)
+                assert "could not explain" not in text, text
+    finally:
+        await stop(task)
+        await own.close()
