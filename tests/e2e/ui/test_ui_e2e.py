@@ -12,7 +12,6 @@ the server keeps serving.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import shutil
 import subprocess
