@@ -1,6 +1,7 @@
 """Admission webhooks: one TLS server, pure handlers.
 
-A handler is a plain function ``(AdmissionRequest) -> Admission`` (no I/O),
+A handler is a plain function ``(AdmissionRequest) -> Admission`` (no I/O;
+it may be a coroutine that waits briefly for an informer cache),
 so it is unit-tested directly and timed in process. :class:`WebhookServer`
 serves handlers over HTTPS (aiohttp), records latency and results, and
 :func:`registration` builds the Mutating/ValidatingWebhookConfiguration that
@@ -12,70 +13,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import inspect
 import logging
 import ssl
 import time
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fleetkeeper.core.admission import (  # noqa: F401 - re-exported for the servers' callers
+    Admission,
+    AdmissionRequest,
+    Handler,
+    json_patch_path,
+)
 from fleetkeeper.core.metrics import PREFIX
 
 log = logging.getLogger("fleetkeeper.webhook")
 
 
-@dataclass(frozen=True)
-class AdmissionRequest:
-    uid: str
-    kind: str  # Pod, Node
-    operation: str  # CREATE, UPDATE, ...
-    namespace: str
-    name: str
-    username: str
-    groups: tuple[str, ...]
-    obj: dict
-    old: dict | None
-    dry_run: bool
-
-    @classmethod
-    def from_review(cls, review: dict) -> "AdmissionRequest":
-        r = review["request"]
-        ui = r.get("userInfo") or {}
-        obj = r.get("object") or {}
-        return cls(
-            uid=r["uid"], kind=(r.get("kind") or {}).get("kind", ""), operation=r.get("operation", ""),
-            namespace=r.get("namespace", ""), name=r.get("name") or (obj.get("metadata") or {}).get("name", ""),
-            username=ui.get("username", ""), groups=tuple(ui.get("groups") or ()), obj=obj,
-            old=r.get("oldObject"), dry_run=bool(r.get("dryRun")),
-        )
-
-
-@dataclass
-class Admission:
-    allowed: bool = True
-    message: str = ""
-    patch: list[dict] = field(default_factory=list)  # RFC 6902 JSON Patch
-    warnings: list[str] = field(default_factory=list)
-    code: int = 403
-
-    def response(self, uid: str) -> dict:
-        resp: dict[str, Any] = {"uid": uid, "allowed": self.allowed}
-        if not self.allowed:
-            resp["status"] = {"code": self.code, "message": self.message, "reason": "Forbidden"}
-        if self.patch:
-            resp["patchType"] = "JSONPatch"
-            resp["patch"] = base64.b64encode(orjson.dumps(self.patch)).decode()
-        if self.warnings:
-            resp["warnings"] = self.warnings
-        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": resp}
-
-
-Handler = Callable[[AdmissionRequest], Admission]
 _METRICS_BY_REGISTRY = weakref.WeakKeyDictionary()
 
 
@@ -195,6 +154,8 @@ class WebhookServer:
                 return web.Response(status=400, text=f"bad AdmissionReview: {exc}")
             try:
                 result = handler(req)
+                if inspect.isawaitable(result):  # a handler that may wait for a cache (no I/O)
+                    result = await result
             except Exception as exc:  # a handler bug must answer, not hang the API server
                 log.exception("webhook %s failed on %s/%s", name, req.namespace, req.name)
                 result = Admission(False, f"fleetkeeper webhook {name} internal error: {exc}", code=500)
@@ -256,8 +217,3 @@ def webhook_entry(name: str, *, url: str | None = None, service: dict | None = N
     if reinvocation:
         entry["reinvocationPolicy"] = reinvocation
     return entry
-
-
-def json_patch_path(*parts: str) -> str:
-    """Escape path parts for RFC 6901 (``/`` and ``~`` in label keys)."""
-    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)

@@ -208,7 +208,8 @@ def status(
     """Nodes by health state and reason, the budget used per scope, a storm pause, flapping nodes."""
     from fleetkeeper.core.kube import CONFIGMAPS
     from fleetkeeper.health.controller import STATE_CONFIGMAP, parse_state
-    from fleetkeeper.health.decide import Keys, evictable, fleet_stats, scope_limit
+    from fleetkeeper.health.decide import Keys, evictable, fleet_stats
+    from fleetkeeper.lifecycle.budget import limit_of
     from fleetkeeper.health.explain import load_cluster_policy
     from fleetkeeper.health.policy import load_policy
 
@@ -235,7 +236,7 @@ def status(
                 if n.name in quarantined:
                     by_reason.setdefault(f"{n.annotations.get(k.reason, '?')} -> {n.annotations.get(k.action, '?')}"
                                          f" ({n.annotations.get(k.remedy, '?')})", []).append(n.name)
-            budget = {s: {"used": st.disrupted.get(s, 0), "limit": scope_limit(s, st.totals[s], policy),
+            budget = {s: {"used": st.disrupted.get(s, 0), "limit": limit_of(s, policy.budget).limit(st.totals[s]),
                           "waiting": st.wanting.get(s, 0)}
                       for s in sorted(st.totals, key=lambda s: (s != "cluster", s))
                       if s == "cluster" or st.disrupted.get(s) or st.wanting.get(s)}
