@@ -118,8 +118,4 @@ clientConfig:
   {{- end }}
 {{- end }}
 
-{{- define "fk.teamsRules" -}}
-- {apiGroups: [""], apiVersions: [v1], operations: {{ .pods }}, resources: [pods], scope: Namespaced}
-- {apiGroups: [apps], apiVersions: [v1], operations: [CREATE, UPDATE], resources: [deployments, replicasets, statefulsets, daemonsets], scope: Namespaced}
-- {apiGroups: [batch], apiVersions: [v1], operations: [CREATE, UPDATE], resources: [jobs, cronjobs], scope: Namespaced}
-{{- end }}
+
