@@ -38,7 +38,15 @@ def render_rules() -> str:
                                  None, "NAMESPACE")["webhooks"]
     for w in gangs:  # the chart sets these
         w["clientConfig"].pop("caBundle", None)
+    from fleetkeeper.teams.options import TeamsOptions
+    from fleetkeeper.teams.workloads import WorkloadKinds
+
+    owners: dict[str, set[str]] = {}
+    for r in WorkloadKinds(TeamsOptions().workloads).owner_resources():
+        owners.setdefault(r.group, set()).add(r.plural)
     data = {"teamsMutating": m["webhooks"][0]["rules"], "teamsValidating": v["webhooks"][0]["rules"],
+            # what the teams webhook's owner index lists and watches (a pod's workload decides its team)
+            "teamsOwnerRules": [{"apiGroups": [g], "resources": sorted(rs)} for g, rs in sorted(owners.items())],
             "teamsMatchConditions": m["webhooks"][0].get("matchConditions", []),
             # with the default domain fleetkeeper.io, which the chart replaces by .Values.domain
             "capacityWebhooks": gangs}
