@@ -55,15 +55,21 @@ if ! have "$base"; then
 fi
 buildah tag "$base" localhost/fleetkeeper-base:latest
 
-# --- nothing to do when the images of these sources exist (and their archives, when asked for)
+# --- nothing to build when the images of these sources exist
 source_hash="$( (cd "$root" && cat pyproject.toml requirements.lock hack/images/* && find src -name '*.py' -o -name '*.yaml' -o -name '*.json' | sort | xargs cat) | sha256sum | cut -c1-16)"
-fresh() {  # name
-  [[ "$(buildah inspect --type image --format '{{index .ImageAnnotations "org.opencontainers.image.revision"}}' "localhost/$1:$version" 2>/dev/null)" == "$source_hash" ]] || return 1
-  [[ -z "$archive" || -f "$archive/$1.oci.tar" && "$(cat "$archive/$1.source" 2>/dev/null)" == "$source_hash" ]]
+fresh() {  # name: the image of these sources exists
+  [[ "$(buildah inspect --type image --format '{{index .ImageAnnotations "org.opencontainers.image.revision"}}' "localhost/$1:$version" 2>/dev/null)" == "$source_hash" ]]
+}
+export_archive() {  # name: OCI archive for `ctr images import`, when asked for and stale
+  [[ -n "$archive" ]] || return 0
+  [[ -f "$archive/$1.oci.tar" && "$(cat "$archive/$1.source" 2>/dev/null)" == "$source_hash" ]] && return 0
+  rm -f "$archive/$1.oci.tar"
+  buildah push --quiet "localhost/$1:$version" "oci-archive:$archive/$1.oci.tar:localhost/$1:$version"
+  echo "$source_hash" > "$archive/$1.source"
 }
 if fresh fleetkeeper && fresh fleetkeeper-validator; then
   log "images of these sources exist (source $source_hash)"
-  echo "localhost/fleetkeeper:$version"; echo "localhost/fleetkeeper-validator:$version"
+  for name in fleetkeeper fleetkeeper-validator; do export_archive "$name"; echo "localhost/$name:$version"; done
   exit 0
 fi
 
@@ -86,11 +92,7 @@ build() {  # name containerfile
     --annotation "org.opencontainers.image.revision=$source_hash" \
     -f "$2" -t "$image" "$ctx" >/dev/null
   log "$image (t+$((SECONDS-start))s)"
-  if [[ -n "$archive" ]]; then
-    rm -f "$archive/$1.oci.tar"
-    buildah push --quiet "$image" "oci-archive:$archive/$1.oci.tar:$image"
-    echo "$source_hash" > "$archive/$1.source"
-  fi
+  export_archive "$1"
   echo "$image"
 }
 rm -rf "$ctx/src"

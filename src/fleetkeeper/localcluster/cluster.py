@@ -93,7 +93,10 @@ def ensure_realnode_binaries(progress: Progress | None = None) -> Path:
 
 def ensure_image_archives(cluster_dir: Path, progress: Progress | None = None) -> list[Path]:
     """fleetkeeper's images (hack/build-images.sh) as OCI archives for the real node's containerd."""
-    out = cluster_dir / "images"
+    # one place for every cluster: build-images.sh skips images (and archives) of unchanged sources
+    cache = Path(os.environ.get("FLEETKEEPER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                 / "fleetkeeper")
+    out = cache / "images" / "archives"
     _run_build(IMAGES_BUILD_SCRIPT, "build-images", progress, "--archive", str(out))
     return sorted(out.glob("*.oci.tar"))
 

@@ -41,6 +41,8 @@ if os.environ.get("FLEETKEEPER_REAL_NODE") != "1":
 if os.geteuid() != 0:
     pytest.skip("the real-node lane needs root", allow_module_level=True)
 
+# the first test also starts the lane (cluster, real node, images when their sources changed)
+pytestmark = pytest.mark.timeout(1800)
 NS = "fleetkeeper-system"
 RELEASE = "fleetkeeper"
 ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True)
