@@ -304,9 +304,11 @@ conntrack: {{maxPerCore: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}}
         return "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) if p.exists() else ""
 
     def _wait(self, comp: str, ok: Callable[[], bool], timeout: float) -> None:
+        from fleetkeeper.localcluster.cluster import _exited
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._alive(comp):
+            if _exited(self.state.pids.get(comp, -1)):  # (just started: it may not have exec'd its binary yet)
                 raise errors.ClusterError(f"{comp} of the real node exited; {self._log(comp)}:\n{self.log_tail(comp)}")
             if ok():
                 return
