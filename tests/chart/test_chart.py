@@ -105,6 +105,8 @@ def test_each_manager_is_highly_available_with_its_own_lease():
         assert pdbs[name]["spec"]["selector"]["matchLabels"] == d["spec"]["selector"]["matchLabels"]
         probes = spec["containers"][0]
         assert probes["readinessProbe"]["httpGet"]["port"] == "metrics"
+        # a stopping replica keeps answering webhook calls while it leaves the endpoints
+        assert probes["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
     assert len(leases) == 4
 
 

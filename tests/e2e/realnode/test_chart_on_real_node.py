@@ -294,8 +294,8 @@ async def test_rotated_certificate_reaches_new_connections_without_restart(real_
             return x509.load_der_x509_certificate(t.getpeercert(binary_form=True)).serial_number
 
     async def all_rotated():
-        return all(await asyncio.to_thread(served, p["status"]["podIP"]) == leaf.serial_number
-                   for p in before.values())
+        serials = [await asyncio.to_thread(served, p["status"]["podIP"]) for p in before.values()]
+        return all(s == leaf.serial_number for s in serials)
     await until(all_rotated, 240, "every teams replica serving the new certificate (kubelet sync + reload)")
     after = {p["metadata"]["uid"]: p for p in await fleetkeeper_pods(kube)
              if p["metadata"]["labels"].get("app.kubernetes.io/component") == "teams"}
