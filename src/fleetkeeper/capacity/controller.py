@@ -33,7 +33,7 @@ from fleetkeeper.core.kube import (
 )
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.ratelimit import TokenBucket
-from fleetkeeper.core.pki import write_serving_cert
+from fleetkeeper.core.pki import mounted_serving_cert, write_serving_cert
 from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
 
 from fleetkeeper.capacity import balloons as bl
@@ -42,10 +42,12 @@ from fleetkeeper.capacity import reserve as rs
 from fleetkeeper.capacity import yielding as yd
 from fleetkeeper.capacity.config import CONFIGMAP_KEY, CONFIGMAP_NAME, CapacityConfig, load_config, load_config_text
 from fleetkeeper.capacity.metrics import GANG_STATES, CapacityMetrics
+from fleetkeeper.capacity.workload_gangs import mutate_workload, webhook_rules as workload_gang_rules
 
 log = logging.getLogger("fleetkeeper.capacity")
 
 WEBHOOK_PATH = "capacity-gang"
+WORKLOAD_GANG_PATH = "capacity-workload-gang"
 WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
 MIN_BALLOON_PASS_SECONDS = 1.0
 HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often even without events
@@ -596,7 +598,15 @@ def webhook_registration(cfg: CapacityConfig, names: Names, config_name: str, ur
         failure_policy="Fail", timeout_seconds=5, namespace_selector=namespace_selector,
         object_selector={"matchExpressions": [{"key": names.gang, "operator": "Exists"}]},
         reinvocation="IfNeeded")
-    return registration("mutating", config_name, [entry])
+    entries = [entry]
+    if g.workload_gangs:  # workloads that declare a gang (JobSet, MPIJob, ...): label their member templates
+        wservice = None if url else {**service, "path": f"/{WORKLOAD_GANG_PATH}"}  # type: ignore[dict-item]
+        wurl = f"{url.rsplit('/', 1)[0]}/{WORKLOAD_GANG_PATH}" if url else None
+        entries.append(webhook_entry(
+            f"workload-gang.{names.domain}", url=wurl, service=wservice, ca_bundle=ca,
+            rules=workload_gang_rules(), failure_policy="Ignore", timeout_seconds=5,
+            namespace_selector=namespace_selector))
+    return registration("mutating", config_name, entries)
 
 
 class GangWebhook:
@@ -617,12 +627,19 @@ class GangWebhook:
 
     async def run(self) -> None:
         g = self.cfg.gangs
-        cert_dir = self.options.webhook_cert_dir or Path(tempfile.gettempdir()) / "fleetkeeper-capacity-webhook"
-        hosts = [g.webhook_host, f"{g.webhook_service}.{self.namespace}.svc", "localhost"]
-        cert = await asyncio.to_thread(write_serving_cert, cert_dir, hosts, common_name="fleetkeeper-capacity-webhook")
+        cert = mounted_serving_cert(Path(g.webhook_cert_dir)) if g.webhook_cert_dir else None
+        if cert is None and g.webhook_cert_dir:
+            raise errors.ConfigError("capacity", [("gangs.webhook_cert_dir", g.webhook_cert_dir,
+                                                   "no tls.crt and tls.key there")])
+        if cert is None:  # local clusters: a self-signed certificate of this process
+            cert_dir = self.options.webhook_cert_dir or Path(tempfile.gettempdir()) / "fleetkeeper-capacity-webhook"
+            hosts = [g.webhook_host, f"{g.webhook_service}.{self.namespace}.svc", "localhost"]
+            cert = await asyncio.to_thread(write_serving_cert, cert_dir, hosts,
+                                           common_name="fleetkeeper-capacity-webhook")
         self.server = WebhookServer(str(cert.cert), str(cert.key), host=g.webhook_host, port=g.webhook_port,
                                     registry=self.registry)
         self.server.add(WEBHOOK_PATH, self.handler)
+        self.server.add(WORKLOAD_GANG_PATH, lambda req: mutate_workload(req, self.names))
         delay = 1.0
         while True:  # a port still held (a previous process) must not take the other controllers down
             try:

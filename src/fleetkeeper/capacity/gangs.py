@@ -28,9 +28,9 @@ import re
 from dataclasses import dataclass, field
 
 from fleetkeeper.core.domain import Names
-from fleetkeeper.core.kube import COSCHED_PODGROUPS, PODGROUPS, WORKLOADS
+from fleetkeeper.core.resources import COSCHED_PODGROUPS, PODGROUPS, WORKLOADS
 from fleetkeeper.core.views import parse_time
-from fleetkeeper.core.webhook import Admission, AdmissionRequest, json_patch_path
+from fleetkeeper.core.admission import Admission, AdmissionRequest, json_patch_path
 
 from fleetkeeper.capacity.config import CapacityConfig
 
