@@ -86,6 +86,9 @@ def run(
     leader_elect: bool = typer.Option(True, "--leader-elect/--no-leader-elect"),
     log_level: str = typer.Option("info", "--log-level"),
     log_format: str = typer.Option("auto", "--log-format", help="json, text or auto"),
+    machine_provider: str = typer.Option("", "--machine-provider",
+                                         help="kubernetes-node, cluster-api, karpenter, aws, gce, azure or command "
+                                              "(default: the fleetkeeper-machines ConfigMap's, else kubernetes-node)"),
 ) -> None:
     """Run the controller manager with the chosen controllers."""
     fklog.setup(log_level, log_format)
@@ -98,7 +101,12 @@ def run(
         settings = load_model(RuntimeSettings, {
         "domain": domain, "namespace": namespace, "dry_run": dry_run, "kubeconfig": kubeconfig,
         "server": {"port": metrics_port}, "leader_election": {"enabled": leader_elect}, "controllers": names,
+        "machine_provider": machine_provider or None,
         }, "flags")
+        if machine_provider:
+            from fleetkeeper.machines.config import load_config
+
+            load_config(None, provider=machine_provider)  # a bad name fails here, before anything starts
     except errors.ConfigError as exc:
         console.print(f"[red]configuration error[/red]: {exc}")
         raise typer.Exit(2) from None

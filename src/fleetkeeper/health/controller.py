@@ -25,8 +25,9 @@ from fleetkeeper.core.events import node_ref
 from fleetkeeper.core.faults import FaultPlan, default_fault_file
 from fleetkeeper.core.kube import CONFIGMAPS, NODES
 from fleetkeeper.core.manager import Manager
-from fleetkeeper.core.ratelimit import SlidingWindow, TokenBucket
+from fleetkeeper.core.ratelimit import TokenBucket
 from fleetkeeper.core.views import NodeView, PodView
+from fleetkeeper.health.actions import LOCAL_ACTIONS, new_request
 from fleetkeeper.health.decide import (
     FleetStats,
     Keys,
@@ -42,7 +43,8 @@ from fleetkeeper.health.decide import (
 )
 from fleetkeeper.health.metrics import NODE_STATES, AgentMetrics, RemediationMetrics
 from fleetkeeper.health.policy import Policy, load_policy
-from fleetkeeper.health.provider import CloudProvider, LocalProvider
+from fleetkeeper.machines.actuator import MachineActuator
+from fleetkeeper.machines.config import build_provider, load_config
 
 log = logging.getLogger("fleetkeeper.health")
 
@@ -51,6 +53,7 @@ STATE_CONFIGMAP = "fleetkeeper-health-state"
 STORM_UNTIL_KEY = "storm-until"
 FLAPS_KEY = "flaps"
 POLICY_KEY = "policy.yaml"
+MACHINES_CONFIGMAP = "fleetkeeper-machines"
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -66,7 +69,7 @@ class HealthOptions:
     fault_file: str | None = None
     sim_interval: float = 2.0
     sim_heartbeat: float = 300.0
-    provider: CloudProvider | None = None
+    machines: MachineActuator | None = None  # None: from the fleetkeeper-machines ConfigMap and --machine-provider
     stats_interval: float = 1.0
     state_interval: float = 30.0  # flap history written at most this often (when it changed)
     reload_interval: float = 30.0
@@ -171,7 +174,7 @@ def parse_state(data: dict[str, str]) -> tuple[float, FlapTracker, list[str]]:
 class Remediator:
     mgr: Manager
     policy: Policy
-    provider: CloudProvider
+    machines: MachineActuator
     stats_interval: float = 1.0
     workers: int = 16
     state_interval: float = 30.0
@@ -200,10 +203,6 @@ class Remediator:
         self._noted: set[tuple[str, str]] = set()
         self._evict_bucket = TokenBucket(self.policy.drain.evictions_per_second,
                                          max(1, int(self.policy.drain.evictions_per_second)), self.clock)
-        self._terminations = SlidingWindow(3600.0, self.clock)
-        # machines already terminated (by Node uid): the informer cache can still show a
-        # deleted node for a moment, and a second terminate would be a second action
-        self._terminated: set[str] = set()
         self._watched = watched_types(self.policy)
         self.nodes.add_handler(self._on_node)
         self.pods.add_handler(self._on_pod)
@@ -339,6 +338,14 @@ class Remediator:
                                       annotations={self.keys.drained: str(int(self.clock.now()))})
         if p.kind == "terminate":
             return await self._terminate(p, node)
+        if p.kind == "request_action":
+            req = new_request(LOCAL_ACTIONS[p.remedy], node.name, node.uid, self.clock.now(),
+                              self.policy.actions.timeout)
+            return await self._mutate(node, p, "request", "ActionRequested",
+                                      f"{p.why} (nonce {req.nonce}); escalating to replace if it fails or the fault "
+                                      f"is still there in {self.policy.actions.timeout:.0f}s",
+                                      annotations={self.keys.request: req.dumps(), self.keys.result: None},
+                                      warn=True)
         if p.kind == "return":
             return await self._mutate(
                 node, p, "return", "ReturnedToValidation",
@@ -601,33 +608,18 @@ class Remediator:
         return Result(requeue_after=p.requeue_after if blocked or errs else 1.0)
 
     async def _terminate(self, p: Plan, node: NodeView) -> Result | None:
-        if node.uid and node.uid in self._terminated:
-            return None
-        if self._terminations.count() >= self.policy.terminate.max_per_hour:
-            await self._note(node, "TerminationRateLimited",
-                             f"{p.why}, but {self.policy.terminate.max_per_hour} machines were already terminated "
-                             "within the hour; waiting", "Warning")
-            self._count("terminate", "budget")
-            return Result(requeue_after=60.0)
-        reason = "TerminatedAtDeadline" if p.deadline_passed else "Terminated"
-        note = (f"{p.why}; terminating the machine through the {self.provider.name} provider "
-                f"(fixable by {p.remedy})" + ("; a PodDisruptionBudget still blocked eviction" if p.deadline_passed
-                                              else ""))
-        if self.dry_run:
-            return await self._mutate(node, p, "terminate", reason, note)
-        await self.recorder.emit(node_ref(node.name, node.uid), reason, note, type_="Warning")
-        try:
-            outcome = await self.provider.terminate(node.name)
-        except errors.FleetkeeperError as exc:
-            self._count("terminate", "error")
-            log.warning("terminate %s failed: %s", node.name, exc)
-            raise
-        self._terminations.record()
-        if node.uid:
-            self._terminated.add(node.uid)
-        self._count("terminate", "success")
-        log.info("terminate %s: %s (%s)", node.name, note, outcome)
-        return None
+        """The machine goes through the machine layer: its ledger (in the cluster) keeps the hourly
+        limit and never acts on a machine twice; the Node is deleted only once the machine is gone."""
+        why = (f"{p.why} (fixable by {p.remedy})" + ("; drain deadline passed with pods still on the node"
+                                                     if p.deadline_passed else ""))
+        limit = self.policy.terminate.max_per_hour
+        step = await self.machines.act("terminate", node.name, why, dry_run=self.dry_run, uid=node.uid,
+                                       max_per_hour=limit)
+        self._count("terminate", {"acted": "success", "gone": "success", "waiting": "success", "limited": "budget",
+                                  "dry_run": "dry_run", "refused": "error"}[step.kind])
+        if step.kind == "refused":
+            return Result(requeue_after=3600.0)
+        return Result(requeue_after=step.requeue_after) if step.requeue_after else None
 
 
 async def load_from_configmap(mgr: Manager) -> tuple[Policy, bool]:
@@ -637,6 +629,18 @@ async def load_from_configmap(mgr: Manager) -> tuple[Policy, bool]:
     policy = load_policy(data.get(POLICY_KEY), source)
     sim = str(data.get("simulate", "")).lower() in ("1", "true", "yes")
     return policy, sim
+
+
+async def machine_actuator(mgr: Manager) -> MachineActuator:
+    """The machine provider from ConfigMap fleetkeeper-machines (key machines.yaml) and --machine-provider."""
+    cm = await mgr.kube.get_or_none(CONFIGMAPS, MACHINES_CONFIGMAP, mgr.settings.namespace)
+    text = ((cm or {}).get("data") or {}).get("machines.yaml")
+    cfg = load_config(text, f"configmap {mgr.settings.namespace}/{MACHINES_CONFIGMAP} key machines.yaml",
+                      provider=mgr.settings.machine_provider)
+    provider = await build_provider(cfg, mgr.kube)
+    log.info("machine provider: %s", provider.name)
+    return MachineActuator(mgr.kube, provider, cfg, mgr.recorder("machines"), mgr.clock, mgr.registry,
+                           mgr.settings.namespace)
 
 
 async def reload_loop(mgr: Manager, rem: Remediator, interval: float) -> None:
@@ -669,7 +673,8 @@ async def setup(mgr: Manager, options: HealthOptions | None) -> None:
     policy, sim_flag = (await load_from_configmap(mgr)) if from_cm else (opts.policy, False)
     simulate = opts.simulate if opts.simulate is not None else (
         sim_flag or os.environ.get("FLEETKEEPER_HEALTH_SIMULATE", "") in ("1", "true"))
-    rem = Remediator(mgr, policy, opts.provider or LocalProvider(mgr.kube), stats_interval=opts.stats_interval,
+    machines = opts.machines or await machine_actuator(mgr)
+    rem = Remediator(mgr, policy, machines, stats_interval=opts.stats_interval,
                      state_interval=opts.state_interval,
                      workers=opts.workers)
     mgr.health = rem  # type: ignore[attr-defined]  # for the demo and tests in the same process
@@ -682,9 +687,20 @@ async def setup(mgr: Manager, options: HealthOptions | None) -> None:
 
         core = AgentCore(ConditionWriter(mgr.kube, dry_run=mgr.settings.dry_run), mgr.clock,
                          heartbeat=opts.sim_heartbeat, metrics=AgentMetrics(mgr.registry))
-        fleet = SimulatedFleet(core, FaultPlan(opts.fault_file or default_fault_file()),
+        from fleetkeeper.health.actions import ActionAgent, ActionKeys, DoneLog
+        from fleetkeeper.health.agent import SimulatedActions
+
+        plan = FaultPlan(opts.fault_file or default_fault_file())
+        akeys = ActionKeys(mgr.names)
+        actor = ActionAgent(mgr.kube, mgr.names, SimulatedActions(plan), DoneLog(None), mgr.clock.now,
+                            dry_run=mgr.settings.dry_run)
+        fleet = SimulatedFleet(core, plan,
                                lambda: [(n.name, n.gpus) for n in rem.nodes.items()
                                         if n.labels.get("type") == "kwok" and selected(n, rem.policy)],
-                               interval=opts.sim_interval)
+                               interval=opts.sim_interval,
+                               requests=lambda: [(n.name, n.uid, n.annotations) for n in rem.nodes.items()
+                                                 if akeys.request in n.annotations and n.labels.get("type") == "kwok"
+                                                 and selected(n, rem.policy)],
+                               actor=actor)
         mgr.simulated_agents = fleet  # type: ignore[attr-defined]
         mgr.add("health-simulated-agents", fleet.run)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from fleetkeeper.core.domain import ZONE_LABEL, Names
 from fleetkeeper.core.views import NodeView, PodView
+from fleetkeeper.health.actions import ActionKeys, local_step
 from fleetkeeper.health.conditions import AGENT_TYPES, NPD_TYPES
 from fleetkeeper.health.policy import LADDER, Policy, human
 
@@ -40,9 +41,12 @@ class Keys:
         self.state = f"{d}/health-state"  # validating: handed to the preflight gate
         self.history = f"{d}/health-history"  # JSON list of [time, text], newest last
         self.ignore = f"{d}/health-ignore"  # "true": an operator took over this node
+        self.request = f"{d}/action-request"  # node-local action asked of the agent (health.actions)
+        self.result = f"{d}/action-result"  # and the agent's report
 
     def all_state(self) -> tuple[str, ...]:
-        return (self.action, self.remedy, self.reason, self.types, self.since, self.drained, self.cleared, self.state)
+        return (self.action, self.remedy, self.reason, self.types, self.since, self.drained, self.cleared, self.state,
+                self.request, self.result)
 
 
 @dataclass(frozen=True)
@@ -245,6 +249,15 @@ def decide_node(node: NodeView, pods: list[PodView], policy: Policy, names: Name
             return Plan("terminate", node.name, "drained", target, remedy)
         if not a.get(k.drained):
             return Plan("mark_drained", node.name, f"drained; fixable by {remedy}", target, remedy)
+        if policy.actions.enabled and pending_types and not unknown:  # the fault is still there
+            step = local_step(a, ActionKeys(names), remedy, node.name, node.uid, now)
+            if step is not None and step.kind == "request":
+                return Plan("request_action", node.name, step.why, target, remedy)
+            if step is not None and step.kind == "escalate":
+                return Plan("escalate", node.name, step.why, "terminate", "replace")
+            if step is not None:
+                return Plan("wait", node.name, f"{step.why}; {why_waiting}", wait="action",
+                            requeue_after=min(recheck, step.requeue_after or recheck))
         return Plan("wait", node.name, f"drained; {why_waiting}", wait="drained", requeue_after=min(60.0, recheck))
     return Plan("wait", node.name, why_waiting, wait="cleared", requeue_after=recheck)
 

@@ -73,7 +73,10 @@ class MachineActuator:
         await self.recorder.emit(node_ref(m.node, m.node_uid), reason, note[:1000],
                                  type_="Warning" if warn else "Normal")
 
-    async def act(self, action: str, node: str, why: str, *, dry_run: bool = False, uid: str = "") -> Step:
+    async def act(self, action: str, node: str, why: str, *, dry_run: bool = False, uid: str = "",
+                  max_per_hour: int | None = None) -> Step:
+        """Act on the machine of ``node`` (``uid``: only while it is that Node). ``max_per_hour``: a caller's
+        own limit; the smaller of it and the configuration's applies."""
         try:
             obj = await self.kube.get(NODES, node)
         except errors.NotFound:
@@ -89,7 +92,9 @@ class MachineActuator:
         if dry_run:
             return await self._dry(action, m, why)
         v = await self.ledger.start(m.key, m.node_uid, m.node, action, self.provider.name,
-                                    max_per_hour=self.cfg.max_per_hour, max_per_day=self.cfg.max_per_day)
+                                    max_per_hour=min(self.cfg.max_per_hour, max_per_hour if max_per_hour is not None
+                                                     else self.cfg.max_per_hour),
+                                    max_per_day=self.cfg.max_per_day)
         if v.kind == "limited":
             self._count(action, "limited")
             await self._event(m, "MachineActionRateLimited", f"{why}: {action} of {m.key} waits: {v.why}")
