@@ -610,13 +610,15 @@ class Remediator:
     async def _terminate(self, p: Plan, node: NodeView) -> Result | None:
         """The machine goes through the machine layer: its ledger (in the cluster) keeps the hourly
         limit and never acts on a machine twice; the Node is deleted only once the machine is gone."""
-        why = (f"{p.why} (fixable by {p.remedy})" + ("; drain deadline passed with pods still on the node"
+        why = (f"{p.why} (fixable by {p.remedy})" + ("; a PodDisruptionBudget still blocked eviction"
                                                      if p.deadline_passed else ""))
         limit = self.policy.terminate.max_per_hour
         step = await self.machines.act("terminate", node.name, why, dry_run=self.dry_run, uid=node.uid,
-                                       max_per_hour=limit)
-        self._count("terminate", {"acted": "success", "gone": "success", "waiting": "success", "limited": "budget",
-                                  "dry_run": "dry_run", "refused": "error"}[step.kind])
+                                       max_per_hour=limit,
+                                       reason="TerminatedAtDeadline" if p.deadline_passed else "Terminated")
+        result = "success" if step.fresh else {"limited": "budget", "dry_run": "dry_run", "refused": "error"}.get(step.kind)
+        if result:
+            self._count("terminate", result)
         if step.kind == "refused":
             return Result(requeue_after=3600.0)
         return Result(requeue_after=step.requeue_after) if step.requeue_after else None

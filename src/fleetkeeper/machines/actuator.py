@@ -21,7 +21,7 @@ delay.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -52,6 +52,7 @@ class Step:
     kind: str  # acted | waiting | gone | limited | dry_run | refused
     message: str
     requeue_after: float | None = None
+    fresh: bool = False  # the provider acted in this call (not in an earlier one)
 
 
 class MachineActuator:
@@ -74,7 +75,7 @@ class MachineActuator:
                                  type_="Warning" if warn else "Normal")
 
     async def act(self, action: str, node: str, why: str, *, dry_run: bool = False, uid: str = "",
-                  max_per_hour: int | None = None) -> Step:
+                  max_per_hour: int | None = None, reason: str = "") -> Step:
         """Act on the machine of ``node`` (``uid``: only while it is that Node). ``max_per_hour``: a caller's
         own limit; the smaller of it and the configuration's applies."""
         try:
@@ -109,8 +110,8 @@ class MachineActuator:
         entry = v.entry
         assert entry is not None
         if v.kind == "new":
-            await self._event(m, f"Machine{action.capitalize()}", f"{why}: {action} {m.key} through the "
-                                                                  f"{self.provider.name} provider")
+            await self._event(m, reason or f"Machine{action.capitalize()}",
+                              f"{why}: {action} {m.key} through the {self.provider.name} provider")
         try:
             out = await getattr(self.provider, action)(m)
         except errors.MachineUnsupported as exc:
@@ -127,7 +128,7 @@ class MachineActuator:
                 raise
             await self.ledger.finish(entry, "done", f"not found: {exc}")
             self._count(action, "success")
-            return await self._after(action, m, gone=True)
+            return replace(await self._after(action, m, gone=True), fresh=True)
         except errors.MachineError as exc:
             await self.ledger.finish(entry, "failed", str(exc))
             self._count(action, "error")
@@ -141,8 +142,8 @@ class MachineActuator:
         await self._event(m, f"Machine{action.capitalize()}Started" if action != "reboot" else "MachineRebooted",
                           out.message, warn=False)
         if action == "reboot":
-            return Step("acted", out.message)
-        return await self._after(action, m, gone=out.gone)
+            return Step("acted", out.message, fresh=True)
+        return replace(await self._after(action, m, gone=out.gone), fresh=True)
 
     async def _dry(self, action: str, m: Machine, why: str) -> Step:
         try:
