@@ -10,6 +10,7 @@ import time
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.kube import NAMESPACES, NODES, PODS, STATEFULSETS, build_request
+from fleetkeeper.core.outcome import Outcome
 from fleetkeeper.core.views import default_projector
 
 from fleetkeeper.capacity import balloons as bl
@@ -38,8 +39,9 @@ def _experiment(name: str, names, rack: str, replicas: int) -> dict:
                                                            "resources": {"limits": {"nvidia.com/gpu": "8"}}}]}}}}
 
 
-async def demo(ctx) -> None:
+async def demo(ctx) -> Outcome:
     kube, names = ctx.kube, ctx.names
+    outcome = Outcome()
     proj = default_projector(names.domain)
     views = [proj.node(n) for n in (await kube.list(NODES, label_selector="type=kwok"))[0]]
     racks: dict[str, list] = {}
@@ -48,7 +50,7 @@ async def demo(ctx) -> None:
             racks.setdefault(v.labels.get(names.rack, ""), []).append(v)
     if not racks:
         ctx.report("no untainted GPU nodes; capacity scenario skipped")
-        return
+        return Outcome.skip("no untainted GPU nodes")
     rack, rack_nodes = max(racks.items(), key=lambda kv: len(kv[1]))
     r = min(len(rack_nodes), 16)
     gpu_nodes = sum(1 for v in views if v.gpus)
@@ -65,7 +67,7 @@ async def demo(ctx) -> None:
         return sum(1 for v in rack_nodes if v.name in on) >= r
 
     t0 = time.monotonic()
-    await _wait(rack_covered, 45)
+    outcome.expect(await _wait(rack_covered, 45), f"balloons hold every node of {rack} warm")
     n = await balloons_running()
     ctx.report(f"balloons: {n} low-priority pods hold {n} of {gpu_nodes} GPU nodes warm ({n * 8} GPUs idle "
                f"capacity, {time.monotonic() - t0:.0f}s)")
@@ -87,9 +89,9 @@ async def demo(ctx) -> None:
             whole = [k for k, (c, _) in counts.items() if c == r]
             return (whole[0], counts) if whole else None
         got = await _wait(placed, 45)
-        if not got:
+        if not outcome.expect(got, "one experiment placed whole by preempting balloons"):
             ctx.report("[red]neither experiment was placed whole in 45s[/red]")
-            return
+            return outcome
         winner, counts = got
         loser = "exp-b" if winner == "exp-a" else "exp-a"
         ctx.report(f"{winner} placed whole in {time.monotonic() - t0:.1f}s, preempting {r} balloons; "
@@ -97,7 +99,7 @@ async def demo(ctx) -> None:
         pods = counts[loser][1]
         if pods:
             lines = await explain_pod(kube, names, NS, pods[0]["metadata"]["name"])
-            pick = [line for line in lines if line.startswith("waiting whole")] or \
+            pick = [line for line in lines if line.startswith("scheduler on PodGroup")] or \
                 [line for line in lines if line.startswith("gang state")]
             if pick:
                 ctx.report(f"explain pod {NS}/{pods[0]['metadata']['name']}: {pick[0][:160]}")
@@ -108,14 +110,14 @@ async def demo(ctx) -> None:
         async def loser_whole():
             items, _ = await kube.list(PODS, NS, label_selector=f"experiment={loser}")
             return sum(1 for p in items if p["spec"].get("nodeName")) == r
-        if await _wait(loser_whole, 45):
+        if outcome.expect(await _wait(loser_whole, 45), "the other experiment placed whole when the first ends"):
             ctx.report(f"{winner} ended: {loser} placed whole {time.monotonic() - t1:.1f}s later")
         else:
             ctx.report(f"[red]{loser} was not placed whole within 45s of {winner} ending[/red]")
         await kube.request(build_request("delete", STATEFULSETS, namespace=NS, name=loser,
                                          body={"propagationPolicy": "Background"}))
         t2 = time.monotonic()
-        if await _wait(rack_covered, 45):
+        if outcome.expect(await _wait(rack_covered, 45), "balloons back on the rack after both end"):
             ctx.report(f"both ended: balloons back on all {r} nodes of {rack} in {time.monotonic() - t2:.1f}s; "
                        f"{await balloons_running()} balloons running")
         else:
@@ -125,3 +127,4 @@ async def demo(ctx) -> None:
             await kube.delete(NAMESPACES, NS)
         except errors.NotFound:
             pass
+    return outcome

@@ -22,6 +22,15 @@ class CapacityMetrics:
         self.evictions = Counter(f"{PREFIX}_balloon_evictions_total",
                                  "Balloons removed from preflight/quarantined nodes",
                                  ["pool", "result"], registry=registry)
+        self.releases = Counter(f"{PREFIX}_balloon_releases_total",
+                                "Balloons released in one step for waiting work (a gang as a unit)",
+                                ["pool", "result"], registry=registry)
+        self.waiting = Gauge(f"{PREFIX}_balloon_waiting_pods",
+                             "Pods the scheduler found no room for that balloons of the pool could make room for",
+                             ["pool"], registry=registry)
+        self.held = Gauge(f"{PREFIX}_balloon_pool_held",
+                          "1 while work waits for the pool: no new balloon takes room that frees up", ["pool"],
+                          registry=registry)
         self.gangs = Gauge(f"{PREFIX}_gangs", "Gangs by state", ["state"], registry=registry)
         self.group_ops = Counter(f"{PREFIX}_gang_group_operations_total",
                                  "Group objects created/deleted for gangs", ["kind", "op", "result"],
@@ -45,3 +54,6 @@ class CapacityMetrics:
         self.blocked.labels(pool)
         for r in ("ok", "error", "dry_run", "rate_limited"):
             self.evictions.labels(pool, r)
+            self.releases.labels(pool, r)
+        self.waiting.labels(pool)
+        self.held.labels(pool)

@@ -4,24 +4,34 @@
    with NODES simulated GPU/CPU nodes;
 2. start fleetkeeper's controller manager in this process with every
    component that has controllers;
-3. play each component's scenario (``<pkg>.demo:demo(ctx)``), in order;
-4. print a summary; stop the cluster unless KEEP=1.
+3. play each component's scenario (``<pkg>.demo:demo(ctx)``), in order; each
+   returns an :class:`~fleetkeeper.core.outcome.Outcome` (the claims it checked);
+4. print a summary, each scenario's outcome and each process's peak RSS and
+   CPU seconds; stop the cluster unless KEEP=1.
+
+:func:`run_demo` answers False when any scenario missed a claim (``make demo``
+then exits 1).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import os
+import resource
 import time
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 from rich.panel import Panel
+from rich.table import Table
 
 from fleetkeeper.cli.common import console, out
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.kube import NODES, Kube
+from fleetkeeper.core.outcome import Outcome
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.localcluster.cluster import LocalCluster, node_ready
 
@@ -43,7 +53,27 @@ class DemoContext:
     __call__ = report  # scenarios may take the context or just a report function
 
 
-async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> None:
+def scenario_timeout(nodes: int) -> float:
+    return 300 + 0.04 * nodes  # 600 s at 7,500 nodes
+
+
+async def run_scenario(ctx: DemoContext, mod, timeout: float) -> Outcome:
+    """One scenario; an error, a time-out or no outcome at all is a missed claim."""
+    try:
+        res = await asyncio.wait_for(mod.demo(ctx), timeout=timeout)
+    except TimeoutError:
+        res = Outcome()
+        res.expect(False, f"the scenario finishes within {timeout:.0f}s")
+    except Exception as exc:  # one broken scenario must not hide the others
+        res = Outcome()
+        res.expect(False, "the scenario runs without an error", f"{type(exc).__name__}: {exc}")
+    if not isinstance(res, Outcome):
+        res = Outcome()
+        res.expect(False, "the scenario reports its outcome", f"it returned {type(res).__name__}")
+    return res
+
+
+async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> bool:
     t0 = time.monotonic()
     lc = LocalCluster()
     out.print(Panel(f"fleetkeeper demo: a real control plane with {nodes} simulated nodes", style="bold"))
@@ -58,6 +88,8 @@ async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> None:
     kube = await lc.connect()
     stop = asyncio.Event()
     ctx = DemoContext(lc, kube, Names(), registry, nodes)
+    outcomes: dict[str, Outcome] = {}
+    usage: list[tuple[str, float | None, float | None]] = []
     manager_task = None
     try:
         controllers = [c for c in components if _has(components[c], "controller")]
@@ -79,10 +111,9 @@ async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> None:
             ctx.section = name
             mod = importlib.import_module(f"{pkg}.demo")
             t = time.monotonic()
-            try:
-                await asyncio.wait_for(mod.demo(ctx), timeout=300)
-            except Exception as exc:  # one broken scenario must not hide the others
-                ctx.report(f"[red]scenario failed[/red]: {type(exc).__name__}: {exc}")
+            res = outcomes[name] = await run_scenario(ctx, mod, scenario_timeout(nodes))
+            for c in res.missed:
+                ctx.report(f"[red]MISSED[/red]: {c.text}" + (f" (seen: {c.seen})" if c.seen else ""))
             ctx.report(f"({time.monotonic() - t:.1f}s)")
         if manager_task and manager_task.done() and manager_task.exception():
             raise manager_task.exception()  # type: ignore[misc]
@@ -91,8 +122,11 @@ async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> None:
         if manager_task:
             await asyncio.gather(manager_task, return_exceptions=True)
         await kube.close()
+        usage = process_usage(lc.state.pids)
         out.print(Panel("\n".join(f"[cyan]{s:>10}[/cyan]  {line}" for s, line in ctx.lines) or "(nothing)",
                         title=f"summary ({time.monotonic() - t0:.0f}s)"))
+        out.print(outcome_table(outcomes))
+        out.print(usage_table(usage))
         if keep:
             out.print(f"cluster left up (KEEP=1). Look at it with:\n"
                       f"  .venv/bin/fleetkeeper cluster kubectl -- get nodes\n"
@@ -101,6 +135,62 @@ async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> None:
         else:
             lc.down()
             out.print("cluster stopped (KEEP=1 leaves it up)")
+    ok = all(o.ok for o in outcomes.values())
+    out.print("[green]every scenario reached its outcome[/green]" if ok else
+              f"[red]missed: {', '.join(n for n, o in outcomes.items() if not o.ok)}[/red]")
+    return ok
+
+
+def outcome_table(outcomes: dict[str, Outcome]) -> Table:
+    t = Table(title="outcomes")
+    for col in ("scenario", "result", "claims"):
+        t.add_column(col)
+    for name, o in outcomes.items():
+        if o.skipped:
+            t.add_row(name, "[yellow]skipped[/yellow]", o.skipped)
+            continue
+        t.add_row(name, "[green]met[/green]" if o.ok else "[red]MISSED[/red]",
+                  "\n".join(("ok  " if c.met else "MISS ") + c.text + (f" ({c.seen})" if c.seen and not c.met else "")
+                            for c in o.claims))
+    return t
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_usage(pid: int, proc: Path = Path("/proc")) -> tuple[float | None, float | None]:
+    """(peak RSS in bytes, CPU seconds) of a live process, from the kernel's own
+    accounting (VmHWM is the high-water mark of its resident set)."""
+    try:
+        status = (proc / str(pid) / "status").read_text()
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None, None
+    hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; utime and stime are fields 14 and 15
+    return hwm, (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def process_usage(pids: dict[str, int]) -> list[tuple[str, float | None, float | None]]:
+    """Peak RSS and CPU seconds of each control-plane process, of this process
+    (fleetkeeper: every component and the simulated agents) and of the
+    short-lived children it ran and reaped (Prometheus, iptables, ...)."""
+    rows = [(comp, *proc_usage(pid)) for comp, pid in sorted(pids.items())]
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    rows.append(("fleetkeeper (this process)", me.ru_maxrss * 1024.0, me.ru_utime + me.ru_stime))
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rows.append(("children it ran (largest one's peak)", ch.ru_maxrss * 1024.0, ch.ru_utime + ch.ru_stime))
+    return rows
+
+
+def usage_table(rows: list[tuple[str, float | None, float | None]]) -> Table:
+    t = Table(title="processes: peak RSS and CPU seconds")
+    t.add_column("process")
+    t.add_column("peak RSS MB", justify="right")
+    t.add_column("CPU s", justify="right")
+    for name, rss, cpu in rows:
+        t.add_row(name, "?" if rss is None else f"{rss / 1e6:,.0f}", "?" if cpu is None else f"{cpu:,.1f}")
+    return t
 
 
 def _has(pkg: str, module: str) -> bool:

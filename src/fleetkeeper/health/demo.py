@@ -10,6 +10,7 @@ from fleetkeeper.core import errors
 from fleetkeeper.core.clock import RealClock
 from fleetkeeper.core.faults import FaultPlan, default_fault_file, parse_fault
 from fleetkeeper.core.kube import NAMESPACES, NODES, PODS
+from fleetkeeper.core.outcome import Outcome
 from fleetkeeper.core.views import default_projector
 from fleetkeeper.health.agent import AgentCore, ConditionWriter, SimulatedFleet
 
@@ -25,14 +26,15 @@ async def _wait(fn, timeout: float) -> bool:
     return False
 
 
-async def demo(ctx) -> None:
+async def demo(ctx) -> Outcome:
     kube, names = ctx.kube, ctx.names
+    outcome = Outcome()
     proj = default_projector(names.domain)
     views = [proj.node(n) for n in (await kube.list(NODES, label_selector="type=kwok"))[0]]
     gpu = [v for v in views if v.gpus and not v.taints]
     if len(gpu) < 20:
         ctx.report("not enough untainted GPU nodes for the health scenario; skipped")
-        return
+        return Outcome.skip("fewer than 20 untainted GPU nodes")
     # one node per rack where possible, so the per-rack budget does not hide the ladder
     by_rack: dict[str, list] = {}
     for v in gpu:
@@ -69,7 +71,7 @@ async def demo(ctx) -> None:
                 if not any(t["key"] == names.quarantine for t in n["spec"].get("taints") or []):
                     return False
             return True
-        ok = await _wait(all_tainted, 30)
+        ok = outcome.expect(await _wait(all_tainted, 30), "each of the four faults ends in a quarantine taint")
         for v in victims:
             a = (await kube.get(NODES, v.name))["metadata"].get("annotations") or {}
             reason = a.get(names.domain + '/health-reason')
@@ -84,7 +86,7 @@ async def demo(ctx) -> None:
         async def evicted() -> bool:
             items, _ = await kube.list(PODS, NS)
             return all(p["metadata"].get("deletionTimestamp") for p in items)
-        if await _wait(evicted, 20):
+        if outcome.expect(await _wait(evicted, 20), "the Xid 79 node's pods are evicted"):
             ctx.report(f"pods on {victims[1].name} evicted through the Eviction API (Xid 79 needs a reboot)")
 
         storm = spread[len(cases):len(cases) + 16]
@@ -104,6 +106,8 @@ async def demo(ctx) -> None:
             tainted += any(t["key"] == names.quarantine for t in n["spec"].get("taints") or [])
         ratio = ctx.registry.get_sample_value("fleetkeeper_remediation_budget_used_ratio", {"scope": "cluster"})
         storm_on = ctx.registry.get_sample_value("fleetkeeper_remediation_storm_active") or 0
+        outcome.expect(hit and tainted < len(storm), "the budget holds back part of the storm",
+                       f"{tainted}/{len(storm)} acted on")
         ctx.report(f"budget: {tainted} of the storm's {len(storm)} nodes acted on, {len(storm) - tainted} wait; "
                    f"fleetkeeper_remediation_budget_exhausted{{scope=cluster}}={1 if hit else 0}, "
                    f"used ratio {ratio}; storm cooldown active={int(storm_on)}")
@@ -127,3 +131,4 @@ async def demo(ctx) -> None:
         except errors.FleetkeeperError:
             pass
         ctx.report(f"faults cleared; {len(touched)} demo nodes returned to service")
+    return outcome

@@ -21,6 +21,7 @@ delay.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter
@@ -75,7 +76,7 @@ class MachineActuator:
                                  type_="Warning" if warn else "Normal")
 
     async def act(self, action: str, node: str, why: str, *, dry_run: bool = False, uid: str = "",
-                  max_per_hour: int | None = None, reason: str = "") -> Step:
+                  max_per_hour: int | None = None, reason: str = "", announce: bool = True) -> Step:
         """Act on the machine of ``node`` (``uid``: only while it is that Node). ``max_per_hour``: a caller's
         own limit; the smaller of it and the configuration's applies."""
         try:
@@ -109,7 +110,7 @@ class MachineActuator:
             return Step("acted", "reboot was requested before a restart; not repeated")
         entry = v.entry
         assert entry is not None
-        if v.kind == "new":
+        if v.kind == "new" and announce:
             await self._event(m, reason or f"Machine{action.capitalize()}",
                               f"{why}: {action} {m.key} through the {self.provider.name} provider")
         try:
@@ -181,3 +182,60 @@ class MachineActuator:
         self.metrics.node_deletes.labels(self.provider.name).inc()
         await self._event(m, "NodeDeleted", f"{m.key} is gone; deleted its Node object", warn=False)
         return Step("gone", f"{m.key} gone; Node deleted")
+
+
+async def from_cluster(kube: Kube, recorder: EventRecorder, clock: Clock, registry: CollectorRegistry,
+                       namespace: str, provider: str | None = None) -> MachineActuator:
+    """The configured actuator: ConfigMap ``fleetkeeper-machines`` (key ``machines.yaml``) in ``namespace``,
+    with ``provider`` (``--machine-provider``) winning over its ``provider``."""
+    from fleetkeeper.core.kube import CONFIGMAPS
+    from fleetkeeper.machines.config import CONFIGMAP, CONFIGMAP_KEY, build_provider, load_config
+
+    cm = await kube.get_or_none(CONFIGMAPS, CONFIGMAP, namespace)
+    text = ((cm or {}).get("data") or {}).get(CONFIGMAP_KEY)
+    cfg = load_config(text, f"configmap {namespace}/{CONFIGMAP} key {CONFIGMAP_KEY}", provider=provider)
+    prov = await build_provider(cfg, kube)
+    log.info("machine provider: %s", prov.name)
+    return MachineActuator(kube, prov, cfg, recorder, clock, registry, namespace)
+
+
+class MachinesProvider:
+    """The machine provider the core applier calls (``terminate(node, dry_run=)``, ``replace``,
+    ``reboot``), with every call going through a :class:`MachineActuator` (ledger, limits, Events,
+    node deletion once the machine is gone). Built from the configuration on first use, or at start
+    with :meth:`ensure` (so a bad configuration is reported at once)."""
+
+    def __init__(self, loader: Callable[[], Awaitable[MachineActuator]] | None = None,
+                 actuator: MachineActuator | None = None):
+        if loader is None and actuator is None:
+            raise ValueError("a loader or an actuator")
+        self._loader = loader
+        self.actuator = actuator
+
+    @property
+    def name(self) -> str:
+        return self.actuator.provider.name if self.actuator is not None else "configured"
+
+    async def ensure(self) -> MachineActuator:
+        if self.actuator is None:
+            assert self._loader is not None
+            self.actuator = await self._loader()
+        return self.actuator
+
+    async def _do(self, verb: str, node: str, dry_run: bool) -> str:
+        act = await self.ensure()
+        step = await act.act(verb, node, f"{verb} requested", dry_run=dry_run, announce=False)
+        if step.kind == "limited":
+            raise errors.Temporary(step.message, step.requeue_after or 60.0)
+        if step.kind == "refused":
+            raise errors.Terminal(step.message)
+        return step.message
+
+    async def terminate(self, node: str, *, dry_run: bool = False) -> str:
+        return await self._do("terminate", node, dry_run)
+
+    async def replace(self, node: str, *, dry_run: bool = False) -> str:
+        return await self._do("replace", node, dry_run)
+
+    async def reboot(self, node: str, *, dry_run: bool = False) -> str:
+        return await self._do("reboot", node, dry_run)

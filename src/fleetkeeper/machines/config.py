@@ -24,6 +24,8 @@ from fleetkeeper.core.config import load_model, parse_yaml
 from fleetkeeper.core.kube import Kube
 from fleetkeeper.machines.base import MachineProvider
 
+CONFIGMAP = "fleetkeeper-machines"
+CONFIGMAP_KEY = "machines.yaml"
 PROVIDERS = ("kubernetes-node", "cluster-api", "karpenter", "aws", "gce", "azure", "command")
 ProviderName = Literal["kubernetes-node", "cluster-api", "karpenter", "aws", "gce", "azure", "command"]
 

@@ -12,6 +12,7 @@ from fleetkeeper.core import errors
 from fleetkeeper.core.domain import GPU_RESOURCE, HOSTNAME_LABEL, INSTANCE_TYPE_LABEL, ZONE_LABEL
 from fleetkeeper.core.faults import FaultPlan, default_fault_file, parse_fault
 from fleetkeeper.core.kube import MUTATING_WEBHOOKS, NODES
+from fleetkeeper.core.outcome import Outcome
 from fleetkeeper.core.webhook import WebhookServer
 from fleetkeeper.preflight.config import WebhookConfig
 from fleetkeeper.preflight.keys import KWOK_NODE_ANNOTATION, Keys
@@ -34,13 +35,14 @@ def _new_node(template: dict, name: str) -> dict:
                                                  if k in ("capacity", "allocatable", "nodeInfo")})}
 
 
-async def demo(ctx) -> None:
+async def demo(ctx) -> Outcome:
     kube, keys = ctx.kube, Keys(ctx.names)
+    outcome = Outcome()
     nodes, _ = await kube.list(NODES, label_selector=f"{ctx.names.pool}=gpu")
     template = next((n for n in nodes if (n.get("status") or {}).get("allocatable", {}).get(GPU_RESOURCE)), None)
     if template is None:
         ctx.report("no GPU node to model new nodes on; skipped")
-        return
+        return Outcome.skip("no GPU node to model new nodes on")
     import tempfile
     from pathlib import Path
 
@@ -62,6 +64,7 @@ async def demo(ctx) -> None:
         t0 = time.monotonic()
         created = await asyncio.gather(*(kube.create(NODES, _new_node(template, n)) for n in names))
         gated = sum(1 for o in created if any(t["key"] == keys.gate for t in (o.get("spec") or {}).get("taints") or []))
+        outcome.expect(gated == BURST, "every joining node is gated by the webhook", f"{gated}/{BURST}")
         ctx.report(f"{BURST} nodes registered WITHOUT the preflight taint; {gated}/{BURST} came back from the API "
                    f"server already tainted+labelled {keys.gate}=pending (no window for a pod)")
         deadline = time.monotonic() + 60
@@ -79,7 +82,9 @@ async def demo(ctx) -> None:
             await asyncio.sleep(0.5)
         ctx.report(f"{len(released)}/{BURST} released after passing validation in {time.monotonic() - t0:.1f}s "
                    f"(signed reports verified; taint and label removed in one patch)")
-        if failed_state:
+        outcome.expect(len(released) == BURST - 1 and bad not in released,
+                       "every good node released, the faulty one kept out", f"{len(released)}/{BURST} released")
+        if outcome.expect(failed_state, f"{bad}'s failed check recorded"):
             ctx.report(f"{bad} stays out: {keys.gate}=failed, failing check {failed_state.get(keys.failed_check)}, "
                        f"attempt {failed_state.get(keys.attempts)}, retried with backoff "
                        f"(see: fleetkeeper explain node {bad})")
@@ -104,3 +109,4 @@ async def demo(ctx) -> None:
             except errors.FleetkeeperError:
                 pass
         ctx.report(f"demo nodes removed ({ZONE_LABEL}/{INSTANCE_TYPE_LABEL} copied from {template['metadata']['name']})")
+    return outcome

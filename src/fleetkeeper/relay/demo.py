@@ -10,6 +10,7 @@ import time
 from fleetkeeper.core import errors
 from fleetkeeper.core.kube import NAMESPACES, NODES, PODS
 from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.outcome import Outcome
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.relay.client import RelayClient
 from fleetkeeper.relay.controller import add_pacer, add_relay
@@ -37,8 +38,9 @@ def _node(name: str) -> dict:
                        "allocatable": {"cpu": "94", "memory": "370Gi", "pods": "110"}}}
 
 
-async def demo(ctx) -> None:
+async def demo(ctx) -> Outcome:
     kube = ctx.kube
+    outcome = Outcome()
     try:
         await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
     except errors.Conflict:
@@ -55,9 +57,9 @@ async def demo(ctx) -> None:
     clients: list[RelayClient] = []
     created_nodes: list[str] = []
     try:
-        if not await _until(lambda: relay.synced() and relay.server.port != 0, 60):
+        if not outcome.expect(await _until(lambda: relay.synced() and relay.server.port != 0, 60), "the relay syncs"):
             ctx.report("relay did not sync within 60 s")
-            return
+            return outcome
         url = f"http://127.0.0.1:{relay.server.port}"
         nodes = [n["metadata"]["name"] for n in (await kube.list(NODES, label_selector="type=kwok"))[0]][:20]
         seen: dict[str, set[str]] = {n: set() for n in nodes}
@@ -70,7 +72,8 @@ async def demo(ctx) -> None:
             c = RelayClient(url, n)
             clients.append(c)
             agents.append(asyncio.create_task(follow(c, n)))
-        await _until(lambda: relay.hub.subscribers == len(nodes), 30)
+        outcome.expect(await _until(lambda: relay.hub.subscribers == len(nodes), 30),
+                       f"all {len(nodes)} agents subscribed", f"{relay.hub.subscribers}")
         ctx.report(f"relay up: {relay.upstream_watches} API-server watches (nodes, pods, team ConfigMap) "
                    f"serving {relay.hub.subscribers} agents")
         target = nodes[0]
@@ -80,6 +83,8 @@ async def demo(ctx) -> None:
                                           "containers": [{"name": "c", "image": "busybox"}]}}, NS)
         ok = await _until(lambda: f"{NS}/relay-demo-pod" in seen[target], 20)
         others = sum(1 for n in nodes[1:] if seen[n])
+        outcome.expect(ok, "the pod's own agent sees it")
+        outcome.expect(others == 0, "no other agent receives it", f"{others} foreign pods")
         ctx.report(f"pod on {target}: its agent saw it after {time.monotonic() - t0:.2f}s" if ok else
                    f"pod on {target}: its agent did NOT see it within 20 s")
         ctx.report(f"agents of the other {len(nodes) - 1} nodes received {others} foreign pods; "
@@ -91,6 +96,7 @@ async def demo(ctx) -> None:
         await asyncio.gather(*(kube.create(NODES, _node(n)) for n in created_nodes), return_exceptions=True)
         done = await _until(lambda: all(n in pacer.done for n in created_nodes), 45)
         spread = time.monotonic() - t0
+        outcome.expect(done, "every joining node's join work done")
         waits = sorted(pacer.done.get(n, 0.0) for n in created_nodes)
         ctx.report(f"30 nodes joined at once; join work (label + bootstrap pod) paced at 10 nodes/s: "
                    f"{'all done' if done else 'NOT all done'} in {spread:.1f}s "
@@ -112,3 +118,4 @@ async def demo(ctx) -> None:
             await kube.delete(NAMESPACES, NS)
         except errors.NotFound:
             pass
+    return outcome

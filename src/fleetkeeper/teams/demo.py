@@ -8,6 +8,7 @@ import time
 from fleetkeeper.core import errors
 from fleetkeeper.core.domain import SYSTEM_NAMESPACE
 from fleetkeeper.core.kube import CONFIGMAPS, NAMESPACES, NODES, PODS, PRIORITYCLASSES, Kube, Resource
+from fleetkeeper.core.outcome import Outcome
 
 ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True)
 NS = "teams-demo"
@@ -63,8 +64,9 @@ def _pod(name: str, gpus: int, pcn: str | None = None, tolerations=None) -> dict
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS}, "spec": spec}
 
 
-async def demo(ctx) -> None:
+async def demo(ctx) -> Outcome:
     kube: Kube = ctx.kube
+    outcome = Outcome()
     names = ctx.names
     gpu_nodes = max(3, int(ctx.nodes * 0.9))
     a, b, c = max(1, gpu_nodes // 10), max(1, gpu_nodes // 5), max(1, gpu_nodes // 10)
@@ -77,6 +79,7 @@ async def demo(ctx) -> None:
                "team-a's selector is more specific, so it is served first")
     t0 = time.monotonic()
     got = await _wait(lambda: _counts_match(kube, names.team, want), 60)
+    outcome.expect(got, "each team's nodes tainted and labelled as configured")
     ctx.report(f"team taints+labels in place after {time.monotonic() - t0:.1f}s: "
                f"{got or await _team_counts(kube, names.team)}")
 
@@ -104,14 +107,19 @@ async def demo(ctx) -> None:
             await users["alice"].create(PODS, _pod("alice-sneaky", 8, tolerations=[
                 {"key": names.team, "operator": "Equal", "value": "team-b", "effect": "NoSchedule"}]), NS)
             ctx.report("alice: a pod with team-b's toleration was ADMITTED (unexpected)")
+            outcome.expect(False, "a hand-written toleration of another team is rejected")
         except errors.ApiError as exc:
             ctx.report(f"alice: pod with a hand-written team-b toleration rejected: {exc.message[:140]}")
+            outcome.expect(True, "a hand-written toleration of another team is rejected")
 
         async def all_running():
             pods, _ = await kube.list(PODS, NS)
             return pods if pods and all(p["status"].get("phase") == "Running" for p in pods) else None
 
-        pods = await _wait(all_running, 45) or (await kube.list(PODS, NS))[0]
+        running = await _wait(all_running, 45)
+        pods = running or (await kube.list(PODS, NS))[0]
+        outcome.expect(running, "every admitted pod runs (the borrower on another team's idle node)",
+                       ", ".join(p["metadata"]["name"] for p in pods if p["status"].get("phase") != "Running"))
         nodes, _ = await kube.list(NODES)
         team_of = {n["metadata"]["name"]: (n["metadata"].get("labels") or {}).get(names.team, "") for n in nodes}
         for p in sorted(pods, key=lambda p: p["metadata"]["name"]):
@@ -127,6 +135,7 @@ async def demo(ctx) -> None:
                                       "data": {"config.yaml": _config(a, b + 3, max(0, c - 2), names.domain)}})
         want2 = {"team-a": a, "team-b": b + 3, **({"team-c": c - 2} if c > 2 else {})}
         got = await _wait(lambda: _counts_match(kube, names.team, want2), 60)
+        outcome.expect(got, "a count change is applied")
         labels_after = await _node_teams(kube, names.team)
         changed = sum(1 for n, t in labels_after.items() if labels_before.get(n, "") != t)
         ctx.report(f"count change team-b +3, team-c -2 -> {got or await _team_counts(kube, names.team)}; "
@@ -135,6 +144,7 @@ async def demo(ctx) -> None:
     finally:
         for k in users.values():
             await k.close()
+    return outcome
 
 
 async def _node_teams(kube: Kube, key: str) -> dict[str, str]:

@@ -4,7 +4,6 @@ stay on a quarantined node."""
 
 from __future__ import annotations
 
-import time
 
 from capacity_helpers import NAMES, bound, pods_of, wait_for
 from fleetkeeper.capacity.config import CapacityConfig
@@ -48,7 +47,6 @@ async def test_job_preempts_balloons_and_balloons_return(kube, namespace, pool_f
         assert any("holds this node warm" in line for line in lines), lines
 
         # a 2-node GPU job (a gang) arrives on the full pool
-        t0 = time.monotonic()
         spec = {**pool.pod_spec(), "restartPolicy": "Never"}
         job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "train"},
                "spec": {"parallelism": 2, "completions": 2, "backoffLimit": 0,
@@ -59,8 +57,6 @@ async def test_job_preempts_balloons_and_balloons_return(kube, namespace, pool_f
             pods = await pods_of(kube, namespace, "app=train")
             return pods if len(bound(pods)) == 2 else None
         placed = await wait_for(job_placed, 60, what="the job placed by preempting balloons")
-        took = time.monotonic() - t0
-        assert took < 60
         job_nodes = {p["spec"]["nodeName"] for p in placed}
         assert job_nodes <= set(pool.nodes)
 

@@ -41,7 +41,7 @@ async def test_pods_run_and_finish_as_asked(kube, namespace):
     await kube.create(PODS, pod("ok", "succeed"), namespace)
     await kube.create(PODS, pod("bad", "fail"), namespace)
     slow = pod("slow", "succeed")
-    slow["metadata"]["annotations"]["fleetkeeper.io/sim-delay"] = "8s"
+    slow["metadata"]["annotations"]["fleetkeeper.io/sim-delay"] = "1h"  # cannot finish during the test, however slow
     await kube.create(PODS, slow, namespace)
     deadline = time.monotonic() + 60
     phases = {}
