@@ -179,6 +179,10 @@ def test_what_counts_as_out_of_service():
     assert disrupted_since(node("b", gated=True, validated=True, since=9.0), N) == 9.0  # periodic re-test failure
     assert disrupted_since(node("c", gated=True), N) is None  # a joining node was never capacity
     assert disrupted_since(node("d"), N) is None
+    handed_back = node("e", gated=True, validated=True, since=9.0)
+    handed_back = NodeView(**{**{f: getattr(handed_back, f) for f in handed_back.__slots__},
+                              "annotations": {**handed_back.annotations, HK.state: "validating"}})
+    assert disrupted_since(handed_back, N) is None  # a repaired node back at the gate released its unit
 
 
 @pytest.mark.parametrize("fleet,inflight,candidate,admitted,over", [

@@ -115,8 +115,17 @@ class GangConfig(BaseModel):
     bare_pod_settle_seconds: float = Field(
         5.0, ge=0, le=600, description="for pods without an owner or a min-members annotation: wait this long "
                                        "after the last member appears before fixing the gang size")
+    workload_gangs: bool = Field(
+        True, description="workloads that declare a gang (JobSet, MPIJob, PyTorchJob, LeaderWorkerSet) are gangs "
+                          "by default: their member templates get the gang label and size on CREATE "
+                          "(opt out per workload: annotation <domain>/gang-enabled: \"false\")")
     cleanup_grace_seconds: float = Field(30.0, ge=0, le=86_400,
                                          description="delete a gang's group objects this long after its last pod")
+    reserve_after_seconds: float | None = Field(
+        300.0, ge=1, le=86_400, description="a gang that fits its pool but has waited this long for room gets "
+                                            "nodes reserved as they free up (taint + toleration), so smaller "
+                                            "gangs stop taking them; None: never reserve")
+    reserve_per_minute: float = Field(120.0, gt=0, le=10_000, description="rate limit for reservation taints")
     webhook_port: int = Field(9445, ge=0, le=65535, description="0: any free port (local clusters)")
     webhook_host: str = "127.0.0.1"
     webhook_url: str | None = Field(None, description="URL the API server calls (local clusters); "

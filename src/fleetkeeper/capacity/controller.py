@@ -28,7 +28,7 @@ from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.events import EventRecorder, ObjectRef
 from fleetkeeper.core.kube import (
-    CONFIGMAPS, COSCHED_PODGROUPS, DEPLOYMENTS, MUTATING_WEBHOOKS, NAMESPACES, PODGROUPS, PODS, PRIORITYCLASSES,
+    CONFIGMAPS, COSCHED_PODGROUPS, DEPLOYMENTS, MUTATING_WEBHOOKS, NAMESPACES, NODES, PODGROUPS, PODS, PRIORITYCLASSES,
     WORKLOADS, Kube, Resource, build_request,
 )
 from fleetkeeper.core.manager import Manager
@@ -38,13 +38,16 @@ from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
 
 from fleetkeeper.capacity import balloons as bl
 from fleetkeeper.capacity import gangs as gg
+from fleetkeeper.capacity import reserve as rs
 from fleetkeeper.capacity import yielding as yd
 from fleetkeeper.capacity.config import CONFIGMAP_KEY, CONFIGMAP_NAME, CapacityConfig, load_config, load_config_text
 from fleetkeeper.capacity.metrics import GANG_STATES, CapacityMetrics
+from fleetkeeper.capacity.workload_gangs import mutate_workload, webhook_rules as workload_gang_rules
 
 log = logging.getLogger("fleetkeeper.capacity")
 
 WEBHOOK_PATH = "capacity-gang"
+WORKLOAD_GANG_PATH = "capacity-workload-gang"
 WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
 MIN_BALLOON_PASS_SECONDS = 1.0
 HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often even without events
@@ -95,8 +98,13 @@ class BalloonManager:
         self.controller = Controller("capacity-balloons", self.reconcile, metrics=mgr.metrics, clock=mgr.clock)
         b = cfg.balloons
         self.release_bucket = TokenBucket(b.release_per_minute / 60.0, b.release_burst, mgr.clock)
+        self.reserve_after = cfg.gangs.reserve_after_seconds if cfg.gangs.enabled else None
+        self.reserve_bucket = TokenBucket(cfg.gangs.reserve_per_minute / 60.0,
+                                          max(1, int(cfg.gangs.reserve_per_minute // 4)), mgr.clock)
+        self._reserved: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.last_reserve: dict[str, rs.ReservePlan] = {}
         self.waiting = None
-        if b.enabled and b.yield_to_waiting:
+        if (b.enabled and b.yield_to_waiting) or self.reserve_after is not None:
             # unbound pods only (a bound pod leaves this informer): what waits for room
             self.waiting = mgr.informer(PODS, yd.waiting_pod_projector(self.names), field_selector="spec.nodeName=",
                                         key="capacity-waiting-pods")
@@ -104,6 +112,9 @@ class BalloonManager:
                 lambda k, o, n: None if (o is not None and n is not None and o.unschedulable == n.unschedulable
                                          and o.deleting == n.deleting) or (n or o).balloon else "pools"))
         self.last_yield: dict[str, yd.PoolYield] = {}
+        self._units: list[yd.Unit] = []
+        self._pool_nodes: dict[str, list] = {}
+        self._pool_bound: dict[str, list] = {}
         self._applied: dict[str, str] = {}
         self._sized: dict[str, str] = {}
         self._ns_ready = False
@@ -173,6 +184,7 @@ class BalloonManager:
         # the chosen balloons first get the lowest deletion cost, then the Deployment is held at the balloons
         # that stay: the ReplicaSet removes exactly those, in one step, and starts none in their place
         await self._release(yields)
+        await self._reserve_room(yields)
         for dep in plan.deployments:
             meta = dep["metadata"]
             sized = f"{(self.last_plan_sizing(meta['name']))}"
@@ -238,9 +250,10 @@ class BalloonManager:
     def _yields(self) -> list[yd.PoolYield]:
         """Per GPU pool: which balloons to release for the work waiting for it (pure decision, see yielding)."""
         b = self.cfg.balloons
-        if self.waiting is None or not b.enabled:
+        if self.waiting is None:
             return []
         waiting = yd.units(self.waiting.items(), b.priority)
+        self._units = waiting
         label, released_key = self.names.balloon, yd.released_annotation(self.names)
         nodes, pods = self.nodes.items(), self.pods.items()
         budget = self.release_bucket.available()
@@ -251,6 +264,7 @@ class BalloonManager:
             pool_nodes = [n for n in nodes if n.labels.get(self.names.pool) == pool.name]
             sizing = bl.size_pool(pool, pool_nodes)
             usable = [n for n in pool_nodes if n.ready and not n.unschedulable and not n.deleting]
+            self._pool_nodes[pool.name] = usable
             if not waiting or sizing.problem:
                 out.append(yd.PoolYield(pool.name))
                 continue
@@ -259,12 +273,80 @@ class BalloonManager:
             balloons = [yd.Balloon(p.namespace, p.name, p.node, sizing.per_balloon,
                                    released=p.deleting or released_key in p.annotations)
                         for p in pods if p.labels.get(label) == pool.name and p.namespace == self.namespace
-                        and p.node in names_ and p.phase not in ("Succeeded", "Failed")]
+                        and p.node in names_ and p.phase not in ("Succeeded", "Failed")] if b.enabled else []
+            self._pool_bound[pool.name] = bound
             y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget)
             budget -= y.release_count
             out.append(y)
         self.last_yield = {y.pool: y for y in out}
         return out
+
+    async def _reserve_room(self, yields: list[yd.PoolYield]) -> None:
+        """No starvation: reserve nodes for the gang that waited too long (pure plan: reserve.decide)."""
+        key = rs.reserved_key(self.names)
+        now = self.clock.now()
+        for y in yields:
+            nodes = self._pool_nodes.get(y.pool, [])
+            if not nodes:
+                continue
+            plan = rs.decide(y.pool, nodes, self._pool_bound.get(y.pool, []), self._units, y.blocked, self.names,
+                             now, self.reserve_after)
+            self.last_reserve[y.pool] = plan
+            # the gang's pods first get the toleration, so that the nodes reserved are theirs
+            waiting = {f"{p.namespace}/{p.name}": p for u in self._units for p in u.pods}
+            for name in plan.tolerate:
+                pod = waiting.get(name)
+                if pod is None or self.dry_run:
+                    continue
+                tol = {"key": key, "operator": "Equal", "value": plan.token, "effect": "NoSchedule"}
+                ops = [{"op": "add", "path": "/spec/tolerations/-", "value": tol}] if pod.tolerations else \
+                    [{"op": "add", "path": "/spec/tolerations", "value": [tol]}]
+                try:
+                    await self.kube.patch(PODS, pod.name, ops, pod.namespace, patch_type="json")
+                except (errors.NotFound, errors.Invalid, errors.Conflict) as exc:
+                    log.info("reservation toleration for %s: %s", name, exc)
+            for node, value in [(n, plan.token) for n in plan.taint] + [(n, None) for n in plan.untaint]:
+                op = "reserve" if value else "release"
+                if not self.reserve_bucket.take():
+                    self.metrics.reservations.labels(op, "rate_limited").inc()
+                    continue
+                result = "dry_run" if self.dry_run else await self._set_taint(node, key, value)
+                self.metrics.reservations.labels(op, result).inc()
+                if result in ("ok", "dry_run"):
+                    await self.recorder.emit(
+                        ObjectRef("Node", node), "NodeReserved" if value else "NodeReservationRemoved",
+                        (f"reserved for gang {plan.unit} (waited {plan.waited:.0f}s): only its pods may start here "
+                         f"until it is placed" if value else "reservation removed: the gang it was for is placed "
+                         "or gone") + (" [dry-run]" if self.dry_run else ""))
+            self.metrics.reserved.labels(y.pool).set(len(plan.reserved))
+            state = (plan.unit, tuple(plan.reserved))
+            if plan.unit and self._reserved.get(y.pool) != state:
+                self._reserved[y.pool] = state
+                ns, _, gang = plan.unit.partition("/")
+                await self.recorder.emit(
+                    ObjectRef("PodGroup", gang, ns, api_version=PODGROUPS.api_version), "GangRoomReserved",
+                    f"gang {gang} waited {plan.waited:.0f}s (over {self.reserve_after:.0f}s): {len(plan.reserved)} "
+                    f"of the {plan.needed} nodes it needs reserved, the rest as they free up; smaller work no "
+                    f"longer takes them" + (" [dry-run]" if self.dry_run else ""))
+            elif not plan.unit:
+                self._reserved.pop(y.pool, None)
+
+    async def _set_taint(self, node: str, key: str, value: str | None) -> str:
+        """Add (value) or remove (None) the reservation taint; optimistic, a conflict waits for the next pass."""
+        try:
+            obj = await self.kube.get(NODES, node)
+        except errors.NotFound:
+            return "error"
+        taints = [t for t in (obj.get("spec") or {}).get("taints") or () if t.get("key") != key]
+        if value is not None:
+            taints.append({"key": key, "value": value, "effect": "NoSchedule"})
+        try:
+            await self.kube.patch(NODES, node, {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
+                                                "spec": {"taints": taints}})
+        except (errors.Conflict, errors.NotFound) as exc:
+            log.info("reservation taint on %s: %s (next pass)", node, exc)
+            return "error"
+        return "ok"
 
     async def _release(self, yields: list[yd.PoolYield]) -> None:
         released_key = yd.released_annotation(self.names)
@@ -516,7 +598,15 @@ def webhook_registration(cfg: CapacityConfig, names: Names, config_name: str, ur
         failure_policy="Fail", timeout_seconds=5, namespace_selector=namespace_selector,
         object_selector={"matchExpressions": [{"key": names.gang, "operator": "Exists"}]},
         reinvocation="IfNeeded")
-    return registration("mutating", config_name, [entry])
+    entries = [entry]
+    if g.workload_gangs:  # workloads that declare a gang (JobSet, MPIJob, ...): label their member templates
+        wservice = None if url else {**service, "path": f"/{WORKLOAD_GANG_PATH}"}  # type: ignore[dict-item]
+        wurl = f"{url.rsplit('/', 1)[0]}/{WORKLOAD_GANG_PATH}" if url else None
+        entries.append(webhook_entry(
+            f"workload-gang.{names.domain}", url=wurl, service=wservice, ca_bundle=ca,
+            rules=workload_gang_rules(), failure_policy="Ignore", timeout_seconds=5,
+            namespace_selector=namespace_selector))
+    return registration("mutating", config_name, entries)
 
 
 class GangWebhook:
@@ -549,6 +639,7 @@ class GangWebhook:
         self.server = WebhookServer(str(cert.cert), str(cert.key), host=g.webhook_host, port=g.webhook_port,
                                     registry=self.registry)
         self.server.add(WEBHOOK_PATH, self.handler)
+        self.server.add(WORKLOAD_GANG_PATH, lambda req: mutate_workload(req, self.names))
         delay = 1.0
         while True:  # a port still held (a previous process) must not take the other controllers down
             try:

@@ -30,6 +30,7 @@ from fleetkeeper.core.domain import GPU_RESOURCE, Names
 from fleetkeeper.core.views import NodeView, PodView, Toleration, parse_time
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RELEASE_COST = "-2147483647"
 
 
@@ -59,6 +60,8 @@ class WaitingPod:
     deleting: bool
     balloon: bool
     phase: str
+    scheduler_name: str = "default-scheduler"
+    queued: bool = False  # managed by Kueue (kueue.x-k8s.io/queue-name): its ordering is Kueue's
 
     @property
     def unit(self) -> str:
@@ -104,6 +107,8 @@ def waiting_pod_projector(names: Names):
             unschedulable_since=parse_time(sched.get("lastTransitionTime")) if unsched else 0.0,
             nominated=status.get("nominatedNodeName", ""), deleting=bool(meta.get("deletionTimestamp")),
             balloon=balloon in (meta.get("labels") or {}), phase=status.get("phase", "Pending"),
+            scheduler_name=spec.get("schedulerName") or "default-scheduler",
+            queued=KUEUE_QUEUE_LABEL in (meta.get("labels") or {}),
         )
 
     return project
@@ -182,6 +187,8 @@ def units(pods: list[WaitingPod], balloon_priority: int) -> list[Unit]:
     for p in pods:
         if p.balloon or p.deleting or p.phase != "Pending" or p.gpus <= 0 or p.priority <= balloon_priority:
             continue
+        if p.scheduler_name != "default-scheduler":
+            continue  # another scheduler (Volcano, scheduler-plugins) places it: its room is that scheduler's call
         groups.setdefault(p.unit, []).append(p)
     out = []
     for key, members in groups.items():
@@ -218,6 +225,7 @@ class PoolYield:
     kept: int = 0  # running balloons that stay
     hold: bool = False  # work waits: hold the Deployment at `kept` replicas
     unfit: list[str] = field(default_factory=list)  # units that do not fit the pool even when it is empty
+    blocked: list[str] = field(default_factory=list)  # units that fit the pool but not now (real work holds it)
     over_budget: list[str] = field(default_factory=list)
 
     @property
@@ -300,7 +308,8 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     for u in mine:
         placed = _place(u, nodes, room, held)
         if placed is None:
-            continue  # the room is taken by real work: it waits for that to finish
+            out.blocked.append(u.key)  # the room is taken by real work: it waits for that to finish
+            continue
         where, released = placed
         if released and (stop or len(released) > budget):
             stop = True

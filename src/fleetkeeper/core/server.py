@@ -5,7 +5,7 @@ e.g. informers synced)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -13,8 +13,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
 class OpsServer:
-    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 8080):
+    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 8080,
+                 exposition: Callable[[], Awaitable[bytes]] | None = None):
+        """``exposition``: builds the /metrics answer itself (for a process whose
+        series are read at scrape time); by default the registry's text."""
         self.registry = registry
+        self.exposition = exposition
         self.host = host
         self.port = port
         self.ready_checks: dict[str, Callable[[], bool]] = {}
@@ -28,7 +32,8 @@ class OpsServer:
         self.ready_checks[name] = check
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = await self.exposition() if self.exposition else generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

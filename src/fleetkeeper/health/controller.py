@@ -49,6 +49,7 @@ from fleetkeeper.lifecycle import machine as lifecycle
 from fleetkeeper.lifecycle.controller import shared_budget, shared_provider
 from fleetkeeper.lifecycle.gangs import checkpoint_wait, gang_evictions, gang_index
 from fleetkeeper.machines.actuator import MachinesProvider
+from fleetkeeper.lifecycle.keys import PreflightFactKeys
 
 log = logging.getLogger("fleetkeeper.health")
 
@@ -202,7 +203,7 @@ class Remediator:
         # the one disruption budget: its configuration is this policy's budget section; its ledger of
         # admitted actions not yet in the cache is shared with every component of this manager
         self.budget = shared_budget(self.mgr)
-        self.budget.cfg = self.policy.budget
+        self.budget.configure(self.policy.budget)
         self._bsnap = bud.Snapshot()
         self.provider = shared_provider(self.mgr, self.provider)
         self.applier = Applier(self.kube, self.recorder, component="health", registry=self.mgr.registry,
@@ -347,7 +348,9 @@ class Remediator:
                 remove_taints=(self.names.quarantine,),
                 add_taint={"key": self.names.preflight, "value": "pending", "effect": "NoSchedule"},
                 labels={self.names.preflight: "pending"},
-                annotations={**{k: None for k in self.keys.all_state()}, self.keys.state: "validating"},
+                annotations={**{k: None for k in self.keys.all_state()}, self.keys.state: "validating",
+                             # the gate's clock starts with this write (the gate then needs no write of its own)
+                             PreflightFactKeys(self.names).gated_at: str(int(self.clock.now()))},
                 record=lifecycle.REVALIDATING)
         if p.kind == "mark_cleared":
             return await self._mutate(node, p, "return", "ConditionsCleared", f"{p.why} "
@@ -455,8 +458,8 @@ class Remediator:
             onsets = len(st.onset_nodes | {node.name})
             if onsets >= storm_threshold(total, self.policy) and total:
                 self._storm_until = now + self.policy.storm.cooldown
+                await self._save_state()  # recorded before it is announced
                 self.metrics.storm.set(1)
-                await self._save_state()
                 log.warning("fault storm: %d nodes faulted within %.0fs (threshold %d); pausing new quarantines "
                             "for %.0fs", onsets, self.policy.storm.window, storm_threshold(total, self.policy),
                             self.policy.storm.cooldown)
@@ -550,7 +553,7 @@ class Remediator:
                 return Result(requeue_after=wait)
         gang_note = f"; gang(s) {', '.join(gangs)} evicted together (one disruption)" if gangs else ""
         ops = tuple(EvictPod(x.namespace, x.name) for x in pods)
-        done = await self.applier.apply(node, Ops(node.name, "evict", ops, p.why))
+        done = await self.applier.apply(node, Ops(node.name, "evict", ops, p.why), announce=False)
         for _ in done.evicted:
             self._count("evict", "dry_run" if self.dry_run else "success")
         for _ in done.blocked:
@@ -646,6 +649,7 @@ async def reload_loop(mgr: Manager, rem: Remediator, interval: float, src: Confi
         if policy is not None and policy != rem.policy:
             log.info("health policy reloaded")
             rem.policy = policy
+            rem.budget.configure(policy.budget)
             rem._watched = watched_types(policy)
             for k in rem.nodes.keys():
                 rem.controller.enqueue(k)

@@ -66,13 +66,14 @@ def disrupted_since(node: NodeView, names: Names) -> float | None:
     """When this node's disruption began, per the cluster's record, or None when it is in service.
 
     Out of service: the quarantine taint (health or a retiring lifecycle), or the preflight gate on a node
-    that had been validated before (a periodic re-test or a re-validation). A joining node's first
-    validation is not a disruption: it never was capacity."""
+    that had been validated before and was taken out by a periodic re-test. A joining node's first
+    validation is not a disruption (it never was capacity), and a repaired node handed back to the gate
+    has released its unit (as it always did: the waiting faults get it)."""
     a = node.annotations
     if node.taint(names.quarantine) is not None:
         return _f(a.get(HealthKeys(names).since)) or _f(a.get(RecordKeys(names).since)) or 1.0
     pk = PreflightFactKeys(names)
-    if node.taint(pk.gate) is not None and (pk.validated_at in a or a.get(HealthKeys(names).state) == "validating"):
+    if node.taint(pk.gate) is not None and pk.validated_at in a and a.get(HealthKeys(names).state) != "validating":
         return _f(a.get(pk.gated_at)) or 1.0
     return None
 
@@ -200,3 +201,9 @@ class SharedBudget:
 
     cfg: BudgetConfig = field(default_factory=BudgetConfig)
     ledger: Ledger = field(default_factory=Ledger)
+    pinned: bool = False  # set by the lifecycle configuration: the health policy's budget no longer applies
+
+    def configure(self, cfg: BudgetConfig, *, pin: bool = False) -> None:
+        if pin or not self.pinned:
+            self.cfg = cfg
+            self.pinned = self.pinned or pin

@@ -1,9 +1,9 @@
 """The lifecycle's configuration: each state's deadline and escalation, and the
 one disruption budget. Loaded from the ConfigMap ``fleetkeeper-lifecycle``
 key ``lifecycle.yaml`` (the core ConfigMap loader: absent means these
-defaults). The budget is the health policy's ``budget:`` section (where it
-has always been configured); it now bounds every capacity-removing action,
-not only quarantines.
+defaults). The budget is ``budget:`` here, else the health policy's
+``budget:`` section (where it has always been configured); either way it now
+bounds every capacity-removing action, not only quarantines.
 
 Example::
 
@@ -74,6 +74,7 @@ class Deadlines(_Strict):
 
 class LifecycleConfig(_Strict):
     deadlines: Deadlines = Deadlines()
+    budget: BudgetConfig | None = None  # None: the health policy's budget section
     preflight_max_attempts: int = Field(3, ge=1)  # the gate's max_attempts: used up -> retire
     escalate: bool = True  # False: deadlines are reported (Events, explain) but nothing is escalated
     node_selector: dict[str, str] = Field(default_factory=dict)

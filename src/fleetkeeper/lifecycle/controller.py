@@ -117,7 +117,7 @@ class Lifecycle:
         return machine.facts_of(node, self.names, left)
 
     def snapshot(self) -> bud.Snapshot:
-        return bud.snapshot(self.nodes.items(), self.names, self.budget.cfg)
+        return bud.snapshot(self.nodes.items(), self.names, self.budget.cfg, self.selected)
 
     def admits(self, node: NodeView, now: float) -> bool:
         snap = self.snapshot()
@@ -186,6 +186,8 @@ async def reload_loop(mgr: Manager, lc: Lifecycle, src: ConfigMapKey[LifecycleCo
         if cfg is not None:
             log.info("lifecycle configuration reloaded")
             lc.cfg = cfg
+            if cfg.budget is not None:
+                lc.budget.configure(cfg.budget, pin=True)
             for k in lc.nodes.keys():
                 lc.controller.enqueue(k)
 
@@ -195,6 +197,8 @@ async def setup(mgr: Manager, options: LifecycleOptions | None) -> None:
     src = config_source(mgr)
     cfg = opts.config or await src.load()
     lc = Lifecycle(mgr, cfg, shared_provider(mgr, opts.provider))
+    if cfg.budget is not None:
+        lc.budget.configure(cfg.budget, pin=True)
     mgr.lifecycle = lc  # type: ignore[attr-defined]  # for the demo and tests in the same process
     mgr.add("lifecycle", lc.controller.run)
     mgr.add("lifecycle-resync", lc.resync_loop)

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from fleetkeeper.core.clock import Clock, RealClock
 from fleetkeeper.core.domain import Names
@@ -64,6 +64,13 @@ class Agent:
         self.metrics = AgentMetrics(self.registry)
         self.traffic = TrafficCollector(self.registry, pod_series=settings.pod_series,
                                         max_pod_series=settings.max_pod_series)
+        # the agent's own metrics alone, for the scrape path (the traffic series are rendered apart)
+        self._own = CollectorRegistry()
+        for m in vars(self.metrics).values():
+            self._own.register(m)
+        # one reader of the counters at a time: an older snapshot folded after a
+        # newer one would look like a counter reset
+        self._read_lock = asyncio.Lock()
         self.tc = S.Tc(runner)
         self._ipt: Iptables | None = None
         self._pods: list[PodInfo] | None = None
@@ -142,8 +149,9 @@ class Agent:
             pods = await self._read_pods(report)
             report.pods = len(pods)
             ipt = await self.iptables()
-            observed = await ipt.save()
-            self.traffic.observe(observed)
+            async with self._read_lock:
+                observed = await ipt.save()
+                self.traffic.observe(observed)
             marks, tcstate = await self._plan_shaping(pods, observed, report)
             desired = R.desired_rules(pods, self.settings.internal_ranges, marks, S.QDISC_MAJOR)
             plan = R.plan(desired, observed)
@@ -190,9 +198,23 @@ class Agent:
         self.traffic.observe_shaping(out)
 
     async def refresh_stats(self) -> None:
-        """Re-read counters without changing anything (between syncs, for fresher scrapes)."""
+        """Re-read every counter in one ``iptables-save -c`` call, changing nothing."""
         ipt = await self.iptables()
-        self.traffic.observe(await ipt.save())
+        async with self._read_lock:
+            text = await ipt.save_text()
+            try:
+                self.traffic.observe_text(text)
+            except ValueError as exc:
+                raise Temporary(f"{ipt.save_cmd}: {exc}", delay=5) from None
+
+    async def scrape(self) -> bytes:
+        """The /metrics answer: counters read once, at scrape time, then rendered.
+        If they cannot be read, the last values are served (and the failure logged)."""
+        try:
+            await self.refresh_stats()
+        except Temporary as exc:
+            log.warning("scrape: counters not refreshed: %s", exc)
+        return generate_latest(self._own) + self.traffic.render().encode()
 
     async def uninstall(self) -> list[str]:
         """Remove every fleetkeeper chain, jump and the uplink's fleetkeeper qdisc."""

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest
 
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.errors import ConfigError, FleetkeeperError
+from fleetkeeper.core.server import OpsServer
 from fleetkeeper.netacct.agent import Agent
 from fleetkeeper.netacct.iptables import SubprocessRunner
 from fleetkeeper.netacct.pods import FilePodSource, HttpPodSource, PodSource
@@ -78,15 +79,20 @@ def run(config: Optional[Path] = _CONFIG, node: Optional[str] = _NODE, pods_file
     except FleetkeeperError as exc:
         _fail(exc)
         return
-    start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
-    log.info("netacct agent for node %s; metrics on %s", st.node, listen)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await agent.run(stop)
+        # each scrape reads the counters once (one iptables-save -c) and renders them
+        server = OpsServer(registry, host or "0.0.0.0", int(port), exposition=agent.scrape)
+        await server.start()
+        log.info("netacct agent for node %s; metrics on %s", st.node, listen)
+        try:
+            await agent.run(stop)
+        finally:
+            await server.stop()
 
     asyncio.run(main())
 

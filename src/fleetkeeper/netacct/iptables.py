@@ -216,12 +216,17 @@ class Iptables:
     def restore_cmd(self) -> str:
         return f"iptables-{self.backend}-restore"
 
-    async def save(self, table: str = "mangle") -> SaveDump:
+    async def save_text(self, table: str = "mangle") -> str:
+        """``iptables-save -c -t <table>`` as text: one call reads every rule's counters."""
         res = await self.runner.run([self.save_cmd, "-c", "-t", table])
         if res.rc != 0:
             raise Temporary(f"{self.save_cmd} failed ({res.rc}): {res.stderr.strip()[:300]}", delay=5)
+        return res.stdout
+
+    async def save(self, table: str = "mangle") -> SaveDump:
+        text = await self.save_text(table)
         try:
-            return parse_save(res.stdout)
+            return parse_save(text)
         except ParseError as exc:
             raise Temporary(f"{self.save_cmd}: unparseable output: {exc}", delay=5) from None
 

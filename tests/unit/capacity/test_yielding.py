@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fleetkeeper.capacity import yielding as yd
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.views import Condition, NodeView, PodView, Taint, Toleration
@@ -133,3 +135,61 @@ def test_projection_reads_what_the_decision_needs():
     p = yd.waiting_pod_projector(N)(obj)
     assert (p.unit, p.gpus, p.priority, p.node_names, p.unschedulable, p.node_selector) == \
         ("ns/g", 8, 5, ("n1",), True, ((N.pool, "gpu"),))
+
+
+# --- no starvation: reservations -------------------------------------------------
+
+from fleetkeeper.capacity import reserve as rs  # noqa: E402
+
+
+def reserve(nodes, bound, pods, after=300.0, balloons=()):
+    units = yd.units(pods, -1000)
+    y = yd.decide(POOL, nodes, bound, list(balloons), units, N, 100)
+    return rs.decide(POOL, nodes, bound, units, y.blocked, N, NOW, after), y
+
+
+def test_a_gang_waiting_past_the_threshold_gets_the_free_nodes_reserved():
+    nodes = [node(f"n{i}") for i in range(4)]
+    bound = [work("small-0", "n0"), work("small-1", "n1")]  # n2, n3 free; the big gang needs all four
+    big = gang("big", 4, created=NOW - 400)
+    small = gang("small2", 1, created=NOW - 10)
+    plan, y = reserve(nodes, bound, big + small)
+    assert y.blocked == ["ns/big"]
+    assert plan.unit == "ns/big" and plan.needed == 4 and plan.taint == ["n2", "n3"]
+    assert plan.tolerate == [f"ns/big-{i}" for i in range(4)]
+    # below the threshold: nothing reserved
+    plan, _ = reserve(nodes, bound, gang("big", 4, created=NOW - 100))
+    assert plan.unit == "" and plan.taint == []
+
+
+def reserved_node(name: str, tok: str) -> NodeView:
+    return node(name, taints=[(rs.reserved_key(N), tok, "NoSchedule")])
+
+
+def test_a_reservation_grows_as_nodes_free_and_keeps_other_work_off():
+    tok = rs.token("ns/big")
+    nodes = [node("n0"), node("n1"), reserved_node("n2", tok), reserved_node("n3", tok)]
+    bound = [work("x", "n1")]  # n0 freed since the last pass
+    tol = (Toleration(rs.reserved_key(N), "Equal", tok, "NoSchedule"),)
+    big = gang("big", 4, created=NOW - 400, tolerations=tol)
+    small = gang("small", 2, created=NOW - 5)
+    plan, y = reserve(nodes, bound, big + small)
+    assert plan.taint == ["n0"] and plan.untaint == [] and plan.reserved == ["n0", "n2", "n3"]
+    assert plan.tolerate == []
+    # the small gang cannot use the reserved nodes: it does not fit now (it would have taken n2, n3)
+    assert "ns/small" in y.blocked
+
+
+def test_reservations_go_once_the_gang_is_placed_or_gone():
+    tok = rs.token("ns/big")
+    nodes = [reserved_node("n0", tok), reserved_node("n1", tok), node("n2")]
+    plan, _ = reserve(nodes, [], gang("other", 1, created=NOW - 5))
+    assert plan.untaint == ["n0", "n1"] and plan.taint == []
+
+
+def test_work_queued_by_kueue_is_left_to_kueue():
+    nodes = [node(f"n{i}") for i in range(2)]
+    bound = [work("x", "n0")]
+    big = [dataclasses.replace(p, queued=True) for p in gang("big", 2, created=NOW - 1000)]
+    plan, _ = reserve(nodes, bound, big)
+    assert plan.unit == ""
