@@ -50,7 +50,7 @@ from common import scrape, total  # noqa: E402
 
 FK = str(Path(sys.executable).parent / "fleetkeeper")
 SYSTEM_NS = "fleetkeeper-system"
-CONTROLLERS = ("preflight", "health", "capacity", "relay", "teams")
+CONTROLLERS = ("preflight", "health", "lifecycle", "capacity", "relay", "teams")
 
 
 def mem(pid: int) -> tuple[float, float]:
@@ -345,4 +345,12 @@ if __name__ == "__main__":
     ap.add_argument("--sample", type=int, default=300, help="pods created to time the relay's fan-out")
     ap.add_argument("--teams", type=int, default=40)
     ap.add_argument("--parts", default="rss,relay,teams")
-    asyncio.run(main(ap.parse_args()))
+    args = ap.parse_args()
+
+    async def run() -> None:  # SIGTERM/SIGINT cancel the run, so the cluster is stopped
+        import signal
+        task = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+        await main(args)
+    asyncio.run(run())

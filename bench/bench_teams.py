@@ -286,7 +286,7 @@ async def bursts(lc: LocalCluster, kube: Kube, mgr: Manager, pods: int, rounds: 
 
     def counted(sock, name, ctx) -> None:  # called once per TLS handshake
         handshakes[0] += 1
-    mgr.teams_webhook.server.ssl_context.sni_callback = counted
+    mgr.teams_webhook.server.certs.context.sni_callback = counted
     spy = None
     if profile:
         import os

@@ -29,7 +29,7 @@ def deployment_name(pool: str) -> str:
 
 
 def balloon_label(names: Names) -> str:
-    return f"{names.domain}/balloon"
+    return names.balloon
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,10 @@ def priority_class(cfg: BalloonConfig, names: Names) -> dict:
     }
 
 
-def deployment(sizing: PoolSizing, cfg: BalloonConfig, names: Names, namespace: str) -> dict:
-    """The balloon Deployment of one pool (server-side applied as a whole)."""
+def deployment(sizing: PoolSizing, cfg: BalloonConfig, names: Names, namespace: str,
+               replicas: int | None = None) -> dict:
+    """The balloon Deployment of one pool (server-side applied as a whole).
+    ``replicas``: held below the pool's size while work waits for its room."""
     sel = {balloon_label(names): sizing.pool}
     tolerations: list[dict] = []
     if cfg.tolerate_team_taints:
@@ -140,7 +142,7 @@ def deployment(sizing: PoolSizing, cfg: BalloonConfig, names: Names, namespace: 
                      "labels": {**sel, names.managed_by: MANAGER},
                      "annotations": {f"{names.domain}/balloon-size": f"{sizing.per_balloon:g} {sizing.resource}"}},
         "spec": {
-            "replicas": sizing.replicas,
+            "replicas": sizing.replicas if replicas is None else min(replicas, sizing.replicas),
             "selector": {"matchLabels": sel},
             # a preempted balloon is simply re-created; never hold capacity for a surge
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "100%"}},
@@ -160,8 +162,9 @@ def blocked(node: NodeView, names: Names) -> str:
 
 
 def decide(cfg: BalloonConfig, names: Names, namespace: str, nodes: list[NodeView], pods: list[PodView],
-           existing_deployments: list[str] = ()) -> BalloonPlan:
-    """Everything the balloon manager should do now."""
+           existing_deployments: list[str] = (), hold: dict[str, int] | None = None) -> BalloonPlan:
+    """Everything the balloon manager should do now. ``hold``: pool -> replicas
+    while work waits for the pool's room (see :mod:`yielding`)."""
     plan = BalloonPlan()
     label = balloon_label(names)
     wanted: set[str] = set()
@@ -180,7 +183,7 @@ def decide(cfg: BalloonConfig, names: Names, namespace: str, nodes: list[NodeVie
         if sizing.problem:
             plan.problems.append(sizing.problem)
         else:
-            plan.deployments.append(deployment(sizing, cfg, names, namespace))
+            plan.deployments.append(deployment(sizing, cfg, names, namespace, (hold or {}).get(pool.name)))
         for p in members:
             node = by_name.get(p.node)
             why = blocked(node, names) if node else ""

@@ -77,7 +77,7 @@ def config_cmd(config: Optional[Path] = _CONFIG) -> None:
 async def _balloon_plan(kubeconfig, namespace, domain, config) -> tuple[bl.BalloonPlan, CapacityConfig, str]:
     names = Names(domain)
     cfg = _file_config(config)
-    async with await Kube.connect(_kubeconfig(kubeconfig)) as kube:
+    async with await cliutil.connect(_kubeconfig(kubeconfig)) as kube:
         cfg = await _cluster_config(kube, namespace, cfg)
         ns = cfg.balloons.namespace or namespace
         proj = default_projector(domain)
@@ -89,10 +89,22 @@ async def _balloon_plan(kubeconfig, namespace, domain, config) -> tuple[bl.Ballo
 
 
 @app.command("balloons")
-def balloons_cmd(config: Optional[Path] = _CONFIG, kubeconfig: Optional[str] = _KUBECONFIG,
-                 namespace: str = _NAMESPACE, domain: str = _DOMAIN) -> None:
+def balloons_cmd(config: Optional[Path] = _CONFIG, kubeconfig: Optional[str] = _KUBECONFIG, context: Optional[str] = cliutil.context_option(),
+                 namespace: str = _NAMESPACE, domain: str = _DOMAIN, output: str = cliutil.output_option()) -> None:
     """What the balloon manager would do now, and the idle capacity balloons hold per pool (read-only)."""
     plan, cfg, ns = _run(_balloon_plan(kubeconfig, namespace, domain, config))
+    if cliutil.emit_structured({
+            "namespace": ns, "priorityClass": cfg.balloons.priority_class,
+            "pools": [{"pool": st.pool, "desired": st.desired, "running": st.running, "pending": st.pending,
+                       "idleCapacity": st.idle_capacity, "resource": st.resource,
+                       "blockedNodes": len(st.blocked_nodes)} for st in plan.status],
+            "apply": [{"deployment": d["metadata"]["name"], "replicas": d["spec"]["replicas"]}
+                      for d in plan.deployments],
+            "delete": list(plan.delete_deployments),
+            "evictions": [{"pod": f"{ev.namespace}/{ev.name}", "node": ev.node, "reason": ev.reason}
+                          for ev in plan.evictions],
+            "problems": list(plan.problems)}, output):
+        return
     typer.echo(f"balloons in namespace {ns}, priority class {cfg.balloons.priority_class} "
                f"(value {cfg.balloons.priority})")
     for st in plan.status:
@@ -111,7 +123,7 @@ def balloons_cmd(config: Optional[Path] = _CONFIG, kubeconfig: Optional[str] = _
 
 
 @app.command("manifests")
-def manifests_cmd(config: Optional[Path] = _CONFIG, kubeconfig: Optional[str] = _KUBECONFIG,
+def manifests_cmd(config: Optional[Path] = _CONFIG, kubeconfig: Optional[str] = _KUBECONFIG, context: Optional[str] = cliutil.context_option(),
                   namespace: str = _NAMESPACE, domain: str = _DOMAIN) -> None:
     """Print the PriorityClass and balloon Deployments as YAML (sized from the cluster's nodes)."""
     plan, _, _ = _run(_balloon_plan(kubeconfig, namespace, domain, config))
@@ -121,7 +133,7 @@ def manifests_cmd(config: Optional[Path] = _CONFIG, kubeconfig: Optional[str] = 
 
 async def _gangs(kubeconfig, namespace: Optional[str], domain: str) -> list[str]:
     names = Names(domain)
-    async with await Kube.connect(_kubeconfig(kubeconfig)) as kube:
+    async with await cliutil.connect(_kubeconfig(kubeconfig)) as kube:
         items, _ = await kube.list(PODS, namespace, label_selector=names.gang)
         proj = gg.gang_pod_projector(names)
         by: dict[str, list[gg.GangPod]] = {}
@@ -146,9 +158,12 @@ async def _gangs(kubeconfig, namespace: Optional[str], domain: str) -> list[str]
 
 @app.command("gangs")
 def gangs_cmd(namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="default: all namespaces"),
-              kubeconfig: Optional[str] = _KUBECONFIG, domain: str = _DOMAIN) -> None:
+              kubeconfig: Optional[str] = _KUBECONFIG, context: Optional[str] = cliutil.context_option(), domain: str = _DOMAIN,
+              output: str = cliutil.output_option()) -> None:
     """Every gang (pods labelled <domain>/gang), its size and state."""
     lines = _run(_gangs(kubeconfig, namespace, domain))
+    if cliutil.emit_structured({"gangs": lines}, output):
+        return
     for line in lines or ["no gangs"]:
         typer.echo(line)
 

@@ -48,10 +48,13 @@ class BalloonConfig(BaseModel):
 
     enabled: bool = True
     namespace: str | None = Field(None, description="where balloon Deployments live; None: the manager's namespace")
-    priority_class: str = "fleetkeeper-balloon"
-    priority: int = Field(-5, ge=-1_000_000_000, le=-1,
-                          description="negative, so any real work (priority 0 and up) preempts a balloon; "
-                                      "keep it above cluster-autoscaler's --expendable-pods-priority-cutoff")
+    priority_class: str = Field("fleetkeeper-balloon-lowest",
+                                description="its value is immutable: a new priority needs a new name")
+    priority: int = Field(-1000, ge=-1_000_000_000, le=-1,
+                          description="the lowest rung: below real work (0 and up), borrowers (teams' low "
+                                      "priority, e.g. -100) and periodic test pods (-100), so all of them get a "
+                                      "balloon's node; set cluster-autoscaler's --expendable-pods-priority-cutoff "
+                                      "below it (e.g. -10000)")
     image: str = "registry.k8s.io/pause:3.10"
     tolerate_team_taints: bool = Field(True, description="balloons also keep teams' dedicated nodes warm")
     tolerations: list[dict[str, str]] = Field(
@@ -59,6 +62,13 @@ class BalloonConfig(BaseModel):
                                           "never add the preflight or quarantine taints here")
     evict_per_minute: float = Field(60.0, gt=0, le=6000,
                                     description="rate limit for removing balloons from preflight/quarantined nodes")
+    yield_to_waiting: bool = Field(True, description="release exactly the balloons that waiting work (a gang as "
+                                                     "a unit) needs, in one step, instead of leaving it to "
+                                                     "one-victim-at-a-time preemption")
+    release_per_minute: float = Field(600.0, gt=0, le=100_000, description="rate limit for releasing balloons")
+    release_burst: int = Field(512, ge=1, le=100_000,
+                               description="balloons that may be released at once (a gang larger than this "
+                                           "is served once the bucket is full)")
     pools: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig(name="gpu", resource="gpu"),
                                                              PoolConfig(name="cpu", resource="cpu")])
 
@@ -107,11 +117,19 @@ class GangConfig(BaseModel):
                                        "after the last member appears before fixing the gang size")
     cleanup_grace_seconds: float = Field(30.0, ge=0, le=86_400,
                                          description="delete a gang's group objects this long after its last pod")
+    reserve_after_seconds: float | None = Field(
+        300.0, ge=1, le=86_400, description="a gang that fits its pool but has waited this long for room gets "
+                                            "nodes reserved as they free up (taint + toleration), so smaller "
+                                            "gangs stop taking them; None: never reserve")
+    reserve_per_minute: float = Field(120.0, gt=0, le=10_000, description="rate limit for reservation taints")
     webhook_port: int = Field(9445, ge=0, le=65535, description="0: any free port (local clusters)")
     webhook_host: str = "127.0.0.1"
     webhook_url: str | None = Field(None, description="URL the API server calls (local clusters); "
                                                       "None: register via the Service below")
     webhook_service: str = "fleetkeeper-capacity-webhook"
+    webhook_cert_dir: str = Field("", description="a mounted serving certificate (tls.crt, tls.key, ca.crt) shared "
+                                                  "by every replica and reloaded when it changes; empty: a "
+                                                  "self-signed one made at start (local clusters)")
     manage_webhook_registration: bool = True
 
 

@@ -28,16 +28,18 @@ from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.events import EventRecorder, ObjectRef
 from fleetkeeper.core.kube import (
-    CONFIGMAPS, COSCHED_PODGROUPS, DEPLOYMENTS, MUTATING_WEBHOOKS, NAMESPACES, PODGROUPS, PODS, PRIORITYCLASSES,
+    CONFIGMAPS, COSCHED_PODGROUPS, DEPLOYMENTS, MUTATING_WEBHOOKS, NAMESPACES, NODES, PODGROUPS, PODS, PRIORITYCLASSES,
     WORKLOADS, Kube, Resource, build_request,
 )
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.ratelimit import TokenBucket
-from fleetkeeper.core.pki import write_serving_cert
+from fleetkeeper.core.pki import mounted_serving_cert, write_serving_cert
 from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
 
 from fleetkeeper.capacity import balloons as bl
 from fleetkeeper.capacity import gangs as gg
+from fleetkeeper.capacity import reserve as rs
+from fleetkeeper.capacity import yielding as yd
 from fleetkeeper.capacity.config import CONFIGMAP_KEY, CONFIGMAP_NAME, CapacityConfig, load_config, load_config_text
 from fleetkeeper.capacity.metrics import GANG_STATES, CapacityMetrics
 
@@ -46,6 +48,7 @@ log = logging.getLogger("fleetkeeper.capacity")
 WEBHOOK_PATH = "capacity-gang"
 WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
 MIN_BALLOON_PASS_SECONDS = 1.0
+HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often even without events
 MESSAGE_REFRESH_SECONDS = 5.0  # a gang's message annotation is refreshed at most this often
 _GROUP_KIND = {PODGROUPS: "PodGroup", WORKLOADS: "Workload", COSCHED_PODGROUPS: "CoschedulingPodGroup"}
 
@@ -91,7 +94,27 @@ class BalloonManager:
         self.bucket = TokenBucket(cfg.balloons.evict_per_minute / 60.0, max(1, int(cfg.balloons.evict_per_minute // 6)),
                                   mgr.clock)
         self.controller = Controller("capacity-balloons", self.reconcile, metrics=mgr.metrics, clock=mgr.clock)
+        b = cfg.balloons
+        self.release_bucket = TokenBucket(b.release_per_minute / 60.0, b.release_burst, mgr.clock)
+        self.reserve_after = cfg.gangs.reserve_after_seconds if cfg.gangs.enabled else None
+        self.reserve_bucket = TokenBucket(cfg.gangs.reserve_per_minute / 60.0,
+                                          max(1, int(cfg.gangs.reserve_per_minute // 4)), mgr.clock)
+        self._reserved: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.last_reserve: dict[str, rs.ReservePlan] = {}
+        self.waiting = None
+        if (b.enabled and b.yield_to_waiting) or self.reserve_after is not None:
+            # unbound pods only (a bound pod leaves this informer): what waits for room
+            self.waiting = mgr.informer(PODS, yd.waiting_pod_projector(self.names), field_selector="spec.nodeName=",
+                                        key="capacity-waiting-pods")
+            self.waiting.add_handler(self.controller.handler(
+                lambda k, o, n: None if (o is not None and n is not None and o.unschedulable == n.unschedulable
+                                         and o.deleting == n.deleting) or (n or o).balloon else "pools"))
+        self.last_yield: dict[str, yd.PoolYield] = {}
+        self._units: list[yd.Unit] = []
+        self._pool_nodes: dict[str, list] = {}
+        self._pool_bound: dict[str, list] = {}
         self._applied: dict[str, str] = {}
+        self._sized: dict[str, str] = {}
         self._ns_ready = False
         self._last_problems: list[str] = []
         self._last_pass = -1e9
@@ -108,7 +131,7 @@ class BalloonManager:
         await self.controller.run()
 
     async def _ensure_namespace(self) -> None:
-        if self._ns_ready or self.dry_run:
+        if self._ns_ready or self.dry_run or not self.cfg.balloons.enabled:
             return
         try:
             await self.kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
@@ -137,13 +160,14 @@ class BalloonManager:
             return Result(requeue_after=MIN_BALLOON_PASS_SECONDS - since)
         self._last_pass = self.clock.monotonic()
         await self._ensure_namespace()
-        existing: list[str] = []
-        if not self.dry_run:
-            items, _ = await self.kube.list(DEPLOYMENTS, self.namespace,
-                                            label_selector=f"{self.names.managed_by}={bl.MANAGER}")
-            existing = [d["metadata"]["name"] for d in items
-                        if bl.balloon_label(self.names) in ((d["metadata"].get("labels")) or {})]
-        plan = bl.decide(self.cfg.balloons, self.names, self.namespace, self.nodes.items(), self.pods.items(), existing)
+        items, _ = await self.kube.list(DEPLOYMENTS, self.namespace,
+                                        label_selector=f"{self.names.managed_by}={bl.MANAGER}")
+        existing = [d["metadata"]["name"] for d in items
+                    if bl.balloon_label(self.names) in ((d["metadata"].get("labels")) or {})]
+        yields = self._yields()
+        hold = {y.pool: y.kept for y in yields if y.hold}
+        plan = bl.decide(self.cfg.balloons, self.names, self.namespace, self.nodes.items(), self.pods.items(), existing,
+                         hold=hold)
         self.last_plan = plan
         if plan.problems != self._last_problems:
             for problem in plan.problems:
@@ -155,21 +179,31 @@ class BalloonManager:
             except errors.Invalid as exc:
                 raise errors.Terminal(f"PriorityClass {self.cfg.balloons.priority_class}: {exc} (its value is "
                                       f"immutable: delete it to change the balloon priority)") from exc
+        # the chosen balloons first get the lowest deletion cost, then the Deployment is held at the balloons
+        # that stay: the ReplicaSet removes exactly those, in one step, and starts none in their place
+        await self._release(yields)
+        await self._reserve_room(yields)
         for dep in plan.deployments:
-            if await self._apply(DEPLOYMENTS, dep):
-                meta = dep["metadata"]
+            meta = dep["metadata"]
+            sized = f"{(self.last_plan_sizing(meta['name']))}"
+            if await self._apply(DEPLOYMENTS, dep) and self._sized.get(meta["name"]) != sized:
+                self._sized[meta["name"]] = sized
                 await self.recorder.emit(
                     ObjectRef("Deployment", meta["name"], meta["namespace"], api_version="apps/v1"),
                     "BalloonPoolSized",
                     f"{dep['spec']['replicas']} balloons of {meta['annotations'][f'{self.names.domain}/balloon-size']} "
                     f"each, one per node of pool {meta['labels'][bl.balloon_label(self.names)]}")
         for name in plan.delete_deployments:
+            why = "balloons are disabled" if not self.cfg.balloons.enabled else "pool no longer configured for balloons"
             if self.dry_run:
+                log.info("dry-run: would delete balloon Deployment %s/%s (%s)", self.namespace, name, why)
                 continue
             try:
                 await self.kube.delete(DEPLOYMENTS, name, self.namespace)
+                self._applied = {k: v for k, v in self._applied.items()
+                                 if k != f"{DEPLOYMENTS.plural}/{self.namespace}/{name}"}
                 await self.recorder.emit(ObjectRef("Deployment", name, self.namespace, api_version="apps/v1"),
-                                         "BalloonPoolRemoved", "pool no longer configured for balloons")
+                                         "BalloonPoolRemoved", f"balloon Deployment removed: {why}")
             except errors.NotFound:
                 pass
         requeue = self.cfg.resync_seconds
@@ -198,7 +232,151 @@ class BalloonManager:
             self.metrics.balloons.labels(st.pool, "pending").set(st.pending)
             self.metrics.balloons.labels(st.pool, "desired").set(st.desired)
             self.metrics.blocked.labels(st.pool).set(len(st.blocked_nodes))
+        for y in yields:
+            self.metrics.waiting.labels(y.pool).set(y.waiting_pods)
+            self.metrics.held.labels(y.pool).set(1 if y.hold else 0)
+            if y.hold:
+                requeue = min(requeue, HOLD_RESYNC_SECONDS)
         return Result(requeue_after=requeue)
+
+    def last_plan_sizing(self, name: str) -> str:
+        for st in (self.last_plan.status if self.last_plan else ()):
+            if bl.deployment_name(st.pool) == name:
+                return f"{st.desired} {st.resource}"
+        return ""
+
+    def _yields(self) -> list[yd.PoolYield]:
+        """Per GPU pool: which balloons to release for the work waiting for it (pure decision, see yielding)."""
+        b = self.cfg.balloons
+        if self.waiting is None:
+            return []
+        waiting = yd.units(self.waiting.items(), b.priority)
+        self._units = waiting
+        label, released_key = self.names.balloon, yd.released_annotation(self.names)
+        nodes, pods = self.nodes.items(), self.pods.items()
+        budget = self.release_bucket.available()
+        out = []
+        for pool in b.pools:
+            if not pool.enabled or pool.resource != "gpu":
+                continue  # CPU pools: the scheduler's preemption frees them (one pod, one balloon)
+            pool_nodes = [n for n in nodes if n.labels.get(self.names.pool) == pool.name]
+            sizing = bl.size_pool(pool, pool_nodes)
+            usable = [n for n in pool_nodes if n.ready and not n.unschedulable and not n.deleting]
+            self._pool_nodes[pool.name] = usable
+            if not waiting or sizing.problem:
+                out.append(yd.PoolYield(pool.name))
+                continue
+            names_ = {n.name for n in usable}
+            bound = [p for p in pods if p.node in names_ and p.active]
+            balloons = [yd.Balloon(p.namespace, p.name, p.node, sizing.per_balloon,
+                                   released=p.deleting or released_key in p.annotations)
+                        for p in pods if p.labels.get(label) == pool.name and p.namespace == self.namespace
+                        and p.node in names_ and p.phase not in ("Succeeded", "Failed")] if b.enabled else []
+            self._pool_bound[pool.name] = bound
+            y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget)
+            budget -= y.release_count
+            out.append(y)
+        self.last_yield = {y.pool: y for y in out}
+        return out
+
+    async def _reserve_room(self, yields: list[yd.PoolYield]) -> None:
+        """No starvation: reserve nodes for the gang that waited too long (pure plan: reserve.decide)."""
+        key = rs.reserved_key(self.names)
+        now = self.clock.now()
+        for y in yields:
+            nodes = self._pool_nodes.get(y.pool, [])
+            if not nodes:
+                continue
+            plan = rs.decide(y.pool, nodes, self._pool_bound.get(y.pool, []), self._units, y.blocked, self.names,
+                             now, self.reserve_after)
+            self.last_reserve[y.pool] = plan
+            # the gang's pods first get the toleration, so that the nodes reserved are theirs
+            waiting = {f"{p.namespace}/{p.name}": p for u in self._units for p in u.pods}
+            for name in plan.tolerate:
+                pod = waiting.get(name)
+                if pod is None or self.dry_run:
+                    continue
+                tol = {"key": key, "operator": "Equal", "value": plan.token, "effect": "NoSchedule"}
+                ops = [{"op": "add", "path": "/spec/tolerations/-", "value": tol}] if pod.tolerations else \
+                    [{"op": "add", "path": "/spec/tolerations", "value": [tol]}]
+                try:
+                    await self.kube.patch(PODS, pod.name, ops, pod.namespace, patch_type="json")
+                except (errors.NotFound, errors.Invalid, errors.Conflict) as exc:
+                    log.info("reservation toleration for %s: %s", name, exc)
+            for node, value in [(n, plan.token) for n in plan.taint] + [(n, None) for n in plan.untaint]:
+                op = "reserve" if value else "release"
+                if not self.reserve_bucket.take():
+                    self.metrics.reservations.labels(op, "rate_limited").inc()
+                    continue
+                result = "dry_run" if self.dry_run else await self._set_taint(node, key, value)
+                self.metrics.reservations.labels(op, result).inc()
+                if result in ("ok", "dry_run"):
+                    await self.recorder.emit(
+                        ObjectRef("Node", node), "NodeReserved" if value else "NodeReservationRemoved",
+                        (f"reserved for gang {plan.unit} (waited {plan.waited:.0f}s): only its pods may start here "
+                         f"until it is placed" if value else "reservation removed: the gang it was for is placed "
+                         "or gone") + (" [dry-run]" if self.dry_run else ""))
+            self.metrics.reserved.labels(y.pool).set(len(plan.reserved))
+            state = (plan.unit, tuple(plan.reserved))
+            if plan.unit and self._reserved.get(y.pool) != state:
+                self._reserved[y.pool] = state
+                ns, _, gang = plan.unit.partition("/")
+                await self.recorder.emit(
+                    ObjectRef("PodGroup", gang, ns, api_version=PODGROUPS.api_version), "GangRoomReserved",
+                    f"gang {gang} waited {plan.waited:.0f}s (over {self.reserve_after:.0f}s): {len(plan.reserved)} "
+                    f"of the {plan.needed} nodes it needs reserved, the rest as they free up; smaller work no "
+                    f"longer takes them" + (" [dry-run]" if self.dry_run else ""))
+            elif not plan.unit:
+                self._reserved.pop(y.pool, None)
+
+    async def _set_taint(self, node: str, key: str, value: str | None) -> str:
+        """Add (value) or remove (None) the reservation taint; optimistic, a conflict waits for the next pass."""
+        try:
+            obj = await self.kube.get(NODES, node)
+        except errors.NotFound:
+            return "error"
+        taints = [t for t in (obj.get("spec") or {}).get("taints") or () if t.get("key") != key]
+        if value is not None:
+            taints.append({"key": key, "value": value, "effect": "NoSchedule"})
+        try:
+            await self.kube.patch(NODES, node, {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
+                                                "spec": {"taints": taints}})
+        except (errors.Conflict, errors.NotFound) as exc:
+            log.info("reservation taint on %s: %s (next pass)", node, exc)
+            return "error"
+        return "ok"
+
+    async def _release(self, yields: list[yd.PoolYield]) -> None:
+        released_key = yd.released_annotation(self.names)
+        for y in yields:
+            if y.over_budget:
+                log.info("balloons of pool %s: release for %s waits for the rate limit", y.pool,
+                         ", ".join(y.over_budget[:5]))
+            for rel in y.releases:
+                n = len(rel.balloons)
+                if not self.release_bucket.take(n):
+                    self.metrics.releases.labels(y.pool, "rate_limited").inc(n)
+                    continue
+                result = "dry_run" if self.dry_run else "ok"
+                for bal in rel.balloons:
+                    if self.dry_run:
+                        continue
+                    try:
+                        await self.kube.patch(PODS, bal.name, {"metadata": {"annotations": {
+                            yd.DELETION_COST: yd.RELEASE_COST, released_key: rel.unit[:250]}}}, bal.namespace)
+                    except errors.NotFound:
+                        pass
+                    except errors.ApiError as exc:
+                        result = "error"
+                        log.warning("could not release balloon %s/%s: %s", bal.namespace, bal.name, exc)
+                self.metrics.releases.labels(y.pool, result).inc(n)
+                what = f"gang {rel.unit}" if "/pod/" not in rel.unit else f"pod {rel.unit.replace('/pod/', '/')}"
+                nodes = ", ".join(bal.node for bal in rel.balloons[:10]) + (" ..." if n > 10 else "")
+                await self.recorder.emit(
+                    ObjectRef("Deployment", bl.deployment_name(y.pool), self.namespace, api_version="apps/v1"),
+                    "BalloonsReleased",
+                    f"{n} balloon(s) of pool {y.pool} released in one step for {what} ({rel.pods} pod(s), "
+                    f"{rel.gpus} GPUs waiting): {nodes}" + (" [dry-run]" if self.dry_run else ""))
 
 
 class GangManager:
@@ -271,8 +449,9 @@ class GangManager:
         res = Resource(api[0], api[1], api[2], kind, True)
         obj = await self.kube.get_or_none(res, name, pods[0].namespace)
         if obj is None or obj["metadata"].get("uid") != uid:
-            return gg.Owner(kind, name, uid, api_version, None)
-        return gg.Owner(kind, name, uid, api_version, gg.owner_replicas(kind, obj), gg.owner_problem(kind, obj))
+            return gg.Owner(kind, name, uid, api_version, None, gone=True)
+        return gg.Owner(kind, name, uid, api_version, gg.owner_replicas(kind, obj), gg.owner_problem(kind, obj),
+                        deleting=bool(obj["metadata"].get("deletionTimestamp")))
 
     async def reconcile(self, key: str) -> Result | None:
         ns, gang = key.split("/", 1)
@@ -438,9 +617,15 @@ class GangWebhook:
 
     async def run(self) -> None:
         g = self.cfg.gangs
-        cert_dir = self.options.webhook_cert_dir or Path(tempfile.gettempdir()) / "fleetkeeper-capacity-webhook"
-        hosts = [g.webhook_host, f"{g.webhook_service}.{self.namespace}.svc", "localhost"]
-        cert = await asyncio.to_thread(write_serving_cert, cert_dir, hosts, common_name="fleetkeeper-capacity-webhook")
+        cert = mounted_serving_cert(Path(g.webhook_cert_dir)) if g.webhook_cert_dir else None
+        if cert is None and g.webhook_cert_dir:
+            raise errors.ConfigError("capacity", [("gangs.webhook_cert_dir", g.webhook_cert_dir,
+                                                   "no tls.crt and tls.key there")])
+        if cert is None:  # local clusters: a self-signed certificate of this process
+            cert_dir = self.options.webhook_cert_dir or Path(tempfile.gettempdir()) / "fleetkeeper-capacity-webhook"
+            hosts = [g.webhook_host, f"{g.webhook_service}.{self.namespace}.svc", "localhost"]
+            cert = await asyncio.to_thread(write_serving_cert, cert_dir, hosts,
+                                           common_name="fleetkeeper-capacity-webhook")
         self.server = WebhookServer(str(cert.cert), str(cert.key), host=g.webhook_host, port=g.webhook_port,
                                     registry=self.registry)
         self.server.add(WEBHOOK_PATH, self.handler)
@@ -512,9 +697,10 @@ async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
     metrics = CapacityMetrics(mgr.registry)
     recorder = mgr.recorder("capacity")
     cap = Capacity(cfg, metrics)
-    if cfg.balloons.enabled:
-        cap.balloons = BalloonManager(mgr, cfg, metrics, recorder)
-        mgr.add("capacity-balloons", cap.balloons.run)
+    # started when balloons are off too: its plan then removes the balloon Deployments a previous
+    # configuration left behind (turning a feature off cleans up after it)
+    cap.balloons = BalloonManager(mgr, cfg, metrics, recorder)
+    mgr.add("capacity-balloons", cap.balloons.run)
     if cfg.gangs.enabled:
         cap.gangs = GangManager(mgr, cfg, metrics, recorder)
         mgr.add("capacity-gangs", cap.gangs.run)

@@ -99,7 +99,7 @@ async def demo(ctx) -> Outcome:
         pods = counts[loser][1]
         if pods:
             lines = await explain_pod(kube, names, NS, pods[0]["metadata"]["name"])
-            pick = [line for line in lines if line.startswith("waiting whole")] or \
+            pick = [line for line in lines if line.startswith("scheduler on PodGroup")] or \
                 [line for line in lines if line.startswith("gang state")]
             if pick:
                 ctx.report(f"explain pod {NS}/{pods[0]['metadata']['name']}: {pick[0][:160]}")

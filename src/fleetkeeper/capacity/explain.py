@@ -52,22 +52,40 @@ async def explain_pod(kube: Kube, names: Names, namespace: str, name: str) -> li
     lines.append(f"minimum members placed together: {min_count}; members: {len(active)} active, "
                  f"{len(bound)} placed, {sum(1 for m in members if m.phase == 'Succeeded')} succeeded, "
                  f"{sum(1 for m in members if m.phase == 'Failed')} failed")
-    cond = gg.group_condition(group)
-    if cond is not None:
-        lines.append(f"scheduler: PodGroupScheduled={cond.get('status')} {cond.get('reason', '')}"
-                     + (f": {cond['message']}" if cond.get("message") else ""))
+    lines.extend(scheduler_lines(pod, group))
     ann = (group["metadata"].get("annotations") or {})
     state = ann.get(gg.state_annotation(names))
     if state:
-        lines.append(f"gang state: {state}: {ann.get(gg.message_annotation(names), '')}")
-    if not member.node and member.active:
-        if len(active) < min_count:
-            lines.append(f"waiting whole: only {len(active)} of {min_count} members exist")
-        elif len(bound) < min_count:
-            lines.append(f"waiting whole: the scheduler places all {min_count} members at once or none; there is "
-                         f"no room for all of them yet (no member takes a node while the others cannot)")
-            if member.scheduled_message:
-                lines.append(f"pod condition: {member.scheduled_message}")
+        lines.append(f"gang state (fleetkeeper): {state}: {ann.get(gg.message_annotation(names), '')}")
+    if not member.node and member.active and len(active) < min_count:
+        lines.append(f"waiting whole: only {len(active)} of {min_count} members exist (the scheduler keeps every "
+                     f"member out of its queue until {min_count} exist)")
+    return lines
+
+
+def scheduler_lines(pod: dict, group: dict | None) -> list[str]:
+    """What kube-scheduler itself reported: the pod's PodScheduled condition and
+    the PodGroup's conditions, quoted, not inferred."""
+    lines: list[str] = []
+    if group is not None:
+        conds = (group.get("status") or {}).get("conditions") or ()
+        for c in conds:
+            lines.append(f"scheduler on PodGroup: {c.get('type')}={c.get('status')} {c.get('reason', '')}"
+                         + (f": {c['message']}" if c.get("message") else "")
+                         + (f" (since {c['lastTransitionTime']})" if c.get("lastTransitionTime") else ""))
+        if not conds:
+            lines.append("scheduler on PodGroup: no conditions yet (no scheduling cycle of this group has finished)")
+    sched = next((c for c in (pod.get("status") or {}).get("conditions") or () if c.get("type") == "PodScheduled"),
+                 None)
+    nominated = (pod.get("status") or {}).get("nominatedNodeName")
+    if sched is not None:
+        lines.append(f"scheduler on pod: PodScheduled={sched.get('status')} {sched.get('reason', '')}"
+                     + (f": {sched['message']}" if sched.get("message") else ""))
+    elif not (pod.get("spec") or {}).get("nodeName"):
+        lines.append("scheduler on pod: no PodScheduled condition: the scheduler has not tried this pod yet (its "
+                     "gang plugin keeps members out of the queue until the PodGroup and enough members exist)")
+    if nominated:
+        lines.append(f"scheduler on pod: nominated to node {nominated} (waiting for preemption victims to go)")
     return lines
 
 

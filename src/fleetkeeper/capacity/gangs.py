@@ -28,9 +28,9 @@ import re
 from dataclasses import dataclass, field
 
 from fleetkeeper.core.domain import Names
-from fleetkeeper.core.kube import COSCHED_PODGROUPS, PODGROUPS, WORKLOADS
+from fleetkeeper.core.resources import COSCHED_PODGROUPS, PODGROUPS, WORKLOADS
 from fleetkeeper.core.views import parse_time
-from fleetkeeper.core.webhook import Admission, AdmissionRequest, json_patch_path
+from fleetkeeper.core.admission import Admission, AdmissionRequest, json_patch_path
 
 from fleetkeeper.capacity.config import CapacityConfig
 
@@ -112,6 +112,13 @@ class Owner:
     api_version: str
     replicas: int | None  # None: unknown (owner gone, or a kind without a replica count)
     problem: str = ""  # a setting of the owner that stops its gang from ever starting
+    gone: bool = False  # the owner no longer exists (or a new object of that name has another uid)
+    deleting: bool = False  # the owner has a deletionTimestamp
+
+    @property
+    def ending(self) -> bool:
+        """The owner is gone or being deleted: its pods are about to go too."""
+        return self.gone or self.deleting
 
 
 def owner_problem(kind: str, obj: dict) -> str:
@@ -262,7 +269,12 @@ def _state_of(objs: GroupObjects, names: Names) -> str:
 
 
 def gang_state(pods: list[GangPod], min_count: int, node_ok: dict[str, bool], group: dict | None) -> tuple[str, str]:
-    """(state, human message) of a gang from its members and the nodes under them."""
+    """(state, human message) of a gang from its members and the nodes under them.
+
+    A gang is Running from the moment ``min_count`` members were placed until
+    every member has finished: members that already succeeded count as placed,
+    so a gang whose members finish at different times does not fall back to
+    Waiting while the last ones run."""
     active = [p for p in pods if p.active]
     succeeded = [p for p in pods if p.phase == "Succeeded"]
     failed = [p for p in pods if p.phase == "Failed"]
@@ -281,9 +293,10 @@ def gang_state(pods: list[GangPod], min_count: int, node_ok: dict[str, bool], gr
             return "Completed", f"{len(succeeded)} members succeeded"
         if failed:
             return "Failed", f"{len(failed)} members failed, {len(succeeded)} succeeded"
-    if len(bound) >= min_count:
+    if bound and len(bound) + len(succeeded) >= min_count:
         running = sum(1 for p in bound if p.phase == "Running")
-        return "Running", f"{len(bound)}/{min_count} members placed, {running} running"
+        return "Running", (f"{len(bound) + len(succeeded)}/{min_count} members placed, {running} running"
+                           + (f", {len(succeeded)} succeeded" if succeeded else ""))
     if len(active) < min_count:
         return "Waiting", (f"{len(active)} of {min_count} members exist; the scheduler holds all of them until "
                            f"{min_count} exist")
@@ -318,6 +331,11 @@ def decide_gang(key: str, pods: list[GangPod], owner: Owner | None, objs: GroupO
         return plan
     if all(p.deleting for p in pods):
         return plan  # the gang is going away (e.g. its namespace): create nothing; clean up once the pods are gone
+    if owner is not None and owner.ending:
+        # the Job/StatefulSet is gone or being deleted and its pods follow: never build a group from the pods
+        # that are left (it would have the wrong size and an owner that no longer exists); clean up once they are gone
+        plan.message = f"owner {owner.kind} {owner.name} is {'being deleted' if owner.deleting else 'gone'}"
+        return plan
     if not _DNS_LABEL.match(gang) or len(gang) > 63:
         plan.problems.append(f"gang name {gang!r} is not a DNS label; PodGroups cannot be named after it")
         return plan

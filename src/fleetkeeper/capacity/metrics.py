@@ -22,6 +22,21 @@ class CapacityMetrics:
         self.evictions = Counter(f"{PREFIX}_balloon_evictions_total",
                                  "Balloons removed from preflight/quarantined nodes",
                                  ["pool", "result"], registry=registry)
+        self.releases = Counter(f"{PREFIX}_balloon_releases_total",
+                                "Balloons released in one step for waiting work (a gang as a unit)",
+                                ["pool", "result"], registry=registry)
+        self.waiting = Gauge(f"{PREFIX}_balloon_waiting_pods",
+                             "Pods the scheduler found no room for that balloons of the pool could make room for",
+                             ["pool"], registry=registry)
+        self.held = Gauge(f"{PREFIX}_balloon_pool_held",
+                          "1 while work waits for the pool: no new balloon takes room that frees up", ["pool"],
+                          registry=registry)
+        self.reserved = Gauge(f"{PREFIX}_gang_reserved_nodes",
+                              "Nodes reserved for a gang that waited past reserve_after_seconds", ["pool"],
+                              registry=registry)
+        self.reservations = Counter(f"{PREFIX}_node_reservations_total",
+                                    "Reservation taints set (reserve) and removed (release)", ["op", "result"],
+                                    registry=registry)
         self.gangs = Gauge(f"{PREFIX}_gangs", "Gangs by state", ["state"], registry=registry)
         self.group_ops = Counter(f"{PREFIX}_gang_group_operations_total",
                                  "Group objects created/deleted for gangs", ["kind", "op", "result"],
@@ -29,6 +44,9 @@ class CapacityMetrics:
         self.members_lost = Counter(f"{PREFIX}_gang_broken_total",
                                     "Gangs that lost a member while running (the job must restart whole)",
                                     registry=registry)
+        for op in ("reserve", "release"):
+            for r in ("ok", "error", "dry_run", "rate_limited"):
+                self.reservations.labels(op, r)
         for s in GANG_STATES:
             self.gangs.labels(s).set(0)
         for kind in ("Workload", "PodGroup", "CoschedulingPodGroup"):
@@ -45,3 +63,7 @@ class CapacityMetrics:
         self.blocked.labels(pool)
         for r in ("ok", "error", "dry_run", "rate_limited"):
             self.evictions.labels(pool, r)
+            self.releases.labels(pool, r)
+        self.waiting.labels(pool)
+        self.held.labels(pool)
+        self.reserved.labels(pool)

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from fleetkeeper.cli.common import console, out, run_async
+from fleetkeeper.core import cliutil
 from fleetkeeper.core.kube import NODES
 from fleetkeeper.localcluster.cluster import LocalCluster, node_ready, versions
 
@@ -41,12 +42,24 @@ def up(
 
 
 @app.command()
-def status(directory: Path = DirOpt) -> None:
+def status(directory: Path = DirOpt, output: str = cliutil.output_option()) -> None:
     """Show processes, versions and nodes of the local cluster."""
     lc = LocalCluster(directory)
     if not lc.state_path.exists():
         console.print(f"no local cluster in {lc.dir}; start one with 'fleetkeeper cluster up'")
         raise typer.Exit(1)
+    if output != "text":
+        running = lc.running()
+        data: dict = {"dir": str(lc.dir), "kubeconfig": str(lc.kubeconfig), "server": lc.server,
+                      "components": {c: {"running": ok, "pid": lc.state.pids.get(c)} for c, ok in running.items()},
+                      "versions": versions()}
+        if running.get("kube-apiserver"):
+            total, ready = run_async(_count_nodes(lc))
+            data["nodes"] = {"total": total, "ready": ready}
+        cliutil.emit_structured(data, output)
+        if not running.get("kube-apiserver"):
+            raise typer.Exit(1)
+        return
     t = Table(title=f"local cluster {lc.dir}")
     t.add_column("component")
     t.add_column("state")
@@ -59,13 +72,14 @@ def status(directory: Path = DirOpt) -> None:
     if not running.get("kube-apiserver"):
         raise typer.Exit(1)
 
-    async def count() -> tuple[int, int]:
-        async with await lc.connect() as kube:
-            nodes, _ = await kube.list(NODES)
-            return len(nodes), sum(1 for n in nodes if node_ready(n))
-
-    total, ready = run_async(count())
+    total, ready = run_async(_count_nodes(lc))
     out.print(f"API server: {lc.server}   nodes: {total} ({ready} Ready)   kubeconfig: {lc.kubeconfig}")
+
+
+async def _count_nodes(lc: LocalCluster) -> tuple[int, int]:
+    async with await lc.connect() as kube:
+        nodes, _ = await kube.list(NODES)
+        return len(nodes), sum(1 for n in nodes if node_ready(n))
 
 
 @app.command()

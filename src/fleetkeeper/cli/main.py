@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
 from fleetkeeper import __version__
 from fleetkeeper.cli import cluster as cluster_cli
-from fleetkeeper.cli.common import console, kubeconfig_option, out, resolve_kubeconfig, run_async
-from fleetkeeper.core import errors, log as fklog
+from fleetkeeper.cli.common import console, kubeconfig_option, out, run_async
+from fleetkeeper.core import cliutil, errors, log as fklog
 from fleetkeeper.core.config import load_model
 from fleetkeeper.core.domain import DEFAULT_DOMAIN, Names
 from fleetkeeper.core.settings import RuntimeSettings
@@ -30,6 +31,7 @@ from fleetkeeper.core.settings import RuntimeSettings
 COMPONENTS: dict[str, str] = {
     "preflight": "fleetkeeper.preflight",
     "health": "fleetkeeper.health",
+    "lifecycle": "fleetkeeper.lifecycle",  # after health: health registers the machine provider it shares
     "capacity": "fleetkeeper.capacity",
     "relay": "fleetkeeper.relay",
     "netacct": "fleetkeeper.netacct",
@@ -46,6 +48,15 @@ app = typer.Typer(name="fleetkeeper", help="Run a research GPU cluster on Kubern
 app.add_typer(cluster_cli.app, name="cluster")
 
 
+def _budget_command() -> None:
+    from fleetkeeper.lifecycle.cli import budget
+
+    app.command("budget")(budget)
+
+
+_budget_command()
+
+
 def _optional(module: str) -> Any | None:
     try:
         return importlib.import_module(module)
@@ -55,7 +66,14 @@ def _optional(module: str) -> Any | None:
         raise
 
 
+_registered = False
+
+
 def _register_subapps() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
     for name, pkg in COMPONENTS.items():
         mod = _optional(f"{pkg}.cli")
         if mod is not None and hasattr(mod, "app"):
@@ -64,53 +82,80 @@ def _register_subapps() -> None:
         app.add_typer(importlib.import_module(module).app, name=name)
 
 
+def components_with_controllers() -> list[str]:
+    """The components ``fleetkeeper run`` can start (those with a ``controller`` module)."""
+    return [name for name, pkg in COMPONENTS.items() if importlib.util.find_spec(f"{pkg}.controller") is not None]
+
+
 @app.command()
-def version() -> None:
-    """Print fleetkeeper's version and the pinned control-plane versions."""
+def version(output: str = cliutil.output_option()) -> None:
+    """Print fleetkeeper's version (and, from a checkout, the pinned local-cluster versions)."""
     from fleetkeeper.localcluster.cluster import versions
 
+    try:
+        pinned = versions()
+    except OSError:  # an installed wheel has no hack/versions.env
+        pinned = {}
+    if cliutil.emit_structured({"fleetkeeper": __version__, "localCluster": pinned}, output):
+        return
     out.print(f"fleetkeeper {__version__}")
-    for k, v in versions().items():
+    for k, v in pinned.items():
         out.print(f"  {k}: {v}")
+
+
+parse_bind_address = cliutil.parse_bind_address
 
 
 @app.command()
 def run(
-    controllers: str = typer.Option(",".join(COMPONENTS) or "", "--controllers",
-                                    help="comma-separated components to run"),
+    controllers: Optional[str] = typer.Option(None, "--controllers",
+                                              help="comma-separated components to run (default: every component "
+                                                   "with a controller)"),
     kubeconfig: str = kubeconfig_option(),
+    context: Optional[str] = cliutil.context_option(),
     domain: str = typer.Option(DEFAULT_DOMAIN, "--domain", help="label/taint domain"),
     namespace: str = typer.Option("fleetkeeper-system", "--namespace"),
     dry_run: bool = typer.Option(False, "--dry-run", help="decide and report; never write"),
-    metrics_port: int = typer.Option(8080, "--metrics-port", min=0, max=65535),
+    metrics_bind_address: Optional[str] = typer.Option(
+        None, "--metrics-bind-address",
+        help="where /metrics, /healthz and /readyz listen: HOST:PORT or :PORT (default 127.0.0.1:8080; "
+             "in a pod, :8080 so the kubelet's probes reach it)"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535,
+                                               help="port only, on 127.0.0.1 (superseded by --metrics-bind-address)"),
     leader_elect: bool = typer.Option(True, "--leader-elect/--no-leader-elect"),
+    leader_election_id: str = typer.Option("fleetkeeper-manager", "--leader-election-id",
+                                           help="name of the Lease (one per Deployment of the manager)"),
     log_level: str = typer.Option("info", "--log-level"),
     log_format: str = typer.Option("auto", "--log-format", help="json, text or auto"),
 ) -> None:
     """Run the controller manager with the chosen controllers."""
     fklog.setup(log_level, log_format)
-    names = [c.strip() for c in controllers.split(",") if c.strip()]
-    unknown = [c for c in names if c not in COMPONENTS]
+    runnable = components_with_controllers()
+    names = runnable if controllers is None else [c.strip() for c in controllers.split(",") if c.strip()]
+    unknown = [c for c in names if c not in runnable]
     if unknown:
-        console.print(f"[red]unknown controller(s)[/red]: {', '.join(unknown)}; known: {', '.join(COMPONENTS) or 'none'}")
+        console.print(f"[red]unknown controller(s)[/red]: {', '.join(unknown)}; components with controllers: "
+                      f"{', '.join(runnable) or 'none'}")
         raise typer.Exit(2)
     try:
+        server: dict = {}
+        if metrics_bind_address is not None:
+            server["host"], server["port"] = parse_bind_address(metrics_bind_address)
+        elif metrics_port is not None:
+            server["port"] = metrics_port
         settings = load_model(RuntimeSettings, {
-        "domain": domain, "namespace": namespace, "dry_run": dry_run, "kubeconfig": kubeconfig,
-        "server": {"port": metrics_port}, "leader_election": {"enabled": leader_elect}, "controllers": names,
+            "domain": domain, "namespace": namespace, "dry_run": dry_run, "kubeconfig": kubeconfig,
+            "context": context, "server": server, "leader_election": {"enabled": leader_elect, "lease_name": leader_election_id},
+            "controllers": names,
         }, "flags")
     except errors.ConfigError as exc:
         console.print(f"[red]configuration error[/red]: {exc}")
         raise typer.Exit(2) from None
-    async def main() -> None:
-        # SIGTERM (a Deployment's pod being stopped) ends the manager gracefully:
-        # runnables are cancelled (webhooks unregister, leases are released).
-        import signal
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    async def main() -> None:
+        # SIGTERM (a pod being stopped; as PID 1 nothing else would end it) stops the
+        # manager gracefully: runnables are cancelled and the lease is released.
+        stop = cliutil.stop_on_signals()
         await run_manager(settings, stop=stop)
 
     run_async(main())
@@ -121,7 +166,7 @@ async def run_manager(settings: RuntimeSettings, *, registry=None, clock=None, i
     from fleetkeeper.core.kube import Kube
     from fleetkeeper.core.manager import Manager
 
-    kube = await Kube.connect(resolve_kubeconfig(settings.kubeconfig))
+    kube = await Kube.connect(cliutil.resolve_kubeconfig(settings.kubeconfig), settings.context)
     try:
         mgr = Manager(kube, settings, registry=registry, clock=clock, identity=identity)
         for name in settings.controllers:
@@ -145,10 +190,10 @@ app.add_typer(explain_app, name="explain")
 
 
 async def _explain(kind: str, target: str, kubeconfig: str | None, domain: str) -> list[tuple[str, list[str]]]:
-    from fleetkeeper.core.kube import NODES, PODS, Kube
+    from fleetkeeper.core.kube import NODES, PODS
 
     names = Names(domain)
-    async with await Kube.connect(resolve_kubeconfig(kubeconfig)) as kube:
+    async with await cliutil.connect(kubeconfig) as kube:
         sections: list[tuple[str, list[str]]] = []
         if kind == "node":
             node = await kube.get_or_none(NODES, target)
@@ -192,7 +237,10 @@ async def _explain(kind: str, target: str, kubeconfig: str | None, domain: str) 
         return sections
 
 
-def _print_sections(sections: list[tuple[str, list[str]]]) -> None:
+def _print_sections(sections: list[tuple[str, list[str]]], output: str = "text", target: str = "") -> None:
+    if cliutil.emit_structured({"target": target, "sections": [{"source": t, "lines": ls} for t, ls in sections]},
+                               output):
+        return
     for title, lines in sections:
         out.print(f"[bold]{title}[/bold]")
         for line in lines:
@@ -200,17 +248,20 @@ def _print_sections(sections: list[tuple[str, list[str]]]) -> None:
 
 
 @explain_app.command("node")
-def explain_node(name: str, kubeconfig: str = kubeconfig_option(),
-                 domain: str = typer.Option(DEFAULT_DOMAIN, "--domain")) -> None:
+def explain_node(name: str, kubeconfig: str = kubeconfig_option(), context: Optional[str] = cliutil.context_option(),
+                 domain: str = typer.Option(DEFAULT_DOMAIN, "--domain"),
+                 output: str = cliutil.output_option()) -> None:
     """Why this node carries its taints, its health history and next step."""
-    _print_sections(run_async(_explain("node", name, kubeconfig, domain)))
+    _print_sections(run_async(_explain("node", name, kubeconfig, domain)), output, name)
 
 
 @explain_app.command("pod")
 def explain_pod(target: str = typer.Argument(..., metavar="NAMESPACE/NAME"), kubeconfig: str = kubeconfig_option(),
-                domain: str = typer.Option(DEFAULT_DOMAIN, "--domain")) -> None:
+                context: Optional[str] = cliutil.context_option(),
+                domain: str = typer.Option(DEFAULT_DOMAIN, "--domain"),
+                output: str = cliutil.output_option()) -> None:
     """Where this pod may or may not go, and why."""
-    _print_sections(run_async(_explain("pod", target, kubeconfig, domain)))
+    _print_sections(run_async(_explain("pod", target, kubeconfig, domain)), output, target)
 
 
 @app.command()
@@ -226,9 +277,13 @@ def demo(
         raise typer.Exit(1)
 
 
+def build_cli() -> click.Command:
+    _register_subapps()
+    return typer.main.get_command(app)
+
+
 def main() -> None:
     logging.getLogger("asyncio").setLevel(logging.ERROR)
-    _register_subapps()
-    app()
+    build_cli()(prog_name="fleetkeeper")
 
 

@@ -8,10 +8,11 @@ same error with the line number.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import re
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
 from fleetkeeper.core.errors import ConfigError
 
@@ -46,3 +47,31 @@ def parse_yaml(text: str, source: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(source, [(where, text[:80], f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
+
+
+# --- durations: 30s, 10m, 2h, 7d or a number of seconds ---------------------------
+_DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(v: Any) -> float:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return float(v)
+    if isinstance(v, str):
+        m = _DUR.match(v)
+        if m:
+            return float(m.group(1)) * _UNIT[m.group(2)]
+    raise ValueError("expected a duration such as 30s, 10m, 2h, 7d or a number of seconds")
+
+
+def human(seconds: float) -> str:
+    """7d, 2h, 30m, 45s: the largest unit that divides evenly, else seconds."""
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{int(seconds // n)}{unit}"
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]

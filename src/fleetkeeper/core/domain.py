@@ -48,6 +48,11 @@ class Names:
         return f"{self.domain}/gang"
 
     @property
+    def balloon(self) -> str:
+        """Label on balloon pods (value: the pool): placeholders, not work."""
+        return f"{self.domain}/balloon"
+
+    @property
     def gang_min(self) -> str:
         """Annotation: minimum members of a gang (default: replicas)."""
         return f"{self.domain}/gang-min-members"

@@ -12,13 +12,18 @@
 
 Handlers are plain callables ``(event_type, key, old, new)``; a controller
 usually maps them to work-queue keys.
+
+Indexes (:meth:`Informer.index`, like controller-runtime's field indexers)
+group cached objects by a derived key, for example pods by node; one index
+per name is shared by every component and is updated before any handler
+runs, so a handler always reads a current index.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -47,6 +52,36 @@ def identity(obj: dict) -> dict:
 class _Entry(Generic[T]):
     rv: str
     value: T
+
+
+class Index(Generic[T]):
+    """Objects of one informer grouped by the keys ``fn`` derives from each (several or none)."""
+
+    def __init__(self, fn: Callable[[T], Iterable[str]]):
+        self.fn = fn
+        self._by: dict[str, dict[str, T]] = {}
+        self._keys_of: dict[str, tuple[str, ...]] = {}
+
+    def get(self, key: str) -> list[T]:
+        return list(self._by.get(key, {}).values())
+
+    def keys(self) -> list[str]:
+        return [k for k, v in self._by.items() if v]
+
+    def _update(self, obj_key: str, value: T | None) -> None:
+        for k in self._keys_of.pop(obj_key, ()):
+            bucket = self._by.get(k)
+            if bucket is not None:
+                bucket.pop(obj_key, None)
+                if not bucket:
+                    del self._by[k]
+        if value is None:
+            return
+        keys = tuple(k for k in self.fn(value) if k)
+        if keys:
+            self._keys_of[obj_key] = keys
+            for k in keys:
+                self._by.setdefault(k, {})[obj_key] = value
 
 
 class Informer(Generic[T]):
@@ -78,6 +113,7 @@ class Informer(Generic[T]):
         self.page_size = page_size
         self._store: dict[str, _Entry[T]] = {}
         self._handlers: list[Handler] = []
+        self._indexes: dict[str, Index[T]] = {}
         self._synced = asyncio.Event()
         self.resource_version: str = ""
         self.relists = 0
@@ -107,8 +143,28 @@ class Informer(Generic[T]):
     def add_handler(self, handler: Handler) -> None:
         self._handlers.append(handler)
 
+    def index(self, name: str, fn: Callable[[T], Iterable[str]] | None = None) -> Index[T]:
+        """The index called ``name`` (created with ``fn`` on first use, filled from the cache)."""
+        idx = self._indexes.get(name)
+        if idx is None:
+            if fn is None:
+                raise KeyError(f"no index {name!r} on the {self.resource.plural} informer")
+            idx = self._indexes[name] = Index(fn)
+            for k, e in self._store.items():
+                idx._update(k, e.value)
+        return idx
+
+    def by(self, name: str, key: str) -> list[T]:
+        """Objects whose index ``name`` has ``key`` (e.g. ``pods.by("node", "node-1")``)."""
+        return self._indexes[name].get(key)
+
     # --- running --------------------------------------------------------
     def _emit(self, typ: str, key: str, old: Any, new: Any) -> None:
+        for idx in self._indexes.values():
+            try:
+                idx._update(key, new)
+            except Exception:  # a broken index function must not stop the informer
+                log.exception("index of %s failed for %s", self.resource.plural, key)
         for h in self._handlers:
             try:
                 h(typ, key, old, new)

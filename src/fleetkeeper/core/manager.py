@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from fleetkeeper.core.clock import Clock, RealClock
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.events import EventRecorder
-from fleetkeeper.core.informer import Informer
+from fleetkeeper.core.informer import Index, Informer
 from fleetkeeper.core import errors
 from fleetkeeper.core.kube import NAMESPACES, NODES, PODS, Kube, Resource
 from fleetkeeper.core.leader import LeaderElector
@@ -35,6 +35,10 @@ from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.core.views import NodeView, PodView, default_projector
 
 log = logging.getLogger("fleetkeeper.manager")
+
+
+def _pod_node(p: PodView) -> tuple[str, ...]:
+    return (p.node,) if p.node else ()
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Manager:
         self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"
         self._informers: dict[tuple, Informer] = {}
         self._runnables: list[_Runnable] = []
+        self._shared: dict[str, Any] = {}
         self.server = OpsServer(self.registry, settings.server.host, settings.server.port)
         self.elector: LeaderElector | None = None
 
@@ -78,6 +83,17 @@ class Manager:
 
     def pod_informer(self) -> Informer[PodView]:
         return self.informer(PODS, self.projector.pod, key="podview")
+
+    def pods_by_node(self) -> Index[PodView]:
+        """Every cached pod bound to a node, by node name: one index shared by every component."""
+        return self.pod_informer().index("node", _pod_node)
+
+    def shared(self, name: str, factory: Callable[[], Any]) -> Any:
+        """One object per name per manager, shared by the components that ask (the disruption budget's
+        ledger, the machine provider): components never import each other, so they meet here."""
+        if name not in self._shared:
+            self._shared[name] = factory()
+        return self._shared[name]
 
     def recorder(self, controller: str) -> EventRecorder:
         return EventRecorder(self.kube, controller, namespace=self.settings.namespace, clock=self.clock,

@@ -86,6 +86,16 @@ class ServingCert:
         return self.ca.read_bytes()
 
 
+def mounted_serving_cert(directory: Path) -> ServingCert | None:
+    """A serving certificate someone else made (a cert-manager or chart-made Secret
+    mounted as a directory: tls.crt, tls.key and, usually, ca.crt), or None when the
+    directory has no tls.crt/tls.key. Without ca.crt the certificate is its own CA."""
+    cert, key, ca = directory / "tls.crt", directory / "tls.key", directory / "ca.crt"
+    if not (cert.exists() and key.exists()):
+        return None
+    return ServingCert(cert, key, ca if ca.exists() else cert)
+
+
 def write_serving_cert(directory: Path, hosts: list[str], *, days: int = 365,
                        common_name: str = "fleetkeeper-webhook") -> ServingCert:
     """Create a CA and a serving certificate for ``hosts`` in ``directory``, or

@@ -31,6 +31,11 @@ class TokenBucket:
             return True
         return False
 
+    def available(self) -> int:
+        """Whole tokens that could be taken now."""
+        self._refill()
+        return int(self._tokens)
+
     def wait_time(self, n: int = 1) -> float:
         self._refill()
         return 0.0 if self._tokens >= n else (n - self._tokens) / self.rate

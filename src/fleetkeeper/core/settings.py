@@ -26,6 +26,7 @@ class RuntimeSettings(BaseModel):
     namespace: str = Field(SYSTEM_NAMESPACE, description="where fleetkeeper's own objects live")
     dry_run: bool = Field(False, description="decide and report, never write")
     kubeconfig: str | None = None
+    context: str | None = Field(None, description="kubeconfig context (default: its current-context)")
     leader_election: LeaderElectionSettings = LeaderElectionSettings()
     server: ServerSettings = ServerSettings()
     controllers: list[str] = Field(default_factory=list)

@@ -117,6 +117,7 @@ class PodView:
     termination_message: str
     pod_ip: str
     scheduler_name: str
+    pod_group: str = ""  # spec.schedulingGroup.podGroupName (in-tree gang scheduling)
 
     @property
     def key(self) -> str:
@@ -184,10 +185,11 @@ class Projector:
             scheduled_message=sched.get("message", "") if sched.get("status") != "True" else "",
             termination_message=term, pod_ip=status.get("podIP", ""),
             scheduler_name=spec.get("schedulerName", ""),
+            pod_group=(spec.get("schedulingGroup") or {}).get("podGroupName", ""),
         )
 
 
 def default_projector(domain: str) -> Projector:
     return Projector((f"{domain}/", "topology.kubernetes.io/", "node.kubernetes.io/", "kubernetes.io/hostname",
                       "type", "kwok.x-k8s.io/", "app", "job-name", "batch.kubernetes.io/",
-                      "statefulset.kubernetes.io/", "scheduling.k8s.io/"))
+                      "statefulset.kubernetes.io/", "scheduling.k8s.io/", "scheduling.x-k8s.io/"))

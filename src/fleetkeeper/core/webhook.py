@@ -9,71 +9,30 @@ registers them by URL (local control plane) or by Service (in-cluster).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import logging
 import ssl
 import time
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fleetkeeper.core.admission import (  # noqa: F401 - re-exported for the servers' callers
+    Admission,
+    AdmissionRequest,
+    Handler,
+    json_patch_path,
+)
 from fleetkeeper.core.metrics import PREFIX
 
 log = logging.getLogger("fleetkeeper.webhook")
 
 
-@dataclass(frozen=True)
-class AdmissionRequest:
-    uid: str
-    kind: str  # Pod, Node
-    operation: str  # CREATE, UPDATE, ...
-    namespace: str
-    name: str
-    username: str
-    groups: tuple[str, ...]
-    obj: dict
-    old: dict | None
-    dry_run: bool
-
-    @classmethod
-    def from_review(cls, review: dict) -> "AdmissionRequest":
-        r = review["request"]
-        ui = r.get("userInfo") or {}
-        obj = r.get("object") or {}
-        return cls(
-            uid=r["uid"], kind=(r.get("kind") or {}).get("kind", ""), operation=r.get("operation", ""),
-            namespace=r.get("namespace", ""), name=r.get("name") or (obj.get("metadata") or {}).get("name", ""),
-            username=ui.get("username", ""), groups=tuple(ui.get("groups") or ()), obj=obj,
-            old=r.get("oldObject"), dry_run=bool(r.get("dryRun")),
-        )
-
-
-@dataclass
-class Admission:
-    allowed: bool = True
-    message: str = ""
-    patch: list[dict] = field(default_factory=list)  # RFC 6902 JSON Patch
-    warnings: list[str] = field(default_factory=list)
-    code: int = 403
-
-    def response(self, uid: str) -> dict:
-        resp: dict[str, Any] = {"uid": uid, "allowed": self.allowed}
-        if not self.allowed:
-            resp["status"] = {"code": self.code, "message": self.message, "reason": "Forbidden"}
-        if self.patch:
-            resp["patchType"] = "JSONPatch"
-            resp["patch"] = base64.b64encode(orjson.dumps(self.patch)).decode()
-        if self.warnings:
-            resp["warnings"] = self.warnings
-        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": resp}
-
-
-Handler = Callable[[AdmissionRequest], Admission]
 _METRICS_BY_REGISTRY = weakref.WeakKeyDictionary()
 
 
@@ -87,6 +46,13 @@ def webhook_metrics(registry: CollectorRegistry) -> "WebhookMetrics":
 
 class WebhookMetrics:
     def __init__(self, registry: CollectorRegistry):
+        self.cert_reloads = Counter(f"{PREFIX}_webhook_certificate_reloads_total",
+                                    "Serving certificate reloads after its files changed, by result",
+                                    ["result"], registry=registry)
+        self.cert_expiry = Gauge(f"{PREFIX}_webhook_certificate_expiry_timestamp_seconds",
+                                 "notAfter of the serving certificate in use", registry=registry)
+        for r in ("loaded", "error"):
+            self.cert_reloads.labels(r)
         self.requests = Counter(f"{PREFIX}_webhook_requests_total", "Admission requests by webhook and result",
                                 ["webhook", "result"], registry=registry)
         self.latency = Histogram(f"{PREFIX}_webhook_duration_seconds", "Admission handler latency", ["webhook"],
@@ -99,16 +65,78 @@ class WebhookMetrics:
         self.latency.labels(name)
 
 
+class CertWatcher:
+    """Keeps an :class:`ssl.SSLContext` serving the certificate and key currently in
+    two files, as controller-runtime's certwatcher does: the files are polled (a
+    mounted Secret is updated by swapping a symlink, which no inotify watch on the
+    files themselves sees), and a changed pair is loaded into the live context, so
+    new connections get the new certificate without a restart. A half-written or
+    mismatched pair is tried in a scratch context first and never replaces a good one."""
+
+    def __init__(self, cert: str, key: str, metrics: "WebhookMetrics", *, interval: float = 10.0):
+        self.cert, self.key, self.metrics, self.interval = cert, key, metrics, interval
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._seen = b""
+        self.reloads = 0
+        self.load(initial=True)
+
+    def _fingerprint(self) -> bytes:
+        with open(self.cert, "rb") as c, open(self.key, "rb") as k:
+            return hashlib.sha256(c.read() + b"\0" + k.read()).digest()
+
+    def load(self, *, initial: bool = False) -> bool:
+        """Load the files when they changed; True when a new pair is now served."""
+        try:
+            seen = self._fingerprint()
+            if seen == self._seen:
+                return False
+            scratch = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            scratch.load_cert_chain(self.cert, self.key)  # raises on a mismatched or partial pair
+            self.context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            if initial:
+                raise
+            self.metrics.cert_reloads.labels("error").inc()
+            log.warning("webhook certificate %s not reloaded (the one in use stays): %s", self.cert, exc)
+            return False
+        self._seen = seen
+        self._record_expiry()
+        if not initial:
+            self.reloads += 1
+            self.metrics.cert_reloads.labels("loaded").inc()
+            log.info("webhook certificate %s reloaded", self.cert)
+        return True
+
+    def _record_expiry(self) -> None:
+        try:
+            from cryptography import x509
+
+            with open(self.cert, "rb") as f:
+                leaf = x509.load_pem_x509_certificate(f.read())
+            self.metrics.cert_expiry.set(leaf.not_valid_after_utc.timestamp())
+        except (OSError, ValueError):
+            pass
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.load()
+
+
 class WebhookServer:
-    """HTTPS server for admission handlers at ``/<name>``."""
+    """HTTPS server for admission handlers at ``/<name>``. The serving certificate is
+    reloaded when its files change (:class:`CertWatcher`)."""
 
     def __init__(self, cert: str, key: str, *, host: str = "127.0.0.1", port: int = 0,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, cert_reload_interval: float = 10.0):
         self.cert, self.key, self.host, self.port = cert, key, host, port
         self.metrics = webhook_metrics(registry or CollectorRegistry())
         self.app = web.Application(client_max_size=8 * 1024 * 1024)
         self.handlers: dict[str, Handler] = {}
         self._runner: web.AppRunner | None = None
+        self.cert_reload_interval = cert_reload_interval
+        self.certs: CertWatcher | None = None
+        self._watch: "asyncio.Task | None" = None
 
     def add(self, name: str, handler: Handler) -> None:
         self.handlers[name] = handler
@@ -137,17 +165,20 @@ class WebhookServer:
         self.app.router.add_post(f"/{name}", serve)
 
     async def start(self) -> None:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.cert, self.key)
-        self.ssl_context = ctx
+        self.certs = CertWatcher(self.cert, self.key, self.metrics, interval=self.cert_reload_interval)
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ctx)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.certs.context)
         await site.start()
         if self.port == 0:
             self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._watch = asyncio.ensure_future(self.certs.run())
 
     async def stop(self) -> None:
+        if self._watch:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
         if self._runner:
             await self._runner.cleanup()
 
@@ -182,8 +213,3 @@ def webhook_entry(name: str, *, url: str | None = None, service: dict | None = N
     if reinvocation:
         entry["reinvocationPolicy"] = reinvocation
     return entry
-
-
-def json_patch_path(*parts: str) -> str:
-    """Escape path parts for RFC 6901 (``/`` and ``~`` in label keys)."""
-    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import time
@@ -67,7 +66,10 @@ def agent(
     jitter: float = typer.Option(0.2, "--jitter", min=0, max=0.9),
     once: bool = typer.Option(False, "--once", help="one cycle; print the findings; write nothing"),
     dry_run: bool = typer.Option(False, "--dry-run", help="log the status patches instead of writing them"),
-    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"),
+    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"), context: Optional[str] = cliutil.context_option(),
+    metrics_bind_address: Optional[str] = typer.Option(
+        None, "--metrics-bind-address",
+        help="serve /metrics, /healthz and /readyz (ready after the first check cycle) on HOST:PORT or :PORT"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Run the node agent (one per node, a DaemonSet in production)."""
@@ -114,11 +116,29 @@ def agent(
             for t, f in sorted(found.items()):
                 typer.echo(f"{t}={'True' if f.problem else 'False'} {f.reason}: {f.message}")
             return
-        kube = await Kube.connect(_kubeconfig(kubeconfig))
+        from prometheus_client import CollectorRegistry
+
+        from fleetkeeper.core.server import OpsServer
+        from fleetkeeper.health.metrics import AgentMetrics
+
+        stop = cliutil.stop_on_signals()  # as PID 1, SIGTERM has no default action
+        registry = CollectorRegistry()
+        kube = await cliutil.connect(kubeconfig)
+        server = None
         try:
-            core = AgentCore(ConditionWriter(kube, dry_run=dry_run), RealClock(), heartbeat=heartbeat, jitter=jitter)
-            await Agent(node, checks, core, interval=interval).run()
+            core = AgentCore(ConditionWriter(kube, dry_run=dry_run), RealClock(), heartbeat=heartbeat, jitter=jitter,
+                             metrics=AgentMetrics(registry))
+            node_agent = Agent(node, checks, core, interval=interval)
+            if metrics_bind_address:
+                host, port = cliutil.parse_bind_address(metrics_bind_address)
+                server = OpsServer(registry, host, port)
+                server.add_ready_check("first-cycle", lambda: node_agent.cycles > 0)
+                await server.start()
+                log.info("agent ops server on http://%s:%d (metrics, healthz, readyz)", host, server.port)
+            await cliutil.until_stopped(node_agent.run(), stop)
         finally:
+            if server:
+                await server.stop()
             await kube.close()
 
     _run(main())
@@ -141,7 +161,7 @@ def agents(
     fault_file: Optional[Path] = typer.Option(None, "--fault-file", help="default: the local cluster's faults.json"),
     interval: float = typer.Option(2.0, "--interval", min=0.1),
     heartbeat: float = typer.Option(300.0, "--heartbeat", min=5),
-    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"),
+    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"), context: Optional[str] = cliutil.context_option(),
 ) -> None:
     """Run simulated agents for the local control plane's KWOK nodes in one process."""
     if not simulate:
@@ -150,7 +170,7 @@ def agents(
     from fleetkeeper.health.agent import AgentCore, ConditionWriter, SimulatedFleet
 
     async def main() -> None:
-        kube = await Kube.connect(_kubeconfig(kubeconfig))
+        kube = await cliutil.connect(kubeconfig)
         try:
             known: list[tuple[str, int]] = []
             proj = default_projector(DEFAULT_DOMAIN)
@@ -178,26 +198,24 @@ def agents(
 # --- status ------------------------------------------------------------------------
 @app.command()
 def status(
-    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"),
+    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"), context: Optional[str] = cliutil.context_option(),
     domain: str = typer.Option(DEFAULT_DOMAIN, "--domain"),
     namespace: str = typer.Option("fleetkeeper-system", "--namespace",
                                   help="where the policy and state ConfigMaps live"),
     policy_file: Optional[Path] = typer.Option(None, "--policy", help="use this policy file instead"),
-    output: str = typer.Option("text", "--output", "-o", help="text or json"),
+    output: str = cliutil.output_option(),
 ) -> None:
     """Nodes by health state and reason, the budget used per scope, a storm pause, flapping nodes."""
     from fleetkeeper.core.kube import CONFIGMAPS
     from fleetkeeper.health.controller import STATE_CONFIGMAP, parse_state
-    from fleetkeeper.health.decide import Keys, evictable, fleet_stats, scope_limit
+    from fleetkeeper.health.decide import Keys, evictable, fleet_stats
+    from fleetkeeper.lifecycle.budget import limit_of
     from fleetkeeper.health.explain import load_cluster_policy
     from fleetkeeper.health.policy import load_policy
 
-    if output not in ("text", "json"):
-        _die(f"--output {output!r}: expected text or json")
-
     async def main() -> dict:
         names = Names(domain)
-        async with await Kube.connect(_kubeconfig(kubeconfig)) as kube:
+        async with await cliutil.connect(kubeconfig) as kube:
             if policy_file:
                 policy, src = load_policy(policy_file.read_text(), str(policy_file)), str(policy_file)
             else:
@@ -218,7 +236,7 @@ def status(
                 if n.name in quarantined:
                     by_reason.setdefault(f"{n.annotations.get(k.reason, '?')} -> {n.annotations.get(k.action, '?')}"
                                          f" ({n.annotations.get(k.remedy, '?')})", []).append(n.name)
-            budget = {s: {"used": st.disrupted.get(s, 0), "limit": scope_limit(s, st.totals[s], policy),
+            budget = {s: {"used": st.disrupted.get(s, 0), "limit": limit_of(s, policy.budget).limit(st.totals[s]),
                           "waiting": st.wanting.get(s, 0)}
                       for s in sorted(st.totals, key=lambda s: (s != "cluster", s))
                       if s == "cluster" or st.disrupted.get(s) or st.wanting.get(s)}
@@ -232,8 +250,7 @@ def status(
                     "flapping": flapping}
 
     res = _run(main())
-    if output == "json":
-        typer.echo(json.dumps(res, indent=1))
+    if cliutil.emit_structured(res, output):
         return
     typer.echo(f"policy: {res['policy']}")
     typer.echo("nodes: " + ", ".join(f"{v} {k}" for k, v in sorted(res["states"].items())))

@@ -20,22 +20,24 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from fleetkeeper.core import errors
+from fleetkeeper.core.applier import Applier
+from fleetkeeper.core.configmap import ConfigMapKey
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.events import node_ref
 from fleetkeeper.core.faults import FaultPlan, default_fault_file
-from fleetkeeper.core.kube import CONFIGMAPS, NODES
+from fleetkeeper.core.kube import CONFIGMAPS
 from fleetkeeper.core.manager import Manager
-from fleetkeeper.core.ratelimit import SlidingWindow, TokenBucket
+from fleetkeeper.core.plan import AddTaint, Event, EvictPod, Plan as Ops, RemoveTaint, SetAnnotation, SetLabel, \
+    TerminateMachine
+from fleetkeeper.core.ratelimit import SlidingWindow
 from fleetkeeper.core.views import NodeView, PodView
 from fleetkeeper.health.decide import (
     FleetStats,
     Keys,
     Plan,
-    admit,
     evictable,
     fleet_stats,
     history_add,
-    scopes_of,
     selected,
     storm_threshold,
     watched_types,
@@ -43,6 +45,11 @@ from fleetkeeper.health.decide import (
 from fleetkeeper.health.metrics import NODE_STATES, AgentMetrics, RemediationMetrics
 from fleetkeeper.health.policy import Policy, load_policy
 from fleetkeeper.health.provider import CloudProvider, LocalProvider
+from fleetkeeper.lifecycle import budget as bud
+from fleetkeeper.lifecycle import machine as lifecycle
+from fleetkeeper.lifecycle.controller import shared_budget, shared_provider
+from fleetkeeper.lifecycle.gangs import checkpoint_wait, gang_evictions, gang_index
+from fleetkeeper.lifecycle.keys import PreflightFactKeys
 
 log = logging.getLogger("fleetkeeper.health")
 
@@ -187,19 +194,24 @@ class Remediator:
         self.nodes = self.mgr.node_informer()
         self.pods = self.mgr.pod_informer()
         self.flaps = FlapTracker()
-        self._pods_by_node: dict[str, dict[str, PodView]] = defaultdict(dict)
+        self._pods_by_node = self.mgr.pods_by_node()
         self.controller = Controller("health", self.reconcile, metrics=self.mgr.metrics, clock=self.clock,
                                      workers=self.workers)
         self._lock = asyncio.Lock()  # budget admission is serialised
         self._stats: FleetStats | None = None
         self._stats_at = -1e9
-        self._inflight: dict[str, float] = {}  # admitted, not yet seen tainted in the cache
-        self._dry_quarantined: set[str] = set()
-        self._admissions: list[float] = []
+        # the one disruption budget: its configuration is this policy's budget section; its ledger of
+        # admitted actions not yet in the cache is shared with every component of this manager
+        self.budget = shared_budget(self.mgr)
+        self.budget.configure(self.policy.budget)
+        self._bsnap = bud.Snapshot()
+        self.provider = shared_provider(self.mgr, self.provider)
+        self.applier = Applier(self.kube, self.recorder, component="health", registry=self.mgr.registry,
+                               clock=self.clock, dry_run=lambda: self.dry_run,
+                               evictions_per_second=self.policy.drain.evictions_per_second, provider=self.provider)
+        self.gangs = self.pods.index("gang", gang_index(self.names))
         self._storm_until = 0.0
         self._noted: set[tuple[str, str]] = set()
-        self._evict_bucket = TokenBucket(self.policy.drain.evictions_per_second,
-                                         max(1, int(self.policy.drain.evictions_per_second)), self.clock)
         self._terminations = SlidingWindow(3600.0, self.clock)
         # machines already terminated (by Node uid): the informer cache can still show a
         # deleted node for a moment, and a second terminate would be a second action
@@ -215,12 +227,8 @@ class Remediator:
 
     def _on_node(self, typ: str, key: str, old: NodeView | None, new: NodeView | None) -> None:
         self.flaps.observe(key, old, new, self._watched, self.clock.now())
-        if new is not None and new.taint(self.names.quarantine) is not None:
-            self._inflight.pop(key, None)
         if new is None:
-            self._pods_by_node.pop(key, None)
-            self._inflight.pop(key, None)
-            self._dry_quarantined.discard(key)
+            self.budget.ledger.drop(key)
             return
         if selected(new, self.policy):
             self.controller.enqueue(key)
@@ -229,18 +237,12 @@ class Remediator:
         pv = new or old
         if pv is None or not pv.node:
             return
-        if old is not None and old.node and old.node != pv.node:
-            self._pods_by_node[old.node].pop(key, None)
-        if new is None:
-            self._pods_by_node[pv.node].pop(key, None)
-        else:
-            self._pods_by_node[pv.node][key] = new
         nv = self.nodes.get(pv.node)
         if nv is not None and nv.taint(self.names.quarantine) is not None:
             self.controller.enqueue(pv.node)
 
     def pods_on(self, node: str) -> list[PodView]:
-        return list(self._pods_by_node.get(node, {}).values())
+        return self._pods_by_node.get(node)
 
     # --- fleet view ----------------------------------------------------------
     def stats(self, force: bool = False) -> FleetStats:
@@ -250,16 +252,14 @@ class Remediator:
             views = self.nodes.items()
             left = {n.name: sum(len(x) for x in evictable(self.pods_on(n.name)))
                     for n in views if n.taint(self.names.quarantine) is not None}
-            st = fleet_stats(views, left, self.policy, self.names, now, self._admissions)
-            # admitted but not yet visible in the cache (and dry-run "quarantines") count too
-            extra = [n for n in list(self._inflight) + list(self._dry_quarantined)
-                     if (v := self.nodes.get(n)) is not None and v.taint(self.names.quarantine) is None]
-            for n in extra:
-                for s in scopes_of(self.nodes.get(n), self.names):  # type: ignore[arg-type]
-                    st.disrupted[s] = st.disrupted.get(s, 0) + 1
+            inflight = self.budget.ledger.view()
+            st = fleet_stats(views, left, self.policy, self.names, now,
+                             [f.at for f in inflight.values() if f.node not in left])
+            self._bsnap = bud.snapshot(views, self.names, self.budget.cfg, lambda n: selected(n, self.policy))
+            self.budget.ledger.settle(self._bsnap, now)
+            used, _ = bud.usage(self._bsnap, self.budget.ledger.view(), self.budget.cfg, now)
+            st.disrupted = used
             self._stats, self._stats_at = st, mono
-            self._admissions = [t for t in self._admissions if now - t < max(self.policy.budget.window,
-                                                                                 self.policy.storm.window)]
         return self._stats  # type: ignore[return-value]
 
     def publish(self) -> FleetStats:
@@ -267,15 +267,14 @@ class Remediator:
         m = self.metrics
         for s in NODE_STATES:
             m.nodes.labels(s).set(st.states.get(s, 0))
+        cfg = self.budget.cfg
         for scope in set(st.totals) | {"cluster"}:
-            m.budget_used.labels(scope).set(round(st.used_ratio(scope, self.policy), 4))
-            over = bool(st.wanting.get(scope)) and bool(admit(st, [scope], self.policy)) and \
-                "window" not in admit(st, [scope], self.policy)
-            m.budget_exhausted.labels(scope).set(1 if over else 0)
-        if st.wanting.get("cluster") and "window" in admit(st, ["cluster"], self.policy):
-            m.budget_exhausted.labels("window").set(1)
-        else:
-            m.budget_exhausted.labels("window").set(0)
+            lim = bud.limit_of(scope, cfg).limit(st.totals.get(scope, 0))
+            used = st.disrupted.get(scope, 0)
+            m.budget_used.labels(scope).set(round(used / lim, 4) if lim else (0.0 if lim is None else float(bool(used))))
+            m.budget_exhausted.labels(scope).set(1 if st.wanting.get(scope) and lim is not None and used >= lim else 0)
+        full = cfg.max_new_per_window is not None and st.new_in_window >= cfg.max_new_per_window
+        m.budget_exhausted.labels("window").set(1 if st.wanting.get("cluster") and full else 0)
         m.storm.set(1 if self.clock.now() < self._storm_until else 0)
         return st
 
@@ -317,8 +316,10 @@ class Remediator:
     async def apply(self, plan: Plan, node: NodeView) -> Result | None:
         p = plan
         if p.kind == "wait":
-            if p.wait == "validation":
-                pass
+            if p.wait == "drained":
+                # an Event, no write: the lifecycle derives "awaiting repair" from the empty node
+                await self._note(node, "Drained", f"all pods evicted; node stays quarantined until {p.remedy} "
+                                                  "fixes it and its conditions clear")
             return Result(requeue_after=p.requeue_after) if p.requeue_after else None
         if p.kind == "note":
             await self._note(node, "HealthProblem",
@@ -329,14 +330,11 @@ class Remediator:
         if p.kind == "escalate":
             return await self._mutate(node, p, "escalate", "Escalated",
                                       f"{p.why}: escalating to {p.action} (fixable by {p.remedy})",
-                                      annotations=self._marker_annotations(p, node, keep_since=True))
+                                      annotations=self._marker_annotations(p, node, keep_since=True),
+                                      record=(lifecycle.DRAINING if p.action in ("drain", "terminate")
+                                              else lifecycle.QUARANTINED))
         if p.kind == "evict":
             return await self._evict(p, node)
-        if p.kind == "mark_drained":
-            return await self._mutate(node, p, "evict", "Drained",
-                                      f"all pods evicted; node stays quarantined until {p.remedy} fixes it "
-                                      f"and its conditions clear",
-                                      annotations={self.keys.drained: str(int(self.clock.now()))})
         if p.kind == "terminate":
             return await self._terminate(p, node)
         if p.kind == "return":
@@ -346,7 +344,10 @@ class Remediator:
                 remove_taints=(self.names.quarantine,),
                 add_taint={"key": self.names.preflight, "value": "pending", "effect": "NoSchedule"},
                 labels={self.names.preflight: "pending"},
-                annotations={**{k: None for k in self.keys.all_state()}, self.keys.state: "validating"})
+                annotations={**{k: None for k in self.keys.all_state()}, self.keys.state: "validating",
+                             # the gate's clock starts with this write (the gate then needs no write of its own)
+                             PreflightFactKeys(self.names).gated_at: str(int(self.clock.now()))},
+                record=lifecycle.REVALIDATING)
         if p.kind == "mark_cleared":
             return await self._mutate(node, p, "return", "ConditionsCleared", f"{p.why} "
                                       f"{self.policy.return_to_service.hold:.0f}s before return",
@@ -359,7 +360,8 @@ class Remediator:
             self._noted = {x for x in self._noted if x[0] != node.name}
             return await self._mutate(node, p, "release", "ReturnedToService", p.why,
                                       remove_taints=(self.names.quarantine,),
-                                      annotations={k: None for k in self.keys.all_state()})
+                                      annotations={k: None for k in self.keys.all_state()},
+                                      record=lifecycle.IN_SERVICE)
         log.warning("unknown plan %s for %s", p.kind, node.name)
         return None
 
@@ -452,8 +454,8 @@ class Remediator:
             onsets = len(st.onset_nodes | {node.name})
             if onsets >= storm_threshold(total, self.policy) and total:
                 self._storm_until = now + self.policy.storm.cooldown
+                await self._save_state()  # recorded before it is announced
                 self.metrics.storm.set(1)
-                await self._save_state()
                 log.warning("fault storm: %d nodes faulted within %.0fs (threshold %d); pausing new quarantines "
                             "for %.0fs", onsets, self.policy.storm.window, storm_threshold(total, self.policy),
                             self.policy.storm.cooldown)
@@ -463,32 +465,27 @@ class Remediator:
                                  f"{self.policy.storm.cooldown:.0f}s", "Warning")
                 self._count("quarantine", "budget")
                 return Result(requeue_after=30.0)
-            over = admit(st, scopes_of(node, self.names), self.policy)
-            if over:
-                for s in over:
-                    self.metrics.budget_exhausted.labels(s).set(1)
+            scopes = self._bsnap.scopes.get(node.name) or bud.scopes_of(node, self.names, self.budget.cfg)
+            verdict = bud.admit(node.name, scopes, self._bsnap, self.budget.ledger.view(), self.budget.cfg, now)
+            if not verdict.admitted:
+                for s_ in verdict.over:
+                    self.metrics.budget_exhausted.labels(s_).set(1)
                 await self._note(node, "BudgetExhausted",
-                                 f"{p.why} wants {p.action} (fixable by {p.remedy}), but the remediation budget "
-                                 f"of {', '.join(over)} is used up; waiting", "Warning")
+                                 f"{p.why} wants {p.action} (fixable by {p.remedy}), but the disruption budget "
+                                 f"of {', '.join(verdict.over)} is used up; waiting ({verdict.explain()})", "Warning")
                 self._count("quarantine", "budget")
                 return Result(requeue_after=5.0)
-            # admitted: count it now, before the write, so concurrent reconciles see it
-            for s in scopes_of(node, self.names):
-                st.disrupted[s] = st.disrupted.get(s, 0) + 1
-            st.new_in_window += 1
+            # admitted: in the ledger now, before the write, so every concurrent admission sees it
+            self.budget.ledger.add(bud.InFlight(node.name, "quarantine", now, scopes, dry_run=self.dry_run))
             st.onset_nodes.add(node.name)
-            self._admissions.append(now)
-            if self.dry_run:
-                self._dry_quarantined.add(node.name)
-            else:
-                self._inflight[node.name] = now
+            for s_ in scopes:
+                st.disrupted[s_] = st.disrupted.get(s_, 0) + 1
+            st.new_in_window += 1
         try:
             res = await self._quarantine_write(p, node)
         except BaseException:
             # not written: undo the admission so the retry is not counted twice
-            self._inflight.pop(node.name, None)
-            if now in self._admissions:
-                self._admissions.remove(now)
+            self.budget.ledger.drop(node.name)
             self._stats_at = -1e9
             raise
         if not self.dry_run and p.problems:
@@ -504,105 +501,87 @@ class Remediator:
             f"fixable by {p.remedy}" + (" (needs hardware replacement)" if p.remedy == "replace" else ""),
             add_taint={"key": self.names.quarantine, "value": taint_value(p.problems[0].label if p.problems else p.why),
                        "effect": "NoSchedule"},
-            annotations=self._marker_annotations(p, node), warn=True)
+            annotations=self._marker_annotations(p, node), warn=True,
+            record=lifecycle.DRAINING if p.action in ("drain", "terminate") else lifecycle.QUARANTINED)
 
     async def _mutate(self, node: NodeView, p: Plan, action: str, reason: str, note: str, *,
                       add_taint: dict | None = None, remove_taints: tuple[str, ...] = (),
                       labels: dict[str, str | None] | None = None, annotations: dict[str, str | None] | None = None,
-                      warn: bool = False, requeue: float | None = None) -> Result | None:
-        """Read the live node, change taints/labels/annotations, write it back with
-        a resourceVersion precondition (one write), then Event + metric + log."""
+                      warn: bool = False, requeue: float | None = None, record: str = "") -> Result | None:
+        """One write through the applier: taints, labels, annotations, the history and the lifecycle
+        record, guarded by the cached resourceVersion; then the Event and the metric."""
         now = self.clock.now()
         if self.dry_run:
-            if (node.name, f"dry:{action}:{p.action}") not in self._noted:
-                self._noted.add((node.name, f"dry:{action}:{p.action}"))
-                log.info("dry-run: %s %s: %s", action, node.name, note)
-                await self.recorder.emit(node_ref(node.name, node.uid), f"DryRun{reason}", f"would: {note}",
-                                         type_="Normal")
-                self._count(action, "dry_run")
-            return None
-        try:
-            live = await self.kube.get(NODES, node.name)
-        except errors.NotFound:
-            return None
-        meta, spec = live["metadata"], live.get("spec") or {}
-        if meta.get("resourceVersion") != node.resource_version:
-            # the cache is behind the live node (our own last write, or an agent's): decide again on
-            # fresh state instead of acting twice
-            raise errors.Temporary(f"{node.name}: cache behind the live object; deciding again", 0.2)
-        taints = [t for t in spec.get("taints") or [] if t.get("key") not in remove_taints]
+            if (node.name, f"dry:{action}:{p.action}") in self._noted:
+                return None
+            self._noted.add((node.name, f"dry:{action}:{p.action}"))
+        ops: list = [RemoveTaint(k) for k in remove_taints]
         if add_taint:
-            taints = [t for t in taints if t.get("key") != add_taint["key"]] + [add_taint]
-        ann = dict(annotations or {})
-        ann[self.keys.history] = history_add((meta.get("annotations") or {}).get(self.keys.history), now,
-                                             f"{reason}: {note}")
-        body: dict = {"metadata": {"resourceVersion": meta["resourceVersion"], "annotations": ann}}
-        if add_taint or remove_taints:
-            body["spec"] = {"taints": taints or None}
-        if labels:
-            body["metadata"]["labels"] = labels
-        try:
-            await self.kube.patch(NODES, node.name, body)
-        except errors.Conflict:
-            self._count(action, "error")
-            raise errors.Temporary(f"{node.name} changed while acting; re-reading", 0.2)
-        except errors.NotFound:
+            ops.append(AddTaint(add_taint["key"], add_taint.get("value", ""), add_taint.get("effect", "NoSchedule")))
+        ops += [SetLabel(k, v) for k, v in (labels or {}).items()]
+        ops += [SetAnnotation(k, v) for k, v in (annotations or {}).items()]
+        ops.append(SetAnnotation(self.keys.history, history_add(node.annotations.get(self.keys.history), now,
+                                                                f"{reason}: {note}")))
+        if record:
+            ops += list(lifecycle.record_ops(self.names, record, p.why or note, now))
+        ops.append(Event(reason, note, "Warning" if warn else "Normal"))
+        done = await self.applier.apply(node, Ops(node.name, action, tuple(ops), p.why))
+        if done.gone or self.dry_run:
             return None
-        except errors.ApiError:
-            self._count(action, "error")
-            raise
         self._count(action, "success")
         log.info("%s %s: %s", action, node.name, note)
-        await self.recorder.emit(node_ref(node.name, node.uid), reason, note, type_="Warning" if warn else "Normal")
         return Result(requeue_after=requeue) if requeue else None
 
+    def evictions(self, p: Plan, node: NodeView) -> tuple[list[PodView], list[str]]:
+        """The node's pods to evict, and every member of a gang with a member here (one disruption)."""
+        return gang_evictions(self.pods_on(node.name), self.gangs.get, self.names)
+
     async def _evict(self, p: Plan, node: NodeView) -> Result | None:
-        evicted, blocked, errs = 0, [], 0
-        for key in p.pods:
-            if not self._evict_bucket.take():
-                self._count("evict", "blocked")
-                return Result(requeue_after=max(0.2, self._evict_bucket.wait_time()))
-            ns, name = key.split("/", 1)
-            try:
-                await self.kube.evict(ns, name, dry_run=self.dry_run)
-                evicted += 1
-                self._count("evict", "dry_run" if self.dry_run else "success")
-            except errors.NotFound:
-                pass
-            except errors.TooManyRequests as exc:
-                blocked.append(key)
-                self._count("evict", "blocked")
-                log.info("eviction of %s from %s blocked: %s", key, node.name, exc.message)
-            except errors.ServerError as exc:  # e.g. more than one PDB selects the pod
-                blocked.append(key)
-                self._count("evict", "error")
-                log.warning("eviction of %s failed: %s", key, exc)
-            except errors.ApiError as exc:
-                errs += 1
-                self._count("evict", "error")
-                log.warning("eviction of %s failed: %s", key, exc)
-        if evicted:
+        now = self.clock.now()
+        pods, gangs = self.evictions(p, node)
+        since = float(node.annotations.get(self.keys.since) or now)
+        deadline = since + self.policy.drain.deadline
+        if p.action != "terminate":  # non-urgent: a job may ask to checkpoint first
+            wait = checkpoint_wait(pods, self.names, since, now, deadline)
+            if wait > 0:
+                await self._note(node, "WaitingForCheckpoint",
+                                 f"{len(pods)} pod(s) asked for a checkpoint grace; evicting in {wait:.0f}s")
+                return Result(requeue_after=wait)
+        gang_note = f"; gang(s) {', '.join(gangs)} evicted together (one disruption)" if gangs else ""
+        ops = tuple(EvictPod(x.namespace, x.name) for x in pods)
+        done = await self.applier.apply(node, Ops(node.name, "evict", ops, p.why))
+        for _ in done.evicted:
+            self._count("evict", "dry_run" if self.dry_run else "success")
+        for _ in done.blocked:
+            self._count("evict", "blocked")
+        for _ in done.failed:
+            self._count("evict", "error")
+        if done.rate_limited:
+            self._count("evict", "blocked")
+        if done.evicted:
             verb = "would evict" if self.dry_run else "evicted"
-            await self.recorder.emit(node_ref(node.name, node.uid), "Evicting",
-                                     f"{verb} {evicted} pod(s) through the Eviction API ({p.action}, fixable by "
-                                     f"{p.remedy})", type_="Warning")
-            log.info("%s %d pod(s) from %s", verb, evicted, node.name)
-        if blocked:
-            since = float(node.annotations.get(self.keys.since) or self.clock.now())
+            await self.applier.recorder.emit(node_ref(node.name, node.uid), "GangEvicted" if gangs else "Evicting",
+                                             f"{verb} {len(done.evicted)} pod(s) through the Eviction API "
+                                             f"({p.action}, fixable by {p.remedy}){gang_note}", type_="Warning")
+            log.info("%s %d pod(s) for %s%s", verb, len(done.evicted), node.name, gang_note)
+        if done.blocked:
             left = since + self.policy.drain.deadline - self.clock.now()
             await self._note(node, "EvictionBlocked",
-                             f"{len(blocked)} pod(s) protected by a PodDisruptionBudget ({', '.join(blocked[:5])}); "
-                             f"retrying every {self.policy.drain.retry_interval:.0f}s"
+                             f"{len(done.blocked)} pod(s) protected by a PodDisruptionBudget "
+                             f"({', '.join(done.blocked[:5])}); retrying every {self.policy.drain.retry_interval:.0f}s"
                              + (f"; terminating anyway in {left:.0f}s (drain deadline)"
                                 if p.action == "terminate" or self.policy.drain.terminate_at_deadline else ""),
                              "Warning")
         if self.dry_run:
             return None
-        return Result(requeue_after=p.requeue_after if blocked or errs else 1.0)
+        if done.rate_limited:
+            return Result(requeue_after=max(0.2, self.applier.evict_bucket.wait_time()))
+        return Result(requeue_after=p.requeue_after if done.blocked or done.failed else 1.0)
 
     async def _terminate(self, p: Plan, node: NodeView) -> Result | None:
-        if node.uid and node.uid in self._terminated:
-            return None
+        rk = lifecycle.RecordKeys(self.names)
+        if (node.uid and node.uid in self._terminated) or rk.terminate_requested in node.annotations:
+            return None  # asked once already (this process, or any before it: the request is on the node)
         if self._terminations.count() >= self.policy.terminate.max_per_hour:
             await self._note(node, "TerminationRateLimited",
                              f"{p.why}, but {self.policy.terminate.max_per_hour} machines were already terminated "
@@ -613,51 +592,51 @@ class Remediator:
         note = (f"{p.why}; terminating the machine through the {self.provider.name} provider "
                 f"(fixable by {p.remedy})" + ("; a PodDisruptionBudget still blocked eviction" if p.deadline_passed
                                               else ""))
-        if self.dry_run:
-            return await self._mutate(node, p, "terminate", reason, note)
-        await self.recorder.emit(node_ref(node.name, node.uid), reason, note, type_="Warning")
+        if self.dry_run and (node.name, "dry:terminate") in self._noted:
+            return None
+        self._noted.add((node.name, "dry:terminate"))
+        now = self.clock.now()
+        # the request is recorded on the node first (the same write, before the provider is asked): a crash
+        # after it never asks twice; the lifecycle reports a machine that does not go
+        ops = (SetAnnotation(rk.terminate_requested, str(int(now))),
+               *lifecycle.record_ops(self.names, lifecycle.RETIRING, p.why, now),
+               TerminateMachine("terminate", p.why), Event(reason, note, "Warning"))
         try:
-            outcome = await self.provider.terminate(node.name)
+            done = await self.applier.apply(node, Ops(node.name, "terminate", ops, p.why))
         except errors.FleetkeeperError as exc:
             self._count("terminate", "error")
             log.warning("terminate %s failed: %s", node.name, exc)
             raise
+        if self.dry_run or done.gone:
+            return None
         self._terminations.record()
         if node.uid:
             self._terminated.add(node.uid)
         self._count("terminate", "success")
-        log.info("terminate %s: %s (%s)", node.name, note, outcome)
+        log.info("terminate %s: %s (%s)", node.name, note, done.machine)
         return None
 
 
-async def load_from_configmap(mgr: Manager) -> tuple[Policy, bool]:
-    cm = await mgr.kube.get_or_none(CONFIGMAPS, CONFIGMAP, mgr.settings.namespace)
-    data = (cm or {}).get("data") or {}
-    source = f"configmap {mgr.settings.namespace}/{CONFIGMAP} key {POLICY_KEY}"
-    policy = load_policy(data.get(POLICY_KEY), source)
-    sim = str(data.get("simulate", "")).lower() in ("1", "true", "yes")
+def policy_source(mgr: Manager) -> ConfigMapKey[Policy]:
+    return ConfigMapKey(mgr.kube, mgr.settings.namespace, CONFIGMAP, POLICY_KEY, load_policy)
+
+
+async def load_from_configmap(mgr: Manager, src: ConfigMapKey[Policy] | None = None) -> tuple[Policy, bool]:
+    src = src or policy_source(mgr)
+    policy = await src.load()
+    sim = str(src.data.get("simulate", "")).lower() in ("1", "true", "yes")
     return policy, sim
 
 
-async def reload_loop(mgr: Manager, rem: Remediator, interval: float) -> None:
-    """Pick up ConfigMap changes; a broken policy keeps the last good one."""
-    last_error = ""
+async def reload_loop(mgr: Manager, rem: Remediator, interval: float, src: ConfigMapKey[Policy]) -> None:
+    """Pick up ConfigMap changes; a broken policy keeps the last good one (core.configmap)."""
     while True:
         await mgr.clock.sleep(interval)
-        try:
-            policy, _ = await load_from_configmap(mgr)
-        except errors.ConfigError as exc:
-            if str(exc) != last_error:
-                log.error("new health policy rejected, keeping the previous one: %s", exc)
-                last_error = str(exc)
-            continue
-        except errors.FleetkeeperError as exc:
-            log.warning("could not read the health policy: %s", exc)
-            continue
-        last_error = ""
-        if policy != rem.policy:
+        policy = await src.reload()
+        if policy is not None and policy != rem.policy:
             log.info("health policy reloaded")
             rem.policy = policy
+            rem.budget.configure(policy.budget)
             rem._watched = watched_types(policy)
             for k in rem.nodes.keys():
                 rem.controller.enqueue(k)
@@ -666,7 +645,8 @@ async def reload_loop(mgr: Manager, rem: Remediator, interval: float) -> None:
 async def setup(mgr: Manager, options: HealthOptions | None) -> None:
     opts = options or HealthOptions()
     from_cm = opts.policy is None
-    policy, sim_flag = (await load_from_configmap(mgr)) if from_cm else (opts.policy, False)
+    src = policy_source(mgr)
+    policy, sim_flag = (await load_from_configmap(mgr, src)) if from_cm else (opts.policy, False)
     simulate = opts.simulate if opts.simulate is not None else (
         sim_flag or os.environ.get("FLEETKEEPER_HEALTH_SIMULATE", "") in ("1", "true"))
     rem = Remediator(mgr, policy, opts.provider or LocalProvider(mgr.kube), stats_interval=opts.stats_interval,
@@ -676,7 +656,7 @@ async def setup(mgr: Manager, options: HealthOptions | None) -> None:
     mgr.add("health-remediation", rem.run)
     mgr.add("health-stats", rem.stats_loop)
     if from_cm:
-        mgr.add("health-policy-reload", lambda: reload_loop(mgr, rem, opts.reload_interval))
+        mgr.add("health-policy-reload", lambda: reload_loop(mgr, rem, opts.reload_interval, src))
     if simulate:
         from fleetkeeper.health.agent import AgentCore, ConditionWriter, SimulatedFleet
 

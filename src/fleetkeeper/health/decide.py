@@ -4,8 +4,8 @@
 * :func:`decide_node` picks the next step of the ladder for one node from the
   cluster's state (taints, annotations, conditions, pods), so a restarted
   controller continues where the last one stopped;
-* :func:`admit` checks a new quarantine against the budget (cluster, zone,
-  rack, new per window);
+* admission against the disruption budget is the lifecycle's
+  (:func:`fleetkeeper.lifecycle.budget.admit`, shared by every component);
 * :func:`fleet_stats` counts what the budget, the storm detector and the
   metrics need.
 """
@@ -16,33 +16,15 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from fleetkeeper.core.domain import ZONE_LABEL, Names
+from fleetkeeper.core.domain import Names
 from fleetkeeper.core.views import NodeView, PodView
 from fleetkeeper.health.conditions import AGENT_TYPES, NPD_TYPES
 from fleetkeeper.health.policy import LADDER, Policy, human
+from fleetkeeper.lifecycle.budget import scopes_of
+from fleetkeeper.lifecycle.keys import HealthKeys as Keys  # the markers' names, defined once
 
 REMEDY_RANK = {"none": 0, "wait": 1, "investigate": 2, "reset": 3, "reboot": 4, "replace": 5}
 _XID = re.compile(r"Xid\s?(\d+)")
-
-
-class Keys:
-    """Annotation keys of the controller's state on the node (all level-based)."""
-
-    def __init__(self, names: Names):
-        d = names.domain
-        self.action = f"{d}/health-action"  # quarantine | drain | terminate: the ladder's target
-        self.remedy = f"{d}/health-remedy"  # reset | reboot | replace | investigate | wait
-        self.reason = f"{d}/health-reason"  # "Type/Reason; ..." of the problems acted on
-        self.types = f"{d}/health-types"  # condition types that must clear
-        self.since = f"{d}/health-since"  # when the node was quarantined (epoch seconds)
-        self.drained = f"{d}/health-drained-at"
-        self.cleared = f"{d}/health-cleared-at"  # hold mode: when the conditions cleared
-        self.state = f"{d}/health-state"  # validating: handed to the preflight gate
-        self.history = f"{d}/health-history"  # JSON list of [time, text], newest last
-        self.ignore = f"{d}/health-ignore"  # "true": an operator took over this node
-
-    def all_state(self) -> tuple[str, ...]:
-        return (self.action, self.remedy, self.reason, self.types, self.since, self.drained, self.cleared, self.state)
 
 
 @dataclass(frozen=True)
@@ -127,7 +109,7 @@ class Plan:
     """The next step for one node. ``kind``:
 
     noop, wait, note (an Event only), quarantine (new: needs budget), escalate,
-    evict, mark_drained, terminate, return (to the preflight gate), mark_cleared,
+    evict, terminate, return (to the preflight gate), mark_cleared,
     unmark_cleared, release (remove taint/markers: back in service).
     """
 
@@ -243,28 +225,13 @@ def decide_node(node: NodeView, pods: list[PodView], policy: Policy, names: Name
             return Plan("wait", node.name, f"{len(terminating)} pod(s) terminating", wait="pdb", requeue_after=2.0)
         if target == "terminate":
             return Plan("terminate", node.name, "drained", target, remedy)
-        if not a.get(k.drained):
-            return Plan("mark_drained", node.name, f"drained; fixable by {remedy}", target, remedy)
-        return Plan("wait", node.name, f"drained; {why_waiting}", wait="drained", requeue_after=min(60.0, recheck))
+        # drained: no write (the lifecycle derives "awaiting repair" from the empty node); an Event says so
+        return Plan("wait", node.name, f"drained; {why_waiting}", target, remedy, wait="drained",
+                    requeue_after=min(60.0, recheck))
     return Plan("wait", node.name, why_waiting, wait="cleared", requeue_after=recheck)
 
 
 # --- budget -----------------------------------------------------------------
-
-def scopes_of(node: NodeView, names: Names) -> list[str]:
-    out = ["cluster"]
-    if node.labels.get(ZONE_LABEL):
-        out.append(f"zone:{node.labels[ZONE_LABEL]}")
-    if node.labels.get(names.rack):
-        out.append(f"rack:{node.labels[names.rack]}")
-    return out
-
-
-def scope_limit(scope: str, total: int, policy: Policy) -> int | None:
-    kind = scope.split(":", 1)[0]
-    lim = {"cluster": policy.budget.cluster, "zone": policy.budget.zone, "rack": policy.budget.rack}[kind]
-    return lim.limit(total)
-
 
 @dataclass
 class FleetStats:
@@ -278,26 +245,6 @@ class FleetStats:
     @property
     def onsets(self) -> int:
         return len(self.onset_nodes)
-
-    def used_ratio(self, scope: str, policy: Policy) -> float:
-        lim = scope_limit(scope, self.totals.get(scope, 0), policy)
-        if lim is None:
-            return 0.0
-        used = self.disrupted.get(scope, 0)
-        return used / lim if lim else (1.0 if used or self.wanting.get(scope) else 0.0)
-
-
-def admit(stats: FleetStats, scopes: list[str], policy: Policy) -> list[str]:
-    """Scopes whose budget a new quarantine would exceed (empty: admitted)."""
-    over = []
-    for s in scopes:
-        lim = scope_limit(s, stats.totals.get(s, 0), policy)
-        if lim is not None and stats.disrupted.get(s, 0) + 1 > lim:
-            over.append(s)
-    cap = policy.budget.max_new_per_window
-    if cap is not None and stats.new_in_window + 1 > cap:
-        over.append("window")
-    return over
 
 
 def storm_threshold(total: int, policy: Policy) -> int:
@@ -326,7 +273,7 @@ def fleet_stats(nodes: list[NodeView], pods_left: dict[str, int], policy: Policy
     for n in nodes:
         if not selected(n, policy):
             continue
-        scopes = scopes_of(n, names)
+        scopes = scopes_of(n, names, policy.budget)
         for s in scopes:
             st.totals[s] = st.totals.get(s, 0) + 1
         state = node_state(n, names, pods_left.get(n.name, 0))

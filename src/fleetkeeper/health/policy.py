@@ -15,43 +15,16 @@ e.g. scheduled maintenance), ``none`` (not the machine's fault: ignored).
 from __future__ import annotations
 
 import fnmatch
-import re
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fleetkeeper.core.config import load_model, parse_yaml
+from fleetkeeper.core.config import Duration, human, load_model, parse_duration, parse_yaml  # noqa: F401
+from fleetkeeper.lifecycle.config import BudgetConfig as Budget, Limit  # noqa: F401 - the one budget
 
 Action = Literal["event", "quarantine", "drain", "terminate"]
 Remedy = Literal["reset", "reboot", "replace", "investigate", "wait", "none"]
 LADDER: tuple[str, ...] = ("none", "event", "quarantine", "drain", "terminate")
-_DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def parse_duration(v: Any) -> float:
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return float(v)
-    if isinstance(v, str):
-        m = _DUR.match(v)
-        if m:
-            return float(m.group(1)) * _UNIT[m.group(2)]
-    raise ValueError("expected a duration such as 30s, 10m, 2h, 7d or a number of seconds")
-
-
-def human(seconds: float) -> str:
-    """7d, 2h, 30m, 45s: the largest unit that divides evenly, else seconds."""
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= n and seconds % n == 0:
-            return f"{int(seconds // n)}{unit}"
-    return f"{seconds:g}s"
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -71,31 +44,6 @@ class Rule(_Strict):
             return False
         return any(fnmatch.fnmatchcase(r, self.reason) for r in (reason.split(",") or [""])) or \
             fnmatch.fnmatchcase(reason, self.reason)
-
-
-class Limit(_Strict):
-    """At most ``max_nodes`` and at most ``max_percent`` of the scope's nodes
-    quarantined or draining (the smaller wins; never below ``min_nodes``)."""
-
-    max_nodes: int | None = Field(None, ge=0)
-    max_percent: float | None = Field(None, ge=0, le=100)
-    min_nodes: int = Field(1, ge=0)
-
-    def limit(self, total: int) -> int | None:
-        caps = []
-        if self.max_nodes is not None:
-            caps.append(self.max_nodes)
-        if self.max_percent is not None:
-            caps.append(max(self.min_nodes, int(total * self.max_percent / 100.0)))
-        return min(caps) if caps else None
-
-
-class Budget(_Strict):
-    cluster: Limit = Limit(max_nodes=50, max_percent=2.0)
-    zone: Limit = Limit(max_percent=5.0)
-    rack: Limit = Limit(max_nodes=4)
-    window: Duration = 3600.0
-    max_new_per_window: int | None = Field(100, ge=0)  # new quarantines started within the window
 
 
 class Storm(_Strict):

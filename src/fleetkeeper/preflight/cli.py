@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from fleetkeeper.core import errors
+from fleetkeeper.core import cliutil, errors
 from fleetkeeper.core.config import parse_yaml
 from fleetkeeper.core.domain import DEFAULT_DOMAIN, INSTANCE_TYPE_LABEL, Names
 from fleetkeeper.preflight.config import CHECKS, PreflightConfig, load_config
@@ -116,14 +116,15 @@ def show_config(config: Optional[Path] = typer.Option(None, "--config", "-c")) -
 
 
 def _kube(kubeconfig: Optional[str]):
-    from fleetkeeper.core.kube import Kube
+    from fleetkeeper.core import cliutil
 
-    return Kube.connect(kubeconfig)
+    return cliutil.connect(kubeconfig)
 
 
 @app.command()
-def status(kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"),
-           domain: str = typer.Option(DEFAULT_DOMAIN, "--domain")) -> None:
+def status(kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"), context: Optional[str] = cliutil.context_option(),
+           domain: str = typer.Option(DEFAULT_DOMAIN, "--domain"),
+           output: str = cliutil.output_option()) -> None:
     """Nodes held by the gate: state, attempts, failing check."""
     import asyncio
 
@@ -142,22 +143,31 @@ def status(kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar
             meta = n["metadata"]
             ann = meta.get("annotations") or {}
             up = node_up(proj.node(n))
+            if output != "text":
+                lines.append({"node": meta["name"], "state": meta["labels"].get(keys.gate), "up": up,
+                              "attempts": int(ann.get(keys.attempts, "0") or 0),
+                              "failedCheck": ann.get(keys.failed_check),
+                              "instanceType": meta["labels"].get(INSTANCE_TYPE_LABEL)})
+                continue
             lines.append(f"{meta['name']:32} {meta['labels'].get(keys.gate):8} "
                          f"{'' if up else 'not-ready (no test until it is up) '}"
                          f"attempts={ann.get(keys.attempts, '0')} "
                          f"failed-check={ann.get(keys.failed_check, '-')} "
                          f"type={meta['labels'].get(INSTANCE_TYPE_LABEL, '?')}")
-        return lines or ["no node is held by the preflight gate"]
+        return lines or ([] if output != "text" else ["no node is held by the preflight gate"])
 
     try:
-        for line in asyncio.run(go()):
+        lines = asyncio.run(go())
+        if cliutil.emit_structured({"gated": lines}, output):
+            return
+        for line in lines:
             typer.echo(line)
     except errors.FleetkeeperError as exc:
         _fail(exc)
 
 
 @app.command()
-def retry(node: str, kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"),
+def retry(node: str, kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"), context: Optional[str] = cliutil.context_option(),
           domain: str = typer.Option(DEFAULT_DOMAIN, "--domain"),
           dry_run: bool = typer.Option(False, "--dry-run")) -> None:
     """Start a new validation cycle on NODE (after a repair): gate it again with label value 'pending'."""

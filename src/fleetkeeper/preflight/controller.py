@@ -23,16 +23,22 @@ import tempfile
 from pathlib import Path
 
 from fleetkeeper.core import errors
+from fleetkeeper.core.applier import Applier
 from fleetkeeper.core.config import parse_yaml
+from fleetkeeper.core.configmap import ConfigMapKey
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.events import EventRecorder, node_ref
 from fleetkeeper.core.faults import FaultPlan, default_fault_file
-from fleetkeeper.core.kube import CONFIGMAPS, MUTATING_WEBHOOKS, NODES, PODS, PRIORITYCLASSES, SECRETS, \
+from fleetkeeper.core.kube import MUTATING_WEBHOOKS, PODS, PRIORITYCLASSES, SECRETS, \
     SERVICEACCOUNTS
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.domain import INSTANCE_TYPE_LABEL
-from fleetkeeper.core.ratelimit import SlidingWindow, TokenBucket
+from fleetkeeper.core.plan import AddTaint, Plan as Ops, RemoveTaint, SetAnnotation, SetLabel
+from fleetkeeper.core.ratelimit import TokenBucket
 from fleetkeeper.core.views import NodeView, PodView
+from fleetkeeper.lifecycle import budget as bud
+from fleetkeeper.lifecycle import machine as lifecycle
+from fleetkeeper.lifecycle.controller import shared_budget
 from fleetkeeper.preflight import gate, periodic
 from fleetkeeper.preflight.config import CONFIGMAP_KEY, CONFIGMAP_NAME, PreflightConfig, load_config
 from fleetkeeper.preflight.history import GpuHistory
@@ -45,15 +51,12 @@ from fleetkeeper.preflight.suite import SimulatedBackend, SimulatedHost, SuiteRe
 log = logging.getLogger("fleetkeeper.preflight")
 
 
+def _parse(text: str | None, source: str) -> PreflightConfig:
+    return PreflightConfig() if text is None else load_config(parse_yaml(text, source), source)
+
+
 async def load_from_cluster(mgr: Manager) -> PreflightConfig:
-    cm = await mgr.kube.get_or_none(CONFIGMAPS, CONFIGMAP_NAME, mgr.settings.namespace)
-    if cm is None:
-        return PreflightConfig()
-    source = f"configmap {mgr.settings.namespace}/{CONFIGMAP_NAME} key {CONFIGMAP_KEY}"
-    text = (cm.get("data") or {}).get(CONFIGMAP_KEY)
-    if text is None:
-        raise errors.ConfigError(source, [("data", sorted(cm.get("data") or {}), f"missing key {CONFIGMAP_KEY}")])
-    return load_config(parse_yaml(text, source), source)
+    return await ConfigMapKey(mgr.kube, mgr.settings.namespace, CONFIGMAP_NAME, CONFIGMAP_KEY, _parse).load()
 
 
 async def setup(mgr: Manager, options) -> None:
@@ -85,13 +88,15 @@ class Preflight:
         self.gate_ctl = Controller("preflight-gate", self.reconcile, metrics=mgr.metrics, clock=self.clock,
                                    workers=cfg.gate.workers)
         self.create_bucket = TokenBucket(cfg.gate.pod_create_rate, max(1, int(cfg.gate.pod_create_rate)), self.clock)
-        self.node_bucket = TokenBucket(cfg.gate.node_write_rate, max(1, int(cfg.gate.node_write_rate)), self.clock)
-        self.periodic_failures = SlidingWindow(3600.0, self.clock)
+        # one writer for nodes, and the one disruption budget (periodic failures take capacity away)
+        self.applier = Applier(self.kube, self.recorder, component="preflight", registry=mgr.registry,
+                               clock=self.clock, dry_run=self.dry_run, writes_per_second=cfg.gate.node_write_rate)
+        self.budget = shared_budget(mgr)
         self.history = GpuHistory(self.kube, self.namespace, cfg.history_shards, cfg.history_entries, self.clock,
                                   self.metrics, self.dry_run)
         # indexes kept by informer handlers
         self.test_pods: dict[str, dict[str, PodView]] = {}  # node -> pod key -> our test pods
-        self.pods_on_node: dict[str, dict[str, PodView]] = {}  # node -> pod key -> every pod bound there
+        self.pods_on_node = mgr.pods_by_node()  # every pod bound to a node (the manager's shared index)
         self.last_busy: dict[str, float] = {}
         self.started = self.clock.now()
         self.we_deleted: set[str] = set()
@@ -117,11 +122,9 @@ class Preflight:
     def _on_pod(self, typ: str, key: str, old: PodView | None, new: PodView | None) -> None:
         keys = self.keys
         if old is not None and old.node:
-            self.pods_on_node.get(old.node, {}).pop(key, None)
             if periodic.is_real_work(old, keys) and (new is None or not periodic.is_real_work(new, keys)):
                 self.last_busy[old.node] = self.clock.now()
         if new is not None and new.node and new.active:
-            self.pods_on_node.setdefault(new.node, {})[key] = new
             if periodic.is_real_work(new, keys):
                 self.last_busy[new.node] = self.clock.now()
         mine = (new or old)
@@ -224,7 +227,7 @@ class Preflight:
             if inflight >= self.cfg.gate.max_concurrent:
                 raise errors.Temporary(f"{inflight} gate test pods in flight (max {self.cfg.gate.max_concurrent})", 2.0)
         if plan.patches_node:
-            await self._patch_node(node, plan)
+            await self._patch_node(node, plan, record=lifecycle.IN_SERVICE if plan.outcome == "passed" else "")
         for pname in plan.delete_pods:
             p = next((p for p in pods if p.name == pname), None)
             if p is not None:
@@ -264,27 +267,38 @@ class Preflight:
                                  "ok": result.passed and u not in result.failed_gpus,
                                  "s": summary(result)[:120] if u in result.failed_gpus or not result.passed else "ok"})
 
-    async def _patch_node(self, node: NodeView, plan: gate.Plan, action: str | None = None) -> None:
+    async def _patch_node(self, node: NodeView, plan: gate.Plan, action: str | None = None,
+                          record: str = "") -> None:
+        """One node write through the core applier (cached resourceVersion, rate limit, metric)."""
         action = action or {"passed": "release", "failed": "fail", "exhausted": "fail", "timeout": "fail",
                             "retaint": "retaint", "reset": "reset"}.get(plan.outcome, "annotate")
-        body: dict = {"metadata": {"resourceVersion": node.resource_version}}
-        if plan.labels:
-            body["metadata"]["labels"] = plan.labels
-        if plan.annotations:
-            body["metadata"]["annotations"] = plan.annotations
+        ops: list = [SetLabel(k, v) for k, v in plan.labels.items()]
+        ops += [SetAnnotation(k, v) for k, v in plan.annotations.items()]
         if plan.taints is not None:
-            body["spec"] = {"taints": plan.taints}
+            want = {t["key"]: t for t in plan.taints}
+            ops += [RemoveTaint(t.key) for t in node.taints if t.key not in want]
+            ops += [AddTaint(t["key"], t.get("value", ""), t["effect"]) for t in plan.taints]  # no-ops fold away
+        if record:
+            ops += list(lifecycle.record_ops(self.mgr.names, record, plan.outcome, self.clock.now()))
         self.metrics.node_writes.labels(action).inc()
-        if self.dry_run:
-            log.info("dry-run: would patch node %s (%s): %s", node.name, action, body)
-            return
-        await self.node_bucket.acquire()
-        try:
-            await self.kube.patch(NODES, node.name, body)
-        except errors.Conflict:
-            raise errors.Temporary(f"node {node.name} changed meanwhile; re-reading", 0.2) from None
-        except errors.NotFound:
-            return
+        await self.applier.apply(node, Ops(node.name, action, tuple(ops)))
+
+    def periodic_admission(self, node: NodeView, now: float) -> tuple[bool, str]:
+        """May a periodic failure take ``node`` out of service? The shared disruption budget, then this
+        component's own hourly cap, counted from the nodes (durable): nodes it re-gated within the hour."""
+        cfg = self.budget.cfg
+        snap = bud.snapshot(self.nodes.items(), self.mgr.names, cfg, lambda n: gate.in_scope(n, self.cfg))
+        scopes = snap.scopes.get(node.name) or bud.scopes_of(node, self.mgr.names, cfg)
+        verdict = bud.admit(node.name, scopes, snap, self.budget.ledger.view(), cfg, now)
+        if not verdict.admitted:
+            return False, verdict.explain()
+        recent = sum(1 for n in self.nodes.items()
+                     if n.labels.get(self.keys.gate) == FAILED and self.keys.validated_at in n.annotations
+                     and now - float(n.annotations.get(self.keys.gated_at) or 0) < 3600)
+        recent += sum(1 for f in self.budget.ledger.view().values() if f.kind == "retest" and f.node not in snap.since)
+        if recent >= self.cfg.periodic.fail_budget_per_hour:
+            return False, f"{self.cfg.periodic.fail_budget_per_hour} periodic removals per hour already made"
+        return True, verdict.explain()
 
     async def _create_pod(self, node: NodeView, kind: str, name: str, sim_ms: int) -> bool:
         nonce = secrets.token_hex(12)
@@ -333,7 +347,7 @@ class Preflight:
         nodes = self.nodes.items()
         pods_by_node: dict[str, list[PodView]] = {}
         for n in nodes:
-            ps = list(self.pods_on_node.get(n.name, {}).values())
+            ps = [p for p in self.pods_on_node.get(n.name) if p.active]
             ps += [p for p in self.test_pods.get(n.name, {}).values() if not p.node]
             pods_by_node[n.name] = ps
         last_busy = {n.name: self.last_busy.get(n.name, self.started) for n in nodes}
@@ -423,22 +437,30 @@ class Preflight:
             ann[keys.validated_at] = str(int(now))
             await self._patch_node(node, plan, "periodic-pass")
             self.metrics.results.labels(PERIODIC, "passed").inc()
-        elif self.periodic_failures.count() >= self.cfg.periodic.fail_budget_per_hour:
+        else:
+            async with self.budget.ledger.lock:
+                admitted, budget_why = self.periodic_admission(node, now)
+                if admitted:
+                    self.budget.ledger.add(bud.InFlight(node.name, "retest", now, bud.scopes_of(
+                        node, self.mgr.names, self.budget.cfg), dry_run=self.dry_run))
+        if not ok and not admitted:
             self.metrics.budget_denied.inc()
             self.metrics.results.labels(PERIODIC, "failed").inc()
             await self._patch_node(node, plan, "annotate")
             await self.recorder.emit(node_ref(node.name, node.uid), "PreflightFailedNoBudget",
-                                     f"periodic validation {why}; node left in service: the budget of "
-                                     f"{self.cfg.periodic.fail_budget_per_hour} removals per hour is spent",
+                                     f"periodic validation {why}; node left in service: {budget_why}",
                                      type_="Warning")
-        else:
-            self.periodic_failures.record()
+        elif not ok:
             ann.update({keys.attempts: "1", keys.failed_check: ",".join(failed)[:200],
                         keys.retry_at: str(int(now + gate.backoff(self.cfg, 1))), keys.gated_at: str(int(now))})
             plan.labels = {keys.gate: FAILED}
             plan.taints = [{"key": t.key, "value": t.value, "effect": t.effect} for t in node.taints
                            if t.key != keys.gate] + [gate.gate_taint(keys, FAILED)]
-            await self._patch_node(node, plan, "periodic-fail")
+            try:
+                await self._patch_node(node, plan, "periodic-fail", record=lifecycle.REVALIDATING)
+            except BaseException:
+                self.budget.ledger.drop(node.name)
+                raise
             self.metrics.results.labels(PERIODIC, "failed").inc()
             for c in failed:
                 self.metrics.check_failures.labels(c).inc()

@@ -21,8 +21,10 @@ START_FRACTION = 0.75
 
 
 def is_real_work(pod: PodView, keys: Keys) -> bool:
-    """Anything but DaemonSet pods, static/mirror pods and our own test pods."""
-    return pod.active and pod.owner_kind not in ("DaemonSet", "Node") and keys.pod_kind not in pod.labels
+    """Anything but DaemonSet pods, static/mirror pods, our own test pods and
+    balloons (placeholders that keep an idle node warm: the node is idle)."""
+    return pod.active and pod.owner_kind not in ("DaemonSet", "Node") and keys.pod_kind not in pod.labels \
+        and keys.names.balloon not in pod.labels
 
 
 def last_validated(node: NodeView, keys: Keys) -> float:

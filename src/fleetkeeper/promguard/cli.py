@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl
 import orjson
 import typer
 
+from fleetkeeper.core import cliutil
 from fleetkeeper.core.errors import ConfigError
 
 from . import policy as P
@@ -75,6 +76,7 @@ def explain(
     default_range: float = typer.Option(3600.0),
     reject_unscoped: bool = typer.Option(True, "--reject-unscoped/--allow-unscoped"),
     upstream_supports_limit: bool = typer.Option(False, help="pretend the upstream is Prometheus >= 2.51"),
+    output: str = cliutil.output_option("json"),
 ) -> None:
     """Print what the guard would do with one request (no network)."""
     settings = _settings("promguard explain", upstream="http://upstream.invalid", deadline=deadline,
@@ -82,11 +84,16 @@ def explain(
                          reject_unscoped=reject_unscoped)
     path, _, query = request.partition("?")
     d = P.plan(path, parse_qsl(query, keep_blank_values=True), time.time(), settings.policy, upstream_supports_limit)
+    fmt = "json" if output == "text" else output  # the answer is structured; text is compact JSON
+
+    def show(data: dict) -> None:
+        typer.echo(orjson.dumps(data).decode() if output == "text" else cliutil.render(data, fmt))
+
     if d is None:
-        typer.echo(orjson.dumps({"action": "passthrough", "path": path}).decode())
+        show({"action": "passthrough", "path": path})
     elif isinstance(d, P.Reject):
-        typer.echo(orjson.dumps({"action": "reject", "http_status": d.status, **d.body()}).decode())
+        show({"action": "reject", "http_status": d.status, **d.body()})
         raise typer.Exit(1)
     else:
-        typer.echo(orjson.dumps({"action": "forward", "endpoint": d.endpoint, "params": d.params,
-                                 "limit": d.limit, "deadline": d.deadline, "notes": d.notes}).decode())
+        show({"action": "forward", "endpoint": d.endpoint, "params": d.params,
+              "limit": d.limit, "deadline": d.deadline, "notes": d.notes})

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 
 import orjson
+from typing import Optional
+
 import typer
 
 from fleetkeeper.core import cliutil, errors
@@ -48,11 +50,11 @@ def _runtime(kubeconfig: str | None, namespace: str, domain: str, metrics_port: 
 
 
 async def _manager_main(settings: RuntimeSettings, build) -> None:
-    kube = await Kube.connect(settings.kubeconfig)
+    kube = await cliutil.connect(settings.kubeconfig)
     try:
         mgr = Manager(kube, settings)
         build(mgr)
-        await mgr.run()
+        await cliutil.until_stopped(mgr.run(), cliutil.stop_on_signals())
     finally:
         await kube.close()
 
@@ -75,7 +77,7 @@ def serve(
     bookmark_interval: float = typer.Option(30.0, help="seconds between bookmarks on an idle watch"),
     watch_timeout: int = typer.Option(300, help="longest agent watch, seconds"),
     config: Path = typer.Option(None, "--config", help="YAML file with a 'relay:' section (overrides the flags)"),
-    kubeconfig: str = KUBECONFIG,
+    kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.context_option(),
     namespace: str = typer.Option(SYSTEM_NAMESPACE, help="where the team ConfigMap lives"),
     domain: str = typer.Option(DEFAULT_DOMAIN, help="label/annotation domain"),
     metrics_port: int = typer.Option(8082, min=0, max=65535, help="/metrics, /healthz, /readyz"),
@@ -117,7 +119,7 @@ def pace(
     bootstrap_namespace: str = typer.Option(None, "--bootstrap-namespace"),
     dry_run: bool = typer.Option(False, "--dry-run", help="decide and report; never write"),
     leader_elect: bool = typer.Option(True, "--leader-elect/--no-leader-elect"),
-    kubeconfig: str = KUBECONFIG,
+    kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.context_option(),
     namespace: str = typer.Option(SYSTEM_NAMESPACE),
     domain: str = typer.Option(DEFAULT_DOMAIN),
     metrics_port: int = typer.Option(8083, min=0, max=65535),

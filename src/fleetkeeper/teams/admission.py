@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fleetkeeper.core.domain import Names
-from fleetkeeper.core.webhook import Admission, AdmissionRequest, json_patch_path
+from fleetkeeper.core.admission import Admission, AdmissionRequest, json_patch_path
 
 from fleetkeeper.teams.config import ConfigState, Exempt, TeamsConfig
 from fleetkeeper.teams.plan import TEAM_EFFECT

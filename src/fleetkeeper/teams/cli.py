@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import orjson
+from typing import Optional
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -34,8 +36,9 @@ DOMAIN = typer.Option(DEFAULT_DOMAIN, "--domain", help="label/taint domain")
 
 
 @app.command()
-def status(kubeconfig: str = KUBECONFIG, namespace: str = NAMESPACE, configmap: str = CONFIGMAP,
-           domain: str = DOMAIN, as_json: bool = typer.Option(False, "--json")) -> None:
+def status(kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.context_option(), namespace: str = NAMESPACE, configmap: str = CONFIGMAP,
+           domain: str = DOMAIN, output: str = cliutil.output_option(),
+           as_json: bool = typer.Option(False, "--json", help="same as -o json")) -> None:
     """Per team: desired, assigned, eligible, shortfall, borrowed; and the configuration's state."""
 
     async def go():
@@ -44,11 +47,10 @@ def status(kubeconfig: str = KUBECONFIG, namespace: str = NAMESPACE, configmap: 
 
     live = _run(go())
     ctl = live.controller_status.get("config") or {}
-    if as_json:
-        print(orjson.dumps({"configError": live.config_error, "controller": live.controller_status,
-                            "teams": [s.as_dict() for s in live.plan.teams.values()] if live.plan else [],
-                            "pendingChanges": len(live.plan.changes) if live.plan else None},
-                           option=orjson.OPT_INDENT_2).decode())
+    if cliutil.emit_structured({"configError": live.config_error, "controller": live.controller_status,
+                                "teams": [s.as_dict() for s in live.plan.teams.values()] if live.plan else [],
+                                "pendingChanges": len(live.plan.changes) if live.plan else None},
+                               "json" if as_json else output):
         return
     if live.config_error:
         err.print(f"[red]ConfigMap {namespace}/{configmap} is invalid[/red]:\n{live.config_error}")
@@ -81,7 +83,7 @@ def status(kubeconfig: str = KUBECONFIG, namespace: str = NAMESPACE, configmap: 
 
 
 @app.command()
-def apply(kubeconfig: str = KUBECONFIG, namespace: str = NAMESPACE, configmap: str = CONFIGMAP,
+def apply(kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.context_option(), namespace: str = NAMESPACE, configmap: str = CONFIGMAP,
           domain: str = DOMAIN, dry_run: bool = typer.Option(False, "--dry-run", help="print the plan; write nothing"),
           limit: int = typer.Option(50, "--limit", min=1, help="print at most this many changes")) -> None:
     """Plan (and with no --dry-run, apply once) the node changes the controller would make."""
@@ -136,7 +138,7 @@ app.add_typer(webhook_app, name="webhook")
 
 @webhook_app.command("unregister")
 def webhook_unregister(name: str = typer.Option("fleetkeeper-teams", "--name", help="webhook configuration name"),
-                       kubeconfig: str = KUBECONFIG) -> None:
+                       kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.context_option()) -> None:
     """Recovery: delete the webhook configurations (e.g. the webhook is down and
     its Fail policy blocks pod creation). The controller re-registers on start."""
     from fleetkeeper.teams.serve import unregister

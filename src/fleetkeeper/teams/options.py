@@ -5,7 +5,9 @@
 suit the local control plane: a self-signed certificate, a webhook on
 127.0.0.1 registered by URL, unregistered on exit. In a real cluster set
 ``webhook.service`` (and usually ``webhook.cert``/``key``/``caBundle`` from
-cert-manager, ``host: 0.0.0.0``, ``port: 9443``, ``unregisterOnExit: false``).
+cert-manager, ``host: 0.0.0.0``, ``port: 9443``; a Service-registered webhook is never
+unregistered by a stopping process). The Helm chart owns the configurations itself
+(``register: false``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,17 @@ class WebhookOptions(BaseModel):
     ca_bundle: str | None = Field(None, alias="caBundle", description="PEM file of the CA that signed cert")
     cert_dir: str | None = Field(None, alias="certDir", description="where self-signed certificates are written")
     register_webhook: bool = Field(True, alias="register")
-    unregister_on_exit: bool = Field(True, alias="unregisterOnExit")
+    unregister_on_exit: bool | None = Field(
+        None, alias="unregisterOnExit",
+        description="delete the webhook configurations when this process stops (default: only when registered "
+                    "by URL, i.e. a local single process; never when registered by Service, where another "
+                    "replica still serves and a stopping pod must not open an unguarded window)")
+
+    @property
+    def unregisters_on_exit(self) -> bool:
+        if self.unregister_on_exit is not None:
+            return self.unregister_on_exit
+        return not self.service
     config_name: str = Field("fleetkeeper-teams", alias="configName")
     mutating_failure_policy: Literal["Ignore", "Fail"] = Field("Ignore", alias="mutatingFailurePolicy")
     validating_failure_policy: Literal["Ignore", "Fail"] = Field("Fail", alias="validatingFailurePolicy")

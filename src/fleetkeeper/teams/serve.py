@@ -151,7 +151,7 @@ class WebhookRunner:
 
     async def stop(self) -> None:
         try:
-            if self.opts.register_webhook and self.opts.unregister_on_exit:
+            if self.opts.register_webhook and self.opts.unregisters_on_exit:
                 await unregister(self.kube, self.opts.config_name)
         except errors.FleetkeeperError as exc:
             log.warning("could not unregister webhook %s: %s", self.opts.config_name, exc)

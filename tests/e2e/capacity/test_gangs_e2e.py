@@ -71,7 +71,9 @@ async def test_two_whole_cluster_experiments_with_gangs(kube, namespace, pool_fa
         pods = await pods_of(kube, namespace, f"experiment={loser}")
         lines = await explain_pod(kube, NAMES, namespace, pods[0]["metadata"]["name"])
         text = "\n".join(lines)
-        return text if "waiting whole" in text and "gang state: Waiting" in text else None
+        # the scheduler's own words, quoted: the group's condition and the pod's
+        return text if "scheduler on PodGroup: PodGroupScheduled=False Unschedulable" in text and \
+            "scheduler on pod: PodScheduled=False" in text and "gang state (fleetkeeper): Waiting" in text else None
     text = await wait_for(explained, 30, what="explain shows the loser waiting whole")
     assert f"minimum members placed together: {NODES}" in text
     async def counted():

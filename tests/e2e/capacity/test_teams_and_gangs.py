@@ -40,7 +40,7 @@ async def test_team_gang_stays_on_team_nodes(kube, namespace, pool_factory, run_
         if len(pods) != 3:
             return None
         lines = await explain_pod(kube, NAMES, namespace, pods[0]["metadata"]["name"])
-        return (pods, lines) if any("waiting whole" in line for line in lines) else None
+        return (pods, lines) if any("PodGroupScheduled=False" in line for line in lines) else None
     pods, lines = await wait_for(big_waits, 60, what="the 3-node team-a gang waiting whole")
     assert bound(pods) == [], "a gang bigger than team A's nodes must not take part of them"
 

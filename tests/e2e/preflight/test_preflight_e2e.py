@@ -224,7 +224,7 @@ async def test_periodic_tests_avoid_and_yield_to_real_work(kube, namespace, tmp_
         except AssertionError:
             from fleetkeeper.preflight import periodic as per
             nv = [pf.nodes.get(n["metadata"]["name"]) for n in nodes]
-            dbg = per.decide(pf.nodes.items(), {k: list(v.values()) for k, v in pf.pods_on_node.items()},
+            dbg = per.decide(pf.nodes.items(), {k: pf.pods_on_node.get(k) for k in pf.pods_on_node.keys()},
                              {}, cfg, KEYS, time.time())
             raise AssertionError(f"key={bool(pf.key)} plan={dbg} {await periodic_pods()} eligible={pf.metrics.eligible._value.get()} "
                                  f"{[(v.name, v.ready, v.taints, per.in_service(v, KEYS)) for v in nv if v]}")

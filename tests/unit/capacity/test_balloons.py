@@ -51,7 +51,7 @@ def test_deployment_shape():
     d = bl.deployment(s, cfg, N, "fk")
     spec = d["spec"]["template"]["spec"]
     assert d["spec"]["replicas"] == 7
-    assert spec["priorityClassName"] == "fleetkeeper-balloon"
+    assert spec["priorityClassName"] == "fleetkeeper-balloon-lowest"
     res = spec["containers"][0]["resources"]
     assert res["requests"] == res["limits"] and res["limits"]["nvidia.com/gpu"] == "8"
     anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
@@ -96,3 +96,12 @@ def test_decide_unsizable_pool_is_reported_not_applied():
     cfg = BalloonConfig(pools=[PoolConfig(name="cpu", resource="cpu")])
     plan = bl.decide(cfg, N, "fk", [node("a")], [], [])
     assert plan.deployments == [] and plan.problems
+
+
+def test_priority_ladder_balloons_are_the_lowest_rung():
+    """real work (>= 0) > borrowers (teams' low priority, below 0) > periodic test pods > balloons"""
+    from fleetkeeper.preflight.config import PreflightConfig
+
+    balloon = BalloonConfig().priority
+    assert balloon < PreflightConfig().periodic.priority < 0
+    assert balloon < -100  # the usual borrower priority (the demo's 'any' toleration pods)

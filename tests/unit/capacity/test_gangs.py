@@ -217,3 +217,34 @@ def test_decide_creates_nothing_for_a_gang_being_deleted():
     pods = [member("a", deleting=True), member("b", "n1", "Running", deleting=True)]
     plan = gg.decide_gang("ns/g", pods, JOB, gg.GroupObjects(), {"n1": True}, IN_TREE, N, NOW, None)
     assert plan.create == [] and plan.delete == [] and plan.state == ""
+
+
+@pytest.mark.parametrize("pods,state,text", [
+    # two members, min 2: the first finished, the second still runs -> still Running
+    ([member("a", "n1", "Succeeded"), member("b", "n2", "Running")], "Running", "2/2 members placed, 1 running, 1 succeeded"),
+    ([member("a", "n1", "Succeeded"), member("b", "n2", "Succeeded")], "Completed", "2 members succeeded"),
+    # none placed yet: waiting, succeeded members of nobody do not count
+    ([member("a"), member("b")], "Waiting", "0/2 members placed"),
+])
+def test_gang_state_counts_succeeded_members(pods, state, text):
+    s, msg = gg.gang_state(pods, 2, {"n1": True, "n2": True}, None)
+    assert s == state and text in msg, msg
+
+
+def test_decide_keeps_running_while_the_last_member_runs():
+    objs = gg.GroupObjects(workload=gg.workload_body("ns", "g", 2, JOB, N), podgroup=gg.podgroup_body("ns", "g", 2, JOB, N))
+    pods = [member("a", "n1", "Succeeded", min_="2"), member("b", "n2", "Running", min_="2")]
+    plan = gg.decide_gang("ns/g", pods, JOB, objs, {"n1": True, "n2": True}, IN_TREE, N, NOW, None)
+    assert plan.state == "Running"
+
+
+@pytest.mark.parametrize("owner", [
+    gg.Owner("Job", "train", "ou", "batch/v1", None, gone=True),
+    gg.Owner("Job", "train", "ou", "batch/v1", 32, deleting=True),
+])
+def test_decide_never_creates_groups_for_an_owner_gone_or_being_deleted(owner):
+    # the Job was deleted (background propagation): 13 of its 32 pods are still there, not yet deleting
+    pods = [member(f"p{i}", f"n{i}", "Succeeded") for i in range(13)]
+    plan = gg.decide_gang("ns/g", pods, owner, gg.GroupObjects(), {}, IN_TREE, N, NOW, None)
+    assert plan.create == [] and plan.min_count is None
+    assert ("gone" if owner.gone else "being deleted") in plan.message

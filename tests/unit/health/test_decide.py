@@ -11,7 +11,7 @@ from fleetkeeper.core.faults import parse_fault
 from fleetkeeper.core.views import Condition, NodeView, PodView, Taint
 from fleetkeeper.health.agent import AgentCore, simulated_findings
 from fleetkeeper.health.conditions import Finding
-from fleetkeeper.health.decide import FleetStats, Keys, admit, classify, decide_node, fleet_stats, history_add
+from fleetkeeper.health.decide import Keys, classify, decide_node, fleet_stats, history_add
 from fleetkeeper.health.policy import Policy, load_policy
 
 N = Names()
@@ -78,7 +78,7 @@ def test_ladder_evicts_then_drains_then_terminates():
     assert p.kind == "terminate" and not p.deadline_passed
     # drain ladder: drained, then wait for the repair
     c2 = [("GPUUnhealthy", "True", "UncorrectableECC", NOW - 100)]
-    assert decide_node(node(c2, QT, q_ann()), [], P, N, NOW).kind == "mark_drained"
+    assert decide_node(node(c2, QT, q_ann()), [], P, N, NOW).wait == "drained"  # no write: an Event only
     assert decide_node(node(c2, QT, q_ann(**{K.drained: "1"})), [], P, N, NOW).wait == "drained"
 
 
@@ -116,7 +116,7 @@ def test_cleared_needs_clear_after_then_preflight_or_hold():
 def test_missing_condition_is_unknown_not_healthy():
     # the condition list was rewritten without our types: stay quarantined
     p = decide_node(node([("Ready", "True", "KubeletReady", 0)], QT, q_ann()), [], P, N, NOW)
-    assert p.kind == "mark_drained" or p.kind == "wait"
+    assert p.kind == "wait"
     p = decide_node(node([("Ready", "True", "KubeletReady", 0)], QT, q_ann(**{K.drained: "1"})), [], P, N, NOW)
     assert p.kind == "wait" and "missing" in p.why
 
@@ -140,18 +140,8 @@ def test_validation_handover_and_release():
     assert decide_node(node(bad, [(N.preflight, "pending")], val), [], P, N, NOW).kind == "quarantine"
 
 
-def test_budget_admission_per_scope_and_window():
-    pol = load_policy("budget: {cluster: {max_nodes: 3}, zone: {max_percent: 10}, rack: {max_nodes: 1}, "
-                      "max_new_per_window: 2}")
-    st = FleetStats(totals={"cluster": 100, "zone:a": 30, "rack:r1": 16}, disrupted={"cluster": 2, "zone:a": 2})
-    assert admit(st, ["cluster", "zone:a", "rack:r1"], pol) == []
-    st.disrupted["rack:r1"] = 1
-    assert admit(st, ["cluster", "zone:a", "rack:r1"], pol) == ["rack:r1"]
-    st.disrupted["cluster"] = 3
-    assert "cluster" in admit(st, ["cluster"], pol)
-    st2 = FleetStats(totals={"cluster": 100}, new_in_window=2)
-    assert admit(st2, ["cluster"], pol) == ["window"]
-    # percent floors at min_nodes
+def test_budget_limits_floor_at_min_nodes():
+    # admission itself is the lifecycle's (tests/unit/test_lifecycle.py)
     assert load_policy("budget: {zone: {max_percent: 1}}").budget.zone.limit(10) == 1
 
 
@@ -172,8 +162,6 @@ def test_window_count_survives_a_restart():
     nodes.append(node([], QT, q_ann(since=NOW - 2 * P.budget.window), name="old", rack="r9"))
     st = fleet_stats(nodes, {}, P, N, NOW, [])
     assert st.new_in_window == 3
-    assert "window" in admit(st, ["cluster"], load_policy("budget: {max_new_per_window: 3}"))
-    assert "window" not in admit(st, ["cluster"], load_policy("budget: {max_new_per_window: 4}"))
     assert fleet_stats(nodes, {}, P, N, NOW, [NOW - 1] * 5).new_in_window == 5  # not yet in the cache
 
 

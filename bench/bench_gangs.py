@@ -1,0 +1,281 @@
+"""A burst of training jobs of mixed sizes, with and without gangs and balloons.
+
+    .venv/bin/python bench/bench_gangs.py [--nodes 32] [--jobs 53] [--seconds 20] [--modes ...]
+
+One local control plane (KWOK nodes of 8 GPUs, the pinned kube-scheduler with
+GangScheduling), fleetkeeper's capacity controllers in this process. The same
+burst runs once per mode, one after the other, each in a fresh namespace:
+
+* ``balloons+gangs``: fleetkeeper's default configuration;
+* ``gangs``: balloons off (which also shows that turning balloons off removes
+  their Deployments: the next mode starts on empty nodes);
+* ``no-gangs``: the same jobs without the gang label (plain Jobs).
+
+The burst: the largest job first (one pod per node of the pool), then
+``jobs - 1`` jobs of 1 to 8 pods (a fixed pseudo-random mix), every pod 8
+GPUs, every pod running ``--seconds`` (a KWOK stage ends it). Figures per
+mode, all read from the API server's own timestamps (whole seconds):
+
+* makespan: first job created to last pod finished;
+* GPU use: GPU-seconds of finished pods / (makespan x GPUs of the pool);
+* partial placements: jobs whose pods were bound more than ``--partial`` s
+  apart (with gangs a job is bound whole, within a second or two);
+* largest job's wait: its creation to its last pod bound; its rank among the
+  jobs by start;
+* stalls: jobs not finished within ``--timeout`` s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from fleetkeeper.capacity.config import CapacityConfig  # noqa: E402
+from fleetkeeper.capacity.controller import CapacityOptions, setup  # noqa: E402
+from fleetkeeper.core import errors  # noqa: E402
+from fleetkeeper.core.domain import Names  # noqa: E402
+from fleetkeeper.core.kube import DEPLOYMENTS, JOBS, NAMESPACES, NODES, PODS, Kube, RetryPolicy  # noqa: E402
+from fleetkeeper.core.manager import Manager  # noqa: E402
+from fleetkeeper.core.settings import RuntimeSettings  # noqa: E402
+from fleetkeeper.core.views import parse_time  # noqa: E402
+from fleetkeeper.localcluster.cluster import LocalCluster, node_ready  # noqa: E402
+from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest  # noqa: E402
+
+N = Names()
+SYSTEM = "fleetkeeper-system"
+POOL = "gpu"
+
+
+def sizes(jobs: int, nodes: int, seed: int = 7) -> list[int]:
+    rnd = random.Random(seed)
+    return [nodes] + [rnd.choice([1, 1, 2, 2, 3, 3, 4, 4, 5, 6, 8]) for _ in range(jobs - 1)]
+
+
+def job(name: str, size: int, seconds: int, gang: bool) -> dict:
+    labels = {"bench": "1", "job": name}
+    if gang:
+        labels[N.gang] = name
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"parallelism": size, "completions": size, "backoffLimit": 0,
+                     "template": {"metadata": {"labels": labels,
+                                               "annotations": {"fleetkeeper.io/sim-result": "succeed",
+                                                               "fleetkeeper.io/sim-delay": f"{seconds}s"}},
+                                  "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+                                           "nodeSelector": {N.pool: POOL},
+                                           "containers": [{"name": "train", "image": "trainer",
+                                                           "resources": {"limits": {"nvidia.com/gpu": "8"}}}]}}}}
+
+
+async def start(kube: Kube, cfg: CapacityConfig, tmp: Path) -> tuple[asyncio.Task, Manager, CollectorRegistry]:
+    reg = CollectorRegistry()
+    mgr = Manager(kube, RuntimeSettings(namespace=SYSTEM, server={"port": 0}, leader_election={"enabled": False}),
+                  registry=reg)
+    await setup(mgr, CapacityOptions(config=cfg, webhook=cfg.gangs.enabled, webhook_cert_dir=tmp / "wh",
+                                     webhook_config_name=f"bench-gangs-{secrets.token_hex(2)}",
+                                     unregister_on_exit=True))
+    task = asyncio.create_task(mgr.run())
+    await mgr.wait_synced(300)
+    await asyncio.sleep(2.0)
+    return task, mgr, reg
+
+
+async def stop(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def sample(reg: CollectorRegistry, name: str, **labels) -> float:
+    return reg.get_sample_value(name, labels) or 0.0
+
+
+async def balloons_running(kube: Kube) -> int:
+    items, _ = await kube.list(PODS, SYSTEM, label_selector=f"{N.balloon}={POOL}")
+    return sum(1 for p in items if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp"))
+
+
+async def scheduler_queues(lc: LocalCluster) -> str:
+    """kube-scheduler's own view of its queues (scheduler_pending_pods by queue)."""
+    import aiohttp
+    url = f"https://127.0.0.1:{lc.state.ports.scheduler}/metrics"
+    try:
+        async with aiohttp.ClientSession() as s, s.get(url, ssl=False,
+                                                        headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
+            text = await r.text()
+    except Exception as exc:  # a diagnostic only
+        return f"(scheduler metrics unavailable: {exc})"
+    return "; ".join(line for line in text.splitlines() if line.startswith("scheduler_pending_pods{"))
+
+
+async def stuck_report(kube: Kube, ns: str) -> str:
+    pods, _ = await kube.list(PODS, ns, label_selector="bench=1")
+    lines = []
+    for p in pods:
+        if p["spec"].get("nodeName") or p["status"].get("phase") != "Pending":
+            continue
+        c = next((c for c in p["status"].get("conditions") or () if c["type"] == "PodScheduled"), {})
+        lines.append(f"{p['metadata']['name']}: PodScheduled={c.get('status')} {c.get('reason', '')} "
+                     f"{(c.get('message') or '')[:120]} nominated={p['status'].get('nominatedNodeName', '')}")
+    return "\n    ".join(lines[:40])
+
+
+async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, reg: CollectorRegistry | None,
+                   lc: LocalCluster | None = None) -> dict:
+    ns = f"burst-{mode.replace('+', '-')}-{secrets.token_hex(2)}"
+    await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    gang = mode != "no-gangs"
+    t0 = time.time()
+    names = []
+    for i, size in enumerate(burst):
+        name = f"j{i:02d}-{size}"
+        names.append(name)
+        await kube.create(JOBS, job(name, size, args.seconds, gang), ns)
+    total = sum(burst)
+    deadline = time.monotonic() + args.timeout
+    done = 0
+    last_change, last_done = time.monotonic(), -1
+    while time.monotonic() < deadline:
+        items, _ = await kube.list(JOBS, ns)
+        done = sum(1 for j in items if (j.get("status") or {}).get("succeeded", 0) == j["spec"]["completions"])
+        if done == len(burst):
+            break
+        if done != last_done:
+            last_done, last_change = done, time.monotonic()
+        elif time.monotonic() - last_change > args.stall:
+            print(f"  STALL: no job finished for {args.stall:.0f}s ({done} of {len(burst)} done)", flush=True)
+            break
+        await asyncio.sleep(2.0)
+    if done < len(burst):
+        if lc is not None:
+            print(f"  scheduler queues: {await scheduler_queues(lc)}", flush=True)
+        print(f"  pending pods:\n    {await stuck_report(kube, ns)}", flush=True)
+    pods, _ = await kube.list(PODS, ns, label_selector="bench=1")
+    binds: dict[str, list[float]] = {}
+    busy = 0.0
+    last_finish = 0.0
+    for p in pods:
+        j = p["metadata"]["labels"]["job"]
+        sched = next((c for c in p["status"].get("conditions") or () if c["type"] == "PodScheduled"
+                      and c["status"] == "True"), None)
+        if sched is None:
+            continue
+        bound_at = parse_time(sched["lastTransitionTime"])
+        binds.setdefault(j, []).append(bound_at)
+        for cs in p["status"].get("containerStatuses") or ():
+            term = (cs.get("state") or {}).get("terminated")
+            if term and term.get("finishedAt"):
+                fin = parse_time(term["finishedAt"])
+                busy += max(0.0, fin - bound_at) * 8
+                last_finish = max(last_finish, fin)
+    created = min(parse_time(p["metadata"]["creationTimestamp"]) for p in pods) if pods else t0
+    start_at = min(created, t0)
+    makespan = (last_finish - start_at) if done == len(burst) else float("nan")
+    partial = sum(1 for j, b in binds.items() if len(b) > 1 and max(b) - min(b) > args.partial)
+    largest = names[0]
+    lb = binds.get(largest, [])
+    wait = (max(lb) - start_at) if len(lb) == burst[0] else float("nan")
+    starts = sorted((min(b), j) for j, b in binds.items() if b)
+    rank = next((i + 1 for i, (_, j) in enumerate(starts) if j == largest), None)
+    out = {"mode": mode, "jobs": len(burst), "pods": total, "done": done, "stalled": len(burst) - done,
+           "makespan": makespan, "gpu_use": busy / (makespan * nodes * 8) if makespan == makespan else float("nan"),
+           "partial": partial, "largest_wait": wait, "largest_rank": rank}
+    if reg is not None:
+        out["released"] = sum(sample(reg, "fleetkeeper_balloon_releases_total", pool=POOL, result=r)
+                              for r in ("ok",))
+    await kube.delete(NAMESPACES, ns)
+    return out
+
+
+async def main(args) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    burst = sizes(args.jobs, args.nodes)
+    print(f"burst: {len(burst)} jobs, {sum(burst)} pods x 8 GPUs, {args.seconds}s each; sizes {burst}", flush=True)
+    print(f"ideal makespan (perfect packing, no scheduling time): "
+          f"{sum(burst) * args.seconds / args.nodes:.0f}s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fk-bench-gangs-") as d:
+        tmp = Path(d)
+        lc = LocalCluster(tmp / "cluster")
+        kube = None
+        try:
+            t = time.monotonic()
+            await lc.up(0, 8, wait_ready=False)
+            kube = await lc.connect(retry=RetryPolicy(attempts=8))
+            spec = FleetSpec(nodes=args.nodes, cpu_fraction=0.0, prefix="g")
+            for i in range(args.nodes):
+                await kube.create(NODES, node_manifest(spec, i))
+            while True:
+                items, _ = await kube.list(NODES)
+                if sum(1 for n in items if node_ready(n)) >= args.nodes:
+                    break
+                await asyncio.sleep(1.0)
+            print(f"cluster: {args.nodes} nodes Ready in {time.monotonic() - t:.0f}s", flush=True)
+            await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM}})
+            results = []
+            for mode in args.modes:
+                cfg = CapacityConfig.model_validate({
+                    "balloons": {"enabled": mode == "balloons+gangs",
+                                 "pools": [{"name": POOL, "resource": "gpu", "max_nodes": args.nodes}],
+                                 **({"yield_to_waiting": False} if args.no_yield or args.previous else {}),
+                                 **({"priority": -5, "priority_class": "fleetkeeper-balloon"} if args.previous else {})},
+                    "gangs": {"enabled": mode != "no-gangs", "webhook_port": 0,
+                              "reserve_after_seconds": None if args.previous else args.reserve_after}})
+                task, _, reg = await start(kube, cfg, tmp)
+                if mode == "balloons+gangs":
+                    t = time.monotonic()
+                    while await balloons_running(kube) < args.nodes and time.monotonic() - t < 300:
+                        await asyncio.sleep(1.0)
+                    print(f"  balloons on all {args.nodes} nodes after {time.monotonic() - t:.0f}s", flush=True)
+                else:
+                    t = time.monotonic()
+                    while await kube.get_or_none(DEPLOYMENTS, f"balloon-{POOL}", SYSTEM) is not None \
+                            and time.monotonic() - t < 60:
+                        await asyncio.sleep(1.0)
+                    left = await balloons_running(kube)
+                    print(f"  balloon Deployment removed: {await kube.get_or_none(DEPLOYMENTS, f'balloon-{POOL}', SYSTEM) is None}"
+                          f"; balloons still running {left}", flush=True)
+                r = await run_mode(kube, mode, burst, args, args.nodes, reg, lc)
+                results.append(r)
+                print(f"  {r}", flush=True)
+                await stop(task)
+            print("\n| mode | makespan | GPU use | partial placements | largest job's wait (start rank) | stalled "
+                  "jobs | balloons released |")
+            print("|---|---|---|---|---|---|---|")
+            for r in results:
+                print(f"| {r['mode']} | {r['makespan']:.0f} s | {100 * r['gpu_use']:.1f}% | {r['partial']} of "
+                      f"{r['jobs']} | {r['largest_wait']:.0f} s ({r['largest_rank']} of {r['jobs']}) | "
+                      f"{r['stalled']} | {r.get('released', 0):.0f} |")
+            base = next((r for r in results if r["mode"] == "no-gangs"), None)
+            if base:
+                for r in results:
+                    if r is not base:
+                        print(f"{r['mode']}: makespan {r['makespan'] / base['makespan']:.2f}x no-gangs")
+        finally:
+            if kube is not None:
+                await kube.close()
+            lc.down(purge=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=32)
+    ap.add_argument("--jobs", type=int, default=53)
+    ap.add_argument("--seconds", type=int, default=20, help="how long each pod runs")
+    ap.add_argument("--timeout", type=float, default=900, help="per mode: jobs not done by then count as stalled")
+    ap.add_argument("--stall", type=float, default=300, help="no job finishing for this long ends the mode (a stall)")
+    ap.add_argument("--partial", type=float, default=5.0, help="bind spread (s) above which a job was placed partially")
+    ap.add_argument("--modes", nargs="+", default=["balloons+gangs", "gangs", "no-gangs"])
+    ap.add_argument("--no-yield", action="store_true", help="balloons do not yield (the scheduler preempts them)")
+    ap.add_argument("--previous", action="store_true",
+                    help="the previous defaults: balloons at -5 that do not yield, no reservations")
+    ap.add_argument("--reserve-after", type=float, default=300.0, help="gangs.reserve_after_seconds")
+    asyncio.run(main(ap.parse_args()))

@@ -1,0 +1,114 @@
+"""No starvation: room reserved for a gang that waited too long. Pure decisions.
+
+kube-scheduler serves pod groups in queue order and retries an unschedulable
+group only after its backoff, so in a burst every smaller gang that fits the
+room that frees up takes it first, and a large gang (it needs many nodes free
+at once) can wait behind all of them. After ``reserve_after_seconds`` the
+oldest such gang of a pool (highest priority first) gets its room reserved:
+
+* nodes of the pool it can use that hold no real work (empty, or only a
+  balloon) get the taint ``<domain>/reserved=<token>:NoSchedule``, up to the
+  number of nodes the gang needs; the taint keeps every other pod off while
+  the rest of the room frees up (pods already there stay: NoSchedule);
+* the gang's unbound pods get a toleration for exactly that taint (adding a
+  toleration to a pod is allowed after creation);
+* once the gang is placed (or gone) every reservation taint of that token is
+  removed. One reservation per pool at a time.
+
+Utilisation lost: at most the reserved nodes, idle from when each is reserved
+until the last node the gang needs frees up, i.e. at most ``nodes needed x
+the longest remaining runtime of the jobs on the other nodes``, once per
+starving gang; balloons keep reserved nodes warm meanwhile (they tolerate
+nothing new, so only balloons already there stay).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.views import NodeView, PodView
+
+from fleetkeeper.capacity.yielding import Unit, _place, eligible, tolerates
+
+
+def reserved_key(names: Names) -> str:
+    return f"{names.domain}/reserved"
+
+
+def token(unit_key: str) -> str:
+    """Taint value naming a unit (a label value: short, no slashes)."""
+    return "g-" + hashlib.sha256(unit_key.encode()).hexdigest()[:12]
+
+
+@dataclass
+class ReservePlan:
+    pool: str
+    unit: str = ""
+    token: str = ""
+    waited: float = 0.0
+    needed: int = 0  # nodes the unit needs
+    taint: list[str] = field(default_factory=list)  # nodes to reserve now
+    untaint: list[str] = field(default_factory=list)  # reservation taints to remove
+    tolerate: list[str] = field(default_factory=list)  # "ns/name" of unit pods lacking the toleration
+    reserved: list[str] = field(default_factory=list)  # nodes reserved after this plan
+
+
+def _without(node: NodeView, key: str) -> NodeView:
+    return dataclasses.replace(node, taints=tuple(t for t in node.taints if t.key != key))
+
+
+def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list[Unit], blocked: list[str],
+           names: Names, now: float, after: float | None) -> ReservePlan:
+    """``nodes``: the pool's usable nodes; ``bound``: pods bound to them;
+    ``waiting``: units in serving order; ``blocked``: keys of units that fit
+    the pool but not now (from :func:`yielding.decide`)."""
+    plan = ReservePlan(pool)
+    key = reserved_key(names)
+    holders: dict[str, str] = {}
+    for n in nodes:
+        t = n.taint(key)
+        if t is not None:
+            holders[n.name] = t.value
+    by_key = {u.key: u for u in waiting}
+    target: Unit | None = None
+    # a reservation holds while its unit still waits, even if it now fits (it fits thanks to the reservation)
+    for u in waiting:
+        if token(u.key) in holders.values():
+            target = u
+            break
+    if target is None and after is not None:
+        for k in blocked:
+            u = by_key.get(k)
+            if u is not None and now - u.since >= after and not any(p.queued for p in u.pods):
+                target = u
+                break
+    if target is None:
+        plan.untaint = sorted(holders)
+        return plan
+    tok = token(target.key)
+    plan.unit, plan.token, plan.waited = target.key, tok, now - target.since
+    free_nodes = [_without(n, key) for n in nodes]
+    placed = _place(target, free_nodes, {n.name: float(n.gpus) for n in nodes}, {})
+    if placed is None:
+        plan.untaint = sorted(holders)
+        return plan
+    plan.needed = len(set(placed[0].values()))
+    busy = {p.node for p in bound if p.active and names.balloon not in p.labels}
+    mine = sorted(n for n, v in holders.items() if v == tok)
+    plan.untaint = sorted(n for n, v in holders.items() if v != tok)
+    keep = mine[:plan.needed]
+    plan.untaint += mine[plan.needed:]
+    cands = [n for n in free_nodes if n.name not in holders and n.name not in busy
+             and any(eligible(p, n) for p in target.pods)]
+    for n in sorted(cands, key=lambda n: n.name):
+        if len(keep) >= plan.needed:
+            break
+        keep.append(n.name)
+        plan.taint.append(n.name)
+    plan.reserved = sorted(keep)
+    plan.tolerate = sorted(f"{p.namespace}/{p.name}" for p in target.pods
+                           if not tolerates(p.tolerations, key, tok, "NoSchedule"))
+    return plan

@@ -1,0 +1,326 @@
+"""Balloons yield to waiting work as a unit: pure decisions.
+
+kube-scheduler frees room held by balloons through preemption: one victim per
+pod per scheduling cycle, then the preemptor waits for the victim to go and
+for its own backoff. For a gang that is the worst case: each pod group cycle
+preempts for every member, the ReplicaSet re-creates the victims at once, and
+the freed nodes are taken back by re-created balloons (which are in the queue,
+waiting for exactly that) before the gang's next cycle. Low-priority pods
+with ``preemptionPolicy: Never`` (periodic GPU re-tests) cannot preempt at all.
+
+So fleetkeeper does it itself. :func:`decide` looks at the work waiting for a
+pool (pods the scheduler has found unschedulable, grouped by gang: a gang is
+one unit) in order (priority, then oldest first), places each unit whole on
+the pool's nodes in a simulation (free room first, then nodes a balloon
+holds), and for each unit that fits names exactly the balloons to release.
+While work waits, a pool's balloon Deployment is held at the balloons it keeps
+(``replicas`` = kept), so no new balloon lands on the room just freed; the
+ReplicaSet removes the released balloons in one step (they carry the lowest
+``controller.kubernetes.io/pod-deletion-cost``). When nothing waits, replicas
+go back to the pool's size.
+
+No I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fleetkeeper.core.domain import GPU_RESOURCE, Names
+from fleetkeeper.core.views import NodeView, PodView, Toleration, parse_time
+
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+RELEASE_COST = "-2147483647"
+
+
+def released_annotation(names: Names) -> str:
+    """On a balloon chosen for release: the unit it makes room for."""
+    return f"{names.domain}/balloon-released-for"
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingPod:
+    """An unbound pod, as the release decision needs it."""
+
+    namespace: str
+    name: str
+    uid: str
+    priority: int
+    gpus: int
+    node_selector: tuple[tuple[str, str], ...]
+    node_names: tuple[str, ...]  # required matchFields metadata.name In (empty: any)
+    affinity: tuple[tuple[tuple[str, str, tuple[str, ...]], ...], ...]  # required terms: ((key, op, values), ...)
+    tolerations: tuple[Toleration, ...]
+    group: str  # spec.schedulingGroup.podGroupName
+    created: float
+    unschedulable: bool  # PodScheduled=False reason Unschedulable: the scheduler tried and found no room
+    unschedulable_since: float
+    nominated: str
+    deleting: bool
+    balloon: bool
+    phase: str
+    scheduler_name: str = "default-scheduler"
+    queued: bool = False  # managed by Kueue (kueue.x-k8s.io/queue-name): its ordering is Kueue's
+
+    @property
+    def unit(self) -> str:
+        return f"{self.namespace}/{self.group}" if self.group else f"{self.namespace}/pod/{self.name}"
+
+
+def waiting_pod_projector(names: Names):
+    balloon = names.balloon
+
+    def project(obj: dict) -> WaitingPod:
+        meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+        gpus = 0
+        for c in spec.get("containers") or ():
+            res = c.get("resources") or {}
+            v = (res.get("requests") or {}).get(GPU_RESOURCE) or (res.get("limits") or {}).get(GPU_RESOURCE)
+            try:
+                gpus += int(v or 0)
+            except ValueError:
+                pass
+        names_: list[str] = []
+        terms: list[tuple] = []
+        req = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
+               .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+        for term in req.get("nodeSelectorTerms") or ():
+            for f in term.get("matchFields") or ():
+                if f.get("key") == "metadata.name" and f.get("operator") == "In":
+                    names_.extend(f.get("values") or ())
+            exprs = tuple((e.get("key", ""), e.get("operator", ""), tuple(e.get("values") or ()))
+                          for e in term.get("matchExpressions") or ())
+            if exprs:
+                terms.append(exprs)
+        sched = next((c for c in status.get("conditions") or () if c.get("type") == "PodScheduled"), {})
+        unsched = sched.get("status") == "False" and sched.get("reason") == "Unschedulable"
+        return WaitingPod(
+            namespace=meta["namespace"], name=meta["name"], uid=meta.get("uid", ""),
+            priority=int(spec.get("priority") or 0), gpus=gpus,
+            node_selector=tuple(sorted((spec.get("nodeSelector") or {}).items())),
+            node_names=tuple(names_), affinity=tuple(terms),
+            tolerations=tuple(Toleration(t.get("key", ""), t.get("operator", "Equal"), t.get("value", ""),
+                                         t.get("effect", "")) for t in spec.get("tolerations") or ()),
+            group=((spec.get("schedulingGroup") or {}).get("podGroupName") or ""),
+            created=parse_time(meta.get("creationTimestamp")), unschedulable=unsched,
+            unschedulable_since=parse_time(sched.get("lastTransitionTime")) if unsched else 0.0,
+            nominated=status.get("nominatedNodeName", ""), deleting=bool(meta.get("deletionTimestamp")),
+            balloon=balloon in (meta.get("labels") or {}), phase=status.get("phase", "Pending"),
+            scheduler_name=spec.get("schedulerName") or "default-scheduler",
+            queued=KUEUE_QUEUE_LABEL in (meta.get("labels") or {}),
+        )
+
+    return project
+
+
+def tolerates(tolerations: tuple[Toleration, ...], key: str, value: str, effect: str) -> bool:
+    for t in tolerations:
+        if t.effect and t.effect != effect:
+            continue
+        if not t.key:
+            if t.operator == "Exists":
+                return True
+            continue
+        if t.key != key:
+            continue
+        if t.operator == "Exists" or t.value == value:
+            return True
+    return False
+
+
+def eligible(pod: WaitingPod, node: NodeView) -> bool:
+    """Could the scheduler put this pod on this node, resources aside? (Node
+    labels are those fleetkeeper keeps; a selector on another label does not
+    match, so fleetkeeper then leaves the room to the scheduler's preemption.)"""
+    if pod.node_names and node.name not in pod.node_names:
+        return False
+    for k, v in pod.node_selector:
+        if node.labels.get(k) != v:
+            return False
+    if pod.affinity and not any(_term_matches(term, node.labels) for term in pod.affinity):
+        return False
+    for t in node.taints:
+        if t.effect in ("NoSchedule", "NoExecute") and not tolerates(pod.tolerations, t.key, t.value, t.effect):
+            return False
+    return True
+
+
+def _term_matches(term, labels: dict[str, str]) -> bool:
+    for key, op, values in term:
+        have = labels.get(key)
+        if op == "In" and have not in values:
+            return False
+        if op == "NotIn" and have in values:
+            return False
+        if op == "Exists" and have is None:
+            return False
+        if op == "DoesNotExist" and have is not None:
+            return False
+        if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Work that must be placed together: a gang's unbound members, or one pod."""
+
+    key: str
+    priority: int
+    since: float  # when it started waiting (oldest member's creation)
+    pods: tuple[WaitingPod, ...]
+
+    @property
+    def gpus(self) -> int:
+        return sum(p.gpus for p in self.pods)
+
+
+def units(pods: list[WaitingPod], balloon_priority: int) -> list[Unit]:
+    """The waiting work, in the order it is served: priority, then oldest.
+
+    A gang counts once the scheduler has tried it (a member is Unschedulable):
+    before that, its members are held before the queue (PodGroup or members
+    missing) and no room would help. Pods at or below the balloons' priority
+    never get room from balloons."""
+    groups: dict[str, list[WaitingPod]] = {}
+    for p in pods:
+        if p.balloon or p.deleting or p.phase != "Pending" or p.gpus <= 0 or p.priority <= balloon_priority:
+            continue
+        if p.scheduler_name != "default-scheduler":
+            continue  # another scheduler (Volcano, scheduler-plugins) places it: its room is that scheduler's call
+        groups.setdefault(p.unit, []).append(p)
+    out = []
+    for key, members in groups.items():
+        if not any(m.unschedulable for m in members):
+            continue
+        out.append(Unit(key, max(m.priority for m in members), min(m.created for m in members),
+                        tuple(sorted(members, key=lambda m: (-m.gpus, m.name)))))
+    return sorted(out, key=lambda u: (-u.priority, u.since, u.key))
+
+
+@dataclass(frozen=True)
+class Balloon:
+    namespace: str
+    name: str
+    node: str
+    gpus: float
+    released: bool  # already chosen (annotation) or being deleted
+
+
+@dataclass
+class Release:
+    unit: str
+    pods: int
+    gpus: int
+    balloons: list[Balloon]
+
+
+@dataclass
+class PoolYield:
+    pool: str
+    waiting_units: int = 0
+    waiting_pods: int = 0
+    releases: list[Release] = field(default_factory=list)
+    kept: int = 0  # running balloons that stay
+    hold: bool = False  # work waits: hold the Deployment at `kept` replicas
+    unfit: list[str] = field(default_factory=list)  # units that do not fit the pool even when it is empty
+    blocked: list[str] = field(default_factory=list)  # units that fit the pool but not now (real work holds it)
+    over_budget: list[str] = field(default_factory=list)
+
+    @property
+    def release_count(self) -> int:
+        return sum(len(r.balloons) for r in self.releases)
+
+
+def _node_room(nodes: list[NodeView], bound: list[PodView], balloons: list[Balloon], label: str) -> \
+        tuple[dict[str, float], dict[str, Balloon]]:
+    """Free GPUs per node (balloons not counted as used) and the balloon on each node."""
+    free = {n.name: float(n.gpus) for n in nodes}
+    for p in bound:
+        if p.node in free and p.active and label not in p.labels:
+            free[p.node] -= p.gpus
+    on: dict[str, Balloon] = {}
+    for b in balloons:
+        if b.node in free and not b.released:
+            on[b.node] = b
+    return free, on
+
+
+def _place(unit: Unit, nodes: list[NodeView], room: dict[str, float], held: dict[str, Balloon]) -> \
+        tuple[dict[str, str], set[str]] | None:
+    """Place every pod of the unit (largest first): room no balloon holds first
+    (best fit), then nodes where it fits once their balloon goes. None if the
+    unit does not fit whole."""
+    room = dict(room)
+    released: set[str] = set()
+    where: dict[str, str] = {}
+    for pod in unit.pods:
+        best: tuple[int, float, str] | None = None
+        for n in nodes:
+            if not eligible(pod, n):
+                continue
+            balloon = held[n.name].gpus if n.name in held and n.name not in released else 0.0
+            if room[n.name] - balloon >= pod.gpus:
+                cand = (0, room[n.name] - balloon - pod.gpus, n.name)
+            elif balloon and room[n.name] >= pod.gpus:
+                cand = (1, room[n.name] - pod.gpus, n.name)
+            else:
+                continue
+            if best is None or cand < best:
+                best = cand
+        if best is None:
+            return None
+        tier, _, name = best
+        if tier == 1:
+            released.add(name)
+        room[name] -= pod.gpus
+        where[pod.name] = name
+    return where, released
+
+
+def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: list[Balloon], waiting: list[Unit],
+           names: Names, budget: int) -> PoolYield:
+    """Which balloons of one pool to release now, and for which waiting unit.
+
+    ``nodes``: the pool's usable nodes (Ready, schedulable, not being deleted);
+    ``bound``: pods bound to them; ``balloons``: the pool's balloon pods that
+    are bound; ``waiting``: units in serving order (:func:`units`); ``budget``:
+    how many balloons may be released now (rate limit). A unit is served whole
+    or not at all; serving stops at the first unit the budget cannot cover, so
+    a later, smaller unit never overtakes it."""
+    out = PoolYield(pool)
+    room, held = _node_room(nodes, bound, balloons, names.balloon)
+    empty = {n.name: float(n.gpus) for n in nodes}
+    mine = []
+    for u in waiting:
+        if not any(eligible(p, n) for p in u.pods for n in nodes):
+            continue  # another pool's work
+        if _place(u, nodes, empty, {}) is None:
+            out.unfit.append(u.key)  # does not fit even an empty pool: no balloon can help
+            continue
+        mine.append(u)
+    out.waiting_units = len(mine)
+    out.waiting_pods = sum(len(u.pods) for u in mine)
+    # work that fits the pool waits: no new balloon may take the room that frees up
+    out.hold = bool(mine)
+    stop = False
+    for u in mine:
+        placed = _place(u, nodes, room, held)
+        if placed is None:
+            out.blocked.append(u.key)  # the room is taken by real work: it waits for that to finish
+            continue
+        where, released = placed
+        if released and (stop or len(released) > budget):
+            stop = True
+            out.over_budget.append(u.key)
+            continue
+        budget -= len(released)
+        for pod in u.pods:
+            room[where[pod.name]] -= pod.gpus
+        if released:
+            out.releases.append(Release(u.key, len(u.pods), u.gpus, [held[n] for n in sorted(released)]))
+        for n in released:
+            del held[n]
+    out.kept = len(held)
+    return out

@@ -1,0 +1,79 @@
+"""The one ConfigMap loader: every component's configuration key behaves the same.
+
+* the ConfigMap does not exist: the defaults (``parse(None)``), logged once;
+* the ConfigMap exists without the key: a :class:`ConfigError` naming the key
+  and the keys that are there (a mistyped key must not silently mean
+  "defaults");
+* the text is invalid: a :class:`ConfigError` with the field path. At start
+  that stops the process with that message; on a reload the **last good**
+  configuration stays in force and the error is logged once per distinct
+  message;
+* the API server cannot be reached on a reload: the last good stays.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.kube import CONFIGMAPS, Kube
+
+log = logging.getLogger("fleetkeeper.config")
+
+T = TypeVar("T")
+
+
+class ConfigMapKey(Generic[T]):
+    def __init__(self, kube: Kube, namespace: str, name: str, key: str,
+                 parse: Callable[[str | None, str], T]):
+        self.kube, self.namespace, self.name, self.key = kube, namespace, name, key
+        self.parse = parse
+        self.last_good: T | None = None
+        self.data: dict[str, str] = {}  # the ConfigMap's other keys, as last read
+        self._last_error = ""
+
+    @property
+    def source(self) -> str:
+        return f"configmap {self.namespace}/{self.name} key {self.key}"
+
+    def parse_data(self, cm: dict | None) -> T:
+        """Pure: the configuration a ConfigMap object (or None: absent) stands for; raises ConfigError."""
+        if cm is None:
+            return self.parse(None, self.source)
+        data = cm.get("data") or {}
+        if self.key not in data:
+            raise errors.ConfigError(self.source, [(f"data.{self.key}", sorted(data), f"missing key {self.key!r}")])
+        return self.parse(data[self.key], self.source)
+
+    async def load(self) -> T:
+        """At start: raises ConfigError (bad configuration) or an API error (unreachable)."""
+        cm = await self.kube.get_or_none(CONFIGMAPS, self.name, self.namespace)
+        if cm is None:
+            log.info("%s: no such ConfigMap; using the defaults", self.source)
+        value = self.parse_data(cm)
+        self.data = dict((cm or {}).get("data") or {})
+        self.last_good = value
+        return value
+
+    async def reload(self) -> T | None:
+        """The new configuration when it changed, else None (unchanged, invalid or unreadable: the last good
+        one stays in force)."""
+        try:
+            cm = await self.kube.get_or_none(CONFIGMAPS, self.name, self.namespace)
+            value = self.parse_data(cm)
+        except errors.ConfigError as exc:
+            if str(exc) != self._last_error:
+                log.error("new configuration rejected, keeping the previous one: %s", exc)
+                self._last_error = str(exc)
+            return None
+        except errors.FleetkeeperError as exc:
+            log.warning("could not read %s (%s); keeping the previous configuration", self.source, exc)
+            return None
+        self._last_error = ""
+        self.data = dict((cm or {}).get("data") or {})
+        if value == self.last_good:
+            return None
+        self.last_good = value
+        return value

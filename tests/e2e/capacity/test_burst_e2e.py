@@ -1,0 +1,79 @@
+"""Balloons and gangs together, default settings, on the real scheduler: a
+burst of training jobs of mixed sizes on a small pool full of balloons. Every
+job runs whole and finishes; none stalls."""
+
+from __future__ import annotations
+
+from capacity_helpers import NAMES, delete_jobs, wait_for
+from fleetkeeper.capacity.config import CapacityConfig
+from fleetkeeper.core.kube import JOBS, PODS, PRIORITYCLASSES
+
+NODES_N = 6
+SIM_RESULT, SIM_DELAY = "fleetkeeper.io/sim-result", "fleetkeeper.io/sim-delay"
+# the largest first (the whole pool), then smaller ones that together need several waves
+SIZES = [6, 2, 3, 1, 4, 2, 3, 5, 1, 2]
+
+
+def cfg(pool, namespace: str, **balloons) -> CapacityConfig:
+    """The default configuration; only what a private pool in a shared test cluster needs is set."""
+    return CapacityConfig.model_validate({
+        "balloons": {"namespace": namespace, "priority_class": f"fk-balloon-{pool.pool}",
+                     "tolerations": [pool.toleration],
+                     "pools": [{"name": pool.pool, "resource": "gpu", "max_nodes": NODES_N}], **balloons},
+        "gangs": {"webhook_port": 0},
+    })
+
+
+def job(name: str, size: int, spec: dict, seconds: int) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"parallelism": size, "completions": size, "backoffLimit": 0,
+                     "template": {"metadata": {"labels": {"burst": "1", NAMES.gang: name},
+                                               "annotations": {SIM_RESULT: "succeed", SIM_DELAY: f"{seconds}s"}},
+                                  "spec": {**spec, "restartPolicy": "Never"}}}}
+
+
+async def run_burst(kube, namespace, pool, registry) -> dict:
+    spec = pool.pod_spec()
+    sel = f"{NAMES.balloon}={pool.pool}"
+
+    async def balloons_everywhere():
+        items, _ = await kube.list(PODS, namespace, label_selector=sel)
+        return sum(1 for p in items if p["status"].get("phase") == "Running") == NODES_N
+    await wait_for(balloons_everywhere, 90, what="a balloon on every node of the pool")
+    for i, size in enumerate(SIZES):
+        await kube.create(JOBS, job(f"job-{i}-{size}", size, spec, 4), namespace)
+
+    async def all_done():
+        items, _ = await kube.list(JOBS, namespace)
+        done = {j["metadata"]["name"]: (j.get("status") or {}).get("succeeded", 0) for j in items}
+        return done if all(done.get(f"job-{i}-{s}") == s for i, s in enumerate(SIZES)) else None
+
+    async def progress():
+        items, _ = await kube.list(JOBS, namespace)
+        pods, _ = await kube.list(PODS, namespace, label_selector="burst=1")
+        return {j["metadata"]["name"]: ((j.get("status") or {}).get("succeeded", 0),
+                                       sum(1 for p in pods if p["metadata"]["labels"].get(NAMES.gang)
+                                           == j["metadata"]["name"] and p["spec"].get("nodeName")))
+                for j in items}
+    try:
+        return await wait_for(all_done, 360, interval=2, what="every job of the burst finished")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; (succeeded, bound) per job: {await progress()}") from None
+
+
+async def test_burst_of_gangs_on_a_pool_of_balloons_never_stalls(kube, namespace, pool_factory, run_capacity):
+    pool = await pool_factory(NODES_N)
+    _, registry = await run_capacity(cfg(pool, namespace), namespace)
+    try:
+        await run_burst(kube, namespace, pool, registry)
+        # balloons come back once nothing waits
+        async def back():
+            items, _ = await kube.list(PODS, namespace, label_selector=f"{NAMES.balloon}={pool.pool}")
+            return sum(1 for p in items if p["status"].get("phase") == "Running") == NODES_N
+        await wait_for(back, 90, what="balloons back on every node after the burst")
+    finally:
+        await delete_jobs(kube, namespace)
+        try:
+            await kube.delete(PRIORITYCLASSES, f"fk-balloon-{pool.pool}")
+        except Exception:
+            pass

@@ -1,0 +1,211 @@
+"""Crash safety: the manager (``fleetkeeper run --controllers health,lifecycle``,
+a real process) is killed with SIGKILL at 20 random points of a remediation
+scenario and restarted each time. The final cluster state must equal a clean
+run's, no machine may be terminated twice and no pod evicted twice (counted
+from the Events and the API), and each node is quarantined once (the deadline
+counts from that first action).
+
+The scenario, on each run's own KWOK nodes:
+  n0  uncorrectable ECC (drain ladder), running a member of a gang of 3 (n0, n1, n2): the gang is evicted
+  n3  GPUs missing (terminate ladder), one pod held by a PodDisruptionBudget: terminated at the drain deadline
+  n4  preflight attempts used up: retired and terminated by the lifecycle
+  n5  healthy: untouched
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.faults import FaultPlan, parse_fault
+from fleetkeeper.core.kube import CONFIGMAPS, EVENTS, NAMESPACES, NODES, PDBS, PODS
+from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+GROUP = "fleetkeeper.io/e2e-group"
+Q = "fleetkeeper.io/quarantine"
+KILLS = 20
+DEADLINE = 8  # health's drain deadline (s)
+
+
+async def wait_for(fn, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await fn()
+        if last:
+            return last
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+async def prepare(kube, tmp_path, tag: str):
+    """Nodes, pods, PDB, markers and configuration for one run; returns (namespace, nodes, fault file)."""
+    group = f"{tag}{secrets.token_hex(2)}"
+    ns = f"chaos-{group}"
+    await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    spec = FleetSpec(nodes=6, prefix=f"ch{group}", cpu_fraction=0.0, nodes_per_rack=6)
+    nodes = []
+    for i in range(6):
+        m = node_manifest(spec, i)
+        m["metadata"]["labels"][GROUP] = group
+        await kube.create(NODES, m)
+        nodes.append(m["metadata"]["name"])
+
+    async def settled():
+        for name in nodes:
+            n = await kube.get(NODES, name)
+            if not any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions") or []) \
+                    or (n.get("spec") or {}).get("taints"):
+                return False
+        return True
+    await wait_for(settled, 90, "nodes Ready and untainted")
+
+    def pod(name, node, labels):
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels},
+                "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                         "containers": [{"name": "c", "image": "busybox"}]}}
+    for i in range(3):
+        await kube.create(PODS, pod(f"rank-{i}", nodes[i], {"fleetkeeper.io/gang": "train"}), ns)
+    await kube.create(PODS, pod("held", nodes[3], {"app": "held"}), ns)
+    await kube.create(PODS, pod("free", nodes[3], {"app": "free"}), ns)
+    await kube.create(PDBS, {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                             "metadata": {"name": "hold", "namespace": ns},
+                             "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "held"}}}}, ns)
+
+    async def running():
+        items, _ = await kube.list(PODS, ns)
+        return sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running") == 5
+    await wait_for(running, 60, "pods Running")
+    await kube.patch(NODES, nodes[4], {
+        "spec": {"taints": [{"key": "fleetkeeper.io/preflight", "value": "failed", "effect": "NoSchedule"}]},
+        "metadata": {"labels": {"fleetkeeper.io/preflight": "failed"},
+                     "annotations": {"fleetkeeper.io/preflight-attempts": "3",
+                                     "fleetkeeper.io/preflight-failed-check": "nccl"}}})
+    policy = {"node_selector": {GROUP: group}, "drain": {"deadline": f"{DEADLINE}s", "retry_interval": "1s"},
+              "budget": {"cluster": {"max_nodes": 10}, "zone": {"max_percent": 100}, "rack": {"max_nodes": 10}},
+              "storm": {"min_nodes": 50}}
+    await kube.create(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
+                                   "metadata": {"name": "fleetkeeper-health", "namespace": ns},
+                                   "data": {"policy.yaml": yaml.safe_dump(policy), "simulate": "true"}}, ns)
+    await kube.create(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
+                                   "metadata": {"name": "fleetkeeper-lifecycle", "namespace": ns},
+                                   "data": {"lifecycle.yaml": yaml.safe_dump({"node_selector": {GROUP: group}})}},
+                      ns)
+    faults = FaultPlan(tmp_path / f"faults-{group}.json")
+    faults.inject(nodes[0], parse_fault("ecc"))
+    faults.inject(nodes[3], parse_fault("gpu-missing"))
+    return ns, nodes, faults
+
+
+def spawn(cluster, ns: str, faults: FaultPlan, log):
+    env = {**os.environ, "FLEETKEEPER_FAULTS": str(faults.path)}
+    return asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("fleetkeeper")), "run", "--controllers", "health,lifecycle",
+        "--kubeconfig", str(cluster.kubeconfig), "--namespace", ns, "--metrics-port", "0", "--no-leader-elect",
+        "--log-level", "warning", env=env, stdout=log, stderr=log)
+
+
+async def final_state(kube, ns: str, nodes: list[str]) -> dict:
+    out = {}
+    for i, name in enumerate(nodes):
+        n = await kube.get_or_none(NODES, name)
+        if n is None:
+            out[f"n{i}"] = "gone"
+            continue
+        a = n["metadata"].get("annotations") or {}
+        out[f"n{i}"] = {"quarantined": bool(next((t for t in n["spec"].get("taints") or [] if t["key"] == Q), None)),
+                        "action": a.get("fleetkeeper.io/health-action", ""),
+                        "state": a.get("fleetkeeper.io/lifecycle-state", "")}
+    items, _ = await kube.list(PODS, ns)
+    # n3's pods go with its machine (the pod garbage collector's timing): compared apart
+    out["pods"] = sorted(p["metadata"]["name"] for p in items if not p["metadata"].get("deletionTimestamp")
+                         and p["metadata"]["name"] not in ("held", "free"))
+    return out
+
+
+async def settled(kube, ns, nodes) -> dict | None:
+    st = await final_state(kube, ns, nodes)
+    done = st["n3"] == "gone" and st["n4"] == "gone" and isinstance(st["n0"], dict) and st["n0"]["quarantined"] \
+        and not any(p.startswith("rank-") for p in st["pods"])
+    return st if done else None
+
+
+async def events(kube, name: str) -> list[dict]:
+    items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={name}")
+    return items
+
+
+async def run_scenario(kube, cluster, tmp_path, tag: str, kills: int, log) -> tuple[dict, list[str], str]:
+    ns, nodes, faults = await prepare(kube, tmp_path, tag)
+    rng = random.Random(1234 if kills else 0)
+    killed = 0
+    proc = await spawn(cluster, ns, faults, log)
+    try:
+        while killed < kills:
+            await asyncio.sleep(rng.uniform(1.0, 4.0))  # a random point of the scenario
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            killed += 1
+            proc = await spawn(cluster, ns, faults, log)
+        st = await wait_for(lambda: settled(kube, ns, nodes), 240, f"{tag}: the scenario's end state")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+    return st, nodes, ns
+
+
+async def test_sigkill_at_20_points_ends_like_a_clean_run_and_acts_once(kube, cluster, tmp_path):
+    log = open(tmp_path / "manager.log", "wb")
+    made: list[tuple[str, list[str]]] = []
+    try:
+        clean, clean_nodes, clean_ns = await run_scenario(kube, cluster, tmp_path, "c", 0, log)
+        made.append((clean_ns, clean_nodes))
+        chaos, nodes, ns = await run_scenario(kube, cluster, tmp_path, "k", KILLS, log)
+        made.append((ns, nodes))
+        assert chaos == clean, (chaos, clean)
+        assert chaos["pods"] == [] and chaos["n5"] == {"quarantined": False, "action": "", "state": ""}, chaos
+        for name in nodes:
+            evs = await events(kube, name)
+            reasons = [e["reason"] for e in evs]
+            assert reasons.count("Terminated") + reasons.count("TerminatedAtDeadline") + \
+                reasons.count("Retiring") <= 1, (name, reasons)
+            assert reasons.count("Quarantined") <= 1, (name, reasons)  # one first action: one deadline start
+        # each machine terminated exactly once
+        assert [e["reason"] for e in await events(kube, nodes[3])].count("TerminatedAtDeadline") == 1
+        assert [e["reason"] for e in await events(kube, nodes[4])].count("Retiring") == 1
+        # no pod evicted twice: the pods the Events say were evicted are no more than the pods there were
+        evicted = 0
+        for name in nodes:
+            for e in await events(kube, name):
+                if e["reason"] in ("Evicting", "GangEvicted"):
+                    m = re.search(r"evicted (\d+) pod", e["note"])
+                    evicted += int(m.group(1)) if m else 0
+        assert evicted <= 4, evicted  # 3 ranks + the free pod on n3
+    finally:
+        log.close()
+        for ns, nodes in made:
+            for name in nodes:
+                try:
+                    await kube.delete(NODES, name)
+                except errors.NotFound:
+                    pass
+            try:
+                await kube.delete(NAMESPACES, ns)
+            except errors.NotFound:
+                pass
+        print(json.dumps({"log": str(tmp_path / "manager.log")}))

@@ -1,0 +1,255 @@
+"""The node lifecycle, the shared disruption budget and gang-aware drains on the
+real local control plane, on this test's own KWOK nodes (prefix "lc")."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.faults import FaultPlan, parse_fault
+from fleetkeeper.core.kube import EVENTS, NODES, PODS
+from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.settings import RuntimeSettings
+from fleetkeeper.health.controller import HealthOptions
+from fleetkeeper.health.controller import setup as health_setup
+from fleetkeeper.health.policy import load_policy
+from fleetkeeper.lifecycle import budget as bud
+from fleetkeeper.lifecycle.config import load_lifecycle
+from fleetkeeper.lifecycle.controller import LifecycleOptions
+from fleetkeeper.lifecycle.controller import setup as lifecycle_setup
+from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
+from fleetkeeper.preflight.config import PreflightConfig
+from fleetkeeper.preflight.controller import Preflight
+
+GROUP = "fleetkeeper.io/e2e-group"
+N = Names()
+Q = "fleetkeeper.io/quarantine"
+
+
+async def wait_for(fn, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await fn()
+        if last:
+            return last
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture
+async def own_nodes(kube):
+    made: list[str] = []
+    group = secrets.token_hex(3)
+
+    async def make(n: int) -> list[str]:
+        spec = FleetSpec(nodes=n, prefix=f"lc{group}", cpu_fraction=0.0, nodes_per_rack=n)
+        for i in range(n):
+            m = node_manifest(spec, i)
+            m["metadata"]["labels"][GROUP] = group
+            await kube.create(NODES, m)
+            made.append(m["metadata"]["name"])
+
+        async def settled():
+            for name in made:
+                n_ = await kube.get(NODES, name)
+                ready = any(c["type"] == "Ready" and c["status"] == "True"
+                            for c in (n_.get("status") or {}).get("conditions") or [])
+                if not ready or (n_.get("spec") or {}).get("taints"):
+                    return False
+            return True
+        await wait_for(settled, 60, "new nodes Ready and untainted")
+        return list(made)
+
+    make.group = group  # type: ignore[attr-defined]
+    yield make
+    for name in made:
+        try:
+            await kube.delete(NODES, name)
+        except errors.NotFound:
+            pass
+
+
+async def start(kube, tmp_path, group: str, *, policy: str | None = None, lifecycle: str | None = None):
+    registry = CollectorRegistry()
+    settings = RuntimeSettings(server={"port": 0}, leader_election={"enabled": False}, namespace="default")
+    mgr = Manager(kube, settings, registry=registry)
+    plan = FaultPlan(tmp_path / "faults.json")
+    if policy is not None:
+        pol = load_policy(policy + f"\nnode_selector: {{{GROUP}: '{group}'}}\n", "test")
+        await health_setup(mgr, HealthOptions(policy=pol, simulate=True, fault_file=str(plan.path), sim_interval=0.5,
+                                              sim_heartbeat=60.0))
+    if lifecycle is not None:
+        cfg = load_lifecycle(lifecycle + f"\nnode_selector: {{{GROUP}: '{group}'}}\n", "test")
+        await lifecycle_setup(mgr, LifecycleOptions(config=cfg))
+    task = asyncio.create_task(mgr.run())
+    await mgr.wait_synced(60)
+    return mgr, plan, registry, task
+
+
+async def stop(task):
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def taint(node: dict, key: str) -> dict | None:
+    return next((t for t in (node.get("spec") or {}).get("taints") or [] if t["key"] == key), None)
+
+
+async def events_for(kube, node: str) -> list[dict]:
+    items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={node}")
+    return items
+
+
+POLICY = """
+budget: {cluster: {max_nodes: 10}, zone: {max_percent: 100}, rack: {max_nodes: 10}}
+drain: {deadline: 1h, retry_interval: 1s}
+storm: {min_nodes: 50}
+"""
+
+
+async def test_a_gang_of_8_is_evicted_together_when_one_node_fails_and_counts_once(kube, namespace, own_nodes,
+                                                                                      tmp_path):
+    nodes = await own_nodes(8)
+    for i, n in enumerate(nodes):
+        await kube.create(PODS, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"rank-{i}", "namespace": namespace, "labels": {N.gang: "train"}},
+            "spec": {"nodeName": n, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "c", "image": "busybox"}]}}, namespace)
+    await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bystander",
+                                                                          "namespace": namespace},
+                             "spec": {"nodeName": nodes[3], "terminationGracePeriodSeconds": 1,
+                                      "containers": [{"name": "c", "image": "busybox"}]}}, namespace)
+
+    async def running():
+        items, _ = await kube.list(PODS, namespace)
+        return sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running") == 9
+    await wait_for(running, 60, "the gang and a bystander Running")
+    mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy=POLICY, lifecycle="")
+    try:
+        plan.inject(nodes[5], parse_fault("ecc"))  # reset ladder: drain
+
+        async def gang_gone():
+            items, _ = await kube.list(PODS, namespace)
+            alive = [p["metadata"]["name"] for p in items if not p["metadata"].get("deletionTimestamp")]
+            return alive if alive == ["bystander"] else None
+        await wait_for(gang_gone, 60, "all 8 ranks evicted, the bystander kept")
+        evs = [e for e in await events_for(kube, nodes[5]) if e["reason"] == "GangEvicted"]
+        assert len(evs) == 1 and "evicted 8 pod(s)" in evs[0]["note"] and f"{namespace}/train" in evs[0]["note"]
+        # one disruption: only the failing node is out of service, in the budget and on the cluster
+        for n in nodes:
+            live = await kube.get(NODES, n)
+            assert bool(taint(live, Q)) == (n == nodes[5]), n
+        lc = mgr.lifecycle  # type: ignore[attr-defined]
+        snap = lc.snapshot()
+        assert snap.used("cluster") == 1 and set(snap.since) == {nodes[5]}
+        lc.publish()
+        assert registry.get_sample_value("fleetkeeper_disruption_budget_used_nodes", {"scope": "cluster"}) == 1
+        assert registry.get_sample_value("fleetkeeper_node_writes_total",
+                                         {"component": "health", "action": "evict", "result": "success"}) == 8
+    finally:
+        await stop(task)
+
+
+LIFECYCLE_SHORT = """
+deadlines: {awaiting_repair: 4s, revalidating: 4s, retiring: 1h}
+preflight_max_attempts: 3
+"""
+
+
+async def test_stuck_states_escalate_to_retire_and_terminate_once(kube, own_nodes, tmp_path):
+    exhausted, no_repair, bad_revalidation, healthy = await own_nodes(4)
+    now = int(time.time())
+    gate_failed = {"spec": {"taints": [{"key": N.preflight, "value": "failed", "effect": "NoSchedule"}]}}
+    await kube.patch(NODES, exhausted, {**gate_failed, "metadata": {
+        "labels": {N.preflight: "failed"},
+        "annotations": {"fleetkeeper.io/preflight-attempts": "3", "fleetkeeper.io/preflight-failed-check": "nccl"}}})
+    await kube.patch(NODES, no_repair, {
+        "spec": {"taints": [{"key": Q, "value": "GPUXidError-X79", "effect": "NoSchedule"}]},
+        "metadata": {"annotations": {"fleetkeeper.io/health-action": "drain", "fleetkeeper.io/health-remedy": "reboot",
+                                     "fleetkeeper.io/health-since": str(now)}}})
+    await kube.patch(NODES, bad_revalidation, {**gate_failed, "metadata": {
+        "labels": {N.preflight: "failed"},
+        "annotations": {"fleetkeeper.io/preflight-attempts": "1", "fleetkeeper.io/health-state": "validating",
+                        "fleetkeeper.io/preflight-gated-at": str(now)}}})
+    mgr, _, registry, task = await start(kube, tmp_path, own_nodes.group, lifecycle=LIFECYCLE_SHORT)
+    try:
+        async def gone(name):
+            return await kube.get_or_none(NODES, name) is None
+
+        for name in (exhausted, no_repair, bad_revalidation):
+            await wait_for(lambda n=name: gone(n), 60, f"{name} retired and terminated")
+        reasons = {}
+        for name in (exhausted, no_repair, bad_revalidation):
+            evs = await events_for(kube, name)
+            reasons[name] = [e["reason"] for e in evs]
+            retiring = [e for e in evs if e["reason"] == "Retiring"]
+            assert len(retiring) == 1, (name, reasons[name])
+        assert "preflight attempts used up" in next(
+            e["note"] for e in await events_for(kube, exhausted) if e["reason"] == "Retiring")
+        assert "Escalated" in reasons[no_repair] and "Escalated" in reasons[bad_revalidation]
+        esc = next(e["note"] for e in await events_for(kube, no_repair) if e["reason"] == "Escalated")
+        assert "awaiting-repair" in esc and "replace" in esc
+        assert await kube.get_or_none(NODES, healthy) is not None
+        assert registry.get_sample_value("fleetkeeper_node_writes_total",
+                                         {"component": "lifecycle", "action": "terminate", "result": "success"}) >= 3
+    finally:
+        await stop(task)
+
+
+async def test_health_and_periodic_preflight_share_one_budget_in_a_30_percent_storm(kube, own_nodes, tmp_path):
+    nodes = await own_nodes(10)
+    # a periodic re-test already took one validated node out of service (what preflight writes)
+    retested = nodes[9]
+    await kube.patch(NODES, retested, {
+        "spec": {"taints": [{"key": N.preflight, "value": "failed", "effect": "NoSchedule"}]},
+        "metadata": {"labels": {N.preflight: "failed"},
+                     "annotations": {N.validated_at: str(int(time.time()) - 100),
+                                     "fleetkeeper.io/preflight-gated-at": str(int(time.time())),
+                                     "fleetkeeper.io/preflight-attempts": "1"}}})
+    policy = """
+budget: {cluster: {max_nodes: 3}, zone: {max_percent: 100}, rack: {max_nodes: 10}, max_new_per_window: 100}
+drain: {deadline: 1h, retry_interval: 1s}
+storm: {min_nodes: 50}
+"""
+    mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy=policy)
+    try:
+        faulty = nodes[:3]  # 30 % of the nodes fault at once
+        for n in faulty:
+            plan.inject(n, parse_fault("ecc"))
+
+        async def quarantined():
+            out = [n for n in faulty if taint(await kube.get(NODES, n), Q)]
+            return out if len(out) == 2 else None
+        await wait_for(quarantined, 60, "two of three quarantined (the re-test holds the third unit)")
+
+        async def exhausted_event():
+            for n in faulty:
+                if any(e["reason"] == "BudgetExhausted" for e in await events_for(kube, n)):
+                    return n
+            return None
+        waiting = await wait_for(exhausted_event, 30, "BudgetExhausted on the third faulty node")
+        await asyncio.sleep(2)  # nothing more may be admitted while the budget is full
+        assert len([n for n in faulty if taint(await kube.get(NODES, n), Q)]) == 2
+        # preflight asks the same budget for its next periodic removal, and is refused
+        pf = Preflight(mgr, PreflightConfig(node_selector={GROUP: own_nodes.group}))
+        admitted, why = pf.periodic_admission(mgr.node_informer().get(nodes[5]), time.time())
+        assert not admitted and "cluster" in why
+        # the re-tested node passes and returns: its unit goes to the waiting node
+        await kube.patch(NODES, retested, {"spec": {"taints": None}, "metadata": {"labels": {N.preflight: None}}})
+
+        async def third():
+            return taint(await kube.get(NODES, waiting), Q)
+        await wait_for(third, 30, "the freed unit goes to the waiting node")
+        snap = bud.snapshot(mgr.node_informer().items(), N, bud.BudgetConfig(),
+                            lambda n: n.labels.get(GROUP) == own_nodes.group)
+        assert snap.used("cluster") == 3
+    finally:
+        await stop(task)

@@ -1,0 +1,195 @@
+"""Balloons yield to waiting work as a unit: which balloons to release, table by table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fleetkeeper.capacity import yielding as yd
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.views import Condition, NodeView, PodView, Taint, Toleration
+
+N = Names()
+NOW = 1_800_000_000.0
+POOL = "gpu"
+
+
+def node(name: str, gpus: int = 8, taints=()) -> NodeView:
+    return NodeView(name, "u-" + name, "1", {N.pool: POOL}, {}, tuple(Taint(*t) for t in taints), False,
+                    (Condition("Ready", "True", "", "", 0),), gpus, 96000, NOW - 1e4, False)
+
+
+def waiting(name: str, gang: str = "", gpus: int = 8, prio: int = 0, created: float = NOW - 60,
+            unschedulable: bool = True, selector=((N.pool, POOL),), tolerations=(), node_names=()) -> yd.WaitingPod:
+    return yd.WaitingPod("ns", name, "u-" + name, prio, gpus, tuple(selector), tuple(node_names), (),
+                         tuple(tolerations), gang, created, unschedulable, NOW - 30 if unschedulable else 0.0, "",
+                         False, False, "Pending")
+
+
+def work(name: str, node_name: str, gpus: int = 8) -> PodView:
+    return PodView("ns", name, "u-" + name, "1", node_name, "Running", 0, "", {}, {}, "Job", "j", (), gpus, False,
+                   NOW - 100, "", "", "", "", "")
+
+
+def balloon(node_name: str, released: bool = False) -> yd.Balloon:
+    return yd.Balloon("fk", f"balloon-{node_name}", node_name, 8.0, released)
+
+
+def gang(name: str, n: int, **kw) -> list[yd.WaitingPod]:
+    return [waiting(f"{name}-{i}", gang=name, **kw) for i in range(n)]
+
+
+def decide(nodes, bound, balloons, pods, budget=100):
+    return yd.decide(POOL, nodes, bound, balloons, yd.units(pods, -1000), N, budget)
+
+
+def test_a_gang_gets_exactly_the_balloons_it_needs_in_one_release():
+    nodes = [node(f"n{i}") for i in range(6)]
+    out = decide(nodes, [], [balloon(n.name) for n in nodes], gang("train", 4))
+    assert len(out.releases) == 1
+    rel = out.releases[0]
+    assert rel.unit == "ns/train" and rel.pods == 4 and rel.gpus == 32 and len(rel.balloons) == 4
+    assert out.kept == 2 and out.hold
+
+
+def test_free_room_is_used_before_any_balloon_is_released():
+    nodes = [node(f"n{i}") for i in range(4)]
+    balloons = [balloon("n0"), balloon("n1")]  # n2, n3 are empty
+    out = decide(nodes, [], balloons, gang("train", 3))
+    assert [b.node for r in out.releases for b in r.balloons] == ["n0"]  # two free nodes + one balloon node
+    assert out.kept == 1
+
+
+def test_a_gang_that_cannot_fit_whole_releases_nothing():
+    nodes = [node(f"n{i}") for i in range(4)]
+    bound = [work("busy-0", "n0"), work("busy-1", "n1")]
+    out = decide(nodes, bound, [balloon("n2"), balloon("n3")], gang("train", 3))
+    assert out.releases == [] and out.kept == 2
+    assert out.hold  # it fits the pool once the running job ends: new balloons must not take that room
+
+
+def test_a_gang_bigger_than_the_pool_does_not_hold_the_pool():
+    nodes = [node(f"n{i}") for i in range(2)]
+    out = decide(nodes, [], [balloon("n0"), balloon("n1")], gang("huge", 3))
+    assert out.releases == [] and not out.hold and out.unfit == ["ns/huge"]
+
+
+def test_units_are_served_by_priority_then_age_and_each_whole():
+    nodes = [node(f"n{i}") for i in range(5)]
+    pods = gang("young", 2, created=NOW - 10) + gang("old", 2, created=NOW - 100) + \
+        gang("urgent", 2, prio=100, created=NOW - 1)
+    out = decide(nodes, [], [balloon(n.name) for n in nodes], pods)
+    assert [r.unit for r in out.releases] == ["ns/urgent", "ns/old"]  # 'young' (2) no longer fits the 1 node left
+    assert out.kept == 1
+
+
+def test_budget_is_never_split_and_no_younger_unit_overtakes():
+    nodes = [node(f"n{i}") for i in range(6)]
+    pods = gang("big", 4, created=NOW - 100) + [waiting("single", created=NOW - 5)]
+    out = decide(nodes, [], [balloon(n.name) for n in nodes], pods, budget=3)
+    assert out.releases == [] and out.over_budget == ["ns/big", "ns/pod/single"]
+    out = decide(nodes, [], [balloon(n.name) for n in nodes], pods, budget=5)
+    assert [(r.unit, len(r.balloons)) for r in out.releases] == [("ns/big", 4), ("ns/pod/single", 1)]
+
+
+def test_released_balloons_count_as_free_and_are_not_released_twice():
+    nodes = [node(f"n{i}") for i in range(4)]
+    balloons = [balloon("n0", released=True), balloon("n1", released=True), balloon("n2"), balloon("n3")]
+    out = decide(nodes, [], balloons, gang("train", 2))
+    assert out.releases == [] and out.kept == 2 and out.hold  # room already freeing: hold, release nothing more
+
+
+def test_work_not_yet_tried_by_the_scheduler_or_below_balloons_is_not_waiting():
+    pods = gang("fresh", 2, unschedulable=False) + [waiting("lowly", prio=-2000)] + \
+        [waiting("cpu-only", gpus=0)]
+    assert yd.units(pods, -1000) == []
+    # one member tried is enough: the gang is one unit of all its unbound members
+    pods = [waiting("g-0", gang="g", unschedulable=True), waiting("g-1", gang="g", unschedulable=False)]
+    (u,) = yd.units(pods, -1000)
+    assert u.key == "ns/g" and len(u.pods) == 2
+
+
+def test_eligibility_follows_selectors_taints_and_pinned_nodes():
+    nodes = [node("n0", taints=[("fleetkeeper.io/preflight", "pending", "NoSchedule")]), node("n1"), node("n2")]
+    balloons = [balloon("n1"), balloon("n2")]
+    # a periodic re-test pinned to n2 (preemptionPolicy Never: the scheduler never frees the node for it)
+    pinned = waiting("pf-periodic-n2", node_names=("n2",), prio=-100,
+                     tolerations=(Toleration(N.team, "Exists", "", ""),))
+    out = decide(nodes, [], balloons, [pinned])
+    assert [b.node for r in out.releases for b in r.balloons] == ["n2"]
+    other_pool = waiting("elsewhere", selector=((N.pool, "cpu"),))
+    out = decide(nodes, [], balloons, [other_pool])
+    assert out.releases == [] and not out.hold
+
+
+def test_projection_reads_what_the_decision_needs():
+    obj = {"metadata": {"name": "p", "namespace": "ns", "creationTimestamp": "2026-01-01T00:00:00Z",
+                        "labels": {}},
+           "spec": {"priority": 5, "schedulingGroup": {"podGroupName": "g"}, "nodeSelector": {N.pool: "gpu"},
+                    "containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "8"}}}],
+                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In",
+                                                                "values": ["n1"]}]}]}}}},
+           "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                          "reason": "Unschedulable",
+                                                          "lastTransitionTime": "2026-01-01T00:00:05Z"}]}}
+    p = yd.waiting_pod_projector(N)(obj)
+    assert (p.unit, p.gpus, p.priority, p.node_names, p.unschedulable, p.node_selector) == \
+        ("ns/g", 8, 5, ("n1",), True, ((N.pool, "gpu"),))
+
+
+# --- no starvation: reservations -------------------------------------------------
+
+from fleetkeeper.capacity import reserve as rs  # noqa: E402
+
+
+def reserve(nodes, bound, pods, after=300.0, balloons=()):
+    units = yd.units(pods, -1000)
+    y = yd.decide(POOL, nodes, bound, list(balloons), units, N, 100)
+    return rs.decide(POOL, nodes, bound, units, y.blocked, N, NOW, after), y
+
+
+def test_a_gang_waiting_past_the_threshold_gets_the_free_nodes_reserved():
+    nodes = [node(f"n{i}") for i in range(4)]
+    bound = [work("small-0", "n0"), work("small-1", "n1")]  # n2, n3 free; the big gang needs all four
+    big = gang("big", 4, created=NOW - 400)
+    small = gang("small2", 1, created=NOW - 10)
+    plan, y = reserve(nodes, bound, big + small)
+    assert y.blocked == ["ns/big"]
+    assert plan.unit == "ns/big" and plan.needed == 4 and plan.taint == ["n2", "n3"]
+    assert plan.tolerate == [f"ns/big-{i}" for i in range(4)]
+    # below the threshold: nothing reserved
+    plan, _ = reserve(nodes, bound, gang("big", 4, created=NOW - 100))
+    assert plan.unit == "" and plan.taint == []
+
+
+def reserved_node(name: str, tok: str) -> NodeView:
+    return node(name, taints=[(rs.reserved_key(N), tok, "NoSchedule")])
+
+
+def test_a_reservation_grows_as_nodes_free_and_keeps_other_work_off():
+    tok = rs.token("ns/big")
+    nodes = [node("n0"), node("n1"), reserved_node("n2", tok), reserved_node("n3", tok)]
+    bound = [work("x", "n1")]  # n0 freed since the last pass
+    tol = (Toleration(rs.reserved_key(N), "Equal", tok, "NoSchedule"),)
+    big = gang("big", 4, created=NOW - 400, tolerations=tol)
+    small = gang("small", 2, created=NOW - 5)
+    plan, y = reserve(nodes, bound, big + small)
+    assert plan.taint == ["n0"] and plan.untaint == [] and plan.reserved == ["n0", "n2", "n3"]
+    assert plan.tolerate == []
+    # the small gang cannot use the reserved nodes: it does not fit now (it would have taken n2, n3)
+    assert "ns/small" in y.blocked
+
+
+def test_reservations_go_once_the_gang_is_placed_or_gone():
+    tok = rs.token("ns/big")
+    nodes = [reserved_node("n0", tok), reserved_node("n1", tok), node("n2")]
+    plan, _ = reserve(nodes, [], gang("other", 1, created=NOW - 5))
+    assert plan.untaint == ["n0", "n1"] and plan.taint == []
+
+
+def test_work_queued_by_kueue_is_left_to_kueue():
+    nodes = [node(f"n{i}") for i in range(2)]
+    bound = [work("x", "n0")]
+    big = [dataclasses.replace(p, queued=True) for p in gang("big", 2, created=NOW - 1000)]
+    plan, _ = reserve(nodes, bound, big)
+    assert plan.unit == ""

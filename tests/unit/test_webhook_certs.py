@@ -1,0 +1,111 @@
+"""The webhook server's certificate: reloaded when its files change (new connections
+get the new one, no restart), a broken pair never replaces a good one; one mounted
+certificate shared by every replica; who deletes webhook configurations."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from prometheus_client import CollectorRegistry
+
+from fleetkeeper.core.pki import cert_pem, make_ca, make_leaf, mounted_serving_cert, write_key
+from fleetkeeper.core.webhook import Admission, WebhookServer
+from fleetkeeper.teams.options import WebhookOptions
+
+
+def _issue(directory: Path, ca, cn: str) -> None:
+    ca_key, ca_cert = ca
+    key, leaf = make_leaf(ca_key, ca_cert, cn, ["127.0.0.1", "localhost"])
+    write_key(directory / "tls.key", key)
+    (directory / "tls.crt").write_bytes(cert_pem(leaf))
+    (directory / "ca.crt").write_bytes(cert_pem(ca_cert))
+
+
+async def _served_cn(port: int, ca_file: Path) -> str:
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def _until(pred, timeout=30.0):
+    for _ in range(int(timeout / 0.05)):
+        if await pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+async def test_new_connections_get_a_rotated_certificate_without_restart(tmp_path):
+    ca = make_ca("test-ca")
+    _issue(tmp_path, ca, "first")
+    registry = CollectorRegistry()
+    server = WebhookServer(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), registry=registry,
+                           cert_reload_interval=0.05)
+    server.add("ok", lambda req: Admission())
+    await server.start()
+    try:
+        assert await _served_cn(server.port, tmp_path / "ca.crt") == "CN=first"
+        # a Secret update: the kubelet swaps the files; the port and the process stay
+        _issue(tmp_path, ca, "second")
+
+        async def rotated():
+            return await _served_cn(server.port, tmp_path / "ca.crt") == "CN=second"
+        await _until(rotated)
+        assert registry.get_sample_value("fleetkeeper_webhook_certificate_reloads_total", {"result": "loaded"}) == 1
+        assert registry.get_sample_value("fleetkeeper_webhook_certificate_expiry_timestamp_seconds") > 0
+    finally:
+        await server.stop()
+
+
+async def test_a_mismatched_pair_never_replaces_the_good_one(tmp_path):
+    ca = make_ca("test-ca")
+    _issue(tmp_path, ca, "good")
+    registry = CollectorRegistry()
+    server = WebhookServer(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), registry=registry,
+                           cert_reload_interval=0.05)
+    await server.start()
+    try:
+        other = tmp_path / "other"
+        other.mkdir()
+        _issue(other, ca, "half-written")
+        (tmp_path / "tls.crt").write_bytes((other / "tls.crt").read_bytes())  # new cert, old key
+
+        async def refused():
+            return (registry.get_sample_value("fleetkeeper_webhook_certificate_reloads_total",
+                                              {"result": "error"}) or 0) >= 1
+        await _until(refused)
+        assert await _served_cn(server.port, tmp_path / "ca.crt") == "CN=good"
+        (tmp_path / "tls.key").write_bytes((other / "tls.key").read_bytes())  # the pair completes
+
+        async def completed():
+            return await _served_cn(server.port, tmp_path / "ca.crt") == "CN=half-written"
+        await _until(completed)
+    finally:
+        await server.stop()
+
+
+def test_mounted_certificate(tmp_path):
+    assert mounted_serving_cert(tmp_path) is None
+    _issue(tmp_path, make_ca("ca"), "svc")
+    sc = mounted_serving_cert(tmp_path)
+    assert sc is not None and sc.ca == tmp_path / "ca.crt"
+    (tmp_path / "ca.crt").unlink()
+    assert mounted_serving_cert(tmp_path).ca == tmp_path / "tls.crt"
+
+
+@pytest.mark.parametrize("opts,unregisters", [
+    ({}, True),                                              # a local process registered by URL
+    ({"service": "fleetkeeper-system/fleetkeeper-teams-webhook:443"}, False),  # replicas behind a Service
+    ({"service": "ns/svc", "unregisterOnExit": True}, True),  # said explicitly
+])
+def test_a_stopping_replica_never_deletes_a_service_webhook(opts, unregisters):
+    assert WebhookOptions.model_validate(opts).unregisters_on_exit is unregisters
