@@ -1,0 +1,137 @@
+"""A 1,000-pod JobSet burst through the real JobSet controller, with and
+without the teams webhook, on a local control plane of its own (temp dir).
+
+    .venv/bin/python bench/bench_jobset_burst.py [--pods 1000] [--rounds 2] [--jobs 10]
+
+alice (team-a) submits one JobSet of ``--jobs`` Jobs x ``pods/jobs`` parallelism;
+the time is from the JobSet's CREATE until every pod exists (admitted and
+stored; the pods name a scheduler that does not exist, so scheduling is not
+measured). Rounds alternate with / without the webhook registered, each in a
+fresh namespace, and the medians are compared. Also printed: how many
+admission requests the webhook served in the "with" rounds (the Jobs' pods
+are created by kube-system's Job controller, which skips the webhook through
+matchConditions; the JobSet and its Jobs are admitted, the Jobs attributed to
+alice through the owner index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from common import local_cluster
+from fleetkeeper.core.domain import Names
+from fleetkeeper.core.kube import CONFIGMAPS, MUTATING_WEBHOOKS, NAMESPACES, PODS, VALIDATING_WEBHOOKS, Kube, Resource
+from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.settings import RuntimeSettings
+from fleetkeeper.localcluster import operators as ops
+from fleetkeeper.teams.controller import setup
+from fleetkeeper.teams.serve import unregister
+
+NAMES = Names()
+JOBSETS = Resource("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet", True)
+ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True)
+LABEL = {"bench": "jobset-burst"}
+CONFIG = ("teams:\n  - {team: team-a, nodeSelector: {}, count: 0}\nmembership:\n  team-a: {groups: [team-a]}\n"
+          "lowPriority: {below: 0}\n")
+
+
+def jobset(name: str, jobs: int, per_job: int) -> dict:
+    tmpl = {"metadata": {"labels": {"app": name}},
+            "spec": {"schedulerName": "bench-nobody", "restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+                     "containers": [{"name": "c", "image": "trainer:latest"}]}}
+    return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": {"name": name},
+            "spec": {"replicatedJobs": [{"name": "w", "replicas": jobs, "template": {"spec": {
+                "parallelism": per_job, "completions": per_job, "backoffLimit": 0, "template": tmpl}}}]}}
+
+
+async def namespace(kube: Kube, name: str) -> None:
+    await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": LABEL}})
+    await kube.create(ROLEBINDINGS, {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "researchers-edit", "namespace": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "researchers"}]}, name)
+
+
+async def burst(kube: Kube, alice: Kube, ns: str, jobs: int, pods: int, timeout: float = 900) -> float:
+    await namespace(kube, ns)
+    await asyncio.sleep(0.5)
+    t0 = time.perf_counter()
+    await alice.create(JOBSETS, jobset("js", jobs, pods // jobs), ns)
+    deadline = t0 + timeout
+    while time.perf_counter() < deadline:
+        items, _ = await kube.list(PODS, ns, label_selector="app=js")
+        if len(items) >= pods:
+            dt = time.perf_counter() - t0
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise RuntimeError(f"{ns}: only {len(items)} of {pods} pods after {timeout}s")
+    await kube.delete(NAMESPACES, ns)
+    return dt
+
+
+async def main(pods: int, rounds: int, jobs: int) -> None:
+    dirs = ops.build("all")
+    async with local_cluster(4, "fk-bench-jobset-") as lc:
+        kube = await lc.connect()
+        work = Path(tempfile.mkdtemp(prefix="fk-bench-operators-"))
+        o = ops.Operators(lc, kube, work, namespace_labels=LABEL)
+        try:
+            await o.install_crds(dirs)
+            await o.start_jobset(dirs["jobset-controller"])
+            await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
+                                           "metadata": {"name": "fleetkeeper-system"}})
+            await kube.create(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
+                                           "metadata": {"name": "fleetkeeper-teams", "namespace": "fleetkeeper-system"},
+                                           "data": {"config.yaml": CONFIG}}, "fleetkeeper-system")
+            reg = CollectorRegistry()
+            mgr = Manager(kube, RuntimeSettings(server={"port": 0}, leader_election={"enabled": False}), registry=reg)
+            await setup(mgr, {"webhook": {"configName": "bench-jobset", "namespaceLabels": LABEL}})
+            task = asyncio.create_task(mgr.run())
+            await mgr.teams_webhook.ready.wait()
+            await asyncio.sleep(2)
+            mut, val = mgr.teams_webhook.objects()
+            alice = await Kube.connect(str(lc.user_kubeconfig("alice")))
+            res: dict[str, list[float]] = {"with": [], "without": []}
+            served = 0.0
+            for r in range(rounds):
+                before = sum(reg.get_sample_value("fleetkeeper_webhook_requests_total", {"webhook": w, "result": x}) or 0
+                             for w in ("teams-mutate", "teams-validate") for x in ("allowed", "patched", "denied"))
+                res["with"].append(await burst(kube, alice, f"bench-with-{r}", jobs, pods))
+                served += sum(reg.get_sample_value("fleetkeeper_webhook_requests_total", {"webhook": w, "result": x})
+                              or 0 for w in ("teams-mutate", "teams-validate")
+                              for x in ("allowed", "patched", "denied")) - before
+                await unregister(kube, "bench-jobset")
+                await asyncio.sleep(2)
+                res["without"].append(await burst(kube, alice, f"bench-without-{r}", jobs, pods))
+                await kube.apply(MUTATING_WEBHOOKS, mut)
+                await kube.apply(VALIDATING_WEBHOOKS, val)
+                await asyncio.sleep(2)
+                print(f"round {r}: with {res['with'][-1]:.1f}s, without {res['without'][-1]:.1f}s", flush=True)
+            w, wo = statistics.median(res["with"]), statistics.median(res["without"])
+            print(f"{pods}-pod JobSet ({jobs} Jobs x {pods // jobs}) until every pod exists: with the webhook "
+                  f"{w:.1f}s, without {wo:.1f}s = {w / wo:.2f}x; runs {res}; webhook requests per burst "
+                  f"{served / rounds:.0f} (mutate + validate)")
+            await alice.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            await o.stop()
+            await kube.close()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pods", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=10)
+    a = ap.parse_args()
+    asyncio.run(main(a.pods, a.rounds, a.jobs))
