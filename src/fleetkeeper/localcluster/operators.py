@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetkeeper.core import errors
-from fleetkeeper.core.kube import (CLUSTERROLEBINDINGS, CRDS, MUTATING_WEBHOOKS, NAMESPACES, SERVICEACCOUNTS, Kube)
+from fleetkeeper.core.kube import (CLUSTERROLEBINDINGS, CLUSTERROLES, CRDS, MUTATING_WEBHOOKS, NAMESPACES, SERVICEACCOUNTS, Kube)
 from fleetkeeper.core.pki import write_serving_cert
 from fleetkeeper.localcluster.cluster import REPO_ROOT, LocalCluster, free_port
 
@@ -50,6 +50,7 @@ class Operators:
     workdir: Path
     namespace_labels: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: list = field(default_factory=list)
     webhook_configs: list[str] = field(default_factory=list)
 
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
@@ -67,6 +68,15 @@ class Operators:
             for f in sorted(d.glob("*.yaml")):
                 self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(f))
                 names.append(f.stem.split("_", 1)[1] + "." + f.stem.split("_", 1)[0])
+        # let namespace editors use the workloads (as the operators' own aggregated roles do)
+        groups = sorted({n.split(".", 1)[1] for n in names})
+        await self.kube.apply(CLUSTERROLES, {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "fleetkeeper-workloads-edit",
+                         "labels": {"rbac.authorization.k8s.io/aggregate-to-edit": "true",
+                                    "rbac.authorization.k8s.io/aggregate-to-admin": "true"}},
+            "rules": [{"apiGroups": groups, "resources": ["*"],
+                       "verbs": ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]}]})
         for n in names:
             for _ in range(120):
                 crd = await self.kube.get_or_none(CRDS, n)
@@ -109,7 +119,8 @@ class Operators:
         return path
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        logf = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        logf = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.logs.append(logf)
         self.procs[name] = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log_tail(self, name: str, n: int = 4000) -> str:
@@ -185,3 +196,6 @@ class Operators:
                     p.kill()
                     p.wait(10)
         self.procs.clear()
+        for f in self.logs:
+            f.close()
+        self.logs.clear()

@@ -156,13 +156,13 @@ class UiServer:
     # --- informers -------------------------------------------------------------------------
     def _register_informers(self) -> None:
         mgr = self.mgr
-        self.nodes = mgr.informer(NODES, slim, key="ui-slim")
-        self.pods = mgr.informer(PODS, slim, key="ui-slim")
-        self.events = mgr.informer(EVENTS, event_item, key="ui-timeline")
-        cms = [Source(mgr.informer(CONFIGMAPS, slim, namespace=ns, key="ui-slim"), ns)
+        self.nodes = mgr.informer(NODES, slim, key="ui-slim", gate=False)
+        self.pods = mgr.informer(PODS, slim, key="ui-slim", gate=False)
+        self.events = mgr.informer(EVENTS, event_item, key="ui-timeline", gate=False)
+        cms = [Source(mgr.informer(CONFIGMAPS, slim, namespace=ns, key="ui-slim", gate=False), ns)
                for ns in sorted({self.namespace, SYSTEM_NAMESPACE})]
         # preflight's per-GPU history shards, in whatever namespace they live
-        cms.append(Source(mgr.informer(CONFIGMAPS, slim, label_selector=f"{GPU_HISTORY_LABEL}=true", key="ui-slim"),
+        cms.append(Source(mgr.informer(CONFIGMAPS, slim, label_selector=f"{GPU_HISTORY_LABEL}=true", key="ui-slim", gate=False),
                           None, f"{GPU_HISTORY_LABEL}=true"))
         self.sources: dict[Resource, list[Source]] = {NODES: [Source(self.nodes)], PODS: [Source(self.pods)],
                                                       CONFIGMAPS: cms}
@@ -182,7 +182,7 @@ class UiServer:
             except errors.FleetkeeperError:
                 continue
             if any(r.get("name") == res.plural for r in body.get("resources") or []):
-                self.sources[res] = [Source(self.mgr.informer(res, slim, key="ui-slim"))]
+                self.sources[res] = [Source(self.mgr.informer(res, slim, key="ui-slim", gate=False))]
 
     def _on_node(self, typ: str, key: str, old: Any, new: Any) -> None:
         self.model.on_node(typ, key, old, new)
