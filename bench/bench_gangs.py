@@ -104,7 +104,33 @@ async def balloons_running(kube: Kube) -> int:
     return sum(1 for p in items if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp"))
 
 
-async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, reg: CollectorRegistry | None) -> dict:
+async def scheduler_queues(lc: LocalCluster) -> str:
+    """kube-scheduler's own view of its queues (scheduler_pending_pods by queue)."""
+    import aiohttp
+    url = f"https://127.0.0.1:{lc.state.ports.scheduler}/metrics"
+    try:
+        async with aiohttp.ClientSession() as s, s.get(url, ssl=False,
+                                                        headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
+            text = await r.text()
+    except Exception as exc:  # a diagnostic only
+        return f"(scheduler metrics unavailable: {exc})"
+    return "; ".join(line for line in text.splitlines() if line.startswith("scheduler_pending_pods{"))
+
+
+async def stuck_report(kube: Kube, ns: str) -> str:
+    pods, _ = await kube.list(PODS, ns, label_selector="bench=1")
+    lines = []
+    for p in pods:
+        if p["spec"].get("nodeName") or p["status"].get("phase") != "Pending":
+            continue
+        c = next((c for c in p["status"].get("conditions") or () if c["type"] == "PodScheduled"), {})
+        lines.append(f"{p['metadata']['name']}: PodScheduled={c.get('status')} {c.get('reason', '')} "
+                     f"{(c.get('message') or '')[:120]} nominated={p['status'].get('nominatedNodeName', '')}")
+    return "\n    ".join(lines[:40])
+
+
+async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, reg: CollectorRegistry | None,
+                   lc: LocalCluster | None = None) -> dict:
     ns = f"burst-{mode.replace('+', '-')}-{secrets.token_hex(2)}"
     await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     gang = mode != "no-gangs"
@@ -117,12 +143,22 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
     total = sum(burst)
     deadline = time.monotonic() + args.timeout
     done = 0
+    last_change, last_done = time.monotonic(), -1
     while time.monotonic() < deadline:
         items, _ = await kube.list(JOBS, ns)
         done = sum(1 for j in items if (j.get("status") or {}).get("succeeded", 0) == j["spec"]["completions"])
         if done == len(burst):
             break
+        if done != last_done:
+            last_done, last_change = done, time.monotonic()
+        elif time.monotonic() - last_change > args.stall:
+            print(f"  STALL: no job finished for {args.stall:.0f}s ({done} of {len(burst)} done)", flush=True)
+            break
         await asyncio.sleep(2.0)
+    if done < len(burst):
+        if lc is not None:
+            print(f"  scheduler queues: {await scheduler_queues(lc)}", flush=True)
+        print(f"  pending pods:\n    {await stuck_report(kube, ns)}", flush=True)
     pods, _ = await kube.list(PODS, ns, label_selector="bench=1")
     binds: dict[str, list[float]] = {}
     busy = 0.0
@@ -189,8 +225,10 @@ async def main(args) -> None:
                 cfg = CapacityConfig.model_validate({
                     "balloons": {"enabled": mode == "balloons+gangs",
                                  "pools": [{"name": POOL, "resource": "gpu", "max_nodes": args.nodes}],
-                                 **({"yield_to_waiting": False} if args.no_yield else {})},
-                    "gangs": {"enabled": mode != "no-gangs", "webhook_port": 0}})
+                                 **({"yield_to_waiting": False} if args.no_yield or args.previous else {}),
+                                 **({"priority": -5, "priority_class": "fleetkeeper-balloon"} if args.previous else {})},
+                    "gangs": {"enabled": mode != "no-gangs", "webhook_port": 0,
+                              "reserve_after_seconds": None if args.previous else args.reserve_after}})
                 task, _, reg = await start(kube, cfg, tmp)
                 if mode == "balloons+gangs":
                     t = time.monotonic()
@@ -205,7 +243,7 @@ async def main(args) -> None:
                     left = await balloons_running(kube)
                     print(f"  balloon Deployment removed: {await kube.get_or_none(DEPLOYMENTS, f'balloon-{POOL}', SYSTEM) is None}"
                           f"; balloons still running {left}", flush=True)
-                r = await run_mode(kube, mode, burst, args, args.nodes, reg)
+                r = await run_mode(kube, mode, burst, args, args.nodes, reg, lc)
                 results.append(r)
                 print(f"  {r}", flush=True)
                 await stop(task)
@@ -233,7 +271,11 @@ if __name__ == "__main__":
     ap.add_argument("--jobs", type=int, default=53)
     ap.add_argument("--seconds", type=int, default=20, help="how long each pod runs")
     ap.add_argument("--timeout", type=float, default=900, help="per mode: jobs not done by then count as stalled")
+    ap.add_argument("--stall", type=float, default=300, help="no job finishing for this long ends the mode (a stall)")
     ap.add_argument("--partial", type=float, default=5.0, help="bind spread (s) above which a job was placed partially")
     ap.add_argument("--modes", nargs="+", default=["balloons+gangs", "gangs", "no-gangs"])
     ap.add_argument("--no-yield", action="store_true", help="balloons do not yield (the scheduler preempts them)")
+    ap.add_argument("--previous", action="store_true",
+                    help="the previous defaults: balloons at -5 that do not yield, no reservations")
+    ap.add_argument("--reserve-after", type=float, default=300.0, help="gangs.reserve_after_seconds")
     asyncio.run(main(ap.parse_args()))

@@ -80,6 +80,17 @@ async def run_capacity(kube, tmp_path):
         await mgr.wait_synced(60)
         return cap, registry
 
+    async def stop_last() -> None:
+        """Stop the controllers started last (as a restart would), keeping the webhook registration clean."""
+        task, name = started.pop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        try:
+            await kube.delete(MUTATING_WEBHOOKS, name)
+        except errors.NotFound:
+            pass
+
+    start.stop_last = stop_last
     yield start
     for task, name in started:
         task.cancel()

@@ -1,0 +1,197 @@
+"""Regressions, default configuration (balloons and gangs on), real scheduler:
+
+* a gang stays Running until every member finished (succeeded members count);
+* deleting a finished gang's Job never re-creates its group objects;
+* turning balloons off (and restarting) removes the balloon Deployments;
+* the priority ladder: a borrower (priority -100) and a periodic re-test
+  (priority -100, preemptionPolicy Never, pinned to a node) both get nodes
+  that balloons hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from capacity_helpers import NAMES, bound, pods_of, wait_for
+from fleetkeeper.capacity import gangs as gg
+from fleetkeeper.capacity.config import CapacityConfig
+from fleetkeeper.core import errors
+from fleetkeeper.core.kube import DEPLOYMENTS, EVENTS, JOBS, PODGROUPS, PODS, PRIORITYCLASSES, WORKLOADS, build_request
+
+SIM_RESULT, SIM_DELAY = "fleetkeeper.io/sim-result", "fleetkeeper.io/sim-delay"
+
+
+def cfg(pool, namespace: str, nodes: int, **balloons) -> CapacityConfig:
+    return CapacityConfig.model_validate({
+        "balloons": {"namespace": namespace, "priority_class": f"fk-balloon-{pool.pool}",
+                     "tolerations": [pool.toleration],
+                     "pools": [{"name": pool.pool, "resource": "gpu", "max_nodes": nodes}], **balloons},
+        "gangs": {"webhook_port": 0, "cleanup_grace_seconds": 0},
+    })
+
+
+async def drop_priority_class(kube, name: str) -> None:
+    try:
+        await kube.delete(PRIORITYCLASSES, name)
+    except errors.NotFound:
+        pass
+
+
+def bare(name: str, gang: str, spec: dict, seconds: int, min_: int) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {NAMES.gang: gang, "exp": gang},
+                         "annotations": {NAMES.gang_min: str(min_), SIM_RESULT: "succeed", SIM_DELAY: f"{seconds}s"}},
+            "spec": {**spec, "restartPolicy": "Never"}}
+
+
+async def test_gang_stays_running_until_every_member_finished(kube, namespace, pool_factory, run_capacity):
+    pool = await pool_factory(2)
+    await run_capacity(cfg(pool, namespace, 2), namespace)
+    try:
+        spec = pool.pod_spec()
+        await kube.create(PODS, bare("short", "pair", spec, 3, 2), namespace)
+        await kube.create(PODS, bare("long", "pair", spec, 25, 2), namespace)
+        state_key = gg.state_annotation(NAMES)
+
+        async def state():
+            pg = await kube.get_or_none(PODGROUPS, "pair", namespace)
+            return ((pg or {}).get("metadata", {}).get("annotations") or {}).get(state_key)
+
+        async def running():
+            return await state() == "Running"
+        await wait_for(running, 90, what="the gang Running")
+        seen = []
+        while True:  # every state the gang reads until the long member has finished
+            seen.append(await state())
+            pod = await kube.get(PODS, "long", namespace)
+            if pod["status"].get("phase") == "Succeeded":
+                break
+            await asyncio.sleep(0.5)
+        short = await kube.get(PODS, "short", namespace)
+        assert short["status"]["phase"] == "Succeeded"
+        assert "Waiting" not in seen, f"the gang fell back to Waiting while a member still ran: {seen}"
+
+        async def completed():
+            return await state() == "Completed"
+        await wait_for(completed, 30, what="the gang Completed")
+    finally:
+        await drop_priority_class(kube, f"fk-balloon-{pool.pool}")
+
+
+async def test_deleting_a_gang_job_never_recreates_its_groups(kube, namespace, pool_factory, run_capacity):
+    pool = await pool_factory(3)
+    _, registry = await run_capacity(cfg(pool, namespace, 3), namespace)
+    try:
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "train"},
+               "spec": {"parallelism": 3, "completions": 3, "backoffLimit": 0,
+                        "template": {"metadata": {"labels": {NAMES.gang: "train", "exp": "train"},
+                                                  "annotations": {SIM_RESULT: "succeed", SIM_DELAY: "2s"}},
+                                     "spec": {**pool.pod_spec(), "restartPolicy": "Never"}}}}
+        await kube.create(JOBS, job, namespace)
+
+        async def done():
+            j = await kube.get(JOBS, "train", namespace)
+            return (j.get("status") or {}).get("succeeded") == 3
+        await wait_for(done, 120, what="the gang's Job complete")
+        pg = await kube.get(PODGROUPS, "train", namespace)
+        assert pg["spec"]["schedulingPolicy"]["gang"]["minCount"] == 3
+
+        def creates() -> float:
+            return sum(registry.get_sample_value("fleetkeeper_gang_group_operations_total",
+                                                 {"kind": k, "op": "create", "result": "ok"}) or 0
+                       for k in ("Workload", "PodGroup"))
+        assert creates() == 2
+        # the default (background) deletion: the Job goes first, its pods a moment later
+        await kube.request(build_request("delete", JOBS, namespace=namespace, name="train",
+                                         body={"propagationPolicy": "Background"}))
+
+        async def all_gone():
+            pods = await pods_of(kube, namespace, "exp=train")
+            pg = await kube.get_or_none(PODGROUPS, "train", namespace)
+            wl = await kube.get_or_none(WORKLOADS, "train", namespace)
+            return not pods and pg is None and wl is None
+        await wait_for(all_gone, 120, what="pods and group objects gone")
+        events, _ = await kube.list(EVENTS, namespace)
+        created = [e for e in events if e.get("reason") == "GangGroupCreated"]
+        assert creates() == 2 and len(created) == 1, \
+            f"group objects re-created after the Job was deleted: {creates()} creates, {[e.get('note') for e in created]}"
+    finally:
+        await drop_priority_class(kube, f"fk-balloon-{pool.pool}")
+
+
+async def test_turning_balloons_off_removes_their_deployments(kube, namespace, pool_factory, run_capacity):
+    pool = await pool_factory(2)
+    name = f"balloon-{pool.pool}"
+    await run_capacity(cfg(pool, namespace, 2), namespace)
+    try:
+        async def deployed():
+            return await kube.get_or_none(DEPLOYMENTS, name, namespace) is not None
+        await wait_for(deployed, 60, what="the balloon Deployment")
+        await run_capacity.stop_last()
+        await run_capacity(cfg(pool, namespace, 2, enabled=False), namespace)
+
+        async def removed():
+            return await kube.get_or_none(DEPLOYMENTS, name, namespace) is None
+        await wait_for(removed, 60, what="the balloon Deployment removed once balloons are off")
+        events, _ = await kube.list(EVENTS, namespace)
+        assert any(e.get("reason") == "BalloonPoolRemoved" and "disabled" in e.get("note", "") for e in events)
+    finally:
+        await drop_priority_class(kube, f"fk-balloon-{pool.pool}")
+
+
+async def test_priority_ladder_borrowers_and_retests_get_nodes_balloons_hold(kube, namespace, pool_factory,
+                                                                           run_capacity):
+    pool = await pool_factory(3)
+    low = f"fk-e2e-borrower-{pool.pool}"
+    retest = f"fk-e2e-retest-{pool.pool}"
+    await kube.create(PRIORITYCLASSES, {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                                        "metadata": {"name": low}, "value": -100})
+    await kube.create(PRIORITYCLASSES, {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                                        "metadata": {"name": retest}, "value": -100, "preemptionPolicy": "Never"})
+    _, registry = await run_capacity(cfg(pool, namespace, 3), namespace)
+    sel = f"{NAMES.balloon}={pool.pool}"
+    try:
+        async def full():
+            pods = await pods_of(kube, namespace, sel)
+            return sum(1 for p in pods if p["status"].get("phase") == "Running") == 3
+        await wait_for(full, 90, what="a balloon on every node")
+        balloon = (await pods_of(kube, namespace, sel))[0]
+        assert balloon["spec"]["priority"] < -100  # the lowest rung
+        spec = pool.pod_spec()
+        # a periodic re-test: pinned to one node, never preempts
+        target = pool.nodes[-1]
+        pinned = {**spec, "priorityClassName": retest, "affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [target]}]}]}}}}
+        await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pf-periodic"},
+                                 "spec": pinned}, namespace)
+        # a borrower (the teams 'any' toleration pods are low priority like this one), kept off the re-test's
+        # node (at equal priority neither would give way to the other there)
+        elsewhere = {**spec, "priorityClassName": low, "affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": [target]}]}]}}}}
+        await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sweep"},
+                                 "spec": elsewhere}, namespace)
+
+        async def both_placed():
+            a = await kube.get(PODS, "sweep", namespace)
+            b = await kube.get(PODS, "pf-periodic", namespace)
+            return (a, b) if a["spec"].get("nodeName") and b["spec"].get("nodeName") else None
+        try:
+            a, b = await wait_for(both_placed, 90, what="the borrower and the pinned re-test placed")
+        except AssertionError as exc:
+            pods, _ = await kube.list(PODS, namespace)
+            raise AssertionError(f"{exc}: {[(p['metadata']['name'], p['spec'].get('nodeName'), p['spec'].get('priority'), [(c['type'], c['status'], c.get('reason'), c.get('message')) for c in p['status'].get('conditions') or ()]) for p in pods]}") from None
+        assert b["spec"]["nodeName"] == target
+        assert a["spec"]["nodeName"] != target
+        # and no balloon sits on their nodes
+        pods = await pods_of(kube, namespace, sel)
+        assert not {p["spec"].get("nodeName") for p in bound(pods)} & {a["spec"]["nodeName"], target}
+        # the re-test never preempts: fleetkeeper released the balloon on its node, and said so
+        assert registry.get_sample_value("fleetkeeper_balloon_releases_total",
+                                         {"pool": pool.pool, "result": "ok"}) >= 1
+        events, _ = await kube.list(EVENTS, namespace)
+        assert any(e.get("reason") == "BalloonsReleased" and "pf-periodic" in e.get("note", "") for e in events)
+    finally:
+        for pc in (low, retest, f"fk-balloon-{pool.pool}"):
+            await drop_priority_class(kube, pc)
