@@ -12,6 +12,7 @@ cluster.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import logging
 import subprocess
@@ -118,7 +119,15 @@ class Operators:
         path.chmod(0o600)
         return path
 
+    def kill_all(self) -> None:
+        """Synchronous last resort (atexit): no controller outlives its caller."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+
     def _spawn(self, name: str, argv: list[str]) -> None:
+        if not self.procs:
+            atexit.register(self.kill_all)
         logf = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         self.logs.append(logf)
         self.procs[name] = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
