@@ -27,6 +27,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from common import local_cluster
+from fleetkeeper.core import errors
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.kube import build_request, CONFIGMAPS, MUTATING_WEBHOOKS, NAMESPACES, PODS, VALIDATING_WEBHOOKS, Kube, Resource
 from fleetkeeper.core.manager import Manager
@@ -75,7 +76,12 @@ async def count_pods(kube: Kube, ns: str) -> int:
 
 async def burst(kube: Kube, alice: Kube, ns: str, jobs: int, pods: int, timeout: float = 900) -> float:
     await namespace(kube, ns)
-    await asyncio.sleep(0.5)
+    for _ in range(100):  # the RoleBinding reaches the authorizer's cache
+        try:
+            await alice.create(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "probe"}}, ns)
+            break
+        except errors.Forbidden:
+            await asyncio.sleep(0.2)
     t0 = time.perf_counter()
     await alice.create(JOBSETS, jobset("js", jobs, pods // jobs), ns)
     deadline = t0 + timeout
