@@ -15,6 +15,7 @@ import asyncio
 import atexit
 import base64
 import logging
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +152,7 @@ class Operators:
         self._spawn("jobset-controller", [str(bindir / "jobset-controller"), f"--kubeconfig={kc}",
                                           f"--config={cfg}", "--zap-log-level=info"])
         # the JobSet defaulting webhook (its controller expects defaulted JobSets)
-        name = f"jobset-defaulting-{self.workdir.name}"[:63].lower()
+        name = re.sub(r"[^a-z0-9-]", "-", f"jobset-defaulting-{self.workdir.name}".lower())[:63].strip("-")
         sel = {"matchLabels": dict(self.namespace_labels)} if self.namespace_labels else {}
         await self.kube.apply(MUTATING_WEBHOOKS, {
             "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
