@@ -152,9 +152,7 @@ class Operators:
         self._spawn("jobset-controller", [str(bindir / "jobset-controller"), f"--kubeconfig={kc}",
                                           f"--config={cfg}", "--zap-log-level=info"])
         # the JobSet defaulting webhook (its controller expects defaulted JobSets)
-        # an object name (RFC 1123): a temporary directory's name may hold '_' or upper case
-        suffix = re.sub(r"[^a-z0-9-]+", "-", self.workdir.name.lower())
-        name = f"jobset-defaulting-{suffix}"[:63].strip("-")
+        name = re.sub(r"[^a-z0-9-]", "-", f"jobset-defaulting-{self.workdir.name}".lower())[:63].strip("-")
         sel = {"matchLabels": dict(self.namespace_labels)} if self.namespace_labels else {}
         await self.kube.apply(MUTATING_WEBHOOKS, {
             "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
