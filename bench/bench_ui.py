@@ -198,7 +198,18 @@ async def bench_cluster(nodes: int, changes: int, pages: int, shots: Path | None
         ui = await ui_setup(mgr, UiOptions(port=0, components=COMPONENTS))
         t = time.monotonic()
         task = asyncio.create_task(mgr.run())
-        await mgr.wait_synced(300)
+        while True:  # a loaded machine lists slowly: say what is still listing
+            try:
+                await mgr.wait_synced(30)
+                break
+            except TimeoutError:
+                if task.done():
+                    raise
+                waiting = [f"{i.resource.plural}{'/' + i.namespace if i.namespace else ''}"
+                           for i in mgr._informers.values() if not i.synced]
+                print(f"  still listing after {time.monotonic() - t:.0f}s: {', '.join(waiting)}", flush=True)
+                if time.monotonic() - t > 1500:
+                    raise
         print(f"map server: caches synced in {time.monotonic() - t:.1f}s; process max RSS {before_rss:.0f} -> "
               f"{rss_mb():.0f} MiB", flush=True)
         while ui._runner is None:
@@ -311,10 +322,10 @@ async def bench_synthetic(nodes: int, changes: int, shots: Path | None) -> None:
 
 async def main(a) -> None:
     shots = Path(a.screenshots) if a.screenshots else None
-    for n in [int(x) for x in a.synthetic.split(",") if x]:
-        await bench_synthetic(n, a.changes, shots)
     if a.nodes:
         await bench_cluster(a.nodes, a.changes, a.pages, shots)
+    for n in [int(x) for x in a.synthetic.split(",") if x]:
+        await bench_synthetic(n, a.changes, shots)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 #
 # Each piece is cached under its own version (never under the control plane's
 # key): $cache/bin/<name>-<version>/ and $cache/crds/<name>-<version>/.
+# Usage: build-workload-controllers.sh [all|crds|jobset-controller,mpi-operator]
 # Prints "name=dir" lines on stdout, one per piece.
 set -euo pipefail
 
@@ -79,7 +80,8 @@ crds training-operator github.com/kubeflow/training-operator "$TRAINING_OPERATOR
 crds lws sigs.k8s.io/lws "$LWS_VERSION" config/crd/bases/leaderworkerset.x-k8s.io_leaderworkersets.yaml
 crds kuberay github.com/ray-project/kuberay/ray-operator "$KUBERAY_VERSION" \
   config/crd/bases/ray.io_rayjobs.yaml config/crd/bases/ray.io_rayclusters.yaml
-if [[ "$want" == all || "$want" == controllers ]]; then
-  build jobset-controller sigs.k8s.io/jobset "$JOBSET_VERSION" .
-  build mpi-operator github.com/kubeflow/mpi-operator "$MPI_OPERATOR_VERSION" ./cmd/mpi-operator
-fi
+# WANT: all (default), crds, or a comma-separated list of controllers
+case ",$want," in *,all,*|*,jobset-controller,*)
+  build jobset-controller sigs.k8s.io/jobset "$JOBSET_VERSION" . ;; esac
+case ",$want," in *,all,*|*,mpi-operator,*)
+  build mpi-operator github.com/kubeflow/mpi-operator "$MPI_OPERATOR_VERSION" ./cmd/mpi-operator ;; esac

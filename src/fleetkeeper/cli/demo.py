@@ -209,7 +209,8 @@ def process_usage(pids: dict[str, int]) -> list[tuple[str, float | None, float |
     me = resource.getrusage(resource.RUSAGE_SELF)
     rows.append(("fleetkeeper (this process)", me.ru_maxrss * 1024.0, me.ru_utime + me.ru_stime))
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rows.append(("children it ran (largest one's peak)", ch.ru_maxrss * 1024.0, ch.ru_utime + ch.ru_stime))
+    rows.append(("processes it ran (Prometheus, iptables, ...; the largest one's peak)", ch.ru_maxrss * 1024.0,
+                 ch.ru_utime + ch.ru_stime))
     return rows
 
 

@@ -127,6 +127,9 @@ def run(
                                            help="name of the Lease (one per Deployment of the manager)"),
     log_level: str = typer.Option("info", "--log-level"),
     log_format: str = typer.Option("auto", "--log-format", help="json, text or auto"),
+    machine_provider: str = typer.Option("", "--machine-provider",
+                                         help="kubernetes-node, cluster-api, karpenter, aws, gce, azure or command "
+                                              "(default: the fleetkeeper-machines ConfigMap's, else kubernetes-node)"),
     ui: bool = typer.Option(False, "--ui/--no-ui", help="also serve the fleet map from the manager's informers"),
     ui_host: str = typer.Option("127.0.0.1", "--ui-host", help="the fleet map's address"),
     ui_port: int = typer.Option(8088, "--ui-port", min=0, max=65535),
@@ -151,8 +154,12 @@ def run(
         settings = load_model(RuntimeSettings, {
             "domain": domain, "namespace": namespace, "dry_run": dry_run, "kubeconfig": kubeconfig,
             "context": context, "server": server, "leader_election": {"enabled": leader_elect, "lease_name": leader_election_id},
-            "controllers": names,
+            "controllers": names, "machine_provider": machine_provider or None,
         }, "flags")
+        if machine_provider:
+            from fleetkeeper.machines.config import load_config
+
+            load_config(None, provider=machine_provider)  # a bad name fails here, before anything starts
     except errors.ConfigError as exc:
         console.print(f"[red]configuration error[/red]: {exc}")
         raise typer.Exit(2) from None

@@ -61,6 +61,7 @@ class Manager:
         self.projector = default_projector(settings.domain)
         self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"
         self._informers: dict[tuple, Informer] = {}
+        self._ungated: set[tuple] = set()  # informers the controllers' start does not wait for
         self._runnables: list[_Runnable] = []
         self._shared: dict[str, Any] = {}
         self.server = OpsServer(self.registry, settings.server.host, settings.server.port)
@@ -68,9 +69,16 @@ class Manager:
 
     # --- building blocks for components --------------------------------
     def informer(self, resource: Resource, project: Callable[[dict], Any], *, namespace: str | None = None,
-                 label_selector: str | None = None, field_selector: str | None = None, key: str = "") -> Informer:
-        """A shared informer; two calls with the same arguments get the same one."""
+                 label_selector: str | None = None, field_selector: str | None = None, key: str = "",
+                 gate: bool = True) -> Informer:
+        """A shared informer; two calls with the same arguments get the same one. ``gate=False``: the
+        controllers' start does not wait for it to sync (a read-only consumer's, such as the fleet map's;
+        it still counts for /readyz)."""
         k = (resource, namespace, label_selector, field_selector, key or getattr(project, "__qualname__", ""))
+        if not gate and k not in self._informers:
+            self._ungated.add(k)
+        elif gate:
+            self._ungated.discard(k)
         if k not in self._informers:
             inf = Informer(self.kube, resource, project, namespace=namespace, label_selector=label_selector,
                            field_selector=field_selector, metrics=self.metrics, clock=self.clock)
@@ -102,8 +110,9 @@ class Manager:
     def add(self, name: str, fn: Callable[[], Awaitable[Any]], *, leader: bool = True) -> None:
         self._runnables.append(_Runnable(name, fn, leader))
 
-    async def wait_synced(self, timeout: float = 120) -> None:
-        await asyncio.gather(*(i.wait_synced(timeout) for i in self._informers.values()))
+    async def wait_synced(self, timeout: float = 120, *, gated_only: bool = False) -> None:
+        await asyncio.gather(*(i.wait_synced(timeout) for k, i in self._informers.items()
+                               if not (gated_only and k in self._ungated)))
 
     # --- running --------------------------------------------------------
     async def ensure_namespace(self) -> None:
@@ -137,7 +146,8 @@ class Manager:
                 elect = asyncio.create_task(self.elector.run(), name="leader-election")
                 tasks.append(elect)
                 await self.elector.is_leader.wait()
-            await self.wait_synced()
+            if any(r.leader for r in self._runnables):
+                await self.wait_synced(gated_only=True)
             for r in self._runnables:
                 if r.leader:
                     tasks.append(asyncio.create_task(r.fn(), name=r.name))

@@ -12,14 +12,16 @@ cluster.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import logging
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetkeeper.core import errors
-from fleetkeeper.core.kube import (CLUSTERROLEBINDINGS, CRDS, MUTATING_WEBHOOKS, NAMESPACES, SERVICEACCOUNTS, Kube)
+from fleetkeeper.core.kube import (CLUSTERROLEBINDINGS, CLUSTERROLES, CRDS, MUTATING_WEBHOOKS, NAMESPACES, SERVICEACCOUNTS, Kube)
 from fleetkeeper.core.pki import write_serving_cert
 from fleetkeeper.localcluster.cluster import REPO_ROOT, LocalCluster, free_port
 
@@ -50,6 +52,7 @@ class Operators:
     workdir: Path
     namespace_labels: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: list = field(default_factory=list)
     webhook_configs: list[str] = field(default_factory=list)
 
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
@@ -67,6 +70,15 @@ class Operators:
             for f in sorted(d.glob("*.yaml")):
                 self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(f))
                 names.append(f.stem.split("_", 1)[1] + "." + f.stem.split("_", 1)[0])
+        # let namespace editors use the workloads (as the operators' own aggregated roles do)
+        groups = sorted({n.split(".", 1)[1] for n in names})
+        await self.kube.apply(CLUSTERROLES, {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "fleetkeeper-workloads-edit",
+                         "labels": {"rbac.authorization.k8s.io/aggregate-to-edit": "true",
+                                    "rbac.authorization.k8s.io/aggregate-to-admin": "true"}},
+            "rules": [{"apiGroups": groups, "resources": ["*"],
+                       "verbs": ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]}]})
         for n in names:
             for _ in range(120):
                 crd = await self.kube.get_or_none(CRDS, n)
@@ -108,8 +120,17 @@ class Operators:
         path.chmod(0o600)
         return path
 
+    def kill_all(self) -> None:
+        """Synchronous last resort (atexit): no controller outlives its caller."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+
     def _spawn(self, name: str, argv: list[str]) -> None:
-        logf = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        if not self.procs:
+            atexit.register(self.kill_all)
+        logf = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.logs.append(logf)
         self.procs[name] = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log_tail(self, name: str, n: int = 4000) -> str:
@@ -131,7 +152,7 @@ class Operators:
         self._spawn("jobset-controller", [str(bindir / "jobset-controller"), f"--kubeconfig={kc}",
                                           f"--config={cfg}", "--zap-log-level=info"])
         # the JobSet defaulting webhook (its controller expects defaulted JobSets)
-        name = f"jobset-defaulting-{self.workdir.name}"[:63].lower()
+        name = re.sub(r"[^a-z0-9-]", "-", f"jobset-defaulting-{self.workdir.name}".lower())[:63].strip("-")
         sel = {"matchLabels": dict(self.namespace_labels)} if self.namespace_labels else {}
         await self.kube.apply(MUTATING_WEBHOOKS, {
             "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
@@ -185,3 +206,6 @@ class Operators:
                     p.kill()
                     p.wait(10)
         self.procs.clear()
+        for f in self.logs:
+            f.close()
+        self.logs.clear()

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from fleetkeeper.core import errors
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.faults import FaultPlan
-from fleetkeeper.core.kube import NODES, PODS
+from fleetkeeper.core.kube import EVENTS, NODES, PODS
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.health.controller import HealthOptions, setup as health_setup
@@ -202,6 +202,30 @@ async def test_map_shows_every_node_a_fault_turns_quarantined_click_explains_tea
         assert line in page, (line, page)
         assert f"node {sick}" in page and "taint fleetkeeper.io/quarantine" in page
 
+        # the timeline shows what fleetkeeper did to it: filtered by the node, and by its rack; another
+        # rack's filter hides it
+        from selenium.webdriver.support.ui import Select
+
+        await asyncio.to_thread(lambda: browser.find_element(By.ID, "tl-node").send_keys(sick))
+
+        async def timeline_text():
+            t = await js(browser, "const e = document.querySelector('#timeline ol'); return e ? e.innerText : ''")
+            return t if f"Node/{sick}" in t else None
+        await wait_for(timeline_text, 60, f"an Event about {sick} in the timeline")
+        events = [e for e in (await kube.list(EVENTS))[0] if (e.get("regarding") or {}).get("name") == sick
+                  and (e.get("reportingController") or "").startswith("fleetkeeper.io/")]
+        shown = await timeline_text()
+        assert events and all(e["reason"] in shown for e in events), (events, shown)
+        await asyncio.to_thread(lambda: browser.find_element(By.ID, "tl-node").clear())
+        rack_of_sick = (await kube.get(NODES, sick))["metadata"]["labels"][N.rack]
+        other_rack = (await kube.get(NODES, nodes[2]))["metadata"]["labels"][N.rack]
+        assert rack_of_sick != other_rack
+        await asyncio.to_thread(lambda: Select(browser.find_element(By.ID, "tl-rack")).select_by_value(other_rack))
+        await asyncio.sleep(1.0)
+        assert f"Node/{sick}" not in await js(browser, "return document.getElementById('timeline').innerText")
+        await asyncio.to_thread(lambda: Select(browser.find_element(By.ID, "tl-rack")).select_by_value(rack_of_sick))
+        await wait_for(timeline_text, 30, f"{sick}'s Events under its rack's filter")
+
         # the team overlay paints each node in its team's colour, as its team label says
         await asyncio.to_thread(lambda: browser.find_element(By.CSS_SELECTOR, "#overlay option[value=team]").click())
         labels = {n["metadata"]["name"]: (n["metadata"].get("labels") or {}).get(N.team, "")
@@ -359,3 +383,30 @@ async def test_manifests_are_accepted_and_their_rbac_is_enough(cluster, kube, ow
     finally:
         await stop(task)
         await own.close()
+
+
+async def test_run_manager_serves_the_map_and_says_where(cluster):
+    """``fleetkeeper run --ui`` / ``fleetkeeper ui`` / ``make demo``: the manager serves the map and reports
+    its URL once it listens; the page answers and the stream opens."""
+    from fleetkeeper.cli.main import run_manager
+
+    urls: list[str] = []
+    listening, stop = asyncio.Event(), asyncio.Event()
+
+    def on_ui(server) -> None:
+        urls.append(server.url)
+        listening.set()
+    settings = RuntimeSettings(kubeconfig=str(cluster.kubeconfig), dry_run=True, controllers=[],
+                               server={"port": 0}, leader_election={"enabled": False})
+    task = asyncio.create_task(run_manager(settings, stop=stop, ui=UiOptions(port=0, components=COMPONENTS),
+                                           registry=CollectorRegistry(), on_ui=on_ui))
+    try:
+        await asyncio.wait_for(listening.wait(), 60)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(urls[0]) as r:
+                assert r.status == 200 and "fleet map" in await r.text()
+            async with http.get(urls[0] + "api/stream") as r:
+                assert r.status == 200 and b'"t":"hello"' in await r.content.readuntil(b"\n\n")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
