@@ -473,19 +473,6 @@ node_selector: {{{GROUP}: '{own_nodes.group}'}}
                 break
         await agent_kube.patch(NODES, ecc_node, {"metadata": {"annotations": {
             "fleetkeeper.io/action-result": Report("n", "failed", "rbac test", 0).dumps()}}})
-        # the machine-action ledger, written under the controller's identity
-        ledger = await kube.get(CONFIGMAPS, LEDGER_CONFIGMAP, NS)
-        assert gone_node in ledger["data"]["actions"]
-        # the agent's identity: list and watch only its own node, acknowledge an action request
-        agent_kube = sa(kube, "fleetkeeper-health-agent")
-        items, rv = await agent_kube.list(NODES, field_selector=f"metadata.name={ecc_node}")
-        assert [i["metadata"]["name"] for i in items] == [ecc_node]
-        async with contextlib.aclosing(agent_kube.watch(NODES, rv, field_selector=f"metadata.name={ecc_node}",
-                                                        timeout_seconds=1)) as events:
-            async for _typ, _obj in events:
-                break
-        await agent_kube.patch(NODES, ecc_node, {"metadata": {"annotations": {
-            "fleetkeeper.io/action-result": Report("n", "failed", "rbac test", 0).dumps()}}})
 
         async def state_written():
             return await kube.get_or_none(CONFIGMAPS, STATE_CONFIGMAP, NS)
