@@ -105,6 +105,24 @@ class Manager:
     async def wait_synced(self, timeout: float = 120) -> None:
         await asyncio.gather(*(i.wait_synced(timeout) for i in self._informers.values()))
 
+    sync_report_interval: float = 60.0
+
+    async def _wait_synced_patiently(self) -> None:
+        """The first LIST of a large cluster on a busy API server can take
+        minutes (7,500 nodes and 20,000 pods on two loaded cores: over 120 s).
+        Waiting is not failing: the informers keep retrying, /readyz stays
+        503, and every ``sync_report_interval`` the informers still listing
+        are named in the log."""
+        waited = 0.0
+        while True:
+            try:
+                await self.wait_synced(self.sync_report_interval)
+                return
+            except TimeoutError:
+                waited += self.sync_report_interval
+                pending = sorted(i.resource.plural for i in self._informers.values() if not i.synced)
+                log.warning("informers not synced after %.0fs, still waiting: %s", waited, ", ".join(pending))
+
     # --- running --------------------------------------------------------
     async def ensure_namespace(self) -> None:
         """fleetkeeper's own namespace (Lease, ConfigMaps) must exist; create it if
@@ -137,7 +155,7 @@ class Manager:
                 elect = asyncio.create_task(self.elector.run(), name="leader-election")
                 tasks.append(elect)
                 await self.elector.is_leader.wait()
-            await self.wait_synced()
+            await self._wait_synced_patiently()
             for r in self._runnables:
                 if r.leader:
                     tasks.append(asyncio.create_task(r.fn(), name=r.name))
