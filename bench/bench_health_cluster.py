@@ -5,8 +5,8 @@ the remediation controller turning conditions into quarantine taints.
 
 * agents: every node's agent (the same AgentCore and ConditionWriter the DaemonSet
   runs, through its own client) writes its jittered heartbeat, so the API server
-  carries the steady agent load while the faults arrive; then F nodes, one per
-  rack, report an uncorrectable ECC error at the same moment (one status PATCH each);
+  carries the steady agent load while the faults arrive; then F nodes, spread over
+  racks, report an uncorrectable ECC error at the same moment (one status PATCH each);
 * condition -> taint: from the agent's PATCH being acknowledged to the quarantine
   taint being visible in a watch, per node; p50/p90/p99/max;
 * baseline, same run and same path: F plain node PATCHes at once, from the
@@ -15,8 +15,9 @@ the remediation controller turning conditions into quarantine taints.
 * API writes per action: every write the controller sent during the run (node
   patch, Event, ...) over the number of quarantines, by resource.
 
-The budget is raised to let all F faults through (the default cluster budget is 50
-nodes); one fault per rack keeps the per-rack budget out of the way.
+The budget and the storm threshold are raised to let all F faults through (the
+default cluster budget is 50 nodes, 4 per rack; a storm is 10 % of the nodes); the
+faults are spread over the racks round robin.
 """
 
 from __future__ import annotations
@@ -69,8 +70,10 @@ async def main(total: int, faults: int, workers: int) -> None:
         reg = CollectorRegistry()
         mgr = Manager(kube, RuntimeSettings(namespace="default", server={"port": 0},
                                             leader_election={"enabled": False}), registry=reg)
-        policy = Policy.model_validate({"budget": {"cluster": {"max_nodes": 2 * faults},
-                                                   "max_new_per_window": 2 * faults}})
+        policy = Policy.model_validate({"budget": {"cluster": {"max_nodes": 2 * faults}, "zone": {"max_percent": 100},
+                                                   "rack": {"max_nodes": 2 * faults},
+                                                   "max_new_per_window": 2 * faults},
+                                        "storm": {"min_nodes": 2 * faults, "max_percent": 100}})
         await setup(mgr, HealthOptions(policy=policy, simulate=False, workers=workers))
         names = mgr.names
         nodes = mgr.node_informer()
@@ -93,10 +96,12 @@ async def main(total: int, faults: int, workers: int) -> None:
         by_rack: dict[str, list] = {}
         for n in gpu:
             by_rack.setdefault(n.labels.get(names.rack, ""), []).append(n.name)
-        victims = [v[0] for v in by_rack.values()][:faults]
+        # spread over the racks, round robin (the rack budget is raised as well)
+        victims = [v for i in range(max(map(len, by_rack.values()))) for v in
+                   (r[i] for r in by_rack.values() if i < len(r))][:faults]
         probes = [n.name for n in gpu if n.name not in set(victims)][:faults]
         if len(victims) < faults:
-            raise SystemExit(f"only {len(victims)} racks with GPU nodes; need {faults}")
+            raise SystemExit(f"only {len(victims)} GPU nodes; need {faults}")
 
         core = AgentCore(ConditionWriter(agents_kube), RealClock(), heartbeat=300, jitter=0.2,
                          startup_spread=300)

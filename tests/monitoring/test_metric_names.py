@@ -20,6 +20,7 @@ from fleetkeeper.preflight.metrics import PreflightMetrics
 from fleetkeeper.promguard.metrics import GuardMetrics
 from fleetkeeper.relay.metrics import PacerMetrics, RelayMetrics
 from fleetkeeper.teams.metrics import TeamsMetrics
+from fleetkeeper.ui.server import UiMetrics
 
 MON = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 NAME = re.compile(r"(?<![:\w])(fleetkeeper_[a-z0-9_]+)(?![:\w])")  # not inside a recorded series name (a:b:c)
@@ -28,7 +29,8 @@ NAME = re.compile(r"(?<![:\w])(fleetkeeper_[a-z0-9_]+)(?![:\w])")  # not inside 
 def exported() -> set[str]:
     reg = CollectorRegistry()
     for cls in (RuntimeMetrics, WebhookMetrics, HealthAgentMetrics, RemediationMetrics, PreflightMetrics,
-                CapacityMetrics, TeamsMetrics, GuardMetrics, RelayMetrics, PacerMetrics, NetacctAgentMetrics):
+                CapacityMetrics, TeamsMetrics, GuardMetrics, RelayMetrics, PacerMetrics, NetacctAgentMetrics,
+                UiMetrics):
         cls(reg)
     TrafficCollector(reg)
     names: set[str] = set()

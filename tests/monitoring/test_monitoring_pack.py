@@ -213,7 +213,7 @@ def _exprs(d: dict) -> list[str]:
 
 
 def test_dashboards_structure():
-    want = {"fleet-nodes", "team-allocation", "health-actions", "apiserver-load", "network-by-team"}
+    want = {"fleet-nodes", "team-allocation", "health-actions", "apiserver-load", "network-by-team", "fleet-map"}
     assert {p.stem for p in DASHBOARDS} == want
     uids = set()
     recorded = {r["record"] for r in all_rules() if "record" in r}

@@ -20,23 +20,42 @@ def pod(ns, name, team="", limit=None, ip="10.0.0.1"):
     return PodInfo(ns, name, ip, team, {ANN: limit} if limit is not None else {})
 
 
-def test_limits_precedence_annotation_namespace_team():
+def test_limits_precedence_namespace_team_annotation():
     pods = [pod("ml", "a", "vision", "20mbit"), pod("ml", "b", "vision"), pod("rl", "c", "vision"),
-            pod("rl", "d", "robots")]
+            pod("rl", "d", "robots"), pod("rl", "e", "vision", "2mbit"), pod("free", "f", "", "30mbit")]
     lim = S.resolve_limits(pods, N, {"vision": "5mbit"}, {"ml": "50mbit"}, {})
-    assert lim.pod_bucket == {"ml/a": "pod:ml/a", "ml/b": "ns:ml", "rl/c": "pod:rl/c"}
-    assert lim.buckets["pod:ml/a"].rate_bps == 20_000_000 and lim.buckets["pod:ml/a"].source == "annotation"
+    # ml/a stays in the namespace's shared bucket: a bucket of its own would add 20mbit to ml's 50mbit
+    assert lim.pod_bucket == {"ml/a": "ns:ml", "ml/b": "ns:ml", "rl/c": "pod:rl/c", "rl/e": "pod:rl/e",
+                              "free/f": "pod:free/f"}
     assert lim.buckets["ns:ml"].rate_bps == 50_000_000 and lim.buckets["ns:ml"].scope == "namespace"
-    assert lim.buckets["pod:rl/c"].rate_bps == 5_000_000 and not lim.problems
+    assert lim.buckets["pod:rl/c"].rate_bps == 5_000_000
+    # lowering the team limit is the author's right; no policy: the annotation is the limit
+    assert lim.buckets["pod:rl/e"].rate_bps == 2_000_000 and lim.buckets["pod:rl/e"].source == "annotation"
+    assert lim.buckets["pod:free/f"].rate_bps == 30_000_000
+    assert [(p.pod, p.value) for p in lim.problems] == [("a", "20mbit")]
+    assert "shares one limit of 50mbit" in lim.problems[0].message
+
+
+@pytest.mark.parametrize("ns_limits,team_limits,want_bucket,want_bps,words", [
+    ({"ml": "50mbit"}, {}, "ns:ml", 50_000_000, "not applied"),          # above the namespace limit
+    ({}, {"vision": "5mbit"}, "pod:ml/a", 5_000_000, "may only lower team vision's limit of 5mbit"),
+])
+def test_an_annotation_never_raises_the_policy_limit(ns_limits, team_limits, want_bucket, want_bps, words):
+    lim = S.resolve_limits([pod("ml", "a", "vision", "10gbit")], N, team_limits, ns_limits, {})
+    assert lim.pod_bucket["ml/a"] == want_bucket and lim.buckets[want_bucket].rate_bps == want_bps
+    assert words in lim.problems[0].message
 
 
 def test_malformed_annotation_is_reported_and_keeps_what_works():
     pods = [pod("ml", "a", "vision", "20 megabits"), pod("ml", "b", limit="0mbit"), pod("ml", "c", limit="fast")]
-    lim = S.resolve_limits(pods, N, {"vision": "5mbit"}, {}, previous={"pod:ml/a": 20_000_000})
+    lim = S.resolve_limits(pods, N, {"vision": "25mbit"}, {}, previous={"pod:ml/a": 20_000_000})
     assert [(p.pod, p.value) for p in lim.problems] == [("a", "20 megabits"), ("b", "0mbit"), ("c", "fast")]
     assert "egress-limit" in str(lim.problems[0]) and "ignored" in str(lim.problems[0])
     assert lim.buckets["pod:ml/a"].rate_bps == 20_000_000 and lim.buckets["pod:ml/a"].source == "kept"
     assert "ml/b" not in lim.pod_bucket and "ml/c" not in lim.pod_bucket
+    # a kept value never exceeds a team limit lowered since
+    lim = S.resolve_limits(pods[:1], N, {"vision": "5mbit"}, {}, previous={"pod:ml/a": 20_000_000})
+    assert lim.buckets["pod:ml/a"].rate_bps == 5_000_000
 
 
 def test_allocation_is_stable_and_bounded():

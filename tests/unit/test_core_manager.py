@@ -99,3 +99,31 @@ async def test_a_slow_first_sync_is_waited_for_not_a_failure(caplog):
     assert not task.done()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_controllers_do_not_wait_for_an_ungated_informer():
+    """A read-only consumer's informer (the fleet map's) that is still listing does not hold the
+    controllers back; a gated one does."""
+    from fleetkeeper.core.kube import EVENTS, NODES
+
+    mgr = manager()
+    gated = mgr.informer(NODES, lambda o: o, key="gated")
+    ungated = mgr.informer(EVENTS, lambda o: o, key="map", gate=False)
+
+    async def never_syncs():
+        await asyncio.Event().wait()
+    gated.run = ungated.run = never_syncs  # type: ignore[method-assign]  # listing forever
+    started = asyncio.Event()
+
+    async def controller():
+        started.set()
+        await asyncio.Event().wait()
+    mgr.add("controller", controller)
+    task = asyncio.create_task(mgr.run())
+    await asyncio.sleep(0.2)
+    assert not started.is_set()  # the gated informer is not synced yet
+    gated._synced.set()
+    await asyncio.wait_for(started.wait(), 60)  # the ungated one never synced
+    assert not ungated.synced
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

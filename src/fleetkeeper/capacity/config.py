@@ -115,6 +115,10 @@ class GangConfig(BaseModel):
     bare_pod_settle_seconds: float = Field(
         5.0, ge=0, le=600, description="for pods without an owner or a min-members annotation: wait this long "
                                        "after the last member appears before fixing the gang size")
+    workload_gangs: bool = Field(
+        True, description="workloads that declare a gang (JobSet, MPIJob, PyTorchJob, LeaderWorkerSet) are gangs "
+                          "by default: their member templates get the gang label and size on CREATE "
+                          "(opt out per workload: annotation <domain>/gang-enabled: \"false\")")
     cleanup_grace_seconds: float = Field(30.0, ge=0, le=86_400,
                                          description="delete a gang's group objects this long after its last pod")
     reserve_after_seconds: float | None = Field(

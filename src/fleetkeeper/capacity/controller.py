@@ -42,10 +42,12 @@ from fleetkeeper.capacity import reserve as rs
 from fleetkeeper.capacity import yielding as yd
 from fleetkeeper.capacity.config import CONFIGMAP_KEY, CONFIGMAP_NAME, CapacityConfig, load_config, load_config_text
 from fleetkeeper.capacity.metrics import GANG_STATES, CapacityMetrics
+from fleetkeeper.capacity.workload_gangs import mutate_workload, webhook_rules as workload_gang_rules
 
 log = logging.getLogger("fleetkeeper.capacity")
 
 WEBHOOK_PATH = "capacity-gang"
+WORKLOAD_GANG_PATH = "capacity-workload-gang"
 WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
 MIN_BALLOON_PASS_SECONDS = 1.0
 HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often even without events
@@ -271,9 +273,12 @@ class BalloonManager:
             balloons = [yd.Balloon(p.namespace, p.name, p.node, sizing.per_balloon,
                                    released=p.deleting or released_key in p.annotations)
                         for p in pods if p.labels.get(label) == pool.name and p.namespace == self.namespace
-                        and p.node in names_ and p.phase not in ("Succeeded", "Failed")] if b.enabled else []
+                        and p.node in names_ and p.phase not in ("Succeeded", "Failed")] \
+                if b.enabled and b.yield_to_waiting else []
             self._pool_bound[pool.name] = bound
             y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget)
+            if not (b.enabled and b.yield_to_waiting):
+                y.hold = False  # the decision is only read for reservations
             budget -= y.release_count
             out.append(y)
         self.last_yield = {y.pool: y for y in out}
@@ -596,7 +601,15 @@ def webhook_registration(cfg: CapacityConfig, names: Names, config_name: str, ur
         failure_policy="Fail", timeout_seconds=5, namespace_selector=namespace_selector,
         object_selector={"matchExpressions": [{"key": names.gang, "operator": "Exists"}]},
         reinvocation="IfNeeded")
-    return registration("mutating", config_name, [entry])
+    entries = [entry]
+    if g.workload_gangs:  # workloads that declare a gang (JobSet, MPIJob, ...): label their member templates
+        wservice = None if url else {**service, "path": f"/{WORKLOAD_GANG_PATH}"}  # type: ignore[dict-item]
+        wurl = f"{url.rsplit('/', 1)[0]}/{WORKLOAD_GANG_PATH}" if url else None
+        entries.append(webhook_entry(
+            f"workload-gang.{names.domain}", url=wurl, service=wservice, ca_bundle=ca,
+            rules=workload_gang_rules(), failure_policy="Ignore", timeout_seconds=5,
+            namespace_selector=namespace_selector))
+    return registration("mutating", config_name, entries)
 
 
 class GangWebhook:
@@ -629,6 +642,7 @@ class GangWebhook:
         self.server = WebhookServer(str(cert.cert), str(cert.key), host=g.webhook_host, port=g.webhook_port,
                                     registry=self.registry)
         self.server.add(WEBHOOK_PATH, self.handler)
+        self.server.add(WORKLOAD_GANG_PATH, lambda req: mutate_workload(req, self.names))
         delay = 1.0
         while True:  # a port still held (a previous process) must not take the other controllers down
             try:

@@ -80,7 +80,8 @@ def scheduler_lines(pod: dict, group: dict | None) -> list[str]:
     nominated = (pod.get("status") or {}).get("nominatedNodeName")
     if sched is not None:
         lines.append(f"scheduler on pod: PodScheduled={sched.get('status')} {sched.get('reason', '')}"
-                     + (f": {sched['message']}" if sched.get("message") else ""))
+                     + (f": {sched['message']}" if sched.get("message") else "")
+                     + (f" (since {sched['lastTransitionTime']})" if sched.get("lastTransitionTime") else ""))
     elif not (pod.get("spec") or {}).get("nodeName"):
         lines.append("scheduler on pod: no PodScheduled condition: the scheduler has not tried this pod yet (its "
                      "gang plugin keeps members out of the queue until the PodGroup and enough members exist)")

@@ -11,6 +11,10 @@
 
 :func:`run_demo` answers False when any scenario missed a claim (``make demo``
 then exits 1).
+
+The fleet map is served by the same manager from the start: its URL is
+printed before the scenarios, it shows them live, and with KEEP=1 it stays up
+(with the manager) until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import importlib
 import os
 import resource
+import signal
 import time
 from pathlib import Path
 from collections import Counter
@@ -91,15 +96,39 @@ async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> bool:
     outcomes: dict[str, Outcome] = {}
     usage: list[tuple[str, float | None, float | None]] = []
     manager_task = None
+    map_url: list[str] = []
+    reported = False
+
+    def report() -> None:
+        nonlocal reported, usage
+        if reported:
+            return
+        reported = True
+        usage = process_usage(lc.state.pids)
+        out.print(Panel("\n".join(f"[cyan]{s:>10}[/cyan]  {line}" for s, line in ctx.lines) or "(nothing)",
+                        title=f"summary ({time.monotonic() - t0:.0f}s)"))
+        out.print(outcome_table(outcomes))
+        out.print(usage_table(usage))
     try:
         controllers = [c for c in components if _has(components[c], "controller")]
-        if controllers:
-            from fleetkeeper.cli.main import run_manager
+        from fleetkeeper.cli.main import run_manager
+        from fleetkeeper.ui.server import UiOptions
 
-            settings = RuntimeSettings(controllers=controllers, kubeconfig=str(lc.kubeconfig),
-                                       server={"port": 0}, leader_election={"enabled": True})
-            manager_task = asyncio.create_task(run_manager(settings, registry=registry, stop=stop))
-            out.print(f"fleetkeeper running controllers: {', '.join(controllers)}")
+        settings = RuntimeSettings(controllers=controllers, kubeconfig=str(lc.kubeconfig),
+                                   server={"port": 0}, leader_election={"enabled": True})
+        listening = asyncio.Event()
+
+        def on_ui(server) -> None:
+            map_url.append(server.url)
+            out.print(f"[bold]fleet map: {server.url}[/bold] (live while the scenario runs"
+                      f"{'; stays up afterwards' if keep else '; KEEP=1 keeps it up afterwards'})")
+            listening.set()
+        ui = UiOptions(port=int(os.environ.get("FLEETKEEPER_UI_PORT", "8088")), port_fallback=True,
+                       components=dict(components))
+        manager_task = asyncio.create_task(run_manager(settings, registry=registry, stop=stop, ui=ui, on_ui=on_ui))
+        out.print(f"fleetkeeper running controllers: {', '.join(controllers)}")
+        await asyncio.wait({asyncio.create_task(listening.wait()), manager_task}, timeout=60,
+                           return_when=asyncio.FIRST_COMPLETED)
         ctx.section = "cluster"
         all_nodes, _ = await kube.list(NODES)
         pools = Counter((n["metadata"].get("labels") or {}).get(ctx.names.pool, "?") for n in all_nodes)
@@ -117,16 +146,17 @@ async def run_demo(nodes: int, keep: bool, components: dict[str, str]) -> bool:
             ctx.report(f"({time.monotonic() - t:.1f}s)")
         if manager_task and manager_task.done() and manager_task.exception():
             raise manager_task.exception()  # type: ignore[misc]
+        if keep and map_url and manager_task and not manager_task.done():
+            report()
+            out.print(f"[bold]the fleet map stays up at {map_url[0]}[/bold]; Ctrl-C stops fleetkeeper "
+                      f"(the cluster stays up)")
+            await _until_interrupted(manager_task)
     finally:
         stop.set()
         if manager_task:
             await asyncio.gather(manager_task, return_exceptions=True)
         await kube.close()
-        usage = process_usage(lc.state.pids)
-        out.print(Panel("\n".join(f"[cyan]{s:>10}[/cyan]  {line}" for s, line in ctx.lines) or "(nothing)",
-                        title=f"summary ({time.monotonic() - t0:.0f}s)"))
-        out.print(outcome_table(outcomes))
-        out.print(usage_table(usage))
+        report()
         if keep:
             out.print(f"cluster left up (KEEP=1). Look at it with:\n"
                       f"  .venv/bin/fleetkeeper cluster kubectl -- get nodes\n"
@@ -192,6 +222,19 @@ def usage_table(rows: list[tuple[str, float | None, float | None]]) -> Table:
     for name, rss, cpu in rows:
         t.add_row(name, "?" if rss is None else f"{rss / 1e6:,.0f}", "?" if cpu is None else f"{cpu:,.1f}")
     return t
+
+
+async def _until_interrupted(task: asyncio.Task) -> None:
+    """Wait for Ctrl-C or SIGTERM (or the manager ending)."""
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    try:
+        await asyncio.wait({asyncio.create_task(done.wait()), task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _has(pkg: str, module: str) -> bool:

@@ -127,6 +127,14 @@ def run(
                                            help="name of the Lease (one per Deployment of the manager)"),
     log_level: str = typer.Option("info", "--log-level"),
     log_format: str = typer.Option("auto", "--log-format", help="json, text or auto"),
+    machine_provider: str = typer.Option("", "--machine-provider",
+                                         help="kubernetes-node, cluster-api, karpenter, aws, gce, azure or command "
+                                              "(default: the fleetkeeper-machines ConfigMap's, else kubernetes-node)"),
+    ui: bool = typer.Option(False, "--ui/--no-ui", help="also serve the fleet map from the manager's informers"),
+    ui_host: str = typer.Option("127.0.0.1", "--ui-host", help="the fleet map's address"),
+    ui_port: int = typer.Option(8088, "--ui-port", min=0, max=65535),
+    ui_auth: str = typer.Option("auto", "--ui-auth",
+                                help="none, tokenreview, or auto (tokenreview in a cluster or off loopback)"),
 ) -> None:
     """Run the controller manager with the chosen controllers."""
     fklog.setup(log_level, log_format)
@@ -146,8 +154,12 @@ def run(
         settings = load_model(RuntimeSettings, {
             "domain": domain, "namespace": namespace, "dry_run": dry_run, "kubeconfig": kubeconfig,
             "context": context, "server": server, "leader_election": {"enabled": leader_elect, "lease_name": leader_election_id},
-            "controllers": names,
+            "controllers": names, "machine_provider": machine_provider or None,
         }, "flags")
+        if machine_provider:
+            from fleetkeeper.machines.config import load_config
+
+            load_config(None, provider=machine_provider)  # a bad name fails here, before anything starts
     except errors.ConfigError as exc:
         console.print(f"[red]configuration error[/red]: {exc}")
         raise typer.Exit(2) from None
@@ -156,13 +168,68 @@ def run(
         # SIGTERM (a pod being stopped; as PID 1 nothing else would end it) stops the
         # manager gracefully: runnables are cancelled and the lease is released.
         stop = cliutil.stop_on_signals()
-        await run_manager(settings, stop=stop)
+        await run_manager(settings, stop=stop, ui=ui_options(ui_host, ui_port, ui_auth, kubeconfig) if ui else None)
+
+    run_async(main())
+
+
+def ui_options(host: str, port: int, auth: str, kubeconfig: str | None):
+    """The fleet map's options from flags; ``auth`` auto is tokenreview in a cluster or off loopback."""
+    import os
+
+    from fleetkeeper.ui.server import UiOptions, loopback
+
+    if auth not in ("auto", "none", "tokenreview"):
+        console.print(f"[red]--ui-auth {auth!r}[/red]: expected auto, none or tokenreview")
+        raise typer.Exit(2)
+    if auth == "auto":
+        in_cluster = kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        auth = "tokenreview" if in_cluster or not loopback(host) else "none"
+    if auth == "none" and not loopback(host):
+        console.print(f"[red]the fleet map without authentication serves loopback only[/red]: {host!r} is not; "
+                      "use tokenreview to serve others")
+        raise typer.Exit(2)
+    return UiOptions(host=host, port=port, auth=auth, components=dict(COMPONENTS))
+
+
+@app.command("ui")
+def ui_cmd(
+    kubeconfig: str = kubeconfig_option(),
+    context: Optional[str] = cliutil.context_option(),
+    domain: str = typer.Option(DEFAULT_DOMAIN, "--domain", help="label/taint domain"),
+    namespace: str = typer.Option("fleetkeeper-system", "--namespace", help="where fleetkeeper's ConfigMaps live"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to serve on (loopback unless told)"),
+    port: int = typer.Option(8088, "--port", min=0, max=65535),
+    auth: str = typer.Option("auto", "--auth", help="none, tokenreview, or auto (tokenreview in a cluster or "
+                                                   "off loopback)"),
+    metrics_bind_address: str = typer.Option("127.0.0.1:0", "--metrics-bind-address",
+                                             help="/metrics, /healthz, /readyz: HOST:PORT (port 0: any free port)"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Serve the fleet map (read-only) from one set of informers; pages get changes pushed."""
+    fklog.setup(log_level, "auto")
+    opts = ui_options(host, port, auth, kubeconfig)
+    try:
+        mhost, mport = parse_bind_address(metrics_bind_address)
+        settings = load_model(RuntimeSettings, {
+            "domain": domain, "namespace": namespace, "dry_run": True, "kubeconfig": kubeconfig, "context": context,
+            "server": {"host": mhost, "port": mport}, "leader_election": {"enabled": False}, "controllers": []},
+            "flags")
+    except errors.ConfigError as exc:
+        console.print(f"[red]configuration error[/red]: {exc}")
+        raise typer.Exit(2) from None
+
+    async def main() -> None:
+        stop = cliutil.stop_on_signals()
+        await run_manager(settings, stop=stop, ui=opts, on_ui=lambda s: console.print(f"fleet map: {s.url}"))
 
     run_async(main())
 
 
 async def run_manager(settings: RuntimeSettings, *, registry=None, clock=None, identity: str | None = None,
-                      stop: asyncio.Event | None = None) -> None:
+                      stop: asyncio.Event | None = None, ui=None, on_ui=None) -> None:
+    """Run the manager with ``settings.controllers``; with ``ui`` (:class:`fleetkeeper.ui.server.UiOptions`)
+    it also serves the fleet map, and ``on_ui(server)`` is called once the map listens."""
     from fleetkeeper.core.kube import Kube
     from fleetkeeper.core.manager import Manager
 
@@ -172,6 +239,12 @@ async def run_manager(settings: RuntimeSettings, *, registry=None, clock=None, i
         for name in settings.controllers:
             mod = importlib.import_module(f"{COMPONENTS[name]}.controller")
             await mod.setup(mgr, None)
+        if ui is not None:
+            from fleetkeeper.ui.server import setup as ui_setup
+
+            server = await ui_setup(mgr, ui)
+            if on_ui is not None:
+                server.on_start = on_ui
         if stop is None:
             await mgr.run()
         else:
@@ -192,51 +265,10 @@ app.add_typer(explain_app, name="explain")
 
 
 async def _explain(kind: str, target: str, kubeconfig: str | None, domain: str) -> list[tuple[str, list[str]]]:
-    from fleetkeeper.core.kube import NODES, PODS
+    from fleetkeeper.explain import explain
 
-    names = Names(domain)
     async with await cliutil.connect(kubeconfig) as kube:
-        sections: list[tuple[str, list[str]]] = []
-        if kind == "node":
-            node = await kube.get_or_none(NODES, target)
-            if node is None:
-                raise errors.ConfigError("explain", [("node", target, "no such node")])
-            spec = node.get("spec") or {}
-            lines = [f"taint {t['key']}={t.get('value', '')}:{t['effect']}" for t in spec.get("taints") or []]
-            if spec.get("unschedulable"):
-                lines.append("cordoned (spec.unschedulable)")
-            for c in (node.get("status") or {}).get("conditions") or []:
-                if (c["type"] == "Ready") != (c["status"] == "True") or c["type"] not in (
-                        "Ready", "MemoryPressure", "DiskPressure", "PIDPressure", "NetworkUnavailable"):
-                    lines.append(f"condition {c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}")
-            sections.append(("node", lines or ["no taints, no abnormal conditions: generally schedulable"]))
-        else:
-            if "/" not in target:
-                raise errors.ConfigError("explain", [("pod", target, "expected NAMESPACE/NAME")])
-            ns, name = target.split("/", 1)
-            pod = await kube.get_or_none(PODS, name, ns)
-            if pod is None:
-                raise errors.ConfigError("explain", [("pod", target, "no such pod")])
-            st = pod.get("status") or {}
-            lines = [f"phase {st.get('phase')} on node {pod['spec'].get('nodeName') or '(not scheduled)'}"]
-            for c in st.get("conditions") or []:
-                if c.get("status") != "True":
-                    lines.append(f"{c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}")
-            sections.append(("pod", lines))
-        for comp, pkg in COMPONENTS.items():
-            mod = _optional(f"{pkg}.explain")
-            if mod is None:
-                continue
-            fn = getattr(mod, f"explain_{kind}", None)
-            if fn is None:
-                continue
-            try:
-                lines = await (fn(kube, names, target) if kind == "node" else fn(kube, names, *target.split("/", 1)))
-            except errors.FleetkeeperError as exc:
-                lines = [f"(could not explain: {exc})"]
-            if lines:
-                sections.append((comp, lines))
-        return sections
+        return await explain(kube, Names(domain), kind, target, COMPONENTS)
 
 
 def _print_sections(sections: list[tuple[str, list[str]]], output: str = "text", target: str = "") -> None:

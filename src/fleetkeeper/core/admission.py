@@ -6,7 +6,7 @@ gives. Pure (no I/O), so handlers that decide admission import only this;
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ class AdmissionRequest:
     obj: dict
     old: dict | None
     dry_run: bool
+    group: str = ""  # the API group of kind ("" for the core group)
 
     @classmethod
     def from_review(cls, review: dict) -> "AdmissionRequest":
@@ -35,7 +36,7 @@ class AdmissionRequest:
             uid=r["uid"], kind=(r.get("kind") or {}).get("kind", ""), operation=r.get("operation", ""),
             namespace=r.get("namespace", ""), name=r.get("name") or (obj.get("metadata") or {}).get("name", ""),
             username=ui.get("username", ""), groups=tuple(ui.get("groups") or ()), obj=obj,
-            old=r.get("oldObject"), dry_run=bool(r.get("dryRun")),
+            old=r.get("oldObject"), dry_run=bool(r.get("dryRun")), group=(r.get("kind") or {}).get("group", ""),
         )
 
 
@@ -59,7 +60,7 @@ class Admission:
         return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": resp}
 
 
-Handler = Callable[[AdmissionRequest], Admission]
+Handler = Callable[[AdmissionRequest], "Admission | Awaitable[Admission]"]
 
 
 def json_patch_path(*parts: str) -> str:

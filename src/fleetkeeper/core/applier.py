@@ -114,11 +114,13 @@ class Applier:
             else:
                 await self.recorder.emit(node_ref(node.name, node.uid), e.reason, e.note, type_=e.type)
 
-    async def apply(self, node: NodeView, plan: Plan) -> Applied:
+    async def apply(self, node: NodeView, plan: Plan, *, announce: bool = True) -> Applied:
         """Apply ``plan`` to ``node`` (the cached view the plan was decided on).
 
-        Order: the node patch, then evictions, then the machine; Events last. Raises
-        :class:`errors.Temporary` when the cache was behind (Conflict) so the caller decides again."""
+        Order: the node patch, then evictions, then the machine; Events last: the plan's own, else (with
+        ``announce``) one named after the action. A caller that reports the outcome itself (how many pods
+        were evicted) passes ``announce=False``. Raises :class:`errors.Temporary` when the cache was behind
+        (Conflict) so the caller decides again."""
         out = Applied()
         dry = self.dry_run
         acted = False
@@ -182,6 +184,6 @@ class Applier:
                 raise
             self.count(m.how, "dry_run" if dry else "success")
             acted = True
-        if plan.events or acted:
-            await self._events(node, plan, default=acted)
+        if plan.events or (acted and announce):
+            await self._events(node, plan, default=acted and announce)
         return out

@@ -58,6 +58,23 @@ class Names:
         return f"{self.domain}/gang-min-members"
 
     @property
+    def gang_opt_out(self) -> str:
+        """Annotation on a workload that declares a gang (JobSet, MPIJob, ...): ``"false"``
+        opts it out of gang scheduling."""
+        return f"{self.domain}/gang-enabled"
+
+    @property
+    def requester(self) -> str:
+        """Annotation stamped by the teams webhook on every workload it admits on CREATE:
+        who created it and their teams (JSON), never what the author wrote."""
+        return f"{self.domain}/requester"
+
+    def is_lifecycle_taint(self, key: str) -> bool:
+        """fleetkeeper's own node-lifecycle taints (preflight, quarantine, gates, ...):
+        every taint key under the domain except the team taint."""
+        return key.startswith(f"{self.domain}/") and key != self.team
+
+    @property
     def egress_limit(self) -> str:
         """Pod annotation: internet egress limit, e.g. ``100mbit``."""
         return f"{self.domain}/egress-limit"

@@ -18,6 +18,13 @@
         └── ServerError           5xx
     ApiUnreachable                the API server could not be reached at all (subclass of
                                   Temporary)
+    MachineError(provider, machine)  a machine provider's API answered an error
+    ├── MachineNotFound           the machine does not exist (for terminate: already gone)
+    ├── MachineThrottled          the provider rate-limited us (a Temporary: retry later)
+    ├── MachineForbidden          our identity lacks a permission (a Temporary with a long delay:
+    │                             retried after someone grants it)
+    ├── MachineUnsupported        the provider has no such action for this machine (Terminal)
+    └── MachineFailed             any other failure (a Temporary)
 
 Callers catch categories: ``except NotFound``, ``except Temporary``,
 ``except ApiError``; :func:`is_retryable` tells the retry policy which ones are
@@ -142,6 +149,41 @@ def api_error(status: int, body: dict | None = None) -> ApiError:
     body = body or {}
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else ApiError)
     return cls(status, str(body.get("reason", "")), str(body.get("message", "")), body)
+
+
+class MachineError(FleetkeeperError):
+    """A machine provider (cloud API, Cluster API, Karpenter, an operator command) failed."""
+
+    def __init__(self, provider: str, machine: str, message: str):
+        self.provider = provider
+        self.machine = machine
+        super().__init__(f"{provider}: {machine}: {message}")
+
+
+class MachineNotFound(MachineError):
+    pass
+
+
+class MachineThrottled(MachineError, Temporary):
+    def __init__(self, provider: str, machine: str, message: str, delay: float = 30.0):
+        MachineError.__init__(self, provider, machine, message)
+        self.delay = delay
+
+
+class MachineForbidden(MachineError, Temporary):
+    def __init__(self, provider: str, machine: str, message: str, delay: float = 300.0):
+        MachineError.__init__(self, provider, machine, message)
+        self.delay = delay
+
+
+class MachineFailed(MachineError, Temporary):
+    def __init__(self, provider: str, machine: str, message: str, delay: float = 60.0):
+        MachineError.__init__(self, provider, machine, message)
+        self.delay = delay
+
+
+class MachineUnsupported(MachineError, Terminal):
+    pass
 
 
 def is_retryable(err: BaseException) -> bool:

@@ -8,6 +8,7 @@ without any of them talking to the API server for it.
 Kinds (``parse_fault`` validates them):
   xid:<code>            a GPU Xid error (e.g. xid:79 fallen off the bus, xid:48 double-bit ECC)
   ecc                   uncorrectable ECC errors on a GPU
+  ecc-stuck             the same, and a GPU reset or a reboot does not clear it
   remap-pending         pending row remapping
   gpu-missing           fewer GPUs visible than expected
   disk-full / disk-ro / disk-io
@@ -27,7 +28,9 @@ from pathlib import Path
 
 from fleetkeeper.core.errors import ConfigError
 
-_SIMPLE = {"ecc", "remap-pending", "gpu-missing", "disk-full", "disk-ro", "disk-io", "net-down"}
+# ecc-stuck: an uncorrectable ECC error that a GPU reset or a reboot does not clear (the simulated
+# actuator clears every other GPU fault)
+_SIMPLE = {"ecc", "ecc-stuck", "remap-pending", "gpu-missing", "disk-full", "disk-ro", "disk-io", "net-down"}
 _MAINT = {"reboot", "redeploy", "terminate", "replace"}
 _PATTERN = re.compile(r"^(xid:\d{1,3}|maintenance:[a-z]+|validation:[a-z0-9-]+|[a-z-]+)$")
 
@@ -95,6 +98,18 @@ class FaultPlan:
             if fault not in plan.setdefault(node, []):
                 plan[node].append(fault)
             self._write(plan)
+        finally:
+            os.close(fd)
+
+    def remove(self, node: str, keep) -> list[Fault]:
+        """Drop the node's faults for which ``keep(fault)`` is false; returns the dropped ones."""
+        fd = self._lock()
+        try:
+            plan = self.read()
+            faults = plan.get(node, [])
+            plan[node] = [f for f in faults if keep(f)]
+            self._write(plan)
+            return [f for f in faults if not keep(f)]
         finally:
             os.close(fd)
 

@@ -428,6 +428,10 @@ class Kube:
             body["gracePeriodSeconds"] = grace_period
         if preconditions:
             body["preconditions"] = preconditions
+        if body and dry_run:
+            # the API server reads DeleteOptions from the body when there is one and then ignores the
+            # query's dryRun: a dry-run delete with a body must say so in the body
+            body["dryRun"] = ["All"]
         return await self.request(build_request("delete", res, namespace=namespace, name=name,
                                                 body=body or None, dry_run=dry_run))
 

@@ -61,6 +61,7 @@ class Manager:
         self.projector = default_projector(settings.domain)
         self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"
         self._informers: dict[tuple, Informer] = {}
+        self._ungated: set[tuple] = set()  # informers the controllers' start does not wait for
         self._runnables: list[_Runnable] = []
         self._shared: dict[str, Any] = {}
         self.server = OpsServer(self.registry, settings.server.host, settings.server.port)
@@ -68,9 +69,16 @@ class Manager:
 
     # --- building blocks for components --------------------------------
     def informer(self, resource: Resource, project: Callable[[dict], Any], *, namespace: str | None = None,
-                 label_selector: str | None = None, field_selector: str | None = None, key: str = "") -> Informer:
-        """A shared informer; two calls with the same arguments get the same one."""
+                 label_selector: str | None = None, field_selector: str | None = None, key: str = "",
+                 gate: bool = True) -> Informer:
+        """A shared informer; two calls with the same arguments get the same one. ``gate=False``: the
+        controllers' start does not wait for it to sync (a read-only consumer's, such as the fleet map's;
+        it still counts for /readyz)."""
         k = (resource, namespace, label_selector, field_selector, key or getattr(project, "__qualname__", ""))
+        if not gate and k not in self._informers:
+            self._ungated.add(k)
+        elif gate:
+            self._ungated.discard(k)
         if k not in self._informers:
             inf = Informer(self.kube, resource, project, namespace=namespace, label_selector=label_selector,
                            field_selector=field_selector, metrics=self.metrics, clock=self.clock)
@@ -102,12 +110,13 @@ class Manager:
     def add(self, name: str, fn: Callable[[], Awaitable[Any]], *, leader: bool = True) -> None:
         self._runnables.append(_Runnable(name, fn, leader))
 
-    async def wait_synced(self, timeout: float = 120) -> None:
-        await asyncio.gather(*(i.wait_synced(timeout) for i in self._informers.values()))
+    async def wait_synced(self, timeout: float = 120, *, gated_only: bool = False) -> None:
+        await asyncio.gather(*(i.wait_synced(timeout) for k, i in self._informers.items()
+                               if not (gated_only and k in self._ungated)))
 
     sync_report_interval: float = 60.0
 
-    async def _wait_synced_patiently(self) -> None:
+    async def _wait_synced_patiently(self, *, gated_only: bool = False) -> None:
         """The first LIST of a large cluster on a busy API server can take
         minutes (7,500 nodes and 20,000 pods on two loaded cores: over 120 s).
         Waiting is not failing: the informers keep retrying, /readyz stays
@@ -116,11 +125,12 @@ class Manager:
         waited = 0.0
         while True:
             try:
-                await self.wait_synced(self.sync_report_interval)
+                await self.wait_synced(self.sync_report_interval, gated_only=gated_only)
                 return
             except TimeoutError:
                 waited += self.sync_report_interval
-                pending = sorted(i.resource.plural for i in self._informers.values() if not i.synced)
+                pending = sorted(i.resource.plural for k, i in self._informers.items()
+                                 if not i.synced and not (gated_only and k in self._ungated))
                 log.warning("informers not synced after %.0fs, still waiting: %s", waited, ", ".join(pending))
 
     # --- running --------------------------------------------------------
@@ -155,7 +165,8 @@ class Manager:
                 elect = asyncio.create_task(self.elector.run(), name="leader-election")
                 tasks.append(elect)
                 await self.elector.is_leader.wait()
-            await self._wait_synced_patiently()
+            if any(r.leader for r in self._runnables):
+                await self._wait_synced_patiently(gated_only=True)
             for r in self._runnables:
                 if r.leader:
                     tasks.append(asyncio.create_task(r.fn(), name=r.name))

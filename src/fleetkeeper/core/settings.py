@@ -30,6 +30,9 @@ class RuntimeSettings(BaseModel):
     leader_election: LeaderElectionSettings = LeaderElectionSettings()
     server: ServerSettings = ServerSettings()
     controllers: list[str] = Field(default_factory=list)
+    machine_provider: str | None = Field(None, description="the machine provider (fleetkeeper.machines.config); "
+                                                           "None: the fleetkeeper-machines ConfigMap's, else "
+                                                           "kubernetes-node")
 
     @field_validator("domain")
     @classmethod

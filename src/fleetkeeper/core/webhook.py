@@ -1,6 +1,7 @@
 """Admission webhooks: one TLS server, pure handlers.
 
-A handler is a plain function ``(AdmissionRequest) -> Admission`` (no I/O),
+A handler is a plain function ``(AdmissionRequest) -> Admission`` (no I/O;
+it may be a coroutine that waits briefly for an informer cache),
 so it is unit-tested directly and timed in process. :class:`WebhookServer`
 serves handlers over HTTPS (aiohttp), records latency and results, and
 :func:`registration` builds the Mutating/ValidatingWebhookConfiguration that
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import inspect
 import logging
 import ssl
 import time
@@ -152,6 +154,8 @@ class WebhookServer:
                 return web.Response(status=400, text=f"bad AdmissionReview: {exc}")
             try:
                 result = handler(req)
+                if inspect.isawaitable(result):  # a handler that may wait for a cache (no I/O)
+                    result = await result
             except Exception as exc:  # a handler bug must answer, not hang the API server
                 log.exception("webhook %s failed on %s/%s", name, req.namespace, req.name)
                 result = Admission(False, f"fleetkeeper webhook {name} internal error: {exc}", code=500)

@@ -201,7 +201,7 @@ def fault_gpus(faults: list[Fault], gpus: int) -> FakeGpuBackend:
             be.set(0, xids=tuple(sorted(set(be.gpus[0].xids) | {int(f.arg)})))
             if int(f.arg) == 79:
                 be.set(0, lost=True)
-        elif f.kind == "ecc":
+        elif f.kind in ("ecc", "ecc-stuck"):
             be.set(0, ecc_uncorrected_volatile=2)
         elif f.kind == "remap-pending":
             be.set(0, remap_pending=True)
@@ -238,6 +238,29 @@ def simulated_findings(node: str, faults: list[Fault], gpus: int) -> dict[str, F
     return {t: out[t] for t in AGENT_TYPES if t in out}
 
 
+# what a simulated node-local action clears (ecc-stuck survives all of them)
+SIM_CLEARS = {"reset": {"xid", "ecc", "remap-pending"},
+              "reboot": {"xid", "ecc", "remap-pending", "disk-ro", "net-down"},
+              "wait-maintenance": {"maintenance"}}
+
+
+@dataclass
+class SimulatedActions:
+    """The simulation's node-local actuator: performs a reset/reboot/maintenance wait by clearing the
+    faults that action fixes from the fault plan (``ecc-stuck`` is never cleared)."""
+
+    plan: FaultPlan
+    performed: list[tuple[str, str]] = field(default_factory=list)  # (node, action)
+
+    async def perform(self, req) -> str:  # req: health.actions.Request
+        clears = SIM_CLEARS.get(req.action)
+        if clears is None:
+            raise ValueError(f"unknown action {req.action!r}")
+        gone = self.plan.remove(req.node, lambda f: f.kind not in clears)
+        self.performed.append((req.node, req.action))
+        return f"simulated {req.action}: cleared {', '.join(map(str, gone)) or 'nothing'}"
+
+
 @dataclass
 class SimulatedFleet:
     """Agents of every simulated node in one process, reading the fault plan."""
@@ -248,8 +271,21 @@ class SimulatedFleet:
     interval: float = 2.0
     cycles: int = 0
     last_error: str = field(default="")
+    # node-local actions: (name, uid, annotations) of simulated nodes, and the agent side of the protocol
+    requests: Callable[[], list[tuple[str, str, dict[str, str]]]] | None = None
+    actor: object | None = None  # health.actions.ActionAgent
+
+    async def act(self) -> None:
+        if self.requests is None or self.actor is None:
+            return
+        for name, uid, ann in self.requests():
+            try:
+                await self.actor.handle(name, uid, ann)  # type: ignore[attr-defined]
+            except errors.FleetkeeperError as exc:
+                log.warning("simulated action on %s: %s", name, exc)
 
     async def cycle(self) -> int:
+        await self.act()
         try:
             plan = self.plan.read()
             self.last_error = ""

@@ -59,7 +59,10 @@ def agent(
     peer_port: int = typer.Option(10250, "--peer-port", min=1, max=65535,
                                   help="TCP port probed on a peer given without one (default: the kubelet's)"),
     node_ip: list[str] = typer.Option([], "--node-ip", envvar="NODE_IP", help="this node's IPs, never probed"),
-    cloud: str = typer.Option("none", "--cloud", help="azure, aws, gce or none"),
+    cloud: str = typer.Option("", "--cloud", help="azure, aws, gce or none (default: --config's, from the node's "
+                                                   "providerID; without --config: none)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="agent.yaml: cloud, expected GPUs per instance "
+                                          "type, thresholds, actions (the mounted ConfigMap fleetkeeper-health-agent)"),
     metadata_url: Optional[str] = typer.Option(None, "--metadata-url", help="override the metadata endpoint"),
     interval: float = typer.Option(30.0, "--interval", min=1, help="seconds between check cycles"),
     heartbeat: float = typer.Option(300.0, "--heartbeat", min=10, help="re-assert conditions this often"),
@@ -70,6 +73,7 @@ def agent(
     metrics_bind_address: Optional[str] = typer.Option(
         None, "--metrics-bind-address",
         help="serve /metrics, /healthz and /readyz (ready after the first check cycle) on HOST:PORT or :PORT"),
+    domain: str = typer.Option(DEFAULT_DOMAIN, "--domain", help="label/taint/annotation domain"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Run the node agent (one per node, a DaemonSet in production)."""
@@ -80,8 +84,16 @@ def agent(
     from fleetkeeper.health.gpu import NoGpuBackend
     from fleetkeeper.health.kernlog import KernelLog
 
-    if cloud not in ("azure", "aws", "gce", "none"):
+    if cloud not in ("", "azure", "aws", "gce", "none"):
         _die(f"--cloud {cloud!r}: expected azure, aws, gce or none")
+    from fleetkeeper.health.agentconfig import load_agent_config
+
+    try:
+        acfg = load_agent_config(config.read_text() if config else None, str(config or "defaults"))
+    except OSError as exc:
+        _die(f"--config {config}: {exc}")
+    except errors.ConfigError as exc:
+        _die(str(exc))
     if gpu not in ("nvml", "none", "auto"):
         _die(f"--gpu {gpu!r}: expected nvml, none or auto")
     try:
@@ -103,16 +115,36 @@ def agent(
                 _die(f"--gpu nvml: NVML did not load: {exc}", 1)
             log.info("no NVML (%s); GPU checks use the kernel log only", exc)
     klog = KernelEvents(KernelLog(kmsg))
-    checks = Checks(
-        disk=DiskCheck(tuple(disk_path), full_percent, root, mounts, kernel=klog),
-        gpu=GpuCheck(backend, expected_gpus, kernel=klog, dcgm_xids=_dcgm(dcgm_url) if dcgm_url else None),
-        network=NetworkCheck(targets, peers=peers, peer_sample=peer_sample) if (targets or peers) else None,
-        maintenance=MaintenanceCheck(cloud, metadata_url or "", vm_name=node) if cloud != "none" else None,
-    )
+
+    def make_checks(cloud_: str, gpus_: int, vm_name: str, full: float) -> Checks:
+        return Checks(
+            disk=DiskCheck(tuple(disk_path), full, root, mounts, kernel=klog),
+            gpu=GpuCheck(backend, gpus_, kernel=klog, dcgm_xids=_dcgm(dcgm_url) if dcgm_url else None),
+            network=NetworkCheck(targets, peers=peers, peer_sample=peer_sample) if (targets or peers) else None,
+            maintenance=MaintenanceCheck(cloud_, metadata_url or "", vm_name=vm_name) if cloud_ != "none" else None,
+        )
+
+    async def settings(kube: Kube | None):
+        """Flags win; else the config resolved against this node (providerID, instance type)."""
+        from fleetkeeper.health.agentconfig import resolve
+
+        me = await kube.get(NODES, node) if (kube is not None and config) else {"metadata": {"name": node}}
+        ns = resolve(acfg, me)
+        full = full_percent if full_percent != 95.0 else ns.full_percent
+        st = (cloud or (ns.cloud if config else "none"), expected_gpus or ns.expected_gpus, ns.vm_name, full)
+        log.info("agent settings for %s: cloud=%s expected GPUs=%d (instance type %s) maintenance VM name=%s",
+                 node, st[0], st[1], ns.instance_type or "?", st[2])
+        return me, st
 
     async def main() -> None:
         if once:
-            found = await checks.run()
+            kube1 = await cliutil.connect(kubeconfig) if config else None
+            try:
+                _, st = await settings(kube1)
+            finally:
+                if kube1 is not None:
+                    await kube1.close()
+            found = await make_checks(*st).run()
             for t, f in sorted(found.items()):
                 typer.echo(f"{t}={'True' if f.problem else 'False'} {f.reason}: {f.message}")
             return
@@ -126,6 +158,8 @@ def agent(
         kube = await cliutil.connect(kubeconfig)
         server = None
         try:
+            _me, st = await settings(kube)
+            checks = make_checks(*st)
             core = AgentCore(ConditionWriter(kube, dry_run=dry_run), RealClock(), heartbeat=heartbeat, jitter=jitter,
                              metrics=AgentMetrics(registry))
             node_agent = Agent(node, checks, core, interval=interval)
@@ -135,13 +169,38 @@ def agent(
                 server.add_ready_check("first-cycle", lambda: node_agent.cycles > 0)
                 await server.start()
                 log.info("agent ops server on http://%s:%d (metrics, healthz, readyz)", host, server.port)
-            await cliutil.until_stopped(node_agent.run(), stop)
+            runners = [node_agent.run()]
+            if acfg.actions.enabled:
+                from fleetkeeper.health.actions import ActionAgent, DoneLog, HostActions, watch_own_node
+
+                actions = HostActions(backend, nvidia_smi=acfg.actions.nvidia_smi,
+                                      reboot_cmd=tuple(acfg.actions.reboot_command),
+                                      maintenance_clear=_maintenance_clear(checks))
+                actor = ActionAgent(kube, Names(domain), actions, DoneLog(Path(acfg.actions.state_file)),
+                                    RealClock().now, dry_run=dry_run)
+
+                async def on_node(obj: dict) -> None:
+                    meta = obj.get("metadata") or {}
+                    await actor.handle(node, meta.get("uid", ""), meta.get("annotations") or {})
+                runners.append(watch_own_node(kube, node, on_node))
+
+            async def run_all() -> None:
+                await asyncio.gather(*runners)
+            await cliutil.until_stopped(run_all(), stop)
         finally:
             if server:
                 await server.stop()
             await kube.close()
 
     _run(main())
+
+
+def _maintenance_clear(checks):
+    async def clear() -> bool:
+        if checks.maintenance is None:
+            return True
+        return not any(f.problem for f in await checks.maintenance.check())
+    return clear
 
 
 def _dcgm(url: str):

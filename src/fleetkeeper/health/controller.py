@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from fleetkeeper.core import errors
-from fleetkeeper.core.applier import Applier
+from fleetkeeper.core.applier import Applier, MachineProvider
 from fleetkeeper.core.configmap import ConfigMapKey
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.events import node_ref
@@ -29,8 +29,8 @@ from fleetkeeper.core.kube import CONFIGMAPS
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.plan import AddTaint, Event, EvictPod, Plan as Ops, RemoveTaint, SetAnnotation, SetLabel, \
     TerminateMachine
-from fleetkeeper.core.ratelimit import SlidingWindow
 from fleetkeeper.core.views import NodeView, PodView
+from fleetkeeper.health.actions import LOCAL_ACTIONS, new_request
 from fleetkeeper.health.decide import (
     FleetStats,
     Keys,
@@ -44,11 +44,11 @@ from fleetkeeper.health.decide import (
 )
 from fleetkeeper.health.metrics import NODE_STATES, AgentMetrics, RemediationMetrics
 from fleetkeeper.health.policy import Policy, load_policy
-from fleetkeeper.health.provider import CloudProvider, LocalProvider
 from fleetkeeper.lifecycle import budget as bud
 from fleetkeeper.lifecycle import machine as lifecycle
 from fleetkeeper.lifecycle.controller import shared_budget, shared_provider
 from fleetkeeper.lifecycle.gangs import checkpoint_wait, gang_evictions, gang_index
+from fleetkeeper.machines.actuator import MachinesProvider
 from fleetkeeper.lifecycle.keys import PreflightFactKeys
 
 log = logging.getLogger("fleetkeeper.health")
@@ -73,7 +73,7 @@ class HealthOptions:
     fault_file: str | None = None
     sim_interval: float = 2.0
     sim_heartbeat: float = 300.0
-    provider: CloudProvider | None = None
+    provider: MachineProvider | None = None  # None: the manager's (--machine-provider / ConfigMap fleetkeeper-machines)
     stats_interval: float = 1.0
     state_interval: float = 30.0  # flap history written at most this often (when it changed)
     reload_interval: float = 30.0
@@ -178,7 +178,7 @@ def parse_state(data: dict[str, str]) -> tuple[float, FlapTracker, list[str]]:
 class Remediator:
     mgr: Manager
     policy: Policy
-    provider: CloudProvider
+    provider: MachineProvider | None = None
     stats_interval: float = 1.0
     workers: int = 16
     state_interval: float = 30.0
@@ -207,15 +207,13 @@ class Remediator:
         self._bsnap = bud.Snapshot()
         self.provider = shared_provider(self.mgr, self.provider)
         self.applier = Applier(self.kube, self.recorder, component="health", registry=self.mgr.registry,
-                               clock=self.clock, dry_run=lambda: self.dry_run,
+                               clock=self.clock, dry_run=lambda: self.dry_run, writes_per_second=500.0,
                                evictions_per_second=self.policy.drain.evictions_per_second, provider=self.provider)
+        # (node writes: the budget is health's real limit; the bucket only stops a runaway loop, and must not
+        # queue a burst of admitted quarantines behind it)
         self.gangs = self.pods.index("gang", gang_index(self.names))
         self._storm_until = 0.0
         self._noted: set[tuple[str, str]] = set()
-        self._terminations = SlidingWindow(3600.0, self.clock)
-        # machines already terminated (by Node uid): the informer cache can still show a
-        # deleted node for a moment, and a second terminate would be a second action
-        self._terminated: set[str] = set()
         self._watched = watched_types(self.policy)
         self.nodes.add_handler(self._on_node)
         self.pods.add_handler(self._on_pod)
@@ -337,6 +335,14 @@ class Remediator:
             return await self._evict(p, node)
         if p.kind == "terminate":
             return await self._terminate(p, node)
+        if p.kind == "request_action":
+            req = new_request(LOCAL_ACTIONS[p.remedy], node.name, node.uid, self.clock.now(),
+                              self.policy.actions.timeout)
+            return await self._mutate(node, p, "request", "ActionRequested",
+                                      f"{p.why} (nonce {req.nonce}); escalating to replace if it fails or the fault "
+                                      f"is still there in {self.policy.actions.timeout:.0f}s",
+                                      annotations={self.keys.request: req.dumps(), self.keys.result: None},
+                                      warn=True)
         if p.kind == "return":
             return await self._mutate(
                 node, p, "return", "ReturnedToValidation",
@@ -549,7 +555,7 @@ class Remediator:
                 return Result(requeue_after=wait)
         gang_note = f"; gang(s) {', '.join(gangs)} evicted together (one disruption)" if gangs else ""
         ops = tuple(EvictPod(x.namespace, x.name) for x in pods)
-        done = await self.applier.apply(node, Ops(node.name, "evict", ops, p.why))
+        done = await self.applier.apply(node, Ops(node.name, "evict", ops, p.why), announce=False)
         for _ in done.evicted:
             self._count("evict", "dry_run" if self.dry_run else "success")
         for _ in done.blocked:
@@ -579,15 +585,24 @@ class Remediator:
         return Result(requeue_after=p.requeue_after if done.blocked or done.failed else 1.0)
 
     async def _terminate(self, p: Plan, node: NodeView) -> Result | None:
+        """Record the request on the node, then ask the machine provider, in one apply (a crash after the
+        write never asks twice). The machine layer's ledger (in the cluster) keeps the hourly limit and never
+        acts on a machine twice; once the request is on the node, each reconcile asks the machine layer what
+        is left: a throttled or forbidden call is retried, and the Node is deleted only after the machine is
+        gone (where the provider can tell and the platform does not delete it itself)."""
         rk = lifecycle.RecordKeys(self.names)
-        if (node.uid and node.uid in self._terminated) or rk.terminate_requested in node.annotations:
-            return None  # asked once already (this process, or any before it: the request is on the node)
-        if self._terminations.count() >= self.policy.terminate.max_per_hour:
-            await self._note(node, "TerminationRateLimited",
-                             f"{p.why}, but {self.policy.terminate.max_per_hour} machines were already terminated "
-                             "within the hour; waiting", "Warning")
-            self._count("terminate", "budget")
-            return Result(requeue_after=60.0)
+        act = await self.provider.ensure() if isinstance(self.provider, MachinesProvider) else None
+        if rk.terminate_requested in node.annotations:
+            if act is None:
+                return None  # asked once already (the request is on the node)
+            step = await act.act("terminate", node.name, p.why, dry_run=self.dry_run, uid=node.uid,
+                                 max_per_hour=self.policy.terminate.max_per_hour,
+                                 reason="TerminatedAtDeadline" if p.deadline_passed else "Terminated")
+            if step.fresh:
+                self._count("terminate", "success")
+            if step.kind == "refused":
+                return Result(requeue_after=3600.0)
+            return Result(requeue_after=step.requeue_after) if step.requeue_after else None
         reason = "TerminatedAtDeadline" if p.deadline_passed else "Terminated"
         note = (f"{p.why}; terminating the machine through the {self.provider.name} provider "
                 f"(fixable by {p.remedy})" + ("; a PodDisruptionBudget still blocked eviction" if p.deadline_passed
@@ -596,25 +611,25 @@ class Remediator:
             return None
         self._noted.add((node.name, "dry:terminate"))
         now = self.clock.now()
-        # the request is recorded on the node first (the same write, before the provider is asked): a crash
-        # after it never asks twice; the lifecycle reports a machine that does not go
         ops = (SetAnnotation(rk.terminate_requested, str(int(now))),
                *lifecycle.record_ops(self.names, lifecycle.RETIRING, p.why, now),
                TerminateMachine("terminate", p.why), Event(reason, note, "Warning"))
         try:
             done = await self.applier.apply(node, Ops(node.name, "terminate", ops, p.why))
+        except errors.Temporary as exc:
+            # the request is on the node; the machine layer said "later" (hourly limit, throttled): the
+            # next reconcile asks it again
+            self._count("terminate", "budget" if "max_per" in str(exc) else "error")
+            raise
         except errors.FleetkeeperError as exc:
             self._count("terminate", "error")
             log.warning("terminate %s failed: %s", node.name, exc)
             raise
         if self.dry_run or done.gone:
             return None
-        self._terminations.record()
-        if node.uid:
-            self._terminated.add(node.uid)
         self._count("terminate", "success")
         log.info("terminate %s: %s (%s)", node.name, note, done.machine)
-        return None
+        return Result(requeue_after=15.0) if act is not None and not act.provider.deletes_node else None
 
 
 def policy_source(mgr: Manager) -> ConfigMapKey[Policy]:
@@ -649,9 +664,11 @@ async def setup(mgr: Manager, options: HealthOptions | None) -> None:
     policy, sim_flag = (await load_from_configmap(mgr, src)) if from_cm else (opts.policy, False)
     simulate = opts.simulate if opts.simulate is not None else (
         sim_flag or os.environ.get("FLEETKEEPER_HEALTH_SIMULATE", "") in ("1", "true"))
-    rem = Remediator(mgr, policy, opts.provider or LocalProvider(mgr.kube), stats_interval=opts.stats_interval,
+    rem = Remediator(mgr, policy, opts.provider, stats_interval=opts.stats_interval,
                      state_interval=opts.state_interval,
                      workers=opts.workers)
+    if isinstance(rem.provider, MachinesProvider):
+        await rem.provider.ensure()  # a bad machine configuration is reported now, not at the first terminate
     mgr.health = rem  # type: ignore[attr-defined]  # for the demo and tests in the same process
     mgr.add("health-remediation", rem.run)
     mgr.add("health-stats", rem.stats_loop)
@@ -662,9 +679,20 @@ async def setup(mgr: Manager, options: HealthOptions | None) -> None:
 
         core = AgentCore(ConditionWriter(mgr.kube, dry_run=mgr.settings.dry_run), mgr.clock,
                          heartbeat=opts.sim_heartbeat, metrics=AgentMetrics(mgr.registry))
-        fleet = SimulatedFleet(core, FaultPlan(opts.fault_file or default_fault_file()),
+        from fleetkeeper.health.actions import ActionAgent, ActionKeys, DoneLog
+        from fleetkeeper.health.agent import SimulatedActions
+
+        plan = FaultPlan(opts.fault_file or default_fault_file())
+        akeys = ActionKeys(mgr.names)
+        actor = ActionAgent(mgr.kube, mgr.names, SimulatedActions(plan), DoneLog(None), mgr.clock.now,
+                            dry_run=mgr.settings.dry_run)
+        fleet = SimulatedFleet(core, plan,
                                lambda: [(n.name, n.gpus) for n in rem.nodes.items()
                                         if n.labels.get("type") == "kwok" and selected(n, rem.policy)],
-                               interval=opts.sim_interval)
+                               interval=opts.sim_interval,
+                               requests=lambda: [(n.name, n.uid, n.annotations) for n in rem.nodes.items()
+                                                 if akeys.request in n.annotations and n.labels.get("type") == "kwok"
+                                                 and selected(n, rem.policy)],
+                               actor=actor)
         mgr.simulated_agents = fleet  # type: ignore[attr-defined]
         mgr.add("health-simulated-agents", fleet.run)

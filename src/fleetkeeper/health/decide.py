@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.views import NodeView, PodView
+from fleetkeeper.health.actionproto import ActionKeys, local_step
 from fleetkeeper.health.conditions import AGENT_TYPES, NPD_TYPES
 from fleetkeeper.health.policy import LADDER, Policy, human
 from fleetkeeper.lifecycle.budget import scopes_of
@@ -225,7 +226,17 @@ def decide_node(node: NodeView, pods: list[PodView], policy: Policy, names: Name
             return Plan("wait", node.name, f"{len(terminating)} pod(s) terminating", wait="pdb", requeue_after=2.0)
         if target == "terminate":
             return Plan("terminate", node.name, "drained", target, remedy)
-        # drained: no write (the lifecycle derives "awaiting repair" from the empty node); an Event says so
+        # drained: no write (the lifecycle derives "awaiting repair" from the empty node). A fault that is
+        # still there and fixable on the node is asked of the node's agent (health.actionproto)
+        if policy.actions.enabled and pending_types and not unknown:
+            step = local_step(a, ActionKeys(names), remedy, node.name, node.uid, now)
+            if step is not None and step.kind == "request":
+                return Plan("request_action", node.name, step.why, target, remedy)
+            if step is not None and step.kind == "escalate":
+                return Plan("escalate", node.name, step.why, "terminate", "replace")
+            if step is not None:
+                return Plan("wait", node.name, f"{step.why}; {why_waiting}", target, remedy, wait="action",
+                            requeue_after=min(recheck, step.requeue_after or recheck))
         return Plan("wait", node.name, f"drained; {why_waiting}", target, remedy, wait="drained",
                     requeue_after=min(60.0, recheck))
     return Plan("wait", node.name, why_waiting, wait="cleared", requeue_after=recheck)

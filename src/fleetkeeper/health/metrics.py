@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 NODE_STATES = ("preflight", "ready", "quarantined", "draining", "terminating")
-ACTIONS = ("quarantine", "escalate", "evict", "terminate", "return", "release")
+ACTIONS = ("quarantine", "escalate", "evict", "request", "terminate", "return", "release")
 RESULTS = ("success", "dry_run", "error", "blocked", "budget")
 WRITE_REASONS = ("first", "change", "heartbeat", "error")
 FAMILIES = ("disk", "gpu", "network", "maintenance")
@@ -56,5 +56,5 @@ class RemediationMetrics:
         for a in ACTIONS:
             for r in RESULTS:
                 self.actions.labels(a, r)
-        for w in ("budget", "storm", "trigger", "flapping", "stale", "hold", "validation", "pdb", "rate"):
+        for w in ("budget", "storm", "trigger", "flapping", "stale", "hold", "validation", "pdb", "rate", "action"):
             self.waiting.labels(w).set(0)

@@ -68,6 +68,15 @@ class Drain(_Strict):
     terminate_at_deadline: bool = True  # drain-ladder nodes too: a blocked drain past the deadline is terminated
 
 
+class Actions(_Strict):
+    """Node-local actions (health.actions): once a node whose remedy is reset, reboot or wait is
+    drained, its agent is asked to perform it; a failure, no report, or a fault still there
+    ``timeout`` after the request escalates to replace."""
+
+    enabled: bool = True
+    timeout: Duration = 1800.0
+
+
 class Terminate(_Strict):
     max_per_hour: int = Field(20, ge=0)
 
@@ -130,6 +139,7 @@ class Policy(_Strict):
     flapping: Flapping = Flapping()
     drain: Drain = Drain()
     terminate: Terminate = Terminate()
+    actions: Actions = Actions()
     return_to_service: ReturnToService = ReturnToService()
     node_selector: dict[str, str] = Field(default_factory=dict)  # manage only nodes with these labels
     dry_run: bool = False

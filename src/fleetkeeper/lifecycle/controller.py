@@ -57,8 +57,15 @@ def shared_budget(mgr: Manager) -> bud.SharedBudget:
 
 
 def shared_provider(mgr: Manager, provider: MachineProvider | None = None) -> MachineProvider:
-    """The manager's machine provider: the first one a component registers, else Node deletion."""
-    return mgr.shared(PROVIDER, lambda: provider or DeleteNodeProvider(mgr.kube))
+    """The manager's machine provider: the first one a component registers, else the configured one
+    (``--machine-provider`` / ConfigMap ``fleetkeeper-machines``; default ``kubernetes-node``: delete the
+    Node object of local-cluster nodes, refuse real machines) through the machine layer's ledger."""
+    from fleetkeeper.machines.actuator import MachinesProvider, from_cluster
+
+    def configured() -> MachineProvider:
+        return MachinesProvider(lambda: from_cluster(mgr.kube, mgr.recorder("machines"), mgr.clock, mgr.registry,
+                                                     mgr.settings.namespace, mgr.settings.machine_provider))
+    return mgr.shared(PROVIDER, lambda: provider or configured())
 
 
 class LifecycleMetrics:

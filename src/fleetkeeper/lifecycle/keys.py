@@ -83,9 +83,12 @@ class HealthKeys:
         self.state = f"{d}/health-state"  # validating: handed to the preflight gate
         self.history = f"{d}/health-history"  # JSON list of [time, text], newest last
         self.ignore = f"{d}/health-ignore"  # "true": an operator took over this node
+        self.request = f"{d}/action-request"  # a node-local action asked of the node's agent (health.actionproto)
+        self.result = f"{d}/action-result"  # and the agent's report
 
     def all_state(self) -> tuple[str, ...]:
-        return (self.action, self.remedy, self.reason, self.types, self.since, self.drained, self.cleared, self.state)
+        return (self.action, self.remedy, self.reason, self.types, self.since, self.drained, self.cleared, self.state,
+                self.request, self.result)
 
 
 @dataclass(frozen=True)

@@ -304,5 +304,9 @@ def record_ops(names: Names, state: str, reason: str, now: float) -> tuple[SetAn
     """The record for a write that puts the node into ``state`` (components fold it into their own write,
     so a state change costs no extra API write)."""
     rk = RecordKeys(names)
-    return (SetAnnotation(rk.state, state), SetAnnotation(rk.since, str(int(now))),
-            SetAnnotation(rk.reason, reason[:250]), SetAnnotation(rk.escalated, None))
+    ops = (SetAnnotation(rk.state, state), SetAnnotation(rk.since, str(int(now))),
+           SetAnnotation(rk.reason, reason[:250]), SetAnnotation(rk.escalated, None))
+    if state == IN_SERVICE:
+        # back in service ends a hand-over from health to the gate (health then has nothing left to write)
+        ops += (SetAnnotation(HealthKeys(names).state, None),)
+    return ops

@@ -22,10 +22,10 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
-import yaml
 
 from fleetkeeper.core.domain import Names
-from fleetkeeper.core.errors import Temporary
+from fleetkeeper.core.config import parse_yaml
+from fleetkeeper.core.errors import ConfigError, Temporary
 
 log = logging.getLogger("fleetkeeper.netacct")
 
@@ -129,9 +129,9 @@ class FilePodSource:
         except OSError as exc:
             raise Temporary(f"pod file {self.path}: {exc.strerror or exc}", delay=5) from None
         try:
-            doc = json.loads(text) if self.path.suffix == ".json" else yaml.safe_load(text)
+            doc = json.loads(text) if self.path.suffix == ".json" else parse_yaml(text, str(self.path))
             res = parse_items(doc, self.names)
-        except (ValueError, yaml.YAMLError) as exc:
+        except (ValueError, ConfigError) as exc:
             raise Temporary(f"pod file {self.path}: {exc}", delay=5) from None
         self.last_skipped = res.skipped
         _log_skipped(res.skipped)

@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fleetkeeper.core.config import parse_yaml
 from fleetkeeper.core.domain import DEFAULT_DOMAIN
 from fleetkeeper.core.errors import ConfigError
 
@@ -160,11 +160,9 @@ def load_settings(path: Path | None, overrides: dict[str, Any] | None = None) ->
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = parse_yaml(path.read_text(), source)
         except FileNotFoundError:
             raise ConfigError(source, [("", str(path), "settings file does not exist")]) from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(source, [("", str(path), f"not valid YAML: {exc}")]) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

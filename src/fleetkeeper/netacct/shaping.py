@@ -16,11 +16,14 @@ HTB's ``default 0`` sends every unclassified packet, i.e. all
 cluster-internal traffic, straight out (HTB's direct queue): internal traffic
 is never queued behind a limit.
 
-Buckets: a pod annotation ``<domain>/egress-limit`` gives the pod its own
-bucket; otherwise a namespace limit gives all the namespace's pods on the
-node one shared bucket; otherwise a team policy gives each pod of the team
-its own bucket at the team's rate. A malformed annotation is reported and
-ignored: the pod keeps the limit it already has (if any), or falls back to
+Buckets: a namespace limit gives all the namespace's pods on the node one
+shared bucket; otherwise a team policy gives each pod of the team its own
+bucket at the team's rate. A pod annotation ``<domain>/egress-limit`` may only
+lower that: under a team limit the pod's bucket gets the smaller of the two;
+under a namespace limit the pod stays in the shared bucket (a bucket of its
+own would add to the namespace's total); with no policy the annotation is the
+pod's own limit. A malformed annotation is reported and ignored: the pod
+keeps the limit it already has (never above the policy), or falls back to
 the policy.
 """
 
@@ -76,11 +79,21 @@ class Limits:
 def resolve_limits(pods: list[PodInfo], names: Names, team_limits: dict[str, str],
                    namespace_limits: dict[str, str], previous: dict[str, int]) -> Limits:
     """Decide each pod's bucket. ``previous`` is bucket key -> rate currently applied
-    (from the uplink's classes), used to keep a limit when its annotation turns bad."""
+    (from the uplink's classes), used to keep a limit when its annotation turns bad.
+
+    The annotation is written by the pod's author, so it may only *lower* what
+    the policy gives: under a team limit (one bucket per pod) the pod gets
+    ``min(annotation, team limit)``; under a namespace limit (one bucket shared
+    by the namespace's pods) the pod stays in the shared bucket, because a
+    bucket of its own would add its rate to the namespace's; a higher value is
+    reported and not applied. Without any policy limit the annotation is the
+    pod's limit."""
     out = Limits()
     ann = names.egress_limit
     for pod in sorted(pods, key=lambda p: p.key):
         pkey = f"pod:{pod.key}"
+        ns_limit = namespace_limits.get(pod.namespace)
+        team_limit = team_limits.get(pod.team) if pod.team and ns_limit is None else None
         raw = pod.annotations.get(ann)
         if raw is not None:
             try:
@@ -88,21 +101,36 @@ def resolve_limits(pods: list[PodInfo], names: Names, team_limits: dict[str, str
             except RateError as exc:
                 out.problems.append(Problem(pod.namespace, pod.name, raw,
                                             f"annotation {ann}: {exc}; annotation ignored"))
+                if pkey in previous and ns_limit is None:  # bad value: keep what already works
+                    kept = previous[pkey] if team_limit is None else min(previous[pkey], parse_rate(team_limit))
+                    out.buckets[pkey] = Bucket(pkey, kept, "pod", pod.namespace, pod.name, "kept")
+                    out.pod_bucket[pod.key] = pkey
+                    continue
             else:
-                out.buckets[pkey] = Bucket(pkey, bps, "pod", pod.namespace, pod.name, "annotation")
-                out.pod_bucket[pod.key] = pkey
-                continue
-            if pkey in previous:  # bad value: keep what already works
-                out.buckets[pkey] = Bucket(pkey, previous[pkey], "pod", pod.namespace, pod.name, "kept")
-                out.pod_bucket[pod.key] = pkey
-                continue
-        if pod.namespace in namespace_limits:
+                if ns_limit is not None:
+                    out.problems.append(Problem(pod.namespace, pod.name, raw, (
+                        f"annotation {ann}: namespace {pod.namespace} shares one limit of {ns_limit} between its "
+                        "pods; a pod cannot take a bucket of its own (it would add to the namespace's limit); "
+                        "annotation not applied")))
+                elif team_limit is not None and bps > parse_rate(team_limit):
+                    out.problems.append(Problem(pod.namespace, pod.name, raw, (
+                        f"annotation {ann}: may only lower team {pod.team}'s limit of {team_limit}; "
+                        f"{team_limit} applies")))
+                    out.buckets[pkey] = Bucket(pkey, parse_rate(team_limit), "pod", pod.namespace, pod.name,
+                                               "team-policy")
+                    out.pod_bucket[pod.key] = pkey
+                    continue
+                else:
+                    out.buckets[pkey] = Bucket(pkey, bps, "pod", pod.namespace, pod.name, "annotation")
+                    out.pod_bucket[pod.key] = pkey
+                    continue
+        if ns_limit is not None:
             nkey = f"ns:{pod.namespace}"
-            out.buckets[nkey] = Bucket(nkey, parse_rate(namespace_limits[pod.namespace]), "namespace",
+            out.buckets[nkey] = Bucket(nkey, parse_rate(ns_limit), "namespace",
                                        pod.namespace, "", "namespace-policy")
             out.pod_bucket[pod.key] = nkey
-        elif pod.team and pod.team in team_limits:
-            out.buckets[pkey] = Bucket(pkey, parse_rate(team_limits[pod.team]), "pod", pod.namespace,
+        elif team_limit is not None:
+            out.buckets[pkey] = Bucket(pkey, parse_rate(team_limit), "pod", pod.namespace,
                                        pod.name, "team-policy")
             out.pod_bucket[pod.key] = pkey
     return out

@@ -281,7 +281,7 @@ class Preflight:
         if record:
             ops += list(lifecycle.record_ops(self.mgr.names, record, plan.outcome, self.clock.now()))
         self.metrics.node_writes.labels(action).inc()
-        await self.applier.apply(node, Ops(node.name, action, tuple(ops)))
+        await self.applier.apply(node, Ops(node.name, action, tuple(ops)), announce=False)  # its own Events
 
     def periodic_admission(self, node: NodeView, now: float) -> tuple[bool, str]:
         """May a periodic failure take ``node`` out of service? The shared disruption budget, then this

@@ -48,7 +48,7 @@ def status(kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.contex
     live = _run(go())
     ctl = live.controller_status.get("config") or {}
     if cliutil.emit_structured({"configError": live.config_error, "controller": live.controller_status,
-                                "teams": [s.as_dict() for s in live.plan.teams.values()] if live.plan else [],
+                                "teams": live.team_rows() if live.plan else [],
                                 "pendingChanges": len(live.plan.changes) if live.plan else None},
                                "json" if as_json else output):
         return
@@ -59,7 +59,7 @@ def status(kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.contex
                       f"{ctl['inForceResourceVersion']}); figures below are from the controller's last status")
     elif ctl and not ctl.get("valid", True):
         err.print(f"[yellow]controller reports[/yellow]: {ctl.get('error')}")
-    rows = [s.as_dict() for s in live.plan.teams.values()] if live.plan else live.controller_status.get("teams", [])
+    rows = live.team_rows()
     t = Table(title=f"teams ({domain}/team)")
     for col in ("team", "desired", "assigned", "eligible", "shortfall", "borrowed", "unhealthy held"):
         t.add_column(col, justify="left" if col == "team" else "right")

@@ -124,6 +124,27 @@ class Exempt(BaseModel):
                                                         "system:serviceaccounts:fleetkeeper-system", "system:nodes"])
 
 
+DEFAULT_CONTROLLERS = [
+    # the service accounts the upstream manifests of the workload operators use
+    "system:serviceaccount:jobset-system:jobset-controller-manager",
+    "system:serviceaccount:mpi-operator:mpi-operator",
+    "system:serviceaccount:kubeflow:training-operator",
+    "system:serviceaccount:kubeflow-system:kubeflow-trainer-controller-manager",
+    "system:serviceaccount:lws-system:lws-controller-manager",
+    "system:serviceaccount:ray-system:kuberay-operator",
+]
+
+
+class Controllers(BaseModel):
+    """Workload controllers (operators) whose objects are attributed to the
+    requester stamped on their top-level owner, never to the controller."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    users: list[str] = Field(default_factory=lambda: list(DEFAULT_CONTROLLERS))
+    groups: list[str] = Field(default_factory=list)
+
+
 class TeamsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -133,6 +154,10 @@ class TeamsConfig(BaseModel):
     replacement: Replacement = Field(default_factory=Replacement)
     writes: Writes = Field(default_factory=Writes)
     exempt: Exempt = Field(default_factory=Exempt)
+    controllers: Controllers = Field(default_factory=Controllers)
+    lifecycle_taint_keys: list[str] = Field(
+        default_factory=list, alias="lifecycleTaintKeys",
+        description="taint keys besides <domain>/* (except the team key) only exempt requesters may tolerate")
 
     @model_validator(mode="after")
     def _cross(self) -> "TeamsConfig":
@@ -172,6 +197,9 @@ class TeamsConfig(BaseModel):
 
     def is_exempt(self, username: str, groups: tuple[str, ...] | list[str]) -> bool:
         return username in self.exempt.users or bool(set(groups).intersection(self.exempt.groups))
+
+    def is_controller(self, username: str, groups: tuple[str, ...] | list[str]) -> bool:
+        return username in self.controllers.users or bool(set(groups).intersection(self.controllers.groups))
 
 
 def check_visible(cfg: TeamsConfig, domain: str) -> None:

@@ -16,6 +16,7 @@ import time
 import orjson
 
 from fleetkeeper.core import errors
+from fleetkeeper.core.owners import OwnerIndex
 from fleetkeeper.core.config import load_model, parse_yaml
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.events import EventRecorder, ObjectRef
@@ -32,6 +33,7 @@ from fleetkeeper.teams.metrics import TeamsMetrics
 from fleetkeeper.teams.options import OPTIONS_KEY, TeamsOptions
 from fleetkeeper.teams.plan import Plan, decide, fill_borrowed, snapshot
 from fleetkeeper.teams.serve import WebhookRunner
+from fleetkeeper.teams.workloads import WorkloadKinds
 
 log = logging.getLogger("fleetkeeper.teams")
 
@@ -270,8 +272,14 @@ async def setup(mgr: Manager, options: TeamsOptions | dict | None) -> None:
     mgr.teams = tm  # type: ignore[attr-defined]  # for tests and the demo
     if opts.webhook.enabled:
         pcs = mgr.informer(PRIORITYCLASSES, project_priority_class, key="teams-priorityclasses")
+        kinds = WorkloadKinds(opts.workloads)
+        owners = OwnerIndex(mgr.kube, mgr.names, kinds.owner_resources())
+        mgr.add("teams-owner-index", owners.run, leader=False)
+        mgr.teams_owners = owners  # type: ignore[attr-defined]
         adm = TeamAdmission(mgr.names, state, lambda: priorities_from(pcs.items()),
-                            on_decision=lambda w, d: metrics.admissions.labels(w, d).inc())
+                            on_decision=lambda w, d: metrics.admissions.labels(w, d).inc(), kinds=kinds,
+                            owners=owners.get, own_namespace=mgr.settings.namespace,
+                            wait_owner=owners.wait_for, owner_wait_s=opts.owner_wait_seconds)
         runner = WebhookRunner(mgr.kube, adm, opts.webhook, mgr.settings.namespace, domain, mgr.registry)
         mgr.add("teams-webhook", runner.run, leader=False)
         mgr.teams_webhook = runner  # type: ignore[attr-defined]

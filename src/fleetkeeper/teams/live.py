@@ -27,6 +27,12 @@ class Live:
     states: list[NodeState]
     plan: Plan | None
 
+    def team_rows(self) -> list[dict]:
+        """Per team: desired, assigned, eligible, shortfall, borrowed, unhealthy held, reasons (the plan's,
+        else the controller's last status)."""
+        return [s.as_dict() for s in self.plan.teams.values()] if self.plan else \
+            list(self.controller_status.get("teams", []))
+
 
 async def read_config(kube: Kube, names: Names, namespace: str, configmap: str = DEFAULT_CONFIGMAP
                       ) -> tuple[TeamsConfig | None, str]:

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleetkeeper.teams.config import DEFAULT_CONFIGMAP
+from fleetkeeper.teams.workloads import DEFAULT_WORKLOADS, WorkloadKind
 
 OPTIONS_KEY = "options.yaml"
 
@@ -68,3 +69,9 @@ class TeamsOptions(BaseModel):
     status_configmap: str = Field("fleetkeeper-teams-status", alias="statusConfigMap")
     resync_seconds: float = Field(60, gt=0, alias="resyncSeconds")
     webhook: WebhookOptions = Field(default_factory=WebhookOptions)
+    workloads: list[WorkloadKind] = Field(
+        default_factory=lambda: list(DEFAULT_WORKLOADS),
+        description="kinds the webhook admits and where their pod templates sit; replaces the defaults")
+    owner_wait_seconds: float = Field(1.0, ge=0, le=10, alias="ownerWaitSeconds",
+                                      description="how long an object created by a controller waits for its "
+                                                  "owner to reach fleetkeeper's cache")

@@ -18,7 +18,8 @@ from fleetkeeper.core import errors
 from fleetkeeper.core.kube import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS, Kube
 from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
 
-from fleetkeeper.teams.admission import TeamAdmission
+from fleetkeeper.teams.admission import DEFAULT_KINDS, TeamAdmission
+from fleetkeeper.teams.workloads import WorkloadKinds
 from fleetkeeper.teams.options import WebhookOptions
 from fleetkeeper.core.pki import write_serving_cert
 
@@ -28,15 +29,11 @@ MUTATE, VALIDATE = "teams-mutate", "teams-validate"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 
-def rules(workloads: bool, operations: list[str], pod_operations: list[str]) -> list[dict]:
-    out = [{"apiGroups": [""], "apiVersions": ["v1"], "operations": pod_operations, "resources": ["pods"],
-            "scope": "Namespaced"}]
-    if workloads:
-        out.append({"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": operations,
-                    "resources": ["deployments", "replicasets", "statefulsets", "daemonsets"], "scope": "Namespaced"})
-        out.append({"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": operations,
-                    "resources": ["jobs", "cronjobs"], "scope": "Namespaced"})
-    return out
+def rules(workloads: bool, operations: list[str], pod_operations: list[str],
+          kinds: WorkloadKinds = DEFAULT_KINDS) -> list[dict]:
+    """Pods, and (``workloads``) every configured workload kind with a pod template."""
+    out = kinds.rules(operations, pod_operations)
+    return out if workloads else out[:1]
 
 
 def namespace_selector(opts: WebhookOptions, own_namespace: str) -> dict:
@@ -66,18 +63,18 @@ def match_conditions(opts: WebhookOptions) -> list[dict]:
 
 
 def registrations(opts: WebhookOptions, own_namespace: str, port: int, ca_bundle: bytes,
-                  domain: str) -> tuple[dict, dict]:
+                  domain: str, kinds: WorkloadKinds = DEFAULT_KINDS) -> tuple[dict, dict]:
     sel = namespace_selector(opts, own_namespace)
     url, svc = client_target(opts, port, MUTATE)
     mutating = registration("mutating", opts.config_name, [webhook_entry(
         f"tolerations.teams.{domain}", url=url, service=svc, ca_bundle=ca_bundle,
-        rules=rules(opts.workloads, ["CREATE", "UPDATE"], ["CREATE"]),
+        rules=rules(opts.workloads, ["CREATE", "UPDATE"], ["CREATE", "UPDATE"], kinds),
         failure_policy=opts.mutating_failure_policy, timeout_seconds=opts.timeout_seconds,
         namespace_selector=sel, reinvocation="IfNeeded")])
     url, svc = client_target(opts, port, VALIDATE)
     validating = registration("validating", opts.config_name, [webhook_entry(
         f"entitlement.teams.{domain}", url=url, service=svc, ca_bundle=ca_bundle,
-        rules=rules(opts.workloads, ["CREATE", "UPDATE"], ["CREATE", "UPDATE"]),
+        rules=rules(opts.workloads, ["CREATE", "UPDATE"], ["CREATE", "UPDATE"], kinds),
         failure_policy=opts.validating_failure_policy, timeout_seconds=opts.timeout_seconds,
         namespace_selector=sel)])
     conditions = match_conditions(opts)
@@ -135,11 +132,12 @@ class WebhookRunner:
         return str(sc.cert), str(sc.key)
 
     def objects(self) -> tuple[dict, dict]:
-        return registrations(self.opts, self.own_namespace, self.server.port, self.ca_bundle, self.domain)
+        return registrations(self.opts, self.own_namespace, self.server.port, self.ca_bundle, self.domain,
+                             self.admission.kinds)
 
     async def start(self) -> None:
-        self.server.add(MUTATE, self.admission.mutate)
-        self.server.add(VALIDATE, self.admission.validate)
+        self.server.add(MUTATE, self.admission.serve_mutate)
+        self.server.add(VALIDATE, self.admission.serve_validate)
         await self.server.start()
         log.info("teams webhook serving on https://%s:%d", self.opts.host, self.server.port)
         if self.opts.register_webhook:

@@ -1,26 +1,33 @@
 """Balloons and gangs together, default settings, on the real scheduler: a
 burst of training jobs of mixed sizes on a small pool full of balloons. Every
-job runs whole and finishes; none stalls."""
+job runs whole and finishes; none stalls; the largest job, which needs the
+whole pool, is not left for last (its room is reserved once it has waited
+past the threshold)."""
 
 from __future__ import annotations
 
 from capacity_helpers import NAMES, delete_jobs, wait_for
 from fleetkeeper.capacity.config import CapacityConfig
-from fleetkeeper.core.kube import JOBS, PODS, PRIORITYCLASSES
+from fleetkeeper.capacity import reserve as rs
+from fleetkeeper.core.kube import EVENTS, JOBS, NODES, PODS, PRIORITYCLASSES
+from fleetkeeper.core.views import parse_time
 
 NODES_N = 6
 SIM_RESULT, SIM_DELAY = "fleetkeeper.io/sim-result", "fleetkeeper.io/sim-delay"
-# the largest first (the whole pool), then smaller ones that together need several waves
-SIZES = [6, 2, 3, 1, 4, 2, 3, 5, 1, 2]
+# small jobs keep the pool busy, the largest (the whole pool) arrives among them, more small ones follow
+SIZES = [2, 3, 1, 2, 6, 2, 3, 1, 4, 2, 3, 1, 2, 2, 1, 3]
+LARGEST = 4
+RESERVE_AFTER = 15
 
 
-def cfg(pool, namespace: str, **balloons) -> CapacityConfig:
-    """The default configuration; only what a private pool in a shared test cluster needs is set."""
+def cfg(pool, namespace: str, gangs_reserve: float | None = RESERVE_AFTER, **balloons) -> CapacityConfig:
+    """The default configuration; only what a private pool in a shared test cluster needs is set (and a
+    reservation threshold that suits jobs of seconds)."""
     return CapacityConfig.model_validate({
         "balloons": {"namespace": namespace, "priority_class": f"fk-balloon-{pool.pool}",
                      "tolerations": [pool.toleration],
                      "pools": [{"name": pool.pool, "resource": "gpu", "max_nodes": NODES_N}], **balloons},
-        "gangs": {"webhook_port": 0},
+        "gangs": {"webhook_port": 0, "reserve_after_seconds": gangs_reserve},
     })
 
 
@@ -41,7 +48,7 @@ async def run_burst(kube, namespace, pool, registry) -> dict:
         return sum(1 for p in items if p["status"].get("phase") == "Running") == NODES_N
     await wait_for(balloons_everywhere, 90, what="a balloon on every node of the pool")
     for i, size in enumerate(SIZES):
-        await kube.create(JOBS, job(f"job-{i}-{size}", size, spec, 4), namespace)
+        await kube.create(JOBS, job(f"job-{i}-{size}", size, spec, 6), namespace)
 
     async def all_done():
         items, _ = await kube.list(JOBS, namespace)
@@ -66,6 +73,23 @@ async def test_burst_of_gangs_on_a_pool_of_balloons_never_stalls(kube, namespace
     _, registry = await run_capacity(cfg(pool, namespace), namespace)
     try:
         await run_burst(kube, namespace, pool, registry)
+        # every job was placed whole; the largest was not left for last
+        pods, _ = await kube.list(PODS, namespace, label_selector="burst=1")
+        starts: dict[str, float] = {}
+        for p in pods:
+            c = next(c for c in p["status"]["conditions"] if c["type"] == "PodScheduled")
+            job_name = p["metadata"]["labels"][NAMES.gang]
+            t = parse_time(c["lastTransitionTime"])
+            starts[job_name] = min(starts.get(job_name, t), t)
+        order = [j for _, j in sorted((t, j) for j, t in starts.items())]
+        largest = f"job-{LARGEST}-{SIZES[LARGEST]}"
+        assert order.index(largest) < len(order) - 1, f"the largest job started last: {order}"
+        events, _ = await kube.list(EVENTS, namespace)
+        reserved = [e for e in events if e.get("reason") == "GangRoomReserved"]
+        assert any(f"gang {largest} " in e.get("note", "") for e in reserved), [e.get("note") for e in reserved]
+        # reservations are gone once the gang is placed
+        nodes, _ = await kube.list(NODES, label_selector=f"{NAMES.pool}={pool.pool}")
+        assert not [n for n in nodes if any(t["key"] == rs.reserved_key(NAMES) for t in n["spec"].get("taints") or ())]
         # balloons come back once nothing waits
         async def back():
             items, _ = await kube.list(PODS, namespace, label_selector=f"{NAMES.balloon}={pool.pool}")

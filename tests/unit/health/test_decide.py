@@ -11,6 +11,7 @@ from fleetkeeper.core.faults import parse_fault
 from fleetkeeper.core.views import Condition, NodeView, PodView, Taint
 from fleetkeeper.health.agent import AgentCore, simulated_findings
 from fleetkeeper.health.conditions import Finding
+from fleetkeeper.health.actionproto import Report, Request, new_request
 from fleetkeeper.health.decide import Keys, classify, decide_node, fleet_stats, history_add
 from fleetkeeper.health.policy import Policy, load_policy
 
@@ -78,8 +79,12 @@ def test_ladder_evicts_then_drains_then_terminates():
     assert p.kind == "terminate" and not p.deadline_passed
     # drain ladder: drained, then wait for the repair
     c2 = [("GPUUnhealthy", "True", "UncorrectableECC", NOW - 100)]
-    assert decide_node(node(c2, QT, q_ann()), [], P, N, NOW).wait == "drained"  # no write: an Event only
-    assert decide_node(node(c2, QT, q_ann(**{K.drained: "1"})), [], P, N, NOW).wait == "drained"
+    # drained (no write): the node's agent is asked for the reset, then the controller waits for it
+    assert decide_node(node(c2, QT, q_ann()), [], P, N, NOW).kind == "request_action"
+    req = new_request("reset", "n1", "uid", NOW, 600)
+    p = decide_node(node(c2, QT, q_ann(**{K.request: req.dumps()})), [], P, N, NOW)
+    assert p.kind == "wait" and p.wait == "action"
+    assert decide_node(node(c2, QT, q_ann()), [], Policy(actions={"enabled": False}), N, NOW).wait == "drained"
 
 
 def test_deadline_terminates_even_when_a_pdb_blocks():
@@ -95,6 +100,35 @@ def test_escalation_when_a_worse_problem_appears():
     c = [("GPUXidError", "True", "Xid64", NOW - 5)]
     p = decide_node(node(c, QT, q_ann()), [], P, N, NOW)
     assert (p.kind, p.action, p.remedy) == ("escalate", "terminate", "replace")
+
+
+def test_node_local_action_fenced_reported_and_escalated():
+    c = [("GPUXidError", "True", "Xid79", NOW - 100)]
+    drained = q_ann("drain", "reboot", types="GPUXidError")
+    assert decide_node(node(c, QT, drained), [], P, N, NOW).kind == "request_action"
+    req = new_request("reboot", "n1", "uid", NOW - 10, 600)
+    # a request for another Node of the same name (another uid) is no request
+    other = Request(req.action, req.nonce, "n1", "other-uid", req.at, req.deadline)
+    assert decide_node(node(c, QT, {**drained, K.request: other.dumps()}), [], P, N, NOW).kind == "request_action"
+    asked = {**drained, K.request: req.dumps()}
+    assert decide_node(node(c, QT, asked), [], P, N, NOW).wait == "action"
+    # failed -> replace at once; no report by the deadline -> replace; done but still faulty at the deadline -> replace
+    failed = {**asked, K.result: Report(req.nonce, "failed", "nvidia-smi exited 1", NOW).dumps()}
+    p = decide_node(node(c, QT, failed), [], P, N, NOW)
+    assert (p.kind, p.action, p.remedy) == ("escalate", "terminate", "replace") and "failed" in p.why
+    p = decide_node(node(c, QT, asked), [], P, N, req.deadline)
+    assert p.kind == "escalate" and "never reported" in p.why
+    ok = {**asked, K.result: Report(req.nonce, "succeeded", "rebooted", NOW).dumps()}
+    assert decide_node(node(c, QT, ok), [], P, N, NOW).wait == "action"
+    p = decide_node(node(c, QT, ok), [], P, N, req.deadline + 1)
+    assert p.kind == "escalate" and "did not clear" in p.why
+    # a report for an older nonce does not count
+    stale = {**asked, K.result: Report("old", "succeeded", "x", NOW).dumps()}
+    assert decide_node(node(c, QT, stale), [], P, N, NOW).wait == "action"
+    # cleared after the action: back through the preflight gate, markers (request, result) removed by the apply
+    cleared = [("GPUXidError", "False", "NoXid", NOW - 400)]
+    assert decide_node(node(cleared, QT, ok), [], P, N, NOW).kind == "return"
+    assert K.request in K.all_state() and K.result in K.all_state()
 
 
 def test_cleared_needs_clear_after_then_preflight_or_hold():

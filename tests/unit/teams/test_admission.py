@@ -8,7 +8,8 @@ import orjson
 import pytest
 
 from fleetkeeper.core.webhook import AdmissionRequest
-from fleetkeeper.teams.admission import ANY, Priorities, TeamAdmission, borrower_label, coverage, judge, patch_for
+from fleetkeeper.teams.admission import (ANY, DEFAULT_KINDS, Priorities, TeamAdmission, apply_ops, borrower_label,
+                                         coverage, judge, patch_for)
 from fleetkeeper.teams.config import ConfigState, TeamsConfig
 
 from teams_helpers import N
@@ -39,8 +40,11 @@ def pod(tolerations=None, priority=None, labels=None, pcn=None) -> dict:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
 
+GROUPS = {k.kind: k.group for k in DEFAULT_KINDS.kinds}
+
+
 def req(obj, user="alice", groups=("team-a", "researchers"), kind="Pod", op="CREATE", old=None) -> AdmissionRequest:
-    return AdmissionRequest("uid-1", kind, op, "ns", "p", user, tuple(groups), obj, old, False)
+    return AdmissionRequest("uid-1", kind, op, "ns", "p", user, tuple(groups), obj, old, False, GROUPS[kind])
 
 
 def handlers(cfg=CFG) -> TeamAdmission:
@@ -51,21 +55,17 @@ def handlers(cfg=CFG) -> TeamAdmission:
 
 
 def apply_patch(obj: dict, ops: list[dict]) -> dict:
-    """A tiny RFC 6902 'add' applier for the ops this webhook emits."""
-    import copy
+    return apply_ops(obj, ops)
 
-    out = copy.deepcopy(obj)
-    for op in ops:
-        assert op["op"] == "add"
-        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
-        cur = out
-        for p in parts[:-1]:
-            cur = cur[int(p)] if isinstance(cur, list) else cur[p]
-        if parts[-1] == "-":
-            cur.append(op["value"])
-        else:
-            cur[parts[-1]] = op["value"]
-    return out
+
+def admit(h: TeamAdmission, r: AdmissionRequest):
+    """What the API server does: mutate, apply the patch, then validate the result."""
+    m = h.mutate(r)
+    if not m.allowed:
+        return m, m
+    after = apply_ops(r.obj, m.patch)
+    return m, h.validate(AdmissionRequest(r.uid, r.kind, r.operation, r.namespace, r.name, r.username, r.groups,
+                                          after, r.old, False, r.group))
 
 
 @pytest.mark.parametrize("tol,expected", [
@@ -130,7 +130,7 @@ def test_member_of_two_teams_gets_both_or_the_chosen_one():
 
 def test_no_team_no_toleration():
     r = handlers().mutate(req(pod(), user="mallory", groups=("researchers",)))
-    assert r.allowed and r.patch == []
+    assert r.allowed and [op["path"] for op in r.patch] == ["/metadata/annotations"]  # only the stamp
 
 
 @pytest.mark.parametrize("user,groups,tols,prio,ok,msg", [
@@ -144,21 +144,23 @@ def test_no_team_no_toleration():
     ("admin", ("system:masters",), [ANY_TOL], 0, True, ""),  # exempt
 ])
 def test_validate(user, groups, tols, prio, ok, msg):
-    r = handlers().validate(req(pod(tolerations=tols, priority=prio), user=user, groups=groups))
+    m, r = admit(handlers(), req(pod(tolerations=tols, priority=prio), user=user, groups=groups))
     assert r.allowed is ok
+    assert handlers().validate(req(pod(tolerations=tols, priority=prio), user=user, groups=groups)).allowed is (
+        ok and user == "admin")  # without the mutating webhook's stamp only the exempt pass
     assert msg in r.message
 
 
 def test_priority_class_resolves_when_priority_not_set():
-    assert not handlers().validate(req(pod(tolerations=[ANY_TOL], pcn="normal"))).allowed
-    assert handlers().validate(req(pod(tolerations=[ANY_TOL], pcn="low"))).allowed
+    assert not admit(handlers(), req(pod(tolerations=[ANY_TOL], pcn="normal")))[1].allowed
+    assert admit(handlers(), req(pod(tolerations=[ANY_TOL], pcn="low")))[1].allowed
 
 
 def test_update_judges_only_added_tolerations():
     h = handlers()
     old = pod(tolerations=[B_TOL])  # e.g. admitted while alice was in team-b
-    assert h.validate(req(pod(tolerations=[B_TOL, {"key": "x", "operator": "Exists"}]), op="UPDATE", old=old)).allowed
-    assert not h.validate(req(pod(tolerations=[{"operator": "Exists"}]), op="UPDATE", old=pod())).allowed
+    assert admit(h, req(pod(tolerations=[B_TOL, {"key": "x", "operator": "Exists"}]), op="UPDATE", old=old))[1].allowed
+    assert not admit(h, req(pod(tolerations=[{"operator": "Exists"}]), op="UPDATE", old=pod()))[1].allowed
 
 
 def test_without_configuration_team_tolerations_are_refused():
@@ -186,7 +188,7 @@ def test_workload_templates(kind, obj, tol_path):
         cur = cur[p]
     assert cur["tolerations"] == [A_TOL]
     bad = apply_patch(obj, [{"op": "add", "path": "/" + "/".join(tol_path) + "/tolerations", "value": [B_TOL]}])
-    assert not handlers().validate(req(bad, kind=kind)).allowed
+    assert not admit(handlers(), req(bad, kind=kind))[1].allowed
 
 
 def test_response_wire_format():
@@ -198,9 +200,11 @@ def test_response_wire_format():
 
 def test_judge_ignores_unknown_kinds():
     assert judge(CFG, N, "alice", ("team-a",), "Secret", {}, None, PRIO).allowed
+    assert judge(CFG, N, "alice", ("team-a",), "Deployment", {"apiVersion": "example.com/v1"}, None, PRIO).message \
+        == "kind Deployment not handled"
 
 
 def test_patch_for_adds_labels_map_when_missing():
     v = judge(CFG, N, "alice", ("team-a",), "Pod", pod(), None, PRIO)
-    ops = patch_for("Pod", pod(), v)
+    ops = patch_for("Pod", pod(), v, N)
     assert {"op": "add", "path": "/metadata/labels", "value": {N.team: "team-a"}} in ops

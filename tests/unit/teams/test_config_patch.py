@@ -104,7 +104,11 @@ def test_registrations_exclude_system_namespaces_and_choose_policies():
     expr = wm["namespaceSelector"]["matchExpressions"][0]
     assert expr["operator"] == "NotIn" and {"kube-system", "fk-system"} <= set(expr["values"])
     assert wm["namespaceSelector"]["matchLabels"] == {"t": "on"}
-    assert wm["rules"][0]["operations"] == ["CREATE"] and wv["rules"][0]["operations"] == ["CREATE", "UPDATE"]
+    assert wm["rules"][0]["operations"] == ["CREATE", "UPDATE"] == wv["rules"][0]["operations"]
+    covered = {(g, r) for rule in wv["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {("", "replicationcontrollers"), ("batch", "cronjobs"), ("jobset.x-k8s.io", "jobsets"),
+            ("kubeflow.org", "mpijobs"), ("kubeflow.org", "pytorchjobs"), ("leaderworkerset.x-k8s.io", "leaderworkersets"),
+            ("ray.io", "rayjobs"), ("ray.io", "rayclusters")} <= covered
     assert wm["matchConditions"][0]["expression"] == (
         "!request.userInfo.groups.exists(g, g in ['system:serviceaccounts:kube-system', 'system:nodes'])")
     m2, _ = registrations(WebhookOptions(service="fk-system/teams-webhook:9443"), "fk-system", 0, b"CA", "example.com")

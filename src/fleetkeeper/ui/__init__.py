@@ -1,0 +1,1 @@
+"""The fleet map: every node as one cell, live, in a browser (``fleetkeeper ui``)."""

@@ -1,0 +1,77 @@
+"""The one applier on the real API server: one cache-guarded patch, Conflict when the cache is behind,
+dry-run writes nothing, an Event per action, fleetkeeper_node_writes_total."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from fleetkeeper.core import errors
+from fleetkeeper.core.applier import Applier
+from fleetkeeper.core.events import EventRecorder
+from fleetkeeper.core.kube import EVENTS, NODES
+from fleetkeeper.core.plan import AddTaint, Event, Plan, SetAnnotation, SetLabel, TerminateMachine
+from fleetkeeper.core.views import default_projector
+
+
+class RecordingProvider:
+    name = "recording"
+
+    def __init__(self):
+        self.calls: list[tuple[str, bool]] = []
+
+    async def terminate(self, node: str, *, dry_run: bool = False) -> str:
+        self.calls.append((node, dry_run))
+        return "recorded"
+
+
+async def test_applier_patch_conflict_dry_run_event_and_metric(kube):
+    name = f"applier-{secrets.token_hex(3)}"
+    await kube.create(NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+    proj = default_projector("fleetkeeper.io")
+    reg = CollectorRegistry()
+    provider = RecordingProvider()
+    dry = {"on": True}
+    ap = Applier(kube, EventRecorder(kube, "test"), component="test", registry=reg, dry_run=lambda: dry["on"],
+                 provider=provider)
+    try:
+        view = proj.node(await kube.get(NODES, name))
+        plan = Plan(name, "quarantine", (AddTaint("fleetkeeper.io/quarantine", "x"),
+                                         SetLabel("fleetkeeper.io/l", "v"), SetAnnotation("fleetkeeper.io/a", "1"),
+                                         TerminateMachine("terminate"), Event("Quarantined", "because")))
+        # dry-run: nothing written, the provider asked with dry_run, a "would" Event
+        await ap.apply(view, plan)
+        live = await kube.get(NODES, name)
+        assert not any(t["key"] == "fleetkeeper.io/quarantine" for t in (live.get("spec") or {}).get("taints") or [])
+        assert provider.calls == [(name, True)]
+        assert reg.get_sample_value("fleetkeeper_node_writes_total",
+                                    {"component": "test", "action": "quarantine", "result": "dry_run"}) == 1
+        # for real: one patch with everything
+        dry["on"] = False
+        view = proj.node(await kube.get(NODES, name))
+        done = await ap.apply(view, plan)
+        assert done.patched and done.machine == "recorded" and provider.calls[-1] == (name, False)
+        live = await kube.get(NODES, name)
+        assert {"key": "fleetkeeper.io/quarantine", "value": "x", "effect": "NoSchedule"} in live["spec"]["taints"]
+        assert live["metadata"]["labels"]["fleetkeeper.io/l"] == "v"
+        assert live["metadata"]["annotations"]["fleetkeeper.io/a"] == "1"
+        # the same (now stale) view again: the cache is behind, nothing is written twice
+        with pytest.raises(errors.Temporary):
+            await ap.apply(view, Plan(name, "quarantine", (SetAnnotation("fleetkeeper.io/a", "2"),)))
+        assert (await kube.get(NODES, name))["metadata"]["annotations"]["fleetkeeper.io/a"] == "1"
+        assert reg.get_sample_value("fleetkeeper_node_writes_total",
+                                    {"component": "test", "action": "quarantine", "result": "conflict"}) == 1
+        # already true: no write at all
+        fresh = proj.node(await kube.get(NODES, name))
+        rv = fresh.resource_version
+        assert not (await ap.apply(fresh, Plan(name, "quarantine", (SetLabel("fleetkeeper.io/l", "v"),)))).patched
+        assert (await kube.get(NODES, name))["metadata"]["resourceVersion"] == rv
+        items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={name}")
+        assert sorted(e["reason"] for e in items) == ["DryRunQuarantined", "Quarantined"]
+    finally:
+        try:
+            await kube.delete(NODES, name)
+        except errors.NotFound:
+            pass
