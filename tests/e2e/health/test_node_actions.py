@@ -136,9 +136,13 @@ async def test_xid79_node_rebooted_by_its_agent_revalidated_and_back(kube, names
     assert seen["result"] is not None and seen["result"].nonce == req.nonce and seen["result"].outcome == "succeeded"
     assert mgr.simulated_agents.actor.performed == 1  # type: ignore[attr-defined]
     assert [f for f in plan.faults(node)] == []
-    evs, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={node}")
-    reasons = [e["reason"] for e in evs]
-    assert "ActionRequested" in reasons and "ReturnedToValidation" in reasons and "ReturnedToService" in reasons
+    async def released():  # the Event follows the gate's write
+        evs, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={node}")
+        r = [e["reason"] for e in evs]
+        return r if "PreflightPassed" in r else None
+    reasons = await wait_for(released, 30, "the gate's PreflightPassed Event")
+    # back in service through the gate's release (its write also ends health's hand-over: no write of health's)
+    assert "ActionRequested" in reasons and "ReturnedToValidation" in reasons and "PreflightPassed" in reasons
     assert await kube.get_or_none(NODES, node) is not None
     assert registry.get_sample_value("fleetkeeper_remediation_actions_total",
                                      {"action": "request", "result": "success"}) == 1

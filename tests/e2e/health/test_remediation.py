@@ -412,7 +412,7 @@ NS = "fleetkeeper-system"
 ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role", True)
 ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True)
 BY_KIND = {r.kind: r for r in (SERVICEACCOUNTS, CLUSTERROLES, CLUSTERROLEBINDINGS, ROLES, ROLEBINDINGS,
-                               DAEMONSETS, DEPLOYMENTS, SERVICES)}
+                               DAEMONSETS, DEPLOYMENTS, SERVICES, CONFIGMAPS)}
 
 
 def docs(name: str) -> list[dict]:
