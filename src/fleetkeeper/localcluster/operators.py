@@ -12,8 +12,10 @@ cluster.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import logging
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +120,15 @@ class Operators:
         path.chmod(0o600)
         return path
 
+    def kill_all(self) -> None:
+        """Synchronous last resort (atexit): no controller outlives its caller."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+
     def _spawn(self, name: str, argv: list[str]) -> None:
+        if not self.procs:
+            atexit.register(self.kill_all)
         logf = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         self.logs.append(logf)
         self.procs[name] = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
@@ -142,7 +152,7 @@ class Operators:
         self._spawn("jobset-controller", [str(bindir / "jobset-controller"), f"--kubeconfig={kc}",
                                           f"--config={cfg}", "--zap-log-level=info"])
         # the JobSet defaulting webhook (its controller expects defaulted JobSets)
-        name = f"jobset-defaulting-{self.workdir.name}"[:63].lower()
+        name = re.sub(r"[^a-z0-9-]", "-", f"jobset-defaulting-{self.workdir.name}".lower())[:63].strip("-")
         sel = {"matchLabels": dict(self.namespace_labels)} if self.namespace_labels else {}
         await self.kube.apply(MUTATING_WEBHOOKS, {
             "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",

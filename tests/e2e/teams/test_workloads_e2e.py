@@ -57,12 +57,17 @@ def operators(cluster, built):
     async def up():
         kube = await cluster.connect()
         o = ops.Operators(cluster, kube, workdir, namespace_labels={WEBHOOK_LABEL: "enabled"})
-        await o.install_crds(dirs)
-        if "jobset-controller" in dirs:
-            await o.start_jobset(dirs["jobset-controller"])
-        if "mpi-operator" in dirs:
-            await o.start_mpi(dirs["mpi-operator"])
-        await kube.close()  # this event loop ends here; stop() connects again
+        try:
+            await o.install_crds(dirs)
+            if "jobset-controller" in dirs:
+                await o.start_jobset(dirs["jobset-controller"])
+            if "mpi-operator" in dirs:
+                await o.start_mpi(dirs["mpi-operator"])
+        except BaseException:
+            await o.stop()
+            raise
+        finally:
+            await kube.close()  # this event loop ends here; stop() connects again
         return o
 
     o = asyncio.run(up())
