@@ -4,12 +4,13 @@ every component, the relay with one agent per node, team convergence.
     .venv/bin/python bench/bench_scale.py [--nodes 7500] [--pods 20000] [--agents 7500]
                                           [--parts rss,relay,teams] [--teams 40]
 
-rss     ``fleetkeeper run`` as its own process, once with no controller, once
-        with each controller alone and once with every controller, against
-        the cluster holding ``--pods`` pods bound to its nodes; RSS (VmRSS,
-        and VmHWM, the peak) read from /proc once the manager is ready
-        (/readyz: informers synced) and 10 s later. The breakdown per
-        component is "alone" minus "no controller".
+rss     the controller manager as its own process, once with no controller,
+        once with each controller alone and once with every controller (all
+        at once), against the cluster holding ``--pods`` pods bound to its
+        nodes; RSS (VmRSS, and VmHWM, the peak) 10 s after its informers
+        synced. The breakdown per component is "alone" minus "no controller".
+        ``bench_scale.py --rss-only KUBECONFIG`` runs only this part against
+        a cluster that is already up.
 relay   ``fleetkeeper relay serve`` as its own process and ``--agents``
         agents (one per node, each following its node) in this process;
         API-server WATCH requests by resource before and after; relay RSS;
@@ -135,32 +136,9 @@ async def rss_part(lc: LocalCluster, kube: Kube, teams: int) -> None:
     await kube.apply(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
                                   "metadata": {"name": "fleetkeeper-relay", "namespace": SYSTEM_NS},
                                   "data": {"config.yaml": "relay: {port: 0}\n"}})
-    rows = []
-    for label, ctl in [("no controller (manager only)", "")] + [(c, c) for c in CONTROLLERS] + \
-            [("every controller", ",".join(CONTROLLERS))]:
-        port = free_port()
-        proc = subprocess.Popen([FK, "run", "--controllers", ctl, "--kubeconfig", str(lc.kubeconfig),
-                                 "--metrics-port", str(port), "--no-leader-elect", "--log-level", "warning"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            ready = await wait_http(f"http://127.0.0.1:{port}/readyz", 900, proc)
-            r0, _ = mem(proc.pid)
-            await asyncio.sleep(10)
-            r1, hwm = mem(proc.pid)
-            rows.append((label, ready, r0, r1, hwm))
-            say(f"  rss: {label}: ready in {ready:.0f}s, RSS {r0:.0f} MB at ready, {r1:.0f} MB 10 s later, "
-                f"peak {hwm:.0f} MB")
-        except (RuntimeError, TimeoutError) as exc:
-            err = proc.stderr.read().decode()[-600:] if proc.poll() is not None else ""
-            say(f"  rss: {label}: {exc} {err}")
-        finally:
-            stop(proc)
-    if rows and rows[0][0].startswith("no controller"):
-        base = rows[0][3]
-        print(f"manager RSS at {len(nodes)} nodes (every number is RSS 10 s after ready; peak in brackets):")
-        for label, ready, r0, r1, hwm in rows:
-            extra = "" if label.startswith("no controller") else f" (+{r1 - base:.0f} MB over the bare manager)"
-            print(f"  {label:30s} {r1:6.0f} MB [{hwm:.0f}]{extra}")
+    print(f"manager RSS at {len(nodes)} nodes, each run its own process (manager, informers, controllers):")
+    await rss_children(str(lc.kubeconfig), [("no controller (manager only)", "")] + [(c, c) for c in CONTROLLERS]
+                       + [("every controller", ",".join(CONTROLLERS))])
 
 
 # --- relay --------------------------------------------------------------------------------
@@ -337,7 +315,81 @@ async def main(a) -> None:
         lc.down(purge=True)
 
 
+CHILD = """
+import asyncio, importlib, json, sys, time, traceback
+from pathlib import Path
+from fleetkeeper.cli.main import COMPONENTS
+from fleetkeeper.core.kube import Kube
+from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.settings import RuntimeSettings
+
+def mem():
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return out
+
+async def main(kubeconfig, controllers):
+    kube = await Kube.connect(kubeconfig)
+    names = [c for c in controllers.split(",") if c]
+    mgr = Manager(kube, RuntimeSettings(namespace="fleetkeeper-system", server={"port": 0},
+                                        leader_election={"enabled": False}, controllers=names))
+    for name in names:
+        await importlib.import_module(f"{COMPONENTS[name]}.controller").setup(mgr, None)
+    task = asyncio.create_task(mgr.run())
+    t0 = time.monotonic()
+    try:
+        synced = asyncio.create_task(mgr.wait_synced(1800))
+        done, _ = await asyncio.wait({task, synced}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            exc = task.exception()
+            print(json.dumps({"error": "".join(traceback.format_exception(exc))[-1500:] if exc else "manager returned"}))
+            return
+        ready = time.monotonic() - t0
+        m0 = mem()
+        await asyncio.sleep(10)
+        print(json.dumps({"ready": ready, "rss_ready": m0["VmRSS"], **mem(),
+                          "informers": {k: len(v) for k, v in getattr(mgr, "_informers", {}).items()}
+                          if isinstance(getattr(mgr, "_informers", None), dict) else {}}))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await kube.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def rss_children(kubeconfig: str, runs: list[tuple[str, str]]) -> None:
+    """Each run in its own process, all at once: RSS once the manager's informers are synced."""
+    import json
+
+    async def one(label: str, ctl: str) -> tuple[str, dict]:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, kubeconfig, ctl,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        try:
+            return label, json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return label, {"error": err.decode()[-800:]}
+    results = await asyncio.gather(*(one(label, ctl) for label, ctl in runs))
+    base = next((r.get("VmRSS") for label, r in results if label.startswith("no controller")), None)
+    for label, r in results:
+        if "error" in r:
+            print(f"  {label:30s} failed: {r['error']}")
+        else:
+            extra = "" if base is None or label.startswith("no controller") else f" (+{r['VmRSS'] - base:.0f} MB over the bare manager)"
+            print(f"  {label:30s} {r['VmRSS']:6.0f} MB 10 s after synced ({r['ready']:.0f} s to sync), peak {r['VmHWM']:.0f} MB{extra}")
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--rss-only":
+        # against a running cluster: bench_scale.py --rss-only KUBECONFIG
+        runs = [("no controller (manager only)", "")] + [(c, c) for c in CONTROLLERS] + \
+            [("every controller", ",".join(CONTROLLERS))]
+        asyncio.run(rss_children(sys.argv[2], runs))
+        sys.exit(0)
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=7500)
     ap.add_argument("--pods", type=int, default=20000)

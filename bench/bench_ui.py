@@ -322,10 +322,10 @@ async def bench_synthetic(nodes: int, changes: int, shots: Path | None) -> None:
 
 async def main(a) -> None:
     shots = Path(a.screenshots) if a.screenshots else None
-    for n in [int(x) for x in a.synthetic.split(",") if x]:
-        await bench_synthetic(n, a.changes, shots)
     if a.nodes:
         await bench_cluster(a.nodes, a.changes, a.pages, shots)
+    for n in [int(x) for x in a.synthetic.split(",") if x]:
+        await bench_synthetic(n, a.changes, shots)
 
 
 if __name__ == "__main__":

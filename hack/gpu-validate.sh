@@ -31,4 +31,21 @@ for c in r["checks"]:
 print("GPUs:", ", ".join(r["gpus"]) or "none")
 PY
 echo "full JSON: $out (exit $rc: 0 passed, 1 failed, 2 bad input)"
+# The health agent's NVML read path and, with FLEETKEEPER_GPU_RESET=<index>, the node-local GPU reset
+# (nvidia-smi --gpu-reset, which refuses a GPU with processes on it: then it reports failed, as in production).
+"$VENV/bin/python" - <<'PY' || true
+import asyncio, os
+from fleetkeeper.health.gpu import NvmlBackend
+from fleetkeeper.health.actions import HostActions, new_request
+be = NvmlBackend()
+for g in be.sample():
+    print(f"  NVML GPU {g.index} {g.uuid} lost={g.lost} ecc_uncorrected_volatile={g.ecc_uncorrected_volatile} "
+          f"remap_pending={g.remap_pending} xids={g.xids}")
+idx = os.environ.get("FLEETKEEPER_GPU_RESET")
+if idx is not None:
+    try:
+        print("reset:", asyncio.run(HostActions(be).perform(new_request("reset", "local", "local", 0, 60, gpu=idx))))
+    except Exception as exc:  # noqa: BLE001
+        print("reset refused or failed:", exc)
+PY
 exit $rc

@@ -28,6 +28,12 @@ def test_bad_domain_flag_is_a_config_error():
     assert "domain" in r.output and "DNS subdomain" in r.output
 
 
+def test_bad_machine_provider_flag_is_named_before_anything_starts():
+    r = runner.invoke(app, ["run", "--controllers", "health", "--machine-provider", "openstack"])
+    assert r.exit_code == 2
+    assert "--machine-provider" in r.output and "openstack" in r.output and "cluster-api" in r.output
+
+
 def test_unreachable_api_server(tmp_path):
     kc = tmp_path / "kubeconfig"
     kc.write_text(

@@ -273,9 +273,12 @@ class BalloonManager:
             balloons = [yd.Balloon(p.namespace, p.name, p.node, sizing.per_balloon,
                                    released=p.deleting or released_key in p.annotations)
                         for p in pods if p.labels.get(label) == pool.name and p.namespace == self.namespace
-                        and p.node in names_ and p.phase not in ("Succeeded", "Failed")] if b.enabled else []
+                        and p.node in names_ and p.phase not in ("Succeeded", "Failed")] \
+                if b.enabled and b.yield_to_waiting else []
             self._pool_bound[pool.name] = bound
             y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget)
+            if not (b.enabled and b.yield_to_waiting):
+                y.hold = False  # the decision is only read for reservations
             budget -= y.release_count
             out.append(y)
         self.last_yield = {y.pool: y for y in out}

@@ -207,8 +207,10 @@ class Remediator:
         self._bsnap = bud.Snapshot()
         self.provider = shared_provider(self.mgr, self.provider)
         self.applier = Applier(self.kube, self.recorder, component="health", registry=self.mgr.registry,
-                               clock=self.clock, dry_run=lambda: self.dry_run,
+                               clock=self.clock, dry_run=lambda: self.dry_run, writes_per_second=500.0,
                                evictions_per_second=self.policy.drain.evictions_per_second, provider=self.provider)
+        # (node writes: the budget is health's real limit; the bucket only stops a runaway loop, and must not
+        # queue a burst of admitted quarantines behind it)
         self.gangs = self.pods.index("gang", gang_index(self.names))
         self._storm_until = 0.0
         self._noted: set[tuple[str, str]] = set()

@@ -116,6 +116,26 @@ def field_matcher(selector: str | None) -> Callable[[dict], bool]:
 
 
 # --- the client ---------------------------------------------------------------------------
+class Frozen:
+    """What an informer held at one moment (the same objects, which informers replace and never
+    modify), so a heavy read can run off the event loop while the informer goes on."""
+
+    def __init__(self, inf: Informer):
+        keys = inf.keys()
+        self._d = dict(zip(keys, inf.items()))
+        self.resource_version = inf.resource_version
+        self.synced = inf.synced
+
+    def get(self, key: str) -> Any:
+        return self._d.get(key)
+
+    def items(self) -> list:
+        return list(self._d.values())
+
+    def keys(self) -> list[str]:
+        return list(self._d)
+
+
 @dataclass(frozen=True)
 class Source:
     """An informer and what it covers: one namespace (None: all, or cluster-scoped) and the
@@ -139,6 +159,11 @@ class CachedKube:
 
     def __init__(self, sources: dict[Resource, list[Source]]):
         self.sources = sources
+
+    def frozen(self) -> "CachedKube":
+        """A copy over what every informer holds now (cheap: the objects are shared)."""
+        return CachedKube({res: [Source(Frozen(s.informer), s.namespace, s.label_selector) for s in srcs]  # type: ignore[arg-type]
+                           for res, srcs in self.sources.items()})
 
     def _source(self, res: Resource, namespace: str | None, label_selector: str | None = None) -> Informer:
         for src in self.sources.get(res, ()):

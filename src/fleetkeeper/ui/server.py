@@ -240,22 +240,38 @@ class UiServer:
         items.sort(key=lambda i: i["t"])
         return items[-self.opts.timeline_keep:]
 
+    async def off_loop(self, fn: Any) -> Any:
+        """Run ``fn(kube)`` (a coroutine function reading through a CachedKube) over a frozen copy of the
+        caches in a worker thread: reading every node (the budget, the team plan, a team's explain) takes
+        long at 7,500 nodes and must not hold back the pushes."""
+        frozen = self.cached.frozen()
+        return await asyncio.to_thread(lambda: asyncio.run(fn(frozen)))
+
     async def compute_panels(self) -> dict:
         now = self.clock.now()
-        out: dict[str, Any] = {"t": "panels"}
-        try:
-            fleet = await load_fleet(self.cached, self.names, self.namespace)
-            self.model.set_lifecycle(fleet.cfg)  # its configuration shapes the states (e.g. gate attempts)
+        names, namespace = self.names, self.namespace
+
+        async def read(kube: CachedKube) -> tuple[dict, Any]:
+            out: dict[str, Any] = {"t": "panels"}
+            cfg = None
+            try:
+                fleet = await load_fleet(kube, names, namespace)
+                cfg = fleet.cfg
+                out["budget"] = budget_report(fleet, now)
+            except errors.FleetkeeperError as exc:
+                out["budget"] = {"error": str(exc)}
+            try:
+                live = await load_teams(kube, names, namespace)
+                out["teams"] = {"rows": live.team_rows(), "error": live.config_error}
+            except errors.FleetkeeperError as exc:
+                out["teams"] = {"rows": [], "error": str(exc)}
+            return out, cfg
+
+        out, cfg = await self.off_loop(read)
+        if cfg is not None:
+            self.model.set_lifecycle(cfg)  # its configuration shapes the states (e.g. gate attempts)
             if self.model.dirty:
                 self._wake.set()
-            out["budget"] = budget_report(fleet, now)
-        except errors.FleetkeeperError as exc:
-            out["budget"] = {"error": str(exc)}
-        try:
-            live = await load_teams(self.cached, self.names, self.namespace)
-            out["teams"] = {"rows": live.team_rows(), "error": live.config_error}
-        except errors.FleetkeeperError as exc:
-            out["teams"] = {"rows": [], "error": str(exc)}
         return out
 
     async def _flush_loop(self) -> None:
@@ -406,8 +422,9 @@ class UiServer:
         if bool(node) == bool(pod):
             return web.json_response({"error": "give node=NAME or pod=NAMESPACE/NAME"}, status=400)
         kind, target = ("node", node) if node else ("pod", pod)
+        names, components = self.names, self.opts.components
         try:
-            sections = await explain(self.cached, self.names, kind, target or "", self.opts.components)
+            sections = await self.off_loop(lambda kube: explain(kube, names, kind, target or "", components))
         except errors.ConfigError as exc:
             return web.json_response({"error": exc.summary}, status=404)
         return web.json_response({"kind": kind, "target": target, "sections": sections})

@@ -5,6 +5,7 @@ deploy manifests (deploy/health) run under the identities they define."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import sys
@@ -25,7 +26,9 @@ from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.health.agent import AgentCore, ConditionWriter, simulated_findings
 from fleetkeeper.health.controller import FLAPS_KEY, STATE_CONFIGMAP, STORM_UNTIL_KEY, HealthOptions, setup
+from fleetkeeper.health.actionproto import Report
 from fleetkeeper.health.policy import load_policy
+from fleetkeeper.machines.ledger import LEDGER_CONFIGMAP
 from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
 
 GROUP = "fleetkeeper.io/e2e-group"
@@ -412,7 +415,7 @@ NS = "fleetkeeper-system"
 ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role", True)
 ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True)
 BY_KIND = {r.kind: r for r in (SERVICEACCOUNTS, CLUSTERROLES, CLUSTERROLEBINDINGS, ROLES, ROLEBINDINGS,
-                               DAEMONSETS, DEPLOYMENTS, SERVICES)}
+                               DAEMONSETS, DEPLOYMENTS, SERVICES, CONFIGMAPS)}
 
 
 def docs(name: str) -> list[dict]:
@@ -469,6 +472,19 @@ node_selector: {{{GROUP}: '{own_nodes.group}'}}
             return await kube.get_or_none(NODES, gone_node) is None
         await wait_for(terminated, 60, "the GPU-missing node drained and terminated")
         assert await kube.get_or_none(PODS, "work", ns) is None
+        # the machine-action ledger, written under the controller's identity
+        ledger = await kube.get(CONFIGMAPS, LEDGER_CONFIGMAP, NS)
+        assert gone_node in ledger["data"]["actions"]
+        # the agent's identity: list and watch only its own node, acknowledge an action request
+        agent_kube = sa(kube, "fleetkeeper-health-agent")
+        items, rv = await agent_kube.list(NODES, field_selector=f"metadata.name={ecc_node}")
+        assert [i["metadata"]["name"] for i in items] == [ecc_node]
+        async with contextlib.aclosing(agent_kube.watch(NODES, rv, field_selector=f"metadata.name={ecc_node}",
+                                                        timeout_seconds=1)) as events:
+            async for _typ, _obj in events:
+                break
+        await agent_kube.patch(NODES, ecc_node, {"metadata": {"annotations": {
+            "fleetkeeper.io/action-result": Report("n", "failed", "rbac test", 0).dumps()}}})
 
         async def state_written():
             return await kube.get_or_none(CONFIGMAPS, STATE_CONFIGMAP, NS)
@@ -480,7 +496,8 @@ node_selector: {{{GROUP}: '{own_nodes.group}'}}
         assert errors_seen == 0
     finally:
         await stop(task)
-        for res, name, n in ((CONFIGMAPS, STATE_CONFIGMAP, NS), (LEASES, f"fk-health-{ns}", NS),
+        for res, name, n in ((CONFIGMAPS, STATE_CONFIGMAP, NS), (CONFIGMAPS, LEDGER_CONFIGMAP, NS),
+                             (LEASES, f"fk-health-{ns}", NS),
                              (NAMESPACES, ns, None)):
             try:
                 await kube.delete(res, name, n)

@@ -188,7 +188,11 @@ async def test_stuck_states_escalate_to_retire_and_terminate_once(kube, own_node
             await wait_for(lambda n=name: gone(n), 60, f"{name} retired and terminated")
         reasons = {}
         for name in (exhausted, no_repair, bad_revalidation):
-            evs = await events_for(kube, name)
+            # the applier records the Event after the provider answered: it may trail the Node's deletion
+            async def retired(n=name):
+                evs = await events_for(kube, n)
+                return evs if any(e["reason"] == "Retiring" for e in evs) else None
+            evs = await wait_for(retired, 30, f"{name}'s Retiring event")
             reasons[name] = [e["reason"] for e in evs]
             retiring = [e for e in evs if e["reason"] == "Retiring"]
             assert len(retiring) == 1, (name, reasons[name])

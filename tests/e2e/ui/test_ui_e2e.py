@@ -383,3 +383,30 @@ async def test_manifests_are_accepted_and_their_rbac_is_enough(cluster, kube, ow
     finally:
         await stop(task)
         await own.close()
+
+
+async def test_run_manager_serves_the_map_and_says_where(cluster):
+    """``fleetkeeper run --ui`` / ``fleetkeeper ui`` / ``make demo``: the manager serves the map and reports
+    its URL once it listens; the page answers and the stream opens."""
+    from fleetkeeper.cli.main import run_manager
+
+    urls: list[str] = []
+    listening, stop = asyncio.Event(), asyncio.Event()
+
+    def on_ui(server) -> None:
+        urls.append(server.url)
+        listening.set()
+    settings = RuntimeSettings(kubeconfig=str(cluster.kubeconfig), dry_run=True, controllers=[],
+                               server={"port": 0}, leader_election={"enabled": False})
+    task = asyncio.create_task(run_manager(settings, stop=stop, ui=UiOptions(port=0, components=COMPONENTS),
+                                           registry=CollectorRegistry(), on_ui=on_ui))
+    try:
+        await asyncio.wait_for(listening.wait(), 60)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(urls[0]) as r:
+                assert r.status == 200 and "fleet map" in await r.text()
+            async with http.get(urls[0] + "api/stream") as r:
+                assert r.status == 200 and b'"t":"hello"' in await r.content.readuntil(b"\n\n")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)

@@ -59,7 +59,11 @@ def aws(moto_url, aws_env):
                asg.describe_auto_scaling_groups(AutoScalingGroupNames=["gpu-pool"])["AutoScalingGroups"][0]["Instances"]]
     for op in ("reset-recording", "start-recording"):
         urllib.request.urlopen(urllib.request.Request(moto_url + f"/moto-api/recorder/{op}", method="POST")).read()
-    yield AwsProvider(region="us-east-1", endpoint_url=moto_url), ec2, asg, loose, grouped
+    p = AwsProvider(region="us-east-1", endpoint_url=moto_url)
+    yield p, ec2, asg, loose, grouped
+    p.close()
+    ec2.close()
+    asg.close()
     urllib.request.urlopen(urllib.request.Request(moto_url + "/moto-api/recorder/stop-recording",
                                                   method="POST")).read()
 
@@ -144,5 +148,6 @@ def test_error_mapping(code, cls, aws_env):
     p = AwsProvider(region="us-east-1", endpoint_url="http://127.0.0.1:9")
     exc = ClientError({"Error": {"Code": code, "Message": "m"}}, "TerminateInstances")
     err = p._error(machine("i-1"), exc)
+    p.close()
     assert type(err) is cls and code in str(err)
     assert isinstance(err, errors.Temporary) == (cls is not errors.MachineNotFound)

@@ -155,8 +155,7 @@ function Budget() {
     ${shown.map(([s, r]) => html`<tr><td>${s}</td>
       <td class=${r.limit != null && r.used >= r.limit ? "bad" : ""}>${r.used}</td>
       <td>${r.limit == null ? "none" : r.limit}</td><td>${r.total}</td></tr>`)}</table>
-    <div class="muted">new disruptions in the last ${Math.round(b.window_s)} s: ${b.new_in_window} / ${cap == null ? "no cap" : cap}
-      · ${rows.length - shown.length} more scope(s) with nodes out of service, none full · from ${b.source}</div></section>`;
+    <div class="muted">new disruptions in the last ${Math.round(b.window_s)} s: ${b.new_in_window} / ${cap == null ? "no cap" : cap}${" · "}${rows.length - shown.length} more scope(s) with nodes out of service, none full · from ${b.source}</div></section>`;
 }
 
 function Teams() {
