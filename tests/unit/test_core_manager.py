@@ -56,6 +56,51 @@ async def test_failing_runnable_stops_the_manager_with_its_error():
         await asyncio.wait_for(mgr.run(), 5)
 
 
+async def test_a_slow_first_sync_is_waited_for_not_a_failure(caplog):
+    """An informer still listing after the report interval: the manager keeps
+    waiting (naming it in the log) and starts its controllers once it is synced."""
+    mgr = manager()
+    mgr.sync_report_interval = 0.05
+    release = asyncio.Event()
+
+    class SlowInformer:
+        resource = SimpleNamespace(plural="pods")
+        synced = False
+        _ev = asyncio.Event()
+
+        async def run(self):
+            await release.wait()
+            SlowInformer.synced = True
+            self._ev.set()
+            await asyncio.Event().wait()
+
+        async def wait_synced(self, timeout=None):
+            await asyncio.wait_for(self._ev.wait(), timeout)
+
+    mgr._informers[("pods",)] = SlowInformer()
+    started = asyncio.Event()
+
+    async def controller():
+        started.set()
+        await asyncio.Event().wait()
+
+    mgr.add("c", controller, leader=False)
+    mgr.add("leader-c", lambda: started.wait(), leader=True)
+    with caplog.at_level("WARNING", logger="fleetkeeper.manager"):
+        task = asyncio.create_task(mgr.run())
+        for _ in range(6000):  # until the wait has been reported at least twice
+            if caplog.text.count("still waiting: pods") >= 2:
+                break
+            await asyncio.sleep(0.01)
+    assert caplog.text.count("still waiting: pods") >= 2
+    assert not task.done()
+    release.set()
+    await asyncio.wait_for(started.wait(), 60)
+    assert not task.done()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_controllers_do_not_wait_for_an_ungated_informer():
     """A read-only consumer's informer (the fleet map's) that is still listing does not hold the
     controllers back; a gated one does."""

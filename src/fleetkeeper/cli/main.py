@@ -250,10 +250,12 @@ async def run_manager(settings: RuntimeSettings, *, registry=None, clock=None, i
         else:
             runner = asyncio.create_task(mgr.run())
             waiter = asyncio.create_task(stop.wait())
-            await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
             runner.cancel()
             waiter.cancel()
             await asyncio.gather(runner, waiter, return_exceptions=True)
+            if runner in done and not runner.cancelled() and runner.exception() is not None:
+                raise runner.exception()  # a manager that failed must not exit 0
     finally:
         await kube.close()
 

@@ -114,6 +114,25 @@ class Manager:
         await asyncio.gather(*(i.wait_synced(timeout) for k, i in self._informers.items()
                                if not (gated_only and k in self._ungated)))
 
+    sync_report_interval: float = 60.0
+
+    async def _wait_synced_patiently(self, *, gated_only: bool = False) -> None:
+        """The first LIST of a large cluster on a busy API server can take
+        minutes (7,500 nodes and 20,000 pods on two loaded cores: over 120 s).
+        Waiting is not failing: the informers keep retrying, /readyz stays
+        503, and every ``sync_report_interval`` the informers still listing
+        are named in the log."""
+        waited = 0.0
+        while True:
+            try:
+                await self.wait_synced(self.sync_report_interval, gated_only=gated_only)
+                return
+            except TimeoutError:
+                waited += self.sync_report_interval
+                pending = sorted(i.resource.plural for k, i in self._informers.items()
+                                 if not i.synced and not (gated_only and k in self._ungated))
+                log.warning("informers not synced after %.0fs, still waiting: %s", waited, ", ".join(pending))
+
     # --- running --------------------------------------------------------
     async def ensure_namespace(self) -> None:
         """fleetkeeper's own namespace (Lease, ConfigMaps) must exist; create it if
@@ -147,7 +166,7 @@ class Manager:
                 tasks.append(elect)
                 await self.elector.is_leader.wait()
             if any(r.leader for r in self._runnables):
-                await self.wait_synced(gated_only=True)
+                await self._wait_synced_patiently(gated_only=True)
             for r in self._runnables:
                 if r.leader:
                     tasks.append(asyncio.create_task(r.fn(), name=r.name))
