@@ -114,7 +114,7 @@ async def demo(ctx) -> Outcome:
             from fleetkeeper.preflight.explain import explain_node
 
             lines = await explain_node(kube, ctx.names, sample)
-            ctx.report(f"explain {sample}: " + " | ".join(lines[:3]))
+            ctx.report(f"explain {sample}: " + " | ".join(" ".join(ln.split()) for ln in lines[:4]))
     finally:
         plan.clear(bad)
         try:
