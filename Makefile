@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 NODES ?= 200
 KEEP ?=
 
-.PHONY: demo test unit e2e bench lint deps system-deps controlplane clean lock
+.PHONY: demo test unit e2e bench lint deps system-deps controlplane helm realnode images chart-lint clean lock
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,22 @@ system-deps:
 controlplane: deps
 	@bash hack/build-controlplane.sh >/dev/null
 
+# Helm, built from its Go module (HELM_VERSION in hack/versions.env), cached.
+helm: deps
+	@bash hack/build-helm.sh >/dev/null
+
+# The real node's binaries (kubelet, kube-proxy, containerd 2.x, CoreDNS, pause), cached.
+realnode: deps
+	@bash hack/build-realnode.sh >/dev/null
+
+# Images built here with no registry: Debian base (mmdebstrap), the fleetkeeper image and
+# the validator image (buildah), tagged with the package version.
+images: deps
+	@bash hack/build-images.sh
+
+chart-lint: helm
+	$$(bash hack/build-helm.sh) lint --strict charts/fleetkeeper
+
 lock:
 	$(BIN)/uv pip compile -q pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
@@ -39,7 +55,9 @@ lint: deps
 unit: deps
 	$(BIN)/pytest -q -m "not e2e" -p no:cacheprovider
 
-test: controlplane lint
+# The real-node lane (tests/e2e/realnode) runs when FLEETKEEPER_REAL_NODE=1: it needs root
+# and must not run beside another real-node lane or the network-namespace tests.
+test: controlplane helm lint chart-lint $(if $(FLEETKEEPER_REAL_NODE),realnode images)
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: controlplane

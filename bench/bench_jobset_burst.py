@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import shutil
 import statistics
 import tempfile
 import time
@@ -156,6 +157,7 @@ async def main(pods: int, rounds: int, jobs: int, variants: list[str]) -> None:
         finally:
             await o.stop()
             await kube.close()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

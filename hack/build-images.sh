@@ -55,6 +55,24 @@ if ! have "$base"; then
 fi
 buildah tag "$base" localhost/fleetkeeper-base:latest
 
+# --- nothing to build when the images of these sources exist
+source_hash="$( (cd "$root" && cat pyproject.toml requirements.lock hack/images/* && find src -name '*.py' -o -name '*.yaml' -o -name '*.json' | sort | xargs cat) | sha256sum | cut -c1-16)"
+fresh() {  # name: the image of these sources exists
+  [[ "$(buildah inspect --type image --format '{{index .ImageAnnotations "org.opencontainers.image.revision"}}' "localhost/$1:$version" 2>/dev/null)" == "$source_hash" ]]
+}
+export_archive() {  # name: OCI archive for `ctr images import`, when asked for and stale
+  [[ -n "$archive" ]] || return 0
+  [[ -f "$archive/$1.oci.tar" && "$(cat "$archive/$1.source" 2>/dev/null)" == "$source_hash" ]] && return 0
+  rm -f "$archive/$1.oci.tar"
+  buildah push --quiet "localhost/$1:$version" "oci-archive:$archive/$1.oci.tar:localhost/$1:$version"
+  echo "$source_hash" > "$archive/$1.source"
+}
+if fresh fleetkeeper && fresh fleetkeeper-validator; then
+  log "images of these sources exist (source $source_hash)"
+  for name in fleetkeeper fleetkeeper-validator; do export_archive "$name"; echo "localhost/$name:$version"; done
+  exit 0
+fi
+
 # --- wheelhouse: fleetkeeper's wheel and its locked runtime dependencies (nvidia-ml-py for the validator)
 ctx="$cache/context-$version"
 rm -rf "$ctx"
@@ -71,12 +89,10 @@ build() {  # name containerfile
   local image="localhost/$1:$version"
   buildah bud --quiet --network none --pull-never --layers=false --build-arg "BASE=$base" \
     --label "org.opencontainers.image.version=$version" --label "org.opencontainers.image.licenses=Apache-2.0" \
+    --annotation "org.opencontainers.image.revision=$source_hash" \
     -f "$2" -t "$image" "$ctx" >/dev/null
   log "$image (t+$((SECONDS-start))s)"
-  if [[ -n "$archive" ]]; then
-    rm -f "$archive/$1.oci.tar"
-    buildah push --quiet "$image" "oci-archive:$archive/$1.oci.tar:$image"
-  fi
+  export_archive "$1"
   echo "$image"
 }
 rm -rf "$ctx/src"

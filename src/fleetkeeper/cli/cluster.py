@@ -26,6 +26,10 @@ def up(
     port: int = typer.Option(None, "--port", min=1, max=65535, help="API server port (default: a free one)"),
     events_etcd: bool = typer.Option(False, "--events-etcd", help="keep Events in their own etcd (R15)"),
     join_gate: bool = typer.Option(False, "--join-gate", help="nodes register with the preflight taint and label"),
+    real_node: bool = typer.Option(False, "--real-node",
+                                   help="also run one real node here (kubelet, containerd, CNI bridge, kube-proxy, "
+                                        "CoreDNS; needs root), tainted fleetkeeper.io/real-node=true:NoSchedule, "
+                                        "with fleetkeeper's images loaded; docs/realnode.md"),
     directory: Path = DirOpt,
 ) -> None:
     """Start the control plane (building binaries if needed) and create NODES simulated nodes."""
@@ -35,7 +39,7 @@ def up(
         console.print(f"[dim]·[/dim] {msg}")
 
     res = run_async(lc.up(nodes, gpus_per_node, apiserver_port=port, events_etcd=events_etcd,
-                          join_gate=join_gate, progress=progress))
+                          join_gate=join_gate, progress=progress, real_node=real_node))
     out.print(f"[green]cluster up[/green]: {lc.server}  nodes Ready: {res['ready']} (created {res['created']}, "
               f"{res['seconds']}s)")
     out.print(f"  kubeconfig: {lc.kubeconfig}\n  try: fleetkeeper cluster kubectl -- get nodes")

@@ -37,6 +37,8 @@ log = logging.getLogger("fleetkeeper.localcluster")
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-controlplane.sh"
+REALNODE_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-realnode.sh"
+IMAGES_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-images.sh"
 VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
 COMPONENTS = ("etcd", "etcd-events", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 FEATURE_GATES = "GenericWorkload=true,GangScheduling=true"
@@ -64,6 +66,54 @@ def versions() -> dict[str, str]:
             k, v = line.split("=", 1)
             out[k] = v
     return out
+
+
+def _run_build(script: Path, tag: str, progress: Progress | None, *args: str) -> str:
+    tail: list[str] = []
+    with subprocess.Popen(["bash", str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        assert proc.stderr is not None and proc.stdout is not None
+        for line in proc.stderr:
+            line = line.rstrip()
+            tail = (tail + [line])[-20:]
+            if line.startswith(f"[{tag}]") and progress:
+                progress(line.removeprefix(f"[{tag}] "))
+        out = proc.stdout.read()
+    if proc.returncode != 0:
+        raise errors.ClusterError(f"{script.name} failed:\n" + "\n".join(tail))
+    return out
+
+
+def ensure_realnode_binaries(progress: Progress | None = None) -> Path:
+    """kubelet, kube-proxy, containerd, CoreDNS, pause (hack/build-realnode.sh, cached)."""
+    if not REALNODE_BUILD_SCRIPT.exists():
+        raise errors.ClusterError(f"{REALNODE_BUILD_SCRIPT} not found: the real node needs a fleetkeeper checkout")
+    return Path(_run_build(REALNODE_BUILD_SCRIPT, "build-realnode", progress).strip().splitlines()[-1])
+
+
+def ensure_image_archives(cluster_dir: Path, progress: Progress | None = None) -> list[Path]:
+    """fleetkeeper's images (hack/build-images.sh) as OCI archives for the real node's containerd."""
+    # one place for every cluster: build-images.sh skips images (and archives) of unchanged sources
+    cache = Path(os.environ.get("FLEETKEEPER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                 / "fleetkeeper")
+    out = cache / "images" / "archives"
+    _run_build(IMAGES_BUILD_SCRIPT, "build-images", progress, "--archive", str(out))
+    return sorted(out.glob("*.oci.tar"))
+
+
+async def apply_dns_rbac(kube: Kube) -> None:
+    """What the real node's CoreDNS reads (its user is in group fleetkeeper:coredns)."""
+    from fleetkeeper.core.kube import CLUSTERROLEBINDINGS, CLUSTERROLES
+
+    await kube.apply(CLUSTERROLES, {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "fleetkeeper:coredns"},
+        "rules": [{"apiGroups": [""], "resources": ["services", "pods", "namespaces"], "verbs": ["list", "watch"]},
+                  {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}]})
+    await kube.apply(CLUSTERROLEBINDINGS, {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "fleetkeeper:coredns"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "fleetkeeper:coredns"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "fleetkeeper:coredns"}]})
 
 
 def ensure_binaries(progress: Progress | None = None) -> Path:
@@ -145,6 +195,9 @@ class State:
     events_etcd: bool = False
     bin_dir: str = ""
     gpus_per_node: int = 8
+    real_node: bool = False            # the API server serves a real node on the host's address
+    host_ip: str = ""
+    node_tokens: dict[str, str] = field(default_factory=dict)  # real node, kube-proxy, CoreDNS
 
     @classmethod
     def load(cls, path: Path) -> "State":
@@ -263,6 +316,14 @@ class LocalCluster:
         for user, groups in TEST_USERS.items():
             g = ",".join(groups + ["researchers"])
             lines.append(f'{st.user_tokens[user]},{user},{user}-uid,"{g}"')
+        if st.real_node:
+            from fleetkeeper.localcluster.realnode import NODE_NAME
+
+            for who in ("node", "proxy", "dns"):
+                st.node_tokens.setdefault(who, secrets.token_hex(24))
+            lines += [f'{st.node_tokens["node"]},system:node:{NODE_NAME},node-uid,"system:nodes"',
+                      f'{st.node_tokens["proxy"]},system:kube-proxy,kube-proxy-uid',
+                      f'{st.node_tokens["dns"]},fleetkeeper:coredns,coredns-uid,"fleetkeeper:coredns"']
         tokens = self.dir / "pki" / "tokens.csv"
         tokens.write_text("\n".join(lines) + "\n")
         tokens.chmod(0o600)
@@ -313,20 +374,26 @@ class LocalCluster:
                 "--unsafe-no-fsync=true", "--log-level=warn", "--snapshot-count=50000",
             ]
         if comp == "kube-apiserver":
+            real = self.state.real_node
             cmd = [
-                self._bin(comp), f"--etcd-servers=http://127.0.0.1:{p.etcd}", "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1", f"--secure-port={p.apiserver}",
+                self._bin(comp), f"--etcd-servers=http://127.0.0.1:{p.etcd}",
+                f"--bind-address={'0.0.0.0' if real else '127.0.0.1'}",
+                f"--advertise-address={self.state.host_ip if real else '127.0.0.1'}", f"--secure-port={p.apiserver}",
                 f"--tls-cert-file={pk / 'apiserver.crt'}", f"--tls-private-key-file={pk / 'apiserver.key'}",
                 f"--client-ca-file={pk / 'ca.crt'}", f"--token-auth-file={pk / 'tokens.csv'}",
                 "--authorization-mode=Node,RBAC", "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={pk / 'sa.pub'}", f"--service-account-signing-key-file={pk / 'sa.key'}",
                 "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
-                "--endpoint-reconciler-type=none", f"--feature-gates={FEATURE_GATES}",
+                *([] if real else ["--endpoint-reconciler-type=none"]), f"--feature-gates={FEATURE_GATES}",
                 f"--runtime-config={RUNTIME_CONFIG}", "--max-requests-inflight=800",
                 "--max-mutating-requests-inflight=400", "--v=1",
             ]
             if self.state.events_etcd:
                 cmd.append(f"--etcd-servers-overrides=/events#http://127.0.0.1:{p.etcd_events}")
+            if real:  # a kubelet and pods reach it on the host's address; it reaches them (webhooks, logs)
+                cmd += ["--kubelet-preferred-address-types=InternalIP,Hostname", "--enable-aggregator-routing=true",
+                        f"--kubelet-client-certificate={pk / 'apiserver-kubelet-client.crt'}",
+                        f"--kubelet-client-key={pk / 'apiserver-kubelet-client.key'}"]
             return cmd
         if comp == "kube-controller-manager":
             return [
@@ -444,7 +511,7 @@ class LocalCluster:
         self.state.save(self.state_path)
 
     def start_processes(self, *, apiserver_port: int | None = None, events_etcd: bool = False,
-                        progress: Progress | None = None) -> None:
+                        real_node: bool = False, progress: Progress | None = None) -> None:
         say = progress or (lambda s: None)
         if not self.state.bin_dir or not Path(self.state.bin_dir, "kwok").exists():
             self.state.bin_dir = str(ensure_binaries(say))
@@ -459,9 +526,17 @@ class LocalCluster:
             raise errors.ClusterError(
                 f"the cluster in {self.dir} already serves on port {self.state.ports.apiserver}; "
                 f"run 'fleetkeeper cluster down' first to change it to {apiserver_port}")
+        if real_node and not self.state.real_node and self.running().get("kube-apiserver"):
+            raise errors.ClusterError(f"the cluster in {self.dir} runs without a real node; run 'fleetkeeper "
+                                      "cluster down' first, then 'cluster up --real-node'")
+        if real_node:
+            from fleetkeeper.localcluster.realnode import host_ip
+
+            self.state.real_node = True
+            self.state.host_ip = self.state.host_ip or host_ip()
         self._choose_ports(apiserver_port)
         self._check_ports(self.running())
-        pki.write_cluster_pki(self.dir / "pki")
+        pki.write_cluster_pki(self.dir / "pki", [self.state.host_ip] if self.state.real_node else [])
         self._write_auth()
         self.state.save(self.state_path)
         order = ["etcd"] + (["etcd-events"] if events_etcd else []) + [
@@ -477,10 +552,10 @@ class LocalCluster:
 
     async def up(self, nodes: int = 50, gpus_per_node: int = 8, *, apiserver_port: int | None = None,
                  events_etcd: bool = False, join_gate: bool = False, create_rate: float | None = None,
-                 progress: Progress | None = None, wait_ready: bool = True) -> dict:
+                 progress: Progress | None = None, wait_ready: bool = True, real_node: bool = False) -> dict:
         say = progress or (lambda s: None)
         await asyncio.to_thread(self.start_processes, apiserver_port=apiserver_port, events_etcd=events_etcd,
-                                progress=say)
+                                real_node=real_node, progress=say)
         self.state.gpus_per_node = gpus_per_node
         self.state.save(self.state_path)
         t0 = time.monotonic()
@@ -488,10 +563,44 @@ class LocalCluster:
             spec = FleetSpec(nodes=nodes, gpus_per_node=gpus_per_node, join_gate=join_gate)
             created = await create_nodes(kube, spec, rate=create_rate, progress=say)
             ready = await wait_nodes_ready(kube, nodes, timeout=max(300.0, nodes / 4), progress=say) if wait_ready else 0
+            if real_node:
+                await self.start_real_node(kube, say)
         return {"created": created, "ready": ready, "seconds": round(time.monotonic() - t0, 1)}
+
+    # --- the real node ---------------------------------------------------------
+    def real_node(self):
+        from fleetkeeper.localcluster.realnode import RealNode
+
+        pk = self.dir / "pki"
+        t = self.state.node_tokens
+        return RealNode(self.dir, server=self.server, ca_file=pk / "ca.crt", ca_key_file=pk / "ca.key",
+                        node_token=t.get("node", ""), proxy_token=t.get("proxy", ""), dns_token=t.get("dns", ""))
+
+    async def start_real_node(self, kube: Kube, progress: Progress | None = None, *,
+                              images: list[Path] | None = None) -> None:
+        """Build (or reuse) the node's binaries and the images, start the node, wait until it is Ready."""
+        from fleetkeeper.localcluster.realnode import NODE_NAME, pause_archive
+
+        say = progress or (lambda s: None)
+        await apply_dns_rbac(kube)
+        bin_dir = await asyncio.to_thread(ensure_realnode_binaries, say)
+        archives = [await asyncio.to_thread(pause_archive, bin_dir)]
+        archives += images if images is not None else await asyncio.to_thread(ensure_image_archives, self.dir, say)
+        await asyncio.to_thread(self.real_node().start, bin_dir, archives, say)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            n = await kube.get_or_none(NODES, NODE_NAME)
+            if n is not None and node_ready(n):
+                say(f"real node {NODE_NAME} Ready")
+                return
+            await asyncio.sleep(1.0)
+        raise errors.ClusterError(f"the real node did not become Ready in 180s; see {self.dir / 'realnode' / 'logs'}:\n"
+                                  + self.real_node().log_tail("kubelet"))
 
     def down(self, purge: bool = False) -> list[str]:
         stopped = []
+        if (self.dir / "realnode" / "state.json").exists():
+            stopped += [f"{c} (real node)" for c in self.real_node().stop()]
         for comp in reversed(COMPONENTS):
             if self.state.pids.get(comp) and _alive(self.state.pids[comp], comp):
                 stopped.append(comp)

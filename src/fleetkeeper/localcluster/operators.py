@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import base64
+import ctypes
 import logging
 import re
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,15 @@ log = logging.getLogger("fleetkeeper.localcluster.operators")
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-workload-controllers.sh"
 JOBSET = ("jobset-system", "jobset-controller-manager")
 MPI = ("mpi-operator", "mpi-operator")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test or benchmark process dies, even
+    killed (PR_SET_PDEATHSIG; Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def build(what: str = "all", timeout: float = 3600) -> dict[str, Path]:
@@ -131,7 +142,8 @@ class Operators:
             atexit.register(self.kill_all)
         logf = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         self.logs.append(logf)
-        self.procs[name] = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
 
     def log_tail(self, name: str, n: int = 4000) -> str:
         p = self.workdir / f"{name}.log"

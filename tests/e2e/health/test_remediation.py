@@ -1,6 +1,6 @@
 """The remediation ladder on the real local control plane, on this test's own
 KWOK nodes (prefix "hl"), with simulated agents reading a fault plan; and the
-deploy manifests (deploy/health) run under the identities they define."""
+Helm chart's RBAC (charts/fleetkeeper) is enough and each rule needed."""
 
 from __future__ import annotations
 
@@ -405,37 +405,20 @@ async def _has_taint(kube, name):
     return taint(await kube.get(NODES, name), "fleetkeeper.io/quarantine") is not None
 
 
-# --- the deploy manifests ----------------------------------------------------------------
-# Accepted by the real API server as written (server-side dry-run), and the RBAC they grant is
-# enough: the remediation controller runs as its ServiceAccount (leader Lease, quarantine,
-# eviction, termination, Events, state ConfigMap) and an agent writes its node's conditions as
-# the agent's ServiceAccount.
-DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "health"
+# --- the Helm chart's identities ----------------------------------------------------------
+# The chart's RBAC for health is enough and no more: the remediation controller runs as its
+# ServiceAccount (leader Lease, quarantine, eviction, termination, Events, state ConfigMap)
+# and an agent writes its node's conditions as the agent's ServiceAccount; every request is
+# recorded, none is forbidden, and each rule is the only one that allowed one of them.
 NS = "fleetkeeper-system"
-ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role", True)
-ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True)
-BY_KIND = {r.kind: r for r in (SERVICEACCOUNTS, CLUSTERROLES, CLUSTERROLEBINDINGS, ROLES, ROLEBINDINGS,
-                               DAEMONSETS, DEPLOYMENTS, SERVICES, CONFIGMAPS)}
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "chart"))
 
 
-def docs(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+async def test_chart_rbac_is_enough_and_each_rule_needed(kube, own_nodes, tmp_path):
+    from rbac_audit import apply_rbac, audit, chart_docs, service_account
 
-
-def sa(kube, name: str):
-    return kube.as_user(f"system:serviceaccount:{NS}:{name}",
-                        ["system:serviceaccounts", f"system:serviceaccounts:{NS}", "system:authenticated"])
-
-
-async def test_manifests_are_accepted_and_their_rbac_is_enough(kube, own_nodes, tmp_path):
-    if await kube.get_or_none(NAMESPACES, NS) is None:
-        await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-    rbac = docs("rbac.yaml")
-    for d in rbac:
-        await kube.apply(BY_KIND[d["kind"]], d)
-    for name in ("agent-daemonset.yaml", "controller.yaml"):  # validated by the API server, not created
-        for d in docs(name):
-            await kube.create(BY_KIND[d["kind"]], d, d["metadata"].get("namespace"), dry_run=True)
+    docs = chart_docs()
+    await apply_rbac(kube, docs)
 
     ecc_node, gone_node = await own_nodes(2)
     ns = f"rbac-{own_nodes.group}"
@@ -444,18 +427,24 @@ async def test_manifests_are_accepted_and_their_rbac_is_enough(kube, own_nodes, 
                              "spec": {"nodeName": gone_node, "terminationGracePeriodSeconds": 1,
                                       "containers": [{"name": "c", "image": "busybox"}]}}, ns)
 
-    controller = sa(kube, "fleetkeeper-health")
+    controller = service_account(kube, "fleetkeeper-health")
+    agent_kube = service_account(kube, "fleetkeeper-health-agent")
     mgr = Manager(controller, RuntimeSettings(namespace=NS, server={"port": 0},
-                                              leader_election={"enabled": True, "lease_name": f"fk-health-{ns}"}),
+                                              leader_election={"enabled": True, "lease_name": "fleetkeeper-health"}),
                   registry=CollectorRegistry())
-    policy = load_policy(f"""
+    policy = f"""
 budget: {{cluster: {{max_nodes: 10}}, zone: {{max_percent: 100}}, rack: {{max_nodes: 10}}}}
 storm: {{min_nodes: 50}}
 node_selector: {{{GROUP}: '{own_nodes.group}'}}
-""")
-    await setup(mgr, HealthOptions(policy=policy, simulate=False, state_interval=0.5))
+"""
+    load_policy(policy)  # valid
+    # the policy comes from the ConfigMap the chart makes (read by name), as in a cluster
+    await kube.apply(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
+                                  "metadata": {"name": "fleetkeeper-health", "namespace": NS},
+                                  "data": {"policy.yaml": policy}})
+    await setup(mgr, HealthOptions(simulate=False, state_interval=0.5, reload_interval=0.5))
     task = asyncio.create_task(mgr.run())
-    agent = AgentCore(ConditionWriter(sa(kube, "fleetkeeper-health-agent")), RealClock(), startup_spread=0)
+    agent = AgentCore(ConditionWriter(agent_kube), RealClock(), startup_spread=0)
     try:
         await mgr.wait_synced(60)
         for n in (ecc_node, gone_node):
@@ -476,7 +465,6 @@ node_selector: {{{GROUP}: '{own_nodes.group}'}}
         ledger = await kube.get(CONFIGMAPS, LEDGER_CONFIGMAP, NS)
         assert gone_node in ledger["data"]["actions"]
         # the agent's identity: list and watch only its own node, acknowledge an action request
-        agent_kube = sa(kube, "fleetkeeper-health-agent")
         items, rv = await agent_kube.list(NODES, field_selector=f"metadata.name={ecc_node}")
         assert [i["metadata"]["name"] for i in items] == [ecc_node]
         async with contextlib.aclosing(agent_kube.watch(NODES, rv, field_selector=f"metadata.name={ecc_node}",
@@ -489,20 +477,25 @@ node_selector: {{{GROUP}: '{own_nodes.group}'}}
         async def state_written():
             return await kube.get_or_none(CONFIGMAPS, STATE_CONFIGMAP, NS)
         await wait_for(state_written, 20, "the state ConfigMap")
-        lease = await kube.get(LEASES, f"fk-health-{ns}", NS)
+
+        async def state_patched():  # a later write patches it (the first one created it)
+            return any(c.verb == "patch" and c.name == STATE_CONFIGMAP for c in controller.calls)
+        await wait_for(state_patched, 30, "the state ConfigMap updated")
+        lease = await kube.get(LEASES, "fleetkeeper-health", NS)
         assert lease["spec"]["holderIdentity"] == mgr.identity
-        errors_seen = mgr.registry.get_sample_value("fleetkeeper_api_requests_total",
-                                                    {"verb": "patch", "resource": "nodes", "code": "403"}) or 0
-        assert errors_seen == 0
     finally:
         await stop(task)
         for res, name, n in ((CONFIGMAPS, STATE_CONFIGMAP, NS), (CONFIGMAPS, LEDGER_CONFIGMAP, NS),
-                             (LEASES, f"fk-health-{ns}", NS),
+                             (CONFIGMAPS, "fleetkeeper-health", NS), (LEASES, "fleetkeeper-health", NS),
                              (NAMESPACES, ns, None)):
             try:
                 await kube.delete(res, name, n)
             except errors.NotFound:
                 pass
+    for sa, calls in (("fleetkeeper-health", controller.calls), ("fleetkeeper-health-agent", agent_kube.calls)):
+        forbidden, unneeded = audit(docs, sa, calls)
+        assert not forbidden, f"{sa} was refused: {forbidden}"
+        assert not unneeded, f"{sa} has rules none of its requests needed: {unneeded}"
 
 
 async def _delete_state(kube):

@@ -292,51 +292,58 @@ async def test_no_test_pod_until_the_node_is_up(kube, namespace, tmp_path):
         await delete_nodes(kube, [node])
 
 
-async def test_deploy_manifests_are_accepted_and_their_rbac_is_enough(kube, tmp_path):
-    """deploy/preflight as written: the API server accepts it (server-side dry-run), and the controller,
-    running as its ServiceAccount, registers the webhook, gates a joining node, runs its test pod,
-    records GPU history and releases it, with no 403."""
+async def test_chart_rbac_is_enough_and_each_rule_needed(kube, tmp_path):
+    """The Helm chart's identities for preflight: the controller, running as its ServiceAccount
+    with its configuration read from the chart's ConfigMap, gates a joining node (the webhook
+    registered by an administrator, as the chart does), runs its test pod, records GPU history
+    and releases it; no request is refused, and each rule of its RBAC was needed by one."""
+    import sys
     from pathlib import Path
 
     import yaml
 
-    from fleetkeeper.core.kube import (
-        CLUSTERROLEBINDINGS, CLUSTERROLES, CONFIGMAPS, DEPLOYMENTS, LEASES, NAMESPACES, SERVICEACCOUNTS, SERVICES,
-        Resource)
+    from fleetkeeper.core.kube import CONFIGMAPS, LEASES
+    from fleetkeeper.preflight.config import WebhookConfig
+    from fleetkeeper.preflight.controller import setup
     from fleetkeeper.preflight.history import LABEL as HISTORY_LABEL
+    from fleetkeeper.preflight.webhook import gate_registration
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "chart"))
+    from rbac_audit import apply_rbac, audit, chart_docs, service_account
 
     ns = "fleetkeeper-system"
-    roles = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role", True)
-    bindings = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True)
-    by_kind = {r.kind: r for r in (SERVICEACCOUNTS, CLUSTERROLES, CLUSTERROLEBINDINGS, roles, bindings, DEPLOYMENTS,
-                                   SERVICES)}
-    deploy = Path(__file__).resolve().parents[3] / "deploy" / "preflight"
-    if await kube.get_or_none(NAMESPACES, ns) is None:
-        await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    for d in yaml.safe_load_all((deploy / "rbac.yaml").read_text()):
-        await kube.apply(by_kind[d["kind"]], d)
-    for d in yaml.safe_load_all((deploy / "controller.yaml").read_text()):
-        await kube.create(by_kind[d["kind"]], d, d["metadata"].get("namespace"), dry_run=True)
-
+    docs = chart_docs()
+    await apply_rbac(kube, docs)
     tid = secrets.token_hex(3)
-    lease = f"fk-preflight-{tid}"
-    cfg = PreflightConfig.model_validate({
-        "namespace": ns, "fault_file": str(tmp_path / "faults.json"), "node_selector": {TEST_LABEL: tid},
-        "periodic": {"enabled": False},
-        "webhook": {"enabled": True, "host": "127.0.0.1", "port": 0, "url_host": "127.0.0.1",
-                    "object_selector": {"matchLabels": {TEST_LABEL: tid}}}})
-    controller = kube.as_user(f"system:serviceaccount:{ns}:fleetkeeper-preflight",
-                              ["system:serviceaccounts", f"system:serviceaccounts:{ns}", "system:authenticated"])
+    cfg = {"namespace": ns, "fault_file": str(tmp_path / "faults.json"), "node_selector": {TEST_LABEL: tid},
+           "periodic": {"enabled": False},
+           "webhook": {"enabled": True, "host": "127.0.0.1", "port": 0, "url_host": "127.0.0.1",
+                       "auto_register": False}}
+    PreflightConfig.model_validate(cfg)
+    await kube.apply(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
+                                  "metadata": {"name": "fleetkeeper-preflight", "namespace": ns},
+                                  "data": {"config.yaml": yaml.safe_dump(cfg)}})
+    controller = service_account(kube, "fleetkeeper-preflight")
     registry = CollectorRegistry()
     mgr = Manager(controller, RuntimeSettings(namespace=ns, server={"port": 0},
-                                              leader_election={"enabled": True, "lease_name": lease}),
+                                              leader_election={"enabled": True, "lease_name": "fleetkeeper-preflight"}),
                   registry=registry, identity=f"test-{tid}")
-    Preflight(mgr, cfg).register()
+    await setup(mgr, None)
+    pf = mgr._runnables  # noqa: SLF001 - the webhook server is found through the running Preflight below
     task = asyncio.create_task(mgr.run())
     nodes = my_nodes(tid, 1)
     name = nodes[0]["metadata"]["name"]
     try:
-        await until(lambda: kube.get_or_none(MUTATING_WEBHOOKS, CONFIG_NAME), 30, "webhook registered")
+        preflight = next(r.fn.__self__ for r in pf if r.name == "preflight-webhook")
+
+        async def serving():
+            return getattr(preflight, "webhook_server", None) is not None and preflight.webhook_server.port
+        await until(serving, 30, "webhook serving")
+        server = preflight.webhook_server
+        ca = (Path(server.cert).parent / "ca.crt").read_bytes()
+        await kube.apply(MUTATING_WEBHOOKS, gate_registration(
+            WebhookConfig(), ca, url=f"https://127.0.0.1:{server.port}/node-preflight-gate",
+            object_selector={"matchLabels": {TEST_LABEL: tid}}))
         await asyncio.sleep(1.0)
         obj = await kube.create(NODES, nodes[0])
         assert taint(obj) is not None, "the webhook did not gate the node"
@@ -350,15 +357,16 @@ async def test_deploy_manifests_are_accepted_and_their_rbac_is_enough(kube, tmp_
             cms, _ = await kube.list(CONFIGMAPS, ns, label_selector=f"{HISTORY_LABEL}=true")
             return any(name in str(c.get("data")) for c in cms)
         await until(history, 20, "GPU history recorded")
-        assert (await kube.get(LEASES, lease, ns))["spec"]["holderIdentity"] == f"test-{tid}"
-        forbidden = sum(s.value for m in registry.collect() if m.name == "fleetkeeper_api_requests"
-                        for s in m.samples if s.labels.get("code") == "403")
-        assert forbidden == 0
+        assert (await kube.get(LEASES, "fleetkeeper-preflight", ns))["spec"]["holderIdentity"] == f"test-{tid}"
     finally:
         await stop(task)
-        for res, n, space in ((MUTATING_WEBHOOKS, CONFIG_NAME, None), (LEASES, lease, ns)):
+        for res, n, space in ((MUTATING_WEBHOOKS, CONFIG_NAME, None), (LEASES, "fleetkeeper-preflight", ns),
+                              (CONFIGMAPS, "fleetkeeper-preflight", ns)):
             try:
                 await kube.delete(res, n, space)
             except errors.NotFound:
                 pass
         await delete_nodes(kube, nodes)
+    forbidden, unneeded = audit(docs, "fleetkeeper-preflight", controller.calls)
+    assert not forbidden, f"refused: {forbidden}"
+    assert not unneeded, f"rules none of its requests needed: {unneeded}"

@@ -181,3 +181,17 @@ async def test_pods_of_built_in_controllers_keep_their_authors_team(env):
     [p] = await until(pods, 60, "the Deployment's pod")
     team_tols = [t for t in p["spec"]["tolerations"] if t.get("key") == NAMES.team]
     assert team_tols == [A_TOL]
+
+
+async def test_a_hand_written_owner_reference_does_not_lend_a_team(env):
+    """Bypass 7: bob points his pod's ownerReference at alice's Deployment to be judged as alice."""
+    await start(env)
+    alice, bob = await env.user("alice"), await env.user("bob")
+    await alice.create(DEPLOYMENTS, deployment(env, "alices"), env.namespace)
+    d = await env.kube.get(DEPLOYMENTS, "alices", env.namespace)
+    pod = env.pod("borrowed", gpus=0, tolerations=[A_TOL])
+    pod["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "alices",
+                                           "uid": d["metadata"]["uid"], "controller": True}]
+    with pytest.raises(errors.Forbidden) as ei:
+        await bob.create(PODS, pod, env.namespace)
+    refused(ei.value, "team 'team-a'", "teams: team-b")

@@ -10,6 +10,7 @@ import asyncio
 import copy
 import os
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def operators(cluster, built):
             await o.stop()
             await o.kube.close()
         asyncio.run(down())
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def container(env, gpus: int) -> dict:
