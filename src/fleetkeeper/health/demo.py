@@ -1,5 +1,13 @@
 """The health scenario of ``make demo``: faults of each family on simulated
-nodes, the ladder reacting, then a storm that runs into the budget."""
+nodes, the ladder reacting, then a burst of faults that runs into the budget.
+
+The scenario is sized from the policy and the fleet (:func:`sizes`), so that
+what it shows is decided by the product's rules, not by timing: the ladder's
+faults fit in the disruption budget, and the burst is larger than what is
+left of the budget but stays below the fault-storm threshold (a storm pause
+is a different guard: above the threshold, it, not the budget, would hold the
+burst back, and only if the detector happened to see the burst at once).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +15,53 @@ import asyncio
 import time
 
 from fleetkeeper.core import errors
+from dataclasses import dataclass
+
 from fleetkeeper.core.clock import RealClock
+from fleetkeeper.core.configmap import ConfigMapKey
 from fleetkeeper.core.faults import FaultPlan, default_fault_file, parse_fault
 from fleetkeeper.core.kube import NAMESPACES, NODES, PODS
 from fleetkeeper.core.outcome import Outcome
+from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.core.views import default_projector
 from fleetkeeper.health.agent import AgentCore, ConditionWriter, SimulatedFleet
+from fleetkeeper.health.decide import selected, storm_threshold
+from fleetkeeper.health.policy import Policy, load_policy
 
 NS = "health-demo"
+CONFIGMAP, POLICY_KEY = "fleetkeeper-health", "policy.yaml"  # the controller's own policy source
+CASES = [("xid:79", "Xid 79, GPU fell off the bus"), ("ecc", "uncorrectable ECC"),
+         ("disk-ro", "read-only filesystem"), ("maintenance:reboot", "Azure scheduled reboot")]
+WAITING = 8  # burst nodes beyond the budget's headroom: the ones shown waiting
+
+
+@dataclass(frozen=True)
+class Sizes:
+    cases: int  # ladder faults shown (each quarantined within the budget)
+    burst: int  # further faulty nodes at once
+    headroom: int  # budget units left for the burst
+    limit: int | None  # the cluster budget
+    threshold: int  # the fault-storm threshold
+
+    @property
+    def why(self) -> str:
+        return (f"cluster budget {self.limit}, storm threshold {self.threshold}: {self.cases} ladder fault(s), "
+                f"then {self.burst} at once ({self.headroom} budget unit(s) left for them)")
+
+
+def sizes(total: int, spare: int, policy: Policy) -> Sizes | None:
+    """How many ladder faults and how large a burst this fleet shows (pure). ``total``: the nodes the
+    policy manages; ``spare``: healthy GPU nodes the scenario may fault. None when the fleet is too
+    small to show a burst held back by the budget."""
+    limit = policy.budget.cluster.limit(total)
+    threshold = storm_threshold(total, policy)
+    cases = min(len(CASES), spare, limit if limit is not None else len(CASES))
+    headroom = (limit - cases) if limit is not None else spare
+    # faulted nodes within the storm window stay below the threshold, and the burst outgrows the headroom
+    burst = min(headroom + WAITING, spare - cases, threshold - 1 - cases)
+    if cases < 1 or limit is None or burst <= headroom:
+        return None
+    return Sizes(cases, burst, headroom, limit, threshold)
 
 
 async def _wait(fn, timeout: float) -> bool:
@@ -32,9 +79,15 @@ async def demo(ctx) -> Outcome:
     proj = default_projector(names.domain)
     views = [proj.node(n) for n in (await kube.list(NODES, label_selector="type=kwok"))[0]]
     gpu = [v for v in views if v.gpus and not v.taints]
-    if len(gpu) < 20:
-        ctx.report("not enough untainted GPU nodes for the health scenario; skipped")
-        return Outcome.skip("fewer than 20 untainted GPU nodes")
+    policy = await ConfigMapKey(kube, RuntimeSettings().namespace, CONFIGMAP, POLICY_KEY, load_policy).load()
+    everything, _ = await kube.list(NODES)
+    total = sum(1 for n in everything if selected(proj.node(n), policy))
+    size = sizes(total, len(gpu), policy)
+    if size is None:
+        ctx.report(f"{len(gpu)} untainted GPU nodes of {total}: too few to show a burst held back by the "
+                   "budget; skipped")
+        return Outcome.skip("too few untainted GPU nodes for the budget and storm threshold")
+    ctx.report(f"sized for {total} nodes: {size.why}")
     # one node per rack where possible, so the per-rack budget does not hide the ladder
     by_rack: dict[str, list] = {}
     for v in gpu:
@@ -51,13 +104,13 @@ async def demo(ctx) -> Outcome:
     except errors.Conflict:
         pass
     try:
-        cases = [("ecc", "uncorrectable ECC"), ("xid:79", "Xid 79, GPU fell off the bus"),
-                 ("disk-ro", "read-only filesystem"), ("maintenance:reboot", "Azure scheduled reboot")]
+        cases = CASES[:size.cases]
         victims = spread[:len(cases)]
+        xid = victims[0]  # CASES starts with Xid 79: the case with pods to evict
         for i in range(2):
             await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod",
                                      "metadata": {"name": f"trainer-{i}", "namespace": NS},
-                                     "spec": {"nodeName": victims[1].name, "terminationGracePeriodSeconds": 1,
+                                     "spec": {"nodeName": xid.name, "terminationGracePeriodSeconds": 1,
                                               "containers": [{"name": "c", "image": "trainer"}]}}, NS)
         t0 = time.monotonic()
         for v, (kind, what) in zip(victims, cases):
@@ -71,7 +124,7 @@ async def demo(ctx) -> Outcome:
                 if not any(t["key"] == names.quarantine for t in n["spec"].get("taints") or []):
                     return False
             return True
-        ok = outcome.expect(await _wait(all_tainted, 30), "each of the four faults ends in a quarantine taint")
+        ok = outcome.expect(await _wait(all_tainted, 30), f"each of the {len(cases)} ladder fault(s) ends in a quarantine taint")
         for v in victims:
             a = (await kube.get(NODES, v.name))["metadata"].get("annotations") or {}
             reason = a.get(names.domain + '/health-reason')
@@ -87,13 +140,14 @@ async def demo(ctx) -> Outcome:
             items, _ = await kube.list(PODS, NS)
             return all(p["metadata"].get("deletionTimestamp") for p in items)
         if outcome.expect(await _wait(evicted, 20), "the Xid 79 node's pods are evicted"):
-            ctx.report(f"pods on {victims[1].name} evicted through the Eviction API (Xid 79 needs a reboot)")
+            ctx.report(f"pods on {xid.name} evicted through the Eviction API (Xid 79 needs a reboot)")
 
-        storm = spread[len(cases):len(cases) + 16]
+        storm = spread[len(cases):len(cases) + size.burst]
         for v in storm:
             plan.inject(v.name, parse_fault("ecc"))
             touched.append(v.name)
-        ctx.report(f"storm: uncorrectable ECC on {len(storm)} more nodes at once")
+        ctx.report(f"burst: uncorrectable ECC on {len(storm)} more nodes at once ({len(cases) + len(storm)} "
+                   f"faulty nodes in all, below the storm threshold of {size.threshold})")
 
         async def exhausted() -> bool:
             return (ctx.registry.get_sample_value("fleetkeeper_remediation_budget_exhausted",
@@ -106,9 +160,11 @@ async def demo(ctx) -> Outcome:
             tainted += any(t["key"] == names.quarantine for t in n["spec"].get("taints") or [])
         ratio = ctx.registry.get_sample_value("fleetkeeper_remediation_budget_used_ratio", {"scope": "cluster"})
         storm_on = ctx.registry.get_sample_value("fleetkeeper_remediation_storm_active") or 0
-        outcome.expect(hit and tainted < len(storm), "the budget holds back part of the storm",
-                       f"{tainted}/{len(storm)} acted on")
-        ctx.report(f"budget: {tainted} of the storm's {len(storm)} nodes acted on, {len(storm) - tainted} wait; "
+        outcome.expect(hit and tainted <= size.headroom, "the budget holds back the burst beyond what is left of it",
+                       f"{tainted}/{len(storm)} acted on, {size.headroom} budget unit(s) left, exhausted={int(hit)}")
+        outcome.expect(not storm_on, "no fault-storm pause below the storm threshold", "storm cooldown active")
+        ctx.report(f"budget: {tainted} of the burst's {len(storm)} nodes acted on (the {size.headroom} unit(s) "
+                   f"left of the budget of {size.limit}), {len(storm) - tainted} wait; "
                    f"fleetkeeper_remediation_budget_exhausted{{scope=cluster}}={1 if hit else 0}, "
                    f"used ratio {ratio}; storm cooldown active={int(storm_on)}")
     finally:

@@ -21,6 +21,9 @@ from fleetkeeper.preflight.webhook import WEBHOOK_NAME, gate_node, gate_registra
 DEMO_LABEL = "fleetkeeper.io/preflight-demo"
 CONFIG = "fleetkeeper-preflight-demo-gate"
 BURST = 12
+# how long the scenario waits for the gate: a bound for a stuck gate, not a speed test (the time taken is
+# reported; bench/ measures it). Inside the runner's own per-scenario limit (300 s and up).
+WAIT_S = 240.0
 
 
 def _new_node(template: dict, name: str) -> dict:
@@ -33,6 +36,19 @@ def _new_node(template: dict, name: str) -> dict:
             "metadata": {"name": name, "labels": labels, "annotations": {KWOK_NODE_ANNOTATION: "fake"}},
             "spec": {}, "status": copy.deepcopy({k: v for k, v in (template.get("status") or {}).items()
                                                  if k in ("capacity", "allocatable", "nodeInfo")})}
+
+
+def _state(node: dict, keys: Keys) -> str:
+    """Where a node stands, for a scenario that missed: its taints, gate label and annotations, Ready."""
+    meta = node["metadata"]
+    ann = meta.get("annotations") or {}
+    taints = ", ".join(f"{t['key']}={t.get('value', '')}:{t['effect']}" for t in (node.get("spec") or {}).get("taints")
+                       or []) or "none"
+    ready = next((c.get("status") for c in (node.get("status") or {}).get("conditions") or []
+                  if c.get("type") == "Ready"), "?")
+    marks = {k.rsplit("/", 1)[-1]: v for k, v in ann.items() if "preflight" in k or "lifecycle" in k}
+    return (f"{meta['name']} Ready={ready} taints [{taints}] {keys.gate}={(meta.get('labels') or {}).get(keys.gate)}"
+            f" {marks}")
 
 
 async def demo(ctx) -> Outcome:
@@ -67,7 +83,7 @@ async def demo(ctx) -> Outcome:
         outcome.expect(gated == BURST, "every joining node is gated by the webhook", f"{gated}/{BURST}")
         ctx.report(f"{BURST} nodes registered WITHOUT the preflight taint; {gated}/{BURST} came back from the API "
                    f"server already tainted+labelled {keys.gate}=pending (no window for a pod)")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + WAIT_S
         released: set[str] = set()
         failed_state = None
         while time.monotonic() < deadline:
@@ -82,20 +98,23 @@ async def demo(ctx) -> Outcome:
             await asyncio.sleep(0.5)
         ctx.report(f"{len(released)}/{BURST} released after passing validation in {time.monotonic() - t0:.1f}s "
                    f"(signed reports verified; taint and label removed in one patch)")
-        outcome.expect(len(released) == BURST - 1 and bad not in released,
-                       "every good node released, the faulty one kept out", f"{len(released)}/{BURST} released")
+        if not outcome.expect(len(released) == BURST - 1 and bad not in released,
+                              "every good node released, the faulty one kept out", f"{len(released)}/{BURST} released"):
+            for n in cur:
+                if n["metadata"]["name"] not in released and n["metadata"]["name"] != bad:
+                    ctx.report(f"not released: {_state(n, keys)}")
         if outcome.expect(failed_state, f"{bad}'s failed check recorded"):
             ctx.report(f"{bad} stays out: {keys.gate}=failed, failing check {failed_state.get(keys.failed_check)}, "
                        f"attempt {failed_state.get(keys.attempts)}, retried with backoff "
                        f"(see: fleetkeeper explain node {bad})")
         else:
-            ctx.report(f"{bad}: no failure recorded within 60s (is the preflight controller running?)")
+            ctx.report(f"{bad}: no failure recorded within {WAIT_S:.0f}s (is the preflight controller running?)")
         sample = next((n for n in names if n in released), None)
         if sample:
             from fleetkeeper.preflight.explain import explain_node
 
             lines = await explain_node(kube, ctx.names, sample)
-            ctx.report(f"explain {sample}: " + " | ".join(lines[:3]))
+            ctx.report(f"explain {sample}: " + " | ".join(" ".join(ln.split()) for ln in lines[:4]))
     finally:
         plan.clear(bad)
         try:

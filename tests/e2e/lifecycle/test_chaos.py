@@ -161,7 +161,11 @@ async def run_scenario(kube, cluster, tmp_path, tag: str, kills: int, log) -> tu
             await proc.wait()
             killed += 1
             proc = await spawn(cluster, ns, faults, log)
-        st = await wait_for(lambda: settled(kube, ns, nodes), 240, f"{tag}: the scenario's end state")
+        try:
+            st = await wait_for(lambda: settled(kube, ns, nodes), 240, f"{tag}: the scenario's end state")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; state: {await final_state(kube, ns, nodes)}; events: "
+                                 f"{ {n: [e['reason'] for e in await events(kube, n)] for n in nodes} }") from None
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGKILL)
