@@ -87,6 +87,29 @@ def test_agents_take_their_nodes_and_settings_from_values():
     assert {"--cloud=azure", "--expected-gpus=8", "--metrics-bind-address=:9810"} <= set(agent["containers"][0]["args"])
 
 
+def test_a_mixed_fleet_takes_the_agent_configuration_from_a_config_map():
+    from fleetkeeper.health.agentconfig import load_agent_config
+
+    cfg = {"cloud": "auto", "instance_types": {"p5.48xlarge": {"gpus": 8}, "a3-highgpu-8g": {"gpus": 8}},
+           "thresholds": {"disk_full_percent": 90}, "actions": {"enabled": True}}
+    docs = render({"health": {"agent": {"config": cfg}}})
+    agent = by_kind(docs, "DaemonSet")["fleetkeeper-health-agent"]["spec"]["template"]["spec"]
+    args = agent["containers"][0]["args"]
+    assert "--config=/etc/fleetkeeper/agent/agent.yaml" in args
+    assert not any(a.startswith(("--cloud=", "--expected-gpus=")) for a in args)  # they would override the file
+    mounts = {m["name"]: m["mountPath"] for m in agent["containers"][0]["volumeMounts"]}
+    assert mounts["config"] == "/etc/fleetkeeper/agent" and mounts["state"] == "/var/lib/fleetkeeper"
+    vols = {v["name"]: v for v in agent["volumes"]}
+    assert vols["config"]["configMap"]["name"] == "fleetkeeper-health-agent"
+    loaded = load_agent_config(by_kind(docs, "ConfigMap")["fleetkeeper-health-agent"]["data"]["agent.yaml"], "chart")
+    assert loaded.instance_types["p5.48xlarge"].gpus == 8 and loaded.thresholds.disk_full_percent == 90
+    # without a configuration: no ConfigMap, the flags apply to every node; the action state is writable anyway
+    docs = render()
+    assert "fleetkeeper-health-agent" not in by_kind(docs, "ConfigMap")
+    agent = by_kind(docs, "DaemonSet")["fleetkeeper-health-agent"]["spec"]["template"]["spec"]
+    assert {m["name"] for m in agent["containers"][0]["volumeMounts"]} >= {"state"}
+
+
 def test_each_manager_is_highly_available_with_its_own_lease():
     docs = render(ALL_OPTIONS)
     deployments = by_kind(docs, "Deployment")
