@@ -55,9 +55,12 @@ lint: deps
 unit: deps
 	$(BIN)/pytest -q -m "not e2e" -p no:cacheprovider
 
-# The real-node lane (tests/e2e/realnode) runs when FLEETKEEPER_REAL_NODE=1: it needs root
-# and must not run beside another real-node lane or the network-namespace tests.
-test: controlplane helm lint chart-lint $(if $(FLEETKEEPER_REAL_NODE),realnode images)
+# The real-node lane (tests/e2e/realnode: the chart on a real kubelet + containerd node) runs
+# by default as root; FLEETKEEPER_REAL_NODE=0 leaves it out. It must not run beside another
+# real-node lane or the network-namespace tests (pytest runs them one after the other).
+FLEETKEEPER_REAL_NODE ?= $(if $(filter 0,$(shell id -u)),1,0)
+export FLEETKEEPER_REAL_NODE
+test: controlplane helm lint chart-lint $(if $(filter 1,$(FLEETKEEPER_REAL_NODE)),realnode images)
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: controlplane

@@ -5,7 +5,7 @@ through its real probes; the webhooks answer through their Services; a leader's 
 a certificate rotation and an upgrade open no window; uninstall leaves nothing behind.
 
 Runs when FLEETKEEPER_REAL_NODE=1 (root; one real-node lane per machine, never beside
-tests/netns): `FLEETKEEPER_REAL_NODE=1 make test`, or this file alone with pytest.
+tests/netns): `make test` as root sets it, or run this file alone with pytest and it set.
 """
 
 from __future__ import annotations
