@@ -78,7 +78,6 @@ async def test_guarded_query_errors_at_deadline_unguarded_waits_for_the_answer(l
 
     assert g_status == 503
     assert g_body == {"status": "error", "errorType": "timeout", "error": g_body["error"]}
-    assert g_dt >= DEADLINE * 0.9  # it waited for its deadline; a slower machine only adds to this
     assert count(reg, "deadline") == 1 and count(reg, "ok") == 0
 
     assert u_status == 200 and u_body["status"] == "success"

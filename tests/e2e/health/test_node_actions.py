@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -25,6 +24,7 @@ from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
 from fleetkeeper.machines.ledger import KEY, LEDGER_CONFIGMAP
 from fleetkeeper.preflight.config import PreflightConfig
 from fleetkeeper.preflight.controller import Preflight
+from e2e_helpers import taint, wait_for
 
 GROUP = "fleetkeeper.io/e2e-actions"
 Q, PF = "fleetkeeper.io/quarantine", "fleetkeeper.io/preflight"
@@ -42,21 +42,6 @@ rules:
 - {type: GPUUnhealthy, reason: GPULost, remedy: reboot, clear_after: 1s}
 - {type: GPUUnhealthy, reason: "*", remedy: investigate, action: quarantine, clear_after: 1s}
 """
-
-
-async def wait_for(fn, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def taint(node: dict, key: str) -> dict | None:
-    return next((t for t in (node.get("spec") or {}).get("taints") or [] if t["key"] == key), None)
 
 
 @pytest.fixture

@@ -13,15 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.clock import RealClock
 from fleetkeeper.core.faults import FaultPlan, parse_fault
-from fleetkeeper.core.kube import (
-    CLUSTERROLEBINDINGS, CLUSTERROLES, CONFIGMAPS, DAEMONSETS, DEPLOYMENTS, EVENTS, LEASES, NAMESPACES, NODES, PDBS,
-    PODS, SERVICEACCOUNTS, SERVICES, Resource)
+from fleetkeeper.core.kube import CONFIGMAPS, LEASES, NAMESPACES, NODES, PDBS, PODS
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.health.agent import AgentCore, ConditionWriter, simulated_findings
@@ -30,19 +27,9 @@ from fleetkeeper.health.actionproto import Report
 from fleetkeeper.health.policy import load_policy
 from fleetkeeper.machines.ledger import LEDGER_CONFIGMAP
 from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
+from e2e_helpers import events_for, stop, taint, wait_for
 
 GROUP = "fleetkeeper.io/e2e-group"
-
-
-async def wait_for(fn, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture
@@ -89,20 +76,6 @@ async def start(kube, tmp_path, group: str, policy_yaml: str, **opts):
     task = asyncio.create_task(mgr.run())
     await mgr.wait_synced(60)
     return mgr, plan, registry, task
-
-
-async def stop(task):
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
-def taint(node: dict, key: str) -> dict | None:
-    return next((t for t in (node.get("spec") or {}).get("taints") or [] if t["key"] == key), None)
-
-
-async def events_for(kube, node: str) -> list[dict]:
-    items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={node}")
-    return items
 
 
 POLICY = """

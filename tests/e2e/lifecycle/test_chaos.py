@@ -22,7 +22,6 @@ import re
 import secrets
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from fleetkeeper.core import errors
 from fleetkeeper.core.faults import FaultPlan, parse_fault
 from fleetkeeper.core.kube import CONFIGMAPS, EVENTS, NAMESPACES, NODES, PDBS, PODS
 from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
+from e2e_helpers import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -39,17 +39,6 @@ GROUP = "fleetkeeper.io/e2e-group"
 Q = "fleetkeeper.io/quarantine"
 KILLS = 20
 DEADLINE = 8  # health's drain deadline (s)
-
-
-async def wait_for(fn, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 async def prepare(kube, tmp_path, tag: str):

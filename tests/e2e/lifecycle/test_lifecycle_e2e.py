@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from fleetkeeper.core import errors
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.faults import FaultPlan, parse_fault
-from fleetkeeper.core.kube import EVENTS, NODES, PODS
+from fleetkeeper.core.kube import NODES, PODS
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.health.controller import HealthOptions
@@ -26,21 +26,11 @@ from fleetkeeper.lifecycle.controller import setup as lifecycle_setup
 from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
 from fleetkeeper.preflight.config import PreflightConfig
 from fleetkeeper.preflight.controller import Preflight
+from e2e_helpers import events_for, stop, taint, wait_for
 
 GROUP = "fleetkeeper.io/e2e-group"
 N = Names()
 Q = "fleetkeeper.io/quarantine"
-
-
-async def wait_for(fn, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture
@@ -91,20 +81,6 @@ async def start(kube, tmp_path, group: str, *, policy: str | None = None, lifecy
     task = asyncio.create_task(mgr.run())
     await mgr.wait_synced(60)
     return mgr, plan, registry, task
-
-
-async def stop(task):
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
-def taint(node: dict, key: str) -> dict | None:
-    return next((t for t in (node.get("spec") or {}).get("taints") or [] if t["key"] == key), None)
-
-
-async def events_for(kube, node: str) -> list[dict]:
-    items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={node}")
-    return items
 
 
 POLICY = """

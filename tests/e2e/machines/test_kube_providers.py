@@ -5,11 +5,9 @@ once across a controller restart (the ledger)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -26,19 +24,9 @@ from fleetkeeper.machines.config import load_config
 from fleetkeeper.machines.kube import (CAPI_MACHINE_ANNOTATION, CAPI_NAMESPACE_ANNOTATION, CAPI_REMEDIATE_ANNOTATION,
                                        MACHINES, MACHINESETS, NODECLAIMS, ClusterApiProvider, KarpenterProvider)
 from fleetkeeper.machines.ledger import KEY, LEDGER_CONFIGMAP
+from e2e_helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-async def wait_for(fn, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -33,6 +32,7 @@ from fleetkeeper.health.controller import HealthOptions, setup as health_setup
 from fleetkeeper.health.policy import load_policy
 from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
 from fleetkeeper.ui.server import UiOptions, setup as ui_setup
+from e2e_helpers import wait_for
 
 GROUP = "fleetkeeper.io/e2e-group"
 N = Names()
@@ -45,17 +45,6 @@ budget: {cluster: {max_nodes: 10}, zone: {max_percent: 100}, rack: {max_nodes: 1
 storm: {min_nodes: 50}
 remedy_actions: {reset: quarantine, reboot: drain, replace: terminate, investigate: quarantine, wait: drain, none: event}
 """
-
-
-async def wait_for(fn, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def chromium_driver(tmp: Path):

@@ -1,0 +1,37 @@
+"""Helpers every end-to-end test folder shares (``tests/e2e`` is on ``sys.path`` through
+its conftest): polling for a condition with a generous bound, stopping a manager task,
+reading a taint and the Events about a node."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fleetkeeper.core.kube import EVENTS
+
+
+async def wait_for(fn, timeout: float = 60.0, what: str = "condition", interval: float = 0.3):
+    """Poll ``fn`` until it returns something truthy; the bound is for a stuck controller,
+    not a speed verdict."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await fn()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+async def stop(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def taint(node: dict, key: str) -> dict | None:
+    return next((t for t in (node.get("spec") or {}).get("taints") or [] if t["key"] == key), None)
+
+
+async def events_for(kube, node: str) -> list[dict]:
+    items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={node}")
+    return items
