@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +35,7 @@ from fleetkeeper.core.domain import Names
 from fleetkeeper.core.kube import NODES, Kube
 from fleetkeeper.health.actionproto import LOCAL_ACTIONS, ActionKeys, LocalStep, Report, Request, local_step, new_request
 from fleetkeeper.health.gpu import GpuBackend
+from fleetkeeper.health.metrics import AgentMetrics
 
 __all__ = ["LOCAL_ACTIONS", "ActionKeys", "LocalStep", "Report", "Request", "local_step", "new_request",
            "ActionAgent", "DoneLog", "HostActions", "watch_own_node"]
@@ -150,8 +150,9 @@ class ActionAgent:
     simulation's informer), perform a fenced request once and report."""
 
     def __init__(self, kube: Kube, names: Names, backend: ActionBackend, done: DoneLog, clock_now: Callable[[], float],
-                 *, dry_run: bool = False):
+                 *, dry_run: bool = False, metrics: AgentMetrics | None = None):
         self.kube = kube
+        self.metrics = metrics
         self.keys = ActionKeys(names)
         self.backend = backend
         self.done = done
@@ -180,11 +181,13 @@ class ActionAgent:
                 return None  # the reboot is still coming
             else:
                 report = Report(req.nonce, "failed", f"{req.action} interrupted (agent restarted)", self.now())
+                self._count(req.action, "interrupted")
             self.done.record(req.nonce, report)
             await self._report(node, report)
             return report
         if self.dry_run:
             log.info("dry-run: would %s on %s (nonce %s)", req.action, node, req.nonce)
+            self._count(req.action, "dry-run")
             return None
         self.done.record(req.nonce)
         self.performed += 1
@@ -194,11 +197,16 @@ class ActionAgent:
             report = Report(req.nonce, "succeeded", msg, self.now())
         except Exception as exc:  # noqa: BLE001 - any failure is reported, never retried here
             report = Report(req.nonce, "failed", f"{type(exc).__name__}: {exc}"[:300], self.now())
+        self._count(req.action, report.outcome)
         if req.action == "reboot" and report.outcome == "succeeded" and getattr(self.backend, "reboots_host", False):
             return report  # reported after the boot (a new boot id), by the restarted agent
         self.done.record(req.nonce, report)
         await self._report(node, report)
         return report
+
+    def _count(self, action: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.node_actions.labels(action, outcome).inc()
 
     async def _report(self, node: str, report: Report) -> None:
         try:

@@ -160,8 +160,9 @@ def agent(
         try:
             _me, st = await settings(kube)
             checks = make_checks(*st)
+            agent_metrics = AgentMetrics(registry)
             core = AgentCore(ConditionWriter(kube, dry_run=dry_run), RealClock(), heartbeat=heartbeat, jitter=jitter,
-                             metrics=AgentMetrics(registry))
+                             metrics=agent_metrics)
             node_agent = Agent(node, checks, core, interval=interval)
             if metrics_bind_address:
                 host, port = cliutil.parse_bind_address(metrics_bind_address)
@@ -177,7 +178,7 @@ def agent(
                                       reboot_cmd=tuple(acfg.actions.reboot_command),
                                       maintenance_clear=_maintenance_clear(checks))
                 actor = ActionAgent(kube, Names(domain), actions, DoneLog(Path(acfg.actions.state_file)),
-                                    RealClock().now, dry_run=dry_run)
+                                    RealClock().now, dry_run=dry_run, metrics=agent_metrics)
 
                 async def on_node(obj: dict) -> None:
                     meta = obj.get("metadata") or {}

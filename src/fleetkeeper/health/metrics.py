@@ -24,6 +24,10 @@ class AgentMetrics:
         self.check_seconds = Histogram("fleetkeeper_health_agent_check_seconds",
                                        "Duration of one check family run", ["family"], registry=registry,
                                        buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5))
+        self.node_actions = Counter("fleetkeeper_health_agent_node_actions_total",
+                                    "Node-local actions (GPU reset, reboot, maintenance wait) this agent took, "
+                                    "by action and outcome (succeeded, failed, interrupted, dry-run)",
+                                    ["action", "outcome"], registry=registry)
         for r in WRITE_REASONS:
             self.writes.labels(r)
         for f in FAMILIES:

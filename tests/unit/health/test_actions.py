@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.faults import FaultPlan, parse_fault
 from fleetkeeper.health.actions import ActionAgent, ActionKeys, DoneLog, HostActions, Report, new_request
 from fleetkeeper.health.agent import SimulatedActions
 from fleetkeeper.health.gpu import FakeGpuBackend
+from fleetkeeper.health.metrics import AgentMetrics
 
 N = Names()
 K = ActionKeys(N)
@@ -129,3 +131,28 @@ async def test_simulated_actions_clear_what_they_fix(tmp_path):
     assert [str(f) for f in plan.faults("n")] == ["ecc-stuck", "disk-io"]
     with pytest.raises(ValueError):
         await sim.perform(new_request("dance", "n", "u", 0, 60))
+
+
+async def test_every_action_taken_is_counted_by_action_and_outcome(tmp_path):
+    reg = CollectorRegistry()
+    metrics = AgentMetrics(reg)
+
+    def taken(action, outcome):
+        return reg.get_sample_value("fleetkeeper_health_agent_node_actions_total",
+                                    {"action": action, "outcome": outcome}) or 0
+
+    kube = FakeKube()
+    ok = ActionAgent(kube, N, HostActions(FakeGpuBackend.healthy(8), runner=Runner()), DoneLog(None), lambda: 1.0,
+                     metrics=metrics)
+    req = new_request("reset", "n", "u", 0, 600)
+    await ok.handle("n", "u", ann(req))
+    await ok.handle("n", "u", ann(req))  # the same request again: not taken again, not counted again
+    assert taken("reset", "succeeded") == 1
+    bad = ActionAgent(kube, N, HostActions(FakeGpuBackend.healthy(8), runner=Runner(rc=255, out="in use")),
+                      DoneLog(None), lambda: 1.0, metrics=metrics)
+    await bad.handle("n", "u", ann(new_request("reset", "n", "u", 0, 600)))
+    assert taken("reset", "failed") == 1
+    dry = ActionAgent(kube, N, HostActions(FakeGpuBackend.healthy(8), runner=Runner()), DoneLog(None), lambda: 1.0,
+                      dry_run=True, metrics=metrics)
+    await dry.handle("n", "u", ann(new_request("reset", "n", "u", 0, 600)))
+    assert taken("reset", "dry-run") == 1 and taken("reset", "succeeded") == 1
