@@ -247,6 +247,18 @@ def _alive(pid: int, name: str) -> bool:
         return False
 
 
+def _gone(pid: int) -> bool:
+    """Has a process we signalled finished exiting? Its command line empties early in its exit,
+    while it still holds its listening sockets; only a zombie (or no process) has let them go, so a
+    restart must wait for that, not for :func:`_alive`, or it finds its port "already in use"."""
+    try:
+        os.kill(pid, 0)
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return True
+    return raw[raw.rindex(")") + 2] in "ZX"
+
+
 class LocalCluster:
     def __init__(self, directory: Path | None = None):
         self.dir = Path(directory or default_dir())
@@ -503,10 +515,13 @@ class LocalCluster:
         except OSError:
             pass
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _alive(pid, comp):
+        while time.monotonic() < deadline and not _gone(pid):
             time.sleep(0.1)
-        if _alive(pid, comp):
+        if not _gone(pid):
             os.killpg(pid, signal.SIGKILL)
+            end = time.monotonic() + 30  # SIGKILL cannot be ignored; its sockets close before it is a zombie
+            while not _gone(pid) and time.monotonic() < end:
+                time.sleep(0.05)
         self.state.pids.pop(comp, None)
         self.state.save(self.state_path)
 
