@@ -31,6 +31,10 @@ class FleetSpec:
     nodes_per_rack: int = 16
     prefix: str = "node"
     join_gate: bool = False  # register with the preflight taint and label
+    # register already Ready (a fleet that has joined before the cluster starts): the node lifecycle controller
+    # then never adds node.kubernetes.io/not-ready only to lift it again, two node writes per node that at
+    # 7,500 nodes queue behind each other for many minutes. Nodes that join later register NotReady.
+    ready: bool = False
 
     def pool_of(self, index: int) -> str:
         ncpu = int(self.nodes * self.cpu_fraction)
@@ -73,4 +77,21 @@ def node_manifest(spec: FleetSpec, index: int, names: Names = Names()) -> dict:
         "status": {"capacity": capacity, "allocatable": allocatable,
                    "nodeInfo": {"kubeletVersion": "fake", "architecture": "amd64", "operatingSystem": "linux"}},
     }
+    if spec.ready:
+        node["status"]["conditions"] = [dict(c) for c in READY_CONDITIONS]
+        node["status"]["addresses"] = [{"type": "InternalIP", "address": NODE_IP}, {"type": "Hostname", "address": name}]
     return node
+
+
+NODE_IP = "10.0.0.1"  # KWOK's --node-ip
+# what a kubelet posts once it is Ready (KWOK's heartbeat keeps them from then on)
+READY_CONDITIONS = [
+    {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status"},
+    {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory",
+     "message": "kubelet has sufficient memory available"},
+    {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure",
+     "message": "kubelet has no disk pressure"},
+    {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID",
+     "message": "kubelet has sufficient PID available"},
+    {"type": "NetworkUnavailable", "status": "False", "reason": "RouteCreated", "message": "RouteController created a route"},
+]
