@@ -411,11 +411,14 @@ class LocalCluster:
                         f"--kubelet-client-key={pk / 'apiserver-kubelet-client.key'}"]
             return cmd
         if comp == "kube-controller-manager":
+            # no ttl controller: it annotates every node with the kubelet's object-cache TTL, again each time the
+            # fleet crosses a size step, one write per node that simulated nodes never read (a real kubelet
+            # without it uses its default TTL); at 7,500 nodes its queue held thousands of node writes
             return [
                 self._bin(comp), f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
                 "--bind-address=127.0.0.1", f"--secure-port={p.controller_manager}",
                 f"--service-account-private-key-file={pk / 'sa.key'}", f"--root-ca-file={pk / 'ca.crt'}",
-                "--controllers=*,-nodeipam,-bootstrapsigner,-tokencleaner", "--kube-api-qps=200",
+                "--controllers=*,-nodeipam,-bootstrapsigner,-tokencleaner,-ttl", "--kube-api-qps=200",
                 "--kube-api-burst=400", "--node-monitor-grace-period=900s", "--node-startup-grace-period=600s", f"--feature-gates={FEATURE_GATES}",
                 "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10", "--v=1", METRICS_OPEN,
             ]

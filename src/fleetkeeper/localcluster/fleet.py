@@ -55,6 +55,10 @@ def node_manifest(spec: FleetSpec, index: int, names: Names = Names()) -> dict:
         HOSTNAME_LABEL: name,
         "kubernetes.io/os": "linux",
         "kubernetes.io/arch": "amd64",
+        # the deprecated copies a kubelet still sets; without them the node lifecycle controller patches every
+        # node to add them, one write each that at 7,500 nodes queues its taint work behind it for many minutes
+        "beta.kubernetes.io/os": "linux",
+        "beta.kubernetes.io/arch": "amd64",
         ZONE_LABEL: ZONES[rack % len(ZONES)],
         names.rack: f"rack-{rack:04d}",
         names.pool: pool,
