@@ -399,7 +399,13 @@ class LocalCluster:
                 "--authorization-mode=Node,RBAC", "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={pk / 'sa.pub'}", f"--service-account-signing-key-file={pk / 'sa.key'}",
                 "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
-                *([] if real else ["--endpoint-reconciler-type=none"]), f"--feature-gates={FEATURE_GATES}",
+                # simulated nodes: no TaintNodesByCondition admission, which taints every new node not-ready
+                # even when it registers Ready; the controller manager then lifts 7,500 taints one write at a time
+                # (tens of minutes on this machine). Nodes that register NotReady carry the taint themselves
+                # (fleet.node_manifest), as the plugin would have added it.
+                *([] if real else ["--endpoint-reconciler-type=none",
+                                   "--disable-admission-plugins=TaintNodesByCondition"]),
+                f"--feature-gates={FEATURE_GATES}",
                 f"--runtime-config={RUNTIME_CONFIG}", "--max-requests-inflight=800",
                 "--max-mutating-requests-inflight=400", "--v=1",
             ]

@@ -69,7 +69,9 @@ def node_manifest(spec: FleetSpec, index: int, names: Names = Names()) -> dict:
     if gpu:
         capacity[GPU_RESOURCE] = str(spec.gpus_per_node)
         allocatable[GPU_RESOURCE] = str(spec.gpus_per_node)
-    taints = []
+    # a node that registers NotReady is tainted not-ready from its first write (the API server's
+    # TaintNodesByCondition admission does that for a kubelet; the local cluster runs without it)
+    taints = [] if spec.ready else [{"key": NOT_READY_TAINT, "effect": "NoSchedule"}]
     if spec.join_gate:
         labels[names.preflight] = "pending"
         taints.append({"key": names.preflight, "value": "pending", "effect": "NoSchedule"})
@@ -87,6 +89,7 @@ def node_manifest(spec: FleetSpec, index: int, names: Names = Names()) -> dict:
     return node
 
 
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 NODE_IP = "10.0.0.1"  # KWOK's --node-ip
 # what a kubelet posts once it is Ready (KWOK's heartbeat keeps them from then on)
 READY_CONDITIONS = [
