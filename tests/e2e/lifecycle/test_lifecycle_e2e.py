@@ -141,7 +141,7 @@ preflight_max_attempts: 3
 
 
 async def test_stuck_states_escalate_to_retire_and_terminate_once(kube, own_nodes, tmp_path):
-    exhausted, no_repair, bad_revalidation, healthy = await own_nodes(4)
+    exhausted, no_repair, bad_revalidation, healthy, interrupted = await own_nodes(5)
     now = int(time.time())
     gate_failed = {"spec": {"taints": [{"key": N.preflight, "value": "failed", "effect": "NoSchedule"}]}}
     await kube.patch(NODES, exhausted, {**gate_failed, "metadata": {
@@ -155,11 +155,20 @@ async def test_stuck_states_escalate_to_retire_and_terminate_once(kube, own_node
         "labels": {N.preflight: "failed"},
         "annotations": {"fleetkeeper.io/preflight-attempts": "1", "fleetkeeper.io/health-state": "validating",
                         "fleetkeeper.io/preflight-gated-at": str(now)}}})
+    # what a process killed between recording a termination and the machine layer's answer leaves behind
+    await kube.patch(NODES, interrupted, {
+        "spec": {"taints": [{"key": Q, "value": "retiring", "effect": "NoSchedule"}]},
+        "metadata": {"annotations": {"fleetkeeper.io/lifecycle-state": "retiring",
+                                     "fleetkeeper.io/lifecycle-since": str(now),
+                                     "fleetkeeper.io/lifecycle-terminate-requested": str(now)}}})
     mgr, _, registry, task = await start(kube, tmp_path, own_nodes.group, lifecycle=LIFECYCLE_SHORT)
     try:
         async def gone(name):
             return await kube.get_or_none(NODES, name) is None
 
+        # the machine layer (never acts twice) is asked again: the interrupted termination finishes
+        await wait_for(lambda: gone(interrupted), 60, f"{interrupted}'s interrupted termination finished")
+        assert not any(e["reason"] in ("Retiring", "RetireStuck") for e in await events_for(kube, interrupted))
         for name in (exhausted, no_repair, bad_revalidation):
             await wait_for(lambda n=name: gone(n), 60, f"{name} retired and terminated")
         reasons = {}
