@@ -33,8 +33,8 @@ async def test_teams_and_capacity_share_the_managers_one_webhook_server(kube, na
                                    "metadata": {"name": "fleetkeeper-teams", "namespace": namespace},
                                    "data": {"config.yaml": "teams: []\n"}}, namespace)
     registry = CollectorRegistry()
-    mgr = Manager(kube, RuntimeSettings(namespace=namespace, server={"port": 0},
-                                        leader_election={"enabled": False}), registry=registry)
+    # (the manager's own namespace is never admitted by the teams webhook: the test's is another)
+    mgr = Manager(kube, RuntimeSettings(server={"port": 0}, leader_election={"enabled": False}), registry=registry)
     teams_name, cap_name = f"fk-teams-{tid}", f"fk-capacity-{tid}"
     await teams_setup(mgr, {"configNamespace": namespace, "webhook": {
         "enabled": True, "configName": teams_name, "namespaceLabels": {label: tid}, "certDir": str(tmp_path)}})
