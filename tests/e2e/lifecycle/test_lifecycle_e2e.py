@@ -310,6 +310,10 @@ async def test_the_nodes_of_a_gang_with_reset_faults_are_repaired_in_one_window(
         async def lead_waits():
             return any(e["reason"] == "WaitingForRepairWindow" for e in await events_for(kube, lead))
         await wait_for(lead_waits, 60, "the lead waiting for the window")
+        from fleetkeeper.health.explain import explain_node
+
+        lines = await explain_node(kube, N, lead)
+        assert any("gang repair window" in x and f"still draining: {pending}" in x for x in lines), lines
         for n in (lead, pending):
             assert "fleetkeeper.io/action-request" not in (await kube.get(NODES, n))["metadata"].get(
                 "annotations", {}), n
