@@ -614,7 +614,13 @@ class Remediator:
         in an order a crash can resume from: the lead's mark first, then the members, then the evictions."""
         members = [m for m in (self.nodes.get(n) for n in sorted({x.node for x in pods if x.node != lead.name}))
                    if m is not None]
-        wid, plans = gang_window(lead, members, gangs, self.policy, self.names, now)
+        if self._storm_until > now:  # a fault storm pauses new quarantines, joiners of a window too
+            return []
+        # never more nodes out of service than the cluster's budget limit allows, however the window counts
+        total = len(self._bsnap.scopes) or len(self.nodes.keys())
+        limit = bud.limit_of("cluster", self.budget.cfg).limit(total)
+        max_new = None if limit is None else max(0, limit - len(self._bsnap.out.get("cluster", ())))
+        wid, plans = gang_window(lead, members, gangs, self.policy, self.names, now, max_new=max_new)
         if not plans:
             return []
         if lead.annotations.get(self.keys.window) != wid:

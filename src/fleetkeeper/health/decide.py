@@ -265,7 +265,7 @@ def window_id(gang: str, since: float) -> str:
 
 
 def gang_window(lead: NodeView, members: list[NodeView], gangs: list[str], policy: Policy, names: Names,
-                now: float) -> tuple[str, list[Plan]]:
+                now: float, *, max_new: int | None = None) -> tuple[str, list[Plan]]:
     """The repair window a gang drain opens: (its id, one plan per other node of the gang that joins it).
 
     The gang loses every pod at once anyway; so every node of it with a reset-class fault, active or
@@ -273,7 +273,9 @@ def gang_window(lead: NodeView, members: list[NodeView], gangs: list[str], polic
     later. A node that joins is quarantined with the drain target (``join_window``, no budget of its
     own: the window is one disruption), or, when health already quarantined it for a reset-class fault
     and has not asked for its repair yet, marked (``mark_window``). Nodes already in a window, on the
-    terminate ladder, or whose repair was already requested stay as they are."""
+    terminate ladder, or whose repair was already requested stay as they are. ``max_new``: at most this
+    many nodes newly taken out of service (the window is one unit of the budget, but never more nodes than
+    the budget's cluster limit; marking nodes already out takes nothing more)."""
     k = Keys(names)
     wid = lead.annotations.get(k.window) or window_id(sorted(gangs)[0], _ts(lead.annotations.get(k.since)) or now)
     plans: list[Plan] = []
@@ -290,7 +292,7 @@ def gang_window(lead: NodeView, members: list[NodeView], gangs: list[str], polic
         if a.get(k.state) == "validating":
             continue
         probs = reset_class_problems(n, policy, now)
-        if probs:
+        if probs and (max_new is None or sum(1 for p in plans if p.kind == "join_window") < max_new):
             worst = max(probs, key=lambda p: p.rank)
             plans.append(Plan("join_window", n.name,
                               f"{worst.label}: repaired in the gang's window (drained from {lead.name})",

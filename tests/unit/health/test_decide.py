@@ -358,6 +358,10 @@ def test_a_gang_drain_opens_one_repair_window_for_the_gangs_reset_class_nodes():
                    "active-reboot": ("join_window", "drain", "reboot"),
                    "quarantined-reset": ("mark_window", "drain", "reset")}
     assert [pr.type for pr in next(p for p in plans if p.node == "pending-reset").problems] == ["GPUUnhealthy"]
+    # never more nodes newly out of service than the budget's cluster limit leaves; marks take nothing
+    _, capped = gang_window(lead, members, ["ns/train"], pol, N, NOW, max_new=1)
+    assert sorted(p.kind for p in capped) == ["join_window", "mark_window"]
+    assert [p.kind for p in gang_window(lead, members, ["ns/train"], pol, N, NOW, max_new=0)[1]] == ["mark_window"]
     # a lead already in a window keeps its id (a restart re-opens the same window)
     again = node([("GPUUnhealthy", "True", "UncorrectableECC", NOW - 100)], QT,
                  q_ann(**{K.window: "ns/train@5"}), name="lead")
