@@ -100,7 +100,8 @@ def add_pacer(mgr: Manager, cfg: PacerSettings) -> JoinPacer:
                                                 f"{', '.join(mgr.projector.keep)}")])
     pacer = JoinPacer(mgr.kube, mgr.node_informer(), cfg, mgr.names, mgr.settings.namespace,
                       recorder=mgr.recorder(CONTROLLER), metrics=PacerMetrics(mgr.registry),
-                      runtime_metrics=mgr.metrics, clock=mgr.clock, dry_run=mgr.settings.dry_run)
+                      runtime_metrics=mgr.metrics, clock=mgr.clock, dry_run=mgr.settings.dry_run,
+                      registry=mgr.registry)
     mgr.add(CONTROLLER, pacer.run, leader=True)
     return pacer
 

@@ -41,7 +41,7 @@ async def test_configmap_enables_the_pacer():
 
 @pytest.mark.parametrize("cm,where", [
     ({"data": {"config.yaml": "pacer: {rate: fast}"}}, "pacer.rate"),
-    ({"data": {"other": "x"}}, "no key config.yaml"),
+    ({"data": {"other": "x"}}, "missing key 'config.yaml'"),
 ])
 async def test_broken_configmap_is_a_config_error_and_starts_nothing(cm, where):
     mgr, _ = manager(cm)
