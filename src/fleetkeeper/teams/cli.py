@@ -110,6 +110,9 @@ def apply(kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.context
             for s in plan.teams.values():
                 if s.shortfall:
                     out.print(f"  [yellow]{s.team} short by {s.shortfall}[/yellow]: {'; '.join(s.reasons)}")
+            if plan.budget_held:
+                out.print(f"  [yellow]{len(plan.budget_held)} replacement(s) held by the disruption budget[/yellow] "
+                          f"({live.budget_source}): {', '.join(plan.budget_held[:10])}")
             if dry_run or not plan.changes:
                 return
             w = live.config.writes

@@ -15,6 +15,8 @@ from fleetkeeper.core.domain import Names
 from fleetkeeper.core.kube import CONFIGMAPS, NODES, PODS, Kube
 from fleetkeeper.core.views import NodeView, default_projector
 
+from fleetkeeper.lifecycle import budget as bud
+from fleetkeeper.lifecycle.explain import load_config as lifecycle_config
 from fleetkeeper.teams.admission import borrower_label
 from fleetkeeper.teams.config import CONFIG_KEY, DEFAULT_CONFIGMAP, TeamsConfig, parse_config
 from fleetkeeper.teams.plan import NodeState, Plan, decide, fill_borrowed, recent_replacements, snapshot
@@ -44,6 +46,7 @@ class Live:
     views: dict[str, NodeView]
     states: list[NodeState]
     plan: Plan | None
+    budget_source: str = ""  # where the disruption budget the plan asked came from ("" : not asked)
 
     def team_rows(self) -> list[dict]:
         """Per team: desired, assigned, eligible, shortfall, borrowed, unhealthy held, reasons (the plan's,
@@ -77,11 +80,19 @@ async def load(kube: Kube, names: Names, namespace: str, configmap: str = DEFAUL
     views = {v.name: v for v in map(proj.node, nodes)}
     states, borrowers = snapshot(list(views.values()), [proj.pod(p) for p in pods], names, borrower_label(names))
     plan = None
+    source = ""
     if cfg is not None:
+        now = time.time()
         if replacement_budget is None:
             r = cfg.replacement
-            replacement_budget = max(0, r.max_nodes - recent_replacements(views.values(), names, time.time(),
+            replacement_budget = max(0, r.max_nodes - recent_replacements(views.values(), names, now,
                                                                           r.window_seconds))
-        plan = decide(states, cfg, replacement_budget)
+        # the disruption budget in force, asked as the controller asks it (without its in-flight ledger)
+        try:
+            _, budget_cfg, source = await lifecycle_config(kube, namespace)
+            admit = bud.Admitter(bud.snapshot(views.values(), names, budget_cfg), {}, budget_cfg, now, "team-replace")
+        except errors.FleetkeeperError as exc:
+            source, admit = f"not asked: {exc}", None
+        plan = decide(states, cfg, replacement_budget, (lambda n: admit(n).admitted) if admit is not None else None)
         fill_borrowed(plan, borrowers)
-    return Live(cfg, err, status, views, states, plan)
+    return Live(cfg, err, status, views, states, plan, source)

@@ -425,6 +425,8 @@ def explain_node(plan: Plan, cfg: TeamsConfig, node: NodeState, nodes: list[Node
     for c in plan.changes:
         if c.node == node.name:
             lines.append(f"pending change: {c.action} {c.old_team or 'none'} -> {c.new_team or 'none'}: {c.reason}")
+    if node.name in plan.budget_held:
+        lines.append("its replacement is held: the disruption budget has no room for another node out of service")
     if node.pod_teams:
         lines.append(f"runs pods of team(s): {', '.join(sorted(node.pod_teams))}")
     if target:
