@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import orjson
 
@@ -128,7 +129,7 @@ class TeamManager:
         return bud.Admitter(snap, self.budget.ledger.view(), self.budget.cfg, now, "team-replace",
                             dry_run=self.dry_run)
 
-    def plan(self, cfg: TeamsConfig, budget: int, admit: bud.Admitter | None = None,
+    def plan(self, cfg: TeamsConfig, budget: int, admit: Callable[[str], bud.Verdict] | None = None,
              views: dict[str, NodeView] | None = None) -> tuple[Plan, dict[str, NodeView]]:
         views = views if views is not None else {v.name: v for v in self.nodes.items()}
         states, borrowers = snapshot(list(views.values()), self.pods.items(), self.names, borrower_label(self.names))
@@ -149,11 +150,23 @@ class TeamManager:
         # the replacement rate limit, counted from the nodes' record: a restart neither resets nor repeats it
         budget = max(0, cfg.replacement.max_nodes - recent_replacements(views.values(), self.names, now,
                                                                         cfg.replacement.window_seconds))
-        async with self.budget.ledger.lock:  # verdicts and ledger entries at once (health admits under it too)
-            admit = self.admission(views, now)
-            plan, views = self.plan(cfg, budget, admit, views)
-            for f in admit.added.values():
-                self.budget.ledger.add(f)
+        asked: list[bud.Admitter] = []
+
+        def admit_lazily(node: str) -> bud.Verdict:  # the budget's snapshot only when a replacement is due
+            if not asked:
+                asked.append(self.admission(views, now))
+            return asked[0](node)
+
+        plan, views = self.plan(cfg, budget, admit_lazily, views)
+        admit = asked[0] if asked else bud.Admitter(bud.Snapshot(), {}, self.budget.cfg, now, "team-replace")
+        if asked:
+            # replacements were asked for: decide again holding the ledger's lock, so the verdicts and their
+            # ledger entries are one step (health admits under the same lock)
+            async with self.budget.ledger.lock:
+                admit = self.admission(views, now)
+                plan, views = self.plan(cfg, budget, admit, views)
+                for f in admit.added.values():
+                    self.budget.ledger.add(f)
         self.last_plan = plan
         self.metrics.plan_changes.set(len(plan.changes))
         if plan.throttled:
