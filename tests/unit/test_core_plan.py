@@ -151,3 +151,27 @@ def test_a_rewritten_taint_list_keeps_the_time_added_of_the_taints_it_keeps():
     assert node_patch(view, [AddTaint("d/q", "x")])["spec"]["taints"] == [
         {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "timeAdded": "2026-01-01T00:00:00Z"},
         {"key": "d/q", "value": "x", "effect": "NoSchedule"}]
+
+
+async def test_a_component_applying_its_configmap_at_start_reports_later_versions_and_keeps_its_own(caplog):
+    import asyncio
+
+    from fleetkeeper.core.clock import FakeClock
+    from fleetkeeper.core.configmap import watch_at_start_only
+
+    kube, clock = _FakeKube(), FakeClock()
+    kube.cm = {"data": {"k": "v1"}}
+    src = ConfigMapKey(kube, "ns", "cm", "k", _parse)  # type: ignore[arg-type]
+    assert await src.load() == {"text": "v1"}
+    task = asyncio.create_task(watch_at_start_only(src, clock.sleep, 30.0))
+    try:
+        kube.cm = {"data": {"k": "bad"}}
+        await clock.advance(31)
+        assert src.last_good == {"text": "v1"} and "not allowed" in str(src.error)
+        assert any("rejected" in r.getMessage() and "x" in r.getMessage() for r in caplog.records)
+        kube.cm = {"data": {"k": "v2"}}
+        await clock.advance(31)
+        assert src.error is None and any("until the next start" in r.getMessage() for r in caplog.records)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

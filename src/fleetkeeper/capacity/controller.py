@@ -25,7 +25,7 @@ import orjson
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.applier import Applier
-from fleetkeeper.core.configmap import ConfigMapKey
+from fleetkeeper.core.configmap import ConfigMapKey, watch_at_start_only
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.events import EventRecorder, ObjectRef
@@ -711,8 +711,10 @@ async def check_apis(kube: Kube, cfg: CapacityConfig) -> None:
 
 
 async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
+    watch = options is None
+    src = config_source(mgr.kube, mgr.settings.namespace)
     if options is None:
-        options = CapacityOptions(config=await load_cluster_config(mgr.kube, mgr.settings.namespace))
+        options = CapacityOptions(config=await src.load())
     cfg = options.config
     await check_apis(mgr.kube, cfg)
     metrics = CapacityMetrics(mgr.registry)
@@ -722,6 +724,8 @@ async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
     # configuration left behind (turning a feature off cleans up after it)
     cap.balloons = BalloonManager(mgr, cfg, metrics, recorder)
     mgr.add("capacity-balloons", cap.balloons.run)
+    if watch:  # applied at start; later versions are checked and reported (the running one stays)
+        mgr.add("capacity-config-watch", lambda: watch_at_start_only(src, mgr.clock.sleep), leader=False)
     if cfg.gangs.enabled:
         cap.gangs = GangManager(mgr, cfg, metrics, recorder)
         mgr.add("capacity-gangs", cap.gangs.run)

@@ -22,7 +22,7 @@ invalid version.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from fleetkeeper.core import errors
@@ -105,3 +105,16 @@ class ConfigMapKey(Generic[T]):
             return None
         self.last_good = value
         return value
+
+
+async def watch_at_start_only(src: ConfigMapKey[T], sleep: Callable[[float], Awaitable[None]],
+                              interval: float = 30.0) -> None:
+    """For a component that applies its configuration at start only (relay, capacity): read the ConfigMap
+    again every ``interval`` seconds, so that a bad version is reported at once (the loader's rule: the
+    error, naming what is wrong, is logged and the configuration running stays) and a good new one is
+    reported as waiting for the next start."""
+    while True:
+        await sleep(interval)
+        new = await src.reload()
+        if new is not None:
+            log.warning("%s changed; the running configuration stays in force until the next start", src.source)
