@@ -94,7 +94,8 @@ class ConfigMapKey(Generic[T]):
     def _rejected(self, exc: errors.ConfigError) -> None:
         self.error = exc
         if str(exc) != self._last_error:
-            log.error("%s: new configuration rejected, keeping the previous one: %s", self.source, exc)
+            kept = "keeping the previous one" if self.last_good is not None else "nothing is configured yet"
+            log.error("configuration rejected, %s: %s", kept, exc)
             self._last_error = str(exc)
 
     def _accepted(self, cm: dict | None, value: T) -> T | None:
