@@ -38,6 +38,7 @@ from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
 
 from fleetkeeper.capacity import balloons as bl
 from fleetkeeper.capacity import gangs as gg
+from fleetkeeper.capacity import requeue as rq
 from fleetkeeper.capacity import reserve as rs
 from fleetkeeper.capacity import yielding as yd
 from fleetkeeper.capacity.config import CONFIGMAP_KEY, CONFIGMAP_NAME, CapacityConfig, load_config, load_config_text
@@ -103,8 +104,14 @@ class BalloonManager:
                                           max(1, int(cfg.gangs.reserve_per_minute // 4)), mgr.clock)
         self._reserved: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.last_reserve: dict[str, rs.ReservePlan] = {}
+        self.requeue_after = cfg.gangs.requeue_stuck_after_seconds if cfg.gangs.enabled and cfg.in_tree else None
+        self.requeue_bucket = TokenBucket(cfg.gangs.requeue_per_minute / 60.0,
+                                          max(1, int(cfg.gangs.requeue_per_minute // 4)), mgr.clock)
+        self._fits_since: dict[str, float] = {}
+        self._last_requeue: dict[str, float] = {}
+        self.last_requeue: rq.RequeuePlan | None = None
         self.waiting = None
-        if (b.enabled and b.yield_to_waiting) or self.reserve_after is not None:
+        if (b.enabled and b.yield_to_waiting) or self.reserve_after is not None or self.requeue_after is not None:
             # unbound pods only (a bound pod leaves this informer): what waits for room
             self.waiting = mgr.informer(PODS, yd.waiting_pod_projector(self.names), field_selector="spec.nodeName=",
                                         key="capacity-waiting-pods")
@@ -185,6 +192,7 @@ class BalloonManager:
         # that stay: the ReplicaSet removes exactly those, in one step, and starts none in their place
         await self._release(yields)
         await self._reserve_room(yields)
+        watch_requeue = await self._requeue(yields)
         for dep in plan.deployments:
             meta = dep["metadata"]
             sized = f"{(self.last_plan_sizing(meta['name']))}"
@@ -239,6 +247,8 @@ class BalloonManager:
             self.metrics.held.labels(y.pool).set(1 if y.hold else 0)
             if y.hold:
                 requeue = min(requeue, HOLD_RESYNC_SECONDS)
+        if watch_requeue:
+            requeue = min(requeue, HOLD_RESYNC_SECONDS)
         return Result(requeue_after=requeue)
 
     def last_plan_sizing(self, name: str) -> str:
@@ -333,6 +343,55 @@ class BalloonManager:
                     f"longer takes them" + (" [dry-run]" if self.dry_run else ""))
             elif not plan.unit:
                 self._reserved.pop(y.pool, None)
+
+    async def _requeue(self, yields: list[yd.PoolYield]) -> bool:
+        """Repair gangs kube-scheduler stopped trying (pure plan: requeue.decide). True while a gang
+        that fits is watched (the next pass must come soon even without events)."""
+        if self.waiting is None:
+            return False
+        fitting = {k for y in yields for k in y.fits}
+        probes = [p for p in self.waiting.items() if p.requeue_for]
+        now = self.clock.now()
+        plan = rq.decide(self._units, fitting, probes, self._fits_since, self._last_requeue, now,
+                         self.requeue_after)
+        self.last_requeue = plan
+        self._fits_since = plan.fits_since
+        for ns, name, why in plan.delete:
+            result = "dry_run" if self.dry_run else "ok"
+            if not self.dry_run:
+                try:
+                    await self.kube.delete(PODS, name, ns)
+                except errors.NotFound:
+                    pass
+                except errors.ApiError as exc:
+                    result = "error"
+                    log.warning("requeue pod %s/%s: %s", ns, name, exc)
+            self.metrics.requeues.labels("delete", result).inc()
+            log.info("requeue pod %s/%s removed: %s", ns, name, why)
+        for ns, group, fitted in plan.create:
+            key = f"{ns}/{group}"
+            if not self.requeue_bucket.take():
+                self.metrics.requeues.labels("create", "rate_limited").inc()
+                continue
+            self._last_requeue[key] = now
+            result = "dry_run" if self.dry_run else "ok"
+            if not self.dry_run:
+                try:
+                    await self.kube.create(PODS, rq.requeue_pod(ns, group, self.names), ns)
+                except errors.ApiError as exc:  # e.g. a quota or a policy of the namespace
+                    result = "error"
+                    log.warning("gang %s: cannot create its requeue pod: %s", key, exc)
+            self.metrics.requeues.labels("create", result).inc()
+            await self.recorder.emit(
+                ObjectRef("PodGroup", group, ns, api_version=PODGROUPS.api_version), "GangRequeued",
+                f"gang {group} has fitted its pool for {fitted:.0f}s but kube-scheduler has not placed it: one "
+                f"requeue pod of the group (never placed) created so that the scheduler tries the whole group "
+                f"again" + (" [dry-run]" if self.dry_run else "")
+                + ("" if result in ("ok", "dry_run") else " (failed: see the controller log)"),
+                type_="Warning")
+        self._last_requeue = {k: t for k, t in self._last_requeue.items()
+                              if self.requeue_after is not None and now - t < 10 * self.requeue_after}
+        return bool(plan.fits_since) or bool(probes)
 
     async def _set_taint(self, node: str, key: str, value: str | None) -> str:
         """Add (value) or remove (None) the reservation taint; optimistic, a conflict waits for the next pass."""

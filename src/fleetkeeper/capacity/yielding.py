@@ -62,14 +62,21 @@ class WaitingPod:
     phase: str
     scheduler_name: str = "default-scheduler"
     queued: bool = False  # managed by Kueue (kueue.x-k8s.io/queue-name): its ordering is Kueue's
+    requeue_for: str = ""  # a requeue pod fleetkeeper made for this group (capacity/requeue.py)
 
     @property
     def unit(self) -> str:
         return f"{self.namespace}/{self.group}" if self.group else f"{self.namespace}/pod/{self.name}"
 
 
+def requeue_label(names: Names) -> str:
+    """On a requeue pod (capacity/requeue.py): the group it makes kube-scheduler try again."""
+    return f"{names.domain}/gang-requeue"
+
+
 def waiting_pod_projector(names: Names):
     balloon = names.balloon
+    requeue = requeue_label(names)
 
     def project(obj: dict) -> WaitingPod:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
@@ -109,6 +116,7 @@ def waiting_pod_projector(names: Names):
             balloon=balloon in (meta.get("labels") or {}), phase=status.get("phase", "Pending"),
             scheduler_name=spec.get("schedulerName") or "default-scheduler",
             queued=KUEUE_QUEUE_LABEL in (meta.get("labels") or {}),
+            requeue_for=(meta.get("labels") or {}).get(requeue, ""),
         )
 
     return project
@@ -227,6 +235,7 @@ class PoolYield:
     unfit: list[str] = field(default_factory=list)  # units that do not fit the pool even when it is empty
     blocked: list[str] = field(default_factory=list)  # units that fit the pool but not now (real work holds it)
     over_budget: list[str] = field(default_factory=list)
+    fits: list[str] = field(default_factory=list)  # units placed whole in this pass's simulation (room is there)
 
     @property
     def release_count(self) -> int:
@@ -316,6 +325,7 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
             out.over_budget.append(u.key)
             continue
         budget -= len(released)
+        out.fits.append(u.key)
         for pod in u.pods:
             room[where[pod.name]] -= pod.gpus
         if released:
