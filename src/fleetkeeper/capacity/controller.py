@@ -262,31 +262,34 @@ class BalloonManager:
         b = self.cfg.balloons
         if self.waiting is None:
             return []
-        waiting = yd.units(self.waiting.items(), b.priority)
-        self._units = waiting
+        items = self.waiting.items()
+        by_resource = {r: yd.units(items, b.priority, r) for r in ("gpu", "cpu")}
+        self._units = by_resource["gpu"] + by_resource["cpu"]
         label, released_key = self.names.balloon, yd.released_annotation(self.names)
         nodes, pods = self.nodes.items(), self.pods.items()
         budget = self.release_bucket.available()
         out = []
         for pool in b.pools:
-            if not pool.enabled or pool.resource != "gpu":
-                continue  # CPU pools: the scheduler's preemption frees them (one pod, one balloon)
+            if not pool.enabled:
+                continue
+            waiting = by_resource[pool.resource]
             pool_nodes = [n for n in nodes if n.labels.get(self.names.pool) == pool.name]
             sizing = bl.size_pool(pool, pool_nodes)
             usable = [n for n in pool_nodes if n.ready and not n.unschedulable and not n.deleting]
             self._pool_nodes[pool.name] = usable
             if not waiting or sizing.problem:
-                out.append(yd.PoolYield(pool.name))
+                out.append(yd.PoolYield(pool.name, pool.resource))
                 continue
             names_ = {n.name for n in usable}
             bound = [p for p in pods if p.node in names_ and p.active]
-            balloons = [yd.Balloon(p.namespace, p.name, p.node, sizing.per_balloon,
+            per_balloon = sizing.per_balloon if pool.resource == "gpu" else sizing.per_balloon * 1000  # millicores
+            balloons = [yd.Balloon(p.namespace, p.name, p.node, per_balloon,
                                    released=p.deleting or released_key in p.annotations)
                         for p in pods if p.labels.get(label) == pool.name and p.namespace == self.namespace
                         and p.node in names_ and p.phase not in ("Succeeded", "Failed")] \
                 if b.enabled and b.yield_to_waiting else []
             self._pool_bound[pool.name] = bound
-            y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget)
+            y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget, pool.resource)
             if not (b.enabled and b.yield_to_waiting):
                 y.hold = False  # the decision is only read for reservations
             budget -= y.release_count
@@ -440,7 +443,7 @@ class BalloonManager:
                     ObjectRef("Deployment", bl.deployment_name(y.pool), self.namespace, api_version="apps/v1"),
                     "BalloonsReleased",
                     f"{n} balloon(s) of pool {y.pool} released in one step for {what} ({rel.pods} pod(s), "
-                    f"{rel.gpus} GPUs waiting): {nodes}" + (" [dry-run]" if self.dry_run else ""))
+                    f"{rel.amount} {yd.unit_of(y.resource)} waiting): {nodes}" + (" [dry-run]" if self.dry_run else ""))
 
 
 class GangManager:

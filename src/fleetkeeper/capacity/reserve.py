@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.views import NodeView, PodView
 
-from fleetkeeper.capacity.yielding import Unit, _place, eligible, tolerates
+from fleetkeeper.capacity.yielding import Unit, _place, capacity, eligible, tolerates
 
 
 def reserved_key(names: Names) -> str:
@@ -91,7 +91,7 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list
     tok = token(target.key)
     plan.unit, plan.token, plan.waited = target.key, tok, now - target.since
     free_nodes = [_without(n, key) for n in nodes]
-    placed = _place(target, free_nodes, {n.name: float(n.gpus) for n in nodes}, {})
+    placed = _place(target, free_nodes, {n.name: capacity(n, target.resource) for n in nodes}, {})
     if placed is None:
         plan.untaint = sorted(holders)
         return plan
