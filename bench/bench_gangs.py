@@ -186,6 +186,7 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
         print(f"  pending pods:\n    {await stuck_report(kube, ns)}", flush=True)
     pods, _ = await kube.list(PODS, ns, label_selector="bench=1")
     binds: dict[str, list[float]] = {}
+    spans: list[tuple[float, float]] = []  # (bound, finished) per pod
     busy = 0.0
     last_finish = 0.0
     for p in pods:
@@ -201,6 +202,7 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
             if term and term.get("finishedAt"):
                 fin = parse_time(term["finishedAt"])
                 busy += max(0.0, fin - bound_at) * 8
+                spans.append((bound_at, fin))
                 last_finish = max(last_finish, fin)
     created = min(parse_time(p["metadata"]["creationTimestamp"]) for p in pods) if pods else t0
     start_at = min(created, t0)
@@ -211,7 +213,17 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
     wait = (max(lb) - start_at) if len(lb) == burst[0] else float("nan")
     starts = sorted((min(b), j) for j, b in binds.items() if b)
     rank = next((i + 1 for i, (_, j) in enumerate(starts) if j == largest), None)
+    # share of the pool's nodes busy, per 10 s of the run: where utilisation is lost
+    timeline = []
+    if makespan == makespan:
+        for i in range(int(makespan // 10) + 1):
+            a, b_ = start_at + 10 * i, min(start_at + 10 * (i + 1), start_at + makespan)
+            if b_ <= a:
+                break
+            used = sum(max(0.0, min(f, b_) - max(s0, a)) for s0, f in spans)
+            timeline.append(round(100 * used / ((b_ - a) * nodes)))
     out = {"mode": mode, "jobs": len(burst), "pods": total, "done": done, "stalled": len(burst) - done,
+           "busy_per_10s": timeline,
            "makespan": makespan, "gpu_use": busy / (makespan * nodes * 8) if makespan == makespan else float("nan"),
            "partial": partial, "largest_wait": wait, "largest_rank": rank}
     if reg is not None:

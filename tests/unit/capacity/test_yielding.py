@@ -155,7 +155,8 @@ def test_a_gang_waiting_past_the_threshold_gets_the_free_nodes_reserved():
     small = gang("small2", 1, created=NOW - 10)
     plan, y = reserve(nodes, bound, big + small)
     assert y.blocked == ["ns/big"]
-    assert plan.unit == "ns/big" and plan.needed == 4 and plan.taint == ["n2", "n3"]
+    # all four at once: the free ones first, then the busy ones (their work runs on, nothing new starts)
+    assert plan.unit == "ns/big" and plan.needed == 4 and plan.taint == ["n2", "n3", "n0", "n1"]
     assert plan.tolerate == [f"ns/big-{i}" for i in range(4)]
     # below the threshold: nothing reserved
     plan, _ = reserve(nodes, bound, gang("big", 4, created=NOW - 100))
@@ -174,10 +175,17 @@ def test_a_reservation_grows_as_nodes_free_and_keeps_other_work_off():
     big = gang("big", 4, created=NOW - 400, tolerations=tol)
     small = gang("small", 2, created=NOW - 5)
     plan, y = reserve(nodes, bound, big + small)
-    assert plan.taint == ["n0"] and plan.untaint == [] and plan.reserved == ["n0", "n2", "n3"]
+    assert plan.taint == ["n0", "n1"] and plan.untaint == [] and plan.reserved == ["n0", "n1", "n2", "n3"]
     assert plan.tolerate == []
     # the small gang cannot use the reserved nodes: it does not fit now (it would have taken n2, n3)
     assert "ns/small" in y.blocked
+
+
+def test_busy_nodes_are_reserved_oldest_work_first_and_only_as_many_as_needed():
+    nodes = [node(f"n{i}") for i in range(4)]
+    bound = [dataclasses.replace(work(f"w{i}", f"n{i}"), created=NOW - t) for i, t in enumerate((30, 90, 10, 60))]
+    plan, _ = reserve(nodes, bound, gang("big", 2, created=NOW - 400))
+    assert plan.needed == 2 and plan.taint == ["n1", "n3"]
 
 
 def test_reservations_go_once_the_gang_is_placed_or_gone():
