@@ -280,6 +280,8 @@ async def setup(mgr: Manager, options: TeamsOptions | dict | None) -> None:
                             on_decision=lambda w, d: metrics.admissions.labels(w, d).inc(), kinds=kinds,
                             owners=owners.get, own_namespace=mgr.settings.namespace,
                             wait_owner=owners.wait_for, owner_wait_s=opts.owner_wait_seconds)
-        runner = WebhookRunner(mgr.kube, adm, opts.webhook, mgr.settings.namespace, domain, mgr.registry)
+        # served by the process's one webhook server (one port, one certificate for every component)
+        runner = WebhookRunner(mgr.kube, adm, opts.webhook, mgr.settings.namespace, domain, mgr.registry,
+                               register=mgr.webhook)
         mgr.add("teams-webhook", runner.run, leader=False)
         mgr.teams_webhook = runner  # type: ignore[attr-defined]

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.kube import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS, Kube
-from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
+from fleetkeeper.core.pki import ServingCert
+from fleetkeeper.core.webhook import SharedWebhooks, WebhookAsk, WebhookServer, registration, webhook_entry
 
 from fleetkeeper.teams.admission import DEFAULT_KINDS, TeamAdmission
 from fleetkeeper.teams.workloads import WorkloadKinds
 from fleetkeeper.teams.options import WebhookOptions
-from fleetkeeper.core.pki import write_serving_cert
 
 log = logging.getLogger("fleetkeeper.teams.webhook")
 
@@ -95,51 +95,56 @@ async def unregister(kube: Kube, config_name: str) -> None:
 
 
 class WebhookRunner:
+    """The toleration webhook's handlers on the process's one webhook server (``register``: the manager's
+    :meth:`Manager.webhook`; without it, a server of its own, started and stopped with :meth:`run`), and
+    the registration of its configurations."""
+
     def __init__(self, kube: Kube, admission: TeamAdmission, opts: WebhookOptions, own_namespace: str,
-                 domain: str, registry: CollectorRegistry):
+                 domain: str, registry: CollectorRegistry,
+                 register: Callable[[WebhookAsk, dict], SharedWebhooks] | None = None):
         self.kube, self.admission, self.opts = kube, admission, opts
         self.own_namespace, self.domain = own_namespace, domain
         self.ready = asyncio.Event()
-        self.ca_bundle = b""
-        try:
-            self.server = self._server(registry)
-        except ValueError:  # another webhook in this process already registered the core webhook metrics
-            log.warning("webhook metrics already registered by another component; teams webhook metrics "
-                        "are kept in a private registry")
-            self.server = self._server(CollectorRegistry())
+        self._explicit_ca: bytes | None = None
+        self._own = register is None
+        if register is None:
+            register = SharedWebhooks(registry, host=opts.host, port=opts.port).register_and_return
+        self.webhooks = register(self._ask(), {MUTATE: self.admission.serve_mutate,
+                                               VALIDATE: self.admission.serve_validate})
 
-    def _server(self, registry: CollectorRegistry) -> WebhookServer:
-        cert, key = self._certs()
-        return WebhookServer(cert, key, host=self.opts.host, port=self.opts.port, registry=registry)
+    @property
+    def server(self) -> WebhookServer:
+        return self.webhooks.server
 
-    def _certs(self) -> tuple[str, str]:
+    @property
+    def ca_bundle(self) -> bytes:
+        return self._explicit_ca if self._explicit_ca is not None else self.webhooks.ca_bundle
+
+    def _ask(self) -> WebhookAsk:
         o = self.opts
         if o.cert and o.key:
             if not o.ca_bundle and o.register_webhook:
                 raise errors.ConfigError("teams webhook", [("webhook.caBundle", None,
                                                             "required with webhook.cert to register the webhook")])
-            self.ca_bundle = Path(o.ca_bundle).read_bytes() if o.ca_bundle else b""
-            return o.cert, o.key
+            self._explicit_ca = Path(o.ca_bundle).read_bytes() if o.ca_bundle else b""
+            mounted = ServingCert(Path(o.cert), Path(o.key), Path(o.ca_bundle or o.cert))
+            return WebhookAsk("teams", (MUTATE, VALIDATE), o.host, o.port, mounted=mounted)
         host = o.url_host or o.host
         hosts = [host] if not o.service else []
         if o.service:
             ns, _, rest = o.service.partition("/")
             name = rest.partition(":")[0]
             hosts = [f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"]
-        directory = Path(o.cert_dir) if o.cert_dir else Path(tempfile.mkdtemp(prefix="fk-teams-webhook-"))
-        sc = write_serving_cert(directory, hosts)
-        self.ca_bundle = sc.ca_bundle
-        return str(sc.cert), str(sc.key)
+        return WebhookAsk("teams", (MUTATE, VALIDATE), o.host, o.port, tuple(hosts),
+                          cert_dir=Path(o.cert_dir) if o.cert_dir else None)
 
     def objects(self) -> tuple[dict, dict]:
         return registrations(self.opts, self.own_namespace, self.server.port, self.ca_bundle, self.domain,
                              self.admission.kinds)
 
     async def start(self) -> None:
-        self.server.add(MUTATE, self.admission.serve_mutate)
-        self.server.add(VALIDATE, self.admission.serve_validate)
-        await self.server.start()
-        log.info("teams webhook serving on https://%s:%d", self.opts.host, self.server.port)
+        await self.webhooks.started.wait()
+        log.info("teams webhook serving on https://%s:%d", self.server.host, self.server.port)
         if self.opts.register_webhook:
             mutating, validating = self.objects()
             await self.kube.apply(MUTATING_WEBHOOKS, mutating)
@@ -153,12 +158,14 @@ class WebhookRunner:
                 await unregister(self.kube, self.opts.config_name)
         except errors.FleetkeeperError as exc:
             log.warning("could not unregister webhook %s: %s", self.opts.config_name, exc)
-        finally:
-            await self.server.stop()
 
     async def run(self) -> None:
-        await self.start()
+        own = asyncio.ensure_future(self.webhooks.run()) if self._own else None
         try:
+            await self.start()
             await asyncio.Event().wait()
         finally:
             await asyncio.shield(self.stop())
+            if own is not None:
+                own.cancel()
+                await asyncio.gather(own, return_exceptions=True)
