@@ -11,6 +11,12 @@ burst runs once per mode, one after the other, each in a fresh namespace:
   their Deployments: the next mode starts on empty nodes);
 * ``no-gangs``: the same jobs without the gang label (plain Jobs).
 
+A mode may name kube-scheduler settings for its run: ``MODE@I:M`` sets
+``podInitialBackoffSeconds: I`` and ``podMaxBackoffSeconds: M``, and a third
+field ``sync`` turns ``SchedulerAsyncPreemption`` off (``gangs@1:2:sync``);
+the scheduler is restarted with them before the mode (a mode without ``@``
+runs on kube-scheduler's defaults, 1 s and 10 s).
+
 The burst: the largest job first (one pod per node of the pool), then
 ``jobs - 1`` jobs of 1 to 8 pods (a fixed pseudo-random mix), every pod 8
 GPUs, every pod running ``--seconds`` (a KWOK stage ends it). Figures per
@@ -129,6 +135,25 @@ async def stuck_report(kube: Kube, ns: str) -> str:
     return "\n    ".join(lines[:40])
 
 
+def parse_mode(spec: str) -> tuple[str, dict]:
+    """``MODE[@I:M[:sync]]`` -> (mode, tune_scheduler arguments)."""
+    mode, _, tune = spec.partition("@")
+    if mode not in ("balloons+gangs", "gangs", "no-gangs"):
+        raise SystemExit(f"unknown mode {mode!r} in {spec!r}: balloons+gangs, gangs or no-gangs")
+    if not tune:
+        return mode, {}
+    parts = tune.split(":")
+    try:
+        out = {"initial_backoff_seconds": int(parts[0]), "max_backoff_seconds": int(parts[1])}
+    except (IndexError, ValueError):
+        raise SystemExit(f"bad scheduler settings in {spec!r}: MODE@INITIAL:MAX[:sync]") from None
+    if parts[2:] == ["sync"]:
+        out["feature_gates"] = "SchedulerAsyncPreemption=false"
+    elif parts[2:]:
+        raise SystemExit(f"bad scheduler settings in {spec!r}: the third field can only be 'sync'")
+    return mode, out
+
+
 async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, reg: CollectorRegistry | None,
                    lc: LocalCluster | None = None) -> dict:
     ns = f"burst-{mode.replace('+', '-')}-{secrets.token_hex(2)}"
@@ -161,6 +186,7 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
         print(f"  pending pods:\n    {await stuck_report(kube, ns)}", flush=True)
     pods, _ = await kube.list(PODS, ns, label_selector="bench=1")
     binds: dict[str, list[float]] = {}
+    spans: list[tuple[float, float]] = []  # (bound, finished) per pod
     busy = 0.0
     last_finish = 0.0
     for p in pods:
@@ -176,6 +202,7 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
             if term and term.get("finishedAt"):
                 fin = parse_time(term["finishedAt"])
                 busy += max(0.0, fin - bound_at) * 8
+                spans.append((bound_at, fin))
                 last_finish = max(last_finish, fin)
     created = min(parse_time(p["metadata"]["creationTimestamp"]) for p in pods) if pods else t0
     start_at = min(created, t0)
@@ -186,18 +213,30 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
     wait = (max(lb) - start_at) if len(lb) == burst[0] else float("nan")
     starts = sorted((min(b), j) for j, b in binds.items() if b)
     rank = next((i + 1 for i, (_, j) in enumerate(starts) if j == largest), None)
+    # share of the pool's nodes busy, per 10 s of the run: where utilisation is lost
+    timeline = []
+    if makespan == makespan:
+        for i in range(int(makespan // 10) + 1):
+            a, b_ = start_at + 10 * i, min(start_at + 10 * (i + 1), start_at + makespan)
+            if b_ <= a:
+                break
+            used = sum(max(0.0, min(f, b_) - max(s0, a)) for s0, f in spans)
+            timeline.append(round(100 * used / ((b_ - a) * nodes)))
     out = {"mode": mode, "jobs": len(burst), "pods": total, "done": done, "stalled": len(burst) - done,
+           "busy_per_10s": timeline,
            "makespan": makespan, "gpu_use": busy / (makespan * nodes * 8) if makespan == makespan else float("nan"),
            "partial": partial, "largest_wait": wait, "largest_rank": rank}
     if reg is not None:
-        out["released"] = sum(sample(reg, "fleetkeeper_balloon_releases_total", pool=POOL, result=r)
-                              for r in ("ok",))
+        out["released"] = sample(reg, "fleetkeeper_balloon_releases_total", pool=POOL, result="ok")
+        out["requeued"] = sample(reg, "fleetkeeper_gang_requeue_pods_total", op="create", result="ok")
     await kube.delete(NAMESPACES, ns)
     return out
 
 
 async def main(args) -> None:
     logging.basicConfig(level=logging.WARNING)
+    for m in args.modes:
+        parse_mode(m)  # a bad mode fails before the cluster starts
     burst = sizes(args.jobs, args.nodes)
     print(f"burst: {len(burst)} jobs, {sum(burst)} pods x 8 GPUs, {args.seconds}s each; sizes {burst}", flush=True)
     print(f"ideal makespan (perfect packing, no scheduling time): "
@@ -221,14 +260,22 @@ async def main(args) -> None:
             print(f"cluster: {args.nodes} nodes Ready in {time.monotonic() - t:.0f}s", flush=True)
             await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM}})
             results = []
-            for mode in args.modes:
+            tuned: dict = {}
+            for spec_ in args.modes:
+                mode, tune = parse_mode(spec_)
+                if tune != tuned:
+                    await asyncio.to_thread(lc.tune_scheduler, **tune)
+                    tuned = tune
+                    print(f"kube-scheduler restarted with {tune or 'its defaults'}", flush=True)
                 cfg = CapacityConfig.model_validate({
                     "balloons": {"enabled": mode == "balloons+gangs",
                                  "pools": [{"name": POOL, "resource": "gpu", "max_nodes": args.nodes}],
                                  **({"yield_to_waiting": False} if args.no_yield or args.previous else {}),
                                  **({"priority": -5, "priority_class": "fleetkeeper-balloon"} if args.previous else {})},
                     "gangs": {"enabled": mode != "no-gangs", "webhook_port": 0,
-                              "reserve_after_seconds": None if args.previous else args.reserve_after}})
+                              "reserve_after_seconds": None if args.previous else args.reserve_after,
+                              "requeue_stuck_after_seconds": None if args.previous or args.no_requeue else
+                              args.requeue_after}})
                 task, _, reg = await start(kube, cfg, tmp)
                 if mode == "balloons+gangs":
                     t = time.monotonic()
@@ -244,17 +291,18 @@ async def main(args) -> None:
                     print(f"  balloon Deployment removed: {await kube.get_or_none(DEPLOYMENTS, f'balloon-{POOL}', SYSTEM) is None}"
                           f"; balloons still running {left}", flush=True)
                 r = await run_mode(kube, mode, burst, args, args.nodes, reg, lc)
+                r["mode"] = spec_
                 results.append(r)
                 print(f"  {r}", flush=True)
                 await stop(task)
             print("\n| mode | makespan | GPU use | partial placements | largest job's wait (start rank) | stalled "
-                  "jobs | balloons released |")
-            print("|---|---|---|---|---|---|---|")
+                  "jobs | balloons released | requeue pods |")
+            print("|---|---|---|---|---|---|---|---|")
             for r in results:
                 print(f"| {r['mode']} | {r['makespan']:.0f} s | {100 * r['gpu_use']:.1f}% | {r['partial']} of "
                       f"{r['jobs']} | {r['largest_wait']:.0f} s ({r['largest_rank']} of {r['jobs']}) | "
-                      f"{r['stalled']} | {r.get('released', 0):.0f} |")
-            base = next((r for r in results if r["mode"] == "no-gangs"), None)
+                      f"{r['stalled']} | {r.get('released', 0):.0f} | {r.get('requeued', 0):.0f} |")
+            base = next((r for r in results if r["mode"].startswith("no-gangs")), None)
             if base:
                 for r in results:
                     if r is not base:
@@ -278,4 +326,6 @@ if __name__ == "__main__":
     ap.add_argument("--previous", action="store_true",
                     help="the previous defaults: balloons at -5 that do not yield, no reservations")
     ap.add_argument("--reserve-after", type=float, default=300.0, help="gangs.reserve_after_seconds")
+    ap.add_argument("--requeue-after", type=float, default=20.0, help="gangs.requeue_stuck_after_seconds")
+    ap.add_argument("--no-requeue", action="store_true", help="no requeue pods for stuck gangs")
     asyncio.run(main(ap.parse_args()))

@@ -126,6 +126,12 @@ class GangConfig(BaseModel):
                                             "nodes reserved as they free up (taint + toleration), so smaller "
                                             "gangs stop taking them; None: never reserve")
     reserve_per_minute: float = Field(120.0, gt=0, le=10_000, description="rate limit for reservation taints")
+    requeue_stuck_after_seconds: float | None = Field(
+        20.0, ge=1, le=3600, description="a gang that fits its pool now but has stayed unplaced this long gets "
+                                         "one requeue pod (never placed) that makes kube-scheduler try the whole "
+                                         "group again (repairs the v1.36 gang stall, docs/capacity.md); keep it "
+                                         "above the scheduler's podMaxBackoffSeconds; None: never")
+    requeue_per_minute: float = Field(60.0, gt=0, le=10_000, description="rate limit for requeue pods")
     webhook_port: int = Field(9445, ge=0, le=65535, description="0: any free port (local clusters)")
     webhook_host: str = "127.0.0.1"
     webhook_url: str | None = Field(None, description="URL the API server calls (local clusters); "

@@ -40,6 +40,7 @@ from fleetkeeper.core.webhook import WebhookAsk, WebhookServer, registration, we
 
 from fleetkeeper.capacity import balloons as bl
 from fleetkeeper.capacity import gangs as gg
+from fleetkeeper.capacity import requeue as rq
 from fleetkeeper.capacity import reserve as rs
 from fleetkeeper.capacity import yielding as yd
 from fleetkeeper.capacity.config import CONFIGMAP_KEY, CONFIGMAP_NAME, CapacityConfig, load_config, load_config_text
@@ -110,8 +111,14 @@ class BalloonManager:
                                           max(1, int(cfg.gangs.reserve_per_minute // 4)), mgr.clock)
         self._reserved: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.last_reserve: dict[str, rs.ReservePlan] = {}
+        self.requeue_after = cfg.gangs.requeue_stuck_after_seconds if cfg.gangs.enabled and cfg.in_tree else None
+        self.requeue_bucket = TokenBucket(cfg.gangs.requeue_per_minute / 60.0,
+                                          max(1, int(cfg.gangs.requeue_per_minute // 4)), mgr.clock)
+        self._fits_since: dict[str, float] = {}
+        self._last_requeue: dict[str, float] = {}
+        self.last_requeue: rq.RequeuePlan | None = None
         self.waiting = None
-        if (b.enabled and b.yield_to_waiting) or self.reserve_after is not None:
+        if (b.enabled and b.yield_to_waiting) or self.reserve_after is not None or self.requeue_after is not None:
             # unbound pods only (a bound pod leaves this informer): what waits for room
             self.waiting = mgr.informer(PODS, yd.waiting_pod_projector(self.names), field_selector="spec.nodeName=",
                                         key="capacity-waiting-pods")
@@ -192,6 +199,7 @@ class BalloonManager:
         # that stay: the ReplicaSet removes exactly those, in one step, and starts none in their place
         await self._release(yields)
         await self._reserve_room(yields)
+        watch_requeue = await self._requeue(yields)
         for dep in plan.deployments:
             meta = dep["metadata"]
             sized = f"{(self.last_plan_sizing(meta['name']))}"
@@ -246,6 +254,8 @@ class BalloonManager:
             self.metrics.held.labels(y.pool).set(1 if y.hold else 0)
             if y.hold:
                 requeue = min(requeue, HOLD_RESYNC_SECONDS)
+        if watch_requeue:
+            requeue = min(requeue, HOLD_RESYNC_SECONDS)
         return Result(requeue_after=requeue)
 
     def last_plan_sizing(self, name: str) -> str:
@@ -259,31 +269,34 @@ class BalloonManager:
         b = self.cfg.balloons
         if self.waiting is None:
             return []
-        waiting = yd.units(self.waiting.items(), b.priority)
-        self._units = waiting
+        items = self.waiting.items()
+        by_resource = {r: yd.units(items, b.priority, r) for r in ("gpu", "cpu")}
+        self._units = by_resource["gpu"] + by_resource["cpu"]
         label, released_key = self.names.balloon, yd.released_annotation(self.names)
         nodes, pods = self.nodes.items(), self.pods.items()
         budget = self.release_bucket.available()
         out = []
         for pool in b.pools:
-            if not pool.enabled or pool.resource != "gpu":
-                continue  # CPU pools: the scheduler's preemption frees them (one pod, one balloon)
+            if not pool.enabled:
+                continue
+            waiting = by_resource[pool.resource]
             pool_nodes = [n for n in nodes if n.labels.get(self.names.pool) == pool.name]
             sizing = bl.size_pool(pool, pool_nodes)
             usable = [n for n in pool_nodes if n.ready and not n.unschedulable and not n.deleting]
             self._pool_nodes[pool.name] = usable
             if not waiting or sizing.problem:
-                out.append(yd.PoolYield(pool.name))
+                out.append(yd.PoolYield(pool.name, pool.resource))
                 continue
             names_ = {n.name for n in usable}
             bound = [p for p in pods if p.node in names_ and p.active]
-            balloons = [yd.Balloon(p.namespace, p.name, p.node, sizing.per_balloon,
+            per_balloon = sizing.per_balloon if pool.resource == "gpu" else sizing.per_balloon * 1000  # millicores
+            balloons = [yd.Balloon(p.namespace, p.name, p.node, per_balloon,
                                    released=p.deleting or released_key in p.annotations)
                         for p in pods if p.labels.get(label) == pool.name and p.namespace == self.namespace
                         and p.node in names_ and p.phase not in ("Succeeded", "Failed")] \
                 if b.enabled and b.yield_to_waiting else []
             self._pool_bound[pool.name] = bound
-            y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget)
+            y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget, pool.resource)
             if not (b.enabled and b.yield_to_waiting):
                 y.hold = False  # the decision is only read for reservations
             budget -= y.release_count
@@ -338,6 +351,55 @@ class BalloonManager:
             elif not plan.unit:
                 self._reserved.pop(y.pool, None)
 
+    async def _requeue(self, yields: list[yd.PoolYield]) -> bool:
+        """Repair gangs kube-scheduler stopped trying (pure plan: requeue.decide). True while a gang
+        that fits is watched (the next pass must come soon even without events)."""
+        if self.waiting is None:
+            return False
+        fitting = {k for y in yields for k in y.fits}
+        probes = [p for p in self.waiting.items() if p.requeue_for]
+        now = self.clock.now()
+        plan = rq.decide(self._units, fitting, probes, self._fits_since, self._last_requeue, now,
+                         self.requeue_after)
+        self.last_requeue = plan
+        self._fits_since = plan.fits_since
+        for ns, name, why in plan.delete:
+            result = "dry_run" if self.dry_run else "ok"
+            if not self.dry_run:
+                try:
+                    await self.kube.delete(PODS, name, ns)
+                except errors.NotFound:
+                    pass
+                except errors.ApiError as exc:
+                    result = "error"
+                    log.warning("requeue pod %s/%s: %s", ns, name, exc)
+            self.metrics.requeues.labels("delete", result).inc()
+            log.info("requeue pod %s/%s removed: %s", ns, name, why)
+        for ns, group, fitted in plan.create:
+            key = f"{ns}/{group}"
+            if not self.requeue_bucket.take():
+                self.metrics.requeues.labels("create", "rate_limited").inc()
+                continue
+            self._last_requeue[key] = now
+            result = "dry_run" if self.dry_run else "ok"
+            if not self.dry_run:
+                try:
+                    await self.kube.create(PODS, rq.requeue_pod(ns, group, self.names), ns)
+                except errors.ApiError as exc:  # e.g. a quota or a policy of the namespace
+                    result = "error"
+                    log.warning("gang %s: cannot create its requeue pod: %s", key, exc)
+            self.metrics.requeues.labels("create", result).inc()
+            await self.recorder.emit(
+                ObjectRef("PodGroup", group, ns, api_version=PODGROUPS.api_version), "GangRequeued",
+                f"gang {group} has fitted its pool for {fitted:.0f}s but kube-scheduler has not placed it: one "
+                f"requeue pod of the group (never placed) created so that the scheduler tries the whole group "
+                f"again" + (" [dry-run]" if self.dry_run else "")
+                + ("" if result in ("ok", "dry_run") else " (failed: see the controller log)"),
+                type_="Warning")
+        self._last_requeue = {k: t for k, t in self._last_requeue.items()
+                              if self.requeue_after is not None and now - t < 10 * self.requeue_after}
+        return bool(plan.fits_since) or bool(probes)
+
     async def _set_taint(self, node: str, key: str, value: str | None, note: str) -> str:
         """Add (value) or remove (None) the reservation taint through the core applier: one patch with the
         cached node's resourceVersion, its Event (``NodeReserved`` / ``NodeReservationRemoved``) and
@@ -387,7 +449,7 @@ class BalloonManager:
                     ObjectRef("Deployment", bl.deployment_name(y.pool), self.namespace, api_version="apps/v1"),
                     "BalloonsReleased",
                     f"{n} balloon(s) of pool {y.pool} released in one step for {what} ({rel.pods} pod(s), "
-                    f"{rel.gpus} GPUs waiting): {nodes}" + (" [dry-run]" if self.dry_run else ""))
+                    f"{rel.amount} {yd.unit_of(y.resource)} waiting): {nodes}" + (" [dry-run]" if self.dry_run else ""))
 
 
 class GangManager:

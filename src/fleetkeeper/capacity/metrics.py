@@ -44,9 +44,15 @@ class CapacityMetrics:
         self.members_lost = Counter(f"{PREFIX}_gang_broken_total",
                                     "Gangs that lost a member while running (the job must restart whole)",
                                     registry=registry)
+        self.requeues = Counter(f"{PREFIX}_gang_requeue_pods_total",
+                                "Requeue pods for gangs kube-scheduler had stopped trying (create) and their "
+                                "removal (delete)", ["op", "result"], registry=registry)
         for op in ("reserve", "release"):
             for r in ("ok", "error", "dry_run", "rate_limited"):
                 self.reservations.labels(op, r)
+        for op in ("create", "delete"):
+            for r in ("ok", "error", "dry_run", "rate_limited"):
+                self.requeues.labels(op, r)
         for s in GANG_STATES:
             self.gangs.labels(s).set(0)
         for kind in ("Workload", "PodGroup", "CoschedulingPodGroup"):

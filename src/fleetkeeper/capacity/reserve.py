@@ -6,10 +6,11 @@ room that frees up takes it first, and a large gang (it needs many nodes free
 at once) can wait behind all of them. After ``reserve_after_seconds`` the
 oldest such gang of a pool (highest priority first) gets its room reserved:
 
-* nodes of the pool it can use that hold no real work (empty, or only a
-  balloon) get the taint ``<domain>/reserved=<token>:NoSchedule``, up to the
-  number of nodes the gang needs; the taint keeps every other pod off while
-  the rest of the room frees up (pods already there stay: NoSchedule);
+* as many nodes of the pool as the gang needs get the taint
+  ``<domain>/reserved=<token>:NoSchedule`` at once: nodes that hold no real
+  work (empty, or only a balloon) first, then busy nodes whose work started
+  longest ago; work already there runs on (NoSchedule), nothing new starts,
+  so a node that frees up cannot be taken by smaller work first;
 * the gang's unbound pods get a toleration for exactly that taint (adding a
   toleration to a pod is allowed after creation);
 * once the gang is placed (or gone) every reservation taint of that token is
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.views import NodeView, PodView
 
-from fleetkeeper.capacity.yielding import Unit, _place, eligible, tolerates
+from fleetkeeper.capacity.yielding import Unit, _place, capacity, eligible, tolerates
 
 
 def reserved_key(names: Names) -> str:
@@ -91,19 +92,24 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list
     tok = token(target.key)
     plan.unit, plan.token, plan.waited = target.key, tok, now - target.since
     free_nodes = [_without(n, key) for n in nodes]
-    placed = _place(target, free_nodes, {n.name: float(n.gpus) for n in nodes}, {})
+    placed = _place(target, free_nodes, {n.name: capacity(n, target.resource) for n in nodes}, {})
     if placed is None:
         plan.untaint = sorted(holders)
         return plan
     plan.needed = len(set(placed[0].values()))
-    busy = {p.node for p in bound if p.active and names.balloon not in p.labels}
+    newest: dict[str, float] = {}  # node -> start of the most recent real work on it
+    for p in bound:
+        if p.active and names.balloon not in p.labels:
+            newest[p.node] = max(newest.get(p.node, 0.0), p.created)
     mine = sorted(n for n, v in holders.items() if v == tok)
     plan.untaint = sorted(n for n, v in holders.items() if v != tok)
     keep = mine[:plan.needed]
     plan.untaint += mine[plan.needed:]
-    cands = [n for n in free_nodes if n.name not in holders and n.name not in busy
-             and any(eligible(p, n) for p in target.pods)]
-    for n in sorted(cands, key=lambda n: n.name):
+    cands = [n for n in free_nodes if n.name not in holders and any(eligible(p, n) for p in target.pods)]
+    # every node the gang needs is reserved at once: free ones first, then busy ones whose work started
+    # longest ago (likely to end first); work already there runs on (NoSchedule), nothing new starts, so
+    # a node that frees up is not taken by smaller work before it could be reserved
+    for n in sorted(cands, key=lambda n: (n.name in newest, newest.get(n.name, 0.0), n.name)):
         if len(keep) >= plan.needed:
             break
         keep.append(n.name)

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fleetkeeper.core.domain import GPU_RESOURCE, Names
-from fleetkeeper.core.views import NodeView, PodView, Toleration, parse_time
+from fleetkeeper.core.views import NodeView, PodView, Toleration, parse_time, requested_cpu_millis
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -62,14 +62,22 @@ class WaitingPod:
     phase: str
     scheduler_name: str = "default-scheduler"
     queued: bool = False  # managed by Kueue (kueue.x-k8s.io/queue-name): its ordering is Kueue's
+    requeue_for: str = ""  # a requeue pod fleetkeeper made for this group (capacity/requeue.py)
+    cpu_millis: int = 0  # CPU requested (pods of CPU pools: what a CPU balloon holds)
 
     @property
     def unit(self) -> str:
         return f"{self.namespace}/{self.group}" if self.group else f"{self.namespace}/pod/{self.name}"
 
 
+def requeue_label(names: Names) -> str:
+    """On a requeue pod (capacity/requeue.py): the group it makes kube-scheduler try again."""
+    return f"{names.domain}/gang-requeue"
+
+
 def waiting_pod_projector(names: Names):
     balloon = names.balloon
+    requeue = requeue_label(names)
 
     def project(obj: dict) -> WaitingPod:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
@@ -109,6 +117,8 @@ def waiting_pod_projector(names: Names):
             balloon=balloon in (meta.get("labels") or {}), phase=status.get("phase", "Pending"),
             scheduler_name=spec.get("schedulerName") or "default-scheduler",
             queued=KUEUE_QUEUE_LABEL in (meta.get("labels") or {}),
+            requeue_for=(meta.get("labels") or {}).get(requeue, ""),
+            cpu_millis=requested_cpu_millis(spec),
         )
 
     return project
@@ -146,6 +156,14 @@ def eligible(pod: WaitingPod, node: NodeView) -> bool:
     return True
 
 
+def selects_pool(pod: WaitingPod, names: Names, pool: str) -> bool:
+    """Does the pod ask for this pool by name (node selector, or every required affinity term)?"""
+    if (names.pool, pool) in pod.node_selector:
+        return True
+    return bool(pod.affinity) and all(
+        any(k == names.pool and op == "In" and pool in vals for k, op, vals in term) for term in pod.affinity)
+
+
 def _term_matches(term, labels: dict[str, str]) -> bool:
     for key, op, values in term:
         have = labels.get(key)
@@ -162,6 +180,19 @@ def _term_matches(term, labels: dict[str, str]) -> bool:
     return True
 
 
+def amount(pod: WaitingPod | PodView, resource: str) -> int:
+    """What a pod takes of a pool's resource: GPUs (GPU pools) or CPU millicores (CPU pools)."""
+    return pod.gpus if resource == "gpu" else pod.cpu_millis
+
+
+def capacity(node: NodeView, resource: str) -> float:
+    return float(node.gpus if resource == "gpu" else node.cpu_millis)
+
+
+def unit_of(resource: str) -> str:
+    return "GPUs" if resource == "gpu" else "CPU millicores"
+
+
 @dataclass(frozen=True)
 class Unit:
     """Work that must be placed together: a gang's unbound members, or one pod."""
@@ -170,22 +201,26 @@ class Unit:
     priority: int
     since: float  # when it started waiting (oldest member's creation)
     pods: tuple[WaitingPod, ...]
+    resource: str = "gpu"  # the pool resource it waits for: gpu, or cpu (pods that ask for no GPU)
 
     @property
-    def gpus(self) -> int:
-        return sum(p.gpus for p in self.pods)
+    def amount(self) -> int:
+        return sum(amount(p, self.resource) for p in self.pods)
 
 
-def units(pods: list[WaitingPod], balloon_priority: int) -> list[Unit]:
-    """The waiting work, in the order it is served: priority, then oldest.
+def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu") -> list[Unit]:
+    """The waiting work for pools of ``resource``, in the order it is served: priority, then oldest.
 
-    A gang counts once the scheduler has tried it (a member is Unschedulable):
-    before that, its members are held before the queue (PodGroup or members
-    missing) and no room would help. Pods at or below the balloons' priority
-    never get room from balloons."""
+    GPU pools: pods that ask for GPUs; CPU pools: pods that ask for CPU and no
+    GPU. A gang counts once the scheduler has tried it (a member is
+    Unschedulable): before that, its members are held before the queue
+    (PodGroup or members missing) and no room would help. Pods at or below the
+    balloons' priority never get room from balloons."""
     groups: dict[str, list[WaitingPod]] = {}
     for p in pods:
-        if p.balloon or p.deleting or p.phase != "Pending" or p.gpus <= 0 or p.priority <= balloon_priority:
+        if p.balloon or p.deleting or p.phase != "Pending" or p.priority <= balloon_priority:
+            continue
+        if (p.gpus <= 0) if resource == "gpu" else (p.gpus > 0 or p.cpu_millis <= 0):
             continue
         if p.scheduler_name != "default-scheduler":
             continue  # another scheduler (Volcano, scheduler-plugins) places it: its room is that scheduler's call
@@ -195,7 +230,7 @@ def units(pods: list[WaitingPod], balloon_priority: int) -> list[Unit]:
         if not any(m.unschedulable for m in members):
             continue
         out.append(Unit(key, max(m.priority for m in members), min(m.created for m in members),
-                        tuple(sorted(members, key=lambda m: (-m.gpus, m.name)))))
+                        tuple(sorted(members, key=lambda m: (-amount(m, resource), m.name))), resource))
     return sorted(out, key=lambda u: (-u.priority, u.since, u.key))
 
 
@@ -204,7 +239,7 @@ class Balloon:
     namespace: str
     name: str
     node: str
-    gpus: float
+    amount: float  # what it holds: GPUs, or CPU millicores (CPU pools)
     released: bool  # already chosen (annotation) or being deleted
 
 
@@ -212,13 +247,14 @@ class Balloon:
 class Release:
     unit: str
     pods: int
-    gpus: int
+    amount: int  # GPUs, or CPU millicores (CPU pools)
     balloons: list[Balloon]
 
 
 @dataclass
 class PoolYield:
     pool: str
+    resource: str = "gpu"
     waiting_units: int = 0
     waiting_pods: int = 0
     releases: list[Release] = field(default_factory=list)
@@ -227,19 +263,20 @@ class PoolYield:
     unfit: list[str] = field(default_factory=list)  # units that do not fit the pool even when it is empty
     blocked: list[str] = field(default_factory=list)  # units that fit the pool but not now (real work holds it)
     over_budget: list[str] = field(default_factory=list)
+    fits: list[str] = field(default_factory=list)  # units placed whole in this pass's simulation (room is there)
 
     @property
     def release_count(self) -> int:
         return sum(len(r.balloons) for r in self.releases)
 
 
-def _node_room(nodes: list[NodeView], bound: list[PodView], balloons: list[Balloon], label: str) -> \
-        tuple[dict[str, float], dict[str, Balloon]]:
-    """Free GPUs per node (balloons not counted as used) and the balloon on each node."""
-    free = {n.name: float(n.gpus) for n in nodes}
+def _node_room(nodes: list[NodeView], bound: list[PodView], balloons: list[Balloon], label: str,
+               resource: str = "gpu") -> tuple[dict[str, float], dict[str, Balloon]]:
+    """Free room per node (balloons not counted as used) and the balloon on each node."""
+    free = {n.name: capacity(n, resource) for n in nodes}
     for p in bound:
         if p.node in free and p.active and label not in p.labels:
-            free[p.node] -= p.gpus
+            free[p.node] -= amount(p, resource)
     on: dict[str, Balloon] = {}
     for b in balloons:
         if b.node in free and not b.released:
@@ -256,15 +293,16 @@ def _place(unit: Unit, nodes: list[NodeView], room: dict[str, float], held: dict
     released: set[str] = set()
     where: dict[str, str] = {}
     for pod in unit.pods:
+        need = amount(pod, unit.resource)
         best: tuple[int, float, str] | None = None
         for n in nodes:
             if not eligible(pod, n):
                 continue
-            balloon = held[n.name].gpus if n.name in held and n.name not in released else 0.0
-            if room[n.name] - balloon >= pod.gpus:
-                cand = (0, room[n.name] - balloon - pod.gpus, n.name)
-            elif balloon and room[n.name] >= pod.gpus:
-                cand = (1, room[n.name] - pod.gpus, n.name)
+            balloon = held[n.name].amount if n.name in held and n.name not in released else 0.0
+            if room[n.name] - balloon >= need:
+                cand = (0, room[n.name] - balloon - need, n.name)
+            elif balloon and room[n.name] >= need:
+                cand = (1, room[n.name] - need, n.name)
             else:
                 continue
             if best is None or cand < best:
@@ -274,13 +312,13 @@ def _place(unit: Unit, nodes: list[NodeView], room: dict[str, float], held: dict
         tier, _, name = best
         if tier == 1:
             released.add(name)
-        room[name] -= pod.gpus
+        room[name] -= need
         where[pod.name] = name
     return where, released
 
 
 def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: list[Balloon], waiting: list[Unit],
-           names: Names, budget: int) -> PoolYield:
+           names: Names, budget: int, resource: str = "gpu") -> PoolYield:
     """Which balloons of one pool to release now, and for which waiting unit.
 
     ``nodes``: the pool's usable nodes (Ready, schedulable, not being deleted);
@@ -289,13 +327,15 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     how many balloons may be released now (rate limit). A unit is served whole
     or not at all; serving stops at the first unit the budget cannot cover, so
     a later, smaller unit never overtakes it."""
-    out = PoolYield(pool)
-    room, held = _node_room(nodes, bound, balloons, names.balloon)
-    empty = {n.name: float(n.gpus) for n in nodes}
+    out = PoolYield(pool, resource)
+    room, held = _node_room(nodes, bound, balloons, names.balloon, resource)
+    empty = {n.name: capacity(n, resource) for n in nodes}
     mine = []
     for u in waiting:
-        if not any(eligible(p, n) for p in u.pods for n in nodes):
+        if u.resource != resource or not any(eligible(p, n) for p in u.pods for n in nodes):
             continue  # another pool's work
+        if resource == "cpu" and not all(selects_pool(p, names, pool) for p in u.pods):
+            continue  # CPU work that does not ask for this pool by name: room is not the only thing it may lack
         if _place(u, nodes, empty, {}) is None:
             out.unfit.append(u.key)  # does not fit even an empty pool: no balloon can help
             continue
@@ -316,10 +356,11 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
             out.over_budget.append(u.key)
             continue
         budget -= len(released)
+        out.fits.append(u.key)
         for pod in u.pods:
-            room[where[pod.name]] -= pod.gpus
+            room[where[pod.name]] -= amount(pod, resource)
         if released:
-            out.releases.append(Release(u.key, len(u.pods), u.gpus, [held[n] for n in sorted(released)]))
+            out.releases.append(Release(u.key, len(u.pods), u.amount, [held[n] for n in sorted(released)]))
         for n in released:
             del held[n]
     out.kept = len(held)

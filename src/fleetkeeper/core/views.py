@@ -33,9 +33,23 @@ def _quantity_int(v: str | int | None) -> int:
 def _cpu_millis(v: str | None) -> int:
     if not v:
         return 0
-    if v.endswith("m"):
-        return int(v[:-1])
-    return int(float(v) * 1000)
+    try:
+        if v.endswith("m"):
+            return int(v[:-1])
+        return int(float(v) * 1000)
+    except ValueError:
+        return 0
+
+
+def requested_cpu_millis(spec: dict) -> int:
+    """CPU a pod's containers request (a limit without a request is the request, as the API server
+    defaults it)."""
+    total = 0
+    for c in spec.get("containers") or ():
+        res = c.get("resources") or {}
+        total += _cpu_millis(str(v) if (v := (res.get("requests") or {}).get("cpu")
+                                        or (res.get("limits") or {}).get("cpu")) is not None else None)
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +133,7 @@ class PodView:
     pod_ip: str
     scheduler_name: str
     pod_group: str = ""  # spec.schedulingGroup.podGroupName (in-tree gang scheduling)
+    cpu_millis: int = 0  # CPU the containers request (a limit without a request counts as the request)
 
     @property
     def key(self) -> str:
@@ -188,6 +203,7 @@ class Projector:
             termination_message=term, pod_ip=status.get("podIP", ""),
             scheduler_name=spec.get("schedulerName", ""),
             pod_group=(spec.get("schedulingGroup") or {}).get("podGroupName", ""),
+            cpu_millis=requested_cpu_millis(spec),
         )
 
 

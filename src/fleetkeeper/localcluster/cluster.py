@@ -201,6 +201,11 @@ class State:
     real_node: bool = False            # the API server serves a real node on the host's address
     host_ip: str = ""
     node_tokens: dict[str, str] = field(default_factory=dict)  # real node, kube-proxy, CoreDNS
+    # kube-scheduler tuning (benchmarks compare settings; 0 / "" = kube-scheduler's defaults)
+    scheduler_initial_backoff_seconds: int = 0
+    scheduler_max_backoff_seconds: int = 0
+    scheduler_feature_gates: str = ""  # extra gates, e.g. "SchedulerAsyncPreemption=false"
+    scheduler_verbosity: int = 1
 
     @classmethod
     def load(cls, path: Path) -> "State":
@@ -430,14 +435,19 @@ class LocalCluster:
             ]
         if comp == "kube-scheduler":
             cfg = d / "scheduler.yaml"
+            st = self.state
+            backoff = "".join(
+                f"{k}: {v}\n" for k, v in (("podInitialBackoffSeconds", st.scheduler_initial_backoff_seconds),
+                                           ("podMaxBackoffSeconds", st.scheduler_max_backoff_seconds)) if v)
             cfg.write_text(
                 "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\n"
                 f"clientConnection:\n  kubeconfig: {self.kubeconfig}\n  qps: 500\n  burst: 1000\n"
-                "leaderElection:\n  leaderElect: false\n"
+                "leaderElection:\n  leaderElect: false\n" + backoff
             )
+            gates = FEATURE_GATES + (f",{st.scheduler_feature_gates}" if st.scheduler_feature_gates else "")
             return [
                 self._bin(comp), f"--config={cfg}", "--bind-address=127.0.0.1", f"--secure-port={p.scheduler}",
-                f"--feature-gates={FEATURE_GATES}", "--v=1", METRICS_OPEN,
+                f"--feature-gates={gates}", f"--v={st.scheduler_verbosity}", METRICS_OPEN,
             ]
         if comp == "kwok":
             return [
@@ -516,6 +526,20 @@ class LocalCluster:
             self._wait_http(comp, f"https://127.0.0.1:{p.scheduler}/healthz", 60, token=False)
         elif comp == "kwok":
             self._wait_http(comp, f"http://127.0.0.1:{p.kwok}/healthz", 60, token=False, tls=False)
+
+    def tune_scheduler(self, *, initial_backoff_seconds: int = 0, max_backoff_seconds: int = 0,
+                       feature_gates: str = "", verbosity: int = 1) -> None:
+        """Set kube-scheduler's backoff (0: its defaults, 1 s and 10 s), extra feature gates and log
+        verbosity; a running scheduler is restarted with them (its queue is rebuilt from the API)."""
+        st = self.state
+        st.scheduler_initial_backoff_seconds, st.scheduler_max_backoff_seconds = initial_backoff_seconds, \
+            max_backoff_seconds
+        st.scheduler_feature_gates, st.scheduler_verbosity = feature_gates, verbosity
+        if self.state_path.parent.exists():
+            st.save(self.state_path)
+        if "kube-scheduler" in st.pids:
+            self.stop_component("kube-scheduler")
+            self.start_component("kube-scheduler")
 
     def stop_component(self, comp: str, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         pid = self.state.pids.get(comp)

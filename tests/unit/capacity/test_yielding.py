@@ -47,7 +47,7 @@ def test_a_gang_gets_exactly_the_balloons_it_needs_in_one_release():
     out = decide(nodes, [], [balloon(n.name) for n in nodes], gang("train", 4))
     assert len(out.releases) == 1
     rel = out.releases[0]
-    assert rel.unit == "ns/train" and rel.pods == 4 and rel.gpus == 32 and len(rel.balloons) == 4
+    assert rel.unit == "ns/train" and rel.pods == 4 and rel.amount == 32 and len(rel.balloons) == 4
     assert out.kept == 2 and out.hold
 
 
@@ -155,7 +155,8 @@ def test_a_gang_waiting_past_the_threshold_gets_the_free_nodes_reserved():
     small = gang("small2", 1, created=NOW - 10)
     plan, y = reserve(nodes, bound, big + small)
     assert y.blocked == ["ns/big"]
-    assert plan.unit == "ns/big" and plan.needed == 4 and plan.taint == ["n2", "n3"]
+    # all four at once: the free ones first, then the busy ones (their work runs on, nothing new starts)
+    assert plan.unit == "ns/big" and plan.needed == 4 and plan.taint == ["n2", "n3", "n0", "n1"]
     assert plan.tolerate == [f"ns/big-{i}" for i in range(4)]
     # below the threshold: nothing reserved
     plan, _ = reserve(nodes, bound, gang("big", 4, created=NOW - 100))
@@ -174,10 +175,17 @@ def test_a_reservation_grows_as_nodes_free_and_keeps_other_work_off():
     big = gang("big", 4, created=NOW - 400, tolerations=tol)
     small = gang("small", 2, created=NOW - 5)
     plan, y = reserve(nodes, bound, big + small)
-    assert plan.taint == ["n0"] and plan.untaint == [] and plan.reserved == ["n0", "n2", "n3"]
+    assert plan.taint == ["n0", "n1"] and plan.untaint == [] and plan.reserved == ["n0", "n1", "n2", "n3"]
     assert plan.tolerate == []
     # the small gang cannot use the reserved nodes: it does not fit now (it would have taken n2, n3)
     assert "ns/small" in y.blocked
+
+
+def test_busy_nodes_are_reserved_oldest_work_first_and_only_as_many_as_needed():
+    nodes = [node(f"n{i}") for i in range(4)]
+    bound = [dataclasses.replace(work(f"w{i}", f"n{i}"), created=NOW - t) for i, t in enumerate((30, 90, 10, 60))]
+    plan, _ = reserve(nodes, bound, gang("big", 2, created=NOW - 400))
+    assert plan.needed == 2 and plan.taint == ["n1", "n3"]
 
 
 def test_reservations_go_once_the_gang_is_placed_or_gone():
@@ -193,3 +201,66 @@ def test_work_queued_by_kueue_is_left_to_kueue():
     big = [dataclasses.replace(p, queued=True) for p in gang("big", 2, created=NOW - 1000)]
     plan, _ = reserve(nodes, bound, big)
     assert plan.unit == ""
+
+
+# --- CPU pools: CPU work gets CPU balloons released as a unit, as GPU pools do -----------------------------
+
+CPU_BALLOON = 86_400.0  # millicores: 0.9 of a 96-core node
+
+
+def cpu_node(name: str) -> NodeView:
+    return dataclasses.replace(node(name, gpus=0), labels={N.pool: "cpu"})
+
+
+def cpu_pod(name: str, millis: int, gang: str = "", selector=((N.pool, "cpu"),), **kw) -> yd.WaitingPod:
+    return dataclasses.replace(waiting(name, gang=gang, gpus=0, selector=selector, **kw), cpu_millis=millis)
+
+
+def cpu_balloon(node_name: str) -> yd.Balloon:
+    return yd.Balloon("fk", f"balloon-{node_name}", node_name, CPU_BALLOON, False)
+
+
+def decide_cpu(nodes, bound, balloons, pods, budget=100):
+    return yd.decide("cpu", nodes, bound, balloons, yd.units(pods, -1000, "cpu"), N, budget, "cpu")
+
+
+def test_a_cpu_gang_gets_exactly_the_cpu_balloons_it_needs_in_one_release():
+    nodes = [cpu_node(f"c{i}") for i in range(4)]
+    pods = [cpu_pod(f"etl-{i}", 60_000, gang="etl") for i in range(3)]  # one per node
+    out = decide_cpu(nodes, [], [cpu_balloon(n.name) for n in nodes], pods)
+    assert [(r.unit, r.pods, r.amount, len(r.balloons)) for r in out.releases] == [("ns/etl", 3, 180_000, 3)]
+    assert out.kept == 1 and out.hold and out.resource == "cpu" and out.fits == ["ns/etl"]
+
+
+def test_small_cpu_work_that_fits_beside_a_balloon_releases_nothing():
+    nodes = [cpu_node("c0")]
+    out = decide_cpu(nodes, [], [cpu_balloon("c0")], [cpu_pod("small", 2_000)])
+    assert out.releases == [] and out.fits == ["ns/pod/small"]
+
+
+def test_gpu_and_cpu_work_only_ever_get_their_own_pools_balloons():
+    gpu_nodes, cpu_nodes = [node("g0")], [cpu_node("c0")]
+    gpu_work = [waiting("train", selector=())]  # 8 GPUs, no selector
+    cpu_work = [cpu_pod("etl", 90_000)]
+    assert yd.units(gpu_work + cpu_work, -1000, "gpu")[0].key == "ns/pod/train"
+    assert [u.key for u in yd.units(gpu_work + cpu_work, -1000, "cpu")] == ["ns/pod/etl"]
+    out = decide_cpu(cpu_nodes, [], [cpu_balloon("c0")], gpu_work + cpu_work)
+    assert [r.unit for r in out.releases] == ["ns/pod/etl"]
+    gpu = decide(gpu_nodes, [], [balloon("g0")], gpu_work + cpu_work)
+    assert [r.unit for r in gpu.releases] == ["ns/pod/train"]
+
+
+def test_cpu_work_that_does_not_name_the_pool_is_left_to_the_scheduler():
+    nodes = [cpu_node("c0")]
+    out = decide_cpu(nodes, [], [cpu_balloon("c0")], [cpu_pod("anywhere", 90_000, selector=())])
+    assert out.releases == [] and not out.hold
+    by_affinity = dataclasses.replace(cpu_pod("aff", 90_000, selector=()),
+                                      affinity=(((N.pool, "In", ("cpu",)),),))
+    assert [r.unit for r in decide_cpu(nodes, [], [cpu_balloon("c0")], [by_affinity]).releases] == ["ns/pod/aff"]
+
+
+def test_cpu_already_taken_by_running_work_counts():
+    nodes = [cpu_node("c0"), cpu_node("c1")]
+    busy = dataclasses.replace(work("svc", "c0", gpus=0), cpu_millis=60_000)
+    out = decide_cpu(nodes, [busy], [cpu_balloon("c1")], [cpu_pod("etl", 50_000)])
+    assert [b.node for r in out.releases for b in r.balloons] == ["c1"]  # c0 has 36 cores left, not 50

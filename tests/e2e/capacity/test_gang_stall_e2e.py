@@ -1,0 +1,87 @@
+"""The kube-scheduler v1.36 gang stall, made deterministic, and fleetkeeper's repair.
+
+A gang of 3 arrives on a pool of 2 nodes held by placeholders (priority
+-1000, the balloons' rung). Two members find a victim and the scheduler starts
+their preemption; the third does not fit, so the group fails. The victims'
+deletion is held for a few seconds (an admission webhook: a slow API server),
+so the members come back to the scheduler's queue while their preemption is
+still running and DefaultPreemption's PreEnqueue holds them, for good
+(docs/capacity.md). A third node then joins: the gang fits, and the scheduler
+never tries it again on its own. fleetkeeper sees a gang that fits and stays
+unplaced, creates one requeue pod of the group, and the gang is placed; the
+requeue pod is gone afterwards.
+
+Without the repair (``requeue_stuck_after_seconds: None``) the gang stays
+Pending on the 3 nodes (seen by hand; not asserted, as that would be a verdict
+about time).
+"""
+
+from __future__ import annotations
+
+from capacity_helpers import NAMES, bound, pods_of, wait_for
+from fleetkeeper.capacity import yielding as yd
+from fleetkeeper.capacity.config import CapacityConfig
+from fleetkeeper.core import errors
+from fleetkeeper.core.kube import EVENTS, JOBS, NODES, PODS, PRIORITYCLASSES
+from fleetkeeper.localcluster.slowdelete import SlowDeletes
+
+PLACEHOLDER = "e2e.fleetkeeper.io/placeholder"
+
+
+def cfg(pool, namespace: str) -> CapacityConfig:
+    return CapacityConfig.model_validate({
+        "balloons": {"enabled": False, "namespace": namespace,
+                     "pools": [{"name": pool.pool, "resource": "gpu", "max_nodes": 3}]},
+        "gangs": {"webhook_port": 0, "requeue_stuck_after_seconds": 5},
+    })
+
+
+async def test_a_gang_the_scheduler_stopped_trying_is_requeued_and_placed(kube, namespace, pool_factory,
+                                                                           run_capacity):
+    pool = await pool_factory(3)
+    third = pool.nodes[2]
+    await kube.patch(NODES, third, {"spec": {"unschedulable": True}})
+    pc = f"fk-placeholder-{pool.pool}"
+    await kube.create(PRIORITYCLASSES, {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                                        "metadata": {"name": pc}, "value": -1000, "preemptionPolicy": "Never"})
+    cap, registry = await run_capacity(cfg(pool, namespace), namespace)
+    spec = pool.pod_spec()
+    try:
+        for i in range(2):
+            await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod",
+                                     "metadata": {"name": f"placeholder-{i}", "labels": {PLACEHOLDER: "1"}},
+                                     "spec": {**spec, "priorityClassName": pc}}, namespace)
+
+        async def placeholders_bound():
+            return len(bound(await pods_of(kube, namespace, PLACEHOLDER))) == 2
+        await wait_for(placeholders_bound, 60, what="a placeholder on each of the 2 schedulable nodes")
+        async with SlowDeletes(kube, PLACEHOLDER, 3.0,
+                               namespace_selector={"matchLabels": {"kubernetes.io/metadata.name": namespace}}) as slow:
+            await kube.create(JOBS, {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "train"},
+                                     "spec": {"parallelism": 3, "completions": 3, "backoffLimit": 0,
+                                              "template": {"metadata": {"labels": {NAMES.gang: "train"}},
+                                                           "spec": {**spec, "restartPolicy": "Never"}}}},
+                              namespace)
+
+            async def placeholders_preempted():
+                items, _ = await kube.list(PODS, namespace, label_selector=PLACEHOLDER)
+                return slow.held >= 2 and not items
+            await wait_for(placeholders_preempted, 90, what="both placeholders preempted by the gang's members")
+            await kube.patch(NODES, third, {"spec": {"unschedulable": False}})
+
+            async def placed():
+                return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=train"))) == 3
+            await wait_for(placed, 120, what="the gang placed on the 3 nodes")
+        events, _ = await kube.list(EVENTS, namespace)
+        notes = [e.get("note", "") for e in events if e.get("reason") == "GangRequeued"]
+        assert notes and "gang train has fitted its pool" in notes[0], notes
+        assert registry.get_sample_value("fleetkeeper_gang_requeue_pods_total", {"op": "create", "result": "ok"}) >= 1
+
+        async def requeue_pods_gone():
+            return not await pods_of(kube, namespace, yd.requeue_label(NAMES))
+        await wait_for(requeue_pods_gone, 60, what="the requeue pod removed")
+    finally:
+        try:
+            await kube.delete(PRIORITYCLASSES, pc)
+        except errors.NotFound:
+            pass
