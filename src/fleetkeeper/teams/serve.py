@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.kube import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS, Kube
+from fleetkeeper.core.admission import Admission, AdmissionRequest
 from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
 
 from fleetkeeper.teams.admission import DEFAULT_KINDS, TeamAdmission
@@ -27,6 +31,55 @@ log = logging.getLogger("fleetkeeper.teams.webhook")
 
 MUTATE, VALIDATE = "teams-mutate", "teams-validate"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+T = TypeVar("T")
+
+
+class ServingThread:
+    """An event loop of its own in a daemon thread. The webhook's TLS, HTTP and
+    decisions run there, so a busy manager loop (an informer decoding a burst
+    of watch events, a teams pass over 7,500 nodes) never sits between
+    kube-apiserver and an answer; the two threads only share the GIL, which the
+    interpreter hands over every few milliseconds."""
+
+    def __init__(self, name: str = "teams-webhook"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        self.loop.close()
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on this thread's loop and wait for it from the caller's loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def close(self) -> None:
+        if self.loop.is_closed() or not self._thread.is_alive():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self._thread.join, 10)
+
+
+def thread_safe_handler(decide: Callable[[AdmissionRequest], Admission], admission: TeamAdmission,
+                        home: asyncio.AbstractEventLoop) -> Callable[[AdmissionRequest], Admission | Awaitable[Admission]]:
+    """``decide`` answered in the serving thread, at once when it can be: only a
+    request whose owner the index has not seen yet (a controller's pod created a
+    moment after its owner) waits, and that wait runs on ``home``, the manager's
+    loop, where the owner index lives."""
+
+    def serve(req: AdmissionRequest) -> Admission | Awaitable[Admission]:
+        uid = admission.needs_owner(req)
+        if uid is None or admission.wait_owner is None:
+            return decide(req)
+        wait = admission.wait_owner(uid, admission.owner_wait_s)
+
+        async def after_wait() -> Admission:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(wait, home))  # type: ignore[arg-type]
+            return decide(req)
+        return after_wait()
+    return serve
 
 
 def rules(workloads: bool, operations: list[str], pod_operations: list[str],
@@ -101,6 +154,7 @@ class WebhookRunner:
         self.own_namespace, self.domain = own_namespace, domain
         self.ready = asyncio.Event()
         self.ca_bundle = b""
+        self.thread: ServingThread | None = None
         try:
             self.server = self._server(registry)
         except ValueError:  # another webhook in this process already registered the core webhook metrics
@@ -136,10 +190,18 @@ class WebhookRunner:
                              self.admission.kinds)
 
     async def start(self) -> None:
-        self.server.add(MUTATE, self.admission.serve_mutate)
-        self.server.add(VALIDATE, self.admission.serve_validate)
-        await self.server.start()
-        log.info("teams webhook serving on https://%s:%d", self.opts.host, self.server.port)
+        if self.opts.own_thread:
+            home = asyncio.get_running_loop()
+            self.server.add(MUTATE, thread_safe_handler(self.admission.mutate, self.admission, home))
+            self.server.add(VALIDATE, thread_safe_handler(self.admission.validate, self.admission, home))
+            self.thread = ServingThread()
+            await self.thread.call(self.server.start())
+        else:
+            self.server.add(MUTATE, self.admission.serve_mutate)
+            self.server.add(VALIDATE, self.admission.serve_validate)
+            await self.server.start()
+        log.info("teams webhook serving on https://%s:%d%s", self.opts.host, self.server.port,
+                 " (its own thread)" if self.thread else "")
         if self.opts.register_webhook:
             mutating, validating = self.objects()
             await self.kube.apply(MUTATING_WEBHOOKS, mutating)
@@ -154,7 +216,14 @@ class WebhookRunner:
         except errors.FleetkeeperError as exc:
             log.warning("could not unregister webhook %s: %s", self.opts.config_name, exc)
         finally:
-            await self.server.stop()
+            if self.thread is not None:
+                try:
+                    await self.thread.call(self.server.stop())
+                finally:
+                    await self.thread.close()
+                    self.thread = None
+            else:
+                await self.server.stop()
 
     async def run(self) -> None:
         await self.start()
