@@ -56,10 +56,30 @@ class ServingThread:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     async def close(self) -> None:
+        """Stop the loop once the connections it served have finished closing."""
         if self.loop.is_closed() or not self._thread.is_alive():
             return
+        await self.call(_settle())
         self.loop.call_soon_threadsafe(self.loop.stop)
         await asyncio.to_thread(self._thread.join, 10)
+
+
+async def _settle(limit_s: float = 10.0) -> None:
+    """Run this loop until the sockets it still watches are closed (a stopped TLS
+    server's connections finish their close_notify exchange with the client on the
+    loop), up to ``limit_s``; then cancel what is left. A loop stopped earlier
+    would leave those sockets to the garbage collector."""
+    loop = asyncio.get_running_loop()
+    selector = getattr(loop, "_selector", None)
+    steps = int(limit_s / 0.02)
+    for _ in range(steps):
+        if selector is None or len(selector.get_map()) <= 1:  # only the loop's own wake-up socket
+            break
+        await asyncio.sleep(0.02)
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in rest:
+        t.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
 
 
 def thread_safe_handler(decide: Callable[[AdmissionRequest], Admission], admission: TeamAdmission,
