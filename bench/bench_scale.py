@@ -381,10 +381,17 @@ async def main(a) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * a.agents + 1024)), hard))
     say(f"== scale benchmark: {a.nodes} nodes, {a.pods} pods, parts {parts}; load average {os.getloadavg()[0]:.1f}")
-    lc = LocalCluster(Path(tempfile.mkdtemp(prefix="fk-bench-scale-")))
-    t0 = time.monotonic()
-    up = await lc.up(a.nodes, 8, create_rate=300.0, progress=lambda m: say(f"  cluster: {m}") if "nodes" in m else None)
-    say(f"control plane: {up['ready']} nodes Ready in {time.monotonic() - t0:.0f}s")
+    if a.cluster_dir:  # a cluster this benchmark started before and left up (stopped at the end)
+        lc = LocalCluster(Path(a.cluster_dir))
+        if not lc.is_up():
+            raise SystemExit(f"no running cluster in {a.cluster_dir}")
+        say(f"control plane: reusing {a.cluster_dir}")
+    else:
+        lc = LocalCluster(Path(tempfile.mkdtemp(prefix="fk-bench-scale-")))
+        t0 = time.monotonic()
+        up = await lc.up(a.nodes, 8, create_rate=300.0,
+                         progress=lambda m: say(f"  cluster: {m}") if "nodes" in m else None)
+        say(f"control plane: {up['ready']} nodes Ready in {time.monotonic() - t0:.0f}s")
     kube = await lc.connect()
     try:
         if a.pods:
@@ -393,10 +400,14 @@ async def main(a) -> None:
             say(f"{a.pods} pods bound to {len(names)} nodes created in {dt:.0f}s")
         if "rss" in parts:
             await rss_part(lc, kube, a.teams)
-        if "relay" in parts:
-            await relay_part(lc, kube, a.agents, a.sample, a.agent_processes, a.agent_rate, a.herd_seconds)
-        if "teams" in parts:
-            await teams_part(lc, kube, a.teams, a.burst_rounds)
+        for part in parts:  # in the order given
+            if part == "relay":
+                try:
+                    await relay_part(lc, kube, a.agents, a.sample, a.agent_processes, a.agent_rate, a.herd_seconds)
+                except TimeoutError as exc:  # reported; the other parts still run
+                    print(f"relay: {exc}")
+            elif part == "teams":
+                await teams_part(lc, kube, a.teams, a.burst_rounds)
         pids = lc.state.pids
         print("control plane RSS at the end: " + ", ".join(
             f"{c} {mem(p)[0]:.0f} MB" for c, p in sorted(pids.items())))
@@ -493,6 +504,7 @@ if __name__ == "__main__":
     ap.add_argument("--herd-seconds", type=float, default=0.0,
                     help="first, for this long, every agent at once from one process (how it failed before)")
     ap.add_argument("--parts", default="rss,relay,teams")
+    ap.add_argument("--cluster-dir", help="use the running local cluster in this directory instead of starting one")
     args = ap.parse_args()
 
     async def run() -> None:  # SIGTERM/SIGINT cancel the run, so the cluster is stopped
