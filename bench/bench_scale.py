@@ -319,7 +319,7 @@ def cpu_s(pid: int) -> float:
 async def teams_part(lc: LocalCluster, kube: Kube, teams: int, burst_rounds: int = 1) -> None:
     from prometheus_client import CollectorRegistry
 
-    from bench_teams import bare_loop, bursts, config_text, initial_counts, strip_all, team_counts, wait_counts
+    from bench_teams import bare_loop, bursts, config_text, initial_counts, strip_all, team_counts, wait_converged
     from fleetkeeper.core.manager import Manager
     from fleetkeeper.core.settings import RuntimeSettings
     from fleetkeeper.teams.config import TeamsConfig
@@ -356,7 +356,7 @@ async def teams_part(lc: LocalCluster, kube: Kube, teams: int, burst_rounds: int
         await kube.create(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
                                        "metadata": {"name": "fleetkeeper-teams", "namespace": SYSTEM_NS},
                                        "data": {"config.yaml": config_text(counts)}}, SYSTEM_NS)
-        await wait_counts(kube, want, 1800)
+        await wait_converged(kube, mgr, want, 1800)
         ctl_s = time.perf_counter() - t0
         tm = mgr.teams
         w0 = tm.writes
