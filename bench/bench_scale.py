@@ -211,7 +211,8 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
     (after, with ``herd_s``, ``herd_s`` seconds of every agent at once from one process)."""
     import json
 
-    nodes = sorted(n["metadata"]["name"] for n in (await kube.list(NODES, label_selector="type=kwok"))[0])[:agents_n]
+    nodes = sorted(n["metadata"]["name"] for n in (await kube.list(NODES, label_selector="type=kwok"))[0]
+                   + (await kube.list(NODES, label_selector=BARE_LABEL))[0])[:agents_n]
     port, mport = free_port(), free_port()
     m0 = await scrape(lc)
     proc = subprocess.Popen([FK, "relay", "serve", "--listen", f"127.0.0.1:{port}", "--metrics-port", str(mport),
@@ -376,6 +377,28 @@ async def teams_part(lc: LocalCluster, kube: Kube, teams: int, burst_rounds: int
         await asyncio.gather(task, return_exceptions=True)
 
 
+BARE_LABEL = "fleetkeeper.io/bench-bare"
+
+
+async def create_bare_nodes(kube: Kube, n: int) -> int:
+    from fleetkeeper.localcluster.fleet import KWOK_LABEL, FleetSpec, node_manifest
+
+    spec = FleetSpec(nodes=n)
+    sem = asyncio.Semaphore(32)
+
+    async def one(i: int) -> None:
+        body = node_manifest(spec, i)
+        body["metadata"]["labels"].pop(KWOK_LABEL, None)
+        body["metadata"]["labels"][BARE_LABEL] = "true"
+        async with sem:
+            try:
+                await kube.create(NODES, body)
+            except errors.Conflict:
+                pass
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return n
+
+
 async def main(a) -> None:
     parts = a.parts.split(",")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -386,6 +409,13 @@ async def main(a) -> None:
         if not lc.is_up():
             raise SystemExit(f"no running cluster in {a.cluster_dir}")
         say(f"control plane: reusing {a.cluster_dir}")
+    elif a.bare_nodes:  # Node objects KWOK does not manage: enough for the relay, no heartbeats
+        lc = LocalCluster(Path(tempfile.mkdtemp(prefix="fk-bench-scale-")))
+        t0 = time.monotonic()
+        await lc.up(0, 8)
+        async with await lc.connect() as k:
+            n = await create_bare_nodes(k, a.nodes)
+        say(f"control plane with {n} Node objects (not managed by KWOK) in {time.monotonic() - t0:.0f}s")
     else:
         lc = LocalCluster(Path(tempfile.mkdtemp(prefix="fk-bench-scale-")))
         t0 = time.monotonic()
@@ -504,6 +534,9 @@ if __name__ == "__main__":
     ap.add_argument("--herd-seconds", type=float, default=0.0,
                     help="first, for this long, every agent at once from one process (how it failed before)")
     ap.add_argument("--parts", default="rss,relay,teams")
+    ap.add_argument("--bare-nodes", action="store_true",
+                    help="Node objects that KWOK does not manage (no heartbeats, pods stay Pending): the relay part "
+                         "at full size without a full simulated fleet")
     ap.add_argument("--cluster-dir", help="use the running local cluster in this directory instead of starting one")
     args = ap.parse_args()
 
