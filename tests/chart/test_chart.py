@@ -195,6 +195,28 @@ def test_webhook_configurations_match_what_the_components_register():
             assert base64.b64decode(w["clientConfig"]["caBundle"]) == ca
 
 
+def test_each_webhook_service_reaches_its_process_one_webhook_server():
+    """Every Deployment with a webhook runs one webhook server (--webhook-bind-address) on the container
+    port its Service targets, serving the mounted shared certificate (--webhook-cert-dir)."""
+    docs = render({"capacity": {"enabled": True}})
+    deployments = by_kind(docs, "Deployment")
+    services = {n: s for n, s in by_kind(docs, "Service").items() if n.endswith("-webhook")}
+    assert services
+    for name, svc in services.items():
+        d = deployments[name.removesuffix("-webhook")]
+        assert svc["spec"]["selector"] == d["spec"]["selector"]["matchLabels"], name
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        port = next(p["containerPort"] for p in c["ports"] if p["name"] == "webhook")
+        assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["webhook"], name
+        assert f"--webhook-bind-address=:{port}" in c["args"], name
+        mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "webhook-tls")
+        assert f"--webhook-cert-dir={mount}" in c["args"], name
+    for name, d in deployments.items():
+        args = d["spec"]["template"]["spec"]["containers"][0]["args"]
+        if f"{name}-webhook" not in services:
+            assert not any(a.startswith("--webhook-") for a in args), name
+
+
 def test_one_certificate_for_every_webhook_service():
     from cryptography import x509
 

@@ -182,6 +182,18 @@ def test_bad_metrics_bind_address_is_named(captured_run):
     assert r.exit_code == 2 and "--metrics-bind-address" in r.output
 
 
+def test_webhook_bind_address_and_cert_dir(captured_run, tmp_path):
+    r = runner.invoke(app, ["run", "--controllers", "", "--webhook-bind-address", ":9443",
+                            "--webhook-cert-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    w = captured_run["settings"].webhook
+    assert (w.host, w.port, w.cert_dir) == ("0.0.0.0", 9443, str(tmp_path))
+    assert runner.invoke(app, ["run", "--controllers", ""]).exit_code == 0
+    assert captured_run["settings"].webhook.port is None  # the components' own settings
+    r = runner.invoke(app, ["run", "--controllers", "", "--webhook-bind-address", "9443"])
+    assert r.exit_code == 2 and "--webhook-bind-address" in r.output
+
+
 # --- an installed wheel -----------------------------------------------------------------
 def test_version_from_an_installed_wheel(tmp_path):
     uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")

@@ -124,6 +124,20 @@ def test_retiring_taints_records_then_terminates_once():
                     CFG, N, NOW + 3 * H).escalation == ""
 
 
+def test_a_termination_interrupted_after_its_record_is_asked_again_of_an_idempotent_provider():
+    """A process killed between recording the request and the provider's answer: the machine layer (durable
+    ledger, never acts twice) is asked again until the Node goes; any other provider is never asked twice."""
+    f = F(gated=True, gate_label="failed", attempts=3, failed_check="nccl", state=m.RETIRING, since=NOW,
+          terminate_requested=NOW)
+    again = m.decide(f, CFG, N, NOW + 30, provider_idempotent=True)
+    assert again.plan.machine is not None and again.plan.action == "terminate-check"
+    assert not ops_of(again, Event) and not ops_of(again, SetAnnotation) and again.plan.requeue_after == 30.0
+    assert m.decide(f, CFG, N, NOW + 30).plan.machine is None
+    # past the retiring deadline: reported once, as before
+    stuck = m.decide(f, CFG, N, NOW + 2 * H, provider_idempotent=True)
+    assert stuck.escalation == "report" and stuck.plan.machine is None
+
+
 def test_escalation_can_be_reported_only():
     cfg = load_lifecycle("escalate: false")
     d = m.decide(F(quarantined=True, action="quarantine", health_since=NOW - 25 * H), cfg, N, NOW)

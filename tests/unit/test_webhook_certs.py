@@ -109,3 +109,66 @@ def test_mounted_certificate(tmp_path):
 ])
 def test_a_stopping_replica_never_deletes_a_service_webhook(opts, unregisters):
     assert WebhookOptions.model_validate(opts).unregisters_on_exit is unregisters
+
+
+# --- one webhook server per process -----------------------------------------------------------
+def test_one_bind_address_for_every_component():
+    from fleetkeeper.core.webhook import WebhookAsk, resolve_bind
+
+    a = WebhookAsk("teams", ("t",), "127.0.0.1", 0)
+    b = WebhookAsk("capacity", ("c",), "127.0.0.1", 9445)
+    c = WebhookAsk("preflight", ("p",), "0.0.0.0", 9443)
+    assert resolve_bind([a]) == ("127.0.0.1", 0, [])
+    assert resolve_bind([a, b]) == ("127.0.0.1", 9445, [])  # a fixed port wins over any free port
+    host, port, warnings = resolve_bind([a, b, c])
+    assert (host, port) == ("0.0.0.0", 9445) and len(warnings) == 1 and "preflight" in warnings[0]
+    assert resolve_bind([a, b, c], host="127.0.0.1", port=9000)[:2] == ("127.0.0.1", 9000)  # the manager's
+    assert resolve_bind([]) == ("127.0.0.1", 0, [])
+
+
+async def _post(port: int, path: str, ca: Path) -> dict:
+    import json
+
+    import aiohttp
+
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+              "request": {"uid": "u1", "kind": {"kind": "Pod"}, "operation": "CREATE", "namespace": "ns",
+                          "name": "p", "object": {"metadata": {"name": "p"}}, "userInfo": {}}}
+    ctx = ssl.create_default_context(cafile=str(ca))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"https://127.0.0.1:{port}/{path}", data=json.dumps(review), ssl=ctx) as r:
+            assert r.status == 200, await r.text()
+            return (await r.json())["response"]
+
+
+async def test_components_of_one_manager_share_one_server_port_and_certificate(tmp_path):
+    from fleetkeeper.core import errors
+    from fleetkeeper.core.manager import Manager
+    from fleetkeeper.core.settings import RuntimeSettings
+    from fleetkeeper.core.webhook import WebhookAsk
+
+    class NoKube:
+        metrics = None
+
+    mgr = Manager(NoKube(), RuntimeSettings(server={"port": 0}), registry=CollectorRegistry())  # type: ignore
+    one = mgr.webhook(WebhookAsk("teams", ("a",), "127.0.0.1", 0, ("teams.fk.svc",), cert_dir=tmp_path),
+                      {"a": lambda req: Admission(True)})
+    two = mgr.webhook(WebhookAsk("capacity", ("b",), "127.0.0.1", 0, ("capacity.fk.svc",)),
+                      {"b": lambda req: Admission(False, "no")})
+    assert one is two and [r.name for r in mgr._runnables].count("webhooks") == 1
+    with pytest.raises(errors.ConfigError):
+        mgr.webhook(WebhookAsk("other", ("a",)), {"a": lambda req: Admission(True)})
+    # one certificate, covering both components' names
+    leaf = x509.load_pem_x509_certificate((tmp_path / "tls.crt").read_bytes())
+    sans = set(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+               .get_values_for_type(x509.DNSName))
+    assert {"teams.fk.svc", "capacity.fk.svc"} <= sans and one.ca_bundle == (tmp_path / "ca.crt").read_bytes()
+    task = asyncio.create_task(one.run())
+    try:
+        await asyncio.wait_for(one.started.wait(), 30)
+        assert (await _post(one.server.port, "a", tmp_path / "ca.crt"))["allowed"] is True
+        assert (await _post(one.server.port, "b", tmp_path / "ca.crt"))["allowed"] is False
+        assert one.url("b") == f"https://127.0.0.1:{one.server.port}/b"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

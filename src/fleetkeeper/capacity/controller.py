@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +32,8 @@ from fleetkeeper.core.kube import (
 )
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.ratelimit import TokenBucket
-from fleetkeeper.core.pki import mounted_serving_cert, write_serving_cert
-from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
+from fleetkeeper.core.pki import mounted_serving_cert
+from fleetkeeper.core.webhook import WebhookAsk, WebhookServer, registration, webhook_entry
 
 from fleetkeeper.capacity import balloons as bl
 from fleetkeeper.capacity import gangs as gg
@@ -613,13 +612,29 @@ def webhook_registration(cfg: CapacityConfig, names: Names, config_name: str, ur
 
 
 class GangWebhook:
+    """The gang and workload-gang handlers on the process's one webhook server (one port, one
+    certificate), and the registration of their configuration."""
+
     def __init__(self, mgr: Manager, cfg: CapacityConfig, options: CapacityOptions):
         self.kube, self.names, self.cfg, self.options = mgr.kube, mgr.names, cfg, options
         self.dry_run = mgr.settings.dry_run
         self.registry = mgr.registry
         self.namespace = mgr.settings.namespace
-        self.server: WebhookServer | None = None
         self.ready = asyncio.Event()
+        g = cfg.gangs
+        mounted = mounted_serving_cert(Path(g.webhook_cert_dir)) if g.webhook_cert_dir else None
+        if mounted is None and g.webhook_cert_dir:
+            raise errors.ConfigError("capacity", [("gangs.webhook_cert_dir", g.webhook_cert_dir,
+                                                   "no tls.crt and tls.key there")])
+        hosts = (g.webhook_host, f"{g.webhook_service}.{self.namespace}.svc", "localhost")
+        self.webhooks = mgr.webhook(
+            WebhookAsk("capacity", (WEBHOOK_PATH, WORKLOAD_GANG_PATH), g.webhook_host, g.webhook_port, hosts,
+                       mounted=mounted, cert_dir=options.webhook_cert_dir),
+            {WEBHOOK_PATH: self.handler, WORKLOAD_GANG_PATH: lambda req: mutate_workload(req, self.names)})
+
+    @property
+    def server(self) -> WebhookServer:
+        return self.webhooks.server
 
     def handler(self, req):
         return gg.mutate_pod(req, self.cfg, self.names)
@@ -630,35 +645,13 @@ class GangWebhook:
 
     async def run(self) -> None:
         g = self.cfg.gangs
-        cert = mounted_serving_cert(Path(g.webhook_cert_dir)) if g.webhook_cert_dir else None
-        if cert is None and g.webhook_cert_dir:
-            raise errors.ConfigError("capacity", [("gangs.webhook_cert_dir", g.webhook_cert_dir,
-                                                   "no tls.crt and tls.key there")])
-        if cert is None:  # local clusters: a self-signed certificate of this process
-            cert_dir = self.options.webhook_cert_dir or Path(tempfile.gettempdir()) / "fleetkeeper-capacity-webhook"
-            hosts = [g.webhook_host, f"{g.webhook_service}.{self.namespace}.svc", "localhost"]
-            cert = await asyncio.to_thread(write_serving_cert, cert_dir, hosts,
-                                           common_name="fleetkeeper-capacity-webhook")
-        self.server = WebhookServer(str(cert.cert), str(cert.key), host=g.webhook_host, port=g.webhook_port,
-                                    registry=self.registry)
-        self.server.add(WEBHOOK_PATH, self.handler)
-        self.server.add(WORKLOAD_GANG_PATH, lambda req: mutate_workload(req, self.names))
-        delay = 1.0
-        while True:  # a port still held (a previous process) must not take the other controllers down
-            try:
-                await self.server.start()
-                break
-            except OSError as exc:
-                log.error("gang webhook cannot listen on %s:%s: %s; retrying in %.0fs (gang pods cannot be "
-                          "created meanwhile)", g.webhook_host, g.webhook_port, exc, delay)
-                await self.server.stop()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-        url = g.webhook_url or (self.server.url(WEBHOOK_PATH) if g.webhook_host in ("127.0.0.1", "localhost") else None)
-        log.info("gang webhook serving on %s", self.server.url(WEBHOOK_PATH))
+        await self.webhooks.started.wait()
+        local = g.webhook_host in ("127.0.0.1", "localhost")
+        url = g.webhook_url or (self.webhooks.url(WEBHOOK_PATH, g.webhook_host) if local else None)
+        log.info("gang webhook serving on %s", self.webhooks.url(WEBHOOK_PATH))
         try:
             if g.manage_webhook_registration and not self.dry_run:
-                await self.kube.apply(MUTATING_WEBHOOKS, self.registration(url, cert.ca_bundle))
+                await self.kube.apply(MUTATING_WEBHOOKS, self.registration(url, self.webhooks.ca_bundle))
             self.ready.set()
             await asyncio.Event().wait()
         finally:
@@ -667,7 +660,6 @@ class GangWebhook:
                     await asyncio.shield(self.kube.delete(MUTATING_WEBHOOKS, self.options.webhook_config_name))
                 except (errors.FleetkeeperError, asyncio.CancelledError):
                     pass
-            await self.server.stop()
 
 
 @dataclass

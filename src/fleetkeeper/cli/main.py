@@ -122,6 +122,13 @@ def run(
              "in a pod, :8080 so the kubelet's probes reach it)"),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535,
                                                help="port only, on 127.0.0.1 (superseded by --metrics-bind-address)"),
+    webhook_bind_address: Optional[str] = typer.Option(
+        None, "--webhook-bind-address",
+        help="HOST:PORT or :PORT of the one admission webhook server every component of this process shares "
+             "(default: the components' own settings; a wildcard address and a fixed port win)"),
+    webhook_cert_dir: Optional[str] = typer.Option(
+        None, "--webhook-cert-dir", help="tls.crt, tls.key and ca.crt of that server (a mounted Secret; reloaded "
+                                         "when it changes); default: the components', else self-signed"),
     leader_elect: bool = typer.Option(True, "--leader-elect/--no-leader-elect"),
     leader_election_id: str = typer.Option("fleetkeeper-manager", "--leader-election-id",
                                            help="name of the Lease (one per Deployment of the manager)"),
@@ -151,9 +158,13 @@ def run(
             server["host"], server["port"] = parse_bind_address(metrics_bind_address)
         elif metrics_port is not None:
             server["port"] = metrics_port
+        webhook: dict = {"cert_dir": webhook_cert_dir}
+        if webhook_bind_address is not None:
+            webhook["host"], webhook["port"] = parse_bind_address(webhook_bind_address, "--webhook-bind-address")
         settings = load_model(RuntimeSettings, {
             "domain": domain, "namespace": namespace, "dry_run": dry_run, "kubeconfig": kubeconfig,
-            "context": context, "server": server, "leader_election": {"enabled": leader_elect, "lease_name": leader_election_id},
+            "context": context, "server": server, "webhook": webhook,
+            "leader_election": {"enabled": leader_elect, "lease_name": leader_election_id},
             "controllers": names, "machine_provider": machine_provider or None,
         }, "flags")
         if machine_provider:

@@ -150,12 +150,12 @@ def context_option() -> Any:
                         help="kubeconfig context to use (default: its current-context)")
 
 
-def parse_bind_address(value: str) -> tuple[str, int]:
+def parse_bind_address(value: str, flag: str = "--metrics-bind-address") -> tuple[str, int]:
     """``HOST:PORT``, ``:PORT`` (every address) or ``[V6]:PORT``, as controller-runtime's
     --metrics-bind-address."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise errors.ConfigError("flags", [("--metrics-bind-address", value,
+        raise errors.ConfigError("flags", [(flag, value,
                                             "expected HOST:PORT or :PORT, e.g. 0.0.0.0:8080 or :8080")])
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)

@@ -33,6 +33,7 @@ from fleetkeeper.core.metrics import RuntimeMetrics
 from fleetkeeper.core.server import OpsServer
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.core.views import NodeView, PodView, default_projector
+from fleetkeeper.core.webhook import SharedWebhooks, WebhookAsk
 
 log = logging.getLogger("fleetkeeper.manager")
 
@@ -65,6 +66,8 @@ class Manager:
         self._runnables: list[_Runnable] = []
         self._shared: dict[str, Any] = {}
         self.server = OpsServer(self.registry, settings.server.host, settings.server.port)
+        wh = settings.webhook
+        self.webhooks = SharedWebhooks(self.registry, host=wh.host, port=wh.port, cert_dir=wh.cert_dir)
         self.elector: LeaderElector | None = None
 
     # --- building blocks for components --------------------------------
@@ -102,6 +105,16 @@ class Manager:
         if name not in self._shared:
             self._shared[name] = factory()
         return self._shared[name]
+
+    def webhook(self, ask: WebhookAsk, handlers: dict) -> SharedWebhooks:
+        """Serve ``handlers`` (path -> admission handler) on the process's one webhook server (one port, one
+        certificate); call from ``setup``. The server starts with the manager, on every replica; wait for
+        ``.started`` before registering a webhook configuration with its ``ca_bundle`` and ``url``."""
+        if not self.webhooks:
+            self.add("webhooks", self.webhooks.run, leader=False)
+            self.server.add_ready_check("webhooks", self.webhooks.started.is_set)
+        self.webhooks.register(ask, handlers)
+        return self.webhooks
 
     def recorder(self, controller: str) -> EventRecorder:
         return EventRecorder(self.kube, controller, namespace=self.settings.namespace, clock=self.clock,

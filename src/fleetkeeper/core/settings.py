@@ -19,6 +19,15 @@ class ServerSettings(BaseModel):
     port: int = Field(8080, ge=0, le=65535, description="/metrics, /healthz, /readyz")
 
 
+class WebhookSettings(BaseModel):
+    """The manager's one admission webhook server (every component's webhooks of this process)."""
+
+    host: str | None = Field(None, description="bind address; None: the components' (a wildcard one wins)")
+    port: int | None = Field(None, ge=0, le=65535, description="None: the components' (the first fixed one)")
+    cert_dir: str | None = Field(None, description="tls.crt, tls.key (and ca.crt) of a mounted Secret; None: "
+                                                   "the components' certificate, else a self-signed one")
+
+
 class RuntimeSettings(BaseModel):
     """What every controller shares."""
 
@@ -29,6 +38,7 @@ class RuntimeSettings(BaseModel):
     context: str | None = Field(None, description="kubeconfig context (default: its current-context)")
     leader_election: LeaderElectionSettings = LeaderElectionSettings()
     server: ServerSettings = ServerSettings()
+    webhook: WebhookSettings = WebhookSettings()
     controllers: list[str] = Field(default_factory=list)
     machine_provider: str | None = Field(None, description="the machine provider (fleetkeeper.machines.config); "
                                                            "None: the fleetkeeper-machines ConfigMap's, else "

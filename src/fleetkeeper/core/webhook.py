@@ -1,4 +1,4 @@
-"""Admission webhooks: one TLS server, pure handlers.
+"""Admission webhooks: one TLS server per process, pure handlers.
 
 A handler is a plain function ``(AdmissionRequest) -> Admission`` (no I/O;
 it may be a coroutine that waits briefly for an informer cache),
@@ -6,6 +6,9 @@ so it is unit-tested directly and timed in process. :class:`WebhookServer`
 serves handlers over HTTPS (aiohttp), records latency and results, and
 :func:`registration` builds the Mutating/ValidatingWebhookConfiguration that
 registers them by URL (local control plane) or by Service (in-cluster).
+:class:`SharedWebhooks` is the manager's one server: every component of a
+process registers its handlers (paths) on it, with one port and one
+certificate.
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ import hashlib
 import inspect
 import logging
 import ssl
+import tempfile
+import threading
 import time
 import weakref
-from typing import Any
+from dataclasses import dataclass
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -31,8 +39,10 @@ from fleetkeeper.core.admission import (  # noqa: F401 - re-exported for the ser
     json_patch_path,
 )
 from fleetkeeper.core.metrics import PREFIX
+from fleetkeeper.core.pki import ServingCert, mounted_serving_cert, write_serving_cert
 
 log = logging.getLogger("fleetkeeper.webhook")
+T = TypeVar("T")
 
 
 _METRICS_BY_REGISTRY = weakref.WeakKeyDictionary()
@@ -217,3 +227,204 @@ def webhook_entry(name: str, *, url: str | None = None, service: dict | None = N
     if reinvocation:
         entry["reinvocationPolicy"] = reinvocation
     return entry
+
+
+@dataclass
+class WebhookAsk:
+    """What one component asks of the manager's webhook server."""
+
+    component: str
+    paths: tuple[str, ...]
+    host: str | None = None  # bind address it would use alone (None: no preference)
+    port: int | None = None  # 0: any free port; None: no preference
+    hosts: tuple[str, ...] = ()  # names (DNS or IP) the certificate must cover for its registration
+    mounted: ServingCert | None = None  # a certificate someone else made (cert-manager, the chart)
+    cert_dir: Path | None = None  # where a self-signed certificate may be written
+
+
+def resolve_bind(asks: list[WebhookAsk], host: str | None = None, port: int | None = None
+                 ) -> tuple[str, int, list[str]]:
+    """(host, port, warnings) of the one server for these asks. Explicit settings win; otherwise a
+    wildcard bind covers a loopback one, a fixed port wins over "any free port", and of two fixed ports
+    the first component's is served (the other is named in a warning: its registration follows the
+    server's real port when it registers by URL)."""
+    warnings: list[str] = []
+    if host is None:
+        hs = [a.host for a in asks if a.host]
+        host = "0.0.0.0" if "0.0.0.0" in hs else (hs[0] if hs else "127.0.0.1")
+        others = sorted({h for h in hs if h not in (host, "0.0.0.0")})
+        if others and host != "0.0.0.0":
+            warnings.append(f"webhook bind addresses {others} asked too; serving on {host}")
+    if port is None:
+        fixed = [(a.component, a.port) for a in asks if a.port]
+        port = fixed[0][1] if fixed else 0
+        for comp, p in fixed[1:]:
+            if p != port:
+                warnings.append(f"{comp} asked for webhook port {p}; every webhook of this process is served "
+                                f"on {port} ({fixed[0][0]}'s)")
+    return host, port, warnings
+
+
+class ServingThread:
+    """An event loop of its own in a daemon thread. The webhook server's TLS, HTTP
+    and handlers run there, so a busy manager loop (an informer decoding a burst of
+    watch events, a teams pass over 7,500 nodes) never sits between kube-apiserver
+    and an answer; the two threads only share the GIL, which the interpreter hands
+    over every few milliseconds. Handlers run in this thread: they read the
+    manager's caches only in ways that are safe from another thread (single
+    lookups, references swapped whole), and anything that must wait on the
+    manager's loop goes through :func:`asyncio.run_coroutine_threadsafe`."""
+
+    def __init__(self, name: str = "webhooks"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        self.loop.close()
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on this thread's loop and wait for it from the caller's loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def close(self) -> None:
+        """Stop the loop once the connections it served have finished closing."""
+        if self.loop.is_closed() or not self._thread.is_alive():
+            return
+        await self.call(_settle())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self._thread.join, 10)
+
+
+async def _settle(limit_s: float = 10.0) -> None:
+    """Run this loop until the sockets it still watches are closed (a stopped TLS
+    server's connections finish their close_notify exchange with the client on the
+    loop), up to ``limit_s``; then cancel what is left. A loop stopped earlier
+    would leave those sockets to the garbage collector."""
+    loop = asyncio.get_running_loop()
+    selector = getattr(loop, "_selector", None)
+    for _ in range(int(limit_s / 0.02)):
+        if selector is None or len(selector.get_map()) <= 1:  # only the loop's own wake-up socket
+            break
+        await asyncio.sleep(0.02)
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in rest:
+        t.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+
+
+class SharedWebhooks:
+    """The manager's one admission webhook server: one port, one serving certificate (reloaded when its
+    files change, :class:`CertWatcher`), every component's handlers at their own paths.
+
+    Components register in their ``setup`` (:meth:`register`, before the manager runs); the manager starts
+    the server as a runnable of every replica (:meth:`run`; a port still held by a previous process is
+    retried without taking the other controllers down) and components wait for :attr:`started` before
+    registering their webhook configurations with :attr:`ca_bundle` and :meth:`url`.
+
+    The certificate: ``cert_dir`` of the manager's settings (a mounted Secret) if given, else the first
+    mounted certificate a component names, else a self-signed one covering every component's hosts."""
+
+    def __init__(self, registry: CollectorRegistry, *, host: str | None = None, port: int | None = None,
+                 cert_dir: str | None = None, cert_reload_interval: float = 10.0, own_thread: bool = True):
+        self.server = WebhookServer("", "", registry=registry, cert_reload_interval=cert_reload_interval)
+        self.own_thread = own_thread  # serve on a ServingThread, not on the manager's loop
+        self.thread: ServingThread | None = None
+        self.host, self.port, self.cert_dir = host, port, cert_dir
+        self.asks: list[WebhookAsk] = []
+        self.started = asyncio.Event()
+        self.cert: ServingCert | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.asks)
+
+    def register(self, ask: WebhookAsk, handlers: dict[str, Handler]) -> None:
+        from fleetkeeper.core import errors
+
+        taken = {p for a in self.asks for p in a.paths}
+        clash = sorted(taken & set(handlers))
+        if clash:
+            raise errors.ConfigError(ask.component, [("webhook path", clash, "already served by another component")])
+        if self.started.is_set():
+            raise RuntimeError("webhook handlers must be registered before the manager runs")
+        for path, handler in handlers.items():
+            self.server.add(path, handler)
+        self.asks.append(WebhookAsk(ask.component, tuple(handlers), ask.host, ask.port, tuple(ask.hosts),
+                                    ask.mounted, ask.cert_dir))
+        self.cert = self._certificate()
+        self.server.cert, self.server.key = str(self.cert.cert), str(self.cert.key)
+
+    def register_and_return(self, ask: WebhookAsk, handlers: dict[str, Handler]) -> "SharedWebhooks":
+        self.register(ask, handlers)
+        return self
+
+    def _certificate(self) -> ServingCert:
+        from fleetkeeper.core import errors
+
+        if self.cert_dir:
+            mounted = mounted_serving_cert(Path(self.cert_dir))
+            if mounted is None:
+                raise errors.ConfigError("webhooks", [("cert_dir", self.cert_dir, "no tls.crt and tls.key there")])
+            return mounted
+        mounted = [a for a in self.asks if a.mounted is not None]
+        if mounted:
+            first = mounted[0]
+            for a in mounted[1:]:
+                if a.mounted != first.mounted:
+                    log.warning("%s names webhook certificate %s; every webhook of this process serves %s (%s's)",
+                                a.component, a.mounted.cert, first.mounted.cert, first.component)  # type: ignore
+            return first.mounted  # type: ignore[return-value]
+        hosts = sorted({h for a in self.asks for h in a.hosts} | {"localhost", "127.0.0.1"})
+        directory = next((a.cert_dir for a in self.asks if a.cert_dir), None)
+        if directory is None:
+            directory = self.cert.cert.parent if self.cert is not None else \
+                Path(tempfile.mkdtemp(prefix="fleetkeeper-webhook-"))
+        # reused while it covers every host; a component registered later with another name gets a new one
+        return write_serving_cert(directory, hosts)
+
+    @property
+    def ca_bundle(self) -> bytes:
+        return self.cert.ca_bundle if self.cert is not None else b""
+
+    @property
+    def bound_port(self) -> int:
+        return self.server.port
+
+    def url(self, path: str, host: str | None = None) -> str:
+        return f"https://{host or self.server.host}:{self.server.port}/{path}"
+
+    async def run(self) -> None:
+        host, port, warnings = resolve_bind(self.asks, self.host, self.port)
+        for w in warnings:
+            log.warning("%s", w)
+        self.server.host, self.server.port = host, port
+        if self.own_thread and self.thread is None:
+            self.thread = ServingThread()
+        on = self.thread.call if self.thread is not None else (lambda coro: coro)
+        delay = 1.0
+        while True:  # a port still held (a previous process) must not take the other controllers down
+            try:
+                await on(self.server.start())
+                break
+            except OSError as exc:
+                log.error("webhook server cannot listen on %s:%s: %s; retrying in %.0fs (admission calls fail "
+                          "meanwhile)", host, port, exc, delay)
+                await on(self.server.stop())
+                self.server.port = port
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        log.info("webhook server on https://%s:%d serving %s", host, self.server.port,
+                 ", ".join(f"/{p}" for a in self.asks for p in a.paths))
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.started.clear()
+            try:
+                await on(self.server.stop())
+            finally:
+                if self.thread is not None:
+                    await self.thread.close()
+                    self.thread = None

@@ -37,6 +37,7 @@ from fleetkeeper.health.decide import (
     Plan,
     evictable,
     fleet_stats,
+    gang_window,
     history_add,
     selected,
     storm_threshold,
@@ -212,6 +213,9 @@ class Remediator:
         # (node writes: the budget is health's real limit; the bucket only stops a runaway loop, and must not
         # queue a burst of admitted quarantines behind it)
         self.gangs = self.pods.index("gang", gang_index(self.names))
+        wkey = self.keys.window
+        self.windows = self.nodes.index("repair-window", lambda n: (n.annotations[wkey],) if n.annotations.get(wkey)
+                                        else ())
         self._storm_until = 0.0
         self._noted: set[tuple[str, str]] = set()
         self._watched = watched_types(self.policy)
@@ -238,9 +242,21 @@ class Remediator:
         nv = self.nodes.get(pv.node)
         if nv is not None and nv.taint(self.names.quarantine) is not None:
             self.controller.enqueue(pv.node)
+            window = nv.annotations.get(self.keys.window)
+            if window:  # a node of a repair window drained: the others may now be repaired with it
+                for m in self.windows.get(window):
+                    self.controller.enqueue(m.name)
 
     def pods_on(self, node: str) -> list[PodView]:
         return self._pods_by_node.get(node)
+
+    def window_waiting(self, node: NodeView) -> tuple[str, ...]:
+        """The other nodes of ``node``'s gang repair window that still have pods to lose."""
+        window = node.annotations.get(self.keys.window)
+        if not window:
+            return ()
+        return tuple(m.name for m in self.windows.get(window)
+                     if m.name != node.name and not m.deleting and any(evictable(self.pods_on(m.name))))
 
     # --- fleet view ----------------------------------------------------------
     def stats(self, force: bool = False) -> FleetStats:
@@ -294,7 +310,8 @@ class Remediator:
         now = self.clock.now()
         fl = self.policy.flapping
         plan = decide_node(node, self.pods_on(key), self.policy, self.names, now,
-                           flapping=self.flaps.flapping(key, now, fl.transitions, fl.window))
+                           flapping=self.flaps.flapping(key, now, fl.transitions, fl.window),
+                           window_waiting=self.window_waiting(node))
         if plan.kind in ("noop",):
             self._noted = {x for x in self._noted if x[0] != key} if any(x[0] == key for x in self._noted) else \
                 self._noted
@@ -318,6 +335,8 @@ class Remediator:
                 # an Event, no write: the lifecycle derives "awaiting repair" from the empty node
                 await self._note(node, "Drained", f"all pods evicted; node stays quarantined until {p.remedy} "
                                                   "fixes it and its conditions clear")
+            elif p.wait == "window":
+                await self._note(node, "WaitingForRepairWindow", p.why)
             return Result(requeue_after=p.requeue_after) if p.requeue_after else None
         if p.kind == "note":
             await self._note(node, "HealthProblem",
@@ -554,6 +573,10 @@ class Remediator:
                                  f"{len(pods)} pod(s) asked for a checkpoint grace; evicting in {wait:.0f}s")
                 return Result(requeue_after=wait)
         gang_note = f"; gang(s) {', '.join(gangs)} evicted together (one disruption)" if gangs else ""
+        if gangs:
+            joined = await self._open_window(node, pods, gangs, now)
+            if joined:
+                gang_note += f"; {', '.join(joined)} repaired in the same window"
         ops = tuple(EvictPod(x.namespace, x.name) for x in pods)
         done = await self.applier.apply(node, Ops(node.name, "evict", ops, p.why), announce=False)
         for _ in done.evicted:
@@ -583,6 +606,46 @@ class Remediator:
         if done.rate_limited:
             return Result(requeue_after=max(0.2, self.applier.evict_bucket.wait_time()))
         return Result(requeue_after=p.requeue_after if done.blocked or done.failed else 1.0)
+
+    async def _open_window(self, lead: NodeView, pods: list[PodView], gangs: list[str], now: float) -> list[str]:
+        """Before a gang is evicted: the gang's other nodes with reset-class faults (active or pending) join
+        this drain's repair window (health.decide.gang_window), so they are drained now and repaired together
+        instead of disrupting the restarted job again later; the window is one unit of the budget. Written
+        in an order a crash can resume from: the lead's mark first, then the members, then the evictions."""
+        members = [m for m in (self.nodes.get(n) for n in sorted({x.node for x in pods if x.node != lead.name}))
+                   if m is not None]
+        if self._storm_until > now:  # a fault storm pauses new quarantines, joiners of a window too
+            return []
+        # never more nodes out of service than the cluster's budget limit allows, however the window counts
+        total = len(self._bsnap.scopes) or len(self.nodes.keys())
+        limit = bud.limit_of("cluster", self.budget.cfg).limit(total)
+        max_new = None if limit is None else max(0, limit - len(self._bsnap.out.get("cluster", ())))
+        wid, plans = gang_window(lead, members, gangs, self.policy, self.names, now, max_new=max_new)
+        if not plans:
+            return []
+        if lead.annotations.get(self.keys.window) != wid:
+            await self.applier.apply(lead, Ops(lead.name, "window", (SetAnnotation(self.keys.window, wid),),
+                                               f"gang repair window {wid}"), announce=False)
+        joined = []
+        for jp in plans:
+            m = self.nodes.get(jp.node)
+            if m is None:
+                continue
+            if jp.kind == "join_window":
+                await self._mutate(
+                    m, jp, "quarantine", "Quarantined",
+                    f"{jp.why}: tainted {self.names.quarantine}:NoSchedule; ladder target drain; fixable by "
+                    f"{jp.remedy}; in the gang repair window {wid} (one disruption with {lead.name})",
+                    add_taint={"key": self.names.quarantine, "value": taint_value(jp.problems[0].label),
+                               "effect": "NoSchedule"},
+                    annotations={**self._marker_annotations(jp, m), self.keys.window: wid}, warn=True,
+                    record=lifecycle.DRAINING)
+            else:
+                await self._mutate(m, jp, "window", "JoinedRepairWindow",
+                                   f"{jp.why}: repaired together with the gang's other nodes in window {wid}",
+                                   annotations={self.keys.window: wid})
+            joined.append(jp.node)
+        return joined
 
     async def _terminate(self, p: Plan, node: NodeView) -> Result | None:
         """Record the request on the node, then ask the machine provider, in one apply (a crash after the

@@ -144,7 +144,9 @@ def selected(node: NodeView, policy: Policy) -> bool:
 
 
 def decide_node(node: NodeView, pods: list[PodView], policy: Policy, names: Names, now: float, *,
-                flapping: bool = False) -> Plan:
+                flapping: bool = False, window_waiting: tuple[str, ...] = ()) -> Plan:
+    """``window_waiting``: the other nodes of this node's gang repair window that still have pods to lose
+    (its node-local repair waits for them, so the window's nodes are reset or rebooted together)."""
     k = Keys(names)
     a = node.annotations
     if node.deleting or a.get(k.ignore) == "true" or not selected(node, policy):
@@ -230,6 +232,11 @@ def decide_node(node: NodeView, pods: list[PodView], policy: Policy, names: Name
         # still there and fixable on the node is asked of the node's agent (health.actionproto)
         if policy.actions.enabled and pending_types and not unknown:
             step = local_step(a, ActionKeys(names), remedy, node.name, node.uid, now)
+            if step is not None and step.kind == "request" and window_waiting:
+                return Plan("wait", node.name, f"drained; its gang's repair window waits for "
+                                               f"{', '.join(sorted(window_waiting))} to drain, then all are "
+                                               f"repaired together", target, remedy, wait="window",
+                            requeue_after=min(30.0, policy.drain.retry_interval))
             if step is not None and step.kind == "request":
                 return Plan("request_action", node.name, step.why, target, remedy)
             if step is not None and step.kind == "escalate":
@@ -240,6 +247,57 @@ def decide_node(node: NodeView, pods: list[PodView], policy: Policy, names: Name
         return Plan("wait", node.name, f"drained; {why_waiting}", target, remedy, wait="drained",
                     requeue_after=min(60.0, recheck))
     return Plan("wait", node.name, why_waiting, wait="cleared", requeue_after=recheck)
+
+
+# --- gang repair windows -------------------------------------------------------
+RESET_CLASS = frozenset({"reset", "reboot"})
+
+
+def reset_class_problems(node: NodeView, policy: Policy, now: float) -> tuple[Problem, ...]:
+    """Faults on the node, active or still pending (not yet sustained), that a node-local reset or
+    reboot fixes."""
+    h = classify(node, policy, now)
+    return tuple(p for p in h.active + h.pending if p.remedy in RESET_CLASS)
+
+
+def window_id(gang: str, since: float) -> str:
+    return f"{gang}@{int(since)}"
+
+
+def gang_window(lead: NodeView, members: list[NodeView], gangs: list[str], policy: Policy, names: Names,
+                now: float, *, max_new: int | None = None) -> tuple[str, list[Plan]]:
+    """The repair window a gang drain opens: (its id, one plan per other node of the gang that joins it).
+
+    The gang loses every pod at once anyway; so every node of it with a reset-class fault, active or
+    pending, is drained and repaired in this one window instead of disrupting the restarted job again
+    later. A node that joins is quarantined with the drain target (``join_window``, no budget of its
+    own: the window is one disruption), or, when health already quarantined it for a reset-class fault
+    and has not asked for its repair yet, marked (``mark_window``). Nodes already in a window, on the
+    terminate ladder, or whose repair was already requested stay as they are. ``max_new``: at most this
+    many nodes newly taken out of service (the window is one unit of the budget, but never more nodes than
+    the budget's cluster limit; marking nodes already out takes nothing more)."""
+    k = Keys(names)
+    wid = lead.annotations.get(k.window) or window_id(sorted(gangs)[0], _ts(lead.annotations.get(k.since)) or now)
+    plans: list[Plan] = []
+    for n in members:
+        a = n.annotations
+        if n.name == lead.name or n.deleting or a.get(k.window) or a.get(k.ignore) == "true" \
+                or not selected(n, policy):
+            continue
+        if n.taint(names.quarantine) is not None:
+            if a.get(k.remedy) in RESET_CLASS and a.get(k.action) == "drain" and k.request not in a:
+                plans.append(Plan("mark_window", n.name, f"repaired with the gang drained from {lead.name}",
+                                  "drain", a.get(k.remedy, "")))
+            continue
+        if a.get(k.state) == "validating":
+            continue
+        probs = reset_class_problems(n, policy, now)
+        if probs and (max_new is None or sum(1 for p in plans if p.kind == "join_window") < max_new):
+            worst = max(probs, key=lambda p: p.rank)
+            plans.append(Plan("join_window", n.name,
+                              f"{worst.label}: repaired in the gang's window (drained from {lead.name})",
+                              "drain", worst.remedy, probs))
+    return wid, plans
 
 
 # --- budget -----------------------------------------------------------------

@@ -9,7 +9,7 @@ from fleetkeeper.core import errors
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.kube import CONFIGMAPS, NODES, PODS, Kube
 from fleetkeeper.core.views import default_projector
-from fleetkeeper.health.decide import Keys, classify, decide_node, history_read, watched_types
+from fleetkeeper.health.decide import Keys, classify, decide_node, evictable, history_read, watched_types
 from fleetkeeper.health.policy import Policy, load_policy
 
 CONFIGMAP = "fleetkeeper-health"
@@ -60,7 +60,22 @@ async def explain_node(kube: Kube, names: Names, node_name: str) -> list[str]:
         lines.append("handed to the preflight gate; returns to service when validation passes")
     for ts, text in history_read(a.get(k.history)):
         lines.append(f"history {_when(ts)} {text}")
-    plan = decide_node(node, pods, policy, names, now)
+    waiting: tuple[str, ...] = ()
+    window = a.get(k.window)
+    if window:  # the other nodes of its gang repair window (rare: listing the nodes is fine here)
+        items, _ = await kube.list(NODES)
+        others = [n["metadata"]["name"] for n in items if n["metadata"]["name"] != node_name
+                  and (n["metadata"].get("annotations") or {}).get(k.window) == window]
+        left = []
+        for o in others:
+            ps, _ = await kube.list(PODS, field_selector=f"spec.nodeName={o}")
+            if any(evictable([proj.pod(p) for p in ps])[0]):
+                left.append(o)
+        waiting = tuple(left)
+        lines.append(f"in the gang repair window {window} with {', '.join(others) or 'no other node'}; "
+                     f"repaired together once all are drained" + (f" (still draining: {', '.join(left)})"
+                                                                  if left else ""))
+    plan = decide_node(node, pods, policy, names, now, window_waiting=waiting)
     nxt = {"noop": "nothing to do", "wait": f"wait ({plan.wait}): {plan.why}",
            "quarantine": f"quarantine (budget permitting): {plan.why}", "evict": f"evict {len(plan.pods)} pod(s)",
            "terminate": f"terminate the machine: {plan.why}", "return": "hand over to the preflight gate",

@@ -16,7 +16,9 @@ Pure admission: :func:`admit` is a function of
 
 A node already out of service costs nothing more (draining or terminating a
 quarantined node uses the budget it already holds); a gang evicted with one
-node's drain is that node's one disruption.
+node's drain is that node's one disruption, and the nodes of one gang repair
+window (``<domain>/lifecycle-gang``: the gang's nodes with reset-class faults,
+drained and repaired together) are one unit.
 
 Scopes: ``cluster``, ``zone:<zone>``, ``rack:<rack>``, and
 ``label:<key>=<value>`` for every label the operator names.
@@ -96,9 +98,13 @@ class Snapshot:
     out: dict[str, set[str]] = field(default_factory=dict)  # scope -> nodes out of service
     since: dict[str, float] = field(default_factory=dict)  # node -> when its disruption began
     scopes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> its scopes
+    unit: dict[str, str] = field(default_factory=dict)  # node -> its gang repair window (one unit for all)
+
+    def units(self, nodes: Iterable[str]) -> int:
+        return len({self.unit.get(n, n) for n in nodes})
 
     def used(self, scope: str) -> int:
-        return len(self.out.get(scope, ()))
+        return self.units(self.out.get(scope, ()))
 
 
 def snapshot(nodes: Iterable[NodeView], names: Names, cfg: BudgetConfig,
@@ -114,6 +120,9 @@ def snapshot(nodes: Iterable[NodeView], names: Names, cfg: BudgetConfig,
         since = disrupted_since(n, names)
         if since is not None and not n.deleting:
             snap.since[n.name] = since
+            window = n.annotations.get(RecordKeys(names).gang)
+            if window:
+                snap.unit[n.name] = "window:" + window
             for s in scopes:
                 snap.out.setdefault(s, set()).add(n.name)
     return snap
@@ -138,8 +147,12 @@ class Verdict:
 def usage(snap: Snapshot, inflight: Mapping[str, InFlight], cfg: BudgetConfig, now: float
           ) -> tuple[dict[str, int], int]:
     """(scope -> nodes out of service including in-flight admissions, new disruptions within the window)."""
-    used = {s: len(v) for s, v in snap.out.items()}
-    recent = sum(1 for t in snap.since.values() if t > 1.0 and now - t < cfg.window)
+    used = {s: snap.units(v) for s, v in snap.out.items()}
+    starts: dict[str, float] = {}  # unit -> when it began (a window's nodes began together: one start)
+    for n, t in snap.since.items():
+        u = snap.unit.get(n, n)
+        starts[u] = min(starts.get(u, t), t)
+    recent = sum(1 for t in starts.values() if t > 1.0 and now - t < cfg.window)
     for name, f in inflight.items():
         if name in snap.since:
             continue

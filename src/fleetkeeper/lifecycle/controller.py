@@ -101,6 +101,11 @@ class Lifecycle:
         self.metrics = LifecycleMetrics(mgr.registry)
         self.applier = Applier(mgr.kube, mgr.recorder("lifecycle"), component="lifecycle", registry=mgr.registry,
                                clock=self.clock, dry_run=mgr.settings.dry_run, provider=provider)
+        # the machine layer keeps a durable ledger (never acts twice), so a termination a crash interrupted
+        # after its record may be asked again (machine.decide, provider_idempotent)
+        from fleetkeeper.machines.actuator import MachinesProvider
+
+        self.provider_idempotent = isinstance(provider, MachinesProvider)
         self.controller = Controller("lifecycle", self.reconcile, metrics=mgr.metrics, clock=self.clock,
                                      workers=cfg.workers)
         self.nodes.add_handler(self._on_node)
@@ -130,11 +135,14 @@ class Lifecycle:
             return None
         now = self.clock.now()
         f = self.facts(node)
-        d = machine.decide(f, self.cfg, self.names, now, budget_ok=True)
+        idem = self.provider_idempotent
+        d = machine.decide(f, self.cfg, self.names, now, budget_ok=True, provider_idempotent=idem)
         if d.escalation in ("retire", "replace") and d.state not in machine.OUT_OF_SERVICE and not f.gated:
-            d = machine.decide(f, self.cfg, self.names, now, budget_ok=self.admits(node, now))
+            d = machine.decide(f, self.cfg, self.names, now, budget_ok=self.admits(node, now),
+                               provider_idempotent=idem)
         if not d.plan.empty:
-            await self.applier.apply(node, d.plan)
+            # a re-asked termination is announced by the machine layer when it acts, not at every check
+            await self.applier.apply(node, d.plan, announce=d.plan.action != "terminate-check")
         rq = d.plan.requeue_after
         return Result(requeue_after=min(rq, self.cfg.resync) if rq else self.cfg.resync)
 

@@ -9,7 +9,8 @@ restart resumes from it):
   ``<domain>/lifecycle-next``      the next step and its deadline, for people
   ``<domain>/lifecycle-escalated`` the state whose deadline already escalated (never twice)
   ``<domain>/lifecycle-terminate-requested``  when the machine was asked to go (never twice)
-  ``<domain>/lifecycle-gang``      the gang evicted with this node's drain (one disruption)
+  ``<domain>/lifecycle-gang``      the gang repair window the node is in (``<ns>/<gang>@<start>``): the
+                                   nodes of one gang repaired together, one disruption
 
 Facts are the markers the components already write (health's quarantine
 taint and ``health-*`` annotations, preflight's gate taint/label and
@@ -85,10 +86,11 @@ class HealthKeys:
         self.ignore = f"{d}/health-ignore"  # "true": an operator took over this node
         self.request = f"{d}/action-request"  # a node-local action asked of the node's agent (health.actionproto)
         self.result = f"{d}/action-result"  # and the agent's report
+        self.window = RecordKeys(names).gang  # the gang repair window the node is in (one disruption)
 
     def all_state(self) -> tuple[str, ...]:
         return (self.action, self.remedy, self.reason, self.types, self.since, self.drained, self.cleared, self.state,
-                self.request, self.result)
+                self.request, self.result, self.window)
 
 
 @dataclass(frozen=True)

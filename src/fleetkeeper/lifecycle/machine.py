@@ -229,9 +229,13 @@ def since_of(state: str, f: Facts) -> float:
     return f.since if f.state == state else 0.0
 
 
-def decide(f: Facts, cfg: LifecycleConfig, names: Names, now: float, *, budget_ok: bool = True) -> Decision:
+def decide(f: Facts, cfg: LifecycleConfig, names: Names, now: float, *, budget_ok: bool = True,
+           provider_idempotent: bool = False) -> Decision:
     """The state, its deadline, and what to do now. ``budget_ok``: the disruption budget admits this node
     (asked only when the plan would take capacity away; an out-of-service node is already counted).
+    ``provider_idempotent``: the machine provider keeps its own durable record of what it did (the machine
+    layer's ledger), so asking it again after the request is on the node is safe and finishes a termination
+    a crash interrupted between the record and the provider's answer.
 
     The record on the node is written by the writes that change the state (components fold
     :func:`record_ops` into theirs) and by escalations here; deriving ``since`` from the markers costs no
@@ -264,6 +268,14 @@ def decide(f: Facts, cfg: LifecycleConfig, names: Names, now: float, *, budget_o
                                                                      "Warning")]
                 action = "terminate"
             escalation = "retire"
+        elif provider_idempotent and not due:
+            # the request is on the node but the Node is still here: the process may have died between the
+            # record and the provider's answer. The machine layer never acts twice (its ledger), so ask it
+            # again; without such a provider the record alone guards "never twice" and the deadline reports.
+            ops.append(TerminateMachine("terminate", reason))
+            ops.append(RequeueAfter(30.0))
+            action = "terminate-check"
+            nxt = "wait for the machine to go (the machine layer is asked again; it never acts twice)"
         elif due and not already:
             ops += [SetAnnotation(rk.escalated, episode),
                     Event("RetireStuck", f"terminate requested {human(now - f.terminate_requested)} ago and the "

@@ -20,6 +20,7 @@ delay.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -211,15 +212,23 @@ class MachinesProvider:
             raise ValueError("a loader or an actuator")
         self._loader = loader
         self.actuator = actuator
+        self._loading: asyncio.Lock | None = None
 
     @property
     def name(self) -> str:
         return self.actuator.provider.name if self.actuator is not None else "configured"
 
     async def ensure(self) -> MachineActuator:
+        """The actuator, built once: concurrent first calls (several workers retiring nodes at once) wait
+        for the one build instead of each building one (a second would register its metrics twice and
+        fail after the caller had already recorded its request on the node)."""
         if self.actuator is None:
             assert self._loader is not None
-            self.actuator = await self._loader()
+            if self._loading is None:
+                self._loading = asyncio.Lock()
+            async with self._loading:
+                if self.actuator is None:
+                    self.actuator = await self._loader()
         return self.actuator
 
     async def _do(self, verb: str, node: str, dry_run: bool) -> str:

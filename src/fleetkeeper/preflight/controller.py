@@ -19,7 +19,6 @@ import asyncio
 import base64
 import logging
 import secrets
-import tempfile
 from pathlib import Path
 
 from fleetkeeper.core import errors
@@ -110,6 +109,7 @@ class Preflight:
         self.mgr.add("preflight-gate", self.run_gate)
         self.mgr.add("preflight-periodic", self.run_periodic)
         if self.cfg.webhook.enabled:
+            self._register_webhook()
             self.mgr.add("preflight-webhook", self.run_webhook, leader=False)
 
     def _gated(self, n: NodeView | None) -> bool:
@@ -470,31 +470,31 @@ class Preflight:
         await self._delete_pod(pod, "result applied")
 
     # ----------------------------------------------------------- webhook
-    async def run_webhook(self) -> None:
-        from fleetkeeper.core.webhook import WebhookServer
-        from fleetkeeper.preflight.webhook import WEBHOOK_NAME, gate_node, gate_registration, self_signed
+    def _register_webhook(self) -> None:
+        """The Node-CREATE gate's handler on the process's one webhook server (one port, one certificate)."""
+        from fleetkeeper.core.pki import mounted_serving_cert
+        from fleetkeeper.core.webhook import WebhookAsk
+        from fleetkeeper.preflight.webhook import WEBHOOK_NAME, gate_node
 
         wc = self.cfg.webhook
-        if wc.cert_dir and (Path(wc.cert_dir) / "tls.crt").exists():
-            cert, key = Path(wc.cert_dir) / "tls.crt", Path(wc.cert_dir) / "tls.key"
-            ca = (Path(wc.cert_dir) / "ca.crt").read_bytes() if (Path(wc.cert_dir) / "ca.crt").exists() \
-                else cert.read_bytes()
-        else:
-            hosts = [wc.url_host] if wc.url_host else [f"{wc.service_name}.{self.namespace}.svc",
-                                                        f"{wc.service_name}.{self.namespace}.svc.cluster.local"]
-            cert, key, ca = self_signed(Path(tempfile.mkdtemp(prefix="fk-preflight-webhook-")), hosts)
-        server = WebhookServer(str(cert), str(key), host=wc.host, port=wc.port, registry=self.mgr.registry)
-        server.add(WEBHOOK_NAME, lambda req: gate_node(req, self.keys, wc.exempt_labels))
-        await server.start()
-        self.webhook_server = server
-        try:
-            if wc.auto_register and not self.dry_run:
-                url = f"https://{wc.url_host}:{server.port}/{WEBHOOK_NAME}" if wc.url_host else None
-                self.webhook_url = url or ""
-                await self.kube.apply(MUTATING_WEBHOOKS, gate_registration(wc, ca, url=url, namespace=self.namespace))
-            await asyncio.Event().wait()
-        finally:
-            await server.stop()
+        mounted = mounted_serving_cert(Path(wc.cert_dir)) if wc.cert_dir else None
+        hosts = [wc.url_host] if wc.url_host else [f"{wc.service_name}.{self.namespace}.svc",
+                                                    f"{wc.service_name}.{self.namespace}.svc.cluster.local"]
+        self.webhooks = self.mgr.webhook(
+            WebhookAsk("preflight", (WEBHOOK_NAME,), wc.host, wc.port, tuple(hosts), mounted=mounted),
+            {WEBHOOK_NAME: lambda req: gate_node(req, self.keys, wc.exempt_labels)})
+
+    async def run_webhook(self) -> None:
+        from fleetkeeper.preflight.webhook import WEBHOOK_NAME, gate_registration
+
+        wc = self.cfg.webhook
+        await self.webhooks.started.wait()
+        self.webhook_server = self.webhooks.server
+        if wc.auto_register and not self.dry_run:
+            url = self.webhooks.url(WEBHOOK_NAME, wc.url_host) if wc.url_host else None
+            self.webhook_url = url or ""
+            await self.kube.apply(MUTATING_WEBHOOKS, gate_registration(wc, self.webhooks.ca_bundle, url=url,
+                                                                       namespace=self.namespace))
 
 
 __all__ = ["setup", "Preflight", "load_from_cluster"]

@@ -273,7 +273,7 @@ async def setup(mgr: Manager, options: TeamsOptions | dict | None) -> None:
     if opts.webhook.enabled:
         pcs = mgr.informer(PRIORITYCLASSES, project_priority_class, key="teams-priorityclasses")
         # recomputed on the manager's loop when a PriorityClass changes; the webhook
-        # (in its own thread) only reads the reference, never iterates the cache
+        # (served on its own thread) only reads the reference, never iterates the cache
         current = [priorities_from([])]
 
         def on_priority_class(typ: str, key: str, old: object, new: object) -> None:
@@ -287,6 +287,8 @@ async def setup(mgr: Manager, options: TeamsOptions | dict | None) -> None:
                             on_decision=lambda w, d: metrics.admissions.labels(w, d).inc(), kinds=kinds,
                             owners=owners.get, own_namespace=mgr.settings.namespace,
                             wait_owner=owners.wait_for, owner_wait_s=opts.owner_wait_seconds)
-        runner = WebhookRunner(mgr.kube, adm, opts.webhook, mgr.settings.namespace, domain, mgr.registry)
+        # served by the process's one webhook server (one port, one certificate for every component)
+        runner = WebhookRunner(mgr.kube, adm, opts.webhook, mgr.settings.namespace, domain, mgr.registry,
+                               register=mgr.webhook)
         mgr.add("teams-webhook", runner.run, leader=False)
         mgr.teams_webhook = runner  # type: ignore[attr-defined]

@@ -47,9 +47,6 @@ class WebhookOptions(BaseModel):
             return self.unregister_on_exit
         return not self.service
     config_name: str = Field("fleetkeeper-teams", alias="configName")
-    own_thread: bool = Field(True, alias="ownThread",
-                             description="serve on an event loop of its own, in its own thread, so that informer "
-                                         "and reconcile work in the manager never delays an admission answer")
     mutating_failure_policy: Literal["Ignore", "Fail"] = Field("Ignore", alias="mutatingFailurePolicy")
     validating_failure_policy: Literal["Ignore", "Fail"] = Field("Fail", alias="validatingFailurePolicy")
     timeout_seconds: int = Field(2, ge=1, le=30, alias="timeoutSeconds")

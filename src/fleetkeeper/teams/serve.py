@@ -9,97 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
-import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core import errors
-from fleetkeeper.core.kube import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS, Kube
 from fleetkeeper.core.admission import Admission, AdmissionRequest
-from fleetkeeper.core.webhook import WebhookServer, registration, webhook_entry
+from fleetkeeper.core.kube import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS, Kube
+from fleetkeeper.core.pki import ServingCert
+from fleetkeeper.core.webhook import SharedWebhooks, WebhookAsk, WebhookServer, registration, webhook_entry
 
 from fleetkeeper.teams.admission import DEFAULT_KINDS, TeamAdmission
 from fleetkeeper.teams.workloads import WorkloadKinds
 from fleetkeeper.teams.options import WebhookOptions
-from fleetkeeper.core.pki import write_serving_cert
 
 log = logging.getLogger("fleetkeeper.teams.webhook")
 
 MUTATE, VALIDATE = "teams-mutate", "teams-validate"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
-T = TypeVar("T")
-
-
-class ServingThread:
-    """An event loop of its own in a daemon thread. The webhook's TLS, HTTP and
-    decisions run there, so a busy manager loop (an informer decoding a burst
-    of watch events, a teams pass over 7,500 nodes) never sits between
-    kube-apiserver and an answer; the two threads only share the GIL, which the
-    interpreter hands over every few milliseconds."""
-
-    def __init__(self, name: str = "teams-webhook"):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-        self.loop.close()
-
-    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on this thread's loop and wait for it from the caller's loop."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
-
-    async def close(self) -> None:
-        """Stop the loop once the connections it served have finished closing."""
-        if self.loop.is_closed() or not self._thread.is_alive():
-            return
-        await self.call(_settle())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        await asyncio.to_thread(self._thread.join, 10)
-
-
-async def _settle(limit_s: float = 10.0) -> None:
-    """Run this loop until the sockets it still watches are closed (a stopped TLS
-    server's connections finish their close_notify exchange with the client on the
-    loop), up to ``limit_s``; then cancel what is left. A loop stopped earlier
-    would leave those sockets to the garbage collector."""
-    loop = asyncio.get_running_loop()
-    selector = getattr(loop, "_selector", None)
-    steps = int(limit_s / 0.02)
-    for _ in range(steps):
-        if selector is None or len(selector.get_map()) <= 1:  # only the loop's own wake-up socket
-            break
-        await asyncio.sleep(0.02)
-    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for t in rest:
-        t.cancel()
-    await asyncio.gather(*rest, return_exceptions=True)
-
-
-def thread_safe_handler(decide: Callable[[AdmissionRequest], Admission], admission: TeamAdmission,
-                        home: asyncio.AbstractEventLoop) -> Callable[[AdmissionRequest], Admission | Awaitable[Admission]]:
-    """``decide`` answered in the serving thread, at once when it can be: only a
-    request whose owner the index has not seen yet (a controller's pod created a
-    moment after its owner) waits, and that wait runs on ``home``, the manager's
-    loop, where the owner index lives."""
-
-    def serve(req: AdmissionRequest) -> Admission | Awaitable[Admission]:
-        uid = admission.needs_owner(req)
-        if uid is None or admission.wait_owner is None:
-            return decide(req)
-        wait = admission.wait_owner(uid, admission.owner_wait_s)
-
-        async def after_wait() -> Admission:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(wait, home))  # type: ignore[arg-type]
-            return decide(req)
-        return after_wait()
-    return serve
 
 
 def rules(workloads: bool, operations: list[str], pod_operations: list[str],
@@ -167,61 +95,86 @@ async def unregister(kube: Kube, config_name: str) -> None:
             pass
 
 
+def thread_safe_handler(decide: Callable[[AdmissionRequest], Admission], admission: TeamAdmission,
+                        home: asyncio.AbstractEventLoop | None
+                        ) -> Callable[[AdmissionRequest], Admission | Awaitable[Admission]]:
+    """``decide`` answered at once, in whichever thread serves it, when it can be:
+    only a request whose owner the index has not seen yet (a controller's pod
+    created a moment after its owner) waits, and that wait runs on ``home``, the
+    manager's loop, where the owner index lives."""
+
+    def serve(req: AdmissionRequest) -> Admission | Awaitable[Admission]:
+        uid = admission.needs_owner(req)
+        if uid is None or admission.wait_owner is None:
+            return decide(req)
+        wait = admission.wait_owner(uid, admission.owner_wait_s)
+
+        async def after_wait() -> Admission:
+            loop = home or asyncio.get_running_loop()
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(wait, loop))  # type: ignore[arg-type]
+            return decide(req)
+        return after_wait()
+    return serve
+
+
 class WebhookRunner:
+    """The toleration webhook's handlers on the process's one webhook server (``register``: the manager's
+    :meth:`Manager.webhook`; without it, a server of its own, started and stopped with :meth:`run`), and
+    the registration of its configurations."""
+
     def __init__(self, kube: Kube, admission: TeamAdmission, opts: WebhookOptions, own_namespace: str,
-                 domain: str, registry: CollectorRegistry):
+                 domain: str, registry: CollectorRegistry,
+                 register: Callable[[WebhookAsk, dict], SharedWebhooks] | None = None):
         self.kube, self.admission, self.opts = kube, admission, opts
         self.own_namespace, self.domain = own_namespace, domain
         self.ready = asyncio.Event()
-        self.ca_bundle = b""
-        self.thread: ServingThread | None = None
+        self._explicit_ca: bytes | None = None
+        self._own = register is None
+        if register is None:
+            register = SharedWebhooks(registry, host=opts.host, port=opts.port).register_and_return
         try:
-            self.server = self._server(registry)
-        except ValueError:  # another webhook in this process already registered the core webhook metrics
-            log.warning("webhook metrics already registered by another component; teams webhook metrics "
-                        "are kept in a private registry")
-            self.server = self._server(CollectorRegistry())
+            home: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            home = None
+        # the server may run on a thread of its own (SharedWebhooks.own_thread): answer there,
+        # and wait for the owner index, if at all, on this (the manager's) loop
+        self.webhooks = register(self._ask(), {MUTATE: thread_safe_handler(self.admission.mutate, admission, home),
+                                               VALIDATE: thread_safe_handler(self.admission.validate, admission,
+                                                                             home)})
 
-    def _server(self, registry: CollectorRegistry) -> WebhookServer:
-        cert, key = self._certs()
-        return WebhookServer(cert, key, host=self.opts.host, port=self.opts.port, registry=registry)
+    @property
+    def server(self) -> WebhookServer:
+        return self.webhooks.server
 
-    def _certs(self) -> tuple[str, str]:
+    @property
+    def ca_bundle(self) -> bytes:
+        return self._explicit_ca if self._explicit_ca is not None else self.webhooks.ca_bundle
+
+    def _ask(self) -> WebhookAsk:
         o = self.opts
         if o.cert and o.key:
             if not o.ca_bundle and o.register_webhook:
                 raise errors.ConfigError("teams webhook", [("webhook.caBundle", None,
                                                             "required with webhook.cert to register the webhook")])
-            self.ca_bundle = Path(o.ca_bundle).read_bytes() if o.ca_bundle else b""
-            return o.cert, o.key
+            self._explicit_ca = Path(o.ca_bundle).read_bytes() if o.ca_bundle else b""
+            mounted = ServingCert(Path(o.cert), Path(o.key), Path(o.ca_bundle or o.cert))
+            return WebhookAsk("teams", (MUTATE, VALIDATE), o.host, o.port, mounted=mounted)
         host = o.url_host or o.host
         hosts = [host] if not o.service else []
         if o.service:
             ns, _, rest = o.service.partition("/")
             name = rest.partition(":")[0]
             hosts = [f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"]
-        directory = Path(o.cert_dir) if o.cert_dir else Path(tempfile.mkdtemp(prefix="fk-teams-webhook-"))
-        sc = write_serving_cert(directory, hosts)
-        self.ca_bundle = sc.ca_bundle
-        return str(sc.cert), str(sc.key)
+        return WebhookAsk("teams", (MUTATE, VALIDATE), o.host, o.port, tuple(hosts),
+                          cert_dir=Path(o.cert_dir) if o.cert_dir else None)
 
     def objects(self) -> tuple[dict, dict]:
         return registrations(self.opts, self.own_namespace, self.server.port, self.ca_bundle, self.domain,
                              self.admission.kinds)
 
     async def start(self) -> None:
-        if self.opts.own_thread:
-            home = asyncio.get_running_loop()
-            self.server.add(MUTATE, thread_safe_handler(self.admission.mutate, self.admission, home))
-            self.server.add(VALIDATE, thread_safe_handler(self.admission.validate, self.admission, home))
-            self.thread = ServingThread()
-            await self.thread.call(self.server.start())
-        else:
-            self.server.add(MUTATE, self.admission.serve_mutate)
-            self.server.add(VALIDATE, self.admission.serve_validate)
-            await self.server.start()
-        log.info("teams webhook serving on https://%s:%d%s", self.opts.host, self.server.port,
-                 " (its own thread)" if self.thread else "")
+        await self.webhooks.started.wait()
+        log.info("teams webhook serving on https://%s:%d", self.server.host, self.server.port)
         if self.opts.register_webhook:
             mutating, validating = self.objects()
             await self.kube.apply(MUTATING_WEBHOOKS, mutating)
@@ -235,19 +188,14 @@ class WebhookRunner:
                 await unregister(self.kube, self.opts.config_name)
         except errors.FleetkeeperError as exc:
             log.warning("could not unregister webhook %s: %s", self.opts.config_name, exc)
-        finally:
-            if self.thread is not None:
-                try:
-                    await self.thread.call(self.server.stop())
-                finally:
-                    await self.thread.close()
-                    self.thread = None
-            else:
-                await self.server.stop()
 
     async def run(self) -> None:
-        await self.start()
+        own = asyncio.ensure_future(self.webhooks.run()) if self._own else None
         try:
+            await self.start()
             await asyncio.Event().wait()
         finally:
             await asyncio.shield(self.stop())
+            if own is not None:
+                own.cancel()
+                await asyncio.gather(own, return_exceptions=True)

@@ -1,15 +1,22 @@
-"""Crash safety: the manager (``fleetkeeper run --controllers health,lifecycle``,
-a real process) is killed with SIGKILL at 20 random points of a remediation
-scenario and restarted each time. The final cluster state must equal a clean
-run's, no machine may be terminated twice and no pod evicted twice (counted
-from the Events and the API), and each node is quarantined once (the deadline
-counts from that first action).
+"""Crash safety: the manager (``fleetkeeper run --controllers health,lifecycle,teams,preflight``,
+a real process) is killed with SIGKILL at 20 random points of a scenario and
+restarted each time. The final cluster state must equal a clean run's, no
+machine may be terminated twice and no pod evicted twice (counted from the
+Events and the API), and each node is quarantined once (the deadline counts
+from that first action).
 
 The scenario, on each run's own KWOK nodes:
-  n0  uncorrectable ECC (drain ladder), running a member of a gang of 3 (n0, n1, n2): the gang is evicted
+  n0  uncorrectable ECC (drain ladder), running a member of a gang of 3 (n0, n1, n2): the gang is evicted,
+      the node reset by its (simulated) agent, re-validated by the preflight gate, back in service
   n3  GPUs missing (terminate ladder), one pod held by a PodDisruptionBudget: terminated at the drain deadline
   n4  preflight attempts used up: retired and terminated by the lifecycle
   n5  healthy: untouched
+  n6  a team's node, until the team moves (its ConfigMap changes half-way through the kills) to n7
+  n8  validated two hours ago and idle: re-tested by the periodic preflight, and validated again
+
+The end state is a fixpoint (every node's story has ended), so it does not depend on when it is read:
+an end state that is only passed through (a node still quarantined while its fault clears) would be
+missed by a run slowed down by the machine's load.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import re
 import secrets
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,12 +41,23 @@ from fleetkeeper.core.kube import CONFIGMAPS, EVENTS, NAMESPACES, NODES, PDBS, P
 from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
 from e2e_helpers import wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 GROUP = "fleetkeeper.io/e2e-group"
 Q = "fleetkeeper.io/quarantine"
 KILLS = 20
 DEADLINE = 8  # health's drain deadline (s)
+TEAM = "fleetkeeper.io/team"
+PREFLIGHT = "fleetkeeper.io/preflight"
+VALIDATED = "fleetkeeper.io/validated-at"
+OLD = 7200  # n8 was validated this long ago: due for its periodic re-test (period 1h)
+
+
+def teams_config(group: str, node: str) -> dict:
+    config = {"teams": [{"team": f"tm-{group}", "nodeSelector": {"kubernetes.io/hostname": node}, "count": 1}],
+              "membership": {f"tm-{group}": {"groups": [f"tm-{group}"]}}}
+    return {"config.yaml": yaml.safe_dump(config),
+            "options.yaml": yaml.safe_dump({"webhook": {"enabled": False}, "resyncSeconds": 5})}
 
 
 async def prepare(kube, tmp_path, tag: str):
@@ -46,11 +65,14 @@ async def prepare(kube, tmp_path, tag: str):
     group = f"{tag}{secrets.token_hex(2)}"
     ns = f"chaos-{group}"
     await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    spec = FleetSpec(nodes=6, prefix=f"ch{group}", cpu_fraction=0.0, nodes_per_rack=6)
+    spec = FleetSpec(nodes=9, prefix=f"ch{group}", cpu_fraction=0.0, nodes_per_rack=9)
     nodes = []
-    for i in range(6):
+    validated = str(int(time.time()) - OLD)
+    for i in range(9):
         m = node_manifest(spec, i)
         m["metadata"]["labels"][GROUP] = group
+        if i == 8:
+            m["metadata"]["annotations"][VALIDATED] = validated
         await kube.create(NODES, m)
         nodes.append(m["metadata"]["name"])
 
@@ -94,21 +116,30 @@ async def prepare(kube, tmp_path, tag: str):
                                    "metadata": {"name": "fleetkeeper-lifecycle", "namespace": ns},
                                    "data": {"lifecycle.yaml": yaml.safe_dump({"node_selector": {GROUP: group}})}},
                       ns)
+    await kube.create(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
+                                   "metadata": {"name": "fleetkeeper-teams", "namespace": ns},
+                                   "data": teams_config(group, nodes[6])}, ns)
+    preflight = {"namespace": ns, "node_selector": {GROUP: group}, "gate": {"retry_backoff_s": 1},
+                 "periodic": {"period_s": 3600, "interval_s": 1, "min_idle_s": 0, "max_concurrent": 2,
+                              "sim_duration_ms": 2000}}
+    await kube.create(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap",
+                                   "metadata": {"name": "fleetkeeper-preflight", "namespace": ns},
+                                   "data": {"config.yaml": yaml.safe_dump(preflight)}}, ns)
     faults = FaultPlan(tmp_path / f"faults-{group}.json")
     faults.inject(nodes[0], parse_fault("ecc"))
     faults.inject(nodes[3], parse_fault("gpu-missing"))
-    return ns, nodes, faults
+    return ns, nodes, faults, group, validated
 
 
 def spawn(cluster, ns: str, faults: FaultPlan, log):
     env = {**os.environ, "FLEETKEEPER_FAULTS": str(faults.path)}
     return asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("fleetkeeper")), "run", "--controllers", "health,lifecycle",
+        str(Path(sys.executable).with_name("fleetkeeper")), "run", "--controllers", "health,lifecycle,teams,preflight",
         "--kubeconfig", str(cluster.kubeconfig), "--namespace", ns, "--metrics-port", "0", "--no-leader-elect",
         "--log-level", "warning", env=env, stdout=log, stderr=log)
 
 
-async def final_state(kube, ns: str, nodes: list[str]) -> dict:
+async def final_state(kube, ns: str, nodes: list[str], validated: str) -> dict:
     out = {}
     for i, name in enumerate(nodes):
         n = await kube.get_or_none(NODES, name)
@@ -116,9 +147,12 @@ async def final_state(kube, ns: str, nodes: list[str]) -> dict:
             out[f"n{i}"] = "gone"
             continue
         a = n["metadata"].get("annotations") or {}
-        out[f"n{i}"] = {"quarantined": bool(next((t for t in n["spec"].get("taints") or [] if t["key"] == Q), None)),
+        taints = {t["key"] for t in n["spec"].get("taints") or []}
+        out[f"n{i}"] = {"quarantined": Q in taints, "gated": PREFLIGHT in taints,
                         "action": a.get("fleetkeeper.io/health-action", ""),
-                        "state": a.get("fleetkeeper.io/lifecycle-state", "")}
+                        "state": a.get("fleetkeeper.io/lifecycle-state", ""),
+                        "team": bool((n["metadata"].get("labels") or {}).get(TEAM)) or TEAM in taints,
+                        "revalidated": a.get(VALIDATED, validated) != validated if i == 8 else None}
     items, _ = await kube.list(PODS, ns)
     # n3's pods go with its machine (the pod garbage collector's timing): compared apart
     out["pods"] = sorted(p["metadata"]["name"] for p in items if not p["metadata"].get("deletionTimestamp")
@@ -126,10 +160,14 @@ async def final_state(kube, ns: str, nodes: list[str]) -> dict:
     return out
 
 
-async def settled(kube, ns, nodes) -> dict | None:
-    st = await final_state(kube, ns, nodes)
-    done = st["n3"] == "gone" and st["n4"] == "gone" and isinstance(st["n0"], dict) and st["n0"]["quarantined"] \
-        and not any(p.startswith("rank-") for p in st["pods"])
+async def settled(kube, ns, nodes, validated) -> dict | None:
+    """Every node's story has ended: n0 back in service, n3 and n4 gone, the team on n7, n8 re-tested,
+    no rank and no test pod left."""
+    st = await final_state(kube, ns, nodes, validated)
+    n0, n6, n7, n8 = st["n0"], st["n6"], st["n7"], st["n8"]
+    done = st["n3"] == "gone" and st["n4"] == "gone" and isinstance(n0, dict) and not n0["quarantined"] \
+        and not n0["gated"] and n0["state"] == "in-service" and not n6["team"] and n7["team"] \
+        and n8["revalidated"] and st["pods"] == []
     return st if done else None
 
 
@@ -138,22 +176,37 @@ async def events(kube, name: str) -> list[dict]:
     return items
 
 
+async def move_team(kube, ns: str, nodes: list[str], group: str) -> None:
+    """The team moves from n6 to n7, once n6 is the team's (what a user does: edit the ConfigMap)."""
+    async def on_n6():
+        n = await kube.get(NODES, nodes[6])
+        return (n["metadata"].get("labels") or {}).get(TEAM) == f"tm-{group}"
+    await wait_for(on_n6, 300, "the team on n6 before it moves")
+    await kube.patch(CONFIGMAPS, "fleetkeeper-teams", {"data": teams_config(group, nodes[7])}, ns)
+
+
 async def run_scenario(kube, cluster, tmp_path, tag: str, kills: int, log) -> tuple[dict, list[str], str]:
-    ns, nodes, faults = await prepare(kube, tmp_path, tag)
+    ns, nodes, faults, group, validated = await prepare(kube, tmp_path, tag)
     rng = random.Random(1234 if kills else 0)
     killed = 0
     proc = await spawn(cluster, ns, faults, log)
     try:
+        if not kills:
+            await move_team(kube, ns, nodes, group)
         while killed < kills:
             await asyncio.sleep(rng.uniform(1.0, 4.0))  # a random point of the scenario
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
             killed += 1
             proc = await spawn(cluster, ns, faults, log)
+            if killed == kills // 2:  # half-way through the kills (and never counted on for the verdict)
+                await move_team(kube, ns, nodes, group)
+        # a generous wait for a condition, never a verdict on speed: a loaded machine only takes longer
         try:
-            st = await wait_for(lambda: settled(kube, ns, nodes), 240, f"{tag}: the scenario's end state")
+            st = await wait_for(lambda: settled(kube, ns, nodes, validated), 600,
+                                f"{tag}: the scenario's end state")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; state: {await final_state(kube, ns, nodes)}; events: "
+            raise AssertionError(f"{exc}; state: {await final_state(kube, ns, nodes, validated)}; events: "
                                  f"{ {n: [e['reason'] for e in await events(kube, n)] for n in nodes} }") from None
     finally:
         if proc.returncode is None:
@@ -171,7 +224,8 @@ async def test_sigkill_at_20_points_ends_like_a_clean_run_and_acts_once(kube, cl
         chaos, nodes, ns = await run_scenario(kube, cluster, tmp_path, "k", KILLS, log)
         made.append((ns, nodes))
         assert chaos == clean, (chaos, clean)
-        assert chaos["pods"] == [] and chaos["n5"] == {"quarantined": False, "action": "", "state": ""}, chaos
+        assert chaos["pods"] == [] and chaos["n5"] == {"quarantined": False, "gated": False, "action": "",
+                                                       "state": "", "team": False, "revalidated": None}, chaos
         for name in nodes:
             evs = await events(kube, name)
             reasons = [e["reason"] for e in evs]

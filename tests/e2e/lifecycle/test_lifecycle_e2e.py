@@ -4,6 +4,7 @@ real local control plane, on this test's own KWOK nodes (prefix "lc")."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from fleetkeeper.core import errors
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.faults import FaultPlan, parse_fault
-from fleetkeeper.core.kube import NODES, PODS
+from fleetkeeper.core.kube import NODES, PDBS, PODS
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.health.controller import HealthOptions
@@ -141,7 +142,7 @@ preflight_max_attempts: 3
 
 
 async def test_stuck_states_escalate_to_retire_and_terminate_once(kube, own_nodes, tmp_path):
-    exhausted, no_repair, bad_revalidation, healthy = await own_nodes(4)
+    exhausted, no_repair, bad_revalidation, healthy, interrupted = await own_nodes(5)
     now = int(time.time())
     gate_failed = {"spec": {"taints": [{"key": N.preflight, "value": "failed", "effect": "NoSchedule"}]}}
     await kube.patch(NODES, exhausted, {**gate_failed, "metadata": {
@@ -155,11 +156,20 @@ async def test_stuck_states_escalate_to_retire_and_terminate_once(kube, own_node
         "labels": {N.preflight: "failed"},
         "annotations": {"fleetkeeper.io/preflight-attempts": "1", "fleetkeeper.io/health-state": "validating",
                         "fleetkeeper.io/preflight-gated-at": str(now)}}})
+    # what a process killed between recording a termination and the machine layer's answer leaves behind
+    await kube.patch(NODES, interrupted, {
+        "spec": {"taints": [{"key": Q, "value": "retiring", "effect": "NoSchedule"}]},
+        "metadata": {"annotations": {"fleetkeeper.io/lifecycle-state": "retiring",
+                                     "fleetkeeper.io/lifecycle-since": str(now),
+                                     "fleetkeeper.io/lifecycle-terminate-requested": str(now)}}})
     mgr, _, registry, task = await start(kube, tmp_path, own_nodes.group, lifecycle=LIFECYCLE_SHORT)
     try:
         async def gone(name):
             return await kube.get_or_none(NODES, name) is None
 
+        # the machine layer (never acts twice) is asked again: the interrupted termination finishes
+        await wait_for(lambda: gone(interrupted), 60, f"{interrupted}'s interrupted termination finished")
+        assert not any(e["reason"] in ("Retiring", "RetireStuck") for e in await events_for(kube, interrupted))
         for name in (exhausted, no_repair, bad_revalidation):
             await wait_for(lambda n=name: gone(n), 60, f"{name} retired and terminated")
         reasons = {}
@@ -231,5 +241,94 @@ storm: {min_nodes: 50}
         snap = bud.snapshot(mgr.node_informer().items(), N, bud.BudgetConfig(),
                             lambda n: n.labels.get(GROUP) == own_nodes.group)
         assert snap.used("cluster") == 3
+    finally:
+        await stop(task)
+
+
+WINDOW_POLICY = POLICY + """
+rules:
+- {type: GPUUnhealthy, reason: RemapPending, remedy: reset, trigger_after: 1h}
+- {type: GPUUnhealthy, reason: UncorrectableECC, remedy: reset}
+actions: {timeout: 1h}
+"""
+
+
+async def test_the_nodes_of_a_gang_with_reset_faults_are_repaired_in_one_window(kube, namespace, own_nodes, tmp_path):
+    """A gang of 4; one node fails (ECC, reset), another has a reset-class fault still pending (its own
+    trigger is an hour away). The drain of the first opens one window: both are drained with the gang, the
+    reset of neither is asked while the other still has a pod (a PodDisruptionBudget holds one), then both
+    are reset, and the budget counts one."""
+    nodes = await own_nodes(4)
+    lead, pending = nodes[0], nodes[2]
+
+    def pod(name, node, labels):
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace,
+                                                               "labels": labels},
+                "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                         "containers": [{"name": "c", "image": "busybox"}]}}
+    for i, n in enumerate(nodes):
+        await kube.create(PODS, pod(f"rank-{i}", n, {N.gang: "train"}), namespace)
+    await kube.create(PODS, pod("held", pending, {"app": "held"}), namespace)
+    await kube.create(PDBS, {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                             "metadata": {"name": "hold", "namespace": namespace},
+                             "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "held"}}}}, namespace)
+
+    async def running():
+        items, _ = await kube.list(PODS, namespace)
+        return sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running") == 5
+    await wait_for(running, 60, "the gang and the held pod Running")
+    mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy=WINDOW_POLICY, lifecycle="")
+    try:
+        plan.inject(pending, parse_fault("remap-pending"))
+
+        async def pending_reported():
+            n = await kube.get(NODES, pending)
+            return any(c["type"] == "GPUUnhealthy" and c["status"] == "True" for c in n["status"]["conditions"])
+        await wait_for(pending_reported, 30, "the pending fault reported")
+        assert not taint(await kube.get(NODES, pending), Q)  # alone it would wait an hour
+        plan.inject(lead, parse_fault("ecc"))
+
+        async def gang_gone():
+            items, _ = await kube.list(PODS, namespace)
+            alive = [p["metadata"]["name"] for p in items if not p["metadata"].get("deletionTimestamp")]
+            return alive if alive == ["held"] else None
+        await wait_for(gang_gone, 60, "all 4 ranks evicted, the held pod kept")
+        window = f"{namespace}/train@"
+        for n in (lead, pending):
+            live = await kube.get(NODES, n)
+            assert taint(live, Q), n
+            assert live["metadata"]["annotations"]["fleetkeeper.io/lifecycle-gang"].startswith(window), n
+        for n in (nodes[1], nodes[3]):
+            assert not taint(await kube.get(NODES, n), Q), n
+        evs = [e for e in await events_for(kube, lead) if e["reason"] == "GangEvicted"]
+        assert len(evs) == 1 and pending in evs[0]["note"], evs
+        # one disruption
+        lc = mgr.lifecycle  # type: ignore[attr-defined]
+        assert lc.snapshot().used("cluster") == 1
+
+        # the lead is drained, but the held pod keeps the window open: no reset is asked yet
+        async def lead_waits():
+            return any(e["reason"] == "WaitingForRepairWindow" for e in await events_for(kube, lead))
+        await wait_for(lead_waits, 60, "the lead waiting for the window")
+        from fleetkeeper.health.explain import explain_node
+
+        lines = await explain_node(kube, N, lead)
+        assert any("gang repair window" in x and f"still draining: {pending}" in x for x in lines), lines
+        for n in (lead, pending):
+            assert "fleetkeeper.io/action-request" not in (await kube.get(NODES, n))["metadata"].get(
+                "annotations", {}), n
+        await kube.delete(PDBS, "hold", namespace)
+
+        async def both_asked():
+            asked = []
+            for n in (lead, pending):
+                a = (await kube.get(NODES, n))["metadata"].get("annotations") or {}
+                if "fleetkeeper.io/action-request" in a:
+                    asked.append(json.loads(a["fleetkeeper.io/action-request"]))
+            return asked if len(asked) == 2 else None
+        asked = await wait_for(both_asked, 60, "both nodes' resets asked")
+        assert {r["action"] for r in asked} == {"reset"}
+        for n in (lead, pending):
+            assert [e["reason"] for e in await events_for(kube, n)].count("ActionRequested") == 1, n
     finally:
         await stop(task)

@@ -328,3 +328,72 @@ def test_state_configmap_bad_parts_are_named_and_left_out():
         until, flaps, problems = parse_state({STORM_UNTIL_KEY: str(int(NOW)), FLAPS_KEY: bad})
         assert until == NOW and flaps.nodes() == [] and problems and problems[0].startswith("flaps:"), bad
     assert parse_state({})[0] == 0.0
+
+
+# --- gang repair windows --------------------------------------------------------------------------
+def test_a_gang_drain_opens_one_repair_window_for_the_gangs_reset_class_nodes():
+    from fleetkeeper.health.decide import gang_window
+
+    from fleetkeeper.health.policy import Rule
+
+    slow = Rule(type="GPUUnhealthy", reason="RemapPending", remedy="reset", trigger_after=3600)
+    pol = P.model_copy(update={"rules": [slow, *P.rules]})
+    lead = node([("GPUUnhealthy", "True", "UncorrectableECC", NOW - 100)], QT, q_ann(), name="lead")
+    members = [
+        lead,
+        node([("GPUUnhealthy", "True", "RemapPending", NOW - 5)], name="pending-reset"),  # not yet sustained
+        node([("GPUXidError", "True", "Xid79", NOW - 5)], name="active-reboot"),
+        node([("GPUUnhealthy", "True", "GPUMissing", NOW - 5)], name="replace"),  # not reset-class
+        node(name="healthy"),
+        node([("GPUUnhealthy", "True", "UncorrectableECC", NOW - 50)], QT, q_ann(), name="quarantined-reset"),
+        node([("GPUUnhealthy", "True", "UncorrectableECC", NOW - 50)], QT,
+             q_ann(**{K.request: new_request("reset", "asked", "uid", NOW, 600).dumps()}), name="asked"),
+        node([("GPUUnhealthy", "True", "UncorrectableECC", NOW - 50)], QT, q_ann(**{K.window: "ns/other@1"}),
+             name="in-another-window"),
+    ]
+    wid, plans = gang_window(lead, members, ["ns/train"], pol, N, NOW)
+    assert wid == f"ns/train@{int(NOW - 100)}"  # the gang and when the lead's disruption began
+    got = {p.node: (p.kind, p.action, p.remedy) for p in plans}
+    assert got == {"pending-reset": ("join_window", "drain", "reset"),
+                   "active-reboot": ("join_window", "drain", "reboot"),
+                   "quarantined-reset": ("mark_window", "drain", "reset")}
+    assert [pr.type for pr in next(p for p in plans if p.node == "pending-reset").problems] == ["GPUUnhealthy"]
+    # never more nodes newly out of service than the budget's cluster limit leaves; marks take nothing
+    _, capped = gang_window(lead, members, ["ns/train"], pol, N, NOW, max_new=1)
+    assert sorted(p.kind for p in capped) == ["join_window", "mark_window"]
+    assert [p.kind for p in gang_window(lead, members, ["ns/train"], pol, N, NOW, max_new=0)[1]] == ["mark_window"]
+    # a lead already in a window keeps its id (a restart re-opens the same window)
+    again = node([("GPUUnhealthy", "True", "UncorrectableECC", NOW - 100)], QT,
+                 q_ann(**{K.window: "ns/train@5"}), name="lead")
+    assert gang_window(again, members, ["ns/train"], pol, N, NOW)[0] == "ns/train@5"
+
+
+def test_the_nodes_of_a_window_are_repaired_together():
+    c = [("GPUUnhealthy", "True", "UncorrectableECC", NOW - 100)]
+    drained = q_ann(**{K.window: "ns/train@1"})
+    p = decide_node(node(c, QT, drained), [], P, N, NOW, window_waiting=("n7",))
+    assert p.kind == "wait" and p.wait == "window" and "n7" in p.why and p.requeue_after
+    assert decide_node(node(c, QT, drained), [], P, N, NOW).kind == "request_action"
+    # the wait only holds back the repair request, never a drain or a termination
+    assert decide_node(node(c, QT, drained), [pod("a")], P, N, NOW, window_waiting=("n7",)).kind == "evict"
+
+
+def test_a_window_is_one_unit_of_the_budget():
+    from fleetkeeper.lifecycle import budget as bud
+    from fleetkeeper.lifecycle.config import BudgetConfig
+
+    def q(name, window="", since=NOW - 10):
+        ann = {K.since: str(int(since))}
+        if window:
+            ann[K.window] = window
+        return node([], QT, ann, name=name, rack=f"rack-{name}")
+    nodes = [q("a", "ns/g@1"), q("b", "ns/g@1", since=NOW - 5), q("c", "ns/g@1"), q("d"), node(name="e")]
+    cfg = BudgetConfig(cluster={"max_nodes": 2}, max_new_per_window=2)
+    snap = bud.snapshot(nodes, N, cfg)
+    assert snap.used("cluster") == 2 and snap.used("rack:rack-a") == 1
+    used, recent = bud.usage(snap, {}, cfg, NOW)
+    assert used["cluster"] == 2 and recent == 2  # the window began once
+    assert not bud.admit("e", ("cluster",), snap, {}, cfg, NOW).admitted
+    # without the window, the same four nodes are four units
+    plain = bud.snapshot([q("a"), q("b"), q("c"), q("d")], N, cfg)
+    assert plain.used("cluster") == 4

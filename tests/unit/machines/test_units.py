@@ -109,3 +109,26 @@ async def test_command_provider_exit_codes(script):
     await cp.terminate(m, dry_run=True)
     assert log.read_text().splitlines()[-1].endswith("dry=1")
     assert await cp.exists(m) is True and await cp.exists(Machine("gone", "u")) is False
+
+
+async def test_concurrent_first_uses_build_one_actuator():
+    """Several workers retiring nodes at once ask the configured provider together: one actuator is built
+    (a second would register its metrics twice and fail after the caller recorded its request)."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from fleetkeeper.machines.actuator import MachinesProvider
+
+    registry = CollectorRegistry()
+    built = []
+
+    async def loader():
+        await asyncio.sleep(0)  # the build awaits (it reads a ConfigMap): the other callers run meanwhile
+        Counter("fleetkeeper_test_built_total", "one per build", registry=registry)  # raises when built twice
+        built.append(object())
+        return built[-1]
+
+    prov = MachinesProvider(loader)
+    got = await asyncio.gather(*(prov.ensure() for _ in range(8)))
+    assert len(built) == 1 and all(g is built[0] for g in got)

@@ -1,6 +1,7 @@
-"""The teams webhook served on an event loop of its own: it answers while the
-manager's loop is busy, and a request that must wait for the owner index
-waits on the manager's loop, where that index lives."""
+"""The process's webhook server on an event loop of its own (SharedWebhooks'
+ServingThread): the teams webhook answers while the manager's loop is busy,
+and a request that must wait for the owner index waits on the manager's
+loop, where that index lives."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core.attribution import Stamp
+from fleetkeeper.core.webhook import SharedWebhooks
 from fleetkeeper.teams.admission import TeamAdmission, apply_ops
 from fleetkeeper.teams.config import ConfigState
 from fleetkeeper.teams.options import WebhookOptions
@@ -48,16 +50,31 @@ def post(port: int, ca: bytes, body: bytes, timeout: float = 30.0) -> dict:
 def runner(tmp_path, own_thread: bool, owners=None, wait_owner=None) -> WebhookRunner:
     st = ConfigState()
     st.accept(CFG, "1")
-    adm = TeamAdmission(N, st, lambda: PRIO, kinds=KINDS, owners=Owners() if owners is None else owners, wait_owner=wait_owner,
-                        owner_wait_s=30.0)
-    opts = WebhookOptions(register=False, certDir=str(tmp_path), ownThread=own_thread)
-    return WebhookRunner(None, adm, opts, "fleetkeeper-system", N.domain, CollectorRegistry())  # type: ignore[arg-type]
+    adm = TeamAdmission(N, st, lambda: PRIO, kinds=KINDS, owners=Owners() if owners is None else owners,
+                        wait_owner=wait_owner, owner_wait_s=30.0)
+    opts = WebhookOptions(register=False, certDir=str(tmp_path))
+    shared = SharedWebhooks(CollectorRegistry(), host="127.0.0.1", port=0, own_thread=own_thread)
+    return WebhookRunner(None, adm, opts, "fleetkeeper-system", N.domain, CollectorRegistry(),  # type: ignore[arg-type]
+                         register=shared.register_and_return)
+
+
+async def serving(r: WebhookRunner) -> list[asyncio.Task]:
+    """The server and the runner, as the manager runs them."""
+    tasks = [asyncio.create_task(r.webhooks.run()), asyncio.create_task(r.run())]
+    await asyncio.wait_for(r.ready.wait(), 30)
+    return tasks
+
+
+async def stop(tasks: list[asyncio.Task]) -> None:
+    for t in reversed(tasks):  # the runner, then the server
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
 
 
 @pytest.mark.parametrize("own_thread", [True, False])
 async def test_the_webhook_answers_while_the_managers_loop_is_busy(tmp_path, own_thread):
     r = runner(tmp_path, own_thread)
-    await r.start()
+    task = await serving(r)
     answered = threading.Event()
     got: list[dict] = []
 
@@ -78,10 +95,9 @@ async def test_the_webhook_answers_while_the_managers_loop_is_busy(tmp_path, own
             assert not waited, "a webhook on the manager's loop answered while that loop was blocked"
     finally:
         await asyncio.to_thread(answered.wait, 60)  # the shared loop answers once it is free again
-        await r.stop()
+        await stop(task)
     assert got and got[0]["allowed"]
-    if own_thread:
-        assert r.thread is None  # stopped and joined
+    assert r.webhooks.thread is None  # stopped (and its thread joined)
 
 
 async def test_an_owner_wait_runs_on_the_managers_loop(tmp_path):
@@ -103,7 +119,7 @@ async def test_an_owner_wait_runs_on_the_managers_loop(tmp_path):
         return owners.get(uid)
 
     r = runner(tmp_path, True, owners=owners, wait_owner=wait_for)
-    await r.start()
+    task = await serving(r)
     try:
         call = asyncio.create_task(asyncio.to_thread(
             post, r.server.port, r.ca_bundle, review(pod(owner="job-1"), JOBSET_SA, SA_GROUPS)))
@@ -113,7 +129,7 @@ async def test_an_owner_wait_runs_on_the_managers_loop(tmp_path):
         changed.set()
         resp = await asyncio.wait_for(call, 30)
     finally:
-        await r.stop()
+        await stop(task)
     assert loops == [home]
     assert resp["allowed"], resp
     # judged as the JobSet's requester (alice, team-a) once the owner was seen
