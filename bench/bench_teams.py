@@ -35,7 +35,7 @@ from fleetkeeper.core.webhook import AdmissionRequest
 from fleetkeeper.localcluster.cluster import LocalCluster
 from fleetkeeper.teams.admission import Priorities, TeamAdmission, apply_ops
 from fleetkeeper.core import errors
-from fleetkeeper.teams.apply import is_conflict, node_patch
+from fleetkeeper.core.webhook import json_patch_path
 from fleetkeeper.teams.config import ConfigState, TeamsConfig
 from fleetkeeper.teams.controller import setup
 from fleetkeeper.teams.plan import decide, snapshot
@@ -46,6 +46,30 @@ from common import delta, quantile_from_buckets, scrape  # noqa: E402
 ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True)
 NAMES = Names()
 NS = "fleetkeeper-system"
+
+
+def node_patch(view, names, new_team: str) -> list[dict]:
+    """The bare loop's write: an RFC 6902 patch moving ``view`` to ``new_team`` (a resourceVersion test op
+    first). The controller writes through the core applier instead; this is the baseline it is held to."""
+    ops: list[dict] = [{"op": "test", "path": "/metadata/resourceVersion", "value": view.resource_version}]
+    for i in reversed([i for i, t in enumerate(view.taints) if t.key == names.team]):
+        ops.append({"op": "remove", "path": f"/spec/taints/{i}"})
+    label_path = json_patch_path("metadata", "labels", names.team)
+    if new_team:
+        taint = {"key": names.team, "value": new_team, "effect": "NoSchedule"}
+        ops.append({"op": "add", "path": "/spec/taints/-", "value": taint} if view.taints
+                   else {"op": "add", "path": "/spec/taints", "value": [taint]})
+        ops.append({"op": "add", "path": label_path, "value": new_team})
+    elif names.team in view.labels:
+        ops.append({"op": "remove", "path": label_path})
+    return ops
+
+
+def is_conflict(exc: errors.ApiError) -> bool:
+    """409, or the 422 without causes that a failed JSON-patch test op gets."""
+    if isinstance(exc, errors.Conflict):
+        return True
+    return isinstance(exc, errors.Invalid) and not ((exc.body.get("details") or {}).get("causes") or [])
 
 
 def rss_mb() -> float:

@@ -130,3 +130,48 @@ async def test_configmap_reload_keeps_the_last_good_configuration():
     assert await src.reload() is None and src.last_good == {"text": "v1"}
     kube.fail = True
     assert await src.reload() is None and src.last_good == {"text": "v1"}
+
+
+def test_configmap_offer_applies_the_same_rules_to_watched_versions():
+    src = ConfigMapKey(None, "ns", "cm", "k", _parse)  # type: ignore[arg-type]
+    assert src.offer(None) == {"default": True} and src.error is None
+    assert src.offer({"data": {"k": "v1"}}) == {"text": "v1"}
+    assert src.offer({"data": {"k": "v1"}}) is None  # unchanged
+    assert src.offer({"data": {"k": "bad"}}) is None and src.last_good == {"text": "v1"}
+    assert "x" in str(src.error) and "not allowed" in str(src.error)
+    assert src.offer({"data": {"j": "v2"}}) is None and "missing key 'k'" in str(src.error)
+    assert src.offer({"data": {"k": "v2"}}) == {"text": "v2"} and src.error is None
+
+
+def test_a_rewritten_taint_list_keeps_the_time_added_of_the_taints_it_keeps():
+    raw = {"metadata": {"name": "n1", "resourceVersion": "3"},
+           "spec": {"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute",
+                                "timeAdded": "2026-01-01T00:00:00Z"}]}}
+    view = default_projector("d").node(raw)
+    assert node_patch(view, [AddTaint("d/q", "x")])["spec"]["taints"] == [
+        {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "timeAdded": "2026-01-01T00:00:00Z"},
+        {"key": "d/q", "value": "x", "effect": "NoSchedule"}]
+
+
+async def test_a_component_applying_its_configmap_at_start_reports_later_versions_and_keeps_its_own(caplog):
+    import asyncio
+
+    from fleetkeeper.core.clock import FakeClock
+    from fleetkeeper.core.configmap import watch_at_start_only
+
+    kube, clock = _FakeKube(), FakeClock()
+    kube.cm = {"data": {"k": "v1"}}
+    src = ConfigMapKey(kube, "ns", "cm", "k", _parse)  # type: ignore[arg-type]
+    assert await src.load() == {"text": "v1"}
+    task = asyncio.create_task(watch_at_start_only(src, clock.sleep, 30.0))
+    try:
+        kube.cm = {"data": {"k": "bad"}}
+        await clock.advance(31)
+        assert src.last_good == {"text": "v1"} and "not allowed" in str(src.error)
+        assert any("rejected" in r.getMessage() and "x" in r.getMessage() for r in caplog.records)
+        kube.cm = {"data": {"k": "v2"}}
+        await clock.advance(31)
+        assert src.error is None and any("until the next start" in r.getMessage() for r in caplog.records)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

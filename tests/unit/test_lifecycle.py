@@ -309,3 +309,24 @@ def test_health_and_preflight_use_the_lifecycle_names():
     pk = PKeys(N)
     assert (pk.attempts, pk.failed_check, pk.gated_at, pk.gate, pk.validated_at) == (
         PK.attempts, PK.failed_check, PK.gated_at, PK.gate, PK.validated_at)
+
+
+@pytest.mark.parametrize("out,asks,want", [
+    # room for two: the first two are admitted, each counted against the next
+    (0, ["a", "b", "c"], [True, True, False]),
+    # a node out of service already holds its unit: free, and it takes no room from the others
+    (1, ["n0", "a", "b"], [True, True, False]),
+    # spent by the nodes out of service: nothing new
+    (2, ["a"], [False]),
+])
+def test_admitter_counts_each_admission_against_the_next(out, asks, want):
+    from fleetkeeper.lifecycle.budget import Admitter
+
+    cfg = BudgetConfig(cluster={"max_nodes": 2}, zone={"max_percent": 100}, rack={"max_nodes": 10},
+                       max_new_per_window=None)
+    nodes = [node(f"n{i}", quarantined=i < out, since=100.0) for i in range(out)]
+    nodes += [node(x) for x in ("a", "b", "c")]
+    ad = Admitter(snapshot(nodes, N, cfg), {}, cfg, 200.0, "team-replace")
+    assert [ad(x).admitted for x in asks] == want
+    assert sorted(ad.added) == sorted(x for x, ok in zip(asks, want) if ok and not x.startswith("n"))
+    assert all(f.kind == "team-replace" for f in ad.added.values())

@@ -1,7 +1,9 @@
 """Balloons: pure decisions.
 
 Per pool, one Deployment of low-priority pods, each sized to take a whole
-node, one per node, that never tolerate the preflight or quarantine taints.
+node, one per node (by their request where two cannot fit on any node of the
+pool, else by required anti-affinity), that never tolerate the preflight or
+quarantine taints.
 Real work (priority >= 0) preempts a balloon at once; the ReplicaSet
 re-creates it and it lands on another free node of the pool or waits Pending
 (which is what makes cluster-autoscaler keep the pool at its maximum).
@@ -41,6 +43,9 @@ class PoolSizing:
     replicas: int
     nodes: int  # nodes currently in the pool
     problem: str = ""  # why the pool cannot be sized (then nothing is applied)
+    # the request alone keeps balloons one per node (two do not fit on any node of the pool), so the Deployment
+    # needs no required anti-affinity, which kube-scheduler pays for against every existing balloon
+    exclusive: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,14 +94,16 @@ def size_pool(pool: PoolConfig, nodes: list[NodeView]) -> PoolSizing:
             return PoolSizing(pool.name, GPU_RESOURCE, 0, {}, replicas, len(nodes),
                               problem=f"pool {pool.name}: no node reports {GPU_RESOURCE} and 'gpus' is not set")
         return PoolSizing(pool.name, GPU_RESOURCE, float(gpus), {GPU_RESOURCE: str(gpus), "cpu": "10m",
-                                                                   "memory": "16Mi"}, replicas, len(nodes))
+                                                                   "memory": "16Mi"}, replicas, len(nodes),
+                          exclusive=bool(nodes) and all(n.gpus < 2 * gpus for n in nodes))
     millis = _mode([n.cpu_millis for n in nodes])
     if not millis:
         return PoolSizing(pool.name, "cpu", 0, {}, replicas, len(nodes),
                           problem=f"pool {pool.name}: no node of the pool reports allocatable cpu to size from")
     want = int(millis * pool.cpu_fraction) // 100 * 100
     want = max(100, want)
-    return PoolSizing(pool.name, "cpu", want / 1000, {"cpu": f"{want}m", "memory": "16Mi"}, replicas, len(nodes))
+    return PoolSizing(pool.name, "cpu", want / 1000, {"cpu": f"{want}m", "memory": "16Mi"}, replicas, len(nodes),
+                      exclusive=bool(nodes) and all(n.cpu_millis < 2 * want for n in nodes))
 
 
 def priority_class(cfg: BalloonConfig, names: Names) -> dict:
@@ -126,14 +133,15 @@ def deployment(sizing: PoolSizing, cfg: BalloonConfig, names: Names, namespace: 
         "affinity": {
             "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                 {"matchExpressions": [{"key": names.pool, "operator": "In", "values": [sizing.pool]}]}]}},
-            "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
-                {"labelSelector": {"matchLabels": sel}, "topologyKey": HOSTNAME_LABEL}]},
         },
         "containers": [{
             "name": "balloon", "image": cfg.image,
             "resources": {"requests": dict(sizing.request), "limits": dict(sizing.request)},
         }],
     }
+    if not sizing.exclusive:  # a node could take two balloons by their request: keep one per node
+        pod_spec["affinity"]["podAntiAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": sel}, "topologyKey": HOSTNAME_LABEL}]}
     if tolerations:
         pod_spec["tolerations"] = tolerations
     return {

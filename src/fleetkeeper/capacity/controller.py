@@ -23,14 +23,17 @@ from pathlib import Path
 import orjson
 
 from fleetkeeper.core import errors
+from fleetkeeper.core.applier import Applier
+from fleetkeeper.core.configmap import ConfigMapKey, watch_at_start_only
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.events import EventRecorder, ObjectRef
 from fleetkeeper.core.kube import (
-    CONFIGMAPS, COSCHED_PODGROUPS, DEPLOYMENTS, MUTATING_WEBHOOKS, NAMESPACES, NODES, PODGROUPS, PODS, PRIORITYCLASSES,
+    COSCHED_PODGROUPS, DEPLOYMENTS, MUTATING_WEBHOOKS, NAMESPACES, PODGROUPS, PODS, PRIORITYCLASSES,
     WORKLOADS, Kube, Resource, build_request,
 )
 from fleetkeeper.core.manager import Manager
+from fleetkeeper.core.plan import AddTaint, Event, Plan, RemoveTaint
 from fleetkeeper.core.ratelimit import TokenBucket
 from fleetkeeper.core.pki import mounted_serving_cert
 from fleetkeeper.core.webhook import WebhookAsk, WebhookServer, registration, webhook_entry
@@ -64,17 +67,19 @@ class CapacityOptions:
     unregister_on_exit: bool = False
 
 
+def _parse(text: str | None, source: str) -> CapacityConfig:
+    return load_config(None, "defaults") if text is None else load_config_text(text, source)
+
+
+def config_source(kube: Kube, namespace: str) -> ConfigMapKey[CapacityConfig]:
+    """The ConfigMap ``fleetkeeper-capacity`` through the core loader: absent means the defaults; present
+    without its key, or invalid, is a ConfigError naming what is wrong."""
+    return ConfigMapKey(kube, namespace, CONFIGMAP_NAME, CONFIGMAP_KEY, _parse)
+
+
 async def load_cluster_config(kube: Kube, namespace: str) -> CapacityConfig:
     """The ConfigMap ``fleetkeeper-capacity`` in ``namespace``; defaults if it does not exist."""
-    cm = await kube.get_or_none(CONFIGMAPS, CONFIGMAP_NAME, namespace)
-    if cm is None:
-        log.info("no ConfigMap %s/%s: using the default capacity configuration", namespace, CONFIGMAP_NAME)
-        return load_config(None, "defaults")
-    text = (cm.get("data") or {}).get(CONFIGMAP_KEY)
-    if text is None:
-        raise errors.ConfigError(f"ConfigMap {namespace}/{CONFIGMAP_NAME}",
-                                 [(f"data.{CONFIGMAP_KEY}", None, "missing key")])
-    return load_config_text(text, f"ConfigMap {namespace}/{CONFIGMAP_NAME} {CONFIGMAP_KEY}")
+    return await config_source(kube, namespace).load()
 
 
 def _ident(obj: dict) -> dict:
@@ -95,6 +100,9 @@ class BalloonManager:
         self.bucket = TokenBucket(cfg.balloons.evict_per_minute / 60.0, max(1, int(cfg.balloons.evict_per_minute // 6)),
                                   mgr.clock)
         self.controller = Controller("capacity-balloons", self.reconcile, metrics=mgr.metrics, clock=mgr.clock)
+        # node writes (the reservation taint) go through the core applier, like every node write
+        self.applier = Applier(mgr.kube, recorder, component="capacity", registry=mgr.registry, clock=mgr.clock,
+                               dry_run=self.dry_run)
         b = cfg.balloons
         self.release_bucket = TokenBucket(b.release_per_minute / 60.0, b.release_burst, mgr.clock)
         self.reserve_after = cfg.gangs.reserve_after_seconds if cfg.gangs.enabled else None
@@ -312,14 +320,11 @@ class BalloonManager:
                 if not self.reserve_bucket.take():
                     self.metrics.reservations.labels(op, "rate_limited").inc()
                     continue
-                result = "dry_run" if self.dry_run else await self._set_taint(node, key, value)
+                note = (f"reserved for gang {plan.unit} (waited {plan.waited:.0f}s): only its pods may start here "
+                        f"until it is placed" if value else "reservation removed: the gang it was for is placed "
+                        "or gone")
+                result = await self._set_taint(node, key, value, note)
                 self.metrics.reservations.labels(op, result).inc()
-                if result in ("ok", "dry_run"):
-                    await self.recorder.emit(
-                        ObjectRef("Node", node), "NodeReserved" if value else "NodeReservationRemoved",
-                        (f"reserved for gang {plan.unit} (waited {plan.waited:.0f}s): only its pods may start here "
-                         f"until it is placed" if value else "reservation removed: the gang it was for is placed "
-                         "or gone") + (" [dry-run]" if self.dry_run else ""))
             self.metrics.reserved.labels(y.pool).set(len(plan.reserved))
             state = (plan.unit, tuple(plan.reserved))
             if plan.unit and self._reserved.get(y.pool) != state:
@@ -333,22 +338,24 @@ class BalloonManager:
             elif not plan.unit:
                 self._reserved.pop(y.pool, None)
 
-    async def _set_taint(self, node: str, key: str, value: str | None) -> str:
-        """Add (value) or remove (None) the reservation taint; optimistic, a conflict waits for the next pass."""
-        try:
-            obj = await self.kube.get(NODES, node)
-        except errors.NotFound:
+    async def _set_taint(self, node: str, key: str, value: str | None, note: str) -> str:
+        """Add (value) or remove (None) the reservation taint through the core applier: one patch with the
+        cached node's resourceVersion, its Event (``NodeReserved`` / ``NodeReservationRemoved``) and
+        ``fleetkeeper_node_writes_total{component="capacity"}``; a conflict waits for the next pass."""
+        view = self.nodes.get(node)
+        if view is None:
             return "error"
-        taints = [t for t in (obj.get("spec") or {}).get("taints") or () if t.get("key") != key]
-        if value is not None:
-            taints.append({"key": key, "value": value, "effect": "NoSchedule"})
+        op = AddTaint(key, value, "NoSchedule") if value is not None else RemoveTaint(key)
+        plan = Plan(node, "reserve" if value is not None else "unreserve",
+                    (op, Event("NodeReserved" if value is not None else "NodeReservationRemoved", note)))
         try:
-            await self.kube.patch(NODES, node, {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
-                                                "spec": {"taints": taints}})
-        except (errors.Conflict, errors.NotFound) as exc:
+            out = await self.applier.apply(view, plan)
+        except errors.FleetkeeperError as exc:  # Temporary (a Conflict: the cache was behind) or an API error
             log.info("reservation taint on %s: %s (next pass)", node, exc)
             return "error"
-        return "ok"
+        if out.gone:
+            return "error"
+        return "dry_run" if self.dry_run else "ok"
 
     async def _release(self, yields: list[yd.PoolYield]) -> None:
         released_key = yd.released_annotation(self.names)
@@ -696,8 +703,10 @@ async def check_apis(kube: Kube, cfg: CapacityConfig) -> None:
 
 
 async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
+    watch = options is None
+    src = config_source(mgr.kube, mgr.settings.namespace)
     if options is None:
-        options = CapacityOptions(config=await load_cluster_config(mgr.kube, mgr.settings.namespace))
+        options = CapacityOptions(config=await src.load())
     cfg = options.config
     await check_apis(mgr.kube, cfg)
     metrics = CapacityMetrics(mgr.registry)
@@ -707,6 +716,8 @@ async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
     # configuration left behind (turning a feature off cleans up after it)
     cap.balloons = BalloonManager(mgr, cfg, metrics, recorder)
     mgr.add("capacity-balloons", cap.balloons.run)
+    if watch:  # applied at start; later versions are checked and reported (the running one stays)
+        mgr.add("capacity-config-watch", lambda: watch_at_start_only(src, mgr.clock.sleep), leader=False)
     if cfg.gangs.enabled:
         cap.gangs = GangManager(mgr, cfg, metrics, recorder)
         mgr.add("capacity-gangs", cap.gangs.run)

@@ -95,6 +95,11 @@ class Applier:
         self.evict_bucket = TokenBucket(evictions_per_second, max(1, int(evictions_per_second)), self.clock)
         self.provider = provider
 
+    def set_write_rate(self, per_second: float, burst: int) -> None:
+        """A component whose configuration sets its write rate (and may reload it)."""
+        if (self.write_bucket.rate, self.write_bucket.burst) != (per_second, burst):
+            self.write_bucket = TokenBucket(per_second, burst, self.clock)
+
     @property
     def dry_run(self) -> bool:
         return self._dry_run() if callable(self._dry_run) else bool(self._dry_run)

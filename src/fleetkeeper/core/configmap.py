@@ -9,12 +9,20 @@
   configuration stays in force and the error is logged once per distinct
   message;
 * the API server cannot be reached on a reload: the last good stays.
+
+Components that poll call :meth:`ConfigMapKey.load` at start and
+:meth:`ConfigMapKey.reload` on a timer; a component that watches its
+ConfigMap (an informer hands it every version) calls :meth:`ConfigMapKey.offer`
+with each one, which applies the same rules. What "absent" means is the
+component's ``parse(None)``: its defaults, or (teams: no ConfigMap is no
+configuration) a :class:`ConfigError` saying so, which then behaves like any
+invalid version.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from fleetkeeper.core import errors
@@ -32,6 +40,7 @@ class ConfigMapKey(Generic[T]):
         self.parse = parse
         self.last_good: T | None = None
         self.data: dict[str, str] = {}  # the ConfigMap's other keys, as last read
+        self.error: errors.ConfigError | None = None  # why the last version offered or reloaded was rejected
         self._last_error = ""
 
     @property
@@ -64,16 +73,49 @@ class ConfigMapKey(Generic[T]):
             cm = await self.kube.get_or_none(CONFIGMAPS, self.name, self.namespace)
             value = self.parse_data(cm)
         except errors.ConfigError as exc:
-            if str(exc) != self._last_error:
-                log.error("new configuration rejected, keeping the previous one: %s", exc)
-                self._last_error = str(exc)
+            self._rejected(exc)
             return None
         except errors.FleetkeeperError as exc:
             log.warning("could not read %s (%s); keeping the previous configuration", self.source, exc)
             return None
+        return self._accepted(cm, value)
+
+    def offer(self, cm: dict | None) -> T | None:
+        """One version of the ConfigMap as a watch delivered it (None: deleted or absent): the new
+        configuration when it changed, else None (unchanged; or invalid: :attr:`error` says why and the last
+        good one stays in force). Pure but for this object's memory."""
+        try:
+            value = self.parse_data(cm)
+        except errors.ConfigError as exc:
+            self._rejected(exc)
+            return None
+        return self._accepted(cm, value)
+
+    def _rejected(self, exc: errors.ConfigError) -> None:
+        self.error = exc
+        if str(exc) != self._last_error:
+            kept = "keeping the previous one" if self.last_good is not None else "nothing is configured yet"
+            log.error("configuration rejected, %s: %s", kept, exc)
+            self._last_error = str(exc)
+
+    def _accepted(self, cm: dict | None, value: T) -> T | None:
         self._last_error = ""
+        self.error = None
         self.data = dict((cm or {}).get("data") or {})
         if value == self.last_good:
             return None
         self.last_good = value
         return value
+
+
+async def watch_at_start_only(src: ConfigMapKey[T], sleep: Callable[[float], Awaitable[None]],
+                              interval: float = 30.0) -> None:
+    """For a component that applies its configuration at start only (relay, capacity): read the ConfigMap
+    again every ``interval`` seconds, so that a bad version is reported at once (the loader's rule: the
+    error, naming what is wrong, is logged and the configuration running stays) and a good new one is
+    reported as waiting for the next start."""
+    while True:
+        await sleep(interval)
+        new = await src.reload()
+        if new is not None:
+            log.warning("%s changed; the running configuration stays in force until the next start", src.source)

@@ -150,17 +150,21 @@ class Plan:
         return out
 
 
-def _taint_dict(key: str, value: str, effect: str) -> dict:
-    return {"key": key, "value": value, "effect": effect} if value else {"key": key, "effect": effect}
+def _taint_dict(key: str, value: str, effect: str, time_added: str = "") -> dict:
+    out = {"key": key, "value": value, "effect": effect} if value else {"key": key, "effect": effect}
+    if time_added:
+        out["timeAdded"] = time_added
+    return out
 
 
 def node_patch(node: NodeView, ops: tuple[NodeOp, ...] | list[NodeOp]) -> dict | None:
     """The one merge patch that makes ``ops`` true on ``node`` (as the cache has it), with the cache's
     resourceVersion as precondition; None when they already hold (nothing to write).
 
-    Taints are a list, which a merge patch replaces whole: the new list is built from the cached one, and
-    the resourceVersion guarantees that the cache was current."""
+    Taints are a list, which a merge patch replaces whole: the new list is built from the cached one (each
+    kept taint with its ``timeAdded``), and the resourceVersion guarantees that the cache was current."""
     taints = [(t.key, t.value, t.effect) for t in node.taints]
+    added = {(t.key, t.value, t.effect): t.time_added for t in node.taints if t.time_added}
     new_taints = list(taints)
     labels: dict[str, str | None] = {}
     annotations: dict[str, str | None] = {}
@@ -189,7 +193,8 @@ def node_patch(node: NodeView, ops: tuple[NodeOp, ...] | list[NodeOp]) -> dict |
         body["metadata"]["annotations"] = annotations
     spec: dict = {}
     if taints_changed:
-        spec["taints"] = [_taint_dict(*t) for t in new_taints] or None
+        # taints kept from the cache keep their timeAdded (NoExecute tolerationSeconds count from it)
+        spec["taints"] = [_taint_dict(*t, added.get(t, "")) for t in new_taints] or None
     if cordon_changed:
         spec["unschedulable"] = unschedulable or None
     if spec:

@@ -43,6 +43,7 @@ class Taint:
     key: str
     value: str
     effect: str
+    time_added: str = ""  # spec.taints[].timeAdded (NoExecute taints): kept so a rewrite of the list keeps it
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +146,8 @@ class Projector:
         return NodeView(
             name=meta["name"], uid=meta.get("uid", ""), resource_version=meta.get("resourceVersion", ""),
             labels=self._filter(meta.get("labels")), annotations=self._filter(meta.get("annotations")),
-            taints=tuple(Taint(t["key"], t.get("value", ""), t["effect"]) for t in spec.get("taints") or ()),
+            taints=tuple(Taint(t["key"], t.get("value", ""), t["effect"], t.get("timeAdded") or "")
+                         for t in spec.get("taints") or ()),
             unschedulable=bool(spec.get("unschedulable")),
             conditions=tuple(
                 Condition(c["type"], c.get("status", "Unknown"), c.get("reason", ""), c.get("message", ""),

@@ -220,3 +220,25 @@ class SharedBudget:
         if pin or not self.pinned:
             self.cfg = cfg
             self.pinned = self.pinned or pin
+
+
+class Admitter:
+    """Admission of several actions in one decision, in order: each admitted one counts against the next
+    (a local in-flight list on top of the ledger's), as if already in flight. Pure; the caller adds
+    :attr:`added` to the ledger (under its lock) when it acts on them, and drops them when done."""
+
+    def __init__(self, snap: Snapshot, inflight: Mapping[str, InFlight], cfg: BudgetConfig, now: float,
+                 kind: str, *, dry_run: bool = False):
+        self.snap, self.inflight, self.cfg, self.now = snap, dict(inflight), cfg, now
+        self.kind, self.dry_run = kind, dry_run
+        self.added: dict[str, InFlight] = {}
+        self.verdicts: dict[str, Verdict] = {}
+
+    def __call__(self, node: str, scopes: tuple[str, ...] | None = None) -> Verdict:
+        scopes = scopes or self.snap.scopes.get(node) or ("cluster",)
+        v = admit(node, scopes, self.snap, self.inflight, self.cfg, self.now)
+        self.verdicts[node] = v
+        if v.admitted and not v.free:
+            f = InFlight(node, self.kind, self.now, scopes, dry_run=self.dry_run)
+            self.inflight[node] = self.added[node] = f
+        return v

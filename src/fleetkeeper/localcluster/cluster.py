@@ -31,7 +31,7 @@ from fleetkeeper.core.cliutil import default_cluster_dir
 from fleetkeeper.core.kube import NODES, Kube, RetryPolicy
 from fleetkeeper.core.ratelimit import TokenBucket
 from fleetkeeper.localcluster import pki
-from fleetkeeper.localcluster.fleet import KWOK_LABEL, KWOK_LABEL_VALUE, FleetSpec, node_manifest
+from fleetkeeper.localcluster.fleet import KWOK_LABEL, KWOK_LABEL_VALUE, NODE_IP, FleetSpec, node_manifest
 
 log = logging.getLogger("fleetkeeper.localcluster")
 
@@ -40,6 +40,9 @@ BUILD_SCRIPT = REPO_ROOT / "hack" / "build-controlplane.sh"
 REALNODE_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-realnode.sh"
 IMAGES_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-images.sh"
 VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
+# the controller manager's and scheduler's own metrics (workqueues, scheduling attempts) readable without a
+# token on their loopback ports, like their health endpoints: the first place to look when the control plane lags
+METRICS_OPEN = "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics"
 COMPONENTS = ("etcd", "etcd-events", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 FEATURE_GATES = "GenericWorkload=true,GangScheduling=true"
 RUNTIME_CONFIG = "scheduling.k8s.io/v1alpha2=true"
@@ -396,7 +399,13 @@ class LocalCluster:
                 "--authorization-mode=Node,RBAC", "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={pk / 'sa.pub'}", f"--service-account-signing-key-file={pk / 'sa.key'}",
                 "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
-                *([] if real else ["--endpoint-reconciler-type=none"]), f"--feature-gates={FEATURE_GATES}",
+                # simulated nodes: no TaintNodesByCondition admission, which taints every new node not-ready
+                # even when it registers Ready; the controller manager then lifts 7,500 taints one write at a time
+                # (tens of minutes on this machine). Nodes that register NotReady carry the taint themselves
+                # (fleet.node_manifest), as the plugin would have added it.
+                *([] if real else ["--endpoint-reconciler-type=none",
+                                   "--disable-admission-plugins=TaintNodesByCondition"]),
+                f"--feature-gates={FEATURE_GATES}",
                 f"--runtime-config={RUNTIME_CONFIG}", "--max-requests-inflight=800",
                 "--max-mutating-requests-inflight=400", "--v=1",
             ]
@@ -408,13 +417,16 @@ class LocalCluster:
                         f"--kubelet-client-key={pk / 'apiserver-kubelet-client.key'}"]
             return cmd
         if comp == "kube-controller-manager":
+            # no ttl controller: it annotates every node with the kubelet's object-cache TTL, again each time the
+            # fleet crosses a size step, one write per node that simulated nodes never read (a real kubelet
+            # without it uses its default TTL); at 7,500 nodes its queue held thousands of node writes
             return [
                 self._bin(comp), f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
                 "--bind-address=127.0.0.1", f"--secure-port={p.controller_manager}",
                 f"--service-account-private-key-file={pk / 'sa.key'}", f"--root-ca-file={pk / 'ca.crt'}",
-                "--controllers=*,-nodeipam,-bootstrapsigner,-tokencleaner", "--kube-api-qps=200",
+                "--controllers=*,-nodeipam,-bootstrapsigner,-tokencleaner,-ttl", "--kube-api-qps=200",
                 "--kube-api-burst=400", "--node-monitor-grace-period=900s", "--node-startup-grace-period=600s", f"--feature-gates={FEATURE_GATES}",
-                "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10", "--v=1",
+                "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10", "--v=1", METRICS_OPEN,
             ]
         if comp == "kube-scheduler":
             cfg = d / "scheduler.yaml"
@@ -425,14 +437,14 @@ class LocalCluster:
             )
             return [
                 self._bin(comp), f"--config={cfg}", "--bind-address=127.0.0.1", f"--secure-port={p.scheduler}",
-                f"--feature-gates={FEATURE_GATES}", "--v=1",
+                f"--feature-gates={FEATURE_GATES}", "--v=1", METRICS_OPEN,
             ]
         if comp == "kwok":
             return [
                 self._bin(comp), f"--kubeconfig={self.kubeconfig}", "--manage-all-nodes=false",
                 f"--manage-nodes-with-label-selector={KWOK_LABEL}={KWOK_LABEL_VALUE}",
                 "--node-lease-duration-seconds=600", f"--config={self._kwok_config()}",
-                "--server-address=127.0.0.1:" + str(p.kwok), "--cidr=10.128.0.0/10", "--node-ip=10.0.0.1",
+                "--server-address=127.0.0.1:" + str(p.kwok), "--cidr=10.128.0.0/10", f"--node-ip={NODE_IP}",
                 "--v=WARN",
             ]
         raise ValueError(comp)
@@ -575,7 +587,7 @@ class LocalCluster:
         self.state.save(self.state_path)
         t0 = time.monotonic()
         async with await self.connect(retry=RetryPolicy(attempts=8)) as kube:
-            spec = FleetSpec(nodes=nodes, gpus_per_node=gpus_per_node, join_gate=join_gate)
+            spec = FleetSpec(nodes=nodes, gpus_per_node=gpus_per_node, join_gate=join_gate, ready=True)
             created = await create_nodes(kube, spec, rate=create_rate, progress=say)
             ready = await wait_nodes_ready(kube, nodes, timeout=max(300.0, nodes / 4), progress=say) if wait_ready else 0
             if real_node:

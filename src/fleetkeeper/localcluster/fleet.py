@@ -31,6 +31,10 @@ class FleetSpec:
     nodes_per_rack: int = 16
     prefix: str = "node"
     join_gate: bool = False  # register with the preflight taint and label
+    # register already Ready (a fleet that has joined before the cluster starts): the node lifecycle controller
+    # then never adds node.kubernetes.io/not-ready only to lift it again, two node writes per node that at
+    # 7,500 nodes queue behind each other for many minutes. Nodes that join later register NotReady.
+    ready: bool = False
 
     def pool_of(self, index: int) -> str:
         ncpu = int(self.nodes * self.cpu_fraction)
@@ -51,6 +55,10 @@ def node_manifest(spec: FleetSpec, index: int, names: Names = Names()) -> dict:
         HOSTNAME_LABEL: name,
         "kubernetes.io/os": "linux",
         "kubernetes.io/arch": "amd64",
+        # the deprecated copies a kubelet still sets; without them the node lifecycle controller patches every
+        # node to add them, one write each that at 7,500 nodes queues its taint work behind it for many minutes
+        "beta.kubernetes.io/os": "linux",
+        "beta.kubernetes.io/arch": "amd64",
         ZONE_LABEL: ZONES[rack % len(ZONES)],
         names.rack: f"rack-{rack:04d}",
         names.pool: pool,
@@ -61,7 +69,9 @@ def node_manifest(spec: FleetSpec, index: int, names: Names = Names()) -> dict:
     if gpu:
         capacity[GPU_RESOURCE] = str(spec.gpus_per_node)
         allocatable[GPU_RESOURCE] = str(spec.gpus_per_node)
-    taints = []
+    # a node that registers NotReady is tainted not-ready from its first write (the API server's
+    # TaintNodesByCondition admission does that for a kubelet; the local cluster runs without it)
+    taints = [] if spec.ready else [{"key": NOT_READY_TAINT, "effect": "NoSchedule"}]
     if spec.join_gate:
         labels[names.preflight] = "pending"
         taints.append({"key": names.preflight, "value": "pending", "effect": "NoSchedule"})
@@ -73,4 +83,22 @@ def node_manifest(spec: FleetSpec, index: int, names: Names = Names()) -> dict:
         "status": {"capacity": capacity, "allocatable": allocatable,
                    "nodeInfo": {"kubeletVersion": "fake", "architecture": "amd64", "operatingSystem": "linux"}},
     }
+    if spec.ready:
+        node["status"]["conditions"] = [dict(c) for c in READY_CONDITIONS]
+        node["status"]["addresses"] = [{"type": "InternalIP", "address": NODE_IP}, {"type": "Hostname", "address": name}]
     return node
+
+
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+NODE_IP = "10.0.0.1"  # KWOK's --node-ip
+# what a kubelet posts once it is Ready (KWOK's heartbeat keeps them from then on)
+READY_CONDITIONS = [
+    {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status"},
+    {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory",
+     "message": "kubelet has sufficient memory available"},
+    {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure",
+     "message": "kubelet has no disk pressure"},
+    {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID",
+     "message": "kubelet has sufficient PID available"},
+    {"type": "NetworkUnavailable", "status": "False", "reason": "RouteCreated", "message": "RouteController created a route"},
+]

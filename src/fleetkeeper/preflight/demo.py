@@ -47,7 +47,7 @@ def _state(node: dict, keys: Keys) -> str:
     ready = next((c.get("status") for c in (node.get("status") or {}).get("conditions") or []
                   if c.get("type") == "Ready"), "?")
     marks = {k.rsplit("/", 1)[-1]: v for k, v in ann.items() if "preflight" in k or "lifecycle" in k}
-    return (f"{meta['name']} Ready={ready} taints [{taints}] {keys.gate}={(meta.get('labels') or {}).get(keys.gate)}"
+    return (f"{meta['name']} Ready={ready} taints ({taints}) {keys.gate}={(meta.get('labels') or {}).get(keys.gate)}"
             f" {marks}")
 
 

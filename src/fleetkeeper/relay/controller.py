@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from fleetkeeper.core import errors
+from fleetkeeper.core.configmap import watch_at_start_only
 from fleetkeeper.core.informer import Informer
 from fleetkeeper.core.kube import CONFIGMAPS, NODES, PODS
 from fleetkeeper.core.manager import Manager
@@ -20,7 +21,7 @@ from fleetkeeper.relay.hub import Hub
 from fleetkeeper.relay.metrics import PacerMetrics, RelayMetrics
 from fleetkeeper.relay.pacing import CONTROLLER, JoinPacer, parse_selector
 from fleetkeeper.relay.server import RelayServer
-from fleetkeeper.relay.settings import PacerSettings, RelayConfig, RelaySettings, load_config
+from fleetkeeper.relay.settings import PacerSettings, RelayConfig, RelaySettings, config_source
 from fleetkeeper.relay.views import AgentProjector
 
 log = logging.getLogger("fleetkeeper.relay")
@@ -100,7 +101,8 @@ def add_pacer(mgr: Manager, cfg: PacerSettings) -> JoinPacer:
                                                 f"{', '.join(mgr.projector.keep)}")])
     pacer = JoinPacer(mgr.kube, mgr.node_informer(), cfg, mgr.names, mgr.settings.namespace,
                       recorder=mgr.recorder(CONTROLLER), metrics=PacerMetrics(mgr.registry),
-                      runtime_metrics=mgr.metrics, clock=mgr.clock, dry_run=mgr.settings.dry_run)
+                      runtime_metrics=mgr.metrics, clock=mgr.clock, dry_run=mgr.settings.dry_run,
+                      registry=mgr.registry)
     mgr.add(CONTROLLER, pacer.run, leader=True)
     return pacer
 
@@ -108,8 +110,11 @@ def add_pacer(mgr: Manager, cfg: PacerSettings) -> JoinPacer:
 async def setup(mgr: Manager, options: RelayConfig | None) -> None:
     """``fleetkeeper run``: the configuration comes from the ConfigMap
     ``fleetkeeper-relay`` (or the defaults: relay on, pacer off)."""
-    cfg = options if options is not None else await load_config(mgr.kube, mgr.settings.namespace)
+    src = config_source(mgr.kube, mgr.settings.namespace)
+    cfg = options if options is not None else await src.load()
     if cfg.relay.enabled:
         add_relay(mgr, cfg.relay)
     if cfg.pacer.enabled:
         add_pacer(mgr, cfg.pacer)
+    if options is None:  # applied at start; later versions are checked and reported (the running one stays)
+        mgr.add("relay-config-watch", lambda: watch_at_start_only(src, mgr.clock.sleep), leader=False)

@@ -57,8 +57,11 @@ async def demo(ctx) -> Outcome:
     clients: list[RelayClient] = []
     created_nodes: list[str] = []
     try:
-        if not outcome.expect(await _until(lambda: relay.synced() and relay.server.port != 0, 60), "the relay syncs"):
-            ctx.report("relay did not sync within 60 s")
+        # the first sync lists every node and pod: its time grows with the fleet (60 s + 30 s per 1,500 nodes)
+        limit = 60 + ctx.nodes / 50
+        if not outcome.expect(await _until(lambda: relay.synced() and relay.server.port != 0, limit),
+                              "the relay syncs"):
+            ctx.report(f"relay did not sync within {limit:.0f} s")
             return outcome
         url = f"http://127.0.0.1:{relay.server.port}"
         nodes = [n["metadata"]["name"] for n in (await kube.list(NODES, label_selector="type=kwok"))[0]][:20]

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from fleetkeeper.core.domain import Names
+from fleetkeeper.core.plan import AddTaint, Event, NodeOp, Plan, SetAnnotation, SetLabel, node_patch
 from fleetkeeper.core.views import NodeView
 
 if TYPE_CHECKING:  # the settings module also loads them from the cluster
@@ -63,12 +64,25 @@ def parse_selector(text: str) -> Selector:
 
 
 # --- decide -----------------------------------------------------------------------------
+ACTION = "join"
+
+
 @dataclass(frozen=True)
 class JoinPlan:
     node: str
-    patch: dict
+    ops: tuple[NodeOp, ...]
     pod: dict | None
     summary: str
+    view: NodeView
+
+    @property
+    def patch(self) -> dict | None:
+        """The one merge patch the applier will write (the cached resourceVersion as precondition)."""
+        return node_patch(self.view, self.ops)
+
+    def plan(self) -> Plan:
+        """The node's part, for the core applier: one patch and the ``JoinWorkDone`` Event."""
+        return Plan(self.node, ACTION, self.ops + (Event("JoinWorkDone", self.summary),), why=self.summary)
 
 
 def bootstrap_pod_name(prefix: str, node: str) -> str:
@@ -84,24 +98,19 @@ def _fmt(ts: float) -> str:
 
 
 def decide(node: NodeView, cfg: PacerSettings, selector: Selector, names: Names, namespace: str,
-           now: float, raw_taints: list[dict] | None = None) -> JoinPlan | None:
+           now: float) -> JoinPlan | None:
     """The join work ``node`` still needs, or None (done, deleting, or not selected).
 
-    ``raw_taints`` (the node's ``spec.taints`` as the API server has them) keeps
-    fields a NodeView drops, such as ``timeAdded``; the apply step passes them
-    when it writes taints."""
+    The node's part is the configured labels, the configured taints the node
+    does not have yet (added to its own, which keep their ``timeAdded``) and
+    the ``join-work-done`` annotation, folded by the applier into one patch."""
     if node.deleting or done_annotation(names) in node.annotations or not selector.matches(node.labels):
         return None
-    patch: dict = {"metadata": {"resourceVersion": node.resource_version,
-                                "annotations": {done_annotation(names): _fmt(now)}}}
-    if cfg.labels:
-        patch["metadata"]["labels"] = dict(cfg.labels)
+    ops: list[NodeOp] = [SetLabel(k, v) for k, v in cfg.labels.items()]
     have = {(t.key, t.effect) for t in node.taints}
     add = [t for t in cfg.taints if (t.key, t.effect) not in have]
-    if add:
-        keep = raw_taints if raw_taints is not None else [
-            {"key": t.key, "value": t.value, "effect": t.effect} for t in node.taints]
-        patch["spec"] = {"taints": list(keep) + [{"key": t.key, "value": t.value, "effect": t.effect} for t in add]}
+    ops += [AddTaint(t.key, t.value, t.effect) for t in add]
+    ops.append(SetAnnotation(done_annotation(names), _fmt(now)))
     pod = None
     parts = []
     if cfg.labels:
@@ -127,4 +136,4 @@ def decide(node: NodeView, cfg: PacerSettings, selector: Selector, names: Names,
                      "tolerations": [{"operator": "Exists"}], "containers": [container]},
         }
         parts.append(f"bootstrap pod {ns}/{name}")
-    return JoinPlan(node.name, patch, pod, "; ".join(parts) or "marked")
+    return JoinPlan(node.name, tuple(ops), pod, "; ".join(parts) or "marked", node)

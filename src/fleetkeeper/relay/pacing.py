@@ -13,11 +13,13 @@ the next pass):
 
 1. create the bootstrap pod (bound to the node with ``nodeName``, owned by
    the Node so it goes when the node goes); AlreadyExists is success;
-2. one merge patch of the Node: the configured labels, the configured taints
-   added to the node's own, and the annotation ``<domain>/join-work-done``
-   that marks the node as done. A patch that writes taints replaces the list,
-   so it is built from a fresh GET and carries that resourceVersion; a
-   Conflict (a status update in between) is retried at once from another GET.
+2. the node's part through the core applier (:mod:`fleetkeeper.core.applier`),
+   like every node write of fleetkeeper: the configured labels, the configured
+   taints added to the node's own and the annotation
+   ``<domain>/join-work-done`` that marks the node as done, in one merge patch
+   carrying the resourceVersion of the cached node (no GET). A Conflict (a
+   status update in between) means the cache was behind: the node is decided
+   again from the cache a moment later, without creating its pod again.
 
 :func:`fleetkeeper.relay.joins.decide` is pure; :class:`JoinPacer` is the thin apply adapter.
 """
@@ -26,16 +28,19 @@ from __future__ import annotations
 
 import logging
 
+from prometheus_client import CollectorRegistry
+
 from fleetkeeper.core import errors
+from fleetkeeper.core.applier import Applier
 from fleetkeeper.core.clock import Clock, RealClock
 from fleetkeeper.core.controller import Controller
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.events import EventRecorder, node_ref
 from fleetkeeper.core.informer import Informer
-from fleetkeeper.core.kube import NODES, PODS, Kube
+from fleetkeeper.core.kube import PODS, Kube
 from fleetkeeper.core.metrics import RuntimeMetrics
 from fleetkeeper.core.ratelimit import TokenBucket
-from fleetkeeper.core.views import NodeView, default_projector
+from fleetkeeper.core.views import NodeView
 from fleetkeeper.relay.joins import (  # noqa: F401 - re-exported: the pure join decision
     JoinPlan,
     Selector,
@@ -52,13 +57,21 @@ log = logging.getLogger("fleetkeeper.relay.pacer")
 CONTROLLER = "join-pacer"
 
 
+class _NoEvents:
+    """No recorder given (unit tests): Events go nowhere."""
+
+    async def emit(self, *a, **kw) -> None:
+        return None
+
+
 # --- apply ------------------------------------------------------------------------------
 class JoinPacer:
     """Performs the join work of new nodes at ``cfg.rate`` nodes per second."""
 
     def __init__(self, kube: Kube, nodes: Informer[NodeView], cfg: PacerSettings, names: Names, namespace: str, *,
                  recorder: EventRecorder | None = None, metrics: PacerMetrics | None = None,
-                 runtime_metrics: RuntimeMetrics | None = None, clock: Clock | None = None, dry_run: bool = False):
+                 runtime_metrics: RuntimeMetrics | None = None, clock: Clock | None = None, dry_run: bool = False,
+                 registry: CollectorRegistry | None = None):
         self.kube = kube
         self.nodes = nodes
         self.cfg = cfg
@@ -72,7 +85,12 @@ class JoinPacer:
             self.selector = parse_selector(cfg.node_selector)
         except ValueError as exc:
             raise errors.ConfigError("pacer", [("node_selector", cfg.node_selector, str(exc))]) from None
-        self._projector = default_projector(names.domain)
+        # the pace is the bucket below; the applier's own write limit only stops a runaway loop
+        self.applier = Applier(kube, recorder or _NoEvents(), component="relay",
+                               registry=registry if registry is not None else CollectorRegistry(), clock=self.clock,
+                               dry_run=dry_run, writes_per_second=max(50.0, cfg.rate * 2))
+        self._pod_made: set[str] = set()  # bootstrap pods created (a retried patch does not create them again)
+        self._started: set[str] = set()  # join work begun: a retry is not paced again
         self.bucket = TokenBucket(cfg.rate, cfg.burst, self.clock) if cfg.rate > 0 else None
         self.controller = Controller(CONTROLLER, self.reconcile, metrics=runtime_metrics, clock=self.clock,
                                      workers=cfg.workers)
@@ -88,6 +106,8 @@ class JoinPacer:
         if new is None:
             self.pending.discard(key)
             self._first_seen.pop(key, None)
+            self._pod_made.discard(key)
+            self._started.discard(key)
         elif key not in self._dry_done and decide(new, self.cfg, self.selector, self.names, self.namespace,
                                                   self.clock.now()) is not None:
             if key not in self.pending:
@@ -108,7 +128,7 @@ class JoinPacer:
     async def reconcile(self, key: str) -> None:
         if key in self._dry_done or self.plan(key) is None:
             return
-        if self.bucket is not None:
+        if self.bucket is not None and key not in self._started:
             t0 = self.clock.monotonic()
             await self.bucket.acquire()
             if self.metrics:
@@ -116,66 +136,50 @@ class JoinPacer:
         plan = self.plan(key)  # the node may have changed (or gone) while waiting
         if plan is None:
             return
+        node = self.nodes.get(key)
+        if node is None:
+            return
         if self.dry_run:
             self._dry_done.add(key)
+            await self.applier.apply(node, plan.plan())  # writes nothing; counts dry_run, "would" Event
             self._finish(key, "dry_run")
-            if self.recorder:
-                await self.recorder.emit(node_ref(key), "JoinWorkPlanned", f"dry run: would apply {plan.summary}")
             return
+        self._started.add(key)
+        if plan.pod is not None and key not in self._pod_made:
+            ns = plan.pod["metadata"]["namespace"]
+            try:
+                await self.kube.create(PODS, plan.pod, ns)
+                if self.metrics:
+                    self.metrics.writes.labels("bootstrap_pod").inc()
+            except errors.Conflict:
+                pass  # AlreadyExists: an earlier pass created it
+            except errors.NotFound:
+                if self.metrics:
+                    self.metrics.joins.labels("error").inc()
+                raise errors.Temporary(f"cannot create the bootstrap pod of {key}: namespace {ns} does not "
+                                       f"exist", delay=30) from None
+            except errors.FleetkeeperError:
+                if self.metrics:
+                    self.metrics.joins.labels("error").inc()
+                raise
+            self._pod_made.add(key)
         try:
-            if plan.pod is not None:
-                ns = plan.pod["metadata"]["namespace"]
-                try:
-                    await self.kube.create(PODS, plan.pod, ns)
-                    if self.metrics:
-                        self.metrics.writes.labels("bootstrap_pod").inc()
-                except errors.Conflict:
-                    pass  # AlreadyExists: an earlier pass created it
-                except errors.NotFound:
-                    if self.metrics:
-                        self.metrics.joins.labels("error").inc()
-                    raise errors.Temporary(f"cannot create the bootstrap pod of {key}: namespace {ns} does not "
-                                           f"exist", delay=30) from None
-            await self._patch_node(key, plan)
-        except errors.Conflict:
+            done = await self.applier.apply(node, plan.plan())
+        except errors.Temporary:
             if self.metrics:
                 self.metrics.joins.labels("conflict").inc()
-            raise errors.Temporary(f"node {key} kept changing while its join work was written; again", delay=1.0)
-        except errors.NotFound:
-            return  # the node went away
+            raise  # the cache was behind (Conflict): decided again from the cache, not paced again
         except errors.FleetkeeperError:
             if self.metrics:
                 self.metrics.joins.labels("error").inc()
             raise
+        if done.gone:
+            return  # the node went away
+        if done.patched and self.metrics:
+            self.metrics.writes.labels("node_patch").inc()
+        self._pod_made.discard(key)
+        self._started.discard(key)
         self._finish(key, "done")
-        if self.recorder:
-            await self.recorder.emit(node_ref(key), "JoinWorkDone", plan.summary)
-
-    async def _patch_node(self, key: str, plan: JoinPlan, attempts: int = 5) -> None:
-        """Write the node patch. Labels and annotations merge; taints replace the
-        list, so a patch that writes taints is built from a fresh GET (keeping
-        fields such as ``timeAdded``) and carries its resourceVersion: a node
-        status update in between (kubelet, KWOK) is a Conflict, retried at once
-        from another fresh GET rather than waiting for the cache."""
-        patch = plan.patch
-        for attempt in range(attempts):
-            if "spec" in patch or attempt > 0:
-                raw = await self.kube.get(NODES, key)
-                fresh = decide(self._projector.node(raw), self.cfg, self.selector, self.names, self.namespace,
-                               self.clock.now(), raw_taints=(raw.get("spec") or {}).get("taints") or [])
-                if fresh is None:
-                    return
-                patch = fresh.patch
-            else:
-                patch = {**patch, "metadata": {k: v for k, v in patch["metadata"].items() if k != "resourceVersion"}}
-            try:
-                await self.kube.patch(NODES, key, patch)
-                if self.metrics:
-                    self.metrics.writes.labels("node_patch").inc()
-                return
-            except errors.Conflict:
-                if attempt == attempts - 1:
-                    raise
 
     def _finish(self, key: str, result: str) -> None:
         self.pending.discard(key)

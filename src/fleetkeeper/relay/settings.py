@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.config import load_model, parse_yaml
-from fleetkeeper.core.kube import CONFIGMAPS, Kube
+from fleetkeeper.core.configmap import ConfigMapKey
+from fleetkeeper.core.kube import Kube
 
 CONFIGMAP = "fleetkeeper-relay"
 CONFIG_KEY = "config.yaml"
@@ -114,13 +115,16 @@ def parse_config(text: str, source: str) -> RelayConfig:
     return load_model(RelayConfig, data, source)
 
 
+def _parse(text: str | None, source: str) -> RelayConfig:
+    return RelayConfig() if text is None else parse_config(text, source)
+
+
+def config_source(kube: Kube, namespace: str) -> ConfigMapKey[RelayConfig]:
+    """The ConfigMap through the core loader: absent means the defaults (relay on, pacer off); present
+    without the key, or invalid, is a ConfigError naming what is wrong."""
+    return ConfigMapKey(kube, namespace, CONFIGMAP, CONFIG_KEY, _parse)
+
+
 async def load_config(kube: Kube, namespace: str) -> RelayConfig:
     """The ConfigMap's configuration, or the defaults when there is none."""
-    cm = await kube.get_or_none(CONFIGMAPS, CONFIGMAP, namespace)
-    if cm is None:
-        return RelayConfig()
-    text = (cm.get("data") or {}).get(CONFIG_KEY)
-    source = f"configmap {namespace}/{CONFIGMAP} key {CONFIG_KEY}"
-    if text is None:
-        raise errors.ConfigError(source, [("", None, f"the ConfigMap has no key {CONFIG_KEY}")])
-    return parse_config(text, source)
+    return await config_source(kube, namespace).load()

@@ -14,7 +14,6 @@ from rich.table import Table
 
 from fleetkeeper.core import cliutil, errors
 from fleetkeeper.core.domain import DEFAULT_DOMAIN, SYSTEM_NAMESPACE, Names
-from fleetkeeper.core.ratelimit import TokenBucket
 
 from fleetkeeper.teams.config import DEFAULT_CONFIGMAP, parse_config
 from fleetkeeper.teams.live import load
@@ -87,6 +86,10 @@ def apply(kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.context
           domain: str = DOMAIN, dry_run: bool = typer.Option(False, "--dry-run", help="print the plan; write nothing"),
           limit: int = typer.Option(50, "--limit", min=1, help="print at most this many changes")) -> None:
     """Plan (and with no --dry-run, apply once) the node changes the controller would make."""
+    import time
+
+    from fleetkeeper.core.applier import Applier
+    from fleetkeeper.core.events import EventRecorder
     from fleetkeeper.teams.apply import apply_changes
     from fleetkeeper.teams.metrics import TeamsMetrics
     from prometheus_client import CollectorRegistry
@@ -107,12 +110,18 @@ def apply(kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.context
             for s in plan.teams.values():
                 if s.shortfall:
                     out.print(f"  [yellow]{s.team} short by {s.shortfall}[/yellow]: {'; '.join(s.reasons)}")
+            if plan.budget_held:
+                out.print(f"  [yellow]{len(plan.budget_held)} replacement(s) held by the disruption budget[/yellow] "
+                          f"({live.budget_source}): {', '.join(plan.budget_held[:10])}")
             if dry_run or not plan.changes:
                 return
             w = live.config.writes
-            res = await apply_changes(kube, plan.changes, live.views, names,
-                                      bucket=TokenBucket(w.per_second, w.burst), concurrency=w.concurrency,
-                                      dry_run=False, metrics=TeamsMetrics(CollectorRegistry()), recorder=None)
+            registry = CollectorRegistry()
+            applier = Applier(kube, EventRecorder(kube, "teams", namespace="default"), component="teams",
+                              registry=registry, writes_per_second=w.per_second)
+            applier.set_write_rate(w.per_second, w.burst)
+            res = await apply_changes(applier, plan.changes, live.views, names, now=time.time(),
+                                      concurrency=w.concurrency, metrics=TeamsMetrics(registry))
             out.print(f"written: {len(res.ok)}, conflicts: {res.conflicts}, failed: {res.failed}")
             if res.conflicts or res.failed:
                 raise errors.Temporary("some nodes changed meanwhile or failed; run again")

@@ -1,10 +1,13 @@
 """The team-resource-manager and the toleration webhook, wired into the manager.
 
-* the teams ConfigMap is watched (all replicas); every version is validated;
-  a valid one replaces the configuration in force, an invalid one is reported
+* the teams ConfigMap is watched (all replicas); every version goes through
+  the core ConfigMap loader (``ConfigMapKey.offer``): a valid one replaces the
+  configuration in force, an invalid, keyless or deleted one is reported
   (Event, status ConfigMap, metric) and changes nothing;
 * the leader reconciles one key, ``teams``: snapshot the node and pod caches,
-  ``plan.decide``, ``apply.apply_changes``, publish the status;
+  ``plan.decide`` (replacements bounded by the rate limit, counted from the
+  nodes' ``team-replaced-at`` record, and by the one disruption budget),
+  ``apply.apply_changes`` through the core applier, publish the status;
 * every replica serves the webhook (it only reads the configuration).
 """
 
@@ -12,26 +15,31 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import orjson
 
 from fleetkeeper.core import errors
+from fleetkeeper.core.applier import Applier
 from fleetkeeper.core.owners import OwnerIndex
 from fleetkeeper.core.config import load_model, parse_yaml
+from fleetkeeper.core.configmap import ConfigMapKey
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.events import EventRecorder, ObjectRef
 from fleetkeeper.core.informer import Informer, identity
 from fleetkeeper.core.kube import CONFIGMAPS, PRIORITYCLASSES, Kube
 from fleetkeeper.core.manager import Manager
-from fleetkeeper.core.ratelimit import SlidingWindow, TokenBucket
 from fleetkeeper.core.views import NodeView
+from fleetkeeper.lifecycle import budget as bud
+from fleetkeeper.lifecycle.controller import shared_budget
 
 from fleetkeeper.teams.admission import Priorities, TeamAdmission, borrower_label
 from fleetkeeper.teams.apply import apply_changes
-from fleetkeeper.teams.config import ConfigState, TeamsConfig, parse_configmap
+from fleetkeeper.teams.config import ConfigState, TeamsConfig
+from fleetkeeper.teams.live import config_source
 from fleetkeeper.teams.metrics import TeamsMetrics
 from fleetkeeper.teams.options import OPTIONS_KEY, TeamsOptions
-from fleetkeeper.teams.plan import Plan, decide, fill_borrowed, snapshot
+from fleetkeeper.teams.plan import Plan, decide, fill_borrowed, recent_replacements, snapshot
 from fleetkeeper.teams.serve import WebhookRunner
 from fleetkeeper.teams.workloads import WorkloadKinds
 
@@ -57,12 +65,14 @@ def _relevant(v: NodeView | None) -> tuple | None:
 
 class TeamManager:
     def __init__(self, mgr: Manager, opts: TeamsOptions, state: ConfigState, metrics: TeamsMetrics,
-                 nodes: Informer, pods: Informer, configmaps: Informer):
+                 nodes: Informer, pods: Informer, configmaps: Informer,
+                 loader: ConfigMapKey[TeamsConfig] | None = None):
         self.mgr, self.opts, self.state, self.metrics = mgr, opts, state, metrics
         self.kube: Kube = mgr.kube
         self.names = mgr.names
         self.nodes, self.pods, self.configmaps = nodes, pods, configmaps
         self.namespace = opts.config_namespace or mgr.settings.namespace
+        self.loader = loader or config_source(mgr.kube, self.namespace, opts.configmap, mgr.settings.domain)
         self.dry_run = mgr.settings.dry_run
         # The API server accepts Events about cluster-scoped objects (Nodes) only in
         # the "default" namespace; the manager's recorder writes them to its own
@@ -71,11 +81,12 @@ class TeamManager:
         self.node_recorder = EventRecorder(mgr.kube, "teams", namespace="default", clock=mgr.clock,
                                            metrics=mgr.metrics, dry_run=mgr.settings.dry_run)
         self.controller = Controller("teams", self.reconcile, metrics=mgr.metrics, clock=mgr.clock)
+        # every node write through the core applier (its bucket follows the configured writes rate)
+        self.applier = Applier(mgr.kube, self.node_recorder, component="teams", registry=mgr.registry,
+                               clock=mgr.clock, dry_run=self.dry_run)
+        self.budget = shared_budget(mgr)  # the one disruption budget, shared with health and preflight
         self._reported_generation = -1
-        self._bucket: TokenBucket | None = None
-        self._bucket_cfg: tuple = ()
-        self._window: SlidingWindow | None = None
-        self._window_cfg = 0.0
+        self._held_reported: tuple[str, ...] = ()
         self._status_body = b""
         self.last_plan: Plan | None = None
         self.writes = 0
@@ -109,20 +120,20 @@ class TeamManager:
                                      f"team configuration accepted (resourceVersion {self.state.resource_version}): "
                                      f"{len(self.state.config.teams)} entries, {len(self.state.config.team_names)} teams")
 
-    def _limits(self, cfg: TeamsConfig) -> tuple[TokenBucket, SlidingWindow]:
-        w = cfg.writes
-        if self._bucket is None or self._bucket_cfg != (w.per_second, w.burst):
-            self._bucket = TokenBucket(w.per_second, w.burst, self.mgr.clock)
-            self._bucket_cfg = (w.per_second, w.burst)
-        if self._window is None or self._window_cfg != cfg.replacement.window_seconds:
-            self._window = SlidingWindow(cfg.replacement.window_seconds, self.mgr.clock)
-            self._window_cfg = cfg.replacement.window_seconds
-        return self._bucket, self._window
+    def admission(self, views: dict[str, NodeView], now: float) -> bud.Admitter:
+        """The disruption budget's verdicts for replacements, over every node in the cache: a replacement
+        is admitted when the node it replaces already holds a unit (its quarantine: the replacement is part
+        of that disruption) or when there is room for one more (a node out for a reason the budget does not
+        count: NotReady, cordoned, being deleted)."""
+        snap = bud.snapshot(views.values(), self.names, self.budget.cfg)
+        return bud.Admitter(snap, self.budget.ledger.view(), self.budget.cfg, now, "team-replace",
+                            dry_run=self.dry_run)
 
-    def plan(self, cfg: TeamsConfig, budget: int) -> tuple[Plan, dict[str, NodeView]]:
-        views = {v.name: v for v in self.nodes.items()}
+    def plan(self, cfg: TeamsConfig, budget: int, admit: Callable[[str], bud.Verdict] | None = None,
+             views: dict[str, NodeView] | None = None) -> tuple[Plan, dict[str, NodeView]]:
+        views = views if views is not None else {v.name: v for v in self.nodes.items()}
         states, borrowers = snapshot(list(views.values()), self.pods.items(), self.names, borrower_label(self.names))
-        plan = decide(states, cfg, budget)
+        plan = decide(states, cfg, budget, (lambda n: admit(n).admitted) if admit is not None else None)
         fill_borrowed(plan, borrowers)
         return plan, views
 
@@ -132,23 +143,49 @@ class TeamManager:
         if cfg is None:
             await self._publish(None)
             return Result(requeue_after=self.opts.resync_seconds)
-        bucket, window = self._limits(cfg)
-        budget = max(0, cfg.replacement.max_nodes - window.count())
+        self.applier.set_write_rate(cfg.writes.per_second, cfg.writes.burst)
+        now = self.mgr.clock.now()
         t0 = time.perf_counter()
-        plan, views = self.plan(cfg, budget)
+        views = {v.name: v for v in self.nodes.items()}
+        # the replacement rate limit, counted from the nodes' record: a restart neither resets nor repeats it
+        budget = max(0, cfg.replacement.max_nodes - recent_replacements(views.values(), self.names, now,
+                                                                        cfg.replacement.window_seconds))
+        asked: list[bud.Admitter] = []
+
+        def admit_lazily(node: str) -> bud.Verdict:  # the budget's snapshot only when a replacement is due
+            if not asked:
+                asked.append(self.admission(views, now))
+            return asked[0](node)
+
+        plan, views = self.plan(cfg, budget, admit_lazily, views)
+        admit = asked[0] if asked else bud.Admitter(bud.Snapshot(), {}, self.budget.cfg, now, "team-replace")
+        if asked:
+            # replacements were asked for: decide again holding the ledger's lock, so the verdicts and their
+            # ledger entries are one step (health admits under the same lock)
+            async with self.budget.ledger.lock:
+                admit = self.admission(views, now)
+                plan, views = self.plan(cfg, budget, admit, views)
+                for f in admit.added.values():
+                    self.budget.ledger.add(f)
         self.last_plan = plan
         self.metrics.plan_changes.set(len(plan.changes))
         if plan.throttled:
             self.metrics.replacements_throttled.inc(plan.throttled)
-        log.info("plan: %d change(s), %d replacement(s), %d throttled (%.0f ms)", len(plan.changes),
-                 plan.replacements, plan.throttled, (time.perf_counter() - t0) * 1000)
-        res = await apply_changes(self.kube, plan.changes, views, self.names, bucket=bucket,
-                                  concurrency=cfg.writes.concurrency, dry_run=self.dry_run, metrics=self.metrics,
-                                  recorder=self.node_recorder, summary_recorder=self.recorder,
-                                  summary_ref=self.cm_ref, on_write=self._count_write)
-        for c in res.ok:
-            if c.action == "replace":
-                window.record()
+        log.info("plan: %d change(s), %d replacement(s), %d throttled (%d by the disruption budget) (%.0f ms)",
+                 len(plan.changes), plan.replacements, plan.throttled, len(plan.budget_held),
+                 (time.perf_counter() - t0) * 1000)
+        await self._report_held(plan, admit)
+        try:
+            res = await apply_changes(self.applier, plan.changes, views, self.names, now=now,
+                                      concurrency=cfg.writes.concurrency, metrics=self.metrics,
+                                      summary_recorder=self.recorder, summary_ref=self.cm_ref,
+                                      on_write=self._count_write)
+        finally:
+            # a replacement takes no node out of service: once written it holds no unit of the budget
+            for name in admit.added:
+                f = self.budget.ledger.view().get(name)
+                if f is not None and f.kind == "team-replace":
+                    self.budget.ledger.drop(name)
         for st in plan.teams.values():
             self.metrics.set_team(st.team, st.desired, st.assigned, st.eligible, st.shortfall, st.held_unhealthy,
                                   st.borrowed)
@@ -161,6 +198,19 @@ class TeamManager:
         if plan.throttled:
             return Result(requeue_after=min(self.opts.resync_seconds, cfg.replacement.window_seconds / max(1, cfg.replacement.max_nodes)))
         return Result(requeue_after=self.opts.resync_seconds)
+
+    async def _report_held(self, plan: Plan, admit: bud.Admitter) -> None:
+        """A Warning Event when the set of unhealthy nodes the disruption budget keeps unreplaced changes."""
+        held = tuple(plan.budget_held)
+        if held == self._held_reported:
+            return
+        self._held_reported = held
+        if held:
+            why = admit.verdicts[held[0]].explain()
+            await self.recorder.emit(self.cm_ref, "TeamReplacementHeld",
+                                     f"{len(held)} unhealthy team node(s) not replaced: the disruption budget is "
+                                     f"used up ({why}): {', '.join(held[:10])}" + (" ..." if len(held) > 10 else ""),
+                                     type_="Warning")
 
     def _count_write(self, change) -> None:
         self.writes += 1
@@ -190,6 +240,7 @@ class TeamManager:
             "teams": [st.as_dict() for st in plan.teams.values()] if plan else [],
             "overlaps": plan.overlaps if plan else [],
             "throttledReplacements": plan.throttled if plan else 0,
+            "heldByDisruptionBudget": list(plan.budget_held) if plan else [],
         }
 
     async def _publish(self, plan: Plan | None) -> None:
@@ -210,27 +261,22 @@ class TeamManager:
         # informers are synced before leader runnables start; a ConfigMap that
         # does not exist produces no event, so say so here
         if len(self.configmaps) == 0 and self.state.config is None and not self.state.error:
-            self.state.reject(errors.ConfigError(f"configmap {self.namespace}/{self.opts.configmap}", [
-                ("", None, "ConfigMap not found; no team owns any node until it exists")]), "")
+            load_config_into(self.state, None, self.loader)
         self.controller.enqueue(KEY)
         await self.controller.run()
 
 
-def load_config_into(state: ConfigState, cm: dict | None, domain: str, source: str) -> None:
-    """Validate one ConfigMap version into ``state`` (keeping the last good one on error)."""
-    if cm is None:
-        state.reject(errors.ConfigError(source, [("", None, "ConfigMap not found (deleted?)")]), "")
-        return
-    rv = cm["metadata"].get("resourceVersion", "")
+def load_config_into(state: ConfigState, cm: dict | None, loader: ConfigMapKey[TeamsConfig]) -> None:
+    """Validate one ConfigMap version into ``state`` through the core loader (the last good one stays in
+    force when it is invalid, has no key, or is gone)."""
+    rv = (cm or {}).get("metadata", {}).get("resourceVersion", "")
     if rv and rv in (state.resource_version, state.error_resource_version):
         return
-    try:
-        cfg = parse_configmap(cm, domain)
-    except errors.ConfigError as exc:
-        log.error("invalid teams configuration: %s", exc)
-        state.reject(exc, rv)
-        return
-    state.accept(cfg, rv)
+    loader.offer(cm)
+    if loader.error is not None:
+        state.reject(loader.error, rv)
+    elif loader.last_good is not None:
+        state.accept(loader.last_good, rv)
 
 
 async def read_options(kube: Kube, namespace: str) -> TeamsOptions:
@@ -256,17 +302,17 @@ async def setup(mgr: Manager, options: TeamsOptions | dict | None) -> None:
     domain = mgr.settings.domain
     state = ConfigState()
     metrics = TeamsMetrics(mgr.registry)
-    source = f"configmap {namespace}/{opts.configmap}"
+    loader = config_source(mgr.kube, namespace, opts.configmap, domain)
     configmaps = mgr.informer(CONFIGMAPS, identity, namespace=namespace,
                               field_selector=f"metadata.name={opts.configmap}", key=f"teams-config-{opts.configmap}")
 
     def on_cm(typ: str, key: str, old: dict | None, new: dict | None) -> None:
-        load_config_into(state, None if typ == "DELETED" else new, domain, source)
+        load_config_into(state, None if typ == "DELETED" else new, loader)
 
     configmaps.add_handler(on_cm)
     nodes = mgr.node_informer()
     pods = mgr.pod_informer()
-    tm = TeamManager(mgr, opts, state, metrics, nodes, pods, configmaps)
+    tm = TeamManager(mgr, opts, state, metrics, nodes, pods, configmaps, loader)
 
     mgr.add("teams", tm.run, leader=True)
     mgr.teams = tm  # type: ignore[attr-defined]  # for tests and the demo

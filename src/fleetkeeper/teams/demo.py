@@ -78,7 +78,9 @@ async def demo(ctx) -> Outcome:
     ctx.report(f"ConfigMap: team-a {a} nodes in zone-a, team-b {b}, team-c {c} (GPU pool); "
                "team-a's selector is more specific, so it is served first")
     t0 = time.monotonic()
-    got = await _wait(lambda: _counts_match(kube, names.team, want), 60)
+    # one write per team node (2,700 at 7,500 nodes), at most writes.perSecond and a round trip each: the
+    # wait grows with the nodes to write (60 s + 1 s per 20)
+    got = await _wait(lambda: _counts_match(kube, names.team, want), 60 + (a + b + c) / 20)
     outcome.expect(got, "each team's nodes tainted and labelled as configured")
     ctx.report(f"team taints+labels in place after {time.monotonic() - t0:.1f}s: "
                f"{got or await _team_counts(kube, names.team)}")

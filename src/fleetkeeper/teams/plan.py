@@ -14,28 +14,55 @@ Rules, in order:
    nodes that run no other team's pods ("moved last"), then nodes matched by
    fewer entries (so overlapping selectors starve nobody), then by name.
 4. An unhealthy node that carries team T is **held** until a replacement is
-   made, and replacements are bounded by a budget (the caller's rate limit);
-   a recovered node is simply kept, so flapping nodes cause no churn.
+   made, and replacements are bounded by a budget (the caller's rate limit,
+   counted from the ``<domain>/team-replaced-at`` record on the nodes) and by
+   the one disruption budget (``admit``: the caller's verdict for the node
+   being replaced); a recovered node is simply kept, so flapping nodes cause
+   no churn.
 5. **Overlapping selectors** are served in a fixed order: the entry with more
    selector keys (more specific) first, then ConfigMap order.
 6. Every other node carries no team taint and no team label.
 
 The result is a :class:`Plan`: one :class:`Change` per node whose taint or
 label must change, the per-team status (desired, assigned, eligible,
-shortfall and why) and the overlap explanations.
+shortfall and why) and the overlap explanations. :func:`change_ops` turns a
+change into the core plan vocabulary the applier writes.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from fleetkeeper.core.domain import Names
+from fleetkeeper.core.plan import AddTaint, NodeOp, RemoveTaint, SetAnnotation, SetLabel
 from fleetkeeper.core.views import NodeView
 
 from fleetkeeper.teams.config import TeamEntry, TeamsConfig
 
 TEAM_EFFECT = "NoSchedule"
+
+
+def replaced_at_key(names: Names) -> str:
+    """On a node that replaced an unhealthy node of its team: when (epoch seconds). The replacement rate
+    limit is counted from it, so a restart neither resets nor repeats it."""
+    return f"{names.domain}/team-replaced-at"
+
+
+def recent_replacements(views: Iterable[NodeView], names: Names, now: float, window: float) -> int:
+    """Replacements made within ``window`` seconds before ``now``, per the nodes' record."""
+    key = replaced_at_key(names)
+    n = 0
+    for v in views:
+        t = v.annotations.get(key)
+        if t:
+            try:
+                if now - float(t) < window:
+                    n += 1
+            except ValueError:
+                pass
+    return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +143,25 @@ class Plan:
     overlaps: list[str]
     order: list[int]  # entry indices in the order they were served
     replacements: int = 0
-    throttled: int = 0  # replacements the budget held back
+    throttled: int = 0  # replacements held back (the rate limit or the disruption budget)
+    budget_held: list[str] = field(default_factory=list)  # unhealthy nodes the disruption budget kept unreplaced
 
     @property
     def writes(self) -> int:
         return len(self.changes)
+
+
+def change_ops(c: Change, names: Names, now: float) -> tuple[NodeOp, ...]:
+    """The node operations of one change, for the core applier (one merge patch): the team taint and label
+    together, so a node is never half-moved; other taints are kept (with their ``timeAdded``). A
+    replacement also records when it was made (the rate limit counts from it)."""
+    ops: list[NodeOp] = [RemoveTaint(names.team)]
+    if c.new_team:
+        ops.append(AddTaint(names.team, c.new_team, TEAM_EFFECT))
+    ops.append(SetLabel(names.team, c.new_team or None))
+    if c.action == "replace":
+        ops.append(SetAnnotation(replaced_at_key(names), str(int(now))))
+    return tuple(ops)
 
 
 def entry_label(i: int, e: TeamEntry) -> str:
@@ -166,7 +207,10 @@ def match_entries(nodes: list[NodeState], cfg: TeamsConfig) -> list[list[NodeSta
     return [[by_name[x] for x in m] for m in match_sets(nodes, cfg)]
 
 
-def decide(nodes: list[NodeState], cfg: TeamsConfig, replacement_budget: int = 1 << 30) -> Plan:
+def decide(nodes: list[NodeState], cfg: TeamsConfig, replacement_budget: int = 1 << 30,
+           admit: Callable[[str], bool] | None = None) -> Plan:
+    """``replacement_budget``: replacements the rate limit still allows; ``admit(node)``: may the unhealthy
+    ``node`` be replaced now (the disruption budget's verdict; asked once per replacement, in order)."""
     by_name = {n.name: n for n in nodes}
     msets = match_sets(nodes, cfg)
     order = serve_order(cfg)
@@ -210,6 +254,7 @@ def decide(nodes: list[NodeState], cfg: TeamsConfig, replacement_budget: int = 1
     replaced: dict[int, list[NodeState]] = {}
     budget = max(0, replacement_budget)
     replacements = throttled = 0
+    budget_held: list[str] = []
     short_of_candidates: dict[int, int] = {}
     for i in order:
         e = cfg.teams[i]
@@ -229,18 +274,26 @@ def decide(nodes: list[NodeState], cfg: TeamsConfig, replacement_budget: int = 1
         ))
         n_fresh = min(max(need, 0), len(cands))
         possible = min(len(sick), len(cands) - n_fresh)
-        n_repl = min(possible, budget)
-        budget -= n_repl
+        repl: list[NodeState] = []
+        for n in sick:
+            if len(repl) >= possible or budget <= 0:
+                break
+            if admit is not None and not admit(n.name):
+                budget_held.append(n.name)
+                continue
+            repl.append(n)
+            budget -= 1
+        n_repl = len(repl)
         throttled += possible - n_repl
         replacements += n_repl
         chosen = cands[:n_fresh + n_repl]
         for n in chosen:
             taken[n.name] = i
         fills[i] = chosen
-        replaced[i] = sick[:n_repl]
+        replaced[i] = repl
         for n in replaced[i]:
             del taken[n.name]
-        held[i] = sick[n_repl:]
+        held[i] = [n for n in sick if n not in repl]
         short_of_candidates[i] = (max(need, 0) - n_fresh) + (len(sick) - possible)
 
     target: dict[str, str] = {name: cfg.teams[i].team for name, i in taken.items()}
@@ -311,13 +364,18 @@ def decide(nodes: list[NodeState], cfg: TeamsConfig, replacement_budget: int = 1
             st.reasons.append(f"{entry_label(i, e)}: {miss} node(s) short; "
                               f"{len(msets[i] & eligible_names)} eligible node(s) match, "
                               "the rest are taken by entries served earlier")
+    held_by_budget = set(budget_held)
     for t, st in teams.items():
         if st.held_unhealthy:
-            st.reasons.append(f"{st.held_unhealthy} unhealthy node(s) awaiting replacement"
-                              + (" (replacement rate limit)" if throttled else " (no eligible candidate)"))
+            why = " (no eligible candidate)"
+            if throttled:
+                mine = sum(1 for name, team in target.items() if team == t and name in held_by_budget)
+                why = (f" (disruption budget used up for {mine}; replacement rate limit)" if mine
+                       else " (replacement rate limit)")
+            st.reasons.append(f"{st.held_unhealthy} unhealthy node(s) awaiting replacement" + why)
 
     overlaps = explain_overlaps(cfg, msets, order)
-    return Plan(changes, target, teams, overlaps, order, replacements, throttled)
+    return Plan(changes, target, teams, overlaps, order, replacements, throttled, sorted(held_by_budget))
 
 
 def explain_overlaps(cfg: TeamsConfig, sets: list[frozenset[str]], order: list[int]) -> list[str]:
@@ -367,6 +425,8 @@ def explain_node(plan: Plan, cfg: TeamsConfig, node: NodeState, nodes: list[Node
     for c in plan.changes:
         if c.node == node.name:
             lines.append(f"pending change: {c.action} {c.old_team or 'none'} -> {c.new_team or 'none'}: {c.reason}")
+    if node.name in plan.budget_held:
+        lines.append("its replacement is held: the disruption budget has no room for another node out of service")
     if node.pod_teams:
         lines.append(f"runs pods of team(s): {', '.join(sorted(node.pod_teams))}")
     if target:

@@ -87,6 +87,10 @@ async def test_burst_of_gangs_on_a_pool_of_balloons_never_stalls(kube, namespace
         events, _ = await kube.list(EVENTS, namespace)
         reserved = [e for e in events if e.get("reason") == "GangRoomReserved"]
         assert any(f"gang {largest} " in e.get("note", "") for e in reserved), [e.get("note") for e in reserved]
+        # the reservation taints were written through the core applier
+        assert (registry.get_sample_value("fleetkeeper_node_writes_total",
+                                          {"component": "capacity", "action": "reserve", "result": "success"})
+                or 0) >= 1
         # reservations are gone once the gang is placed
         nodes, _ = await kube.list(NODES, label_selector=f"{NAMES.pool}={pool.pool}")
         assert not [n for n in nodes if any(t["key"] == rs.reserved_key(NAMES) for t in n["spec"].get("taints") or ())]

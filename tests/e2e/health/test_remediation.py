@@ -136,9 +136,14 @@ async def test_ecc_quarantines_severe_fault_evicts_pdb_holds_until_deadline(kube
         async def node_gone():
             return await kube.get_or_none(NODES, lost_node) is None
         await wait_for(node_gone, 30, "termination at the deadline")
-        evs = await events_for(kube, lost_node)
-        term = [e for e in evs if e["reason"] == "TerminatedAtDeadline"]
-        assert term and "PodDisruptionBudget" in term[0]["note"]
+        # the Event is written after the machine is gone: wait for it rather than reading once
+        term: list = []
+
+        async def terminated_event():
+            term[:] = [e for e in await events_for(kube, lost_node) if e["reason"] == "TerminatedAtDeadline"]
+            return bool(term)
+        await wait_for(terminated_event, 15, "TerminatedAtDeadline event")
+        assert "PodDisruptionBudget" in term[0]["note"]
         assert registry.get_sample_value("fleetkeeper_remediation_actions_total",
                                          {"action": "terminate", "result": "success"}) == 1
         # the ECC node (reset ladder) was drained, not terminated

@@ -66,6 +66,10 @@ async def test_new_nodes_get_paced_join_work(kube, namespace):
             assert pod["metadata"]["ownerReferences"][0]["uid"] == meta["uid"]
         assert reg.get_sample_value("fleetkeeper_relay_join_work_total", {"result": "done"}) == 6
         assert reg.get_sample_value("fleetkeeper_relay_join_writes_total", {"kind": "node_patch"}) == 6
+        # through the core applier: one successful node write each (a status update in between is a Conflict,
+        # decided again from the cache)
+        assert reg.get_sample_value("fleetkeeper_node_writes_total",
+                                    {"component": "relay", "action": "join", "result": "success"}) == 6
         # a node that is done is left alone: no second patch after a relabel
         await kube.patch(NODES, names[0], {"metadata": {"labels": {"fleetkeeper.io/joined": "changed"}}})
         await asyncio.sleep(1.0)

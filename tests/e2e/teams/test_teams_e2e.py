@@ -140,6 +140,16 @@ async def test_malformed_configmap_changes_nothing_and_is_reported(env):
     kept = [n for n, (label, _) in before.items() if label == "team-a"]
     after = await env.node_teams()
     assert all(after[n][0] == "team-a" for n in kept)
+    # deleted: the core loader's "absent" for teams is an error like any invalid version; the last good stays
+    await env.kube.delete(CONFIGMAPS, "fleetkeeper-teams", env.namespace)
+
+    async def gone_reported():
+        cm = await env.kube.get_or_none(CONFIGMAPS, "fleetkeeper-teams-status", env.namespace)
+        st = (cm or {}).get("data", {}).get("status.json", "")
+        return st if "ConfigMap not found" in st else None
+    await until(gone_reported, 30, "the deleted ConfigMap reported")
+    assert mgr.registry.get_sample_value("fleetkeeper_teams_config_valid") == 0
+    assert await env.node_teams() == after
 
 
 async def test_restart_in_the_middle_of_a_reassignment_converges_exactly(env):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fleetkeeper.core.clock import FakeClock
@@ -249,6 +251,57 @@ async def test_agent_writes_on_change_and_jittered_heartbeat_only():
     beat = {c["type"]: c for c in w.patches[-1][1]["status"]["conditions"]}
     assert beat["GPUXidError"]["lastTransitionTime"] == conds["GPUXidError"]["lastTransitionTime"]
     assert beat["GPUXidError"]["lastHeartbeatTime"] != conds["GPUXidError"]["lastHeartbeatTime"]
+
+
+class HeldWriter(Writer):
+    """Holds every write until released; records how many were in flight at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = asyncio.Event()
+        self.in_flight = self.most = 0
+
+    async def write(self, node, patch):
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        await self.release.wait()
+        self.in_flight -= 1
+        await super().write(node, patch)
+
+
+class Plan:
+    def __init__(self, faults):
+        self.faults = faults
+
+    def read(self):
+        return self.faults
+
+
+async def test_simulated_fleet_writes_agents_concurrently_and_faults_first(tmp_path):
+    """Simulated agents are independent: one cycle's writes are in flight together (bounded), not one at a
+    time behind each other; a fault is written before the heartbeats due in the same cycle."""
+    from fleetkeeper.health.agent import SimulatedFleet
+
+    clock = FakeClock(NOW)
+    w = HeldWriter()
+    core = AgentCore(w, clock, heartbeat=300, startup_spread=30, seed=1)
+    nodes = [(f"n{i:02d}", 8) for i in range(12)]
+    plan = Plan({"n11": [parse_fault("ecc")]})
+    fleet = SimulatedFleet(core, plan, lambda: nodes, concurrency=5)
+    w.release.set()
+    assert await fleet.cycle() == 1  # the fault at once; healthy nodes spread their first heartbeat
+    w.release.clear()
+    plan.faults = {"n05": [parse_fault("ecc")]}  # n11 repaired, n05 faulty
+    await clock.advance(31)  # the other healthy nodes' first heartbeats are due too
+    cycle = asyncio.ensure_future(fleet.cycle())
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert w.in_flight == 5 and not cycle.done()  # as many as allowed at once, none finished yet
+    first = {n for n, _ in w.patches}
+    w.release.set()
+    assert await cycle == 12 and w.most == 5
+    wave = [n for n, _ in w.patches[1:6]]
+    assert first == {"n11"} and {"n05", "n11"} <= set(wave)  # the two changes went out in the first wave
 
 
 def test_heartbeats_of_many_agents_spread_out():

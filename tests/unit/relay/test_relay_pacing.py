@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.clock import FakeClock
@@ -152,27 +153,32 @@ async def test_pacer_spreads_work_at_the_configured_rate():
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_unpaced_does_everything_at_once_and_conflicts_retry():
+async def test_unpaced_does_everything_at_once_and_conflicts_retry_from_the_cache():
     clock = FakeClock()
     cfg = CFG.model_copy(update={"rate": 0.0})
-    inf = FakeInformer([node(f"n{i}") for i in range(5)])
+    kept = Taint("other", "x", "NoExecute", "2026-01-01T00:00:00Z")
+    inf = FakeInformer([node(f"n{i}", taints=[kept]) for i in range(5)])
     kube = FakeKube(clock, fail_conflict_once={"n3"})
-    pacer = JoinPacer(kube, inf, cfg, NAMES, "fk", clock=clock)
+    reg = CollectorRegistry()
+    pacer = JoinPacer(kube, inf, cfg, NAMES, "fk", clock=clock, registry=reg)
     inf.feed()
     task = asyncio.create_task(pacer.run())
     try:
-        for _ in range(10):
+        for _ in range(20):
             await clock.advance(0.1)
         patched = sorted(n for _, kind, n in kube.writes if kind == "patch")
         assert patched == [f"n{i}" for i in range(5)]
-        # the conflict was retried at once from a fresh GET, not by re-running the whole join work
+        # the conflict was decided again from the cache: no GET, and the bootstrap pod was not created twice
         assert sum(1 for _, kind, n in kube.writes if kind == "create" and n == "join-n3") == 1
-        assert sum(1 for _, kind, n in kube.writes if kind == "get" and n == "n3") == 2
-        # taints written from the fresh object keep timeAdded and carry its resourceVersion
+        assert not any(kind == "get" for _, kind, _ in kube.writes)
+        # one patch per node through the core applier: the cached resourceVersion, kept taints keep timeAdded
         p = kube.patches[0]
-        assert p["metadata"]["resourceVersion"] == "8"
+        assert p["metadata"]["resourceVersion"] == "7"
         assert p["spec"]["taints"][0]["timeAdded"] == "2026-01-01T00:00:00Z"
         assert [t["key"] for t in p["spec"]["taints"]] == ["other", "fleetkeeper.io/preflight"]
+        w = "fleetkeeper_node_writes_total"
+        assert reg.get_sample_value(w, {"component": "relay", "action": "join", "result": "success"}) == 5
+        assert reg.get_sample_value(w, {"component": "relay", "action": "join", "result": "conflict"}) == 1
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -182,12 +188,16 @@ async def test_dry_run_writes_nothing():
     clock = FakeClock()
     inf = FakeInformer([node("n1")])
     kube = FakeKube(clock)
-    pacer = JoinPacer(kube, inf, CFG, NAMES, "fk", clock=clock, dry_run=True)
+    reg = CollectorRegistry()
+    pacer = JoinPacer(kube, inf, CFG, NAMES, "fk", clock=clock, dry_run=True, registry=reg)
     inf.feed()
     task = asyncio.create_task(pacer.run())
     try:
         await clock.advance(1)
         assert kube.writes == [] and not pacer.pending and "n1" in pacer.done
+        # the applier was asked and wrote nothing
+        assert reg.get_sample_value("fleetkeeper_node_writes_total",
+                                    {"component": "relay", "action": "join", "result": "dry_run"}) == 1
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

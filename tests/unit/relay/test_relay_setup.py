@@ -29,19 +29,19 @@ async def test_defaults_without_configmap_run_the_relay_only():
     mgr, kube = manager(None)
     await setup(mgr, None)
     assert kube.asked == ("configmaps", "fleetkeeper-relay", "fk")
-    assert [r.name for r in mgr._runnables] == ["relay"]
+    assert [r.name for r in mgr._runnables] == ["relay", "relay-config-watch"]
     assert len(mgr._informers) == 3
 
 
 async def test_configmap_enables_the_pacer():
     mgr, _ = manager({"data": {"config.yaml": "relay: {enabled: false}\npacer: {enabled: true, rate: 5}"}})
     await setup(mgr, None)
-    assert [(r.name, r.leader) for r in mgr._runnables] == [("join-pacer", True)]
+    assert [(r.name, r.leader) for r in mgr._runnables] == [("join-pacer", True), ("relay-config-watch", False)]
 
 
 @pytest.mark.parametrize("cm,where", [
     ({"data": {"config.yaml": "pacer: {rate: fast}"}}, "pacer.rate"),
-    ({"data": {"other": "x"}}, "no key config.yaml"),
+    ({"data": {"other": "x"}}, "missing key 'config.yaml'"),
 ])
 async def test_broken_configmap_is_a_config_error_and_starts_nothing(cm, where):
     mgr, _ = manager(cm)

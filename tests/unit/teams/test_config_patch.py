@@ -6,9 +6,12 @@ import pytest
 
 from fleetkeeper.core.errors import ConfigError
 from fleetkeeper.core.views import Taint
-from fleetkeeper.teams.apply import is_conflict, node_patch
+from fleetkeeper.core.plan import node_patch
+from fleetkeeper.teams.apply import change_plan
 from fleetkeeper.teams.config import ConfigState, parse_configmap
 from fleetkeeper.teams.controller import load_config_into, priorities_from
+from fleetkeeper.teams.live import config_source
+from fleetkeeper.teams.plan import Change, replaced_at_key
 from fleetkeeper.teams.options import WebhookOptions
 from fleetkeeper.teams.serve import registrations
 
@@ -58,41 +61,46 @@ def test_missing_key():
 
 def test_invalid_version_keeps_last_good():
     st = ConfigState()
-    load_config_into(st, cm(GOOD, "1"), "example.com", "src")
+    src = config_source(None, "fk", "fleetkeeper-teams", "example.com")  # type: ignore[arg-type]
+    load_config_into(st, None, src)
+    assert st.config is None and "ConfigMap not found" in st.error  # absent at start: nothing changes
+    load_config_into(st, cm(GOOD, "1"), src)
     good = st.config
-    load_config_into(st, cm("teams: [{team: a, count: -1}]", "2"), "example.com", "src")
-    assert st.config is good and st.error and st.error_resource_version == "2"
-    load_config_into(st, None, "example.com", "src")
+    assert good is not None and not st.error
+    load_config_into(st, cm("teams: [{team: a, count: -1}]", "2"), src)
+    assert st.config is good and "teams[0].count" in st.error and st.error_resource_version == "2"
+    load_config_into(st, {"metadata": {"resourceVersion": "3"}, "data": {"other": "x"}}, src)
+    assert st.config is good and "missing key 'config.yaml'" in st.error
+    load_config_into(st, None, src)
     assert st.config is good and "not found" in st.error
-    load_config_into(st, cm(GOOD.replace("count: 4", "count: 5"), "3"), "example.com", "src")
+    load_config_into(st, cm(GOOD.replace("count: 4", "count: 5"), "4"), src)
     assert st.config.desired("team-a") == 5 and not st.error
+
+
+def ops_patch(v, change):
+    return node_patch(v, change_plan(change, N, 1000.0, event=False).node_ops)
 
 
 def test_node_patch_assign_release_move():
     v = view("n0", rv="42")
-    ops = node_patch(v, N, "a")
-    assert ops[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "42"}
-    assert {"op": "add", "path": "/spec/taints", "value": [{"key": N.team, "value": "a", "effect": "NoSchedule"}]} in ops
-    assert {"op": "add", "path": "/metadata/labels/example.com~1team", "value": "a"} in ops
+    body = ops_patch(v, Change("n0", "", "a", "assign", "why"))
+    assert body == {"metadata": {"resourceVersion": "42", "labels": {N.team: "a"}},
+                    "spec": {"taints": [{"key": N.team, "value": "a", "effect": "NoSchedule"}]}}
     other = Taint("example.com/quarantine", "x", "NoSchedule")
-    moved = node_patch(view("n1", team="a", taints=(other,)), N, "b")
-    assert moved[1:] == [{"op": "remove", "path": "/spec/taints/1"},
-                         {"op": "add", "path": "/spec/taints/-", "value": {"key": N.team, "value": "b", "effect": "NoSchedule"}},
-                         {"op": "add", "path": "/metadata/labels/example.com~1team", "value": "b"}]
-    released = node_patch(view("n2", team="a"), N, "")
-    assert released[1:] == [{"op": "remove", "path": "/spec/taints/0"},
-                            {"op": "remove", "path": "/metadata/labels/example.com~1team"}]
-
-
-def test_conflict_detection():
-    from fleetkeeper.core import errors
-
-    assert is_conflict(errors.api_error(409, {"message": "x"}))
-    # what kube-apiserver answers when a JSON-patch test op fails (no causes)
-    assert is_conflict(errors.api_error(422, {"message": "the server rejected our request due to an error in our "
-                                                         "request", "reason": "Invalid", "details": {}}))
-    assert not is_conflict(errors.api_error(422, {"message": "Node is invalid", "details": {
-        "causes": [{"field": "spec.taints[0].value", "message": "Invalid value"}]}}))
+    moved = ops_patch(view("n1", team="a", taints=(other,)), Change("n1", "a", "b", "move", "why"))
+    assert moved["spec"]["taints"] == [{"key": "example.com/quarantine", "value": "x", "effect": "NoSchedule"},
+                                       {"key": N.team, "value": "b", "effect": "NoSchedule"}]
+    assert moved["metadata"]["labels"] == {N.team: "b"}
+    released = ops_patch(view("n2", team="a"), Change("n2", "a", "", "release", "why"))
+    assert released == {"metadata": {"resourceVersion": "1", "labels": {N.team: None}}, "spec": {"taints": None}}
+    # a replacement records when it was made (the rate limit counts from the nodes, across restarts)
+    repl = ops_patch(view("n3"), Change("n3", "", "a", "replace", "why"))
+    assert repl["metadata"]["annotations"] == {replaced_at_key(N): "1000"}
+    # a repair rewrites two disagreeing team taints as one
+    two = view("n4", team="a", taints=(Taint(N.team, "b", "NoSchedule"),))
+    fixed = ops_patch(two, Change("n4", "a", "a", "repair", "why"))
+    assert [t for t in fixed["spec"]["taints"] if t["key"] == N.team] == [
+        {"key": N.team, "value": "a", "effect": "NoSchedule"}]
 
 
 def test_registrations_exclude_system_namespaces_and_choose_policies():

@@ -37,37 +37,39 @@ def configmap(text: str, rv: str) -> dict:
 
 
 class FakeKube:
-    """Applies JSON patches to an in-memory node store; records every write."""
+    """Applies merge patches to an in-memory node store (the resourceVersion precondition checked, as the
+    API server does); records every write."""
 
     metrics = None
 
     def __init__(self, nodes: list[dict]):
         self.nodes = {n["metadata"]["name"]: n for n in nodes}
         self.patches: list[str] = []
+        self.bodies: list[dict] = []
         self.other_writes = 0
 
     async def patch(self, res, name, body, namespace=None, *, patch_type="merge", **kw):
-        assert res == NODES and patch_type == "json"
+        assert res == NODES and patch_type == "merge"
         n = copy.deepcopy(self.nodes[name])
-        for op in body:
-            parts = [p.replace("~1", "/") for p in op["path"].split("/")[1:]]
-            if op["op"] == "test":
-                if n["metadata"]["resourceVersion"] != op["value"]:
-                    raise errors.api_error(422, {"message": "the server rejected our request", "details": {}})
-                continue
-            parent = n
-            for p in parts[:-1]:
-                parent = parent[int(p)] if isinstance(parent, list) else parent[p]
-            last = parts[-1]
-            if op["op"] == "remove":
-                del parent[int(last) if isinstance(parent, list) else last]
-            elif last == "-":
-                parent.append(op["value"])
+        meta = body.get("metadata") or {}
+        if meta.get("resourceVersion") not in (None, n["metadata"]["resourceVersion"]):
+            raise errors.Conflict(409, "Conflict", "the object has been modified")
+        for part in ("labels", "annotations"):
+            for k, v in (meta.get(part) or {}).items():
+                d = n["metadata"].setdefault(part, {})
+                if v is None:
+                    d.pop(k, None)
+                else:
+                    d[k] = v
+        for k, v in (body.get("spec") or {}).items():
+            if v is None:
+                n["spec"].pop(k, None)
             else:
-                parent[last] = op["value"]
+                n["spec"][k] = v
         n["metadata"]["resourceVersion"] = str(int(n["metadata"]["resourceVersion"]) + 1)
         self.nodes[name] = n
         self.patches.append(name)
+        self.bodies.append(body)
         return n
 
     async def apply(self, res, body, **kw):
@@ -210,3 +212,87 @@ async def test_dry_run_serves_but_does_not_register_the_webhook(tmp_path):
     await setup(mgr, {"webhook": {"certDir": str(tmp_path)}})
     assert mgr.teams_webhook.opts.register_webhook is False
     assert (tmp_path / "tls.crt").exists() and mgr.teams_webhook.ca_bundle.startswith(b"-----BEGIN CERTIFICATE")
+
+
+W = "fleetkeeper_node_writes_total"
+
+
+async def test_every_node_write_goes_through_the_core_applier():
+    kube, clock, mgr, tm = await make([node(f"n{i}", rv=4) for i in range(4)], CFG)
+    await reconcile(tm, kube)
+    assert mgr.registry.get_sample_value(W, {"component": "teams", "action": "assign", "result": "success"}) == 3
+    # one merge patch per node, with the cached node's resourceVersion (no GET, no JSON patch)
+    assert all(b["metadata"]["resourceVersion"] == "4" for b in kube.bodies)
+    # a stale cache: the applier's Conflict makes the pass plan again
+    kube.nodes["n3"]["metadata"]["resourceVersion"] = "9"  # changed behind the cache's back
+    kube.nodes["n0"]["spec"]["unschedulable"] = True
+    kube.nodes["n0"]["metadata"]["resourceVersion"] = "9"
+    tm.nodes._apply("MODIFIED", copy.deepcopy({**kube.nodes["n0"]}))
+    with pytest.raises(errors.Temporary):
+        await reconcile(tm, kube)
+    assert mgr.registry.get_sample_value(W, {"component": "teams", "action": "replace", "result": "conflict"}) == 1
+
+
+async def test_dry_run_goes_through_the_applier_and_writes_nothing():
+    kube = FakeKube([node(f"n{i}") for i in range(3)])
+    mgr = Manager(kube, RuntimeSettings(namespace="fk", dry_run=True, server={"port": 0}),
+                  registry=CollectorRegistry(), clock=FakeClock())
+    await setup(mgr, {"webhook": {"enabled": False}})
+    mgr.teams.configmaps._apply("ADDED", configmap(CFG, "1"))
+    for n in kube.nodes.values():
+        mgr.teams.nodes._apply("ADDED", n)
+    await reconcile(mgr.teams, kube)
+    assert kube.patches == []
+    assert mgr.registry.get_sample_value(W, {"component": "teams", "action": "assign", "result": "dry_run"}) == 3
+
+
+async def test_the_replacement_rate_limit_survives_a_restart():
+    nodes = [node(f"n{i}", team="a") for i in range(3)] + [node(f"m{i}") for i in range(3)]
+    kube, clock, mgr, tm = await make(nodes, CFG)
+    for name in ("n0", "n1"):
+        kube.nodes[name]["spec"]["unschedulable"] = True
+        kube.nodes[name]["metadata"]["resourceVersion"] = "9"
+    sync(tm, kube)
+    await reconcile(tm, kube)
+    assert len(kube.patches) == 2  # one replacement (maxNodes 1) and its node released
+    replaced = [n for n, o in kube.nodes.items() if "fleetkeeper.io/team-replaced-at" in o["metadata"].get("annotations", {})]
+    assert len(replaced) == 1
+    # a new process (the leader moved): the window is read from the nodes, not from memory
+    kube2 = FakeKube([copy.deepcopy(n) for n in kube.nodes.values()])
+    kube2_clock_now = clock.now()
+    _, clock2, mgr2, tm2 = await make(list(kube2.nodes.values()), CFG)
+    tm2.mgr.clock = clock  # same wall clock as the first process
+    tm2.kube = tm2.applier.kube = kube2
+    await reconcile(tm2, kube2)
+    assert kube2.patches == [] and clock.now() == kube2_clock_now
+    await clock.advance(61)
+    await reconcile(tm2, kube2)
+    assert len(kube2.patches) == 2
+
+
+async def test_replacements_are_held_while_health_quarantines_spend_the_shared_budget():
+    from fleetkeeper.lifecycle.config import BudgetConfig, Limit
+    from fleetkeeper.lifecycle.controller import shared_budget
+
+    nodes = [node(f"n{i}", team="a") for i in range(3)] + [node(f"m{i}") for i in range(4)]
+    for q in ("m2", "m3"):  # health quarantined two spares: what it writes
+        nodes[int(q[1]) + 3]["spec"]["taints"] = [{"key": "fleetkeeper.io/quarantine", "value": "xid",
+                                                    "effect": "NoSchedule"}]
+    kube, clock, mgr, tm = await make(nodes, CFG.replace("maxNodes: 1", "maxNodes: 5"))
+    shared_budget(mgr).configure(BudgetConfig(cluster=Limit(max_nodes=2), rack=Limit(max_nodes=9),
+                                              zone=Limit(max_percent=100), max_new_per_window=None))
+    kube.nodes["n0"]["spec"]["unschedulable"] = True
+    kube.nodes["n0"]["metadata"]["resourceVersion"] = "9"
+    sync(tm, kube)
+    await reconcile(tm, kube)
+    assert kube.patches == [] and tm.last_plan.budget_held == ["n0"]
+    assert tm.status(tm.last_plan)["heldByDisruptionBudget"] == ["n0"]
+    assert any(r == "TeamReplacementHeld" and "used up in cluster" in note for _, _, r, note in tm.recorder.emitted)
+    assert len(shared_budget(mgr).ledger) == 0
+    # a quarantine is lifted: the budget has room, the replacement is made and holds no unit afterwards
+    kube.nodes["m3"]["spec"]["taints"] = []
+    kube.nodes["m3"]["metadata"]["resourceVersion"] = "9"
+    sync(tm, kube)
+    await reconcile(tm, kube)
+    assert sorted(kube.patches) == ["m0", "n0"] and tm.last_plan.budget_held == []
+    assert len(shared_budget(mgr).ledger) == 0

@@ -176,3 +176,48 @@ def test_scale_7500_nodes_40_teams_is_exact():
     p = decide(nodes, cfg(entries))
     assert all(st.assigned == 60 for st in p.teams.values())
     assert len(p.changes) == 2400 and len(set(c.node for c in p.changes)) == 2400
+
+
+# --- the one disruption budget: replacements ask it (table, pure) -------------------------------
+from fleetkeeper.lifecycle import budget as bud  # noqa: E402
+from fleetkeeper.lifecycle.config import BudgetConfig, Limit  # noqa: E402
+from fleetkeeper.teams.plan import node_state as _node_state  # noqa: E402
+from teams_helpers import view  # noqa: E402
+
+BUDGET2 = BudgetConfig(cluster=Limit(max_nodes=2), zone=Limit(max_percent=100), rack=Limit(max_nodes=10),
+                       max_new_per_window=None)
+QUAR = (Taint(N.quarantine, "xid-79", "NoSchedule"),)
+
+
+def _views(team_kw: dict[str, dict], spares: int, quarantined_spares: int):
+    vs = [view(name, team="a", **kw) for name, kw in team_kw.items()]
+    vs += [view(f"n{i:02d}", taints=QUAR if i < quarantined_spares else ()) for i in range(spares)]
+    return vs
+
+
+@pytest.mark.parametrize("team_kw,quarantined,inflight,replaced,held", [
+    # the budget is spent by two health quarantines: a cordoned team node is not replaced
+    ({"t0": {"cordoned": True}, "t1": {}}, 2, (), [], ["t0"]),
+    # a quarantined team node holds its own unit: replacing it is part of that disruption
+    ({"t0": {"taints": QUAR}, "t1": {}}, 2, (), ["t0"], []),
+    # room for one: the first replacement takes it, the second waits
+    ({"t0": {"cordoned": True}, "t1": {"ready": False}, "t2": {}}, 1, (), ["t0"], ["t1"]),
+    # an admission in flight elsewhere (health's, not yet in the cache) counts
+    ({"t0": {"cordoned": True}, "t1": {}}, 1, ("n05",), [], ["t0"]),
+    # nothing spent: every replacement admitted
+    ({"t0": {"cordoned": True}, "t1": {"cordoned": True}, "t2": {}}, 0, (), ["t0", "t1"], []),
+])
+def test_replacements_ask_the_shared_disruption_budget(team_kw, quarantined, inflight, replaced, held):
+    views = _views(team_kw, spares=8, quarantined_spares=quarantined)
+    states = [_node_state(v, N) for v in views]
+    snap = bud.snapshot(views, N, BUDGET2)
+    ledger = {n: bud.InFlight(n, "quarantine", 100.0, ("cluster",)) for n in inflight}
+    admit = bud.Admitter(snap, ledger, BUDGET2, 100.0, "team-replace")
+    p = decide(states, cfg([("a", GPU, len(team_kw))]), 10, lambda n: admit(n).admitted)
+    assert sorted(c.node for c in p.changes if c.action == "release") == replaced
+    assert p.replacements == len(replaced) and p.budget_held == held
+    # a new disruption is in flight for each admitted replacement of a node that held no unit
+    assert sorted(admit.added) == [n for n in replaced if not team_kw[n].get("taints")]
+    if held:
+        assert "disruption budget used up" in " ".join(p.teams["a"].reasons)
+        assert "used up in cluster" in admit.verdicts[held[0]].explain()

@@ -38,3 +38,12 @@ def test_loopback_only_without_authentication():
     assert r.exit_code == 2 and "maybe" in r.output
     r = runner.invoke(app, ["run", "--ui", "--ui-host", "10.1.2.3", "--ui-auth", "none", "--controllers", ""])
     assert r.exit_code == 2 and "loopback" in r.output
+
+
+def test_panels_wait_longer_after_a_long_recomputation():
+    """The budget/team panels read every node and pod: when that takes long (a large fleet) the next one waits
+    in proportion, so the panels take at most a tenth of the process's time; a quick one keeps the interval."""
+    from fleetkeeper.ui.server import panels_pause
+
+    assert panels_pause(5.0, 0.1) == 5.0
+    assert panels_pause(5.0, 4.0) == 36.0  # 4 s of work, then 36 s of rest
