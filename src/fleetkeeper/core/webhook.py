@@ -20,11 +20,13 @@ import inspect
 import logging
 import ssl
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -40,6 +42,7 @@ from fleetkeeper.core.metrics import PREFIX
 from fleetkeeper.core.pki import ServingCert, mounted_serving_cert, write_serving_cert
 
 log = logging.getLogger("fleetkeeper.webhook")
+T = TypeVar("T")
 
 
 _METRICS_BY_REGISTRY = weakref.WeakKeyDictionary()
@@ -262,6 +265,56 @@ def resolve_bind(asks: list[WebhookAsk], host: str | None = None, port: int | No
     return host, port, warnings
 
 
+class ServingThread:
+    """An event loop of its own in a daemon thread. The webhook server's TLS, HTTP
+    and handlers run there, so a busy manager loop (an informer decoding a burst of
+    watch events, a teams pass over 7,500 nodes) never sits between kube-apiserver
+    and an answer; the two threads only share the GIL, which the interpreter hands
+    over every few milliseconds. Handlers run in this thread: they read the
+    manager's caches only in ways that are safe from another thread (single
+    lookups, references swapped whole), and anything that must wait on the
+    manager's loop goes through :func:`asyncio.run_coroutine_threadsafe`."""
+
+    def __init__(self, name: str = "webhooks"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        self.loop.close()
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on this thread's loop and wait for it from the caller's loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def close(self) -> None:
+        """Stop the loop once the connections it served have finished closing."""
+        if self.loop.is_closed() or not self._thread.is_alive():
+            return
+        await self.call(_settle())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self._thread.join, 10)
+
+
+async def _settle(limit_s: float = 10.0) -> None:
+    """Run this loop until the sockets it still watches are closed (a stopped TLS
+    server's connections finish their close_notify exchange with the client on the
+    loop), up to ``limit_s``; then cancel what is left. A loop stopped earlier
+    would leave those sockets to the garbage collector."""
+    loop = asyncio.get_running_loop()
+    selector = getattr(loop, "_selector", None)
+    for _ in range(int(limit_s / 0.02)):
+        if selector is None or len(selector.get_map()) <= 1:  # only the loop's own wake-up socket
+            break
+        await asyncio.sleep(0.02)
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in rest:
+        t.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+
+
 class SharedWebhooks:
     """The manager's one admission webhook server: one port, one serving certificate (reloaded when its
     files change, :class:`CertWatcher`), every component's handlers at their own paths.
@@ -275,8 +328,10 @@ class SharedWebhooks:
     mounted certificate a component names, else a self-signed one covering every component's hosts."""
 
     def __init__(self, registry: CollectorRegistry, *, host: str | None = None, port: int | None = None,
-                 cert_dir: str | None = None, cert_reload_interval: float = 10.0):
+                 cert_dir: str | None = None, cert_reload_interval: float = 10.0, own_thread: bool = True):
         self.server = WebhookServer("", "", registry=registry, cert_reload_interval=cert_reload_interval)
+        self.own_thread = own_thread  # serve on a ServingThread, not on the manager's loop
+        self.thread: ServingThread | None = None
         self.host, self.port, self.cert_dir = host, port, cert_dir
         self.asks: list[WebhookAsk] = []
         self.started = asyncio.Event()
@@ -345,15 +400,18 @@ class SharedWebhooks:
         for w in warnings:
             log.warning("%s", w)
         self.server.host, self.server.port = host, port
+        if self.own_thread and self.thread is None:
+            self.thread = ServingThread()
+        on = self.thread.call if self.thread is not None else (lambda coro: coro)
         delay = 1.0
         while True:  # a port still held (a previous process) must not take the other controllers down
             try:
-                await self.server.start()
+                await on(self.server.start())
                 break
             except OSError as exc:
                 log.error("webhook server cannot listen on %s:%s: %s; retrying in %.0fs (admission calls fail "
                           "meanwhile)", host, port, exc, delay)
-                await self.server.stop()
+                await on(self.server.stop())
                 self.server.port = port
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
@@ -364,4 +422,9 @@ class SharedWebhooks:
             await asyncio.Event().wait()
         finally:
             self.started.clear()
-            await self.server.stop()
+            try:
+                await on(self.server.stop())
+            finally:
+                if self.thread is not None:
+                    await self.thread.close()
+                    self.thread = None

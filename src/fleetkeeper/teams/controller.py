@@ -318,11 +318,18 @@ async def setup(mgr: Manager, options: TeamsOptions | dict | None) -> None:
     mgr.teams = tm  # type: ignore[attr-defined]  # for tests and the demo
     if opts.webhook.enabled:
         pcs = mgr.informer(PRIORITYCLASSES, project_priority_class, key="teams-priorityclasses")
+        # recomputed on the manager's loop when a PriorityClass changes; the webhook
+        # (served on its own thread) only reads the reference, never iterates the cache
+        current = [priorities_from([])]
+
+        def on_priority_class(typ: str, key: str, old: object, new: object) -> None:
+            current[0] = priorities_from(pcs.items())
+        pcs.add_handler(on_priority_class)
         kinds = WorkloadKinds(opts.workloads)
         owners = OwnerIndex(mgr.kube, mgr.names, kinds.owner_resources())
         mgr.add("teams-owner-index", owners.run, leader=False)
         mgr.teams_owners = owners  # type: ignore[attr-defined]
-        adm = TeamAdmission(mgr.names, state, lambda: priorities_from(pcs.items()),
+        adm = TeamAdmission(mgr.names, state, lambda: current[0],
                             on_decision=lambda w, d: metrics.admissions.labels(w, d).inc(), kinds=kinds,
                             owners=owners.get, own_namespace=mgr.settings.namespace,
                             wait_owner=owners.wait_for, owner_wait_s=opts.owner_wait_seconds)

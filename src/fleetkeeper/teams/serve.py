@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core import errors
+from fleetkeeper.core.admission import Admission, AdmissionRequest
 from fleetkeeper.core.kube import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS, Kube
 from fleetkeeper.core.pki import ServingCert
 from fleetkeeper.core.webhook import SharedWebhooks, WebhookAsk, WebhookServer, registration, webhook_entry
@@ -94,6 +95,28 @@ async def unregister(kube: Kube, config_name: str) -> None:
             pass
 
 
+def thread_safe_handler(decide: Callable[[AdmissionRequest], Admission], admission: TeamAdmission,
+                        home: asyncio.AbstractEventLoop | None
+                        ) -> Callable[[AdmissionRequest], Admission | Awaitable[Admission]]:
+    """``decide`` answered at once, in whichever thread serves it, when it can be:
+    only a request whose owner the index has not seen yet (a controller's pod
+    created a moment after its owner) waits, and that wait runs on ``home``, the
+    manager's loop, where the owner index lives."""
+
+    def serve(req: AdmissionRequest) -> Admission | Awaitable[Admission]:
+        uid = admission.needs_owner(req)
+        if uid is None or admission.wait_owner is None:
+            return decide(req)
+        wait = admission.wait_owner(uid, admission.owner_wait_s)
+
+        async def after_wait() -> Admission:
+            loop = home or asyncio.get_running_loop()
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(wait, loop))  # type: ignore[arg-type]
+            return decide(req)
+        return after_wait()
+    return serve
+
+
 class WebhookRunner:
     """The toleration webhook's handlers on the process's one webhook server (``register``: the manager's
     :meth:`Manager.webhook`; without it, a server of its own, started and stopped with :meth:`run`), and
@@ -109,8 +132,15 @@ class WebhookRunner:
         self._own = register is None
         if register is None:
             register = SharedWebhooks(registry, host=opts.host, port=opts.port).register_and_return
-        self.webhooks = register(self._ask(), {MUTATE: self.admission.serve_mutate,
-                                               VALIDATE: self.admission.serve_validate})
+        try:
+            home: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            home = None
+        # the server may run on a thread of its own (SharedWebhooks.own_thread): answer there,
+        # and wait for the owner index, if at all, on this (the manager's) loop
+        self.webhooks = register(self._ask(), {MUTATE: thread_safe_handler(self.admission.mutate, admission, home),
+                                               VALIDATE: thread_safe_handler(self.admission.validate, admission,
+                                                                             home)})
 
     @property
     def server(self) -> WebhookServer:
