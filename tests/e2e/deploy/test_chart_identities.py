@@ -145,6 +145,9 @@ FORBIDDEN = [
     ("impersonate", {"verb": "impersonate", "resource": "users"}),
 ]
 
+CAPACITY_POD_WRITES = {("fleetkeeper-capacity", "patch a pod anywhere"),
+                       ("fleetkeeper-capacity", "patch a pod in its own namespace")}
+
 
 async def _allowed(kube, user: str, attrs: dict) -> bool:
     ra = {"group": attrs.get("group", ""), "version": "*", **{k: v for k, v in attrs.items() if k != "group"}}
@@ -164,9 +167,17 @@ async def test_no_identity_can_escalate(kube):
     for sa in sas:
         user = f"system:serviceaccount:{NAMESPACE}:{sa}"
         for what, attrs in FORBIDDEN:
+            if (sa, what) in CAPACITY_POD_WRITES:
+                continue
             if await _allowed(kube, user, attrs):
                 problems.append(f"{sa} may {what}")
     assert not problems, problems
+    # the one documented exception (docs/helm.md): capacity changes pending pods (the reservation toleration of
+    # a gang that waited too long, a balloon's release mark, the requeue pod of a gang the scheduler stopped
+    # trying); it holds exactly that, and no other identity does
+    for sa, what in CAPACITY_POD_WRITES:
+        attrs = dict(FORBIDDEN)[what]
+        assert await _allowed(kube, f"system:serviceaccount:{NAMESPACE}:{sa}", attrs), (sa, what)
     # and the check can say yes: each identity may do what it is for
     assert await _allowed(kube, f"system:serviceaccount:{NAMESPACE}:fleetkeeper-preflight",
                           {"verb": "get", "resource": "secrets", "namespace": NAMESPACE,
