@@ -73,7 +73,7 @@ class ConfigMapKey(Generic[T]):
             cm = await self.kube.get_or_none(CONFIGMAPS, self.name, self.namespace)
             value = self.parse_data(cm)
         except errors.ConfigError as exc:
-            self._rejected(exc)
+            self._rejected(exc, absent=cm is None)
             return None
         except errors.FleetkeeperError as exc:
             log.warning("could not read %s (%s); keeping the previous configuration", self.source, exc)
@@ -87,15 +87,18 @@ class ConfigMapKey(Generic[T]):
         try:
             value = self.parse_data(cm)
         except errors.ConfigError as exc:
-            self._rejected(exc)
+            self._rejected(exc, absent=cm is None)
             return None
         return self._accepted(cm, value)
 
-    def _rejected(self, exc: errors.ConfigError) -> None:
+    def _rejected(self, exc: errors.ConfigError, *, absent: bool = False) -> None:
         self.error = exc
         if str(exc) != self._last_error:
-            kept = "keeping the previous one" if self.last_good is not None else "nothing is configured yet"
-            log.error("configuration rejected, %s: %s", kept, exc)
+            if absent and self.last_good is None:  # a fresh install before its configuration: not an error yet
+                log.warning("not configured yet (waiting for the ConfigMap): %s", exc)
+            else:
+                kept = "keeping the previous one" if self.last_good is not None else "nothing is configured yet"
+                log.error("configuration rejected, %s: %s", kept, exc)
             self._last_error = str(exc)
 
     def _accepted(self, cm: dict | None, value: T) -> T | None:
