@@ -66,7 +66,9 @@ async def test_informer_sees_every_change_once_across_apiserver_restart(cluster,
         await until(lambda: len(events) >= len(expected), timeout=60, what="events after restart")
         await asyncio.sleep(1.0)  # any duplicate would arrive now
         assert events == expected  # every change, exactly once, in order
-        assert inf.relists == 1  # resumed from its resourceVersion: no relist storm
+        # resumed from its resourceVersion: no relist storm. The restarted API server's watch cache can start
+        # past the informer's resourceVersion (changes made while it came back): one 410 and one relist then
+        assert inf.relists <= 2
         assert inf.watch_starts >= 2
         assert sorted(k for k in inf.keys() if "/c" in k) == sorted(f"{namespace}/c{i}" for i in range(8) if i != 2)
     finally:
