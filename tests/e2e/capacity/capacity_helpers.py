@@ -5,9 +5,7 @@ the test process against the shared control plane."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -22,6 +20,8 @@ from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.localcluster.cluster import node_ready
 from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
+
+from e2e_helpers import wait_for  # noqa: F401  (the shared poll, re-exported for the capacity tests)
 
 NAMES = Names()
 ISOLATION_TAINT = "fleetkeeper.io/e2e-capacity"
@@ -43,17 +43,6 @@ class Pool:
             "containers": [{"name": "train", "image": "trainer:latest",
                             "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
         }
-
-
-async def wait_for(fn, timeout: float = 60.0, interval: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
 
 
 async def pods_of(kube: Kube, ns: str, selector: str) -> list[dict]:
