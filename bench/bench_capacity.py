@@ -1,6 +1,6 @@
 """Benchmark of the capacity component on a real local control plane.
 
-    .venv/bin/python bench/bench_capacity.py [--nodes N] [--gang G] [--pair P] [--job J]
+    .venv/bin/python bench/bench_capacity.py [--nodes N] [--gang G] [--pair P] [--job J] [--sections 1 3]
 
 Starts its own LocalCluster (KWOK nodes, the pinned kube-scheduler with
 GangScheduling) in a temporary directory and runs fleetkeeper's capacity
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
 import sys
 import tempfile
@@ -132,16 +133,17 @@ async def main(args) -> None:
                                            "metadata": {"name": "fleetkeeper-system"}})
             nodes, _ = await kube.list(NODES, label_selector=f"{N.pool}=gpu")
             gpu_nodes = [n["metadata"]["name"] for n in nodes]
-            print(f"GPU nodes: {len(gpu_nodes)}")
+            print(f"GPU nodes: {len(gpu_nodes)}; load average {os.getloadavg()[0]:.1f}")
             g = min(args.gang or 1000, len(gpu_nodes))
             gangs_cfg = CapacityConfig.model_validate({"balloons": {"enabled": False},
                                                        "gangs": {"webhook_port": 0, "cleanup_grace_seconds": 0}})
             task, _ = await start(kube, gangs_cfg, tmp, webhook=True)
 
             # 1. one big gang vs the same pods without it
-            print(f"\n[1] {g}-pod job, each pod one whole node (8 GPUs)")
+            if 1 in args.sections:
+                print(f"\n[1] {g}-pod job, each pod one whole node (8 GPUs)")
             res = {}
-            for mode in ("plain", "gang"):
+            for mode in (("plain", "gang") if 1 in args.sections else ()):
                 ns = await fresh_ns(kube, f"b1-{mode}")
                 pods = [pod(f"w-{i}", gang="big" if mode == "gang" else None, min_=g if mode == "gang" else None)
                         for i in range(g)]
@@ -155,15 +157,17 @@ async def main(args) -> None:
                       f"({g / total:.0f} pods/s)" if total else f"  {mode}: not all bound within 600s")
                 await drop_ns(kube, ns)
             if res.get("plain") and res.get("gang"):
-                print(f"  gang/plain time ratio: {res['gang'] / res['plain']:.2f}")
+                print(f"  gang/plain time ratio: {res['gang'] / res['plain']:.2f} (load average "
+                      f"{os.getloadavg()[0]:.1f})")
 
             # 2. the pair: two experiments each asking for all P nodes
             p = min(args.pair, len(gpu_nodes))
             subset = gpu_nodes[:p]
             for n in subset:
                 await kube.patch(NODES, n, {"metadata": {"labels": {"bench-pair": "yes"}}})
-            print(f"\n[2] two experiments, each asking for all {p} nodes of a subset")
-            for mode in ("gang", "plain"):
+            if 2 in args.sections:
+                print(f"\n[2] two experiments, each asking for all {p} nodes of a subset")
+            for mode in (("gang", "plain") if 2 in args.sections else ()):
                 ns = await fresh_ns(kube, f"b2-{mode}")
                 pods = []
                 for i in range(p):  # interleaved, as two controllers create them
@@ -186,6 +190,8 @@ async def main(args) -> None:
             await stop(task)
 
             # 3. balloons: a job on an empty pool vs on a pool full of balloons
+            if 3 not in args.sections:
+                return
             j = min(args.job, len(gpu_nodes))
             print(f"\n[3] a {j}-pod GPU job (8 GPUs a pod)")
             ns = await fresh_ns(kube, "b3-empty")
@@ -209,7 +215,7 @@ async def main(args) -> None:
             took = await wait_bound(kube, ns, "bench=1", j, 300)
             took = None if took is None else time.monotonic() - t
             print(f"  pool of balloons  : all {j} bound {took:.1f}s after creation (preempting {j} balloons); "
-                  f"ratio to empty pool {took / base:.2f}" if took and base else "  pool of balloons: not all bound")
+                  f"ratio to empty pool {took / base:.2f} (load average {os.getloadavg()[0]:.1f})" if took and base else "  pool of balloons: not all bound")
             await drop_ns(kube, ns)
             t = time.monotonic()
             back = await wait_bound(kube, "fleetkeeper-system", f"{N.domain}/balloon=gpu", len(gpu_nodes), 300)
@@ -228,4 +234,6 @@ if __name__ == "__main__":
     ap.add_argument("--gang", type=int, default=1000, help="pods in the big gang (capped at the GPU nodes)")
     ap.add_argument("--pair", type=int, default=50, help="nodes both experiments ask for")
     ap.add_argument("--job", type=int, default=100, help="pods of the job arriving on a pool of balloons")
+    ap.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
+                    help="which of the three measurements to run")
     asyncio.run(main(ap.parse_args()))
