@@ -51,7 +51,7 @@ from fleetkeeper.capacity.config import CapacityConfig  # noqa: E402
 from fleetkeeper.capacity.controller import CapacityOptions, setup  # noqa: E402
 from fleetkeeper.core import errors  # noqa: E402
 from fleetkeeper.core.domain import Names  # noqa: E402
-from fleetkeeper.core.kube import DEPLOYMENTS, JOBS, NAMESPACES, NODES, PODS, Kube, RetryPolicy  # noqa: E402
+from fleetkeeper.core.kube import DEPLOYMENTS, EVENTS, JOBS, NAMESPACES, NODES, PODS, Kube, RetryPolicy  # noqa: E402
 from fleetkeeper.core.manager import Manager  # noqa: E402
 from fleetkeeper.core.settings import RuntimeSettings  # noqa: E402
 from fleetkeeper.core.views import parse_time  # noqa: E402
@@ -222,14 +222,72 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
                 break
             used = sum(max(0.0, min(f, b_) - max(s0, a)) for s0, f in spans)
             timeline.append(round(100 * used / ((b_ - a) * nodes)))
+    jobs_created = {j["metadata"]["name"]: parse_time(j["metadata"]["creationTimestamp"]) for j in items}
+    profile = where_time_goes(spans, binds, dict(zip(names, burst)), jobs_created, start_at, makespan, nodes) \
+        if makespan == makespan else {}
+    if args.profile and profile:
+        evs, _ = await kube.list(EVENTS, SYSTEM)
+        when: dict[str, list[int]] = {}
+        for e in evs:
+            t = parse_time(e.get("eventTime") or e.get("lastTimestamp") or e.get("firstTimestamp")
+                           or e["metadata"]["creationTimestamp"])
+            if e.get("reason") in ("BalloonsReleased", "Preempted") and t >= start_at:
+                when.setdefault(e["reason"], []).append(round(t - start_at))
+        print(f"  balloon events (s after the burst): "
+              f"{ {k: sorted(v)[:30] for k, v in when.items()} } ({ {k: len(v) for k, v in when.items()} })",
+              flush=True)
+        print(f"  busy nodes per second, first 40 s: {profile.pop('first_40s')}", flush=True)
+        print(f"  phases per job (median / max s): {profile.pop('phases')}", flush=True)
+        print(f"  first jobs (s after the burst: created, last pod bound): {profile.pop('first_jobs')}", flush=True)
+    else:
+        for k in ("first_40s", "phases", "first_jobs"):
+            profile.pop(k, None)
     out = {"mode": mode, "jobs": len(burst), "pods": total, "done": done, "stalled": len(burst) - done,
-           "busy_per_10s": timeline,
+           "busy_per_10s": timeline, "idle_node_seconds": profile,
            "makespan": makespan, "gpu_use": busy / (makespan * nodes * 8) if makespan == makespan else float("nan"),
            "partial": partial, "largest_wait": wait, "largest_rank": rank}
     if reg is not None:
         out["released"] = sample(reg, "fleetkeeper_balloon_releases_total", pool=POOL, result="ok")
         out["requeued"] = sample(reg, "fleetkeeper_gang_requeue_pods_total", op="create", result="ok")
     await kube.delete(NAMESPACES, ns)
+    return out
+
+
+def where_time_goes(spans: list[tuple[float, float]], binds: dict[str, list[float]], size: dict[str, int],
+                    created: dict[str, float], start_at: float, makespan: float, nodes: int) -> dict:
+    """Idle node-seconds of the run, second by second, by cause:
+
+    * ``latency``: a job that had not started would have fitted the idle nodes (the scheduler, or
+      something before it, had not placed it yet);
+    * ``drain``: jobs were waiting, each larger than the idle nodes (packing, or nodes kept free for a
+      large job);
+    * ``tail``: every job had started (nothing left to place).
+    """
+    started = {j: max(b) for j, b in binds.items() if len(b) == size.get(j)}
+    secs = int(makespan) + 1
+    out = {"latency": 0, "drain": 0, "tail": 0}
+    per_second = []
+    for i in range(secs):
+        t = start_at + i + 0.5
+        busy = sum(1 for s0, f in spans if s0 <= t < f)
+        per_second.append(busy)
+        idle = max(0, nodes - busy)
+        if not idle:
+            continue
+        waiting = [size[j] for j in size if created.get(j, start_at) <= t and started.get(j, 1e18) > t]
+        if not waiting:
+            out["tail"] += idle
+        elif min(waiting) <= idle:
+            out["latency"] += idle
+        else:
+            out["drain"] += idle
+    out["total"] = out["latency"] + out["drain"] + out["tail"]
+    out["first_40s"] = per_second[:40]
+    gaps = sorted(started[j] - created.get(j, start_at) for j in started)
+    out["phases"] = {"created->all bound": (round(gaps[len(gaps) // 2], 1), round(gaps[-1], 1))} if gaps else {}
+    order = sorted(created, key=lambda j: created[j])[:12]
+    out["first_jobs"] = [(j, round(created[j] - start_at), round(started[j] - start_at) if j in started else None)
+                         for j in order]
     return out
 
 
@@ -328,4 +386,6 @@ if __name__ == "__main__":
     ap.add_argument("--reserve-after", type=float, default=300.0, help="gangs.reserve_after_seconds")
     ap.add_argument("--requeue-after", type=float, default=20.0, help="gangs.requeue_stuck_after_seconds")
     ap.add_argument("--no-requeue", action="store_true", help="no requeue pods for stuck gangs")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where the time goes: busy nodes per second, per-job latency, the first jobs")
     asyncio.run(main(ap.parse_args()))

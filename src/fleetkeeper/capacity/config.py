@@ -125,12 +125,21 @@ class GangConfig(BaseModel):
         300.0, ge=1, le=86_400, description="a gang that fits its pool but has waited this long for room gets "
                                             "nodes reserved as they free up (taint + toleration), so smaller "
                                             "gangs stop taking them; None: never reserve")
-    reserve_per_minute: float = Field(120.0, gt=0, le=10_000, description="rate limit for reservation taints")
+    reserve_per_minute: float = Field(
+        12.0, gt=0, le=10_000, description="rate limit for reservation steps: one step taints every node one "
+                                           "gang's reservation needs, at once (or removes a reservation's "
+                                           "taints); so at most this many x the nodes of the largest gang "
+                                           "are tainted a minute")
     requeue_stuck_after_seconds: float | None = Field(
         20.0, ge=1, le=3600, description="a gang that fits its pool now but has stayed unplaced this long gets "
                                          "one requeue pod (never placed) that makes kube-scheduler try the whole "
                                          "group again (repairs the v1.36 gang stall, docs/capacity.md); keep it "
                                          "above the scheduler's podMaxBackoffSeconds; None: never")
+    requeue_seconds_per_member: float = Field(
+        0.05, ge=0, le=60, description="a gang also counts as stuck only once its members have shown no "
+                                       "progress (none bound, no PodScheduled condition or nominated node "
+                                       "changed) for requeue_stuck_after_seconds plus this much per member: "
+                                       "kube-scheduler's cycle of a large group writes nothing until it binds")
     requeue_per_minute: float = Field(60.0, gt=0, le=10_000, description="rate limit for requeue pods")
     webhook_port: int = Field(9445, ge=0, le=65535, description="0: any free port (local clusters)")
     webhook_host: str = "127.0.0.1"

@@ -90,6 +90,18 @@ def _ident(obj: dict) -> dict:
             "spec": obj.get("spec") or {}, "status": obj.get("status") or {}}
 
 
+WRITE_CONCURRENCY = 16  # API calls of one step in flight at once (a reservation of 1,000 nodes is one step)
+
+
+async def _bounded(calls, limit: int = WRITE_CONCURRENCY) -> None:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c):
+        async with sem:
+            await c
+    await asyncio.gather(*(one(c) for c in calls))
+
+
 class BalloonManager:
     def __init__(self, mgr: Manager, cfg: CapacityConfig, metrics: CapacityMetrics, recorder: EventRecorder):
         self.kube, self.names, self.cfg = mgr.kube, mgr.names, cfg
@@ -103,7 +115,7 @@ class BalloonManager:
         self.controller = Controller("capacity-balloons", self.reconcile, metrics=mgr.metrics, clock=mgr.clock)
         # node writes (the reservation taint) go through the core applier, like every node write
         self.applier = Applier(mgr.kube, recorder, component="capacity", registry=mgr.registry, clock=mgr.clock,
-                               dry_run=self.dry_run)
+                               dry_run=self.dry_run, writes_per_second=200.0)
         b = cfg.balloons
         self.release_bucket = TokenBucket(b.release_per_minute / 60.0, b.release_burst, mgr.clock)
         self.reserve_after = cfg.gangs.reserve_after_seconds if cfg.gangs.enabled else None
@@ -114,8 +126,8 @@ class BalloonManager:
         self.requeue_after = cfg.gangs.requeue_stuck_after_seconds if cfg.gangs.enabled and cfg.in_tree else None
         self.requeue_bucket = TokenBucket(cfg.gangs.requeue_per_minute / 60.0,
                                           max(1, int(cfg.gangs.requeue_per_minute // 4)), mgr.clock)
-        self._fits_since: dict[str, float] = {}
-        self._last_requeue: dict[str, float] = {}
+        self.requeue_per_member = cfg.gangs.requeue_seconds_per_member
+        self._requeue_state = rq.RequeueState()
         self.last_requeue: rq.RequeuePlan | None = None
         self.waiting = None
         if (b.enabled and b.yield_to_waiting) or self.reserve_after is not None or self.requeue_after is not None:
@@ -317,27 +329,38 @@ class BalloonManager:
             self.last_reserve[y.pool] = plan
             # the gang's pods first get the toleration, so that the nodes reserved are theirs
             waiting = {f"{p.namespace}/{p.name}": p for u in self._units for p in u.pods}
-            for name in plan.tolerate:
+            tol = {"key": key, "operator": "Equal", "value": plan.token, "effect": "NoSchedule"}
+
+            async def tolerate(name: str) -> None:
                 pod = waiting.get(name)
                 if pod is None or self.dry_run:
-                    continue
-                tol = {"key": key, "operator": "Equal", "value": plan.token, "effect": "NoSchedule"}
+                    return
                 ops = [{"op": "add", "path": "/spec/tolerations/-", "value": tol}] if pod.tolerations else \
                     [{"op": "add", "path": "/spec/tolerations", "value": [tol]}]
                 try:
                     await self.kube.patch(PODS, pod.name, ops, pod.namespace, patch_type="json")
                 except (errors.NotFound, errors.Invalid, errors.Conflict) as exc:
                     log.info("reservation toleration for %s: %s", name, exc)
-            for node, value in [(n, plan.token) for n in plan.taint] + [(n, None) for n in plan.untaint]:
-                op = "reserve" if value else "release"
-                if not self.reserve_bucket.take():
-                    self.metrics.reservations.labels(op, "rate_limited").inc()
-                    continue
+
+            await _bounded(tolerate(n) for n in plan.tolerate)
+            # one step: every write of the plan (a gang's whole reservation, and the removal of stale ones) at
+            # once, for one token of the reservation budget; a gang is never reserved node by node
+            writes = [(n, plan.token) for n in plan.taint] + [(n, None) for n in plan.untaint]
+            if writes and not self.reserve_bucket.take():
+                for _, value in writes:
+                    self.metrics.reservations.labels("reserve" if value else "release", "rate_limited").inc()
+                log.info("reservation of pool %s (%d taint(s) to set, %d to remove) waits for the rate limit",
+                         y.pool, len(plan.taint), len(plan.untaint))
+                writes = []
+
+            async def write(node: str, value: str | None) -> None:
                 note = (f"reserved for gang {plan.unit} (waited {plan.waited:.0f}s): only its pods may start here "
                         f"until it is placed" if value else "reservation removed: the gang it was for is placed "
                         "or gone")
                 result = await self._set_taint(node, key, value, note)
-                self.metrics.reservations.labels(op, result).inc()
+                self.metrics.reservations.labels("reserve" if value else "release", result).inc()
+
+            await _bounded(write(n, v) for n, v in writes)
             self.metrics.reserved.labels(y.pool).set(len(plan.reserved))
             state = (plan.unit, tuple(plan.reserved))
             if plan.unit and self._reserved.get(y.pool) != state:
@@ -345,9 +368,9 @@ class BalloonManager:
                 ns, _, gang = plan.unit.partition("/")
                 await self.recorder.emit(
                     ObjectRef("PodGroup", gang, ns, api_version=PODGROUPS.api_version), "GangRoomReserved",
-                    f"gang {gang} waited {plan.waited:.0f}s (over {self.reserve_after:.0f}s): {len(plan.reserved)} "
-                    f"of the {plan.needed} nodes it needs reserved, the rest as they free up; smaller work no "
-                    f"longer takes them" + (" [dry-run]" if self.dry_run else ""))
+                    f"gang {gang} waited {plan.waited:.0f}s (over {self.reserve_after:.0f}s): the {plan.needed} "
+                    f"nodes it needs reserved in one step ({len(plan.reserved)} reserved now); work already there "
+                    f"runs on, smaller work no longer starts there" + (" [dry-run]" if self.dry_run else ""))
             elif not plan.unit:
                 self._reserved.pop(y.pool, None)
 
@@ -359,10 +382,10 @@ class BalloonManager:
         fitting = {k for y in yields for k in y.fits}
         probes = [p for p in self.waiting.items() if p.requeue_for]
         now = self.clock.now()
-        plan = rq.decide(self._units, fitting, probes, self._fits_since, self._last_requeue, now,
-                         self.requeue_after)
+        plan = rq.decide(self._units, fitting, probes, self._requeue_state, now, self.requeue_after,
+                         self.requeue_per_member)
         self.last_requeue = plan
-        self._fits_since = plan.fits_since
+        self._requeue_state = plan.state
         for ns, name, why in plan.delete:
             result = "dry_run" if self.dry_run else "ok"
             if not self.dry_run:
@@ -380,7 +403,7 @@ class BalloonManager:
             if not self.requeue_bucket.take():
                 self.metrics.requeues.labels("create", "rate_limited").inc()
                 continue
-            self._last_requeue[key] = now
+            rq.made(self._requeue_state, key, now)
             result = "dry_run" if self.dry_run else "ok"
             if not self.dry_run:
                 try:
@@ -391,13 +414,11 @@ class BalloonManager:
             self.metrics.requeues.labels("create", result).inc()
             await self.recorder.emit(
                 ObjectRef("PodGroup", group, ns, api_version=PODGROUPS.api_version), "GangRequeued",
-                f"gang {group} has fitted its pool for {fitted:.0f}s but kube-scheduler has not placed it: one "
-                f"requeue pod of the group (never placed) created so that the scheduler tries the whole group "
-                f"again" + (" [dry-run]" if self.dry_run else "")
+                f"gang {group} has fitted its pool for {fitted:.0f}s and kube-scheduler has reported no progress "
+                f"for it (no member bound, no condition changed): one requeue pod of the group (never placed) "
+                f"created so that the scheduler tries the whole group again" + (" [dry-run]" if self.dry_run else "")
                 + ("" if result in ("ok", "dry_run") else " (failed: see the controller log)"),
                 type_="Warning")
-        self._last_requeue = {k: t for k, t in self._last_requeue.items()
-                              if self.requeue_after is not None and now - t < 10 * self.requeue_after}
         return bool(plan.fits_since) or bool(probes)
 
     async def _set_taint(self, node: str, key: str, value: str | None, note: str) -> str:

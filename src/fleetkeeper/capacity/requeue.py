@@ -18,11 +18,27 @@ cycle takes the stuck members along and places the gang if it fits. The
 requeue pod is deleted as soon as the scheduler has tried it (it has a
 ``PodScheduled`` condition), or when its gang is placed or gone.
 
-When: a gang that fits its pool now (yielding's simulation placed it whole)
-and has stayed unplaced for ``after`` seconds. A healthy gang is retried
-within the scheduler's maximum backoff (10 s by default), so ``after`` above
-that only catches stuck ones; a false alarm costs one extra pod group cycle.
-At most one requeue pod per gang at a time and one per gang per ``after``.
+When: a gang is **stuck**, not slow. All of:
+
+* it fits its pool now (yielding's simulation placed it whole) and has for
+  ``after`` seconds: the room is there;
+* the scheduler has reported **no progress** for it for ``after`` plus
+  ``per_member`` seconds per member: no member was bound, and no member's
+  ``PodScheduled`` condition (status, reason, message, transition time) or
+  nominated node changed. A group the scheduler retries or is binding shows
+  progress; a held one shows none. kube-scheduler writes nothing while it runs
+  a pod group cycle (the whole group is filtered and scored before the first
+  bind), and that cycle grows with the group: on a loaded control plane a
+  1,000-member cycle took longer than 20 s, hence the allowance per member;
+* the last requeue pod for it is at least ``after x 2^k`` seconds old, where
+  ``k`` counts the requeues since the gang last showed progress (at most 3):
+  a gang the scheduler is slow on, not stuck on, costs at most about
+  ``log2(wait / after) + wait / (8 x after)`` extra cycles, not one per
+  ``after``.
+
+A healthy gang is retried within the scheduler's maximum backoff (10 s by
+default), so ``after`` above that only catches stuck ones; a false alarm
+costs one extra pod group cycle. At most one requeue pod per gang at a time.
 """
 
 from __future__ import annotations
@@ -36,23 +52,59 @@ from fleetkeeper.capacity.yielding import Unit, WaitingPod, requeue_label
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 
 
+MAX_DOUBLINGS = 3
+
+
+def progress(unit: Unit) -> tuple:
+    """What the scheduler has reported for a gang's unbound members: changes whenever it binds one (the
+    member leaves the unit), tries one with another outcome, or nominates a node."""
+    return tuple(sorted((p.name, p.unschedulable, p.unschedulable_since, p.scheduled_note, p.nominated)
+                        for p in unit.pods))
+
+
+@dataclass
+class RequeueState:
+    """What the previous passes saw, per unit key (carried from pass to pass)."""
+
+    fits_since: dict[str, float] = field(default_factory=dict)  # first seen fitting
+    quiet: dict[str, tuple[tuple, float]] = field(default_factory=dict)  # (progress, unchanged since)
+    last: dict[str, float] = field(default_factory=dict)  # last requeue pod made
+    count: dict[str, int] = field(default_factory=dict)  # requeue pods since the last progress
+
+
 @dataclass
 class RequeuePlan:
     create: list[tuple[str, str, float]] = field(default_factory=list)  # (namespace, group, seconds it fitted)
     delete: list[tuple[str, str, str]] = field(default_factory=list)  # (namespace, pod, why)
-    fits_since: dict[str, float] = field(default_factory=dict)  # unit key -> first seen fitting (carry over)
+    state: RequeueState = field(default_factory=RequeueState)  # carry over to the next pass
+
+    @property
+    def fits_since(self) -> dict[str, float]:
+        return self.state.fits_since
 
 
-def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], fits_since: dict[str, float],
-           last_requeue: dict[str, float], now: float, after: float | None) -> RequeuePlan:
+def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], state: RequeueState, now: float,
+           after: float | None, per_member: float = 0.0) -> RequeuePlan:
     """``units``: the waiting units; ``fitting``: keys of those that fit now; ``probes``: the requeue
-    pods that exist (unbound pods labelled :func:`yielding.requeue_label`); ``fits_since`` and
-    ``last_requeue``: what the previous passes saw (unit key -> time); ``now``: wall clock."""
+    pods that exist (unbound pods labelled :func:`yielding.requeue_label`); ``state``: what the previous
+    passes saw; ``now``: wall clock; ``per_member``: seconds of no progress allowed per member on top of
+    ``after``."""
     plan = RequeuePlan()
     waiting = {u.key: u for u in units}
+    new = plan.state
+    for key, u in waiting.items():
+        seen = progress(u)
+        old = state.quiet.get(key)
+        new.quiet[key] = old if old is not None and old[0] == seen else (seen, now)
+        if old is not None and old[0] != seen:
+            new.count[key] = 0  # it moved: the scheduler is working on it
+        else:
+            new.count[key] = state.count.get(key, 0)
+        if key in state.last:
+            new.last[key] = state.last[key]
     for key in fitting:
         if key in waiting:
-            plan.fits_since[key] = fits_since.get(key, now)
+            new.fits_since[key] = state.fits_since.get(key, now)
     live: set[str] = set()
     for p in probes:
         if p.deleting:
@@ -69,14 +121,24 @@ def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], fits_
             live.add(key)
     if after is None:
         return plan
-    for key, since in sorted(plan.fits_since.items()):
+    for key, since in sorted(new.fits_since.items()):
         u = waiting[key]
         group = u.pods[0].group
-        if not group or key in live:
+        if not group or key in live or now - since < after:
             continue
-        if now - since >= after and now - last_requeue.get(key, -1e18) >= after:
-            plan.create.append((u.pods[0].namespace, group, now - since))
+        if now - new.quiet[key][1] < after + per_member * len(u.pods):
+            continue  # the scheduler may be in the middle of this group's (long) cycle
+        gap = after * 2 ** min(new.count.get(key, 0), MAX_DOUBLINGS)
+        if now - new.last.get(key, -1e18) < gap:
+            continue
+        plan.create.append((u.pods[0].namespace, group, now - since))
     return plan
+
+
+def made(state: RequeueState, key: str, now: float) -> None:
+    """Record a requeue pod made for ``key``."""
+    state.last[key] = now
+    state.count[key] = state.count.get(key, 0) + 1
 
 
 def requeue_pod(namespace: str, group: str, names: Names) -> dict:

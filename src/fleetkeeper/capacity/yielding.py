@@ -64,6 +64,7 @@ class WaitingPod:
     queued: bool = False  # managed by Kueue (kueue.x-k8s.io/queue-name): its ordering is Kueue's
     requeue_for: str = ""  # a requeue pod fleetkeeper made for this group (capacity/requeue.py)
     cpu_millis: int = 0  # CPU requested (pods of CPU pools: what a CPU balloon holds)
+    scheduled_note: str = ""  # the PodScheduled condition as the scheduler last wrote it (status|reason|message|time)
 
     @property
     def unit(self) -> str:
@@ -119,6 +120,8 @@ def waiting_pod_projector(names: Names):
             queued=KUEUE_QUEUE_LABEL in (meta.get("labels") or {}),
             requeue_for=(meta.get("labels") or {}).get(requeue, ""),
             cpu_millis=requested_cpu_millis(spec),
+            scheduled_note="|".join(str(sched.get(k) or "") for k in ("status", "reason", "message",
+                                                                      "lastTransitionTime")),
         )
 
     return project

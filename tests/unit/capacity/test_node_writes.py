@@ -107,3 +107,82 @@ async def test_configmap_without_its_key_or_invalid_is_an_error_naming_it(cm, wo
     with pytest.raises(errors.ConfigError) as exc:
         await load_cluster_config(FakeKube(cm), "fk")
     assert words in str(exc.value) and "fk/fleetkeeper-capacity" in str(exc.value)
+
+
+# --- a reservation is one step: every node its gang needs, at once, for one token of the budget ----------
+
+
+class PodPatchingKube(FakeKube):
+    def __init__(self):
+        super().__init__()
+        self.pod_patches: list[str] = []
+
+    async def patch(self, res, name, body, namespace=None, **kw):
+        if res == NODES:
+            return await super().patch(res, name, body, namespace, **kw)
+        self.pod_patches.append(name)
+        return body
+
+
+def gpu_node(name: str) -> dict:
+    return {"metadata": {"name": name, "uid": name, "resourceVersion": "1", "labels": {NAMES.pool: "gpu"}},
+            "spec": {}, "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                                   "allocatable": {"nvidia.com/gpu": "8", "cpu": "96"}}}
+
+
+def starving(n_nodes: int, per_minute: float):
+    from test_yielding import gang  # the same waiting pods the decision tests use
+
+    from fleetkeeper.capacity import yielding as yd
+    kube = PodPatchingKube()
+    clock = FakeClock()
+    mgr = Manager(kube, RuntimeSettings(namespace="fk", server={"port": 0}, leader_election={"enabled": False}),
+                  registry=CollectorRegistry(), clock=clock)
+    cfg = CapacityConfig.model_validate({"gangs": {"reserve_after_seconds": 60, "reserve_per_minute": per_minute}})
+    bm = BalloonManager(mgr, cfg, CapacityMetrics(mgr.registry), mgr.recorder("capacity"))
+    for i in range(n_nodes):
+        bm.nodes._apply("ADDED", gpu_node(f"n{i}"))
+    nodes = bm.nodes.items()
+    # every node busy with work that started before the gang: it fits the pool, not now
+    from test_yielding import work
+    bound = [work(f"w{i}", f"n{i}") for i in range(n_nodes)]
+    units = yd.units(gang("big", n_nodes, created=clock.now() - 120), -1000)
+    y = yd.decide("gpu", nodes, bound, [], units, NAMES, 0)
+    assert y.blocked == ["ns/big"]
+    bm._pool_nodes, bm._pool_bound, bm._units = {"gpu": nodes}, {"gpu": bound}, units
+    return kube, mgr, bm, y
+
+
+async def test_a_reservation_taints_every_node_its_gang_needs_in_one_step_within_the_budget():
+    # one reservation step a minute: the gang's 200 nodes are still reserved at once (before: 1 a pass)
+    kube, mgr, bm, y = starving(200, per_minute=1)
+    await bm._reserve_room([y])
+    assert sorted(name for name, _ in kube.patches) == sorted(f"n{i}" for i in range(200))
+    assert len(kube.pod_patches) == 200  # every member tolerates exactly that reservation
+    assert bm.last_reserve["gpu"].reserved == sorted(f"n{i}" for i in range(200))
+    assert mgr.registry.get_sample_value("fleetkeeper_node_reservations_total",
+                                         {"op": "reserve", "result": "ok"}) == 200
+
+
+async def test_a_second_reservation_step_in_the_same_minute_waits_for_the_budget():
+    kube, mgr, bm, y = starving(4, per_minute=1)
+    await bm._reserve_room([y])
+    assert len(kube.patches) == 4
+    tok = bm.last_reserve["gpu"].token
+    for i in range(4):  # the informer sees the taints
+        body = gpu_node(f"n{i}")
+        body["metadata"]["resourceVersion"] = "2"
+        body["spec"]["taints"] = [{"key": reserved_key(NAMES), "value": tok, "effect": "NoSchedule"}]
+        bm.nodes._apply("MODIFIED", body)
+    bm._pool_nodes = {"gpu": bm.nodes.items()}
+    # the gang was placed (gone from the waiting work): removing its reservation is the next step, and the
+    # budget (one step a minute) is spent
+    bm._units = []
+    kube.patches.clear()
+    await bm._reserve_room([y])
+    assert kube.patches == [] and bm.last_reserve["gpu"].untaint == ["n0", "n1", "n2", "n3"]
+    assert mgr.registry.get_sample_value("fleetkeeper_node_reservations_total",
+                                         {"op": "release", "result": "rate_limited"}) == 4
+    await mgr.clock.advance(60)  # a minute later: the whole removal in one step
+    await bm._reserve_room([y])
+    assert sorted(name for name, _ in kube.patches) == ["n0", "n1", "n2", "n3"]

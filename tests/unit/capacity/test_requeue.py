@@ -22,53 +22,124 @@ def probe(group: str, *, tried: bool = False, created: float = NOW - 1, deleting
     return dataclasses.replace(p, requeue_for=group, deleting=deleting)
 
 
+def state(fits=None, quiet_since=None, units_=(), last=None, count=None) -> rq.RequeueState:
+    """A carried state: fitting since ``fits`` and showing no progress since ``quiet_since`` (per unit)."""
+    st = rq.RequeueState(fits_since=dict(fits or {}), last=dict(last or {}), count=dict(count or {}))
+    for u in units_:
+        st.quiet[u.key] = (rq.progress(u), (quiet_since or {}).get(u.key, NOW - 1000))
+    return st
+
+
 def test_a_gang_that_fits_and_stays_unplaced_gets_one_requeue_pod_after_the_threshold():
     us = units(gang("train", 2))
-    first = rq.decide(us, {"ns/train"}, [], {}, {}, NOW, AFTER)
+    first = rq.decide(us, {"ns/train"}, [], state(units_=us), NOW, AFTER)
     assert first.create == [] and first.fits_since == {"ns/train": NOW}
-    early = rq.decide(us, {"ns/train"}, [], first.fits_since, {}, NOW + AFTER - 1, AFTER)
+    early = rq.decide(us, {"ns/train"}, [], first.state, NOW + AFTER - 1, AFTER)
     assert early.create == []
-    due = rq.decide(us, {"ns/train"}, [], first.fits_since, {}, NOW + AFTER, AFTER)
+    due = rq.decide(us, {"ns/train"}, [], first.state, NOW + AFTER, AFTER)
     assert due.create == [("ns", "train", AFTER)]
 
 
 def test_no_requeue_pod_while_one_exists_or_soon_after_the_last():
     us = units(gang("train", 2))
-    since = {"ns/train": NOW - 100}
-    assert rq.decide(us, {"ns/train"}, [probe("train")], since, {}, NOW, AFTER).create == []
-    assert rq.decide(us, {"ns/train"}, [probe("train", deleting=True)], since, {}, NOW, AFTER).create == []
-    assert rq.decide(us, {"ns/train"}, [], since, {"ns/train": NOW - 5}, NOW, AFTER).create == []
-    assert rq.decide(us, {"ns/train"}, [], since, {"ns/train": NOW - AFTER}, NOW, AFTER).create
+    fits = {"ns/train": NOW - 100}
+    assert rq.decide(us, {"ns/train"}, [probe("train")], state(fits, units_=us), NOW, AFTER).create == []
+    assert rq.decide(us, {"ns/train"}, [probe("train", deleting=True)], state(fits, units_=us), NOW,
+                     AFTER).create == []
+    assert rq.decide(us, {"ns/train"}, [], state(fits, units_=us, last={"ns/train": NOW - 5}), NOW,
+                     AFTER).create == []
+    assert rq.decide(us, {"ns/train"}, [], state(fits, units_=us, last={"ns/train": NOW - AFTER}), NOW,
+                     AFTER).create
 
 
 def test_a_gang_that_does_not_fit_is_left_to_the_scheduler_and_its_clock_restarts():
     us = units(gang("train", 2))
-    plan = rq.decide(us, set(), [], {"ns/train": NOW - 100}, {}, NOW, AFTER)
+    plan = rq.decide(us, set(), [], state({"ns/train": NOW - 100}, units_=us), NOW, AFTER)
     assert plan.create == [] and plan.fits_since == {}
 
 
 def test_single_pods_are_not_requeued():
     us = units([waiting("solo")])
-    assert rq.decide(us, {"ns/pod/solo"}, [], {"ns/pod/solo": NOW - 100}, {}, NOW, AFTER).create == []
+    assert rq.decide(us, {"ns/pod/solo"}, [], state({"ns/pod/solo": NOW - 100}, units_=us), NOW,
+                     AFTER).create == []
 
 
 def test_requeue_pods_go_once_tried_or_when_their_gang_is_placed():
     us = units(gang("train", 2))
-    since = {"ns/train": NOW - 100}
-    tried = rq.decide(us, {"ns/train"}, [probe("train", tried=True)], since, {}, NOW, AFTER)
+    fits = {"ns/train": NOW - 100}
+    tried = rq.decide(us, {"ns/train"}, [probe("train", tried=True)], state(fits, units_=us), NOW, AFTER)
     assert [(ns, why) for ns, _, why in tried.delete] == [("ns", "the scheduler tried it (the group's cycle ran)")]
-    placed = rq.decide([], set(), [probe("train")], {}, {}, NOW, AFTER)
+    placed = rq.decide([], set(), [probe("train")], rq.RequeueState(), NOW, AFTER)
     assert [why for *_, why in placed.delete] == ["its gang is placed or gone"]
-    stale = rq.decide(us, set(), [probe("train", created=NOW - 3 * AFTER)], since, {}, NOW, AFTER)
+    stale = rq.decide(us, set(), [probe("train", created=NOW - 3 * AFTER)], state(fits, units_=us), NOW, AFTER)
     assert [why for *_, why in stale.delete] == ["not tried by the scheduler in time"]
-    waiting_ = rq.decide(us, set(), [probe("train")], since, {}, NOW, AFTER)
+    waiting_ = rq.decide(us, set(), [probe("train")], state(fits, units_=us), NOW, AFTER)
     assert waiting_.delete == []
 
 
 def test_turned_off_it_creates_nothing_but_still_cleans_up():
     us = units(gang("train", 2))
-    plan = rq.decide(us, {"ns/train"}, [probe("train", tried=True)], {"ns/train": NOW - 100}, {}, NOW, None)
+    plan = rq.decide(us, {"ns/train"}, [probe("train", tried=True)], state({"ns/train": NOW - 100}, units_=us),
+                     NOW, None)
     assert plan.create == [] and len(plan.delete) == 1
+
+
+# --- slow is not stuck -----------------------------------------------------------------------------------
+
+
+def test_a_gang_the_scheduler_is_still_binding_or_retrying_is_not_requeued():
+    pods = gang("train", 4)
+    us = units(pods)
+    fits = {"ns/train": NOW - 100}
+    st = state(fits, units_=us)
+    # one member was bound since the last pass (it left the unbound pods): progress, the clock restarts
+    fewer = units(pods[1:])
+    plan = rq.decide(fewer, {"ns/train"}, [], st, NOW, AFTER)
+    assert plan.create == [] and plan.state.quiet["ns/train"][1] == NOW
+    # the scheduler tried a member again with another outcome (new message): progress as well
+    retried = units([dataclasses.replace(pods[0], scheduled_note="False|Unschedulable|0/40 nodes|t2"), *pods[1:]])
+    assert rq.decide(retried, {"ns/train"}, [], st, NOW, AFTER).create == []
+    # nothing moved for the threshold: stuck
+    assert rq.decide(us, {"ns/train"}, [], st, NOW, AFTER).create == [("ns", "train", 100)]
+    # and once progress is seen, it takes the full threshold of quiet again
+    later = rq.decide(us, {"ns/train"}, [], plan.state, NOW + AFTER - 1, AFTER)
+    assert later.create == []
+
+
+def test_a_large_group_gets_time_for_its_cycle_before_it_counts_as_stuck():
+    big = units(gang("big", 1000, gpus=8))
+    fits = {"ns/big": NOW - 1000}
+    per_member = 0.05  # a 1,000-member cycle: 50 s on top of the threshold
+    quiet_for = {"ns/big": NOW - AFTER - 30}
+    assert rq.decide(big, {"ns/big"}, [], state(fits, quiet_for, big), NOW, AFTER, per_member).create == []
+    quiet_for = {"ns/big": NOW - AFTER - 50}
+    assert rq.decide(big, {"ns/big"}, [], state(fits, quiet_for, big), NOW, AFTER, per_member).create
+    # a small gang in the same state is requeued after the threshold alone (plus its few members)
+    small = units(gang("small", 2))
+    assert rq.decide(small, {"ns/small"}, [], state({"ns/small": NOW - 100}, {"ns/small": NOW - AFTER - 1},
+                                                    small), NOW, AFTER, per_member).create
+
+
+def test_repeated_requeues_without_progress_back_off():
+    us = units(gang("train", 2))
+    st = state({"ns/train": NOW - 10_000}, units_=us)
+    made = []
+    t = NOW
+    while t < NOW + 1000:
+        plan = rq.decide(us, {"ns/train"}, [], st, t, AFTER)
+        st = plan.state
+        if plan.create:
+            rq.made(st, "ns/train", t)
+            made.append(t - NOW)
+        t += 1
+    # the first at once, then 40, 80 and at most 160 s apart (8 x the threshold): 8 in 1,000 s instead of 50
+    gaps = [b - a for a, b in zip(made, made[1:])]
+    assert gaps[:3] == [40, 80, 160] and set(gaps[3:]) == {160}
+    assert made[0] == 0 and len(made) == 8
+    # progress resets the back-off
+    moved = units([dataclasses.replace(p, scheduled_note="x") for p in us[0].pods])
+    st2 = rq.decide(moved, {"ns/train"}, [], st, t, AFTER).state
+    assert st2.count["ns/train"] == 0
 
 
 def test_the_requeue_pod_joins_the_group_and_is_never_placed():
