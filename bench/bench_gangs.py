@@ -202,7 +202,7 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
             if term and term.get("finishedAt"):
                 fin = parse_time(term["finishedAt"])
                 busy += max(0.0, fin - bound_at) * 8
-                spans.append((bound_at, fin))
+                spans.append((bound_at, fin, p["spec"].get("nodeName", "")))
                 last_finish = max(last_finish, fin)
     created = min(parse_time(p["metadata"]["creationTimestamp"]) for p in pods) if pods else t0
     start_at = min(created, t0)
@@ -220,20 +220,22 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
             a, b_ = start_at + 10 * i, min(start_at + 10 * (i + 1), start_at + makespan)
             if b_ <= a:
                 break
-            used = sum(max(0.0, min(f, b_) - max(s0, a)) for s0, f in spans)
+            used = sum(max(0.0, min(f, b_) - max(s0, a)) for s0, f, _ in spans)
             timeline.append(round(100 * used / ((b_ - a) * nodes)))
     jobs_created = {j["metadata"]["name"]: parse_time(j["metadata"]["creationTimestamp"]) for j in items}
-    profile = where_time_goes(spans, binds, dict(zip(names, burst)), jobs_created, start_at, makespan, nodes) \
-        if makespan == makespan else {}
+    reserved = await reservations(kube, start_at) if gang else {}
+    profile = where_time_goes(spans, binds, dict(zip(names, burst)), jobs_created, start_at, makespan, nodes,
+                              reserved) if makespan == makespan else {}
     if args.profile and profile:
-        evs, _ = await kube.list(EVENTS, SYSTEM)
+        evs, _ = await kube.list(EVENTS)
         when: dict[str, list[int]] = {}
         for e in evs:
             t = parse_time(e.get("eventTime") or e.get("lastTimestamp") or e.get("firstTimestamp")
                            or e["metadata"]["creationTimestamp"])
-            if e.get("reason") in ("BalloonsReleased", "Preempted") and t >= start_at:
+            if e.get("reason") in ("BalloonsReleased", "Preempted", "GangRetried", "GangRequeued") \
+                    and start_at <= t:
                 when.setdefault(e["reason"], []).append(round(t - start_at))
-        print(f"  balloon events (s after the burst): "
+        print(f"  balloon and retry events (s after the burst): "
               f"{ {k: sorted(v)[:30] for k, v in when.items()} } ({ {k: len(v) for k, v in when.items()} })",
               flush=True)
         print(f"  busy nodes per second, first 40 s: {profile.pop('first_40s')}", flush=True)
@@ -249,14 +251,40 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
     if reg is not None:
         out["released"] = sample(reg, "fleetkeeper_balloon_releases_total", pool=POOL, result="ok")
         out["requeued"] = sample(reg, "fleetkeeper_gang_requeue_pods_total", op="create", result="ok")
+        out["retried"] = sample(reg, "fleetkeeper_gang_requeue_pods_total", op="kick", result="ok")
     await kube.delete(NAMESPACES, ns)
     return out
 
 
-def where_time_goes(spans: list[tuple[float, float]], binds: dict[str, list[float]], size: dict[str, int],
-                    created: dict[str, float], start_at: float, makespan: float, nodes: int) -> dict:
+async def reservations(kube: Kube, since: float) -> dict[str, list[tuple[float, float]]]:
+    """Per node, the intervals it carried a reservation taint (from the NodeReserved /
+    NodeReservationRemoved Events)."""
+    evs, _ = await kube.list(EVENTS)
+    marks = []
+    for e in evs:
+        if e.get("reason") not in ("NodeReserved", "NodeReservationRemoved"):
+            continue
+        t = parse_time(e.get("eventTime") or e.get("deprecatedLastTimestamp") or e["metadata"]["creationTimestamp"])
+        if t >= since - 1:
+            marks.append((t, (e.get("regarding") or {}).get("name", ""), e["reason"] == "NodeReserved"))
+    out: dict[str, list[tuple[float, float]]] = {}
+    opened: dict[str, float] = {}
+    for t, node, on in sorted(marks):
+        if on:
+            opened.setdefault(node, t)
+        elif node in opened:
+            out.setdefault(node, []).append((opened.pop(node), t))
+    for node, t in opened.items():
+        out.setdefault(node, []).append((t, 1e18))
+    return out
+
+
+def where_time_goes(spans: list[tuple[float, float, str]], binds: dict[str, list[float]], size: dict[str, int],
+                    created: dict[str, float], start_at: float, makespan: float, nodes: int,
+                    reserved: dict[str, list[tuple[float, float]]] | None = None) -> dict:
     """Idle node-seconds of the run, second by second, by cause:
 
+    * ``reserved``: idle nodes held by a reservation for a starving gang (draining for it);
     * ``latency``: a job that had not started would have fitted the idle nodes (the scheduler, or
       something before it, had not placed it yet);
     * ``drain``: jobs were waiting, each larger than the idle nodes (packing, or nodes kept free for a
@@ -265,14 +293,19 @@ def where_time_goes(spans: list[tuple[float, float]], binds: dict[str, list[floa
     """
     started = {j: max(b) for j, b in binds.items() if len(b) == size.get(j)}
     secs = int(makespan) + 1
-    out = {"latency": 0, "drain": 0, "tail": 0}
+    out = {"reserved": 0, "latency": 0, "drain": 0, "tail": 0}
     per_second = []
+    reserved = reserved or {}
     for i in range(secs):
         t = start_at + i + 0.5
-        busy = sum(1 for s0, f in spans if s0 <= t < f)
+        busy_nodes = {n for s0, f, n in spans if s0 <= t < f}
+        busy = len(busy_nodes)
         per_second.append(busy)
         idle = max(0, nodes - busy)
-        if not idle:
+        held = sum(1 for n, iv in reserved.items() if n not in busy_nodes and any(a <= t < b for a, b in iv))
+        out["reserved"] += held
+        idle -= held
+        if idle <= 0:
             continue
         waiting = [size[j] for j in size if created.get(j, start_at) <= t and started.get(j, 1e18) > t]
         if not waiting:
@@ -281,7 +314,7 @@ def where_time_goes(spans: list[tuple[float, float]], binds: dict[str, list[floa
             out["latency"] += idle
         else:
             out["drain"] += idle
-    out["total"] = out["latency"] + out["drain"] + out["tail"]
+    out["total"] = out["reserved"] + out["latency"] + out["drain"] + out["tail"]
     out["first_40s"] = per_second[:40]
     gaps = sorted(started[j] - created.get(j, start_at) for j in started)
     out["phases"] = {"created->all bound": (round(gaps[len(gaps) // 2], 1), round(gaps[-1], 1))} if gaps else {}
@@ -354,12 +387,12 @@ async def main(args) -> None:
                 print(f"  {r}", flush=True)
                 await stop(task)
             print("\n| mode | makespan | GPU use | partial placements | largest job's wait (start rank) | stalled "
-                  "jobs | balloons released | requeue pods |")
+                  "jobs | balloons released | requeue pods (stuck / room freed) |")
             print("|---|---|---|---|---|---|---|---|")
             for r in results:
                 print(f"| {r['mode']} | {r['makespan']:.0f} s | {100 * r['gpu_use']:.1f}% | {r['partial']} of "
                       f"{r['jobs']} | {r['largest_wait']:.0f} s ({r['largest_rank']} of {r['jobs']}) | "
-                      f"{r['stalled']} | {r.get('released', 0):.0f} | {r.get('requeued', 0):.0f} |")
+                      f"{r['stalled']} | {r.get('released', 0):.0f} | {r.get('requeued', 0):.0f} / {r.get('retried', 0):.0f} |")
             base = next((r for r in results if r["mode"].startswith("no-gangs")), None)
             if base:
                 for r in results:

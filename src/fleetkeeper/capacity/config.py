@@ -140,6 +140,11 @@ class GangConfig(BaseModel):
                                        "progress (none bound, no PodScheduled condition or nominated node "
                                        "changed) for requeue_stuck_after_seconds plus this much per member: "
                                        "kube-scheduler's cycle of a large group writes nothing until it binds")
+    retry_when_room_frees_after_seconds: float | None = Field(
+        2.0, ge=0, le=3600, description="a gang kube-scheduler found no room for, that fits now because room "
+                                        "freed, gets one requeue pod this long after (once per time it starts "
+                                        "to fit) so that it is tried at once, not when its backoff ends; "
+                                        "None: never (only with requeue_stuck_after_seconds set)")
     requeue_per_minute: float = Field(60.0, gt=0, le=10_000, description="rate limit for requeue pods")
     webhook_port: int = Field(9445, ge=0, le=65535, description="0: any free port (local clusters)")
     webhook_host: str = "127.0.0.1"

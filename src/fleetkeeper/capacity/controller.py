@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +128,7 @@ class BalloonManager:
         self.requeue_bucket = TokenBucket(cfg.gangs.requeue_per_minute / 60.0,
                                           max(1, int(cfg.gangs.requeue_per_minute // 4)), mgr.clock)
         self.requeue_per_member = cfg.gangs.requeue_seconds_per_member
+        self.kick_after = cfg.gangs.retry_when_room_frees_after_seconds if self.requeue_after is not None else None
         self._requeue_state = rq.RequeueState()
         self.last_requeue: rq.RequeuePlan | None = None
         self.waiting = None
@@ -138,6 +140,9 @@ class BalloonManager:
                 lambda k, o, n: None if (o is not None and n is not None and o.unschedulable == n.unschedulable
                                          and o.deleting == n.deleting) or (n or o).balloon else "pools"))
         self.last_yield: dict[str, yd.PoolYield] = {}
+        # "is this gang's group there with all its members?" (set by setup when gangs run): such a gang is
+        # waiting work before the scheduler's first try
+        self.gang_complete: Callable[[str], bool] | None = None
         self._units: list[yd.Unit] = []
         self._pool_nodes: dict[str, list] = {}
         self._pool_bound: dict[str, list] = {}
@@ -282,7 +287,7 @@ class BalloonManager:
         if self.waiting is None:
             return []
         items = self.waiting.items()
-        by_resource = {r: yd.units(items, b.priority, r) for r in ("gpu", "cpu")}
+        by_resource = {r: yd.units(items, b.priority, r, self.gang_complete) for r in ("gpu", "cpu")}
         self._units = by_resource["gpu"] + by_resource["cpu"]
         label, released_key = self.names.balloon, yd.released_annotation(self.names)
         nodes, pods = self.nodes.items(), self.pods.items()
@@ -383,7 +388,7 @@ class BalloonManager:
         probes = [p for p in self.waiting.items() if p.requeue_for]
         now = self.clock.now()
         plan = rq.decide(self._units, fitting, probes, self._requeue_state, now, self.requeue_after,
-                         self.requeue_per_member)
+                         self.requeue_per_member, self.kick_after)
         self.last_requeue = plan
         self._requeue_state = plan.state
         for ns, name, why in plan.delete:
@@ -398,12 +403,13 @@ class BalloonManager:
                     log.warning("requeue pod %s/%s: %s", ns, name, exc)
             self.metrics.requeues.labels("delete", result).inc()
             log.info("requeue pod %s/%s removed: %s", ns, name, why)
-        for ns, group, fitted in plan.create:
+        for op, (ns, group, fitted) in [("kick", k) for k in plan.kick] + [("create", c) for c in plan.create]:
             key = f"{ns}/{group}"
             if not self.requeue_bucket.take():
-                self.metrics.requeues.labels("create", "rate_limited").inc()
+                self.metrics.requeues.labels(op, "rate_limited").inc()
                 continue
-            rq.made(self._requeue_state, key, now)
+            if op == "create":
+                rq.made(self._requeue_state, key, now)
             result = "dry_run" if self.dry_run else "ok"
             if not self.dry_run:
                 try:
@@ -411,13 +417,22 @@ class BalloonManager:
                 except errors.ApiError as exc:  # e.g. a quota or a policy of the namespace
                     result = "error"
                     log.warning("gang %s: cannot create its requeue pod: %s", key, exc)
-            self.metrics.requeues.labels("create", result).inc()
+            self.metrics.requeues.labels(op, result).inc()
+            failed = "" if result in ("ok", "dry_run") else " (failed: see the controller log)"
+            dry = " [dry-run]" if self.dry_run else ""
+            ref = ObjectRef("PodGroup", group, ns, api_version=PODGROUPS.api_version)
+            if op == "kick":
+                await self.recorder.emit(
+                    ref, "GangRetried",
+                    f"room for gang {group} freed {fitted:.0f}s ago and the scheduler would otherwise retry it "
+                    f"only when its backoff ends: one requeue pod of the group (never placed) created so that "
+                    f"it is tried now{dry}{failed}")
+                continue
             await self.recorder.emit(
-                ObjectRef("PodGroup", group, ns, api_version=PODGROUPS.api_version), "GangRequeued",
+                ref, "GangRequeued",
                 f"gang {group} has fitted its pool for {fitted:.0f}s and kube-scheduler has reported no progress "
                 f"for it (no member bound, no condition changed): one requeue pod of the group (never placed) "
-                f"created so that the scheduler tries the whole group again" + (" [dry-run]" if self.dry_run else "")
-                + ("" if result in ("ok", "dry_run") else " (failed: see the controller log)"),
+                f"created so that the scheduler tries the whole group again{dry}{failed}",
                 type_="Warning")
         return bool(plan.fits_since) or bool(probes)
 
@@ -517,6 +532,16 @@ class GangManager:
         for p in (old, new):
             if p is not None and p.gang:
                 self.controller.enqueue(p.key)
+
+    def complete(self, key: str) -> bool:
+        """The gang's group object exists and all ``minCount`` members do: kube-scheduler's PreEnqueue lets
+        it into the queue now."""
+        plan = self.plans.get(key)
+        if plan is None or not plan.min_count:
+            return False
+        if not any(inf.get(key) is not None for inf in self.groups.values()):
+            return False
+        return sum(1 for p in self.members.get(key, {}).values() if p.active) >= plan.min_count
 
     def _on_node(self, typ: str, key: str, old, new) -> None:
         if old is not None and new is not None and old.ready == new.ready:
@@ -804,6 +829,10 @@ async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
     if cfg.gangs.enabled:
         cap.gangs = GangManager(mgr, cfg, metrics, recorder)
         mgr.add("capacity-gangs", cap.gangs.run)
+        # a gang whose group appears is complete work waiting for room: look at the pools at once
+        cap.balloons.gang_complete = cap.gangs.complete
+        for inf in cap.gangs.groups.values():
+            inf.add_handler(cap.balloons.controller.handler(lambda k, o, n: "pools" if o is None else None))
         if options.webhook:
             cap.webhook = GangWebhook(mgr, cfg, options)
             mgr.add("capacity-webhook", cap.webhook.run, leader=False)

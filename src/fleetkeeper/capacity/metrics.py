@@ -45,12 +45,12 @@ class CapacityMetrics:
                                     "Gangs that lost a member while running (the job must restart whole)",
                                     registry=registry)
         self.requeues = Counter(f"{PREFIX}_gang_requeue_pods_total",
-                                "Requeue pods for gangs kube-scheduler had stopped trying (create) and their "
-                                "removal (delete)", ["op", "result"], registry=registry)
+                                "Requeue pods for gangs kube-scheduler had stopped trying (create), for gangs "
+                                "whose room freed while they backed off (kick), and their removal (delete)", ["op", "result"], registry=registry)
         for op in ("reserve", "release"):
             for r in ("ok", "error", "dry_run", "rate_limited"):
                 self.reservations.labels(op, r)
-        for op in ("create", "delete"):
+        for op in ("create", "kick", "delete"):
             for r in ("ok", "error", "dry_run", "rate_limited"):
                 self.requeues.labels(op, r)
         for s in GANG_STATES:

@@ -39,6 +39,16 @@ When: a gang is **stuck**, not slow. All of:
 A healthy gang is retried within the scheduler's maximum backoff (10 s by
 default), so ``after`` above that only catches stuck ones; a false alarm
 costs one extra pod group cycle. At most one requeue pod per gang at a time.
+
+**Prompt retry** (``kick``): kube-scheduler v1.36 retries an unschedulable
+pod group only when its backoff ends (up to ``podMaxBackoffSeconds``, 10 s),
+never on the event that frees room, so in a burst room that frees up stays
+idle for 5 s on average before a waiting gang is tried again. A gang the
+scheduler has tried and found no room for, that fits now because room freed
+(it did not fit before), and that has shown no progress for ``kick`` seconds
+since, gets one requeue pod at once: its group is tried now, not at the end
+of its backoff. Once per time it starts to fit; the cost is one cycle of a
+group that fits.
 """
 
 from __future__ import annotations
@@ -70,11 +80,13 @@ class RequeueState:
     quiet: dict[str, tuple[tuple, float]] = field(default_factory=dict)  # (progress, unchanged since)
     last: dict[str, float] = field(default_factory=dict)  # last requeue pod made
     count: dict[str, int] = field(default_factory=dict)  # requeue pods since the last progress
+    kicked: dict[str, float] = field(default_factory=dict)  # the fits_since a prompt retry was made for
 
 
 @dataclass
 class RequeuePlan:
     create: list[tuple[str, str, float]] = field(default_factory=list)  # (namespace, group, seconds it fitted)
+    kick: list[tuple[str, str, float]] = field(default_factory=list)  # prompt retries, as above
     delete: list[tuple[str, str, str]] = field(default_factory=list)  # (namespace, pod, why)
     state: RequeueState = field(default_factory=RequeueState)  # carry over to the next pass
 
@@ -84,11 +96,11 @@ class RequeuePlan:
 
 
 def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], state: RequeueState, now: float,
-           after: float | None, per_member: float = 0.0) -> RequeuePlan:
+           after: float | None, per_member: float = 0.0, kick: float | None = None) -> RequeuePlan:
     """``units``: the waiting units; ``fitting``: keys of those that fit now; ``probes``: the requeue
     pods that exist (unbound pods labelled :func:`yielding.requeue_label`); ``state``: what the previous
     passes saw; ``now``: wall clock; ``per_member``: seconds of no progress allowed per member on top of
-    ``after``."""
+    ``after``; ``kick``: prompt retry of a tried gang this long after room freed for it (None: never)."""
     plan = RequeuePlan()
     waiting = {u.key: u for u in units}
     new = plan.state
@@ -102,6 +114,8 @@ def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], state
             new.count[key] = state.count.get(key, 0)
         if key in state.last:
             new.last[key] = state.last[key]
+        if key in state.kicked:
+            new.kicked[key] = state.kicked[key]
     for key in fitting:
         if key in waiting:
             new.fits_since[key] = state.fits_since.get(key, now)
@@ -119,6 +133,20 @@ def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], state
             plan.delete.append((p.namespace, p.name, "not tried by the scheduler in time"))
         else:
             live.add(key)
+    if kick is not None:
+        for key, since in sorted(new.fits_since.items()):
+            u = waiting[key]
+            group = u.pods[0].group
+            if not group or key in live or new.kicked.get(key) == since or now - since < kick:
+                continue
+            tried = [p.unschedulable_since for p in u.pods if p.unschedulable]
+            # tried before the room freed (a gang that fitted from its first try is the scheduler's own
+            # business), and nothing moved since
+            if not tried or min(tried) >= since or new.quiet[key][1] > since:
+                continue
+            new.kicked[key] = since
+            live.add(key)
+            plan.kick.append((u.pods[0].namespace, group, now - since))
     if after is None:
         return plan
     for key, since in sorted(new.fits_since.items()):

@@ -24,6 +24,7 @@ No I/O, no clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleetkeeper.core.domain import GPU_RESOURCE, Names
@@ -65,6 +66,8 @@ class WaitingPod:
     requeue_for: str = ""  # a requeue pod fleetkeeper made for this group (capacity/requeue.py)
     cpu_millis: int = 0  # CPU requested (pods of CPU pools: what a CPU balloon holds)
     scheduled_note: str = ""  # the PodScheduled condition as the scheduler last wrote it (status|reason|message|time)
+    tried: bool = True  # has a PodScheduled condition (False: the scheduler has not looked at it yet)
+    gated: bool = False  # spec.schedulingGates: held before the queue on purpose
 
     @property
     def unit(self) -> str:
@@ -120,6 +123,7 @@ def waiting_pod_projector(names: Names):
             queued=KUEUE_QUEUE_LABEL in (meta.get("labels") or {}),
             requeue_for=(meta.get("labels") or {}).get(requeue, ""),
             cpu_millis=requested_cpu_millis(spec),
+            tried=bool(sched), gated=bool(spec.get("schedulingGates")),
             scheduled_note="|".join(str(sched.get(k) or "") for k in ("status", "reason", "message",
                                                                       "lastTransitionTime")),
         )
@@ -211,13 +215,18 @@ class Unit:
         return sum(amount(p, self.resource) for p in self.pods)
 
 
-def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu") -> list[Unit]:
+def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu",
+          complete: Callable[[str], bool] | None = None) -> list[Unit]:
     """The waiting work for pools of ``resource``, in the order it is served: priority, then oldest.
 
     GPU pools: pods that ask for GPUs; CPU pools: pods that ask for CPU and no
-    GPU. A gang counts once the scheduler has tried it (a member is
-    Unschedulable): before that, its members are held before the queue
-    (PodGroup or members missing) and no room would help. Pods at or below the
+    GPU. Work counts once the scheduler has found no room for it (a member is
+    Unschedulable), and also **before the scheduler has tried it**, so that
+    the room is free by the time it does (otherwise its first cycle preempts
+    one balloon per pod, and the pod waits for the victim and its backoff):
+    a pod of its own that is not gated, and a gang whose members are all
+    there with their group (``complete(key)``; before that its members are
+    held before the queue and no room would help). Pods at or below the
     balloons' priority never get room from balloons."""
     groups: dict[str, list[WaitingPod]] = {}
     for p in pods:
@@ -231,7 +240,9 @@ def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu") 
     out = []
     for key, members in groups.items():
         if not any(m.unschedulable for m in members):
-            continue
+            fresh = not any(m.tried or m.gated for m in members)
+            if not fresh or (members[0].group and (complete is None or not complete(key))):
+                continue
         out.append(Unit(key, max(m.priority for m in members), min(m.created for m in members),
                         tuple(sorted(members, key=lambda m: (-amount(m, resource), m.name))), resource))
     return sorted(out, key=lambda u: (-u.priority, u.since, u.key))

@@ -161,3 +161,35 @@ def test_yielding_reports_the_units_that_fit_now():
     out = decide(nodes, [work("busy", "n0"), work("busy2", "n1")], [balloon("n2")],
                  gang("fits", 2) + gang("big", 4, created=NOW - 120))
     assert out.fits == ["ns/fits"] and out.blocked == ["ns/big"]
+
+
+# --- prompt retry: room freed for a gang that backs off --------------------------------------------------
+
+KICK = 2.0
+
+
+def test_a_gang_whose_room_freed_while_it_backs_off_is_retried_at_once_and_only_once():
+    us = units(gang("train", 2))  # tried 30 s ago, found no room
+    st = state({"ns/train": NOW - 3}, {"ns/train": NOW - 30}, us)  # room freed 3 s ago; nothing moved since
+    plan = rq.decide(us, {"ns/train"}, [], st, NOW, AFTER, kick=KICK)
+    assert plan.kick == [("ns", "train", 3)] and plan.create == []
+    # the same episode is not retried twice (the requeue pod may be gone already)
+    again = rq.decide(us, {"ns/train"}, [], plan.state, NOW + 5, AFTER, kick=KICK)
+    assert again.kick == []
+    # not before the delay, and not without the option
+    assert rq.decide(us, {"ns/train"}, [], state({"ns/train": NOW - 1}, {"ns/train": NOW - 30}, us), NOW, AFTER,
+                     kick=KICK).kick == []
+    assert rq.decide(us, {"ns/train"}, [], st, NOW, AFTER).kick == []
+
+
+def test_no_prompt_retry_for_a_gang_the_scheduler_is_already_on():
+    us = units(gang("train", 2))
+    # it fitted from before its first try: the scheduler's own first cycle places it
+    fitted_first = state({"ns/train": NOW - 40}, {"ns/train": NOW - 40}, us)
+    assert rq.decide(us, {"ns/train"}, [], fitted_first, NOW, AFTER, kick=KICK).kick == []
+    # it moved since the room freed (a member bound, or tried again)
+    moved = state({"ns/train": NOW - 5}, {"ns/train": NOW - 1}, us)
+    assert rq.decide(us, {"ns/train"}, [], moved, NOW, AFTER, kick=KICK).kick == []
+    # a requeue pod of it is already there
+    assert rq.decide(us, {"ns/train"}, [probe("train")], state({"ns/train": NOW - 3}, {"ns/train": NOW - 30}, us),
+                     NOW, AFTER, kick=KICK).kick == []

@@ -108,6 +108,39 @@ def test_work_not_yet_tried_by_the_scheduler_or_below_balloons_is_not_waiting():
     assert u.key == "ns/g" and len(u.pods) == 2
 
 
+def fresh(p: yd.WaitingPod, **kw) -> yd.WaitingPod:
+    """Just created: the scheduler has not looked at it yet (no PodScheduled condition)."""
+    return dataclasses.replace(p, unschedulable=False, unschedulable_since=0.0, tried=False, **kw)
+
+
+def test_work_the_scheduler_has_not_tried_yet_gets_its_balloons_before_the_first_try():
+    nodes = [node(f"n{i}") for i in range(3)]
+    balloons = [balloon(n.name) for n in nodes]
+    # a pod of its own, just created: its balloon goes now, so the scheduler's first try finds room
+    # instead of preempting one victim and waiting for it and its backoff
+    out = decide(nodes, [], balloons, [fresh(waiting("solo"))])
+    assert [r.unit for r in out.releases] == ["ns/pod/solo"] and out.hold
+    # one with scheduling gates is held on purpose: not waiting for room
+    assert yd.units([fresh(waiting("gated"), gated=True)], -1000) == []
+    # a gang not tried yet counts once its group and all its members are there (the scheduler's PreEnqueue
+    # lets it in now), not before
+    members = [fresh(p) for p in gang("train", 2)]
+    assert yd.units(members, -1000) == []
+    assert yd.units(members, -1000, complete=lambda key: False) == []
+    (u,) = yd.units(members, -1000, complete=lambda key: key == "ns/train")
+    assert u.key == "ns/train" and len(u.pods) == 2
+    out = yd.decide(POOL, nodes, [], balloons, [u], N, 100)
+    assert len(out.releases[0].balloons) == 2
+    # the projector tells the two apart
+    proj = yd.waiting_pod_projector(N)
+    base = {"metadata": {"name": "p", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}}
+    assert proj(base).tried is False and proj(base).gated is False
+    tried = {**base, "status": {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                "message": "0/3 nodes", "lastTransitionTime": "2027-01-01T00:00:00Z"}]}}
+    assert proj(tried).tried and proj(tried).scheduled_note == "False|Unschedulable|0/3 nodes|2027-01-01T00:00:00Z"
+    assert proj({**base, "spec": {"schedulingGates": [{"name": "x"}]}}).gated
+
+
 def test_eligibility_follows_selectors_taints_and_pinned_nodes():
     nodes = [node("n0", taints=[("fleetkeeper.io/preflight", "pending", "NoSchedule")]), node("n1"), node("n2")]
     balloons = [balloon("n1"), balloon("n2")]
