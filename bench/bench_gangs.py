@@ -169,7 +169,10 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
     deadline = time.monotonic() + args.timeout
     done = 0
     last_change, last_done = time.monotonic(), -1
+    samples: list[tuple[float, set[str]]] = []  # reservation taints seen (profile)
     while time.monotonic() < deadline:
+        if gang and args.profile:
+            samples.append((time.time(), await reserved_now(kube)))
         items, _ = await kube.list(JOBS, ns)
         done = sum(1 for j in items if (j.get("status") or {}).get("succeeded", 0) == j["spec"]["completions"])
         if done == len(burst):
@@ -223,7 +226,7 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
             used = sum(max(0.0, min(f, b_) - max(s0, a)) for s0, f, _ in spans)
             timeline.append(round(100 * used / ((b_ - a) * nodes)))
     jobs_created = {j["metadata"]["name"]: parse_time(j["metadata"]["creationTimestamp"]) for j in items}
-    reserved = await reservations(kube, start_at) if gang else {}
+    reserved = intervals(samples)
     profile = where_time_goes(spans, binds, dict(zip(names, burst)), jobs_created, start_at, makespan, nodes,
                               reserved) if makespan == makespan else {}
     if args.profile and profile:
@@ -256,26 +259,19 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
     return out
 
 
-async def reservations(kube: Kube, since: float) -> dict[str, list[tuple[float, float]]]:
-    """Per node, the intervals it carried a reservation taint (from the NodeReserved /
-    NodeReservationRemoved Events)."""
-    evs, _ = await kube.list(EVENTS)
-    marks = []
-    for e in evs:
-        if e.get("reason") not in ("NodeReserved", "NodeReservationRemoved"):
-            continue
-        t = parse_time(e.get("eventTime") or e.get("deprecatedLastTimestamp") or e["metadata"]["creationTimestamp"])
-        if t >= since - 1:
-            marks.append((t, (e.get("regarding") or {}).get("name", ""), e["reason"] == "NodeReserved"))
+async def reserved_now(kube: Kube) -> set[str]:
+    """Nodes that carry a reservation taint now."""
+    items, _ = await kube.list(NODES)
+    key = f"{N.domain}/reserved"
+    return {n["metadata"]["name"] for n in items if any(t.get("key") == key for t in n["spec"].get("taints") or ())}
+
+
+def intervals(samples: list[tuple[float, set[str]]]) -> dict[str, list[tuple[float, float]]]:
+    """Per node, the intervals it was seen reserved (polled; each sample stands until the next)."""
     out: dict[str, list[tuple[float, float]]] = {}
-    opened: dict[str, float] = {}
-    for t, node, on in sorted(marks):
-        if on:
-            opened.setdefault(node, t)
-        elif node in opened:
-            out.setdefault(node, []).append((opened.pop(node), t))
-    for node, t in opened.items():
-        out.setdefault(node, []).append((t, 1e18))
+    for (t, nodes), (t2, _) in zip(samples, samples[1:] + [(samples[-1][0] + 2.0, set())] if samples else []):
+        for n in nodes:
+            out.setdefault(n, []).append((t, t2))
     return out
 
 

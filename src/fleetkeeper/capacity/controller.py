@@ -216,7 +216,7 @@ class BalloonManager:
         # that stay: the ReplicaSet removes exactly those, in one step, and starts none in their place
         await self._release(yields)
         await self._reserve_room(yields)
-        watch_requeue = await self._requeue(yields)
+        watch_requeue, kick_in = await self._requeue(yields)
         for dep in plan.deployments:
             meta = dep["metadata"]
             sized = f"{(self.last_plan_sizing(meta['name']))}"
@@ -273,6 +273,8 @@ class BalloonManager:
                 requeue = min(requeue, HOLD_RESYNC_SECONDS)
         if watch_requeue:
             requeue = min(requeue, HOLD_RESYNC_SECONDS)
+        if kick_in is not None:  # a prompt retry falls due: be there when it does
+            requeue = min(requeue, max(kick_in, MIN_BALLOON_PASS_SECONDS))
         return Result(requeue_after=requeue)
 
     def last_plan_sizing(self, name: str) -> str:
@@ -379,11 +381,12 @@ class BalloonManager:
             elif not plan.unit:
                 self._reserved.pop(y.pool, None)
 
-    async def _requeue(self, yields: list[yd.PoolYield]) -> bool:
-        """Repair gangs kube-scheduler stopped trying (pure plan: requeue.decide). True while a gang
-        that fits is watched (the next pass must come soon even without events)."""
+    async def _requeue(self, yields: list[yd.PoolYield]) -> tuple[bool, float | None]:
+        """Repair gangs kube-scheduler stopped trying, retry gangs whose room freed (pure plan:
+        requeue.decide). True while a gang that fits is watched (the next pass must come soon even without
+        events), and the seconds until a prompt retry falls due."""
         if self.waiting is None:
-            return False
+            return False, None
         fitting = {k for y in yields for k in y.fits}
         probes = [p for p in self.waiting.items() if p.requeue_for]
         now = self.clock.now()
@@ -434,7 +437,7 @@ class BalloonManager:
                 f"for it (no member bound, no condition changed): one requeue pod of the group (never placed) "
                 f"created so that the scheduler tries the whole group again{dry}{failed}",
                 type_="Warning")
-        return bool(plan.fits_since) or bool(probes)
+        return bool(plan.fits_since) or bool(probes), plan.next_kick_in
 
     async def _set_taint(self, node: str, key: str, value: str | None, note: str) -> str:
         """Add (value) or remove (None) the reservation taint through the core applier: one patch with the

@@ -87,6 +87,7 @@ class RequeueState:
 class RequeuePlan:
     create: list[tuple[str, str, float]] = field(default_factory=list)  # (namespace, group, seconds it fitted)
     kick: list[tuple[str, str, float]] = field(default_factory=list)  # prompt retries, as above
+    next_kick_in: float | None = None  # seconds until a prompt retry falls due (look again then)
     delete: list[tuple[str, str, str]] = field(default_factory=list)  # (namespace, pod, why)
     state: RequeueState = field(default_factory=RequeueState)  # carry over to the next pass
 
@@ -137,12 +138,16 @@ def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], state
         for key, since in sorted(new.fits_since.items()):
             u = waiting[key]
             group = u.pods[0].group
-            if not group or key in live or new.kicked.get(key) == since or now - since < kick:
+            if not group or key in live or new.kicked.get(key) == since:
                 continue
             tried = [p.unschedulable_since for p in u.pods if p.unschedulable]
             # tried before the room freed (a gang that fitted from its first try is the scheduler's own
             # business), and nothing moved since
             if not tried or min(tried) >= since or new.quiet[key][1] > since:
+                continue
+            if now - since < kick:
+                due = since + kick - now
+                plan.next_kick_in = due if plan.next_kick_in is None else min(plan.next_kick_in, due)
                 continue
             new.kicked[key] = since
             live.add(key)

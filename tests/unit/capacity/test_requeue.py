@@ -193,3 +193,10 @@ def test_no_prompt_retry_for_a_gang_the_scheduler_is_already_on():
     # a requeue pod of it is already there
     assert rq.decide(us, {"ns/train"}, [probe("train")], state({"ns/train": NOW - 3}, {"ns/train": NOW - 30}, us),
                      NOW, AFTER, kick=KICK).kick == []
+
+
+def test_the_pass_comes_back_when_a_prompt_retry_falls_due():
+    us = units(gang("train", 2))
+    plan = rq.decide(us, {"ns/train"}, [], state({"ns/train": NOW - 0.5}, {"ns/train": NOW - 30}, us), NOW, AFTER,
+                     kick=KICK)
+    assert plan.kick == [] and plan.next_kick_in == 1.5
