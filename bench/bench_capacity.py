@@ -74,14 +74,28 @@ async def count_bound(kube: Kube, ns: str, selector: str) -> tuple[int, int]:
     return sum(1 for p in items if p["spec"].get("nodeName")), len(items)
 
 
+TIMELINE: list[tuple[float, int]] = []  # (seconds, bound) of the last wait_bound
+
+
 async def wait_bound(kube: Kube, ns: str, selector: str, want: int, timeout: float) -> float | None:
     t0 = time.monotonic()
+    TIMELINE.clear()
     while time.monotonic() - t0 < timeout:
         b, _ = await count_bound(kube, ns, selector)
+        TIMELINE.append((time.monotonic() - t0, b))
         if b >= want:
             return time.monotonic() - t0
         await asyncio.sleep(0.25)
     return None
+
+
+def quarters(want: int) -> str:
+    """When a quarter, half, three quarters and all of ``want`` were bound (the last wait_bound)."""
+    out = []
+    for q in (0.25, 0.5, 0.75, 1.0):
+        t = next((t for t, b in TIMELINE if b >= q * want), None)
+        out.append(f"{int(q * 100)}% {t:.1f}s" if t is not None else f"{int(q * 100)}% -")
+    return ", ".join(out)
 
 
 async def fresh_ns(kube: Kube, prefix: str) -> str:
@@ -199,6 +213,7 @@ async def main(args) -> None:
             await create_all(kube, ns, [pod(f"j-{i}") for i in range(j)])
             base = await wait_bound(kube, ns, "bench=1", j, 300)
             base = None if base is None else time.monotonic() - t
+            print(f"  empty pool, bound: {quarters(j)}")
             print(f"  empty pool        : all {j} bound {base:.1f}s after creation" if base else
                   "  empty pool: not all bound within 300s")
             await drop_ns(kube, ns)
@@ -214,6 +229,7 @@ async def main(args) -> None:
             await create_all(kube, ns, [pod(f"j-{i}") for i in range(j)])
             took = await wait_bound(kube, ns, "bench=1", j, 300)
             took = None if took is None else time.monotonic() - t
+            print(f"  pool of balloons, bound: {quarters(j)}")
             print(f"  pool of balloons  : all {j} bound {took:.1f}s after creation (preempting {j} balloons); "
                   f"ratio to empty pool {took / base:.2f} (load average {os.getloadavg()[0]:.1f})" if took and base else "  pool of balloons: not all bound")
             await drop_ns(kube, ns)
