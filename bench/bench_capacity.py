@@ -98,6 +98,24 @@ def quarters(want: int) -> str:
     return ", ".join(out)
 
 
+async def scheduler_queues(lc: LocalCluster) -> str:
+    """kube-scheduler's pending pods per queue, from its metrics."""
+    import aiohttp
+    url = f"https://127.0.0.1:{lc.state.ports.scheduler}/metrics"
+    try:
+        async with aiohttp.ClientSession() as s, s.get(url, ssl=False,
+                                                        headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
+            text = await r.text()
+    except Exception as exc:  # a diagnostic only
+        return f"(unavailable: {exc})"
+    got = {}
+    for line in text.splitlines():
+        if line.startswith("scheduler_pending_pods{"):
+            q = line.split('queue="', 1)[1].split('"', 1)[0]
+            got[q] = int(float(line.rsplit(" ", 1)[1]))
+    return "/".join(str(got.get(q, "?")) for q in ("active", "backoff", "unschedulable", "gated"))
+
+
 async def fresh_ns(kube: Kube, prefix: str) -> str:
     ns = f"{prefix}-{secrets.token_hex(3)}"
     await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
@@ -207,6 +225,9 @@ async def main(args) -> None:
             if 3 not in args.sections:
                 return
             j = min(args.job, len(gpu_nodes))
+            if args.scheduler_gates:
+                await asyncio.to_thread(lc.tune_scheduler, feature_gates=args.scheduler_gates)
+                print(f"kube-scheduler restarted with --feature-gates=...,{args.scheduler_gates}")
             print(f"\n[3] a {j}-pod GPU job (8 GPUs a pod)")
             ns = await fresh_ns(kube, "b3-empty")
             t = time.monotonic()
@@ -226,8 +247,18 @@ async def main(args) -> None:
                   if full is not None else "  balloons: pool not full within 900s")
             ns = await fresh_ns(kube, "b3-full")
             t = time.monotonic()
+            queues: list[str] = []
+
+            async def watch_queues():
+                while True:
+                    queues.append(f"{time.monotonic() - t:.0f}s {await scheduler_queues(lc)}")
+                    await asyncio.sleep(2.0)
+            watcher = asyncio.create_task(watch_queues())
             await create_all(kube, ns, [pod(f"j-{i}") for i in range(j)])
             took = await wait_bound(kube, ns, "bench=1", j, 300)
+            watcher.cancel()
+            print("  kube-scheduler's queues meanwhile (active/backoff/unschedulable/gated):\n    "
+                  + "\n    ".join(queues))
             took = None if took is None else time.monotonic() - t
             print(f"  pool of balloons, bound: {quarters(j)}")
             print(f"  pool of balloons  : all {j} bound {took:.1f}s after creation (preempting {j} balloons); "
@@ -250,6 +281,8 @@ if __name__ == "__main__":
     ap.add_argument("--gang", type=int, default=1000, help="pods in the big gang (capped at the GPU nodes)")
     ap.add_argument("--pair", type=int, default=50, help="nodes both experiments ask for")
     ap.add_argument("--job", type=int, default=100, help="pods of the job arriving on a pool of balloons")
+    ap.add_argument("--scheduler-gates", default="",
+                    help="extra kube-scheduler feature gates for section 3 (e.g. SchedulerAsyncPreemption=false)")
     ap.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
                     help="which of the three measurements to run")
     asyncio.run(main(ap.parse_args()))

@@ -214,9 +214,7 @@ class BalloonManager:
                                       f"immutable: delete it to change the balloon priority)") from exc
         # the chosen balloons first get the lowest deletion cost, then the Deployment is held at the balloons
         # that stay: the ReplicaSet removes exactly those, in one step, and starts none in their place
-        await self._release(yields)
-        await self._reserve_room(yields)
-        watch_requeue, kick_in = await self._requeue(yields)
+        released = await self._release(yields)
         for dep in plan.deployments:
             meta = dep["metadata"]
             sized = f"{(self.last_plan_sizing(meta['name']))}"
@@ -227,6 +225,9 @@ class BalloonManager:
                     "BalloonPoolSized",
                     f"{dep['spec']['replicas']} balloons of {meta['annotations'][f'{self.names.domain}/balloon-size']} "
                     f"each, one per node of pool {meta['labels'][bl.balloon_label(self.names)]}")
+        await self._announce(released)
+        await self._reserve_room(yields)
+        watch_requeue, kick_in = await self._requeue(yields)
         for name in plan.delete_deployments:
             why = "balloons are disabled" if not self.cfg.balloons.enabled else "pool no longer configured for balloons"
             if self.dry_run:
@@ -458,8 +459,13 @@ class BalloonManager:
             return "error"
         return "dry_run" if self.dry_run else "ok"
 
-    async def _release(self, yields: list[yd.PoolYield]) -> None:
+    async def _release(self, yields: list[yd.PoolYield]) -> list[tuple[yd.PoolYield, yd.Release, str]]:
+        """Mark the chosen balloons (lowest deletion cost + the unit they make room for), all of a pass at
+        once (bounded concurrency): the Deployment's hold then removes exactly them in one step. The Events
+        come after the hold (:meth:`_announce`), so that hundreds of releases never delay it."""
         released_key = yd.released_annotation(self.names)
+        done: list[tuple[yd.PoolYield, yd.Release, str]] = []
+        calls = []
         for y in yields:
             if y.over_budget:
                 log.info("balloons of pool %s: release for %s waits for the rate limit", y.pool,
@@ -469,26 +475,36 @@ class BalloonManager:
                 if not self.release_bucket.take(n):
                     self.metrics.releases.labels(y.pool, "rate_limited").inc(n)
                     continue
-                result = "dry_run" if self.dry_run else "ok"
+                outcome = ["dry_run" if self.dry_run else "ok"]
+                done.append((y, rel, outcome))
                 for bal in rel.balloons:
-                    if self.dry_run:
-                        continue
-                    try:
-                        await self.kube.patch(PODS, bal.name, {"metadata": {"annotations": {
-                            yd.DELETION_COST: yd.RELEASE_COST, released_key: rel.unit[:250]}}}, bal.namespace)
-                    except errors.NotFound:
-                        pass
-                    except errors.ApiError as exc:
-                        result = "error"
-                        log.warning("could not release balloon %s/%s: %s", bal.namespace, bal.name, exc)
-                self.metrics.releases.labels(y.pool, result).inc(n)
-                what = f"gang {rel.unit}" if "/pod/" not in rel.unit else f"pod {rel.unit.replace('/pod/', '/')}"
-                nodes = ", ".join(bal.node for bal in rel.balloons[:10]) + (" ..." if n > 10 else "")
-                await self.recorder.emit(
-                    ObjectRef("Deployment", bl.deployment_name(y.pool), self.namespace, api_version="apps/v1"),
-                    "BalloonsReleased",
-                    f"{n} balloon(s) of pool {y.pool} released in one step for {what} ({rel.pods} pod(s), "
-                    f"{rel.amount} {yd.unit_of(y.resource)} waiting): {nodes}" + (" [dry-run]" if self.dry_run else ""))
+                    if not self.dry_run:
+                        calls.append(self._mark(bal, rel.unit, released_key, outcome))
+        await _bounded(calls)
+        return [(y, rel, outcome[0]) for y, rel, outcome in done]
+
+    async def _mark(self, bal: yd.Balloon, unit: str, released_key: str, outcome: list[str]) -> None:
+        try:
+            await self.kube.patch(PODS, bal.name, {"metadata": {"annotations": {
+                yd.DELETION_COST: yd.RELEASE_COST, released_key: unit[:250]}}}, bal.namespace)
+        except errors.NotFound:
+            pass
+        except errors.ApiError as exc:
+            outcome[0] = "error"
+            log.warning("could not release balloon %s/%s: %s", bal.namespace, bal.name, exc)
+
+    async def _announce(self, released: list[tuple[yd.PoolYield, yd.Release, str]]) -> None:
+        async def one(y: yd.PoolYield, rel: yd.Release, result: str) -> None:
+            n = len(rel.balloons)
+            self.metrics.releases.labels(y.pool, result).inc(n)
+            what = f"gang {rel.unit}" if "/pod/" not in rel.unit else f"pod {rel.unit.replace('/pod/', '/')}"
+            nodes = ", ".join(bal.node for bal in rel.balloons[:10]) + (" ..." if n > 10 else "")
+            await self.recorder.emit(
+                ObjectRef("Deployment", bl.deployment_name(y.pool), self.namespace, api_version="apps/v1"),
+                "BalloonsReleased",
+                f"{n} balloon(s) of pool {y.pool} released in one step for {what} ({rel.pods} pod(s), "
+                f"{rel.amount} {yd.unit_of(y.resource)} waiting): {nodes}" + (" [dry-run]" if self.dry_run else ""))
+        await _bounded(one(*r) for r in released)
 
 
 class GangManager:
