@@ -18,6 +18,8 @@ about time).
 
 from __future__ import annotations
 
+import pytest
+
 from capacity_helpers import NAMES, bound, pods_of, wait_for
 from fleetkeeper.capacity import yielding as yd
 from fleetkeeper.capacity.config import CapacityConfig
@@ -28,23 +30,27 @@ from fleetkeeper.localcluster.slowdelete import SlowDeletes
 PLACEHOLDER = "e2e.fleetkeeper.io/placeholder"
 
 
-def cfg(pool, namespace: str) -> CapacityConfig:
+def cfg(pool, namespace: str, prompt: bool) -> CapacityConfig:
     return CapacityConfig.model_validate({
         "balloons": {"enabled": False, "namespace": namespace,
                      "pools": [{"name": pool.pool, "resource": "gpu", "max_nodes": 3}]},
-        "gangs": {"webhook_port": 0, "requeue_stuck_after_seconds": 5},
+        "gangs": {"webhook_port": 0, "requeue_stuck_after_seconds": 5,
+                  "retry_when_room_frees_after_seconds": 2 if prompt else None},
     })
 
 
+@pytest.mark.parametrize("prompt", [True, False], ids=["retry-when-room-frees", "stuck-repair-only"])
 async def test_a_gang_the_scheduler_stopped_trying_is_requeued_and_placed(kube, namespace, pool_factory,
-                                                                           run_capacity):
+                                                                           run_capacity, prompt):
+    """With the prompt retry (default) the gang is retried as soon as the third node's room is there; with
+    only the stuck repair, once it has shown no progress for the threshold. Either way one requeue pod."""
     pool = await pool_factory(3)
     third = pool.nodes[2]
     await kube.patch(NODES, third, {"spec": {"unschedulable": True}})
     pc = f"fk-placeholder-{pool.pool}"
     await kube.create(PRIORITYCLASSES, {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
                                         "metadata": {"name": pc}, "value": -1000, "preemptionPolicy": "Never"})
-    cap, registry = await run_capacity(cfg(pool, namespace), namespace)
+    cap, registry = await run_capacity(cfg(pool, namespace, prompt), namespace)
     spec = pool.pod_spec()
     try:
         for i in range(2):
@@ -73,9 +79,15 @@ async def test_a_gang_the_scheduler_stopped_trying_is_requeued_and_placed(kube, 
                 return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=train"))) == 3
             await wait_for(placed, 120, what="the gang placed on the 3 nodes")
         events, _ = await kube.list(EVENTS, namespace)
-        notes = [e.get("note", "") for e in events if e.get("reason") == "GangRequeued"]
-        assert notes and "gang train has fitted its pool" in notes[0], notes
-        assert registry.get_sample_value("fleetkeeper_gang_requeue_pods_total", {"op": "create", "result": "ok"}) >= 1
+        if prompt:
+            notes = [e.get("note", "") for e in events if e.get("reason") == "GangRetried"]
+            assert notes and "room for gang train freed" in notes[0], notes
+            op = "kick"
+        else:
+            notes = [e.get("note", "") for e in events if e.get("reason") == "GangRequeued"]
+            assert notes and "gang train has fitted its pool" in notes[0], notes
+            op = "create"
+        assert registry.get_sample_value("fleetkeeper_gang_requeue_pods_total", {"op": op, "result": "ok"}) >= 1
 
         async def requeue_pods_gone():
             return not await pods_of(kube, namespace, yd.requeue_label(NAMES))
