@@ -37,7 +37,8 @@ from fleetkeeper.capacity.config import CapacityConfig  # noqa: E402
 from fleetkeeper.capacity.controller import CapacityOptions, setup  # noqa: E402
 from fleetkeeper.core import errors  # noqa: E402
 from fleetkeeper.core.domain import Names  # noqa: E402
-from fleetkeeper.core.kube import NAMESPACES, NODES, PODS, Kube, RetryPolicy  # noqa: E402
+from fleetkeeper.core.kube import EVENTS, NAMESPACES, NODES, PODS, Kube, RetryPolicy  # noqa: E402
+from fleetkeeper.core.views import parse_time  # noqa: E402
 from fleetkeeper.core.manager import Manager  # noqa: E402
 from fleetkeeper.core.settings import RuntimeSettings  # noqa: E402
 from fleetkeeper.localcluster.cluster import LocalCluster, wait_nodes_ready  # noqa: E402
@@ -259,6 +260,15 @@ async def main(args) -> None:
             watcher.cancel()
             print("  kube-scheduler's queues meanwhile (active/backoff/unschedulable/gated):\n    "
                   + "\n    ".join(queues))
+            evs, _ = await kube.list(EVENTS, "fleetkeeper-system")
+            wall0 = time.time() - (time.monotonic() - t)
+            for reason in ("BalloonsReleased", "Preempted"):
+                ts = sorted(parse_time(e.get("eventTime") or e["metadata"]["creationTimestamp"]) - wall0
+                            for e in evs if e.get("reason") == reason)
+                if ts:
+                    print(f"  {reason}: {len(ts)} Events, {ts[0]:.1f}s to {ts[-1]:.1f}s after the first create")
+                else:
+                    print(f"  {reason}: none")
             took = None if took is None else time.monotonic() - t
             print(f"  pool of balloons, bound: {quarters(j)}")
             print(f"  pool of balloons  : all {j} bound {took:.1f}s after creation (preempting {j} balloons); "

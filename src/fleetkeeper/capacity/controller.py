@@ -91,6 +91,7 @@ def _ident(obj: dict) -> dict:
             "spec": obj.get("spec") or {}, "status": obj.get("status") or {}}
 
 
+RELEASE_EVENTS_PER_PASS = 20  # BalloonsReleased Events per unit in one pass; the rest in one Event
 WRITE_CONCURRENCY = 16  # API calls of one step in flight at once (a reservation of 1,000 nodes is one step)
 
 
@@ -504,7 +505,23 @@ class BalloonManager:
                 "BalloonsReleased",
                 f"{n} balloon(s) of pool {y.pool} released in one step for {what} ({rel.pods} pod(s), "
                 f"{rel.amount} {yd.unit_of(y.resource)} waiting): {nodes}" + (" [dry-run]" if self.dry_run else ""))
-        await _bounded(one(*r) for r in released)
+        # one Event per unit, and one for the rest when many units got room at once (hundreds of single
+        # pods would only exhaust the Event budget)
+        await _bounded(one(*r) for r in released[:RELEASE_EVENTS_PER_PASS])
+        rest = released[RELEASE_EVENTS_PER_PASS:]
+        for y, rel, result in rest:
+            self.metrics.releases.labels(y.pool, result).inc(len(rel.balloons))
+        by_pool: dict[str, list[yd.Release]] = {}
+        for y, rel, _ in rest:
+            by_pool.setdefault(y.pool, []).append(rel)
+        for pool, rels in by_pool.items():
+            await self.recorder.emit(
+                ObjectRef("Deployment", bl.deployment_name(pool), self.namespace, api_version="apps/v1"),
+                "BalloonsReleased",
+                f"{sum(len(r.balloons) for r in rels)} more balloon(s) of pool {pool} released in the same step "
+                f"for {len(rels)} more unit(s) ({sum(r.pods for r in rels)} pod(s)): "
+                + ", ".join(r.unit for r in rels[:10]) + (" ..." if len(rels) > 10 else "")
+                + (" [dry-run]" if self.dry_run else ""))
 
 
 class GangManager:
