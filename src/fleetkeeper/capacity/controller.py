@@ -91,6 +91,7 @@ def _ident(obj: dict) -> dict:
             "spec": obj.get("spec") or {}, "status": obj.get("status") or {}}
 
 
+NODE_EVENTS_PER_STEP = 20  # NodeReserved / NodeReservationRemoved Events per reservation step
 RELEASE_EVENTS_PER_PASS = 20  # BalloonsReleased Events per unit in one pass; the rest in one Event
 WRITE_CONCURRENCY = 16  # API calls of one step in flight at once (a reservation of 1,000 nodes is one step)
 
@@ -362,14 +363,16 @@ class BalloonManager:
                          y.pool, len(plan.taint), len(plan.untaint))
                 writes = []
 
-            async def write(node: str, value: str | None) -> None:
+            async def write(i: int, node: str, value: str | None) -> None:
                 note = (f"reserved for gang {plan.unit} (waited {plan.waited:.0f}s): only its pods may start here "
                         f"until it is placed" if value else "reservation removed: the gang it was for is placed "
                         "or gone")
-                result = await self._set_taint(node, key, value, note)
+                # an Event on each of the first nodes of a step; the step's Event on the PodGroup names them
+                # all (a 1,000-node reservation must not spend the whole Event budget)
+                result = await self._set_taint(node, key, value, note, announce=i < NODE_EVENTS_PER_STEP)
                 self.metrics.reservations.labels("reserve" if value else "release", result).inc()
 
-            await _bounded(write(n, v) for n, v in writes)
+            await _bounded(write(i, n, v) for i, (n, v) in enumerate(writes))
             self.metrics.reserved.labels(y.pool).set(len(plan.reserved))
             state = (plan.unit, tuple(plan.reserved))
             if plan.unit and self._reserved.get(y.pool) != state:
@@ -378,8 +381,10 @@ class BalloonManager:
                 await self.recorder.emit(
                     ObjectRef("PodGroup", gang, ns, api_version=PODGROUPS.api_version), "GangRoomReserved",
                     f"gang {gang} waited {plan.waited:.0f}s (over {self.reserve_after:.0f}s): the {plan.needed} "
-                    f"nodes it needs reserved in one step ({len(plan.reserved)} reserved now); work already there "
-                    f"runs on, smaller work no longer starts there" + (" [dry-run]" if self.dry_run else ""))
+                    f"nodes it needs reserved in one step ({len(plan.reserved)} reserved now: "
+                    + ", ".join(plan.reserved[:20]) + (" ..." if len(plan.reserved) > 20 else "")
+                    + "); work already there runs on, smaller work no longer starts there"
+                    + (" [dry-run]" if self.dry_run else ""))
             elif not plan.unit:
                 self._reserved.pop(y.pool, None)
 
@@ -441,7 +446,7 @@ class BalloonManager:
                 type_="Warning")
         return bool(plan.fits_since) or bool(probes), plan.next_kick_in
 
-    async def _set_taint(self, node: str, key: str, value: str | None, note: str) -> str:
+    async def _set_taint(self, node: str, key: str, value: str | None, note: str, announce: bool = True) -> str:
         """Add (value) or remove (None) the reservation taint through the core applier: one patch with the
         cached node's resourceVersion, its Event (``NodeReserved`` / ``NodeReservationRemoved``) and
         ``fleetkeeper_node_writes_total{component="capacity"}``; a conflict waits for the next pass."""
@@ -449,10 +454,10 @@ class BalloonManager:
         if view is None:
             return "error"
         op = AddTaint(key, value, "NoSchedule") if value is not None else RemoveTaint(key)
-        plan = Plan(node, "reserve" if value is not None else "unreserve",
-                    (op, Event("NodeReserved" if value is not None else "NodeReservationRemoved", note)))
+        event = Event("NodeReserved" if value is not None else "NodeReservationRemoved", note)
+        plan = Plan(node, "reserve" if value is not None else "unreserve", (op, event) if announce else (op,))
         try:
-            out = await self.applier.apply(view, plan)
+            out = await self.applier.apply(view, plan, announce=announce)
         except errors.FleetkeeperError as exc:  # Temporary (a Conflict: the cache was behind) or an API error
             log.info("reservation taint on %s: %s (next pass)", node, exc)
             return "error"

@@ -162,6 +162,9 @@ async def test_a_reservation_taints_every_node_its_gang_needs_in_one_step_within
     assert bm.last_reserve["gpu"].reserved == sorted(f"n{i}" for i in range(200))
     assert mgr.registry.get_sample_value("fleetkeeper_node_reservations_total",
                                          {"op": "reserve", "result": "ok"}) == 200
+    # an Event on the first nodes of the step and one on the gang naming the step; not 200 node Events
+    reasons = [e["reason"] for e in kube.events]
+    assert reasons.count("NodeReserved") == 20 and reasons.count("GangRoomReserved") == 1
 
 
 async def test_a_second_reservation_step_in_the_same_minute_waits_for_the_budget():
