@@ -361,7 +361,7 @@ class BalloonManager:
                     self.metrics.reservations.labels("reserve" if value else "release", "rate_limited").inc()
                 log.info("reservation of pool %s (%d taint(s) to set, %d to remove) waits for the rate limit",
                          y.pool, len(plan.taint), len(plan.untaint))
-                writes = []
+                continue  # the whole step waits: nothing of it is written, announced or counted as reserved
 
             async def write(i: int, node: str, value: str | None) -> None:
                 note = (f"reserved for gang {plan.unit} (waited {plan.waited:.0f}s): only its pods may start here "
