@@ -13,7 +13,10 @@ guarantees:
   the API server with ``dryRun=All`` so PodDisruptionBudgets are still
   checked; the machine provider is asked with ``dry_run=True``;
 * **rate limits**: node writes and evictions each through a token bucket;
-* **an Event per action** (the plan's own, else one named after the action);
+* **an Event per action** (the plan's own, else one named after the action),
+  handed to the recorder's sink after the write: it never delays this or
+  another node's write, and Event writers wait while node writes are in
+  flight (:mod:`fleetkeeper.core.events`);
 * ``fleetkeeper_node_writes_total{component,action,result}``.
 """
 
@@ -137,7 +140,8 @@ class Applier:
             else:
                 await self.write_bucket.acquire()
                 try:
-                    await self.kube.patch(NODES, node.name, body)
+                    with self.recorder.priority.writing():  # Event writers wait for this (events.WritePriority)
+                        await self.kube.patch(NODES, node.name, body)
                 except errors.Conflict:
                     self.count(plan.action, "conflict")
                     raise errors.Temporary(f"{node.name} changed since the cache saw it; deciding again",
