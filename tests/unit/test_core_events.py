@@ -92,3 +92,10 @@ async def test_event_writers_wait_for_node_writes_at_most_max_defer():
         await clock.advance(0.7)
         await asyncio.wait_for(q, 1.0)
         assert prio.inflight == 1
+
+
+def test_similar_note_memory_is_bounded():
+    c = EventCorrelator(max_series=3, max_similar=1)
+    for i in range(5):
+        c.observe(node_ref(f"n{i}"), "Normal", "R", "x", "Reconcile", 1.0)
+    assert len(c._similar) == 3

@@ -123,7 +123,11 @@ class EventCorrelator:
         """The note to record: ``note``, or the combined one once the (object, type, reason) had
         ``max_similar`` other notes within the window."""
         skey = (obj.kind, obj.namespace, obj.name, type_, reason)
-        notes = self._similar.setdefault(skey, {})
+        notes = self._similar.get(skey)
+        if notes is None:
+            notes = self._similar[skey] = {}
+            if len(self._similar) > self.max_series:  # bounded: forget the oldest object's notes
+                self._similar.pop(next(iter(self._similar)))
         for n, t in list(notes.items()):
             if now - t > self.window:
                 del notes[n]
@@ -131,7 +135,6 @@ class EventCorrelator:
             notes[note] = now
             return note
         return COMBINED + reason
-        # (bounded: at most max_similar notes per key; keys are dropped with the series they belong to)
 
     def observe(self, obj: ObjectRef, type_: str, reason: str, note: str, action: str, now: float) -> str:
         note = self._combine(obj, type_, reason, note, now)
