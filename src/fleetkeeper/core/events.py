@@ -7,9 +7,10 @@ Events are written off the write path, as client-go's EventBroadcaster does:
   out in the background. A controller's worker goes straight on to its next
   node, so an Event never delays another node's taint.
 * **Node writes first.** Writers wait while the process has node writes in
-  flight (:class:`WritePriority`, marked by the applier), at most
-  ``max_defer`` seconds at a time, so a burst's taints are not queued behind
-  its Events at the API server or on the event loop.
+  flight (:class:`WritePriority`, marked by the applier), until at most
+  ``max_defer`` seconds after the occurrence, so a burst's taints are not
+  queued behind its Events at the API server or on the event loop, and a
+  steady stream of node writes delays Events, never starves them.
 * **Aggregation** (:class:`EventCorrelator`, pure, no I/O): an occurrence
   identical to one already waiting (object, type, reason, note) is counted
   into it; one identical to an Event written within ``window`` seconds
@@ -187,7 +188,7 @@ class WritePriority:
         finally:
             self.inflight -= 1
 
-    async def quiet(self, clock: Clock, at_most: float, poll: float = 0.01) -> None:
+    async def quiet(self, clock: Clock, at_most: float, poll: float = 0.05) -> None:
         end = clock.monotonic() + at_most
         while self.inflight and clock.monotonic() < end:
             await clock.sleep(poll)
@@ -220,7 +221,7 @@ class EventRecorder:
     max_similar: int = 10  # distinct notes per (object, type, reason) before they are combined
     max_pending: int = 4096  # distinct Events waiting to be written; more are dropped (counted)
     writers: int = 4  # Event writes in flight
-    max_defer: float = 2.0  # longest wait for node writes in flight before an Event write goes anyway
+    max_defer: float = 5.0  # an Event waits for node writes in flight at most this long after it happened
     priority: WritePriority = field(default_factory=lambda: NODE_WRITES)
 
     def __post_init__(self) -> None:
@@ -296,7 +297,9 @@ class EventRecorder:
         while (p := self.correlator.pop()) is not None:
             self._busy += 1
             try:
-                await self.priority.quiet(self.clock, self.max_defer)
+                # node writes first, but no Event later than max_defer after it happened (so a steady
+                # stream of node writes, a team's convergence, does not starve the sink)
+                await self.priority.quiet(self.clock, self.max_defer - (self.clock.now() - p.first))
                 await self._bucket.acquire()
                 await self._write(p)
             finally:
