@@ -163,17 +163,21 @@ async def main(total: int, faults: int, workers: int, profile: str | None = None
 
         # baseline: F plain patches at once, ack -> visible in the watch
         acked: dict[str, float] = {}
+        sent: dict[str, float] = {}
 
         async def probe(n: str) -> None:
             watching[n] = "1"
+            sent[n] = time.monotonic()
             await agents_kube.patch(NODES, n, {"metadata": {"annotations": {probe_key: "1"}}})
             acked[n] = time.monotonic()
         await asyncio.gather(*(probe(n) for n in probes))
         await wait_all(seen, probes, 120)
         # the watch may deliver a change before the writer has read its response: that counts as 0
         floor = [max(0.0, seen[n] - acked[n]) for n in probes]
+        whole = [seen[n] - sent[n] for n in probes]
         print(f"baseline (plain node PATCH -> visible in the watch, {len(probes)} at once): {summary(floor)}",
               flush=True)
+        print(f"baseline, from sending the PATCH (its round trip included): {summary(whole)}", flush=True)
 
         # the faults: one agent status PATCH each, all at once
         w0 = own_writes(reg)
@@ -223,6 +227,8 @@ async def main(total: int, faults: int, workers: int, profile: str | None = None
               f"{span:.1f}s after the first fault")
         delta = {k: w1.get(k, 0) - w0.get(k, 0) for k in w1 if w1.get(k, 0) - w0.get(k, 0)}
         tot = sum(delta.values())
+        print(f"p99 ratios: condition -> taint p99 / plain PATCH p99 = {pct(lat, .99) / max(1e-3, pct(floor, .99)):.1f}x "
+              f"(ack -> visible), {pct(lat, .99) / max(1e-3, pct(whole, .99)):.1f}x (send -> visible)")
         print(f"controller API writes: {tot:.0f} for {actions:.0f} quarantines = {tot / max(1, actions):.2f} "
               f"per action (" + ", ".join(f"{k} {v:.0f}" for k, v in sorted(delta.items())) + ")")
         emitted, dropped = events_counted(reg)
