@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.clock import Clock, RealClock
-from fleetkeeper.core.events import EventRecorder, node_ref
+from fleetkeeper.core.events import NODE_WRITES, EventRecorder, node_ref
 from fleetkeeper.core.kube import NODES, Kube
 from fleetkeeper.core.metrics import PREFIX
 from fleetkeeper.core.plan import Event, Plan, node_patch
@@ -90,6 +90,7 @@ class Applier:
                  evictions_per_second: float = 10.0, provider: MachineProvider | None = None):
         self.kube = kube
         self.recorder = recorder
+        self.priority = getattr(recorder, "priority", None) or NODE_WRITES  # the recorder's, else the process's
         self.component = component
         self.clock = clock or RealClock()
         self._dry_run = dry_run
@@ -140,7 +141,7 @@ class Applier:
             else:
                 await self.write_bucket.acquire()
                 try:
-                    with self.recorder.priority.writing():  # Event writers wait for this (events.WritePriority)
+                    with self.priority.writing():  # Event writers wait for this (events.WritePriority)
                         await self.kube.patch(NODES, node.name, body)
                 except errors.Conflict:
                     self.count(plan.action, "conflict")

@@ -345,11 +345,12 @@ class EventRecorder:
         """Wait until every Event emitted so far is written (or failed); True if done within ``timeout``."""
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
             return not self.waiting  # its writers ran in another (finished) event loop
-        end = self.clock.monotonic() + timeout
+        loop = asyncio.get_running_loop()  # real time: this waits for I/O, whatever the injected clock says
+        end = loop.time() + timeout
         while self.waiting:
-            if self.clock.monotonic() >= end:
+            if loop.time() >= end:
                 return False
-            await self.clock.sleep(0.02)
+            await asyncio.sleep(0.01)
         return True
 
     async def close(self, timeout: float = 10.0) -> bool:
