@@ -165,7 +165,7 @@ async def test_a_reservation_taints_every_node_its_gang_needs_in_one_step_within
     assert mgr.registry.get_sample_value("fleetkeeper_node_reservations_total",
                                          {"op": "reserve", "result": "ok"}) == 200
     # an Event on the first nodes of the step and one on the gang naming the step; not 200 node Events
-    reasons = [e["reason"] for e in kube.events]
+    reasons = [reason for _, _, reason, _ in bm.recorder.emitted]
     assert reasons.count("NodeReserved") == 20 and reasons.count("GangRoomReserved") == 1
 
 
