@@ -111,8 +111,11 @@ async def test_deleting_a_gang_job_never_recreates_its_groups(kube, namespace, p
             wl = await kube.get_or_none(WORKLOADS, "train", namespace)
             return not pods and pg is None and wl is None
         await wait_for(all_gone, 120, what="pods and group objects gone")
-        events, _ = await kube.list(EVENTS, namespace)
-        created = [e for e in events if e.get("reason") == "GangGroupCreated"]
+
+        async def created_events():  # Events are written by the recorder's sink, after the writes
+            events, _ = await kube.list(EVENTS, namespace)
+            return [e for e in events if e.get("reason") == "GangGroupCreated"] or None
+        created = await wait_for(created_events, 60, what="the GangGroupCreated Event written")
         assert creates() == 2 and len(created) == 1, \
             f"group objects re-created after the Job was deleted: {creates()} creates, {[e.get('note') for e in created]}"
     finally:

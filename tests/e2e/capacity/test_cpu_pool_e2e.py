@@ -39,10 +39,12 @@ async def test_a_cpu_gang_gets_the_cpu_balloons_it_needs_released_in_one_step(ku
         async def placed():
             return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=etl"))) == 3
         await wait_for(placed, 120, what="the CPU gang placed whole")
-        events, _ = await kube.list(EVENTS, namespace)
-        notes = [e.get("note", "") for e in events if e.get("reason") == "BalloonsReleased"]
-        assert any("3 balloon(s)" in n and f"gang {namespace}/etl" in n and "CPU millicores" in n for n in notes), \
-            notes
+        async def released():  # Events are written by the recorder's sink, after the action
+            events, _ = await kube.list(EVENTS, namespace)
+            notes = [e.get("note", "") for e in events if e.get("reason") == "BalloonsReleased"]
+            return notes if any("3 balloon(s)" in n and f"gang {namespace}/etl" in n and "CPU millicores" in n
+                                for n in notes) else None
+        await wait_for(released, 60, what="the BalloonsReleased Event for the CPU gang")
     finally:
         await delete_jobs(kube, namespace)
         for name in (pc, work_pc):

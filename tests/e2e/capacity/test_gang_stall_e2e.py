@@ -78,14 +78,17 @@ async def test_a_gang_the_scheduler_stopped_trying_is_requeued_and_placed(kube, 
             async def placed():
                 return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=train"))) == 3
             await wait_for(placed, 120, what="the gang placed on the 3 nodes")
-        events, _ = await kube.list(EVENTS, namespace)
+        reason = "GangRetried" if prompt else "GangRequeued"
+
+        async def written():  # Events are written by the recorder's sink, after the action
+            events, _ = await kube.list(EVENTS, namespace)
+            return [e.get("note", "") for e in events if e.get("reason") == reason] or None
+        notes = await wait_for(written, 60, what=f"the {reason} Event written")
         if prompt:
-            notes = [e.get("note", "") for e in events if e.get("reason") == "GangRetried"]
-            assert notes and "room for gang train freed" in notes[0], notes
+            assert "room for gang train freed" in notes[0], notes
             op = "kick"
         else:
-            notes = [e.get("note", "") for e in events if e.get("reason") == "GangRequeued"]
-            assert notes and "gang train has fitted its pool" in notes[0], notes
+            assert "gang train has fitted its pool" in notes[0], notes
             op = "create"
         assert registry.get_sample_value("fleetkeeper_gang_requeue_pods_total", {"op": op, "result": "ok"}) >= 1
 
