@@ -188,6 +188,34 @@ def fds(pid: int) -> int:
         return 0
 
 
+class CpuCap:
+    """The relay held to a share of one core (cgroup v1 CFS quota), as when it ran beside other
+    control planes on this machine at 3-7 % of a core: the overload reproduced on purpose."""
+
+    ROOT = Path("/sys/fs/cgroup/cpu")
+
+    def __init__(self, share: float, pid: int):
+        self.dir: Path | None = None
+        if not share:
+            return
+        if not (self.ROOT / "cpu.cfs_quota_us").exists():
+            raise SystemExit(f"--relay-cpu-share needs the cgroup v1 cpu controller at {self.ROOT}")
+        self.dir = self.ROOT / f"fk-bench-relay-{pid}"
+        self.dir.mkdir()
+        (self.dir / "cpu.cfs_period_us").write_text("100000")
+        (self.dir / "cpu.cfs_quota_us").write_text(str(max(1000, int(share * 100000))))
+        (self.dir / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        if self.dir is not None and self.dir.exists():
+            for _ in range(50):
+                try:
+                    self.dir.rmdir()
+                    return
+                except OSError:  # the process is still leaving it
+                    time.sleep(0.1)
+
+
 class Profiler:
     """py-spy on the relay, one raw profile per phase (``--profile DIR``)."""
 
@@ -258,10 +286,18 @@ async def herd(script: str, url: str, nodes: list[str], seconds: float, pid: int
     t0 = time.monotonic()
     peak_fds = 0
     done_s = None
+    shown = 0.0
     while time.monotonic() - t0 < seconds:
         line = await asyncio.wait_for(p.stdout.readline(), 60)
         last = json.loads(line)
         peak_fds = max(peak_fds, fds(pid))
+        if time.monotonic() - shown >= 15:
+            shown = time.monotonic()
+            rm = requests_by(await relay_metrics(mport), "view")
+            v0_ = requests_by(r0, "view")
+            say(f"  herd at {shown - t0:.0f}s: {last['first']}/{len(nodes)} have their first view; client retries "
+                f"{last.get('retries')} (503: {last.get('busy', 0)}); relay views by code "
+                f"{ {c: rm[c] - v0_.get(c, 0) for c in rm if rm[c] - v0_.get(c, 0)} }; relay fds {fds(pid)}")
         if last["first"] == len(nodes):
             done_s = time.monotonic() - t0
             break
@@ -276,7 +312,7 @@ async def herd(script: str, url: str, nodes: list[str], seconds: float, pid: int
     print(f"  all {len(nodes)} agents at once from one process: {last.get('first')} had their first view after "
           f"{done_s if done_s is not None else time.monotonic() - t0:.0f}s"
           f"{'' if done_s is not None else ' (gave up)'}; client retries (timeouts, refused, 503) "
-          f"{last.get('retries')}; relay answered views by code {views}; relay peak file descriptors {peak_fds}; "
+          f"{last.get('retries')} (of which 503 {last.get('busy', 0)}); relay answered views by code {views}; relay peak file descriptors {peak_fds}; "
           f"accept-queue overflows {o1.get('ListenOverflows', 0) - o0.get('ListenOverflows', 0)}, "
           f"SYNs dropped {o1.get('ListenDrops', 0) - o0.get('ListenDrops', 0)}; load average "
           f"{os.getloadavg()[0]:.1f}")
@@ -284,7 +320,7 @@ async def herd(script: str, url: str, nodes: list[str], seconds: float, pid: int
 
 async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, workers: int = 4,
                      rate: float = 250.0, herd_s: float = 0.0, profile: str | None = None,
-                     relay_args: tuple[str, ...] = ()) -> None:
+                     relay_args: tuple[str, ...] = (), cpu_share: float = 0.0) -> None:
     """One relay process; ``agents_n`` agents spread over ``workers`` processes
     (bench/relay_agents.py), started at ``rate`` agents per second in all
     (after, with ``herd_s``, up to ``herd_s`` seconds of every agent at once from one process)."""
@@ -300,6 +336,13 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
     ns = "scale-relay"
     procs: list[asyncio.subprocess.Process] = []
     prof = Profiler(profile, proc.pid)
+    try:
+        cap = CpuCap(cpu_share, proc.pid)
+    except BaseException:
+        stop(proc)
+        raise
+    if cpu_share:
+        say(f"  relay held to {cpu_share:.0%} of one core (cgroup cpu quota)")
     api_pid = lc.state.pids["kube-apiserver"]
     try:
         ready = await wait_http(f"http://127.0.0.1:{mport}/readyz", 900, proc)
@@ -403,7 +446,8 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
         print(f"relay with {len(nodes)} agents on one relay process ({workers} agent processes, started at "
               f"{rate:.0f}/s, so the last starts at {len(nodes) / rate:.0f}s): all had their first view after "
               f"{connect_s:.0f}s (first views p50 {first[len(first) // 2]:.1f}s, max {first[-1]:.1f}s after start); "
-              f"client retries {sum(st.get('retries', 0) for st in status)}, relay answered views by code {views}, "
+              f"client retries {sum(st.get('retries', 0) for st in status)} (of which 503 "
+              f"{sum(st.get('busy', 0) for st in status)}), relay answered views by code {views}, "
               f"relay peak file descriptors {peak_fds}, accept-queue overflows "
               f"{o1.get('ListenOverflows', 0) - o0.get('ListenOverflows', 0)}; "
               f"relists after the first view {sum(st.get('relists', 0) for st in status)}; "
@@ -444,6 +488,7 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
                 p.kill()
                 await p.wait()
         stop(proc)
+        cap.remove()
 
 
 def cpu_s(pid: int) -> float:
@@ -569,7 +614,7 @@ async def main(a) -> None:
             if part == "relay":
                 try:
                     await relay_part(lc, kube, a.agents, a.sample, a.agent_processes, a.agent_rate, a.herd_seconds,
-                                     a.profile, tuple(a.relay_arg))
+                                     a.profile, tuple(a.relay_arg), a.relay_cpu_share)
                 except TimeoutError as exc:  # reported; the other parts still run
                     print(f"relay: {exc}")
             elif part == "teams":
@@ -670,6 +715,8 @@ if __name__ == "__main__":
     ap.add_argument("--herd-seconds", type=float, default=0.0,
                     help="first, for this long, every agent at once from one process (how it failed before)")
     ap.add_argument("--profile", help="relay part: py-spy raw profiles of the relay per phase into this directory")
+    ap.add_argument("--relay-cpu-share", type=float, default=0.0,
+                    help="hold the relay process to this share of one core (cgroup v1 CFS quota), e.g. 0.05")
     ap.add_argument("--relay-arg", action="append", default=[], help="extra flag for `fleetkeeper relay serve`")
     ap.add_argument("--parts", default="rss,relay,teams")
     ap.add_argument("--bare-nodes", action="store_true",
