@@ -206,6 +206,15 @@ class CpuCap:
         (self.dir / "cpu.cfs_quota_us").write_text(str(max(1000, int(share * 100000))))
         (self.dir / "cgroup.procs").write_text(str(pid))
 
+    def lift(self, pid: int) -> None:
+        """Back to the whole machine (the process leaves the capped group)."""
+        if self.dir is not None and self.dir.exists():
+            try:
+                (self.ROOT / "cgroup.procs").write_text(str(pid))
+            except OSError:
+                pass
+            self.remove()
+
     def remove(self) -> None:
         if self.dir is not None and self.dir.exists():
             for _ in range(50):
@@ -342,7 +351,7 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
         stop(proc)
         raise
     if cpu_share:
-        say(f"  relay held to {cpu_share:.0%} of one core (cgroup cpu quota)")
+        say(f"  relay held to {cpu_share:.0%} of one core (cgroup cpu quota)" + (" for the herd" if herd_s else ""))
     api_pid = lc.state.pids["kube-apiserver"]
     try:
         ready = await wait_http(f"http://127.0.0.1:{mport}/readyz", 900, proc)
@@ -355,6 +364,9 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
             prof.start("herd")
             await herd(script, url, nodes, herd_s, proc.pid, mport)
             prof.stop()
+            if cpu_share:
+                cap.lift(proc.pid)
+                say("  relay: CPU cap lifted for the paced run")
             await asyncio.sleep(10)
             cpu0 = cpu_s(proc.pid)
         o0 = netstat("ListenOverflows", "ListenDrops")
