@@ -265,3 +265,24 @@ def test_component_configuration_is_valid_for_the_components():
     assert not opts.webhook.register_webhook and not opts.webhook.unregisters_on_exit
     cap = load_config_text(cms["fleetkeeper-capacity"]["data"]["config.yaml"], "chart")
     assert cap.gangs.webhook_cert_dir and not cap.gangs.manage_webhook_registration
+
+
+def test_relay_serves_the_service_port_and_checks_its_open_file_limit():
+    from typer.testing import CliRunner
+
+    from fleetkeeper.relay.cli import _split_listen, app
+
+    docs = render({"relay": {"enabled": True, "expectedAgents": 2500}})
+    relay = by_kind(docs, "Deployment")["fleetkeeper-relay"]["spec"]["template"]["spec"]["containers"][0]
+    args = relay["args"]
+    listen = next(a.split("=", 1)[1] for a in args if a.startswith("--listen="))
+    host, port = _split_listen(listen)
+    service = by_kind(docs, "Service")["fleetkeeper-relay"]
+    assert host == "0.0.0.0" and int(port) == service["spec"]["ports"][0]["targetPort"]  # not the pod's loopback
+    assert {"name": "relay", "containerPort": int(port)} in relay["ports"]
+    assert "--expected-agents=2500" in args
+    # every flag the chart passes is one `relay serve` has
+    flags = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    out = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+    missing = [f for f in flags if f not in out]
+    assert not missing, missing
