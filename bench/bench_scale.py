@@ -268,11 +268,13 @@ def relay_counters(text: str) -> dict[str, float]:
     return out
 
 
-async def relay_metrics(mport: int) -> dict[str, float]:
+async def relay_metrics(mport: int, timeout: float = 60.0) -> dict[str, float]:
+    """The relay's counters (its /metrics is served by the relay's own event loop: slow when it is behind)."""
     try:
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{mport}/metrics") as r:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s, \
+                s.get(f"http://127.0.0.1:{mport}/metrics") as r:
             return relay_counters(await r.text())
-    except aiohttp.ClientError:
+    except (aiohttp.ClientError, asyncio.TimeoutError):
         return {}
 
 
@@ -284,44 +286,57 @@ def requests_by(m: dict[str, float], endpoint: str) -> dict[str, float]:
     return out
 
 
-async def herd(script: str, url: str, nodes: list[str], seconds: float, pid: int, mport: int) -> None:
-    """Every agent at once from one process, for up to ``seconds``."""
+async def herd(script: str, url: str, nodes: list[str], seconds: float, pid: int, mport: int,
+               cap: "CpuCap") -> None:
+    """Every agent at once from one process, for up to ``seconds`` (the relay held to its CPU cap, if any)."""
     import json
 
     o0 = netstat("ListenOverflows", "ListenDrops")
     r0 = await relay_metrics(mport)
     (p,) = await start_agents(script, url, nodes, 1, 0.0, "-")
     last: dict = {}
+
+    async def read() -> None:
+        while line := await p.stdout.readline():
+            last.update(json.loads(line))
+    reader = asyncio.create_task(read())
     t0 = time.monotonic()
     peak_fds = 0
     done_s = None
     shown = 0.0
-    while time.monotonic() - t0 < seconds:
-        line = await asyncio.wait_for(p.stdout.readline(), 60)
-        last = json.loads(line)
-        peak_fds = max(peak_fds, fds(pid))
-        if time.monotonic() - shown >= 15:
-            shown = time.monotonic()
-            rm = requests_by(await relay_metrics(mport), "view")
-            v0_ = requests_by(r0, "view")
-            say(f"  herd at {shown - t0:.0f}s: {last['first']}/{len(nodes)} have their first view; client retries "
-                f"{last.get('retries')} (503: {last.get('busy', 0)}); relay views by code "
-                f"{ {c: rm[c] - v0_.get(c, 0) for c in rm if rm[c] - v0_.get(c, 0)} }; relay fds {fds(pid)}")
-        if last["first"] == len(nodes):
-            done_s = time.monotonic() - t0
-            break
-    o1 = netstat("ListenOverflows", "ListenDrops")
-    r1 = await relay_metrics(mport)
-    p.stdin.close()
-    while line := await p.stdout.readline():
-        pass
-    await p.wait()
+    try:
+        while time.monotonic() - t0 < seconds:
+            await asyncio.sleep(1.0)
+            peak_fds = max(peak_fds, fds(pid))
+            if last.get("first") == len(nodes):
+                done_s = time.monotonic() - t0
+                break
+            if time.monotonic() - shown >= 15:
+                shown = time.monotonic()
+                say(f"  herd at {shown - t0:.0f}s: {last.get('first')}/{len(nodes)} have their first view; client "
+                    f"retries {last.get('retries')} (503: {last.get('busy', 0)}); relay fds {fds(pid)}; load average "
+                    f"{os.getloadavg()[0]:.1f}")
+        o1 = netstat("ListenOverflows", "ListenDrops")
+        at_end = dict(last)
+        cap.lift(pid)  # the counters are read, and the herd stopped, at full speed
+        r1 = await relay_metrics(mport)
+    finally:
+        if p.returncode is None:
+            p.stdin.close()
+            try:
+                await asyncio.wait_for(p.wait(), 60)
+            except asyncio.TimeoutError:
+                p.kill()
+                await p.wait()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
     v0, v1 = requests_by(r0, "view"), requests_by(r1, "view")
     views = {c: v1[c] - v0.get(c, 0) for c in v1 if v1[c] - v0.get(c, 0)}
-    print(f"  all {len(nodes)} agents at once from one process: {last.get('first')} had their first view after "
+    print(f"  all {len(nodes)} agents at once from one process: {at_end.get('first')} had their first view after "
           f"{done_s if done_s is not None else time.monotonic() - t0:.0f}s"
           f"{'' if done_s is not None else ' (gave up)'}; client retries (timeouts, refused, 503) "
-          f"{last.get('retries')} (of which 503 {last.get('busy', 0)}); relay answered views by code {views}; relay peak file descriptors {peak_fds}; "
+          f"{at_end.get('retries')} (of which 503 {at_end.get('busy', 0)}); relay answered views by code {views} "
+          f"(499: dropped, the client had gone); relay peak file descriptors {peak_fds}; "
           f"accept-queue overflows {o1.get('ListenOverflows', 0) - o0.get('ListenOverflows', 0)}, "
           f"SYNs dropped {o1.get('ListenDrops', 0) - o0.get('ListenDrops', 0)}; load average "
           f"{os.getloadavg()[0]:.1f}")
@@ -345,13 +360,7 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
     ns = "scale-relay"
     procs: list[asyncio.subprocess.Process] = []
     prof = Profiler(profile, proc.pid)
-    try:
-        cap = CpuCap(cpu_share, proc.pid)
-    except BaseException:
-        stop(proc)
-        raise
-    if cpu_share:
-        say(f"  relay held to {cpu_share:.0%} of one core (cgroup cpu quota)" + (" for the herd" if herd_s else ""))
+    cap = CpuCap(0.0, proc.pid)
     api_pid = lc.state.pids["kube-apiserver"]
     try:
         ready = await wait_http(f"http://127.0.0.1:{mport}/readyz", 900, proc)
@@ -361,12 +370,12 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
         url = f"http://127.0.0.1:{port}"
         script = str(Path(__file__).resolve().parent / "relay_agents.py")
         if herd_s:
-            prof.start("herd")
-            await herd(script, url, nodes, herd_s, proc.pid, mport)
-            prof.stop()
             if cpu_share:
-                cap.lift(proc.pid)
-                say("  relay: CPU cap lifted for the paced run")
+                cap = CpuCap(cpu_share, proc.pid)
+                say(f"  relay held to {cpu_share:.0%} of one core (cgroup cpu quota) for the herd")
+            prof.start("herd")
+            await herd(script, url, nodes, herd_s, proc.pid, mport, cap)
+            prof.stop()
             await asyncio.sleep(10)
             cpu0 = cpu_s(proc.pid)
         o0 = netstat("ListenOverflows", "ListenDrops")
@@ -499,8 +508,8 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
             if p.returncode is None:
                 p.kill()
                 await p.wait()
+        cap.lift(proc.pid)
         stop(proc)
-        cap.remove()
 
 
 def cpu_s(pid: int) -> float:

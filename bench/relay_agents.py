@@ -74,7 +74,8 @@ async def main(url: str, rate: float, prefix: str, nodes: list[str]) -> None:
     eof = asyncio.create_task(reader.read())
 
     def report(**extra) -> None:
-        sys.stdout.write(orjson.dumps({"first": len(first), "agents": len(nodes), "retries": retries.n,
+        sys.stdout.write(orjson.dumps({"first": len(first), "agents": len(nodes),
+                                       "retries": max(retries.n, sum(getattr(c, "retries", 0) for c in clients)),
                                        "busy": sum(getattr(c, "busy", 0) for c in clients),
                                        "failed": sum(1 for t in tasks if t.done() and not t.cancelled()
                                                      and t.exception() is not None), **extra}).decode() + "\n")

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class AdmissionPolicy:
     max_inflight: int = 256  # requests answered at once (views, snapshots, watch set-up)
-    max_lag: float = 1.0  # seconds the event loop may run late before new requests are refused
+    max_lag: float = 5.0  # seconds the event loop may run late before new requests are refused (half an
+    # agent's 10 s request timeout: below it a queued request is still answered while its client waits)
     min_retry_after: int = 1
     max_retry_after: int = 60
 
@@ -79,6 +80,7 @@ class BackoffPolicy:
     cap: float = 30.0  # longest delay after failures
     relist_spread: float = 10.0  # a relist after a relay restart starts within this many seconds
     max_retry_after: float = 300.0  # a Retry-After above this is taken as this
+    max_request_timeout: float = 60.0  # longest wait for one answer after repeated timeouts
 
 
 def retry_delay(attempt: int, u: float, policy: BackoffPolicy, retry_after: float | None = None) -> float:
@@ -97,6 +99,14 @@ def retry_delay(attempt: int, u: float, policy: BackoffPolicy, retry_after: floa
         return r * (1.0 + u)
     window = min(policy.cap, policy.base * 2 ** min(attempt - 1, 30))
     return max(policy.base / 2, u * window)
+
+
+def request_timeout(base: float, timeouts: int, policy: BackoffPolicy) -> float:
+    """How long to wait for the next answer after ``timeouts`` requests in a row timed out:
+    ``base`` doubled per timeout, up to ``max_request_timeout``. A client that times out
+    closes its connection and asks again on a new one, the relay's costliest step; a relay
+    that is that far behind is better waited for than asked again."""
+    return min(max(base, policy.max_request_timeout), base * 2 ** min(max(timeouts, 0), 30))
 
 
 def relist_delay(after_restart: bool, u: float, policy: BackoffPolicy) -> float:

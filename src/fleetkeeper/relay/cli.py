@@ -78,7 +78,7 @@ def serve(
     watch_timeout: int = typer.Option(300, help="longest agent watch, seconds"),
     max_inflight: int = typer.Option(256, help="agent requests answered at once before new ones get 503 "
                                      "with Retry-After"),
-    max_lag: float = typer.Option(1.0, help="seconds the event loop may run late before new agent requests get "
+    max_lag: float = typer.Option(5.0, help="seconds the event loop may run late before new agent requests get "
                                   "503 with Retry-After"),
     expected_agents: int = typer.Option(0, help="agents this process serves: the open-file limit is checked "
                                         "against it at start (needs 2 x agents + 1024)"),

@@ -33,7 +33,7 @@ import aiohttp
 import orjson
 
 from fleetkeeper.core import errors
-from fleetkeeper.relay.admission import BackoffPolicy, relist_delay, retry_delay
+from fleetkeeper.relay.admission import BackoffPolicy, relist_delay, request_timeout, retry_delay
 
 log = logging.getLogger("fleetkeeper.relay.client")
 
@@ -125,6 +125,7 @@ class RelayClient:
         self._rng = rng or random.Random()
         self.retries = 0  # waits after a failure or a 503 (for benchmarks and tests)
         self.busy = 0  # 503 answers with Retry-After
+        self._timeouts = 0  # requests in a row that got no answer in time (each waits longer)
 
     def _headers(self) -> dict[str, str]:
         token = self._token
@@ -148,18 +149,25 @@ class RelayClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _timeout(self) -> float:
+        return request_timeout(self.request_timeout, self._timeouts, self.backoff)
+
     async def _get(self, path: str) -> dict:
         url = self.base + path
         try:
             async with self._s().get(url, headers=self._headers(), ssl=self._ssl,
-                                     timeout=aiohttp.ClientTimeout(total=self.request_timeout)) as resp:
+                                     timeout=aiohttp.ClientTimeout(total=self._timeout())) as resp:
                 raw = await resp.read()
+                self._timeouts = 0  # answered
                 if resp.status == 410:
                     raise RelayGone(raw.decode(errors="replace")[:300])
                 if resp.status >= 400:
                     raise _error(resp, raw)
                 return orjson.loads(raw)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError as exc:
+            self._timeouts += 1
+            raise errors.ApiUnreachable(f"relay {url}: no answer in time") from exc
+        except aiohttp.ClientError as exc:
             raise errors.ApiUnreachable(f"relay {url}: {exc or type(exc).__name__}") from exc
 
     # --- snapshots ----------------------------------------------------------------
@@ -188,10 +196,11 @@ class RelayClient:
         url = self.base + self._path + "/watch"
         try:
             async with self._s().get(url, params=params, headers=self._headers(), ssl=self._ssl,
-                                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout,
+                                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout(),
                                                                    sock_read=max(60.0, (timeout_seconds or
                                                                                         self.watch_timeout) + 30))
                                      ) as resp:
+                self._timeouts = 0  # answered
                 if resp.status == 410:
                     raise RelayGone((await resp.text())[:300])
                 if resp.status >= 400:

@@ -116,3 +116,11 @@ def test_open_files_without_an_expected_count_or_with_no_hard_limit():
     assert open_files_plan(1024, 4096, 0).soft == 4096
     assert open_files_plan(1024, -1, 7500).soft == 65_536
     assert open_files_plan(200_000, -1, 7500).soft == 200_000  # never lowered
+
+
+def test_request_timeout_doubles_after_each_timeout_up_to_the_cap():
+    from fleetkeeper.relay.admission import request_timeout
+
+    assert [request_timeout(10.0, n, B) for n in range(6)] == [10.0, 20.0, 40.0, 60.0, 60.0, 60.0]
+    assert request_timeout(10.0, 10_000, B) == 60.0
+    assert request_timeout(90.0, 3, B) == 90.0  # a base above the cap is kept, never shortened

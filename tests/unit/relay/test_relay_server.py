@@ -266,3 +266,20 @@ async def test_request_of_a_client_that_left_is_dropped_unanswered():
         assert srv.inflight == 0
         async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/nodes/node-a/view") as r:
             assert r.status == 200  # a client that waits is served
+
+
+async def test_a_request_that_timed_out_makes_the_next_one_wait_longer():
+    held = []
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)  # accepts, never answers
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        async with RelayClient(f"http://127.0.0.1:{port}", "node-a", request_timeout=0.1) as c:
+            for expect in (0.2, 0.4, 0.8):
+                with pytest.raises(errors.ApiUnreachable, match="no answer in time"):
+                    await c.view()
+                assert c._timeout() == pytest.approx(expect)
+    finally:
+        for w in held:
+            w.close()
+        silent.close()
+        await silent.wait_closed()
