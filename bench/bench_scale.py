@@ -518,7 +518,8 @@ def cpu_s(pid: int) -> float:
 
 
 # --- teams --------------------------------------------------------------------------------
-async def teams_part(lc: LocalCluster, kube: Kube, teams: int, burst_rounds: int = 1) -> None:
+async def teams_part(lc: LocalCluster, kube: Kube, teams: int, burst_rounds: int = 1,
+                     burst_concurrency: int = 32) -> None:
     from prometheus_client import CollectorRegistry
 
     from bench_teams import bare_loop, bursts, config_text, initial_counts, strip_all, team_counts, wait_converged
@@ -572,7 +573,7 @@ async def teams_part(lc: LocalCluster, kube: Kube, teams: int, burst_rounds: int
               f"steady state: 3 reconciles, {tm.writes - w0} writes")
         if burst_rounds:
             # the webhook burst with this manager's informers holding every node and pod
-            await bursts(lc, kube, mgr, 1000, burst_rounds, None)
+            await bursts(lc, kube, mgr, 1000, burst_rounds, None, burst_concurrency)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -639,7 +640,7 @@ async def main(a) -> None:
                 except TimeoutError as exc:  # reported; the other parts still run
                     print(f"relay: {exc}")
             elif part == "teams":
-                await teams_part(lc, kube, a.teams, a.burst_rounds)
+                await teams_part(lc, kube, a.teams, a.burst_rounds, a.burst_concurrency)
         pids = lc.state.pids
         print("control plane RSS at the end: " + ", ".join(
             f"{c} {mem(p)[0]:.0f} MB" for c, p in sorted(pids.items())))
@@ -695,7 +696,8 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 
 
 async def rss_children(kubeconfig: str, runs: list[tuple[str, str]]) -> None:
-    """Each run in its own process, all at once: RSS once the manager's informers are synced."""
+    """Each run in its own process, one after another (eight managers listing 20,000 pods at once
+    overload a small API server): RSS once the manager's informers are synced."""
     import json
 
     async def one(label: str, ctl: str) -> tuple[str, dict]:
@@ -706,7 +708,7 @@ async def rss_children(kubeconfig: str, runs: list[tuple[str, str]]) -> None:
             return label, json.loads(out.decode().strip().splitlines()[-1])
         except (ValueError, IndexError):
             return label, {"error": err.decode()[-800:]}
-    results = await asyncio.gather(*(one(label, ctl) for label, ctl in runs))
+    results = [await one(label, ctl) for label, ctl in runs]
     base = next((r.get("VmRSS") for label, r in results if label.startswith("no controller")), None)
     for label, r in results:
         if "error" in r:
@@ -731,6 +733,8 @@ if __name__ == "__main__":
     ap.add_argument("--teams", type=int, default=40)
     ap.add_argument("--burst-rounds", type=int, default=1,
                     help="teams part: 1,000-pod webhook bursts (without / own thread / shared loop) after convergence")
+    ap.add_argument("--burst-concurrency", type=int, default=32,
+                    help="teams part: pods the burst client creates at once (32: CPU-bound here; a few: latency-bound)")
     ap.add_argument("--agent-processes", type=int, default=4, help="processes the relay agents are spread over")
     ap.add_argument("--agent-rate", type=float, default=250.0, help="agents started per second, in all")
     ap.add_argument("--herd-seconds", type=float, default=0.0,
@@ -744,7 +748,12 @@ if __name__ == "__main__":
                     help="Node objects that KWOK does not manage (no heartbeats, pods stay Pending): the relay part "
                          "at full size without a full simulated fleet")
     ap.add_argument("--cluster-dir", help="use the running local cluster in this directory instead of starting one")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="the interpreter's GIL switch interval in seconds (default: Python's 0.005): how long the "
+                         "webhook thread may wait for a manager thread that holds the GIL")
     args = ap.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
 
     async def run() -> None:  # SIGTERM/SIGINT cancel the run, so the cluster is stopped
         import signal

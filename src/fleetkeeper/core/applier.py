@@ -184,10 +184,18 @@ class Applier:
                 raise errors.Terminal(f"the {self.provider.name} provider cannot {m.how} machines")
             try:
                 out.machine = await verb(node.name, dry_run=dry)
-            except errors.FleetkeeperError:
+            except errors.FleetkeeperError as exc:
                 self.count(m.how, "error")
+                if out.patched and plan.events:
+                    # the request is recorded on the node, so a retry will not announce it again: its
+                    # Events are emitted now, with the provider's failure, not lost with the answer
+                    await self._events(node, plan, default=False)
+                    await self.recorder.emit(node_ref(node.name, node.uid), "MachineActionFailed",
+                                             f"{m.how} failed: {exc}; it is asked again", type_="Warning")
                 raise
-            self.count(m.how, "dry_run" if dry else "success")
+            # a repeated ask of a request already on the node (the machine layer never acts twice) is a
+            # check, not another success
+            self.count(m.how, "dry_run" if dry else ("checked" if plan.action.endswith("-check") else "success"))
             acted = True
         if plan.events or (acted and announce):
             await self._events(node, plan, default=acted and announce)

@@ -182,10 +182,10 @@ class WebhookServer:
         self.certs = CertWatcher(self.cert, self.key, self.metrics, interval=self.cert_reload_interval)
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.certs.context)
+        site = _TLSSite(self._runner, self.host, self.port, ssl_context=self.certs.context)
         await site.start()
         if self.port == 0:
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = site.port
         self._watch = asyncio.ensure_future(self.certs.run())
 
     async def stop(self) -> None:
@@ -263,6 +263,28 @@ def resolve_bind(asks: list[WebhookAsk], host: str | None = None, port: int | No
                 warnings.append(f"{comp} asked for webhook port {p}; every webhook of this process is served "
                                 f"on {port} ({fixed[0][0]}'s)")
     return host, port, warnings
+
+
+# How long a closing TLS connection waits for the client's close_notify before it is
+# aborted. asyncio's default (30 s) outlives the serving thread's settle limit below,
+# which would leave a kube-apiserver keep-alive connection mid-close when the loop
+# stops: an unclosed transport for the garbage collector.
+SSL_SHUTDOWN_TIMEOUT_S = 3.0
+
+
+class _TLSSite(web.TCPSite):
+    """aiohttp's TCP site, with a bounded TLS shutdown (:data:`SSL_SHUTDOWN_TIMEOUT_S`)."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT_S if self._ssl_context else None)
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 class ServingThread:

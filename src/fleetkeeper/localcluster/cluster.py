@@ -152,6 +152,28 @@ def port_free(port: int) -> bool:
             return False
 
 
+def wait_listenable(port: int, timeout: float = 90.0) -> bool:
+    """Wait until a listener can take ``port`` again. A killed server's accepted
+    connections stay in FIN-WAIT on its port until each client closes its end, or
+    for tcp_fin_timeout (60 s) when a client never reads again (a client of a
+    finished event loop): meanwhile a restarted server fails to listen there, even
+    with SO_REUSEADDR. A bind alone can succeed while the listen would fail, so
+    this tries both."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                s.listen(1)
+                return True
+            except OSError:
+                pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
 def ephemeral_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
     try:
         lo, hi = (int(x) for x in path.read_text().split())
@@ -512,8 +534,10 @@ class LocalCluster:
         """Start one component (if not running) and wait until it is healthy."""
         if _alive(self.state.pids.get(comp, -1), comp):
             return
-        self._start(comp)
         p = self.state.ports
+        if comp == "kube-apiserver" and not wait_listenable(p.apiserver):
+            log.warning("kube-apiserver's port %d is still held after 90 s; starting it anyway", p.apiserver)
+        self._start(comp)
         if comp == "etcd":
             self._wait_http(comp, f"http://127.0.0.1:{p.etcd}/health", 60, token=False, tls=False)
         elif comp == "etcd-events":

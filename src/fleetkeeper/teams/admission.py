@@ -342,8 +342,9 @@ class TeamAdmission:
     kinds: WorkloadKinds = DEFAULT_KINDS
     owners: OwnerLookup = _no_owner
     own_namespace: str = ""
-    # waits (no I/O) for the owner index to see an owner created a moment ago
-    wait_owner: Callable[[str, float], Awaitable[object]] | None = None
+    # waits for the owner index to see an owner created a moment ago (namespace, ownerReference,
+    # seconds), then reads what it still misses from the API server
+    wait_owner: Callable[[str, dict, float], Awaitable[object]] | None = None
     owner_wait_s: float = 1.0
 
     def _kind(self, req: AdmissionRequest) -> WorkloadKind | None:
@@ -357,9 +358,9 @@ class TeamAdmission:
                      kinds=self.kinds, owners=self.owners, namespace=req.namespace,
                      own_namespace=self.own_namespace)
 
-    def needs_owner(self, req: AdmissionRequest) -> str | None:
-        """The owner uid this request waits for, if its requester is a controller
-        and the owner is not in the cache yet (created a moment ago)."""
+    def needs_owner(self, req: AdmissionRequest) -> dict | None:
+        """The controller ownerReference this request waits for, if its requester is a
+        controller and the owner is not in the cache yet (created a moment ago)."""
         cfg = self.state.config
         if cfg is None or self._kind(req) is None or req.operation != "CREATE":
             return None
@@ -368,12 +369,12 @@ class TeamAdmission:
         # object inherits the owner's stamp only if it is already cached (no wait)
         if ref is None or cfg.is_exempt(req.username, req.groups) or not cfg.is_controller(req.username, req.groups):
             return None
-        return None if self.owners(ref["uid"]) is not None else ref["uid"]
+        return None if self.owners(ref["uid"]) is not None else ref
 
     async def _await_owner(self, req: AdmissionRequest) -> None:
-        uid = self.needs_owner(req)
-        if uid and self.wait_owner is not None:
-            await self.wait_owner(uid, self.owner_wait_s)
+        ref = self.needs_owner(req)
+        if ref and self.wait_owner is not None:
+            await self.wait_owner(req.namespace, ref, self.owner_wait_s)
 
     async def serve_mutate(self, req: AdmissionRequest) -> Admission:
         await self._await_owner(req)

@@ -332,7 +332,7 @@ async def setup(mgr: Manager, options: TeamsOptions | dict | None) -> None:
         adm = TeamAdmission(mgr.names, state, lambda: current[0],
                             on_decision=lambda w, d: metrics.admissions.labels(w, d).inc(), kinds=kinds,
                             owners=owners.get, own_namespace=mgr.settings.namespace,
-                            wait_owner=owners.wait_for, owner_wait_s=opts.owner_wait_seconds)
+                            wait_owner=owners.ensure, owner_wait_s=opts.owner_wait_seconds)
         # served by the process's one webhook server (one port, one certificate for every component)
         runner = WebhookRunner(mgr.kube, adm, opts.webhook, mgr.settings.namespace, domain, mgr.registry,
                                register=mgr.webhook)

@@ -74,4 +74,5 @@ class TeamsOptions(BaseModel):
         description="kinds the webhook admits and where their pod templates sit; replaces the defaults")
     owner_wait_seconds: float = Field(1.0, ge=0, le=10, alias="ownerWaitSeconds",
                                       description="how long an object created by a controller waits for its "
-                                                  "owner to reach fleetkeeper's cache")
+                                                  "owner to reach fleetkeeper's cache; after that the owner "
+                                                  "is read from the API server")

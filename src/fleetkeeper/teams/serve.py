@@ -104,10 +104,10 @@ def thread_safe_handler(decide: Callable[[AdmissionRequest], Admission], admissi
     manager's loop, where the owner index lives."""
 
     def serve(req: AdmissionRequest) -> Admission | Awaitable[Admission]:
-        uid = admission.needs_owner(req)
-        if uid is None or admission.wait_owner is None:
+        ref = admission.needs_owner(req)
+        if ref is None or admission.wait_owner is None:
             return decide(req)
-        wait = admission.wait_owner(uid, admission.owner_wait_s)
+        wait = admission.wait_owner(req.namespace, ref, admission.owner_wait_s)
 
         async def after_wait() -> Admission:
             loop = home or asyncio.get_running_loop()

@@ -77,3 +77,54 @@ async def test_applier_patch_conflict_dry_run_event_and_metric(kube):
             await kube.delete(NODES, name)
         except errors.NotFound:
             pass
+
+
+class FailingProvider:
+    name = "failing"
+
+    def __init__(self):
+        self.fail = True
+
+    async def terminate(self, node: str, *, dry_run: bool = False) -> str:
+        if self.fail:
+            raise errors.Temporary("the provider's API timed out", 1.0)
+        return "terminated"
+
+
+async def test_a_provider_failure_after_the_record_keeps_the_events_and_a_check_is_no_second_success(kube):
+    """The node patch records the request, then the provider fails: the plan's Event is still emitted
+    (a retry, which sees the record, never announces it again), with the failure; asking the machine
+    layer again later is counted as a check, not a second termination."""
+    name = f"applier-{secrets.token_hex(3)}"
+    await kube.create(NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+    proj = default_projector("fleetkeeper.io")
+    reg = CollectorRegistry()
+    provider = FailingProvider()
+    ap = Applier(kube, EventRecorder(kube, "test"), component="test", registry=reg, dry_run=lambda: False,
+                 provider=provider)
+    try:
+        view = proj.node(await kube.get(NODES, name))
+        retire = Plan(name, "terminate", (AddTaint("fleetkeeper.io/quarantine", "retiring"),
+                                          SetAnnotation("fleetkeeper.io/terminate-requested", "1"),
+                                          TerminateMachine("terminate"), Event("Retiring", "worn out", "Warning")))
+        with pytest.raises(errors.Temporary):
+            await ap.apply(view, retire)
+        live = await kube.get(NODES, name)
+        assert live["metadata"]["annotations"]["fleetkeeper.io/terminate-requested"] == "1"
+        items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={name}")
+        ours = sorted(e["reason"] for e in items if e.get("reportingController") == "fleetkeeper.io/test")
+        assert ours == ["MachineActionFailed", "Retiring"]
+        # the retry path: the record is on the node, the machine layer is asked again and answers
+        provider.fail = False
+        check = Plan(name, "terminate-check", (TerminateMachine("terminate"),))
+        assert (await ap.apply(proj.node(live), check)).machine == "terminated"
+        sample = lambda result: reg.get_sample_value(  # noqa: E731
+            "fleetkeeper_node_writes_total", {"component": "test", "action": "terminate", "result": result})
+        # success: the node patch that recorded the request (the same action name); the machine: one
+        # error, then one check, never a success of its own
+        assert sample("error") == 1 and sample("checked") == 1 and sample("success") == 1
+    finally:
+        try:
+            await kube.delete(NODES, name)
+        except errors.NotFound:
+            pass

@@ -110,7 +110,8 @@ async def test_an_owner_wait_runs_on_the_managers_loop(tmp_path):
     entered = asyncio.Event()
     loops: list[asyncio.AbstractEventLoop] = []
 
-    async def wait_for(uid: str, timeout: float):
+    async def wait_for(namespace: str, ref: dict, timeout: float):
+        uid = ref["uid"]
         loops.append(asyncio.get_running_loop())
         entered.set()
         while owners.get(uid) is None:
