@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 
 from prometheus_client import CollectorRegistry
@@ -37,7 +41,7 @@ from fleetkeeper.health.agent import AgentCore, ConditionWriter, simulated_findi
 from fleetkeeper.health.controller import HealthOptions, setup
 from fleetkeeper.health.policy import Policy
 
-from common import local_cluster, own_writes  # bench/ helper
+from common import local_cluster, own_writes, quantile_from_buckets, scrape, delta  # bench/ helper
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -63,7 +67,54 @@ async def heartbeats(core: AgentCore, names: list[str], stop: asyncio.Event, int
             pass
 
 
-async def main(total: int, faults: int, workers: int) -> None:
+def events_counted(reg: CollectorRegistry) -> tuple[float, float]:
+    """Events the components asked for, and those the recorder dropped (never written)."""
+    emitted = dropped = 0.0
+    for m in reg.collect():
+        for s in m.samples:
+            if s.name == "fleetkeeper_events_total":
+                emitted += s.value
+            elif s.name == "fleetkeeper_events_dropped_total":
+                dropped += s.value
+    return emitted, dropped
+
+
+def apiserver_breakdown(a: dict, b: dict) -> str:
+    """kube-apiserver's side of the fault phase: requests and their server-side latency by verb/resource."""
+    out = []
+    for verb, res in (("PATCH", "nodes"), ("POST", "events"), ("PATCH", "events")):
+        must = (f'verb="{verb}"', f'resource="{res}"')
+        n = delta(a, b, "apiserver_request_total", *must)
+        if n:
+            q = [quantile_from_buckets(a, b, "apiserver_request_duration_seconds", x, *must) for x in (.5, .99)]
+            out.append(f"{verb} {res} {n:.0f} (p50 <= {q[0] * 1e3:.0f} ms, p99 <= {q[1] * 1e3:.0f} ms)")
+    return "; ".join(out)
+
+
+def client_stats(reg: CollectorRegistry) -> dict[str, tuple[float, float]]:
+    """The controller's own requests by verb: (count, seconds)."""
+    out: dict[str, list[float]] = {}
+    for m in reg.collect():
+        for s in m.samples:
+            if s.name == "fleetkeeper_api_request_duration_seconds_count":
+                out.setdefault(s.labels["verb"], [0.0, 0.0])[0] = s.value
+            elif s.name == "fleetkeeper_api_request_duration_seconds_sum":
+                out.setdefault(s.labels["verb"], [0.0, 0.0])[1] = s.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def client_breakdown(a: dict, b: dict) -> str:
+    """The controller's requests between two :func:`client_stats`: count and mean round trip by verb."""
+    out = []
+    for v in sorted(b):
+        n = b[v][0] - a.get(v, (0, 0))[0]
+        t = b[v][1] - a.get(v, (0, 0))[1]
+        if n:
+            out.append(f"{v} {n:.0f} (mean {t / n * 1e3:.0f} ms)")
+    return ", ".join(out)
+
+
+async def main(total: int, faults: int, workers: int, profile: str | None = None) -> None:
     async with local_cluster(total, "fk-bench-health-") as lc:
         kube = await lc.connect()
         agents_kube = await lc.connect()  # the agents are other processes: their writes are not the controller's
@@ -112,17 +163,21 @@ async def main(total: int, faults: int, workers: int) -> None:
 
         # baseline: F plain patches at once, ack -> visible in the watch
         acked: dict[str, float] = {}
+        sent: dict[str, float] = {}
 
         async def probe(n: str) -> None:
             watching[n] = "1"
+            sent[n] = time.monotonic()
             await agents_kube.patch(NODES, n, {"metadata": {"annotations": {probe_key: "1"}}})
             acked[n] = time.monotonic()
         await asyncio.gather(*(probe(n) for n in probes))
         await wait_all(seen, probes, 120)
         # the watch may deliver a change before the writer has read its response: that counts as 0
         floor = [max(0.0, seen[n] - acked[n]) for n in probes]
+        whole = [seen[n] - sent[n] for n in probes]
         print(f"baseline (plain node PATCH -> visible in the watch, {len(probes)} at once): {summary(floor)}",
               flush=True)
+        print(f"baseline, from sending the PATCH (its round trip included): {summary(whole)}", flush=True)
 
         # the faults: one agent status PATCH each, all at once
         w0 = own_writes(reg)
@@ -133,6 +188,13 @@ async def main(total: int, faults: int, workers: int) -> None:
             await fault_core.observe(v, ok)
         await asyncio.sleep(5)
         acked.clear()
+        m0 = await scrape(lc)
+        c0 = client_stats(reg)
+        spy = None
+        if profile:  # py-spy on this process (controller, agents and watch) for the fault phase only
+            spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid", str(os.getpid()), "--rate", "250", "--format",
+                                    "raw", "--output", profile, "--nonblocking"], stdout=subprocess.DEVNULL)
+            await asyncio.sleep(2)
 
         async def fault(n: str) -> None:
             watching[n] = "taint"
@@ -143,8 +205,15 @@ async def main(total: int, faults: int, workers: int) -> None:
         await wait_all(seen, victims, 600)
         span = time.monotonic() - t0
         lat = [max(0.0, seen[n] - acked[n]) for n in victims]
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            await asyncio.to_thread(spy.wait)
         await asyncio.sleep(5)  # the Events and annotations that follow the taint
+        if hasattr(mgr, "flush_events"):
+            await mgr.flush_events(60)
         w1 = own_writes(reg)
+        m1 = await scrape(lc)
+        c1 = client_stats(reg)
         actions = (reg.get_sample_value("fleetkeeper_remediation_actions_total",
                                         {"action": "quarantine", "result": "success"}) or 0)
         stop.set()
@@ -158,8 +227,14 @@ async def main(total: int, faults: int, workers: int) -> None:
               f"{span:.1f}s after the first fault")
         delta = {k: w1.get(k, 0) - w0.get(k, 0) for k in w1 if w1.get(k, 0) - w0.get(k, 0)}
         tot = sum(delta.values())
+        print(f"p99 ratios: condition -> taint p99 / plain PATCH p99 = {pct(lat, .99) / max(1e-3, pct(floor, .99)):.1f}x "
+              f"(ack -> visible), {pct(lat, .99) / max(1e-3, pct(whole, .99)):.1f}x (send -> visible)")
         print(f"controller API writes: {tot:.0f} for {actions:.0f} quarantines = {tot / max(1, actions):.2f} "
               f"per action (" + ", ".join(f"{k} {v:.0f}" for k, v in sorted(delta.items())) + ")")
+        emitted, dropped = events_counted(reg)
+        print(f"Events: {emitted:.0f} asked for over the run, {dropped:.0f} dropped")
+        print(f"kube-apiserver, fault phase (every client): {apiserver_breakdown(m0, m1)}")
+        print(f"controller's requests, fault phase (its client's round trips): {client_breakdown(c0, c1)}")
         print(f"agent writes: {core.writer.writes} heartbeats from {len(healthy_names)} healthy agents "
               f"over the run, {faults} fault reports (one each)")
         await kube.close()
@@ -181,5 +256,6 @@ if __name__ == "__main__":
     ap.add_argument("--nodes", type=int, default=7500)
     ap.add_argument("--faults", type=int, default=100)
     ap.add_argument("--workers", type=int, default=HealthOptions.workers, help="remediation controller workers")
+    ap.add_argument("--profile", help="py-spy raw profile of the fault phase to this file (py-spy beside the interpreter)")
     a = ap.parse_args()
-    asyncio.run(main(a.nodes, a.faults, a.workers))
+    asyncio.run(main(a.nodes, a.faults, a.workers, a.profile))

@@ -684,7 +684,7 @@ async def main(kubeconfig, controllers):
         m0 = mem()
         await asyncio.sleep(10)
         print(json.dumps({"ready": ready, "rss_ready": m0["VmRSS"], **mem(),
-                          "informers": {k: len(v) for k, v in getattr(mgr, "_informers", {}).items()}
+                          "informers": {str(k): len(v) for k, v in getattr(mgr, "_informers", {}).items()}
                           if isinstance(getattr(mgr, "_informers", None), dict) else {}}))
     finally:
         task.cancel()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from fleetkeeper.core.events import flush_all
 from fleetkeeper.core.kube import EVENTS
 
 
@@ -33,5 +34,8 @@ def taint(node: dict, key: str) -> dict | None:
 
 
 async def events_for(kube, node: str) -> list[dict]:
+    """The Events about ``node``, after this process's recorders wrote out what they hold (Events are
+    written off the write path, so an action can be visible before its Event)."""
+    await flush_all(60)
     items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={node}")
     return items

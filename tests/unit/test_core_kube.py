@@ -58,3 +58,25 @@ def test_api_error_mapping():
     assert isinstance(errors.api_error(502), errors.ServerError)
     e = errors.api_error(422, {"reason": "Invalid", "message": "bad"})
     assert isinstance(e, errors.Invalid) and "bad" in str(e)
+
+
+async def test_requests_read_the_proxy_environment_once_not_per_request(monkeypatch):
+    """The client's session does not look up ~/.netrc and the proxy variables on every request (aiohttp's
+    trust_env, two worker-thread hand-offs per call); the environment's proxy is read once and used."""
+    from kubernetes_asyncio import client
+
+    from fleetkeeper.core.kube import Kube
+
+    for var in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = client.Configuration(host="https://203.0.113.7:6443")
+    k = Kube(client.ApiClient(configuration=cfg))
+    session, proxy, _ = k._session()
+    assert not session.trust_env and proxy is None
+    assert session.connector is k.api_client.rest_client.pool_manager.connector  # the same pool
+    await k.close()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    k = Kube(client.ApiClient(configuration=cfg))
+    assert k._session()[1] == "http://proxy.example:3128"
+    assert k.as_user("u")._session() is k._session()  # shared by impersonating copies
+    await k.close()

@@ -13,7 +13,10 @@ guarantees:
   the API server with ``dryRun=All`` so PodDisruptionBudgets are still
   checked; the machine provider is asked with ``dry_run=True``;
 * **rate limits**: node writes and evictions each through a token bucket;
-* **an Event per action** (the plan's own, else one named after the action);
+* **an Event per action** (the plan's own, else one named after the action),
+  handed to the recorder's sink after the write: it never delays this or
+  another node's write, and Event writers wait while node writes are in
+  flight (:mod:`fleetkeeper.core.events`);
 * ``fleetkeeper_node_writes_total{component,action,result}``.
 """
 
@@ -29,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.clock import Clock, RealClock
-from fleetkeeper.core.events import EventRecorder, node_ref
+from fleetkeeper.core.events import NODE_WRITES, EventRecorder, node_ref
 from fleetkeeper.core.kube import NODES, Kube
 from fleetkeeper.core.metrics import PREFIX
 from fleetkeeper.core.plan import Event, Plan, node_patch
@@ -87,6 +90,7 @@ class Applier:
                  evictions_per_second: float = 10.0, provider: MachineProvider | None = None):
         self.kube = kube
         self.recorder = recorder
+        self.priority = getattr(recorder, "priority", None) or NODE_WRITES  # the recorder's, else the process's
         self.component = component
         self.clock = clock or RealClock()
         self._dry_run = dry_run
@@ -137,7 +141,8 @@ class Applier:
             else:
                 await self.write_bucket.acquire()
                 try:
-                    await self.kube.patch(NODES, node.name, body)
+                    with self.priority.writing():  # Event writers wait for this (events.WritePriority)
+                        await self.kube.patch(NODES, node.name, body)
                 except errors.Conflict:
                     self.count(plan.action, "conflict")
                     raise errors.Temporary(f"{node.name} changed since the cache saw it; deciding again",

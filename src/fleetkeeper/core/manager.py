@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core.clock import Clock, RealClock
 from fleetkeeper.core.domain import Names
-from fleetkeeper.core.events import EventRecorder
+from fleetkeeper.core.events import EventRecorder, flush_all
 from fleetkeeper.core.informer import Index, Informer
 from fleetkeeper.core import errors
 from fleetkeeper.core.kube import NAMESPACES, NODES, PODS, Kube, Resource
@@ -120,6 +120,10 @@ class Manager:
         return EventRecorder(self.kube, controller, namespace=self.settings.namespace, clock=self.clock,
                              metrics=self.metrics, dry_run=self.settings.dry_run)
 
+    async def flush_events(self, timeout: float = 10.0) -> bool:
+        """Wait until the Events emitted so far (by every recorder of this process) are written."""
+        return await flush_all(timeout)
+
     def add(self, name: str, fn: Callable[[], Awaitable[Any]], *, leader: bool = True) -> None:
         self._runnables.append(_Runnable(name, fn, leader))
 
@@ -198,6 +202,8 @@ class Manager:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if not await self.flush_events(5.0):
+                log.warning("some Events were not written before stopping")
             if self.elector:
                 await self.elector.release()
             await self.server.stop()

@@ -70,6 +70,11 @@ class RuntimeMetrics:
         self.events_emitted = Counter(
             f"{PREFIX}_events_total", "Kubernetes Events emitted", ["reason", "type"], registry=registry,
         )
+        self.events_dropped = Counter(
+            f"{PREFIX}_events_dropped_total",
+            "Kubernetes Events not recorded: the recorder's sink was full (queue_full) or the API server refused "
+            "the write (error)", ["reason", "cause"], registry=registry,
+        )
 
     def init_controller(self, name: str) -> None:
         for result in ("success", "error", "requeue"):

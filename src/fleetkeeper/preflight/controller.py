@@ -233,8 +233,7 @@ class Preflight:
             if p is not None:
                 await self._delete_pod(p, plan.outcome)
         if plan.create_pod:
-            cycle = node.annotations.get(self.keys.gated_at) or plan.annotations.get(self.keys.gated_at) or ""
-            await self._create_pod(node, GATE, pod_name(GATE, node.name, f"{cycle}", plan.attempt),
+            await self._create_pod(node, GATE, pod_name(GATE, node.name, plan.cycle, plan.attempt),
                                    self.cfg.gate.sim_duration_ms)
         if plan.event:
             reason, note, typ = plan.event
@@ -251,7 +250,9 @@ class Preflight:
             m.results.labels(GATE, outcome).inc()
         if plan.outcome == "passed":
             try:
-                m.gate_seconds.observe(max(0.0, now - float(node.annotations.get(self.keys.gated_at) or now)))
+                since = node.annotations.get(self.keys.gated_at) or (node.created if self.keys.validated_at not in
+                                                                      node.annotations else now)
+                m.gate_seconds.observe(max(0.0, now - float(since)))
             except ValueError:
                 pass
         if plan.outcome in ("failed", "exhausted", "timeout"):

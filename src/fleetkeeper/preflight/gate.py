@@ -7,6 +7,7 @@ State lives on the node (level-based: a restarted controller re-derives it):
   ``preflight-failed-check``            failing check(s), for the health controller
   ``preflight-last-pod``                the last test pod whose result was applied (idempotence)
   ``preflight-history``                 the last N results (bounded)
+  ``preflight-gated-at``                when the cycle began (a joining node: its creation, not written)
 A label set back to ``pending`` on a node with failed attempts starts a new
 cycle (the health controller does this after a repair, as does
 ``fleetkeeper preflight retry``).
@@ -48,6 +49,7 @@ class Plan:
     event: tuple[str, str, str] | None = None  # reason, note, type
     result: SuiteResult | None = None
     requeue_after: float | None = None
+    cycle: str = ""  # when this gating cycle began (names the test pods: one per cycle and attempt)
 
     @property
     def patches_node(self) -> bool:
@@ -113,11 +115,15 @@ def decide(node: NodeView, pods: list[PodView], cfg: PreflightConfig, keys: Keys
                     event=("PreflightRestarted", f"new validation cycle after {attempts} failed attempt(s)", "Normal"),
                     requeue_after=0.0)
     annotations: dict[str, str | None] = {}
-    if keys.gated_at not in ann:
-        # the gating clock of a joining node starts when the node was created; of a node gated again
-        # (after a repair, or by hand) now
-        joining = keys.validated_at not in ann and node.created > 0
-        annotations[keys.gated_at] = str(int(node.created if joining else now))
+    cycle = ann.get(keys.gated_at, "")
+    if not cycle:
+        # the gating clock of a joining node starts when the node was created: derived from the node, no
+        # write (a joining node's only writes are its release or failure); of a node gated again (by hand;
+        # health and the periodic re-test write it with the gate) now, recorded with the first write
+        if keys.validated_at not in ann and node.created > 0:
+            cycle = str(int(node.created))
+        else:
+            cycle = annotations[keys.gated_at] = str(int(now))
     last_pod = ann.get(keys.last_pod, "")
     finished = [p for p in gate_pods if p.phase in ("Succeeded", "Failed") and p.name != last_pod]
     stale = [p.name for p in gate_pods if p.name == last_pod and not p.deleting]
@@ -195,4 +201,4 @@ def decide(node: NodeView, pods: list[PodView], cfg: PreflightConfig, keys: Keys
         # write now would only make its resourceVersion-guarded patch conflict and retry.
         return Plan("wait", delete_pods=stale, requeue_after=NOT_READY_RECHECK_S)
     return Plan("start", create_pod=True, attempt=attempts + 1, delete_pods=stale, annotations=annotations,
-                requeue_after=cfg.gate.pod_timeout_s + 1)
+                requeue_after=cfg.gate.pod_timeout_s + 1, cycle=cycle)

@@ -122,6 +122,7 @@ def apply(kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.context
             applier.set_write_rate(w.per_second, w.burst)
             res = await apply_changes(applier, plan.changes, live.views, names, now=time.time(),
                                       concurrency=w.concurrency, metrics=TeamsMetrics(registry))
+            await applier.recorder.flush(30.0)  # its Events are written before the command exits
             out.print(f"written: {len(res.ok)}, conflicts: {res.conflicts}, failed: {res.failed}")
             if res.conflicts or res.failed:
                 raise errors.Temporary("some nodes changed meanwhile or failed; run again")

@@ -68,6 +68,7 @@ async def test_applier_patch_conflict_dry_run_event_and_metric(kube):
         rv = fresh.resource_version
         assert not (await ap.apply(fresh, Plan(name, "quarantine", (SetLabel("fleetkeeper.io/l", "v"),)))).patched
         assert (await kube.get(NODES, name))["metadata"]["resourceVersion"] == rv
+        assert await ap.recorder.flush(60)  # Events are written off the write path
         items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={name}")
         # the applier's own Events (the node controller may add RegisteredNode for the new Node)
         ours = [e["reason"] for e in items if e.get("reportingController") == "fleetkeeper.io/test"]
@@ -111,6 +112,7 @@ async def test_a_provider_failure_after_the_record_keeps_the_events_and_a_check_
             await ap.apply(view, retire)
         live = await kube.get(NODES, name)
         assert live["metadata"]["annotations"]["fleetkeeper.io/terminate-requested"] == "1"
+        assert await ap.recorder.flush(60)  # Events are written off the write path
         items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={name}")
         ours = sorted(e["reason"] for e in items if e.get("reportingController") == "fleetkeeper.io/test")
         assert ours == ["MachineActionFailed", "Retiring"]

@@ -153,9 +153,51 @@ async def test_events_about_nodes_and_pods_are_recorded(kube, namespace):
     await rec.emit(node_ref("node-gpu-00000"), "TestReason", f"about a node {namespace}")
     await rec.emit(node_ref("node-gpu-00000"), "TestReason", f"about a node {namespace}")  # aggregated
     await rec.emit(ObjectRef("Pod", "p", namespace), "TestReason", "about a pod")
+    assert await rec.flush(60)
     node_events, _ = await kube.list(EVENTS, "default", field_selector="reason=TestReason")
     mine = [e for e in node_events if e.get("note") == f"about a node {namespace}"]
     assert len(mine) == 1 and mine[0]["regarding"]["kind"] == "Node"
     assert mine[0]["series"]["count"] == 2
     pod_events, _ = await kube.list(EVENTS, namespace)
     assert [e["note"] for e in pod_events] == ["about a pod"]
+    # a repeat after the first was written continues it as a series
+    await rec.emit(node_ref("node-gpu-00000"), "TestReason", f"about a node {namespace}")
+    assert await rec.flush(60)
+    node_events, _ = await kube.list(EVENTS, "default", field_selector="reason=TestReason")
+    mine = [e for e in node_events if e.get("note") == f"about a node {namespace}"]
+    assert len(mine) == 1 and mine[0]["series"]["count"] == 3
+
+
+async def test_a_burst_of_events_is_written_off_the_caller_path_counted_never_silently_dropped(kube, namespace):
+    """600 occurrences on 200 objects at once, through a recorder allowed 20 writes a second: emit returns
+    without a request; every object gets its one Event, repeats as its series count; a sink too small for
+    the burst drops what does not fit and counts it in fleetkeeper_events_dropped_total."""
+    from prometheus_client import CollectorRegistry
+
+    from fleetkeeper.core.events import EventRecorder, ObjectRef
+    from fleetkeeper.core.kube import EVENTS
+    from fleetkeeper.core.metrics import RuntimeMetrics
+
+    reg = CollectorRegistry()
+    rec = EventRecorder(kube, "burst", metrics=RuntimeMetrics(reg), rate=20.0, burst=20)
+    pods = [ObjectRef("Pod", f"p{i:03d}", namespace) for i in range(200)]
+    for rep in range(3):
+        for p in pods:
+            await rec.emit(p, "Burst", f"occurrence of {p.name}")
+    assert rec.counts["created"] == 0 and rec.waiting == 200  # nothing written by the callers
+    assert rec.counts == {**rec.counts, "queued": 200, "aggregated": 400, "dropped": 0}
+    assert await rec.flush(120)
+    items, _ = await kube.list(EVENTS, namespace)
+    assert sorted(e["regarding"]["name"] for e in items) == [p.name for p in pods]
+    assert {e["series"]["count"] for e in items} == {3}
+    assert reg.get_sample_value("fleetkeeper_events_total", {"reason": "Burst", "type": "Normal"}) == 600
+    assert not reg.get_sample_value("fleetkeeper_events_dropped_total", {"reason": "Burst", "cause": "queue_full"})
+
+    small = EventRecorder(kube, "burst-small", metrics=RuntimeMetrics(CollectorRegistry()), max_pending=5)
+    reg2 = small.metrics.registry
+    for p in pods[:8]:
+        await small.emit(p, "Small", "x")
+    assert await small.flush(60)
+    assert reg2.get_sample_value("fleetkeeper_events_dropped_total", {"reason": "Small", "cause": "queue_full"}) == 3
+    items, _ = await kube.list(EVENTS, namespace, field_selector="reason=Small")
+    assert len(items) == 5

@@ -126,14 +126,15 @@ async def test_xid79_node_rebooted_by_its_agent_revalidated_and_back(kube, names
     assert mgr.simulated_agents.actor.performed == 1  # type: ignore[attr-defined]
     assert [f for f in plan.faults(node)] == []
     # requested after the drain, handed to the gate, passed (the gate's own write ends the hand-over);
-    # an Event is recorded after its write, so it may trail what the node shows
+    # an Event is written after its node write, off the write path, so it may trail what the node shows
     want = {"Drained", "ActionRequested", "ReturnedToValidation", "PreflightPassed"}
 
     async def reasons():
         evs, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={node}")
         got = {e["reason"] for e in evs}
         return got if want <= got else None
-    await wait_for(reasons, 30, f"the events {sorted(want)}")
+    await mgr.flush_events(60)  # Events are written off the write path, by the recorders' sinks
+    await wait_for(reasons, 60, f"the events {sorted(want)}")
     assert await kube.get_or_none(NODES, node) is not None
     assert registry.get_sample_value("fleetkeeper_remediation_actions_total",
                                      {"action": "request", "result": "success"}) == 1

@@ -482,3 +482,40 @@ async def _delete_state(kube):
         await kube.delete(CONFIGMAPS, STATE_CONFIGMAP, "default")
     except errors.NotFound:
         pass
+
+
+async def test_a_burst_of_quarantines_gets_every_event_counted_none_dropped(kube, own_nodes, tmp_path):
+    """20 faults at once, the health recorder allowed 2 Event writes a second (burst 2): every node is
+    tainted and every quarantine still gets its Event (they wait in the sink, paced, instead of being
+    dropped past the rate limit), and the drop counter stays at 0."""
+    nodes = await own_nodes(20, racks=4)
+    policy = """
+budget: {cluster: {max_nodes: 40}, zone: {max_percent: 100}, rack: {max_nodes: 40}, max_new_per_window: 40}
+storm: {min_nodes: 100}
+"""
+    mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy)
+    try:
+        mgr.health.recorder.set_rate(2.0, 2)
+        for n in nodes:
+            plan.inject(n, parse_fault("ecc"))
+
+        async def all_tainted():
+            return all([taint(await kube.get(NODES, n), "fleetkeeper.io/quarantine") for n in nodes])
+        await wait_for(all_tainted, 120, "every node quarantined")
+
+        async def every_event():
+            await mgr.flush_events(5)
+            missing = []
+            for n in nodes:
+                if not any(e["reason"] == "Quarantined" and e.get("reportingController") == "fleetkeeper.io/health"
+                           for e in await events_for(kube, n)):
+                    missing.append(n)
+            return not missing or None
+        await wait_for(every_event, 120, "a Quarantined Event on every node")
+        assert registry.get_sample_value("fleetkeeper_events_total", {"reason": "Quarantined", "type": "Warning"}) \
+            == len(nodes)
+        dropped = [s for m in registry.collect() for s in m.samples
+                   if s.name == "fleetkeeper_events_dropped_total" and s.value]
+        assert dropped == []
+    finally:
+        await stop(task)

@@ -71,6 +71,7 @@ async def test_the_reservation_taint_is_one_applier_patch_on_the_cached_node():
     assert body["spec"]["taints"] == [{"key": "other", "effect": "NoSchedule"},
                                       {"key": reserved_key(NAMES), "value": "tok", "effect": "NoSchedule"}]
     assert mgr.registry.get_sample_value(W, {"component": "capacity", "action": "reserve", "result": "success"}) == 1
+    assert await mgr.flush_events(10)  # Events are written off the write path
     assert [e["reason"] for e in kube.events] == ["NodeReserved"]
 
 
@@ -89,6 +90,7 @@ async def test_a_conflict_is_left_for_the_next_pass_and_counted():
 async def test_dry_run_writes_nothing_and_counts_it():
     kube, mgr, bm = balloons(dry_run=True)
     assert await bm._set_taint("n1", reserved_key(NAMES), "tok", "reserved") == "dry_run"
+    assert await mgr.flush_events(10)
     assert kube.patches == [] and kube.events == []
     assert mgr.registry.get_sample_value(W, {"component": "capacity", "action": "reserve", "result": "dry_run"}) == 1
 

@@ -160,9 +160,14 @@ def test_new_gated_node_gets_a_test_pod():
     n = node()
     plan = gate.decide(n, [], CFG, K, NOW, verify_for(n))
     assert plan.outcome == "start" and plan.create_pod and plan.attempt == 1
-    assert plan.annotations[K.gated_at] == str(int(n.created))  # a joining node: gated since it was created
+    # a joining node: gated since it was created, derived from the node: no node write to start
+    assert plan.cycle == str(int(n.created)) and not plan.patches_node
     again = node(ann={K.validated_at: str(int(NOW - 86400))})  # validated before: gated again from now
-    assert gate.decide(again, [], CFG, K, NOW, verify_for(again)).annotations[K.gated_at] == str(int(NOW))
+    p2 = gate.decide(again, [], CFG, K, NOW, verify_for(again))
+    assert p2.annotations[K.gated_at] == p2.cycle == str(int(NOW))
+    gated = node(ann={K.gated_at: str(int(NOW - 5))})  # recorded by whoever gated it (health, periodic)
+    p3 = gate.decide(gated, [], CFG, K, NOW, verify_for(gated))
+    assert p3.cycle == str(int(NOW - 5)) and not p3.patches_node
 
 
 @pytest.mark.parametrize("kw", [{"ready": False}, {"taints": [("node.kubernetes.io/not-ready", "", "NoSchedule")]},
@@ -174,7 +179,7 @@ def test_no_test_pod_until_the_node_could_run_it(kw):
     assert not plan.patches_node  # no write while the node lifecycle controller is busy with it
     up = node()
     plan = gate.decide(up, [], CFG, K, NOW + 30, verify_for(up))
-    assert plan.create_pod and plan.annotations[K.gated_at] == str(int(up.created))  # the clock started at join
+    assert plan.create_pod and plan.cycle == str(int(up.created)) and not plan.patches_node  # clock from join
 
 
 def test_running_pod_waits_then_times_out():
