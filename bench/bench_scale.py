@@ -36,6 +36,7 @@ import asyncio
 import os
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -180,35 +181,173 @@ async def start_agents(script: str, url: str, nodes: list[str], workers: int, ra
     return procs
 
 
-async def herd(script: str, url: str, nodes: list[str], seconds: float) -> None:
-    """The previous way: every agent at once from one process, for ``seconds``."""
+def fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+class CpuCap:
+    """The relay held to a share of one core (cgroup v1 CFS quota), as when it ran beside other
+    control planes on this machine at 3-7 % of a core: the overload reproduced on purpose."""
+
+    ROOT = Path("/sys/fs/cgroup/cpu")
+
+    def __init__(self, share: float, pid: int):
+        self.dir: Path | None = None
+        if not share:
+            return
+        if not (self.ROOT / "cpu.cfs_quota_us").exists():
+            raise SystemExit(f"--relay-cpu-share needs the cgroup v1 cpu controller at {self.ROOT}")
+        self.dir = self.ROOT / f"fk-bench-relay-{pid}"
+        self.dir.mkdir()
+        (self.dir / "cpu.cfs_period_us").write_text("100000")
+        (self.dir / "cpu.cfs_quota_us").write_text(str(max(1000, int(share * 100000))))
+        (self.dir / "cgroup.procs").write_text(str(pid))
+
+    def lift(self, pid: int) -> None:
+        """Back to the whole machine (the process leaves the capped group)."""
+        if self.dir is not None and self.dir.exists():
+            try:
+                (self.ROOT / "cgroup.procs").write_text(str(pid))
+            except OSError:
+                pass
+            self.remove()
+
+    def remove(self) -> None:
+        if self.dir is not None and self.dir.exists():
+            for _ in range(50):
+                try:
+                    self.dir.rmdir()
+                    return
+                except OSError:  # the process is still leaving it
+                    time.sleep(0.1)
+
+
+class Profiler:
+    """py-spy on the relay, one raw profile per phase (``--profile DIR``)."""
+
+    def __init__(self, directory: str | None, pid: int):
+        self.dir = Path(directory) if directory else None
+        self.pid = pid
+        self.proc: subprocess.Popen | None = None
+        self.files: list[Path] = []
+
+    def start(self, phase: str) -> None:
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        out = self.dir / f"relay-{phase}.txt"
+        self.files.append(out)
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(self.pid),
+                                      "--nonblocking", "--rate", "50", "--format", "raw", "-o", str(out)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def relay_counters(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("fleetkeeper_relay_") and not line.startswith("#"):
+            k, _, v = line.rpartition(" ")
+            try:
+                out[k] = float(v)
+            except ValueError:
+                pass
+    return out
+
+
+async def relay_metrics(mport: int, timeout: float = 60.0) -> dict[str, float]:
+    """The relay's counters (its /metrics is served by the relay's own event loop: slow when it is behind)."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s, \
+                s.get(f"http://127.0.0.1:{mport}/metrics") as r:
+            return relay_counters(await r.text())
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return {}
+
+
+def requests_by(m: dict[str, float], endpoint: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in m.items():
+        if k.startswith("fleetkeeper_relay_requests_total{") and f'endpoint="{endpoint}"' in k and v:
+            out[k.split('code="', 1)[1].split('"', 1)[0]] = v
+    return out
+
+
+async def herd(script: str, url: str, nodes: list[str], seconds: float, pid: int, mport: int,
+               cap: "CpuCap") -> None:
+    """Every agent at once from one process, for up to ``seconds`` (the relay held to its CPU cap, if any)."""
     import json
 
     o0 = netstat("ListenOverflows", "ListenDrops")
+    r0 = await relay_metrics(mport)
     (p,) = await start_agents(script, url, nodes, 1, 0.0, "-")
     last: dict = {}
+
+    async def read() -> None:
+        while line := await p.stdout.readline():
+            last.update(json.loads(line))
+    reader = asyncio.create_task(read())
     t0 = time.monotonic()
-    while time.monotonic() - t0 < seconds:
-        line = await asyncio.wait_for(p.stdout.readline(), 60)
-        last = json.loads(line)
-        if last["first"] == len(nodes):
-            break
-    o1 = netstat("ListenOverflows", "ListenDrops")
-    p.stdin.close()
-    while line := await p.stdout.readline():
-        pass
-    await p.wait()
-    print(f"  all {len(nodes)} agents at once from one process: {last.get('first')} had their first view after "
-          f"{time.monotonic() - t0:.0f}s; client retries (timeouts, refused) {last.get('retries')}; "
+    peak_fds = 0
+    done_s = None
+    shown = 0.0
+    try:
+        while time.monotonic() - t0 < seconds:
+            await asyncio.sleep(1.0)
+            peak_fds = max(peak_fds, fds(pid))
+            if last.get("first") == len(nodes):
+                done_s = time.monotonic() - t0
+                break
+            if time.monotonic() - shown >= 15:
+                shown = time.monotonic()
+                say(f"  herd at {shown - t0:.0f}s: {last.get('first')}/{len(nodes)} have their first view; client "
+                    f"retries {last.get('retries')} (503: {last.get('busy', 0)}); relay fds {fds(pid)}; load average "
+                    f"{os.getloadavg()[0]:.1f}")
+        o1 = netstat("ListenOverflows", "ListenDrops")
+        at_end = dict(last)
+        cap.lift(pid)  # the counters are read, and the herd stopped, at full speed
+        r1 = await relay_metrics(mport)
+    finally:
+        if p.returncode is None:
+            p.stdin.close()
+            try:
+                await asyncio.wait_for(p.wait(), 60)
+            except asyncio.TimeoutError:
+                p.kill()
+                await p.wait()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    v0, v1 = requests_by(r0, "view"), requests_by(r1, "view")
+    views = {c: v1[c] - v0.get(c, 0) for c in v1 if v1[c] - v0.get(c, 0)}
+    print(f"  all {len(nodes)} agents at once from one process: {at_end.get('first')} had their first view after "
+          f"{done_s if done_s is not None else time.monotonic() - t0:.0f}s"
+          f"{'' if done_s is not None else ' (gave up)'}; client retries (timeouts, refused, 503) "
+          f"{at_end.get('retries')} (of which 503 {at_end.get('busy', 0)}); relay answered views by code {views} "
+          f"(499: dropped, the client had gone); relay peak file descriptors {peak_fds}; "
           f"accept-queue overflows {o1.get('ListenOverflows', 0) - o0.get('ListenOverflows', 0)}, "
-          f"SYNs dropped {o1.get('ListenDrops', 0) - o0.get('ListenDrops', 0)}")
+          f"SYNs dropped {o1.get('ListenDrops', 0) - o0.get('ListenDrops', 0)}; load average "
+          f"{os.getloadavg()[0]:.1f}")
 
 
 async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, workers: int = 4,
-                     rate: float = 250.0, herd_s: float = 0.0) -> None:
+                     rate: float = 250.0, herd_s: float = 0.0, profile: str | None = None,
+                     relay_args: tuple[str, ...] = (), cpu_share: float = 0.0) -> None:
     """One relay process; ``agents_n`` agents spread over ``workers`` processes
     (bench/relay_agents.py), started at ``rate`` agents per second in all
-    (after, with ``herd_s``, ``herd_s`` seconds of every agent at once from one process)."""
+    (after, with ``herd_s``, up to ``herd_s`` seconds of every agent at once from one process)."""
     import json
 
     nodes = sorted(n["metadata"]["name"] for n in (await kube.list(NODES, label_selector="type=kwok"))[0]
@@ -216,22 +355,33 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
     port, mport = free_port(), free_port()
     m0 = await scrape(lc)
     proc = subprocess.Popen([FK, "relay", "serve", "--listen", f"127.0.0.1:{port}", "--metrics-port", str(mport),
-                             "--kubeconfig", str(lc.kubeconfig), "--namespace", SYSTEM_NS, "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--kubeconfig", str(lc.kubeconfig), "--namespace", SYSTEM_NS, "--log-level", "warning",
+                             *relay_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ns = "scale-relay"
     procs: list[asyncio.subprocess.Process] = []
+    prof = Profiler(profile, proc.pid)
+    cap = CpuCap(0.0, proc.pid)
+    api_pid = lc.state.pids["kube-apiserver"]
     try:
         ready = await wait_http(f"http://127.0.0.1:{mport}/readyz", 900, proc)
         cpu0 = cpu_s(proc.pid)
         say(f"  relay: synced in {ready:.0f}s, RSS {mem(proc.pid)[0]:.0f} MB; connecting {len(nodes)} agents from "
-            f"{workers} processes at {rate:.0f}/s")
+            f"{workers} processes at {rate:.0f}/s; load average {os.getloadavg()[0]:.1f}")
         url = f"http://127.0.0.1:{port}"
         script = str(Path(__file__).resolve().parent / "relay_agents.py")
         if herd_s:
-            await herd(script, url, nodes, herd_s)
+            if cpu_share:
+                cap = CpuCap(cpu_share, proc.pid)
+                say(f"  relay held to {cpu_share:.0%} of one core (cgroup cpu quota) for the herd")
+            prof.start("herd")
+            await herd(script, url, nodes, herd_s, proc.pid, mport, cap)
+            prof.stop()
             await asyncio.sleep(10)
+            cpu0 = cpu_s(proc.pid)
         o0 = netstat("ListenOverflows", "ListenDrops")
+        r0 = await relay_metrics(mport)
         t0 = time.monotonic()
+        prof.start("connect")
         procs = await start_agents(script, url, nodes, workers, rate, ns + "/")
         status: list[dict] = [{} for _ in procs]
 
@@ -242,29 +392,50 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
                     return
         readers = [asyncio.create_task(read_status(i, p)) for i, p in enumerate(procs)]
         last = 0.0
+        peak_fds = 0
+        loads = []
         while sum(s.get("first", 0) for s in status) < len(nodes):
             if time.monotonic() - t0 > 900:
                 raise TimeoutError(f"only {sum(s.get('first', 0) for s in status)} of {len(nodes)} agents had "
                                    f"their first view after 900 s")
+            peak_fds = max(peak_fds, fds(proc.pid))
             if time.monotonic() - last > 15:
                 last = time.monotonic()
+                loads.append(os.getloadavg()[0])
                 say(f"  relay: {sum(s.get('first', 0) for s in status)}/{len(nodes)} agents have their first view; "
-                    f"relay RSS {mem(proc.pid)[0]:.0f} MB")
+                    f"relay RSS {mem(proc.pid)[0]:.0f} MB, {fds(proc.pid)} fds; load average {loads[-1]:.1f}")
             await asyncio.sleep(0.5)
         connect_s = time.monotonic() - t0
+        prof.stop()
         o1 = netstat("ListenOverflows", "ListenDrops")
         await asyncio.sleep(5)
         m1 = await scrape(lc)
+        r1 = await relay_metrics(mport)
         r_conn, _ = mem(proc.pid)
         cpu1 = cpu_s(proc.pid)
         say(f"  relay: {len(nodes)} agents have their first view after {connect_s:.0f}s; relay RSS {r_conn:.0f} MB")
-        # fan-out: pods created one at a time (20/s) on random nodes; when does that node's agent have it?
         try:
             await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         except errors.Conflict:
             pass
+        # idle window (no pods created), then the sample window of the same length: the difference in CPU is
+        # what the fan-out of the sample's events cost, the idle part is bookmarks and open watches
+        window = sample * 0.05 + 10
+        agent_pids = [p.pid for p in procs]
+        prof.start("idle")
+        c_idle0 = (cpu_s(proc.pid), sum(cpu_s(x) for x in agent_pids), cpu_s(api_pid))
+        t_idle = time.monotonic()
+        await asyncio.sleep(window)
+        t_idle = time.monotonic() - t_idle
+        c_idle1 = (cpu_s(proc.pid), sum(cpu_s(x) for x in agent_pids), cpu_s(api_pid))
+        prof.stop()
+        r_idle = await relay_metrics(mport)
+        # fan-out: pods created one at a time (20/s) on random nodes; when does that node's agent have it?
+        prof.start("sample")
+        t_sample = time.monotonic()
         created: dict[str, tuple[str, float]] = {}
         rng = random.Random(7)
+        load_sample = os.getloadavg()[0]
         for i in range(sample):
             node = rng.choice(nodes)
             key = f"{ns}/f-{i:04d}"
@@ -275,6 +446,11 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
             await asyncio.sleep(0.05)
         await asyncio.sleep(10)  # the last ones reach their agents (or are counted as not seen)
         cpu2 = cpu_s(proc.pid)
+        t_sample = time.monotonic() - t_sample
+        c_s1 = (cpu2, sum(cpu_s(x) for x in agent_pids), cpu_s(api_pid))
+        prof.stop()
+        r2 = await relay_metrics(mport)
+        load_sample = max(load_sample, os.getloadavg()[0])
         for p in procs:
             p.stdin.close()
         await asyncio.wait_for(asyncio.gather(*readers), 300)
@@ -286,28 +462,53 @@ async def relay_part(lc: LocalCluster, kube: Kube, agents_n: int, sample: int, w
         first = sorted(x for st in status for x in st.get("first_view") or [])
         r_end, hwm = mem(proc.pid)
         w0, w1 = watches(m0), watches(m1)
+        v0, v1 = requests_by(r0, "view"), requests_by(r1, "view")
+        views = {c: v1[c] - v0.get(c, 0) for c in v1 if v1[c] - v0.get(c, 0)}
         print(f"relay with {len(nodes)} agents on one relay process ({workers} agent processes, started at "
               f"{rate:.0f}/s, so the last starts at {len(nodes) / rate:.0f}s): all had their first view after "
               f"{connect_s:.0f}s (first views p50 {first[len(first) // 2]:.1f}s, max {first[-1]:.1f}s after start); "
-              f"client retries {sum(st.get('retries', 0) for st in status)}, accept-queue overflows "
+              f"client retries {sum(st.get('retries', 0) for st in status)} (of which 503 "
+              f"{sum(st.get('busy', 0) for st in status)}), relay answered views by code {views}, "
+              f"relay peak file descriptors {peak_fds}, accept-queue overflows "
               f"{o1.get('ListenOverflows', 0) - o0.get('ListenOverflows', 0)}; "
               f"relists after the first view {sum(st.get('relists', 0) for st in status)}; "
               f"relay RSS {r_conn:.0f} MB connected, {r_end:.0f} MB after the sample, peak {hwm:.0f} MB (goal < 1 GB); "
-              f"relay CPU {cpu1 - cpu0:.1f}s connecting, {cpu2 - cpu1:.1f}s during the sample")
+              f"relay CPU {cpu1 - cpu0:.1f}s connecting; load average while connecting "
+              f"{min(loads, default=0):.1f}-{max(loads, default=0):.1f}")
         print("  API-server WATCH requests added by the relay, by resource: "
               + ", ".join(f"{k} {w1.get(k, 0) - w0.get(k, 0):+.0f}" for k in sorted(set(w0) | set(w1))
                           if w1.get(k, 0) != w0.get(k, 0)))
+        fan = r2.get("fleetkeeper_relay_events_fanned_out_total", 0) - r_idle.get(
+            "fleetkeeper_relay_events_fanned_out_total", 0)
+        up_ev = sum(v for k, v in r2.items() if k.startswith("fleetkeeper_relay_upstream_events_total")) - sum(
+            v for k, v in r_idle.items() if k.startswith("fleetkeeper_relay_upstream_events_total"))
+        d_idle = [(b - a) / t_idle for a, b in zip(c_idle0, c_idle1)]
+        d_s = [(b - a) / t_sample for a, b in zip(c_idle1, c_s1)]
+        print(f"  CPU (share of one core) idle {t_idle:.0f} s (open watches, bookmarks) / sample {t_sample:.0f} s "
+              f"({sample} pods): relay {d_idle[0]:.1%} / {d_s[0]:.1%}, the {workers} agent processes together "
+              f"{d_idle[1]:.1%} / {d_s[1]:.1%}, kube-apiserver {d_idle[2]:.1%} / {d_s[2]:.1%}; relay upstream events "
+              f"in the sample {up_ev:.0f}, deliveries to agents {fan:.0f}: relay CPU per upstream event over idle "
+              f"{(d_s[0] - d_idle[0]) * t_sample / max(up_ev, 1) * 1000:.2f} ms; load average in the sample "
+              f"{load_sample:.1f}")
         if lat:
             print(f"  pod create -> its node's agent has it: {len(lat)}/{len(created)} seen, p50 {lat[len(lat) // 2]:.3f}s, "
                   f"p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.3f}s, max {lat[-1]:.3f}s (goal p99 < 1 s); "
                   f"pods seen by another node's agent: {foreign}")
         else:
             print(f"  pod create -> its node's agent has it: 0/{len(created)} seen")
+        if prof.files:
+            from pyspy_summary import RELAY_FRAMES, load, summarise
+            for f in prof.files:
+                if f.exists():
+                    print(f"  py-spy of the relay, {f.name}:")
+                    print("    " + summarise(load(str(f)), 20, RELAY_FRAMES).replace("\n", "\n    "))
     finally:
+        prof.stop()
         for p in procs:
             if p.returncode is None:
                 p.kill()
                 await p.wait()
+        cap.lift(proc.pid)
         stop(proc)
 
 
@@ -434,7 +635,8 @@ async def main(a) -> None:
         for part in parts:  # in the order given
             if part == "relay":
                 try:
-                    await relay_part(lc, kube, a.agents, a.sample, a.agent_processes, a.agent_rate, a.herd_seconds)
+                    await relay_part(lc, kube, a.agents, a.sample, a.agent_processes, a.agent_rate, a.herd_seconds,
+                                     a.profile, tuple(a.relay_arg), a.relay_cpu_share)
                 except TimeoutError as exc:  # reported; the other parts still run
                     print(f"relay: {exc}")
             elif part == "teams":
@@ -537,6 +739,10 @@ if __name__ == "__main__":
     ap.add_argument("--agent-rate", type=float, default=250.0, help="agents started per second, in all")
     ap.add_argument("--herd-seconds", type=float, default=0.0,
                     help="first, for this long, every agent at once from one process (how it failed before)")
+    ap.add_argument("--profile", help="relay part: py-spy raw profiles of the relay per phase into this directory")
+    ap.add_argument("--relay-cpu-share", type=float, default=0.0,
+                    help="hold the relay process to this share of one core (cgroup v1 CFS quota), e.g. 0.05")
+    ap.add_argument("--relay-arg", action="append", default=[], help="extra flag for `fleetkeeper relay serve`")
     ap.add_argument("--parts", default="rss,relay,teams")
     ap.add_argument("--bare-nodes", action="store_true",
                     help="Node objects that KWOK does not manage (no heartbeats, pods stay Pending): the relay part "

@@ -51,11 +51,13 @@ async def main(url: str, rate: float, prefix: str, nodes: list[str]) -> None:
     first: dict[str, float] = {}
     seen: dict[str, tuple[str, float]] = {}
     relists: dict[str, int] = {}
+    clients: list[RelayClient] = []
 
     async def follow(i: int, node: str) -> None:
         if rate > 0:
             await asyncio.sleep(i / rate)
         client = RelayClient(url, node, session=session)
+        clients.append(client)
         async for st in client.sync():
             now = time.monotonic()
             if node not in first:
@@ -72,7 +74,9 @@ async def main(url: str, rate: float, prefix: str, nodes: list[str]) -> None:
     eof = asyncio.create_task(reader.read())
 
     def report(**extra) -> None:
-        sys.stdout.write(orjson.dumps({"first": len(first), "agents": len(nodes), "retries": retries.n,
+        sys.stdout.write(orjson.dumps({"first": len(first), "agents": len(nodes),
+                                       "retries": max(retries.n, sum(getattr(c, "retries", 0) for c in clients)),
+                                       "busy": sum(getattr(c, "busy", 0) for c in clients),
                                        "failed": sum(1 for t in tasks if t.done() and not t.cancelled()
                                                      and t.exception() is not None), **extra}).decode() + "\n")
         sys.stdout.flush()

@@ -265,3 +265,31 @@ def test_component_configuration_is_valid_for_the_components():
     assert not opts.webhook.register_webhook and not opts.webhook.unregisters_on_exit
     cap = load_config_text(cms["fleetkeeper-capacity"]["data"]["config.yaml"], "chart")
     assert cap.gangs.webhook_cert_dir and not cap.gangs.manage_webhook_registration
+
+
+def test_relay_serves_the_service_port_and_checks_its_open_file_limit():
+    from typer.testing import CliRunner
+
+    from fleetkeeper.relay.cli import app
+    from fleetkeeper.relay.settings import parse_config
+
+    docs = render({"relay": {"enabled": True, "expectedAgents": 2500,
+                             "config": {"relay": {"max_inflight": 64}}}})
+    relay = by_kind(docs, "Deployment")["fleetkeeper-relay"]["spec"]["template"]["spec"]
+    container = relay["containers"][0]
+    args = container["args"]
+    # its settings are the ConfigMap's relay: section, mounted where --config points
+    path = next(a.split("=", 1)[1] for a in args if a.startswith("--config="))
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in relay["volumes"] if v["name"] == mount["name"])
+    cm = by_kind(docs, "ConfigMap")[volume["configMap"]["name"]]
+    rs = parse_config(cm["data"][path.rsplit("/", 1)[1]], "chart").relay
+    service = by_kind(docs, "Service")["fleetkeeper-relay"]
+    assert rs.host == "0.0.0.0" and rs.port == service["spec"]["ports"][0]["targetPort"]  # not the pod's loopback
+    assert {"name": "relay", "containerPort": rs.port} in container["ports"]
+    assert rs.expected_agents == 2500 and rs.max_inflight == 64  # the chart's and the user's settings both apply
+    # every flag the chart passes is one `relay serve` has
+    flags = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    out = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+    missing = [f for f in flags if f not in out]
+    assert not missing, missing

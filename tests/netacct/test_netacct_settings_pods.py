@@ -5,7 +5,7 @@ from aiohttp import web
 
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.errors import ConfigError, Temporary
-from fleetkeeper.netacct.pods import FilePodSource, HttpPodSource, parse_items
+from fleetkeeper.netacct.pods import FilePodSource, HttpPodSource, parse_items, retry_delay
 from fleetkeeper.netacct.settings import RateError, load_settings, make_settings, parse_rate
 
 
@@ -90,6 +90,8 @@ async def test_http_source(aiohttp_unused_port=None):
         calls.append(request.match_info["node"])
         if request.match_info["node"] == "broken":
             return web.Response(status=503, text="relay warming up")
+        if request.match_info["node"] == "behind":
+            return web.Response(status=503, text="relay behind", headers={"Retry-After": "12"})
         return web.json_response(_doc())
 
     webapp = web.Application()
@@ -103,10 +105,23 @@ async def test_http_source(aiohttp_unused_port=None):
         src = HttpPodSource(f"http://127.0.0.1:{port}/", "node-1", NAMES)
         assert [p.key for p in await src.list()] == ["ml/a"]
         bad = HttpPodSource(f"http://127.0.0.1:{port}", "broken", NAMES)
-        with pytest.raises(Temporary, match="503"):
+        with pytest.raises(Temporary, match="503") as ei:
             await bad.list()
+        assert ei.value.delay == 5.0
+        # a relay that is behind says when to come back: the agent waits at least that long
+        behind = HttpPodSource(f"http://127.0.0.1:{port}", "behind", NAMES)
+        with pytest.raises(Temporary, match="503") as ei:
+            await behind.list()
+        assert 12.0 <= ei.value.delay < 24.0
         await src.close()
         await bad.close()
-        assert calls == ["node-1", "broken"]
+        await behind.close()
+        assert calls == ["node-1", "broken", "behind"]
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("status,header,u,want", [(503, "10", 0.0, 10.0), (503, "10", 0.5, 15.0), (503, None, 0.5, 5.0),
+                                                  (503, "soon", 0.5, 5.0), (500, "10", 0.5, 5.0)])
+def test_retry_delay_follows_the_relays_retry_after(status, header, u, want):
+    assert retry_delay(status, header, u) == want

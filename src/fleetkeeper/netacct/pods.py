@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,19 @@ class FilePodSource:
         return res.pods
 
 
+def retry_delay(status: int, retry_after: str | None, u: float | None = None) -> float:
+    """Seconds before asking the relay again: its Retry-After on a 503 (it is behind), spread over
+    [Retry-After, 2 x Retry-After) so a fleet of agents does not come back at once; else 5 s."""
+    if status == 503 and retry_after:
+        try:
+            ra = float(retry_after)
+        except ValueError:
+            ra = 0.0
+        if ra > 0:
+            return ra * (1.0 + (random.random() if u is None else u))
+    return 5.0
+
+
 class HttpPodSource:
     """The caching relay's per-node view: ``GET {relay}/v1/nodes/{node}/pods``."""
 
@@ -157,7 +171,8 @@ class HttpPodSource:
             async with self._session.get(self.url, timeout=self.timeout) as resp:
                 if resp.status != 200:
                     body = (await resp.text())[:200]
-                    raise Temporary(f"relay {self.url}: HTTP {resp.status}: {body}", delay=5)
+                    raise Temporary(f"relay {self.url}: HTTP {resp.status}: {body}",
+                                    delay=retry_delay(resp.status, resp.headers.get("Retry-After")))
                 doc = json.loads(await resp.read())
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Temporary(f"relay {self.url}: {exc.__class__.__name__}: {exc}", delay=5) from None

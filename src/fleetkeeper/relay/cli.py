@@ -76,6 +76,12 @@ def serve(
     buffer: int = typer.Option(1024, help="events queued per watcher before it is dropped"),
     bookmark_interval: float = typer.Option(30.0, help="seconds between bookmarks on an idle watch"),
     watch_timeout: int = typer.Option(300, help="longest agent watch, seconds"),
+    max_inflight: int = typer.Option(256, help="agent requests answered at once before new ones get 503 "
+                                     "with Retry-After"),
+    max_lag: float = typer.Option(5.0, help="seconds the event loop may run late before new agent requests get "
+                                  "503 with Retry-After"),
+    expected_agents: int = typer.Option(0, help="agents this process serves: the open-file limit is checked "
+                                        "against it at start (needs 2 x agents + 1024)"),
     config: Path = typer.Option(None, "--config", help="YAML file with a 'relay:' section (overrides the flags)"),
     kubeconfig: str = KUBECONFIG, context: Optional[str] = cliutil.context_option(),
     namespace: str = typer.Option(SYSTEM_NAMESPACE, help="where the team ConfigMap lives"),
@@ -100,7 +106,8 @@ def serve(
                 "host": host, "port": port, "tls_cert": tls_cert, "tls_key": tls_key, "auth": auth,
                 "agent_service_accounts": agent_sa, "reader_groups": reader_group, "audiences": audience,
                 "history": history, "buffer": buffer, "bookmark_interval": bookmark_interval,
-                "watch_timeout": watch_timeout}, "flags")
+                "watch_timeout": watch_timeout, "max_inflight": max_inflight, "max_lag": max_lag,
+                "expected_agents": expected_agents}, "flags")
         settings = _runtime(kubeconfig, namespace, domain, metrics_port, False, False)
     except errors.ConfigError as exc:
         _fail(exc)

@@ -9,6 +9,13 @@ answers 410 Gone (a relay restart, a trimmed history, a dropped slow
 watcher), and otherwise resumes its watch from the last resourceVersion seen
 (events or bookmarks), so a reconnect costs nothing. It never talks to the
 API server.
+
+When the relay is busy it answers 503 with ``Retry-After``; the client waits
+that long and up to twice it (spread at random), on the same connection. After
+a failure it backs off exponentially with full jitter; after the relay
+restarted (the watch broke, then the resume was refused) it relists after a
+random delay within ``relist_spread`` seconds, so a fleet does not relist in
+the same second (:mod:`fleetkeeper.relay.admission`).
 """
 
 from __future__ import annotations
@@ -26,12 +33,41 @@ import aiohttp
 import orjson
 
 from fleetkeeper.core import errors
+from fleetkeeper.relay.admission import BackoffPolicy, relist_delay, request_timeout, retry_delay
 
 log = logging.getLogger("fleetkeeper.relay.client")
 
 
 class RelayGone(errors.FleetkeeperError):
     """The relay cannot resume from our resourceVersion: relist."""
+
+
+class RelayBusy(errors.Temporary):
+    """The relay answered 503 with Retry-After (``delay``, seconds): it is behind; ask again later."""
+
+
+def _retry_after(resp: aiohttp.ClientResponse, body: dict) -> float:
+    for raw in (resp.headers.get("Retry-After"), (body.get("details") or {}).get("retryAfterSeconds")):
+        try:
+            v = float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if v > 0:
+            return v
+    return 0.0
+
+
+def _error(resp: aiohttp.ClientResponse, raw: bytes) -> errors.FleetkeeperError:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    body.setdefault("message", raw.decode(errors="replace")[:300])
+    if resp.status == 503 and (delay := _retry_after(resp, body)):
+        return RelayBusy(f"relay busy: {body.get('message', '')}", delay=delay)
+    return errors.api_error(resp.status, body)
 
 
 @dataclass
@@ -73,7 +109,8 @@ def apply_event(state: NodeState, ev: dict) -> bool:
 class RelayClient:
     def __init__(self, base_url: str, node: str, *, token: str | None = None, token_file: str | Path | None = None,
                  ca_file: str | None = None, session: aiohttp.ClientSession | None = None,
-                 request_timeout: float = 10.0, watch_timeout: int = 300):
+                 request_timeout: float = 10.0, watch_timeout: int = 300, backoff: BackoffPolicy | None = None,
+                 rng: random.Random | None = None):
         self.base = base_url.rstrip("/")
         self.node = node
         self._token = token
@@ -84,6 +121,11 @@ class RelayClient:
         self.request_timeout = request_timeout
         self.watch_timeout = watch_timeout
         self._path = f"/v1/nodes/{quote(node, safe='')}"
+        self.backoff = backoff or BackoffPolicy()
+        self._rng = rng or random.Random()
+        self.retries = 0  # waits after a failure or a 503 (for benchmarks and tests)
+        self.busy = 0  # 503 answers with Retry-After
+        self._timeouts = 0  # requests in a row that got no answer in time (each waits longer)
 
     def _headers(self) -> dict[str, str]:
         token = self._token
@@ -107,22 +149,25 @@ class RelayClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _timeout(self) -> float:
+        return request_timeout(self.request_timeout, self._timeouts, self.backoff)
+
     async def _get(self, path: str) -> dict:
         url = self.base + path
         try:
             async with self._s().get(url, headers=self._headers(), ssl=self._ssl,
-                                     timeout=aiohttp.ClientTimeout(total=self.request_timeout)) as resp:
+                                     timeout=aiohttp.ClientTimeout(total=self._timeout())) as resp:
                 raw = await resp.read()
+                self._timeouts = 0  # answered
                 if resp.status == 410:
                     raise RelayGone(raw.decode(errors="replace")[:300])
                 if resp.status >= 400:
-                    try:
-                        body = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        body = {"message": raw.decode(errors="replace")[:300]}
-                    raise errors.api_error(resp.status, body)
+                    raise _error(resp, raw)
                 return orjson.loads(raw)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError as exc:
+            self._timeouts += 1
+            raise errors.ApiUnreachable(f"relay {url}: no answer in time") from exc
+        except aiohttp.ClientError as exc:
             raise errors.ApiUnreachable(f"relay {url}: {exc or type(exc).__name__}") from exc
 
     # --- snapshots ----------------------------------------------------------------
@@ -151,19 +196,15 @@ class RelayClient:
         url = self.base + self._path + "/watch"
         try:
             async with self._s().get(url, params=params, headers=self._headers(), ssl=self._ssl,
-                                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout,
+                                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout(),
                                                                    sock_read=max(60.0, (timeout_seconds or
                                                                                         self.watch_timeout) + 30))
                                      ) as resp:
+                self._timeouts = 0  # answered
                 if resp.status == 410:
                     raise RelayGone((await resp.text())[:300])
                 if resp.status >= 400:
-                    raw = await resp.read()
-                    try:
-                        body = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        body = {"message": raw.decode(errors="replace")[:300]}
-                    raise errors.api_error(resp.status, body)
+                    raise _error(resp, await resp.read())
                 async for line in resp.content:
                     if not line.strip():
                         continue
@@ -177,29 +218,44 @@ class RelayClient:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise errors.ApiUnreachable(f"relay watch {url}: {exc or type(exc).__name__}") from exc
 
-    async def sync(self, *, max_backoff: float = 30.0) -> AsyncIterator[NodeState]:
+    async def sync(self) -> AsyncIterator[NodeState]:
         """Keep a :class:`NodeState` current; yield it after the first list and
         after every change. Runs until cancelled."""
         state: NodeState | None = None
-        backoff = 0.5
+        failures = 0  # in a row, reset by any answer
+        lost = False  # the relay went away since the last answer: a 410 now means it restarted
+        relist_wait = 0.0
         relists = 0
         while True:
             try:
                 if state is None:
+                    if relist_wait:
+                        await asyncio.sleep(relist_wait)
+                        relist_wait = 0.0
                     state = await self.view()
                     relists += 1
                     state.relists = relists
-                    backoff = 0.5
+                    failures, lost = 0, False
                     yield state
                 async for ev in self.watch(state.resource_version):
+                    failures, lost = 0, False
                     if apply_event(state, ev):
                         yield state
-                    backoff = 0.5
             except RelayGone as exc:
-                log.info("relay: %s; relisting node %s", exc, self.node)
-                state = None
+                relist_wait = relist_delay(lost, self._rng.random(), self.backoff)
+                log.info("relay: %s; relisting node %s in %.1fs", exc, self.node, relist_wait)
+                state, failures, lost = None, 0, False
+            except RelayBusy as exc:
+                failures += 1
+                self.retries += 1
+                self.busy += 1
+                delay = retry_delay(failures, self._rng.random(), self.backoff, exc.delay)
+                log.warning("relay busy (503, Retry-After %gs); retrying in %.1fs", exc.delay, delay)
+                await asyncio.sleep(delay)
             except (errors.ApiUnreachable, errors.ServerError) as exc:
-                delay = backoff * random.uniform(0.5, 1.5)  # jitter: thousands of agents reconnect
+                failures += 1
+                self.retries += 1
+                lost = True
+                delay = retry_delay(failures, self._rng.random(), self.backoff)  # jitter: thousands of agents
                 log.warning("relay unreachable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
-                backoff = min(backoff * 2, max_backoff)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from dataclasses import dataclass
 
 from fleetkeeper.core import errors
@@ -16,6 +17,7 @@ from fleetkeeper.core.configmap import watch_at_start_only
 from fleetkeeper.core.informer import Informer
 from fleetkeeper.core.kube import CONFIGMAPS, NODES, PODS
 from fleetkeeper.core.manager import Manager
+from fleetkeeper.relay.admission import open_files_plan
 from fleetkeeper.relay.auth import TokenReviewAuthenticator
 from fleetkeeper.relay.hub import Hub
 from fleetkeeper.relay.metrics import PacerMetrics, RelayMetrics
@@ -42,6 +44,22 @@ class RelayHandle:
         return len(self.informers)
 
 
+def raise_open_files(expected_agents: int) -> int:
+    """Raise this process's soft open-file limit to the hard one (each agent holds a
+    connection; Linux's default soft limit of 1,024 serves a thousand agents at
+    most) and log whether it holds ``expected_agents``. Returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    plan = open_files_plan(soft, hard, expected_agents, infinity=resource.RLIM_INFINITY)
+    if plan.soft != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (plan.soft, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("relay: cannot raise the open-file limit from %d to %d: %s", soft, plan.soft, exc)
+            plan = open_files_plan(soft, soft, expected_agents)
+    getattr(log, plan.level)("relay: %s", plan.message)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def add_relay(mgr: Manager, cfg: RelaySettings) -> RelayHandle:
     """Add the relay's three informers (nodes, pods, the team ConfigMap) and its
     HTTP server to ``mgr``."""
@@ -66,6 +84,7 @@ def add_relay(mgr: Manager, cfg: RelaySettings) -> RelayHandle:
     metrics.attach_hub(hub, lambda: handle.upstream_watches)
 
     async def serve() -> None:
+        metrics.open_files_limit.set(raise_open_files(cfg.expected_agents))
         delay = 1.0
         while True:  # a port in use must not take the manager's other controllers down with it
             try:

@@ -57,10 +57,20 @@ def encode_error(code: int, reason: str, message: str) -> bytes:
                                                      "message": message}}) + b"\n"
 
 
-class Subscriber:
-    """One agent's watch: a bounded buffer of serialised events."""
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(False)
 
-    __slots__ = ("node", "max_buffer", "buf", "overflowed", "closed", "_wake", "sent_events")
+
+class Subscriber:
+    """One agent's watch: a bounded buffer of serialised events.
+
+    Waiting costs one future and one timer handle (no task, no exception on a
+    timeout): with thousands of idle watches each waking for its bookmark,
+    ``asyncio.wait_for`` (a task per wait, cancelled on every timeout) was a
+    visible share of the relay's CPU."""
+
+    __slots__ = ("node", "max_buffer", "buf", "overflowed", "closed", "_waiter", "sent_events")
 
     def __init__(self, node: str, max_buffer: int):
         self.node = node
@@ -68,8 +78,13 @@ class Subscriber:
         self.buf: deque[bytes] = deque()
         self.overflowed = False
         self.closed = False
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future | None = None
         self.sent_events = 0
+
+    def wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(True)
 
     def push(self, line: bytes) -> bool:
         """Queue one event; False (and the subscriber is marked overflowed) when full."""
@@ -78,27 +93,31 @@ class Subscriber:
         if len(self.buf) >= self.max_buffer:
             self.overflowed = True
             self.buf.clear()
-            self._wake.set()
+            self.wake()
             return False
         self.buf.append(line)
-        self._wake.set()
+        self.wake()
         return True
 
     def drain(self) -> list[bytes]:
         out = list(self.buf)
         self.buf.clear()
-        self._wake.clear()
         return out
 
     async def wait(self, timeout: float) -> bool:
         """Wait until something is queued (True) or the timeout passes (False)."""
         if self.buf or self.overflowed:
             return True
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-            return True
-        except (asyncio.TimeoutError, TimeoutError):
+        if timeout <= 0:
             return False
+        loop = asyncio.get_running_loop()
+        fut = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._waiter = None
 
 
 @dataclass
@@ -143,6 +162,8 @@ class Hub:
         self._pod_node: dict[str, str] = {}  # "namespace/name" -> node, for authorisation
         self.stats = HubStats()
         self.on_drop = on_drop
+        self._bookmark: tuple[str, bytes] = ("", b"")
+        self.teams_json = b"null"  # the team config's doc, serialised once per change (every view carries it)
 
     # --- resource versions ------------------------------------------------
     def rv(self, seq: int | None = None) -> str:
@@ -243,6 +264,7 @@ class Hub:
             self.stats.suppressed += 1
             return
         prev, self.teams = self.teams, new
+        self.teams_json = orjson.dumps(new.doc) if new is not None else b"null"
         if new is None and prev is None:
             return
         self.seq += 1
@@ -273,6 +295,18 @@ class Hub:
 
     def teams_doc(self) -> dict | None:
         return self.teams.doc if self.teams else None
+
+    def bookmark(self) -> bytes:
+        """The BOOKMARK line at the current resourceVersion, serialised once per version."""
+        rv = self.rv()
+        if self._bookmark[0] != rv:
+            self._bookmark = (rv, encode_bookmark(rv))
+        return self._bookmark[1]
+
+    def view_json(self, node: str) -> bytes:
+        """:meth:`view` serialised, with the team config's bytes spliced in as they are."""
+        head = orjson.dumps({"resourceVersion": self.rv(), "node": self.node_doc(node), "pods": self.pod_docs(node)})
+        return head[:-1] + b',"teams":' + self.teams_json + b"}"
 
     def view(self, node: str) -> dict:
         return {"resourceVersion": self.rv(), "node": self.node_doc(node), "pods": self.pod_docs(node),

@@ -67,13 +67,26 @@ class RelayMetrics:
                             registry=registry)
         self.token_reviews = Counter(f"{P}_token_reviews_total", "TokenReviews sent to the API server (cache misses)",
                                      registry=registry)
+        self.refused = Counter(f"{P}_refused_total", "Agent requests answered 503 with Retry-After because the "
+                               "relay was behind (reason: lag, inflight)", ["reason"], registry=registry)
+        self.inflight = Gauge(f"{P}_inflight_requests", "Agent requests being answered now", registry=registry)
+        self.loop_lag = Gauge(f"{P}_loop_lag_seconds", "How late the relay's event loop runs a timer",
+                              registry=registry)
+        self.open_files_limit = Gauge(f"{P}_open_files_limit", "The relay process's soft RLIMIT_NOFILE",
+                                      registry=registry)
         for ep in ENDPOINTS:
             self.bytes_sent.labels(ep)
-            for code in ("200", "401", "403", "404", "410"):
+            for code in ("200", "401", "403", "404", "410", "499", "503"):
                 self.requests.labels(ep, code)
+        for r in ("lag", "inflight"):
+            self.refused.labels(r)
         for r in AUTH_RESULTS:
             self.auth.labels(r)
         self._hub_collector: HubCollector | None = None
+
+    def attach_server(self, inflight: Callable[[], float], lag: Callable[[], float]) -> None:
+        self.inflight.set_function(inflight)
+        self.loop_lag.set_function(lag)
 
     def attach_hub(self, hub: Hub, upstream_watches: Callable[[], int]) -> None:
         if self._hub_collector is None:

@@ -13,6 +13,13 @@
 
 Every request is answered from memory; none reaches the API server (except a
 TokenReview on a cache miss when authentication is on).
+
+Overload (:mod:`fleetkeeper.relay.admission`): before any work, a request
+whose client has already closed its connection is dropped (counted with code
+499), and a request that arrives while the relay is behind (its event loop
+running late by more than ``max_lag``, or ``max_inflight`` requests being
+answered) is refused with 503 and ``Retry-After``, so that the relay never
+spends its time on answers nobody waits for.
 """
 
 from __future__ import annotations
@@ -20,25 +27,81 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import select
 import ssl
+import time
 from collections.abc import Callable
 
 import orjson
 from aiohttp import web
 
 from fleetkeeper.core import errors
+from fleetkeeper.relay.admission import AdmissionPolicy, admit
 from fleetkeeper.relay.auth import AuthPolicy, TokenReviewAuthenticator, authorize
-from fleetkeeper.relay.hub import Gone, Hub, encode_bookmark, encode_error
+from fleetkeeper.relay.hub import Gone, Hub, encode_error
 from fleetkeeper.relay.metrics import RelayMetrics
 from fleetkeeper.relay.settings import RelaySettings
 
 log = logging.getLogger("fleetkeeper.relay")
 
+_RDHUP = getattr(select, "POLLRDHUP", 0x2000)
+
+
+def peer_closed(request: web.Request) -> bool:
+    """True when the client has closed its end of the connection (it gave up
+    waiting): the kernel knows at once, although the event loop, when behind,
+    has not yet run the callback that says so."""
+    t = request.transport
+    if t is None or t.is_closing():
+        return True
+    sock = t.get_extra_info("socket")
+    if sock is None:
+        return False
+    p = select.poll()
+    p.register(sock.fileno(), _RDHUP)
+    return any(ev & (_RDHUP | select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
+
+
+class LoopLag:
+    """How late the event loop runs a timer, the relay's measure of being behind:
+    every callback queued ahead of a timer (accepted connections, requests to
+    parse, responses to write) delays it."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.last = 0.0
+        self._due: float | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self._due = time.monotonic() + self.interval  # the loop's clock (and callable from a scrape thread)
+            await asyncio.sleep(self.interval)
+            self.last = max(0.0, time.monotonic() - self._due)
+
+    def now(self) -> float:
+        """The lag now: the last measurement, or longer when the timer is overdue."""
+        due = self._due
+        if due is None:
+            return self.last
+        return max(self.last, time.monotonic() - due)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+            self._due = None
+
 
 class RelayServer:
     def __init__(self, hub: Hub, settings: RelaySettings, metrics: RelayMetrics, *,
                  ready: Callable[[], bool] = lambda: True,
-                 authenticator: TokenReviewAuthenticator | None = None):
+                 authenticator: TokenReviewAuthenticator | None = None, lag: LoopLag | None = None):
         if settings.auth == "tokenreview" and authenticator is None:
             raise errors.ConfigError("relay", [("auth", settings.auth, "tokenreview needs an authenticator")])
         self.hub = hub
@@ -59,11 +122,18 @@ class RelayServer:
         self._runner: web.AppRunner | None = None
         self.port = settings.port
         self._streams: set[web.StreamResponse] = set()
+        self._subs: set = set()  # the streaming watches' subscribers (woken to end at stop)
         self._closing = asyncio.Event()
+        self.admission = AdmissionPolicy(max_inflight=settings.max_inflight, max_lag=settings.max_lag)
+        self.lag = lag or LoopLag()
+        self.inflight = 0
+        metrics.attach_server(lambda: self.inflight, lambda: self.lag.now())
 
     # --- helpers ----------------------------------------------------------------
     def _json(self, endpoint: str, status: int, doc: object) -> web.Response:
-        body = orjson.dumps(doc)
+        return self._raw(endpoint, status, orjson.dumps(doc))
+
+    def _raw(self, endpoint: str, status: int, body: bytes) -> web.Response:
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.bytes_sent.labels(endpoint).inc(len(body))
         return web.Response(status=status, body=body, content_type="application/json")
@@ -71,10 +141,40 @@ class RelayServer:
     def _status(self, endpoint: str, code: int, reason: str, message: str) -> web.Response:
         return self._json(endpoint, code, {"kind": "Status", "code": code, "reason": reason, "message": message})
 
+    def _busy(self, endpoint: str, retry_after: int, reason: str, message: str) -> web.Response:
+        self.metrics.requests.labels(endpoint, "503").inc()
+        self.metrics.refused.labels(reason).inc()
+        body = orjson.dumps({"kind": "Status", "code": 503, "reason": "ServiceUnavailable", "message": message,
+                             "details": {"retryAfterSeconds": retry_after}})
+        return web.Response(status=503, body=body, content_type="application/json",
+                            headers={"Retry-After": str(retry_after)})
+
     async def _check(self, request: web.Request, endpoint: str, node: str | None) -> web.Response | None:
-        """None when the request may go on, else the error response."""
+        """None when the request may go on (it then holds one of the in-flight
+        places: the caller gives it back with ``self.inflight -= 1``), else the
+        response that ends it."""
+        if peer_closed(request):
+            # the client gave up before its turn came: no work, no answer
+            self.metrics.requests.labels(endpoint, "499").inc()
+            request.transport.close() if request.transport is not None else None
+            return web.Response(status=499)
+        decision = admit(self.inflight, self.lag.now(), self.admission)
+        if not decision.admit:
+            return self._busy(endpoint, decision.retry_after, decision.cause,
+                              f"the relay is busy: {decision.reason}; retry after {decision.retry_after}s")
         if not self.ready():
             return self._status(endpoint, 503, "NotReady", "the relay's caches are not synced yet")
+        self.inflight += 1
+        try:
+            err = await self._authorize(request, endpoint, node)
+        except BaseException:
+            self.inflight -= 1
+            raise
+        if err is not None:
+            self.inflight -= 1
+        return err
+
+    async def _authorize(self, request: web.Request, endpoint: str, node: str | None) -> web.Response | None:
         if self.authenticator is None:
             return None
         header = request.headers.get("Authorization", "")
@@ -103,30 +203,42 @@ class RelayServer:
         node = request.match_info["node"]
         if (err := await self._check(request, "node", node)) is not None:
             return err
-        doc = self.hub.node_doc(node)
-        if doc is None:
-            return self._status("node", 404, "NotFound", f"node {node} is not known to the relay")
-        return self._json("node", 200, {"resourceVersion": self.hub.rv(), "object": doc})
+        try:
+            doc = self.hub.node_doc(node)
+            if doc is None:
+                return self._status("node", 404, "NotFound", f"node {node} is not known to the relay")
+            return self._json("node", 200, {"resourceVersion": self.hub.rv(), "object": doc})
+        finally:
+            self.inflight -= 1
 
     async def _pods(self, request: web.Request) -> web.Response:
         node = request.match_info["node"]
         if (err := await self._check(request, "pods", node)) is not None:
             return err
-        return self._json("pods", 200, {"resourceVersion": self.hub.rv(), "items": self.hub.pod_docs(node)})
+        try:
+            return self._json("pods", 200, {"resourceVersion": self.hub.rv(), "items": self.hub.pod_docs(node)})
+        finally:
+            self.inflight -= 1
 
     async def _view(self, request: web.Request) -> web.Response:
         node = request.match_info["node"]
         if (err := await self._check(request, "view", node)) is not None:
             return err
-        return self._json("view", 200, self.hub.view(node))
+        try:
+            return self._raw("view", 200, self.hub.view_json(node))
+        finally:
+            self.inflight -= 1
 
     async def _teams(self, request: web.Request) -> web.Response:
         if (err := await self._check(request, "teams", None)) is not None:
             return err
-        doc = self.hub.teams_doc()
-        if doc is None:
-            return self._status("teams", 404, "NotFound", f"ConfigMap {self.settings.teams_configmap} not found")
-        return self._json("teams", 200, {"resourceVersion": self.hub.rv(), "object": doc})
+        try:
+            doc = self.hub.teams_doc()
+            if doc is None:
+                return self._status("teams", 404, "NotFound", f"ConfigMap {self.settings.teams_configmap} not found")
+            return self._json("teams", 200, {"resourceVersion": self.hub.rv(), "object": doc})
+        finally:
+            self.inflight -= 1
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -141,18 +253,21 @@ class RelayServer:
         endpoint = "poll" if poll else "watch"
         if (err := await self._check(request, endpoint, node)) is not None:
             return err
-        try:
-            timeout = float(request.query.get("timeoutSeconds") or 0)
-        except ValueError:
-            return self._status(endpoint, 400, "BadRequest", "timeoutSeconds must be a number")
-        limit = float(self.settings.watch_timeout)
-        if timeout <= 0 or timeout > limit:
-            # spread reconnects: an agent fleet restarting at once must not come back at once
-            timeout = limit * random.uniform(0.8, 1.0) if timeout <= 0 else limit
-        try:
-            sub = self.hub.subscribe(node, request.query.get("resourceVersion"))
-        except Gone as exc:
-            return self._status(endpoint, 410, "Expired", str(exc))
+        try:  # the in-flight place is held while the watch is set up, not while it streams
+            try:
+                timeout = float(request.query.get("timeoutSeconds") or 0)
+            except ValueError:
+                return self._status(endpoint, 400, "BadRequest", "timeoutSeconds must be a number")
+            limit = float(self.settings.watch_timeout)
+            if timeout <= 0 or timeout > limit:
+                # spread reconnects: an agent fleet restarting at once must not come back at once
+                timeout = limit * random.uniform(0.8, 1.0) if timeout <= 0 else limit
+            try:
+                sub = self.hub.subscribe(node, request.query.get("resourceVersion"))
+            except Gone as exc:
+                return self._status(endpoint, 410, "Expired", str(exc))
+        finally:
+            self.inflight -= 1
         try:
             if poll:
                 return await self._poll(sub, timeout)
@@ -179,6 +294,7 @@ class RelayServer:
         deadline = loop.time() + timeout
         next_bookmark = loop.time() + self.settings.bookmark_interval
         self._streams.add(resp)
+        self._subs.add(sub)
         try:
             while not self._closing.is_set():
                 now = loop.time()
@@ -196,7 +312,7 @@ class RelayServer:
                 else:
                     chunk = b""
                 if not chunk and loop.time() >= next_bookmark:
-                    chunk = encode_bookmark(self.hub.rv())  # buffer empty: every event up to now was sent
+                    chunk = self.hub.bookmark()  # buffer empty: every event up to now was sent
                 if loop.time() >= next_bookmark:
                     next_bookmark = loop.time() + self.settings.bookmark_interval
                 if chunk:
@@ -206,6 +322,7 @@ class RelayServer:
             pass
         finally:
             self._streams.discard(resp)
+            self._subs.discard(sub)
         try:
             await resp.write_eof()
         except (ConnectionResetError, RuntimeError):
@@ -230,6 +347,7 @@ class RelayServer:
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port, ssl_context=self.ssl_context(),
                            backlog=4096)
         await site.start()
+        self.lag.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("relay serving agents on %s://%s:%d", "https" if self.settings.tls_cert else "http",
                  self.settings.host, self.port)
@@ -239,6 +357,9 @@ class RelayServer:
 
     async def stop(self) -> None:
         self._closing.set()
+        for sub in list(self._subs):
+            sub.wake()  # a watch waiting for its next bookmark ends now, not then
+        await self.lag.stop()
         if self._runner:
             await self._runner.cleanup()
             self._runner = None

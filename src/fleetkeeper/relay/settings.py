@@ -47,6 +47,14 @@ class RelaySettings(_Strict):
     annotation_prefixes: list[str] = Field(default_factory=list, description="pod/node annotations kept "
                                            "(default: the fleetkeeper domain)")
     teams_configmap: str = TEAMS_CONFIGMAP
+    # admission (docs/relay.md "Overload"): refuse early with 503 + Retry-After rather than fall behind
+    max_inflight: int = Field(256, ge=1, le=100_000, description="agent requests answered at once before new "
+                              "ones get 503 with Retry-After")
+    max_lag: float = Field(5.0, gt=0, le=60, description="seconds the relay's event loop may run late before new "
+                           "agent requests get 503 with Retry-After")
+    expected_agents: int = Field(0, ge=0, le=1_000_000, description="agents this process should serve: at start "
+                                 "the open-file limit is checked against it (one connection per agent, twice that "
+                                 "while a fleet reconnects)")
 
     @field_validator("agent_service_accounts")
     @classmethod

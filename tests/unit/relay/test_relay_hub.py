@@ -196,3 +196,48 @@ def test_projection_keeps_agent_fields_only():
                    "annotations": {"fleetkeeper.io/egress-limit": "100mbit"}}
     raw["spec"]["hostNetwork"] = True
     assert PROJ.pod(raw).doc["ip"] == ""
+
+
+def test_view_json_is_the_view_with_the_team_config_serialised_once():
+    hub = Hub()
+    hub.on_node("ADDED", "node-a", None, PROJ.node(raw_node("node-a")))
+    add_pod(hub, raw_pod("p1", "node-a"))
+    assert orjson.loads(hub.view_json("node-a")) == hub.view("node-a")  # teams absent: null
+    teams = PROJ.teams({"metadata": {"name": "fleetkeeper-teams", "namespace": "fk", "resourceVersion": "5"},
+                        "data": {"config.yaml": "teams: {}"}})
+    hub.on_teams("ADDED", "fk/fleetkeeper-teams", None, teams)
+    before = hub.teams_json
+    assert orjson.loads(hub.view_json("node-a")) == hub.view("node-a")
+    assert orjson.loads(hub.view_json("node-a"))["teams"]["data"] == {"config.yaml": "teams: {}"}
+    assert orjson.loads(hub.view_json("node-zz")) == hub.view("node-zz")  # unknown node: null node, no pods
+    assert hub.teams_json is before  # not serialised again per view
+    hub.on_teams("DELETED", "fk/fleetkeeper-teams", teams, None)
+    assert orjson.loads(hub.view_json("node-a"))["teams"] is None
+
+
+def test_bookmark_is_serialised_once_per_resource_version():
+    hub = Hub()
+    b1 = hub.bookmark()
+    assert hub.bookmark() is b1
+    assert orjson.loads(b1) == {"type": "BOOKMARK", "resourceVersion": hub.rv()}
+    add_pod(hub, raw_pod("p1", "node-a"))
+    b2 = hub.bookmark()
+    assert b2 is not b1 and orjson.loads(b2)["resourceVersion"] == hub.rv()
+
+
+async def test_subscriber_wait_wakes_on_push_and_times_out_without_one():
+    import asyncio
+
+    hub = Hub()
+    sub = hub.subscribe("node-a", hub.rv())
+    assert await sub.wait(0.01) is False  # nothing queued: the timeout passes
+    assert await sub.wait(0) is False
+    waiter = asyncio.ensure_future(sub.wait(30))
+    await asyncio.sleep(0)
+    add_pod(hub, raw_pod("p1", "node-a"))
+    assert await waiter is True  # woken by the push, long before 30 s
+    assert [e["object"]["name"] for e in lines(sub)] == ["p1"]
+    waiter = asyncio.ensure_future(sub.wait(30))
+    await asyncio.sleep(0)
+    sub.wake()  # the server's stop wakes its watches
+    assert await waiter is True and sub.drain() == []

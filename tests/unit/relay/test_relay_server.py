@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core import errors
-from fleetkeeper.relay.client import RelayClient, RelayGone
+from fleetkeeper.relay.admission import BackoffPolicy
+from fleetkeeper.relay.auth import Identity
+from fleetkeeper.relay.client import RelayBusy, RelayClient, RelayGone
 from fleetkeeper.relay.hub import Hub
 from fleetkeeper.relay.metrics import RelayMetrics
 from fleetkeeper.relay.server import RelayServer
@@ -23,11 +26,12 @@ PROJ = AgentProjector(("fleetkeeper.io/",))
 
 
 @contextlib.asynccontextmanager
-async def serving(hub: Hub, ready=lambda: True, **kw):
+async def serving(hub: Hub, ready=lambda: True, authenticator=None, lag=None, **kw):
     reg = CollectorRegistry()
     metrics = RelayMetrics(reg)
     metrics.attach_hub(hub, lambda: 3)
-    srv = RelayServer(hub, RelaySettings(port=0, **kw), metrics, ready=ready)
+    srv = RelayServer(hub, RelaySettings(port=0, **kw), metrics, ready=ready, authenticator=authenticator,
+                      lag=lag)
     await srv.start()
     try:
         yield srv, f"http://127.0.0.1:{srv.port}", reg
@@ -72,7 +76,9 @@ async def test_not_ready_answers_503():
 
 async def test_sync_follows_changes_and_relists_after_gone():
     hub = Hub()
-    async with serving(hub, bookmark_interval=0.2) as (srv, url, reg), RelayClient(url, "node-a") as c:
+    # relist_spread small: a restart's relist is spread over it (tested in test_relay_admission)
+    async with serving(hub, bookmark_interval=0.2) as (srv, url, reg), \
+            RelayClient(url, "node-a", backoff=BackoffPolicy(relist_spread=0.2)) as c:
         states = []
 
         async def follow():
@@ -137,3 +143,143 @@ async def test_slow_watcher_gets_410_in_stream():
             await first
         await gen.aclose()
         assert hub.stats.dropped == 1 and hub.subscribers == 0
+
+
+# --- overload: 503 with Retry-After, dropped requests of clients that left ----------------------------------
+class FixedLag:
+    """The relay's event-loop lag, set by the test (the real one is measured: see LoopLag)."""
+
+    def __init__(self, lag: float):
+        self.lag = lag
+
+    def now(self) -> float:
+        return self.lag
+
+    def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+def requests(reg, endpoint: str, code: str) -> float:
+    return reg.get_sample_value("fleetkeeper_relay_requests_total", {"endpoint": endpoint, "code": code}) or 0
+
+
+async def test_behind_relay_refuses_with_503_and_retry_after_before_any_work():
+    hub = Hub()
+    hub.on_node("ADDED", "node-a", None, PROJ.node(raw_node("node-a")))
+    lag = FixedLag(4.2)
+    async with serving(hub, lag=lag, max_lag=1.0) as (srv, url, reg), RelayClient(url, "node-a") as c:
+        async with c._s().get(f"{url}/v1/nodes/node-a/view") as r:
+            assert r.status == 503
+            assert r.headers["Retry-After"] == "9"  # twice the lag, rounded up
+            doc = await r.json()
+        assert doc["reason"] == "ServiceUnavailable" and doc["details"] == {"retryAfterSeconds": 9}
+        assert "4.2s behind" in doc["message"]
+        with pytest.raises(RelayBusy) as info:  # the client reads Retry-After
+            await c.view()
+        assert info.value.delay == 9
+        with pytest.raises(RelayBusy):  # a watch is refused the same way, before it subscribes
+            async for _ in c.watch(hub.rv(), timeout_seconds=1):
+                pass
+        assert hub.subscribers == 0
+        assert requests(reg, "view", "503") == 2 and requests(reg, "view", "200") == 0
+        assert requests(reg, "watch", "503") == 1
+        assert reg.get_sample_value("fleetkeeper_relay_refused_total", {"reason": "lag"}) == 3
+        assert reg.get_sample_value("fleetkeeper_relay_loop_lag_seconds") == 4.2
+        lag.lag = 0.0  # caught up: served again
+        assert (await c.view()).node["name"] == "node-a"
+
+
+async def test_agent_waits_out_503_then_gets_its_view():
+    hub = Hub()
+    hub.on_node("ADDED", "node-a", None, PROJ.node(raw_node("node-a")))
+    # the client's wait is capped (max_retry_after) so the test does not sleep Retry-After's seconds
+    policy = BackoffPolicy(max_retry_after=0.05)
+    lag = FixedLag(30.0)
+    async with serving(hub, lag=lag) as (srv, url, reg), RelayClient(url, "node-a", backoff=policy) as c:
+        states = []
+
+        async def follow():
+            async for st in c.sync():
+                states.append(st.node)
+
+        task = asyncio.create_task(follow())
+        try:
+            await wait_for(lambda: c.busy >= 3)
+            assert states == []  # refused, not served
+            lag.lag = 0.0
+            await wait_for(lambda: states and hub.subscriber_count("node-a") == 1)
+            assert states[0]["name"] == "node-a"
+            assert c.retries == c.busy  # every retry was a 503, none a timeout or a new failure
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class GatedAuth:
+    """Authenticates every token as node-a's kubelet once the gate opens (a TokenReview that takes its time)."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def authenticate(self, token: str) -> Identity:
+        self.waiting += 1
+        await self.gate.wait()
+        return Identity("system:node:node-a")
+
+
+async def test_inflight_bound_refuses_the_request_over_it():
+    hub = Hub()
+    auth = GatedAuth()
+    async with serving(hub, auth="tokenreview", authenticator=auth, max_inflight=2) as (srv, url, reg), \
+            aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as s:
+        held = [asyncio.create_task(s.get(f"{url}/v1/nodes/node-a/pods")) for _ in range(2)]
+        await wait_for(lambda: auth.waiting == 2)
+        assert srv.inflight == 2
+        async with s.get(f"{url}/v1/nodes/node-a/pods", timeout=aiohttp.ClientTimeout(total=30)) as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "1"
+        assert reg.get_sample_value("fleetkeeper_relay_refused_total", {"reason": "inflight"}) == 1
+        assert reg.get_sample_value("fleetkeeper_relay_inflight_requests") == 2
+        auth.gate.set()
+        for t in held:
+            r = await t
+            assert r.status == 200
+            r.release()
+        assert srv.inflight == 0  # every place given back
+        async with s.get(f"{url}/v1/nodes/node-a/pods") as r:
+            assert r.status == 200
+
+
+async def test_request_of_a_client_that_left_is_dropped_unanswered():
+    hub = Hub()
+    hub.on_node("ADDED", "node-a", None, PROJ.node(raw_node("node-a")))
+    async with serving(hub) as (srv, url, reg):
+        # sent and closed before the relay's loop runs again: the client gave up while the request queued
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(b"GET /v1/nodes/node-a/view HTTP/1.1\r\nHost: relay\r\n\r\n")
+        sock.close()
+        await wait_for(lambda: requests(reg, "view", "499") == 1)
+        assert requests(reg, "view", "200") == 0
+        assert srv.inflight == 0
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/nodes/node-a/view") as r:
+            assert r.status == 200  # a client that waits is served
+
+
+async def test_a_request_that_timed_out_makes_the_next_one_wait_longer():
+    held = []
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)  # accepts, never answers
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        async with RelayClient(f"http://127.0.0.1:{port}", "node-a", request_timeout=0.1) as c:
+            for expect in (0.2, 0.4, 0.8):
+                with pytest.raises(errors.ApiUnreachable, match="no answer in time"):
+                    await c.view()
+                assert c._timeout() == pytest.approx(expect)
+    finally:
+        for w in held:
+            w.close()
+        silent.close()
+        await silent.wait_closed()
