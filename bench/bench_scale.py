@@ -650,6 +650,9 @@ async def main(a) -> None:
 
 
 CHILD = """
+import os, tracemalloc
+if os.environ.get("FK_TRACEMALLOC"):  # where the memory is, by file (slows the process down)
+    tracemalloc.start(1)
 import asyncio, importlib, json, sys, time, traceback
 from pathlib import Path
 from fleetkeeper.cli.main import COMPONENTS
@@ -681,9 +684,17 @@ async def main(kubeconfig, controllers):
             print(json.dumps({"error": "".join(traceback.format_exception(exc))[-1500:] if exc else "manager returned"}))
             return
         ready = time.monotonic() - t0
+        if os.environ.get("FK_TRIM"):  # what the allocator gives back once the first LISTs are decoded
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         m0 = mem()
         await asyncio.sleep(10)
-        print(json.dumps({"ready": ready, "rss_ready": m0["VmRSS"], **mem(),
+        top = []
+        if tracemalloc.is_tracing():
+            stats = tracemalloc.take_snapshot().statistics("filename")
+            top = [(str(st.traceback[0].filename).split("site-packages/")[-1].split("src/")[-1], round(st.size / 2**20, 1))
+                   for st in stats[:int(os.environ.get("FK_TRACEMALLOC"))]]
+        print(json.dumps({"ready": ready, "rss_ready": m0["VmRSS"], **mem(), "top": top,
                           "informers": {str(k): len(v) for k, v in getattr(mgr, "_informers", {}).items()}
                           if isinstance(getattr(mgr, "_informers", None), dict) else {}}))
     finally:
@@ -716,6 +727,8 @@ async def rss_children(kubeconfig: str, runs: list[tuple[str, str]]) -> None:
         else:
             extra = "" if base is None or label.startswith("no controller") else f" (+{r['VmRSS'] - base:.0f} MB over the bare manager)"
             print(f"  {label:30s} {r['VmRSS']:6.0f} MB 10 s after synced ({r['ready']:.0f} s to sync), peak {r['VmHWM']:.0f} MB{extra}")
+            for path, mb in r.get("top") or []:
+                print(f"      {mb:7.1f} MB  {path}")
 
 
 if __name__ == "__main__":

@@ -662,6 +662,7 @@ class GangManager:
                 self._reported[(plan.key, problem)] = True
                 log.warning("gang %s: %s", plan.key, problem)
                 await self._event(ns, gang, owner, pods, "GangProblem", f"gang {gang}: {problem}", type_="Warning")
+        created: list[str] = []
         for res, body in plan.create:
             kind = _GROUP_KIND[res]
             try:
@@ -670,8 +671,9 @@ class GangManager:
                 else:
                     await self.kube.create(res, body, ns)
                     self.metrics.group_ops.labels(kind, "create", "ok").inc()
+                created.append(res.kind)
             except errors.Conflict:
-                pass
+                pass  # already there: the cache had not seen it yet (our own create a moment ago)
             except errors.Forbidden as exc:  # e.g. the namespace is terminating: retrying will not help
                 self.metrics.group_ops.labels(kind, "create", "error").inc()
                 log.warning("gang %s: cannot create %s: %s", plan.key, res.kind, exc)
@@ -680,9 +682,9 @@ class GangManager:
                 self.metrics.group_ops.labels(kind, "create", "error").inc()
                 raise errors.Temporary(f"{res.kind} API {res.api_version} not served: {exc} (GenericWorkload "
                                        f"feature gate, or the scheduler-plugins CRD for coscheduling)", 30) from exc
-        if plan.create and plan.min_count:
+        if created and plan.min_count:  # only what this pass created: an object that was already there is not news
             await self._event(ns, gang, owner, pods, "GangGroupCreated",
-                              f"gang {gang}: {', '.join(r.kind for r, _ in plan.create)} with minCount "
+                              f"gang {gang}: {', '.join(created)} with minCount "
                               f"{plan.min_count} ({plan.size_source}); its members are scheduled all or nothing")
         for res, name in plan.delete:
             kind = _GROUP_KIND[res]
