@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import common  # noqa: E402  (bench/common.py: this directory is the script's)
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
@@ -100,20 +101,10 @@ def quarters(want: int) -> str:
 
 
 async def scheduler_queues(lc: LocalCluster) -> str:
-    """kube-scheduler's pending pods per queue, from its metrics."""
-    import aiohttp
-    url = f"https://127.0.0.1:{lc.state.ports.scheduler}/metrics"
-    try:
-        async with aiohttp.ClientSession() as s, s.get(url, ssl=False,
-                                                        headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
-            text = await r.text()
-    except Exception as exc:  # a diagnostic only
-        return f"(unavailable: {exc})"
-    got = {}
-    for line in text.splitlines():
-        if line.startswith("scheduler_pending_pods{"):
-            q = line.split('queue="', 1)[1].split('"', 1)[0]
-            got[q] = int(float(line.rsplit(" ", 1)[1]))
+    """kube-scheduler's pending pods per queue: active/backoff/unschedulable/gated."""
+    got = await common.scheduler_queues(lc)
+    if isinstance(got, str):
+        return got
     return "/".join(str(got.get(q, "?")) for q in ("active", "backoff", "unschedulable", "gated"))
 
 

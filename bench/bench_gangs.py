@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import common  # noqa: E402  (bench/common.py: this directory is the script's)
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
@@ -112,15 +113,8 @@ async def balloons_running(kube: Kube) -> int:
 
 async def scheduler_queues(lc: LocalCluster) -> str:
     """kube-scheduler's own view of its queues (scheduler_pending_pods by queue)."""
-    import aiohttp
-    url = f"https://127.0.0.1:{lc.state.ports.scheduler}/metrics"
-    try:
-        async with aiohttp.ClientSession() as s, s.get(url, ssl=False,
-                                                        headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
-            text = await r.text()
-    except Exception as exc:  # a diagnostic only
-        return f"(scheduler metrics unavailable: {exc})"
-    return "; ".join(line for line in text.splitlines() if line.startswith("scheduler_pending_pods{"))
+    got = await common.scheduler_queues(lc)
+    return got if isinstance(got, str) else "; ".join(f"{q} {n}" for q, n in sorted(got.items()))
 
 
 async def stuck_report(kube: Kube, ns: str) -> str:

@@ -52,7 +52,7 @@ from fleetkeeper.localcluster.cluster import LocalCluster, free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_relay import say  # noqa: E402  bench/ helpers
-from common import scrape, total  # noqa: E402
+from common import parse_metrics, scrape, total  # noqa: E402
 
 FK = str(Path(sys.executable).parent / "fleetkeeper")
 SYSTEM_NS = "fleetkeeper-system"
@@ -257,15 +257,7 @@ class Profiler:
 
 
 def relay_counters(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("fleetkeeper_relay_") and not line.startswith("#"):
-            k, _, v = line.rpartition(" ")
-            try:
-                out[k] = float(v)
-            except ValueError:
-                pass
-    return out
+    return parse_metrics(text, "fleetkeeper_relay_")
 
 
 async def relay_metrics(mport: int, timeout: float = 60.0) -> dict[str, float]:

@@ -37,19 +37,37 @@ def _ctx(lc: LocalCluster) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(lc.dir / "pki" / "ca.crt"))
 
 
-async def scrape(lc: LocalCluster) -> dict[str, float]:
-    async with aiohttp.ClientSession() as s, s.get(f"{lc.server}/metrics", ssl=_ctx(lc),
-                                                    headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
-        text = await r.text()
+def parse_metrics(text: str, prefix: str = "") -> dict[str, float]:
+    """Prometheus text exposition -> {series: value}, only series starting with ``prefix``."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line and not line.startswith("#"):
+        if line and not line.startswith("#") and line.startswith(prefix):
             k, _, v = line.rpartition(" ")
             try:
                 out[k] = float(v)
             except ValueError:
                 pass
     return out
+
+
+async def scrape(lc: LocalCluster) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s, s.get(f"{lc.server}/metrics", ssl=_ctx(lc),
+                                                    headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
+        return parse_metrics(await r.text())
+
+
+async def scheduler_queues(lc: LocalCluster) -> dict[str, int] | str:
+    """kube-scheduler's pending pods per queue (scheduler_pending_pods), or why it is unavailable
+    (a diagnostic only)."""
+    url = f"https://127.0.0.1:{lc.state.ports.scheduler}/metrics"
+    try:
+        async with aiohttp.ClientSession() as s, s.get(url, ssl=False,
+                                                        headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
+            text = await r.text()
+    except Exception as exc:  # noqa: BLE001 - a diagnostic only
+        return f"(scheduler metrics unavailable: {exc})"
+    return {k.split('queue="', 1)[1].split('"', 1)[0]: int(v)
+            for k, v in parse_metrics(text, "scheduler_pending_pods{").items()}
 
 
 def total(m: dict[str, float], name: str, *must: str) -> float:
