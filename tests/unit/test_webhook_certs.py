@@ -219,3 +219,50 @@ async def test_stopping_the_serving_thread_closes_connections_whose_peer_never_a
         await asyncio.to_thread(_until_closed, raw)  # returns only once the server closed the socket
     finally:
         raw.close()
+
+
+async def test_stopping_the_serving_thread_closes_connections_still_in_their_handshake(tmp_path):
+    """A connection accepted but not yet through its TLS handshake (aiohttp has not seen it, so its
+    shutdown cannot close it) is cut off when the serving thread stops, never left to the garbage
+    collector (an unclosed-transport warning, an error under this suite's warning filter)."""
+    _issue(tmp_path, make_ca("test-ca"), "srv")
+    server = WebhookServer(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), registry=CollectorRegistry())
+    server.add("ok", lambda req: Admission())
+    thread = ServingThread(settle_s=0.5)
+    await thread.call(server.start())
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=60)  # never sends a ClientHello
+    try:
+        async def accepted() -> int:
+            return len(asyncio.get_running_loop()._selector.get_map())  # type: ignore[attr-defined]
+        for _ in range(500):  # the server's loop has accepted it (listener + wake-up socket + this one)
+            if await thread.call(accepted()) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        await thread.call(server.stop())
+        await thread.close()
+        del thread, server  # what still held the loop (and so the connection) goes too
+        gc.collect()
+        await asyncio.to_thread(_until_closed, raw)  # returns only once the server closed the socket
+    finally:
+        raw.close()
+
+
+async def test_stopping_the_serving_thread_closes_connections_its_server_no_longer_knows(tmp_path):
+    """The serving thread stops while a connection is still open that the server's own shutdown did
+    not close (here: the server was never stopped; in the manager: a connection whose handshake ended
+    after the server's shutdown). Its handler is cancelled, its TLS close waits for a peer that never
+    answers, and the thread's loop must still not stop and close with that connection (or the
+    listening socket) left to the garbage collector."""
+    _issue(tmp_path, make_ca("test-ca"), "srv")
+    server = WebhookServer(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), registry=CollectorRegistry())
+    server.add("ok", lambda req: Admission())
+    thread = ServingThread(settle_s=0.5)
+    await thread.call(server.start())
+    raw = await asyncio.to_thread(_silent_tls_client, server.port, tmp_path / "ca.crt")
+    try:
+        await thread.close()
+        del thread, server  # what still held the loop (and so the connection) goes too
+        gc.collect()  # a transport or socket left open would warn here (an error under this suite's filter)
+        await asyncio.to_thread(_until_closed, raw)  # returns only once the server closed the socket
+    finally:
+        raw.close()

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import inspect
 import logging
+import socket
 import ssl
 import tempfile
 import threading
@@ -297,7 +298,8 @@ class ServingThread:
     lookups, references swapped whole), and anything that must wait on the
     manager's loop goes through :func:`asyncio.run_coroutine_threadsafe`."""
 
-    def __init__(self, name: str = "webhooks"):
+    def __init__(self, name: str = "webhooks", settle_s: float = 10.0):
+        self.settle_s = settle_s
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
@@ -315,7 +317,7 @@ class ServingThread:
         """Stop the loop once the connections it served have finished closing."""
         if self.loop.is_closed() or not self._thread.is_alive():
             return
-        await self.call(_settle())
+        await self.call(_settle(self.settle_s))
         self.loop.call_soon_threadsafe(self.loop.stop)
         await asyncio.to_thread(self._thread.join, 10)
 
@@ -323,18 +325,56 @@ class ServingThread:
 async def _settle(limit_s: float = 10.0) -> None:
     """Run this loop until the sockets it still watches are closed (a stopped TLS
     server's connections finish their close_notify exchange with the client on the
-    loop), up to ``limit_s``; then cancel what is left. A loop stopped earlier
-    would leave those sockets to the garbage collector."""
+    loop), up to ``limit_s``; then cancel what is left, give the closes that starts
+    their bounded TLS shutdown, and abort whatever is still open. A loop stopped
+    earlier would leave those sockets to the garbage collector: a connection whose
+    handshake ended after the server's shutdown is one the server cannot close."""
     loop = asyncio.get_running_loop()
-    selector = getattr(loop, "_selector", None)
-    for _ in range(int(limit_s / 0.02)):
-        if selector is None or len(selector.get_map()) <= 1:  # only the loop's own wake-up socket
-            break
-        await asyncio.sleep(0.02)
+    await _drained(loop, limit_s)
     rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     for t in rest:
         t.cancel()
     await asyncio.gather(*rest, return_exceptions=True)
+    if not await _drained(loop, SSL_SHUTDOWN_TIMEOUT_S + 1.0):
+        for what in _still_open(loop):
+            log.warning("webhook server: closing %r, still open as the serving thread stops", what)
+            if isinstance(what, asyncio.BaseTransport):
+                what.abort()  # type: ignore[attr-defined]
+            else:
+                loop.remove_reader(what)
+                what.close()
+        for _ in range(3):  # aborts finish on the loop (connection_lost)
+            await asyncio.sleep(0)
+
+
+async def _drained(loop: asyncio.AbstractEventLoop, limit_s: float) -> bool:
+    """Wait up to ``limit_s`` until the loop watches no socket but its own wake-up socket."""
+    selector = getattr(loop, "_selector", None)
+    if selector is None:
+        return True
+    for _ in range(max(1, int(limit_s / 0.02))):
+        if len(selector.get_map()) <= 1:
+            return True
+        await asyncio.sleep(0.02)
+    return len(selector.get_map()) <= 1
+
+
+def _still_open(loop: asyncio.AbstractEventLoop) -> list[Any]:
+    """The transports and listening sockets a selector loop still watches, its wake-up socket aside.
+    asyncio keeps no list of a server's connections before 3.13 (``Server.abort_clients``), so they
+    are found by the callbacks the loop holds for them: a transport's bound ``_read_ready``/
+    ``_write_ready``, a listener's ``_accept_connection`` with the socket among its arguments."""
+    found: list[Any] = []
+    for key in list(getattr(loop, "_selector").get_map().values()):
+        for handle in key.data or ():
+            if handle is None or handle.cancelled():
+                continue
+            owner = getattr(handle._callback, "__self__", None)
+            if isinstance(owner, asyncio.BaseTransport):
+                found.append(owner)
+            elif owner is loop and getattr(handle._callback, "__name__", "") == "_accept_connection":
+                found.extend(a for a in (handle._args or ()) if isinstance(a, socket.socket))
+    return list(dict.fromkeys(found))
 
 
 class SharedWebhooks:
