@@ -38,7 +38,7 @@ from fleetkeeper.capacity.config import CapacityConfig  # noqa: E402
 from fleetkeeper.capacity.controller import CapacityOptions, setup  # noqa: E402
 from fleetkeeper.core import errors  # noqa: E402
 from fleetkeeper.core.domain import Names  # noqa: E402
-from fleetkeeper.core.kube import EVENTS, NAMESPACES, NODES, PODS, Kube, RetryPolicy  # noqa: E402
+from fleetkeeper.core.kube import EVENTS, NAMESPACES, NODES, PODGROUPS, PODS, WORKLOADS, Kube, RetryPolicy  # noqa: E402
 from fleetkeeper.core.views import parse_time  # noqa: E402
 from fleetkeeper.core.manager import Manager  # noqa: E402
 from fleetkeeper.core.settings import RuntimeSettings  # noqa: E402
@@ -108,6 +108,79 @@ async def scheduler_queues(lc: LocalCluster) -> str:
     return "/".join(str(got.get(q, "?")) for q in ("active", "backoff", "unschedulable", "gated"))
 
 
+def quarters_from(timeline: list[tuple[float, int]], want: int, offset: float) -> str:
+    """First bind, a quarter, half, three quarters and all of ``want`` bound, ``offset`` s added (the create
+    phase before the wait began)."""
+    out = []
+    for label, q in (("first", 1 / max(want, 1)), ("25%", 0.25), ("50%", 0.5), ("75%", 0.75), ("all", 1.0)):
+        t = next((t for t, b in timeline if b >= max(1, q * want)), None)
+        out.append(f"{label} {t + offset:.1f}s" if t is not None else f"{label} -")
+    return ", ".join(out)
+
+
+GROUPS_SEEN: dict[str, float] = {}
+QUEUES: list[str] = []
+
+
+async def watch_groups(kube: Kube, ns: str, gang: str, t0: float) -> None:
+    """When the gang's Workload and PodGroup first exist (polled every 0.25 s, from the first create)."""
+    GROUPS_SEEN.clear()
+    while len(GROUPS_SEEN) < 2:
+        for res, label in ((WORKLOADS, "Workload"), (PODGROUPS, "PodGroup")):
+            if label not in GROUPS_SEEN and await kube.get_or_none(res, gang, ns) is not None:
+                GROUPS_SEEN[label] = round(time.monotonic() - t0, 2)
+        await asyncio.sleep(0.25)
+
+
+async def watch_scheduler(lc: LocalCluster, t0: float) -> None:
+    """kube-scheduler's queues every 2 s (QUEUES)."""
+    QUEUES.clear()
+    while True:
+        QUEUES.append(f"{time.monotonic() - t0:.0f}:{await scheduler_queues(lc)}")
+        await asyncio.sleep(2.0)
+
+
+async def api_timeline(kube: Kube, ns: str, wall0: float) -> str:
+    """From the API server's own timestamps (whole seconds, relative to the bench's first create): pods
+    created first/last, PodScheduled=True first/last, the group objects' creation."""
+    pods, _ = await kube.list(PODS, ns, label_selector="bench=1")
+    made = sorted(parse_time(p["metadata"]["creationTimestamp"]) - wall0 for p in pods)
+    bound = sorted(parse_time(c["lastTransitionTime"]) - wall0 for p in pods
+                   for c in p["status"].get("conditions") or ()
+                   if c["type"] == "PodScheduled" and c["status"] == "True")
+    out = [f"pods created {made[0]:.0f}..{made[-1]:.0f}s" if made else "no pods",
+           f"bound {bound[0]:.0f}..{bound[-1]:.0f}s ({len(bound)})" if bound else "none bound"]
+    for res, label in ((WORKLOADS, "Workload"), (PODGROUPS, "PodGroup")):
+        items, _ = await kube.list(res, ns)
+        for o in items:
+            out.append(f"{label} created {parse_time(o['metadata']['creationTimestamp']) - wall0:.0f}s")
+    return "; ".join(out)
+
+
+# per-plugin samples and queueing hints: too many series to print; the extension points sum them
+SCHEDULER_SKIP = ("scheduler_plugin_execution_duration_seconds", "scheduler_queueing_hint_execution_duration_seconds")
+
+
+def scheduler_delta(a: dict[str, float], b: dict[str, float]) -> str:
+    """kube-scheduler's own metrics between two scrapes: attempts by result, and for every duration histogram
+    with observations in between, count, sum and the mean (s)."""
+    attempts = {k.split('result="', 1)[1].split('"', 1)[0]: b[k] - a.get(k, 0.0) for k in b
+                if k.startswith("scheduler_schedule_attempts_total{") and b[k] - a.get(k, 0.0)}
+    parts = [f"attempts {attempts}"]
+    for k in sorted(b):
+        if not k.endswith("_count") and "_count{" not in k:
+            continue
+        n = b[k] - a.get(k, 0.0)
+        if n <= 0 or not k.startswith("scheduler_") or k.startswith(SCHEDULER_SKIP):
+            continue
+        ks = k.replace("_count", "_sum", 1)
+        s = b.get(ks, 0.0) - a.get(ks, 0.0)
+        if s < 0.05 and "attempt" not in k:
+            continue
+        parts.append(f"{k.replace('_count', '', 1)} n={n:.0f} sum={s:.1f}s mean={s / n:.3f}s")
+    return "\n           ".join(parts)
+
+
 async def fresh_ns(kube: Kube, prefix: str) -> str:
     ns = f"{prefix}-{secrets.token_hex(3)}"
     await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
@@ -171,14 +244,34 @@ async def main(args) -> None:
                 ns = await fresh_ns(kube, f"b1-{mode}")
                 pods = [pod(f"w-{i}", gang="big" if mode == "gang" else None, min_=g if mode == "gang" else None)
                         for i in range(g)]
+                before = await common.scheduler_metrics(lc)
                 t = time.monotonic()
+                wall0 = time.time()
+                probe = asyncio.create_task(watch_groups(kube, ns, "big", t)) if mode == "gang" else None
+                queues = asyncio.create_task(watch_scheduler(lc, t))
                 await create_all(kube, ns, pods)
                 created = time.monotonic() - t
-                took = await wait_bound(kube, ns, "bench=1", g, 600)
+                took = await wait_bound(kube, ns, "bench=1", g, args.bound_timeout)
                 total = created + took if took is not None else None
                 res[mode] = total
                 print(f"  {mode:5}: created in {created:.1f}s; all {g} bound {total:.1f}s after the first create "
-                      f"({g / total:.0f} pods/s)" if total else f"  {mode}: not all bound within 600s")
+                      f"({g / total:.0f} pods/s)" if total else f"  {mode}: not all bound within "
+                      f"{args.bound_timeout:.0f}s")
+                print(f"         bound (bench's 0.25 s polls, from the first create): "
+                      f"{quarters_from(TIMELINE, g, created)}")
+                for task_ in (probe, queues):
+                    if task_ is not None:
+                        task_.cancel()
+                if probe is not None:
+                    seen = await asyncio.gather(probe, return_exceptions=True)
+                    print(f"         group objects first seen by the bench: {GROUPS_SEEN}")
+                print(f"         kube-scheduler queues (s: active/backoff/unschedulable/gated): "
+                      f"{' '.join(QUEUES)}")
+                await asyncio.gather(queues, return_exceptions=True)
+                print(f"         API server timestamps: {await api_timeline(kube, ns, wall0)}")
+                after = await common.scheduler_metrics(lc)
+                print(f"         kube-scheduler during the run: {scheduler_delta(before, after)}")
+                print(f"         load average {os.getloadavg()[0]:.1f}")
                 await drop_ns(kube, ns)
             if res.get("plain") and res.get("gang"):
                 print(f"  gang/plain time ratio: {res['gang'] / res['plain']:.2f} (load average "
@@ -282,6 +375,8 @@ if __name__ == "__main__":
     ap.add_argument("--gang", type=int, default=1000, help="pods in the big gang (capped at the GPU nodes)")
     ap.add_argument("--pair", type=int, default=50, help="nodes both experiments ask for")
     ap.add_argument("--job", type=int, default=100, help="pods of the job arriving on a pool of balloons")
+    ap.add_argument("--bound-timeout", type=float, default=600.0,
+                    help="section 1: how long to wait for every pod of a mode to be bound")
     ap.add_argument("--scheduler-gates", default="",
                     help="extra kube-scheduler feature gates for section 3 (e.g. SchedulerAsyncPreemption=false)")
     ap.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],

@@ -56,6 +56,17 @@ async def scrape(lc: LocalCluster) -> dict[str, float]:
         return parse_metrics(await r.text())
 
 
+async def scheduler_metrics(lc: LocalCluster) -> dict[str, float]:
+    """kube-scheduler's /metrics, every ``scheduler_`` series (empty if unavailable: a diagnostic only)."""
+    url = f"https://127.0.0.1:{lc.state.ports.scheduler}/metrics"
+    try:
+        async with aiohttp.ClientSession() as s, s.get(url, ssl=False,
+                                                        headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
+            return parse_metrics(await r.text(), "scheduler_")
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return {}
+
+
 async def scheduler_queues(lc: LocalCluster) -> dict[str, int] | str:
     """kube-scheduler's pending pods per queue (scheduler_pending_pods), or why it is unavailable
     (a diagnostic only)."""
