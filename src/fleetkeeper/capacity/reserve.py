@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.views import NodeView, PodView
 
-from fleetkeeper.capacity.yielding import Unit, _place, capacity, eligible, tolerates
+from fleetkeeper.capacity.yielding import Eligibility, Unit, _place, _shape, capacity, tolerates
 
 
 def reserved_key(names: Names) -> str:
@@ -92,7 +92,8 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list
     tok = token(target.key)
     plan.unit, plan.token, plan.waited = target.key, tok, now - target.since
     free_nodes = [_without(n, key) for n in nodes]
-    placed = _place(target, free_nodes, {n.name: capacity(n, target.resource) for n in nodes}, {})
+    elig = Eligibility(free_nodes)
+    placed = _place(target, free_nodes, {n.name: capacity(n, target.resource) for n in nodes}, {}, elig)
     if placed is None:
         plan.untaint = sorted(holders)
         return plan
@@ -105,7 +106,9 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list
     plan.untaint = sorted(n for n, v in holders.items() if v != tok)
     keep = mine[:plan.needed]
     plan.untaint += mine[plan.needed:]
-    cands = [n for n in free_nodes if n.name not in holders and any(eligible(p, n) for p in target.pods)]
+    shapes = {_shape(p): p for p in target.pods}  # one per shape: a gang's members usually share one
+    usable = frozenset().union(*(elig.names_for(p) for p in shapes.values()))
+    cands = [n for n in free_nodes if n.name not in holders and n.name in usable]
     # every node the gang needs is reserved at once: free ones first, then busy ones whose work started
     # longest ago (likely to end first); work already there runs on (NoSchedule), nothing new starts, so
     # a node that frees up is not taken by smaller work before it could be reserved

@@ -24,6 +24,7 @@ No I/O, no clock.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -298,36 +299,96 @@ def _node_room(nodes: list[NodeView], bound: list[PodView], balloons: list[Ballo
     return free, on
 
 
-def _place(unit: Unit, nodes: list[NodeView], room: dict[str, float], held: dict[str, Balloon]) -> \
-        tuple[dict[str, str], set[str]] | None:
+def _shape(pod: WaitingPod) -> tuple:
+    """What :func:`eligible` reads of a pod: pods of one shape may go on the same nodes."""
+    return (pod.node_names, pod.node_selector, pod.affinity, pod.tolerations)
+
+
+class Eligibility:
+    """The nodes each pod shape may go on, each computed once per decision (the members of a gang
+    usually share one shape: one pass over the nodes instead of one per member)."""
+
+    def __init__(self, nodes: list[NodeView]):
+        self.nodes = nodes
+        self._by_shape: dict[tuple, tuple[list[NodeView], frozenset[str]]] = {}
+
+    def _get(self, pod: WaitingPod) -> tuple[list[NodeView], frozenset[str]]:
+        key = _shape(pod)
+        got = self._by_shape.get(key)
+        if got is None:
+            ok = [n for n in self.nodes if eligible(pod, n)]
+            got = self._by_shape[key] = (ok, frozenset(n.name for n in ok))
+        return got
+
+    def nodes_for(self, pod: WaitingPod) -> list[NodeView]:
+        return self._get(pod)[0]
+
+    def names_for(self, pod: WaitingPod) -> frozenset[str]:
+        return self._get(pod)[1]
+
+
+def _fit(room: float, balloon: float, need: float) -> tuple[int, float] | None:
+    """(tier, room left) of a node for a pod: 0 fits in room no balloon holds, 1 fits once its
+    balloon goes; None: does not fit."""
+    if room - balloon >= need:
+        return 0, room - balloon - need
+    if balloon and room >= need:
+        return 1, room - need
+    return None
+
+
+def _place(unit: Unit, nodes: list[NodeView], room: dict[str, float], held: dict[str, Balloon],
+           eligibility: Eligibility | None = None) -> tuple[dict[str, str], set[str]] | None:
     """Place every pod of the unit (largest first): room no balloon holds first
-    (best fit), then nodes where it fits once their balloon goes. None if the
-    unit does not fit whole."""
+    (best fit: least room left, then node name), then nodes where it fits once
+    their balloon goes. None if the unit does not fit whole.
+
+    One heap of candidate nodes per pod shape and size, built once: a member
+    costs a heap pop, not a pass over the nodes (a 1,000-pod gang on 7,500 nodes
+    was 7.5 million eligibility checks per call). A node's entry is replaced
+    when a member is placed on it (older entries are skipped by version)."""
+    elig = eligibility or Eligibility(nodes)
     room = dict(room)
     released: set[str] = set()
     where: dict[str, str] = {}
+    version: dict[str, int] = {}
+    heaps: dict[tuple, tuple[list, frozenset[str], float]] = {}
+
+    def balloon(name: str) -> float:
+        return held[name].amount if name in held and name not in released else 0.0
+
     for pod in unit.pods:
         need = amount(pod, unit.resource)
-        best: tuple[int, float, str] | None = None
-        for n in nodes:
-            if not eligible(pod, n):
-                continue
-            balloon = held[n.name].amount if n.name in held and n.name not in released else 0.0
-            if room[n.name] - balloon >= need:
-                cand = (0, room[n.name] - balloon - need, n.name)
-            elif balloon and room[n.name] >= need:
-                cand = (1, room[n.name] - need, n.name)
-            else:
-                continue
-            if best is None or cand < best:
-                best = cand
+        hk = (_shape(pod), need)
+        entry = heaps.get(hk)
+        if entry is None:
+            heap = []
+            for n in elig.nodes_for(pod):
+                fit = _fit(room[n.name], balloon(n.name), need)
+                if fit is not None:
+                    heap.append((fit[0], fit[1], n.name, version.get(n.name, 0)))
+            heapq.heapify(heap)
+            entry = heaps[hk] = (heap, elig.names_for(pod), need)
+        heap = entry[0]
+        best: tuple[int, str] | None = None
+        while heap:
+            tier, _, name, v = heapq.heappop(heap)
+            if v == version.get(name, 0):
+                best = (tier, name)
+                break
         if best is None:
             return None
-        tier, _, name = best
+        tier, name = best
         if tier == 1:
             released.add(name)
         room[name] -= need
         where[pod.name] = name
+        version[name] = version.get(name, 0) + 1
+        for h, names_ok, need_ in heaps.values():  # the node's new entry in every heap it belongs to
+            if name in names_ok:
+                fit = _fit(room[name], balloon(name), need_)
+                if fit is not None:
+                    heapq.heappush(h, (fit[0], fit[1], name, version[name]))
     return where, released
 
 
@@ -344,13 +405,14 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     out = PoolYield(pool, resource)
     room, held = _node_room(nodes, bound, balloons, names.balloon, resource)
     empty = {n.name: capacity(n, resource) for n in nodes}
+    elig = Eligibility(nodes)
     mine = []
     for u in waiting:
-        if u.resource != resource or not any(eligible(p, n) for p in u.pods for n in nodes):
+        if u.resource != resource or not any(elig.nodes_for(p) for p in u.pods):
             continue  # another pool's work
         if resource == "cpu" and not all(selects_pool(p, names, pool) for p in u.pods):
             continue  # CPU work that does not ask for this pool by name: room is not the only thing it may lack
-        if _place(u, nodes, empty, {}) is None:
+        if _place(u, nodes, empty, {}, elig) is None:
             out.unfit.append(u.key)  # does not fit even an empty pool: no balloon can help
             continue
         mine.append(u)
@@ -360,7 +422,7 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     out.hold = bool(mine)
     stop = False
     for u in mine:
-        placed = _place(u, nodes, room, held)
+        placed = _place(u, nodes, room, held, elig)
         if placed is None:
             out.blocked.append(u.key)  # the room is taken by real work: it waits for that to finish
             continue

@@ -297,3 +297,62 @@ def test_cpu_already_taken_by_running_work_counts():
     busy = dataclasses.replace(work("svc", "c0", gpus=0), cpu_millis=60_000)
     out = decide_cpu(nodes, [busy], [cpu_balloon("c1")], [cpu_pod("etl", 50_000)])
     assert [b.node for r in out.releases for b in r.balloons] == ["c1"]  # c0 has 36 cores left, not 50
+
+
+def _place_by_scan(unit, nodes, room, held):
+    """The placement rule written as a plain scan of every node for every pod (the reference)."""
+    room = dict(room)
+    released, where = set(), {}
+    for pod in unit.pods:
+        need = yd.amount(pod, unit.resource)
+        best = None
+        for n in nodes:
+            if not yd.eligible(pod, n):
+                continue
+            b = held[n.name].amount if n.name in held and n.name not in released else 0.0
+            if room[n.name] - b >= need:
+                cand = (0, room[n.name] - b - need, n.name)
+            elif b and room[n.name] >= need:
+                cand = (1, room[n.name] - need, n.name)
+            else:
+                continue
+            if best is None or cand < best:
+                best = cand
+        if best is None:
+            return None
+        if best[0] == 1:
+            released.add(best[2])
+        room[best[2]] -= need
+        where[pod.name] = best[2]
+    return where, released
+
+
+def test_placement_matches_the_plain_scan_on_mixed_units():
+    import random
+    rnd = random.Random(3)
+    for trial in range(300):
+        nodes = [node(f"n{i:02d}", gpus=rnd.choice([4, 8, 8]),
+                      taints=[("dedicated", "x", "NoSchedule")] if rnd.random() < 0.2 else ())
+                 for i in range(rnd.randint(1, 14))]
+        room = {n.name: float(rnd.choice([0, 2, 4, 8, n.gpus])) for n in nodes}
+        room = {k: min(v, next(n.gpus for n in nodes if n.name == k)) for k, v in room.items()}
+        held = {n.name: yd.Balloon("fk", f"b-{n.name}", n.name, float(rnd.choice([2, 4, 8])), False)
+                for n in nodes if rnd.random() < 0.5}
+        pods = []
+        for i in range(rnd.randint(1, 10)):
+            tol = [Toleration("dedicated", "Equal", "x", "NoSchedule")] if rnd.random() < 0.3 else []
+            pin = (rnd.choice(nodes).name,) if rnd.random() < 0.1 else ()
+            pods.append(waiting(f"p{i}", gang="g", gpus=rnd.choice([1, 2, 4, 8]), tolerations=tol, node_names=pin))
+        unit = yd.Unit("ns/g", 0, NOW, tuple(sorted(pods, key=lambda p: (-p.gpus, p.name))))
+        assert yd._place(unit, nodes, room, held) == _place_by_scan(unit, nodes, room, held), trial
+
+
+def test_a_large_gang_checks_each_node_once_not_once_per_member(monkeypatch):
+    calls = []
+    real = yd.eligible
+    monkeypatch.setattr(yd, "eligible", lambda p, n: calls.append(1) or real(p, n))
+    nodes = [node(f"n{i:03d}") for i in range(300)]
+    out = decide(nodes, [], [balloon(n.name) for n in nodes], gang("big", 200), budget=1000)
+    assert out.releases and len(out.releases[0].balloons) == 200
+    # one shape of member: every node checked once for the whole decision (was members x nodes per placement)
+    assert len(calls) == len(nodes)
