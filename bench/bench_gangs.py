@@ -368,9 +368,12 @@ async def main(args) -> None:
                     while await kube.get_or_none(DEPLOYMENTS, f"balloon-{POOL}", SYSTEM) is not None \
                             and time.monotonic() - t < 60:
                         await asyncio.sleep(1.0)
-                    left = await balloons_running(kube)
+                    # the previous mode's balloons go with their Deployment (garbage collector): a mode without
+                    # balloons starts once they are gone, or its gangs first wait for their preemption
+                    while (left := await balloons_running(kube)) and time.monotonic() - t < 300:
+                        await asyncio.sleep(2.0)
                     print(f"  balloon Deployment removed: {await kube.get_or_none(DEPLOYMENTS, f'balloon-{POOL}', SYSTEM) is None}"
-                          f"; balloons still running {left}", flush=True)
+                          f"; balloons still running {left} after {time.monotonic() - t:.0f}s", flush=True)
                 r = await run_mode(kube, mode, burst, args, args.nodes, reg, lc)
                 r["mode"] = spec_
                 results.append(r)

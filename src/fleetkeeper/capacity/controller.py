@@ -318,10 +318,11 @@ class BalloonManager:
                         and p.node in names_ and p.phase not in ("Succeeded", "Failed")] \
                 if b.enabled and b.yield_to_waiting else []
             self._pool_bound[pool.name] = bound
-            y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget, pool.resource)
+            y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget, pool.resource,
+                          burst=self.release_bucket.burst)
             if not (b.enabled and b.yield_to_waiting):
                 y.hold = False  # the decision is only read for reservations
-            budget -= y.release_count
+            budget = max(0, budget - y.release_count)  # a unit larger than the burst took all of it
             out.append(y)
         self.last_yield = {y.pool: y for y in out}
         return out
@@ -478,7 +479,8 @@ class BalloonManager:
                          ", ".join(y.over_budget[:5]))
             for rel in y.releases:
                 n = len(rel.balloons)
-                if not self.release_bucket.take(n):
+                # a unit larger than the burst is released when the bucket is full and empties it
+                if not self.release_bucket.take(min(n, self.release_bucket.burst)):
                     self.metrics.releases.labels(y.pool, "rate_limited").inc(n)
                     continue
                 outcome = ["dry_run" if self.dry_run else "ok"]

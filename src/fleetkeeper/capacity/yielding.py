@@ -393,7 +393,7 @@ def _place(unit: Unit, nodes: list[NodeView], room: dict[str, float], held: dict
 
 
 def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: list[Balloon], waiting: list[Unit],
-           names: Names, budget: int, resource: str = "gpu") -> PoolYield:
+           names: Names, budget: int, resource: str = "gpu", burst: int | None = None) -> PoolYield:
     """Which balloons of one pool to release now, and for which waiting unit.
 
     ``nodes``: the pool's usable nodes (Ready, schedulable, not being deleted);
@@ -401,7 +401,10 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     are bound; ``waiting``: units in serving order (:func:`units`); ``budget``:
     how many balloons may be released now (rate limit). A unit is served whole
     or not at all; serving stops at the first unit the budget cannot cover, so
-    a later, smaller unit never overtakes it."""
+    a later, smaller unit never overtakes it. ``burst``: the most the budget
+    can ever hold; a unit that needs more balloons than that is served once the
+    budget is full, and takes all of it (else it could never be served, and
+    every unit behind it would wait for good)."""
     out = PoolYield(pool, resource)
     room, held = _node_room(nodes, bound, balloons, names.balloon, resource)
     empty = {n.name: capacity(n, resource) for n in nodes}
@@ -427,11 +430,12 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
             out.blocked.append(u.key)  # the room is taken by real work: it waits for that to finish
             continue
         where, released = placed
-        if released and (stop or len(released) > budget):
+        cost = min(len(released), burst) if burst else len(released)
+        if released and (stop or cost > budget):
             stop = True
             out.over_budget.append(u.key)
             continue
-        budget -= len(released)
+        budget -= cost
         out.fits.append(u.key)
         for pod in u.pods:
             room[where[pod.name]] -= amount(pod, resource)

@@ -198,3 +198,35 @@ async def test_priority_ladder_borrowers_and_retests_get_nodes_balloons_hold(kub
     finally:
         for pc in (low, retest, f"fk-balloon-{pool.pool}"):
             await drop_priority_class(kube, pc)
+
+
+async def test_a_gang_larger_than_the_release_burst_gets_its_balloons_in_one_step(kube, namespace, pool_factory,
+                                                                                 run_capacity):
+    """release_burst 2, a gang of 3 that cannot preempt (preemptionPolicy Never): only fleetkeeper's release
+    can give it room, and a unit larger than the burst is released once the budget is full."""
+    pool = await pool_factory(3)
+    never = f"fk-e2e-nopreempt-{pool.pool}"
+    await kube.create(PRIORITYCLASSES, {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                                        "metadata": {"name": never}, "value": 0, "preemptionPolicy": "Never"})
+    _, registry = await run_capacity(cfg(pool, namespace, 3, release_burst=2), namespace)
+    sel = f"{NAMES.balloon}={pool.pool}"
+    try:
+        async def full():
+            pods = await pods_of(kube, namespace, sel)
+            return sum(1 for p in pods if p["status"].get("phase") == "Running") == 3
+        await wait_for(full, 90, what="a balloon on every node")
+        spec = {**pool.pod_spec(), "priorityClassName": never}
+        for i in range(3):
+            await kube.create(PODS, bare(f"w-{i}", "wide", spec, 60, 3), namespace)
+
+        async def placed():
+            return len(bound(await pods_of(kube, namespace, "exp=wide"))) == 3
+        await wait_for(placed, 120, what="the 3-pod gang placed on the nodes its balloons held")
+        assert registry.get_sample_value("fleetkeeper_balloon_releases_total",
+                                         {"pool": pool.pool, "result": "ok"}) == 3
+        events, _ = await kube.list(EVENTS, namespace)
+        assert any(e.get("reason") == "BalloonsReleased" and "3 balloon(s)" in e.get("note", "")
+                   and "gang" in e.get("note", "") for e in events)
+    finally:
+        for pc in (never, f"fk-balloon-{pool.pool}"):
+            await drop_priority_class(kube, pc)

@@ -356,3 +356,20 @@ def test_a_large_gang_checks_each_node_once_not_once_per_member(monkeypatch):
     assert out.releases and len(out.releases[0].balloons) == 200
     # one shape of member: every node checked once for the whole decision (was members x nodes per placement)
     assert len(calls) == len(nodes)
+
+
+def test_a_gang_larger_than_the_burst_is_served_once_the_budget_is_full():
+    nodes = [node(f"n{i:02d}") for i in range(12)]
+    pods = gang("big", 10, created=NOW - 100) + gang("small", 1, created=NOW - 10)
+    units = yd.units(pods, -1000)
+    balloons = [balloon(n.name) for n in nodes]
+    # budget not full (3 of at most 4): the big gang waits, and the younger unit does not overtake it
+    out = yd.decide(POOL, nodes, [], balloons, units, N, 3, burst=4)
+    assert out.releases == [] and out.over_budget == ["ns/big", "ns/small"]
+    # full: the big gang gets its 10 balloons in one step and takes the whole budget; nothing is left for
+    # the younger unit
+    out = yd.decide(POOL, nodes, [], balloons, units, N, 4, burst=4)
+    assert [(r.unit, len(r.balloons)) for r in out.releases] == [("ns/big", 10)]
+    assert out.over_budget == ["ns/small"]
+    # without a burst (the old call) a unit over the budget never goes
+    assert yd.decide(POOL, nodes, [], balloons, units, N, 4).releases == []
