@@ -156,30 +156,6 @@ async def api_timeline(kube: Kube, ns: str, wall0: float) -> str:
     return "; ".join(out)
 
 
-# per-plugin samples and queueing hints: too many series to print; the extension points sum them
-SCHEDULER_SKIP = ("scheduler_plugin_execution_duration_seconds", "scheduler_queueing_hint_execution_duration_seconds")
-
-
-def scheduler_delta(a: dict[str, float], b: dict[str, float]) -> str:
-    """kube-scheduler's own metrics between two scrapes: attempts by result, and for every duration histogram
-    with observations in between, count, sum and the mean (s)."""
-    attempts = {k.split('result="', 1)[1].split('"', 1)[0]: b[k] - a.get(k, 0.0) for k in b
-                if k.startswith("scheduler_schedule_attempts_total{") and b[k] - a.get(k, 0.0)}
-    parts = [f"attempts {attempts}"]
-    for k in sorted(b):
-        if not k.endswith("_count") and "_count{" not in k:
-            continue
-        n = b[k] - a.get(k, 0.0)
-        if n <= 0 or not k.startswith("scheduler_") or k.startswith(SCHEDULER_SKIP):
-            continue
-        ks = k.replace("_count", "_sum", 1)
-        s = b.get(ks, 0.0) - a.get(ks, 0.0)
-        if s < 0.05 and "attempt" not in k:
-            continue
-        parts.append(f"{k.replace('_count', '', 1)} n={n:.0f} sum={s:.1f}s mean={s / n:.3f}s")
-    return "\n           ".join(parts)
-
-
 async def fresh_ns(kube: Kube, prefix: str) -> str:
     ns = f"{prefix}-{secrets.token_hex(3)}"
     await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
@@ -270,7 +246,7 @@ async def main(args) -> None:
                 await asyncio.gather(queues, return_exceptions=True)
                 print(f"         API server timestamps: {await api_timeline(kube, ns, wall0)}")
                 after = await common.scheduler_metrics(lc)
-                print(f"         kube-scheduler during the run: {scheduler_delta(before, after)}")
+                print(f"         kube-scheduler during the run: {common.scheduler_delta(before, after)}")
                 print(f"         load average {os.getloadavg()[0]:.1f}")
                 await drop_ns(kube, ns)
             if res.get("plain") and res.get("gang"):

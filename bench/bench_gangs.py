@@ -374,7 +374,10 @@ async def main(args) -> None:
                         await asyncio.sleep(2.0)
                     print(f"  balloon Deployment removed: {await kube.get_or_none(DEPLOYMENTS, f'balloon-{POOL}', SYSTEM) is None}"
                           f"; balloons still running {left} after {time.monotonic() - t:.0f}s", flush=True)
+                before = await common.scheduler_metrics(lc)
                 r = await run_mode(kube, mode, burst, args, args.nodes, reg, lc)
+                print(f"  kube-scheduler during the mode: "
+                      f"{common.scheduler_delta(before, await common.scheduler_metrics(lc))}", flush=True)
                 r["mode"] = spec_
                 results.append(r)
                 print(f"  {r}", flush=True)
