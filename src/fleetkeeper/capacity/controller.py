@@ -199,7 +199,8 @@ class BalloonManager:
                                         label_selector=f"{self.names.managed_by}={bl.MANAGER}")
         existing = [d["metadata"]["name"] for d in items
                     if bl.balloon_label(self.names) in ((d["metadata"].get("labels")) or {})]
-        yields = self._yields()
+        replicas = {d["metadata"]["name"]: int((d.get("spec") or {}).get("replicas") or 0) for d in items}
+        yields = self._yields(replicas)
         hold = {y.pool: y.kept for y in yields if y.hold}
         plan = bl.decide(self.cfg.balloons, self.names, self.namespace, self.nodes.items(), self.pods.items(), existing,
                          hold=hold)
@@ -286,8 +287,9 @@ class BalloonManager:
                 return f"{st.desired} {st.resource}"
         return ""
 
-    def _yields(self) -> list[yd.PoolYield]:
-        """Per GPU pool: which balloons to release for the work waiting for it (pure decision, see yielding)."""
+    def _yields(self, replicas: dict[str, int] | None = None) -> list[yd.PoolYield]:
+        """Per GPU pool: which balloons to release for the work waiting for it (pure decision, see yielding).
+        ``replicas``: each balloon Deployment's replicas now (what its ReplicaSet is still to remove)."""
         b = self.cfg.balloons
         if self.waiting is None:
             return []
@@ -319,7 +321,8 @@ class BalloonManager:
                 if b.enabled and b.yield_to_waiting else []
             self._pool_bound[pool.name] = bound
             y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget, pool.resource,
-                          burst=self.release_bucket.burst)
+                          burst=self.release_bucket.burst,
+                          replicas=(replicas or {}).get(bl.deployment_name(pool.name)))
             if not (b.enabled and b.yield_to_waiting):
                 y.hold = False  # the decision is only read for reservations
             budget = max(0, budget - y.release_count)  # a unit larger than the burst took all of it
@@ -485,6 +488,8 @@ class BalloonManager:
                     continue
                 outcome = ["dry_run" if self.dry_run else "ok"]
                 done.append((y, rel, outcome))
+                if rel.interchangeable:
+                    continue  # any of them will do: the hold alone lets the ReplicaSet remove that many
                 for bal in rel.balloons:
                     if not self.dry_run:
                         calls.append(self._mark(bal, rel.unit, released_key, outcome))
@@ -506,7 +511,9 @@ class BalloonManager:
             n = len(rel.balloons)
             self.metrics.releases.labels(y.pool, result).inc(n)
             what = f"gang {rel.unit}" if "/pod/" not in rel.unit else f"pod {rel.unit.replace('/pod/', '/')}"
-            nodes = ", ".join(bal.node for bal in rel.balloons[:10]) + (" ..." if n > 10 else "")
+            nodes = ("any of the pool's balloons (its nodes are alike for this work; the ReplicaSet picks)"
+                     if rel.interchangeable else
+                     ", ".join(bal.node for bal in rel.balloons[:10]) + (" ..." if n > 10 else ""))
             await self.recorder.emit(
                 ObjectRef("Deployment", bl.deployment_name(y.pool), self.namespace, api_version="apps/v1"),
                 "BalloonsReleased",

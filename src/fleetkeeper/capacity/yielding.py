@@ -264,6 +264,9 @@ class Release:
     pods: int
     amount: int  # GPUs, or CPU millicores (CPU pools)
     balloons: list[Balloon]
+    # any len(balloons) of the pool's balloons would do (every node they hold is alike and takes
+    # every pod of the unit): no need to mark which; the Deployment's hold lets the ReplicaSet pick
+    interchangeable: bool = False
 
 
 @dataclass
@@ -279,6 +282,7 @@ class PoolYield:
     blocked: list[str] = field(default_factory=list)  # units that fit the pool but not now (real work holds it)
     over_budget: list[str] = field(default_factory=list)
     fits: list[str] = field(default_factory=list)  # units placed whole in this pass's simulation (room is there)
+    leaving: int = 0  # balloons the ReplicaSet is still to remove for an earlier hold (unmarked releases)
 
     @property
     def release_count(self) -> int:
@@ -392,8 +396,15 @@ def _place(unit: Unit, nodes: list[NodeView], room: dict[str, float], held: dict
     return where, released
 
 
+def _alike(held: dict[str, Balloon], room: dict[str, float]) -> bool:
+    """Every node a balloon holds has the same room and the same balloon: with every pod of a unit
+    eligible on each of them (checked per unit), which of them are released makes no difference."""
+    return len({(room[name], b.amount) for name, b in held.items()}) <= 1
+
+
 def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: list[Balloon], waiting: list[Unit],
-           names: Names, budget: int, resource: str = "gpu", burst: int | None = None) -> PoolYield:
+           names: Names, budget: int, resource: str = "gpu", burst: int | None = None,
+           replicas: int | None = None) -> PoolYield:
     """Which balloons of one pool to release now, and for which waiting unit.
 
     ``nodes``: the pool's usable nodes (Ready, schedulable, not being deleted);
@@ -404,9 +415,19 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     a later, smaller unit never overtakes it. ``burst``: the most the budget
     can ever hold; a unit that needs more balloons than that is served once the
     budget is full, and takes all of it (else it could never be served, and
-    every unit behind it would wait for good)."""
+    every unit behind it would wait for good). ``replicas``: the balloon Deployment's replicas now;
+    below the balloons still held, the difference is already on its way out (an earlier pass
+    released that many interchangeable balloons without marking which)."""
     out = PoolYield(pool, resource)
     room, held = _node_room(nodes, bound, balloons, names.balloon, resource)
+    if replicas is not None and len(held) > replicas:
+        # the ReplicaSet removes pending balloons, then marked ones, then these: any of them will do
+        # (they were released as interchangeable), so the simulation takes them off from the end
+        out.leaving = len(held) - replicas
+        for name in sorted(held)[-out.leaving:]:
+            del held[name]
+    alike = _alike(held, room)
+    held_names = frozenset(held)
     empty = {n.name: capacity(n, resource) for n in nodes}
     elig = Eligibility(nodes)
     mine = []
@@ -440,7 +461,10 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
         for pod in u.pods:
             room[where[pod.name]] -= amount(pod, resource)
         if released:
-            out.releases.append(Release(u.key, len(u.pods), u.amount, [held[n] for n in sorted(released)]))
+            # interchangeable: the nodes are alike and every pod of the unit may go on any of them
+            anywhere = alike and all(held_names <= elig.names_for(p) for p in u.pods)
+            out.releases.append(Release(u.key, len(u.pods), u.amount, [held[n] for n in sorted(released)],
+                                        interchangeable=anywhere))
         for n in released:
             del held[n]
     out.kept = len(held)

@@ -373,3 +373,39 @@ def test_a_gang_larger_than_the_burst_is_served_once_the_budget_is_full():
     assert out.over_budget == ["ns/small"]
     # without a burst (the old call) a unit over the budget never goes
     assert yd.decide(POOL, nodes, [], balloons, units, N, 4).releases == []
+
+
+# --- interchangeable balloons: no marks, the hold alone ----------------------------------------------
+
+
+def test_balloons_on_alike_nodes_are_released_as_interchangeable():
+    """Every node a balloon holds is alike and takes every pod: any of them would do, so the release
+    names no particular balloon (the hold lets the ReplicaSet pick)."""
+    nodes = [node(f"n{i}") for i in range(6)]
+    out = decide(nodes, [], [balloon(n.name) for n in nodes], gang("train", 4) + [waiting("solo")])
+    assert [r.interchangeable for r in out.releases] == [True, True]
+    assert out.release_count == 5 and out.kept == 1
+
+
+def test_balloons_are_marked_when_the_work_cannot_go_on_every_node_they_hold():
+    nodes = [node(f"n{i}") for i in range(6)]
+    out = decide(nodes, [], [balloon(n.name) for n in nodes], gang("pinned", 2, node_names=("n0", "n1", "n2")))
+    assert [r.interchangeable for r in out.releases] == [False]  # only some of the nodes will do
+    bound = [work("half", "n5", gpus=4)]  # n5 has less room than the others: not alike
+    out = decide(nodes, bound, [balloon(n.name) for n in nodes[:5]] + [balloon("n5")], [waiting("solo", gpus=4)])
+    assert out.releases and not out.releases[0].interchangeable
+
+
+def test_balloons_a_held_deployment_is_still_removing_are_not_released_again():
+    """An earlier pass released 4 interchangeable balloons and held the Deployment at 2; the ReplicaSet
+    has not removed them yet. The same work still waits: it needs no new release, and the hold stays."""
+    nodes = [node(f"n{i}") for i in range(6)]
+    balloons = [balloon(n.name) for n in nodes]
+    out = yd.decide(POOL, nodes, [], balloons, yd.units(gang("train", 4), -1000), N, 100, replicas=2)
+    assert out.leaving == 4 and out.releases == [] and out.fits == ["ns/train"] and out.kept == 2
+    # once they are gone (4 balloons left, replicas 2 already), nothing more leaves
+    out = yd.decide(POOL, nodes, [], balloons[:2], yd.units(gang("train", 4), -1000), N, 100, replicas=2)
+    assert out.leaving == 0 and out.releases == [] and out.kept == 2
+    # a Deployment at the pool's size: nothing is leaving, the release is made
+    out = yd.decide(POOL, nodes, [], balloons, yd.units(gang("train", 4), -1000), N, 100, replicas=6)
+    assert out.leaving == 0 and out.release_count == 4 and out.kept == 2
