@@ -152,17 +152,27 @@ def helm_in(lc: LocalCluster, *args: str, check: bool = True):
 
 
 def release_diagnostics(lc: LocalCluster) -> str:
+    """The release's pods, Services, endpoints and Events; for every pod that is not Ready or
+    has restarted, `kubectl describe` and each container's log, its previous run's too."""
     def kubectl(*args: str) -> str:
         r = subprocess.run([lc._bin("kubectl"), f"--kubeconfig={lc.kubeconfig}", "-n", NS, *args],
                            capture_output=True, text=True, timeout=60)
-        return f"$ kubectl -n {NS} {' '.join(args)}\n{r.stdout}{r.stderr}"
-    out = [kubectl("get", "pods,services,endpointslices", "-o", "wide"),
-           kubectl("get", "events", "--sort-by=.lastTimestamp")]
-    names = kubectl("get", "pods", "-l", "app.kubernetes.io/name=fleetkeeper", "-o", "name").splitlines()[1:]
-    for name in (n for n in names if n.startswith("pod/")):
-        out.append(kubectl("describe", name))
-        out.append(kubectl("logs", name, "--all-containers", "--tail=200"))
-        out.append(kubectl("logs", name, "--all-containers", "--previous", "--tail=200"))
+        return r.stdout + r.stderr
+
+    def shown(*args: str) -> str:
+        return f"$ kubectl -n {NS} {' '.join(args)}\n{kubectl(*args)}"
+    out = [shown("get", "pods,services,endpointslices", "-o", "wide"),
+           shown("get", "events", "--sort-by=.lastTimestamp")]
+    try:
+        pods = yaml.safe_load(kubectl("get", "pods", "-l", "app.kubernetes.io/name=fleetkeeper", "-o", "json"))["items"]
+    except (TypeError, KeyError, yaml.YAMLError):
+        pods = []
+    for p in pods:
+        if ready(p) and all(c["restartCount"] == 0 for c in p["status"].get("containerStatuses") or []):
+            continue
+        name = f"pod/{p['metadata']['name']}"
+        out += [shown("describe", name), shown("logs", name, "--all-containers", "--tail=200"),
+                shown("logs", name, "--all-containers", "--previous", "--tail=200")]
     return "\n".join(out)
 
 
