@@ -223,9 +223,11 @@ async def main(args) -> None:
             print(f"\n[3] a {j}-pod GPU job (8 GPUs a pod)")
             ns = await fresh_ns(kube, "b3-empty")
             t = time.monotonic()
+            m0 = await common.scheduler_metrics(lc)
             await create_all(kube, ns, [pod(f"j-{i}") for i in range(j)])
             base = await wait_bound(kube, ns, "bench=1", j, 300)
             base = None if base is None else time.monotonic() - t
+            print(f"  empty pool, kube-scheduler: {common.scheduler_work(m0, await common.scheduler_metrics(lc))}")
             print(f"  empty pool, bound: {quarters(j)}")
             print(f"  empty pool        : all {j} bound {base:.1f}s after creation" if base else
                   "  empty pool: not all bound within 300s")
@@ -246,9 +248,11 @@ async def main(args) -> None:
                     queues.append(f"{time.monotonic() - t:.0f}s {await scheduler_queues(lc)}")
                     await asyncio.sleep(2.0)
             watcher = asyncio.create_task(watch_queues())
+            m0 = await common.scheduler_metrics(lc)
             await create_all(kube, ns, [pod(f"j-{i}") for i in range(j)])
             took = await wait_bound(kube, ns, "bench=1", j, 300)
             watcher.cancel()
+            print(f"  pool of balloons, kube-scheduler: {common.scheduler_work(m0, await common.scheduler_metrics(lc))}")
             print("  kube-scheduler's queues meanwhile (active/backoff/unschedulable/gated):\n    "
                   + "\n    ".join(queues))
             evs, _ = await kube.list(EVENTS, "fleetkeeper-system")
