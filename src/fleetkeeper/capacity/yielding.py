@@ -16,8 +16,9 @@ holds), and for each unit that fits names exactly the balloons to release.
 While work waits, a pool's balloon Deployment is held at the balloons it keeps
 (``replicas`` = kept), so no new balloon lands on the room just freed; the
 ReplicaSet removes the released balloons in one step (they carry the lowest
-``controller.kubernetes.io/pod-deletion-cost``). When nothing waits, replicas
-go back to the pool's size.
+``controller.kubernetes.io/pod-deletion-cost``; when any of the pool's balloons
+would do, :attr:`Release.interchangeable`, none is marked and the hold alone
+decides how many go). When nothing waits, replicas go back to the pool's size.
 
 No I/O, no clock.
 """
