@@ -56,24 +56,53 @@ async def scrape(lc: LocalCluster) -> dict[str, float]:
         return parse_metrics(await r.text())
 
 
-async def scheduler_metrics(lc: LocalCluster) -> dict[str, float]:
-    """kube-scheduler's /metrics, every ``scheduler_`` series (empty if unavailable: a diagnostic only)."""
+async def scheduler_metrics(lc: LocalCluster, prefix: str = "scheduler_") -> dict[str, float] | str:
+    """kube-scheduler's own /metrics (series starting with ``prefix``), or why they are unavailable
+    (a diagnostic only)."""
     url = f"https://127.0.0.1:{lc.state.ports.scheduler}/metrics"
     try:
         async with aiohttp.ClientSession() as s, s.get(url, ssl=False,
                                                         headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
-            return parse_metrics(await r.text(), "scheduler_")
-    except Exception:  # noqa: BLE001 - a diagnostic only
-        return {}
+            text = await r.text()
+    except Exception as exc:  # noqa: BLE001 - a diagnostic only
+        return f"(scheduler metrics unavailable: {exc})"
+    return parse_metrics(text, prefix)
+
+
+async def scheduler_queues(lc: LocalCluster) -> dict[str, int] | str:
+    """kube-scheduler's pending pods per queue (scheduler_pending_pods), or why it is unavailable
+    (a diagnostic only)."""
+    got = await scheduler_metrics(lc, "scheduler_pending_pods{")
+    if isinstance(got, str):
+        return got
+    return {k.split('queue="', 1)[1].split('"', 1)[0]: int(v) for k, v in got.items()}
+
+
+def scheduler_work(a: dict[str, float] | str, b: dict[str, float] | str) -> str:
+    """What kube-scheduler did between two :func:`scheduler_metrics` scrapes: scheduling attempts and
+    their seconds by result, and preemption attempts (where a burst's scheduling time goes)."""
+    if isinstance(a, str) or isinstance(b, str):
+        return a if isinstance(a, str) else str(b)
+    out = []
+    for result in ("scheduled", "unschedulable", "error"):
+        n = delta(a, b, "scheduler_scheduling_attempt_duration_seconds_count", f'result="{result}"')
+        s = delta(a, b, "scheduler_scheduling_attempt_duration_seconds_sum", f'result="{result}"')
+        if n:
+            out.append(f"{int(n)} {result} attempts, {s:.1f}s ({1000 * s / n:.0f} ms each)")
+    pre = delta(a, b, "scheduler_preemption_attempts_total")
+    out.append(f"{int(pre)} preemption attempts")
+    return "; ".join(out)
 
 
 # per-plugin samples and queueing hints: too many series to print; the extension points sum them
 SCHEDULER_SKIP = ("scheduler_plugin_execution_duration_seconds", "scheduler_queueing_hint_execution_duration_seconds")
 
 
-def scheduler_delta(a: dict[str, float], b: dict[str, float]) -> str:
+def scheduler_delta(a: dict[str, float] | str, b: dict[str, float] | str) -> str:
     """kube-scheduler's own metrics between two scrapes: attempts by result, and for every duration histogram
     with observations in between, count, sum and the mean (s)."""
+    if isinstance(a, str) or isinstance(b, str):  # unavailable (see scheduler_metrics)
+        return a if isinstance(a, str) else str(b)
     attempts = {k.split('result="', 1)[1].split('"', 1)[0]: b[k] - a.get(k, 0.0) for k in b
                 if k.startswith("scheduler_schedule_attempts_total{") and b[k] - a.get(k, 0.0)}
     parts = [f"attempts {attempts}"]
@@ -89,20 +118,6 @@ def scheduler_delta(a: dict[str, float], b: dict[str, float]) -> str:
             continue
         parts.append(f"{k.replace('_count', '', 1)} n={n:.0f} sum={s:.1f}s mean={s / n:.3f}s")
     return "\n           ".join(parts)
-
-
-async def scheduler_queues(lc: LocalCluster) -> dict[str, int] | str:
-    """kube-scheduler's pending pods per queue (scheduler_pending_pods), or why it is unavailable
-    (a diagnostic only)."""
-    url = f"https://127.0.0.1:{lc.state.ports.scheduler}/metrics"
-    try:
-        async with aiohttp.ClientSession() as s, s.get(url, ssl=False,
-                                                        headers={"Authorization": f"Bearer {lc.state.token}"}) as r:
-            text = await r.text()
-    except Exception as exc:  # noqa: BLE001 - a diagnostic only
-        return f"(scheduler metrics unavailable: {exc})"
-    return {k.split('queue="', 1)[1].split('"', 1)[0]: int(v)
-            for k, v in parse_metrics(text, "scheduler_pending_pods{").items()}
 
 
 def total(m: dict[str, float], name: str, *must: str) -> float:
