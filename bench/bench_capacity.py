@@ -223,9 +223,11 @@ async def main(args) -> None:
             print(f"\n[3] a {j}-pod GPU job (8 GPUs a pod)")
             ns = await fresh_ns(kube, "b3-empty")
             t = time.monotonic()
+            m0 = await common.scheduler_metrics(lc)
             await create_all(kube, ns, [pod(f"j-{i}") for i in range(j)])
             base = await wait_bound(kube, ns, "bench=1", j, 300)
             base = None if base is None else time.monotonic() - t
+            print(f"  empty pool, kube-scheduler: {common.scheduler_work(m0, await common.scheduler_metrics(lc))}")
             print(f"  empty pool, bound: {quarters(j)}")
             print(f"  empty pool        : all {j} bound {base:.1f}s after creation" if base else
                   "  empty pool: not all bound within 300s")
@@ -246,9 +248,39 @@ async def main(args) -> None:
                     queues.append(f"{time.monotonic() - t:.0f}s {await scheduler_queues(lc)}")
                     await asyncio.sleep(2.0)
             watcher = asyncio.create_task(watch_queues())
+            marked: list[float] = []  # balloons marked released, deleting, gone (seconds after t)
+            deleting: list[float] = []
+            gone: list[float] = []
+
+            async def watch_balloons(rv: str):
+                seen: set[str] = set()
+                async for kind, obj in kube.watch(PODS, rv, "fleetkeeper-system",
+                                                  label_selector=f"{N.domain}/balloon=gpu"):
+                    name, now = obj["metadata"]["name"], time.monotonic() - t
+                    if (f"{N.domain}/balloon-released-for" in (obj["metadata"].get("annotations") or {})
+                            and name + "/m" not in seen):
+                        seen.add(name + "/m")
+                        marked.append(now)
+                    if obj["metadata"].get("deletionTimestamp") and name + "/d" not in seen:
+                        seen.add(name + "/d")
+                        deleting.append(now)
+                    if kind == "DELETED":
+                        gone.append(now)
+            _, brv = await kube.list(PODS, "fleetkeeper-system", label_selector=f"{N.domain}/balloon=gpu")
+            balloons_watch = asyncio.create_task(watch_balloons(brv))
+            m0 = await common.scheduler_metrics(lc)
             await create_all(kube, ns, [pod(f"j-{i}") for i in range(j)])
             took = await wait_bound(kube, ns, "bench=1", j, 300)
             watcher.cancel()
+            print(f"  pool of balloons, kube-scheduler: {common.scheduler_work(m0, await common.scheduler_metrics(lc))}")
+            balloons_watch.cancel()
+
+            def spread(ts: list[float]) -> str:
+                ts = sorted(ts)
+                return (f"{len(ts)}, {ts[0]:.1f}s / {ts[len(ts) // 2]:.1f}s / {ts[-1]:.1f}s (first / median / last)"
+                        if ts else "0")
+            print(f"  balloons marked released: {spread(marked)}\n  balloons deleting: {spread(deleting)}\n"
+                  f"  balloons gone: {spread(gone)}")
             print("  kube-scheduler's queues meanwhile (active/backoff/unschedulable/gated):\n    "
                   + "\n    ".join(queues))
             evs, _ = await kube.list(EVENTS, "fleetkeeper-system")

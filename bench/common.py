@@ -56,8 +56,8 @@ async def scrape(lc: LocalCluster) -> dict[str, float]:
         return parse_metrics(await r.text())
 
 
-async def scheduler_queues(lc: LocalCluster) -> dict[str, int] | str:
-    """kube-scheduler's pending pods per queue (scheduler_pending_pods), or why it is unavailable
+async def scheduler_metrics(lc: LocalCluster, prefix: str = "scheduler_") -> dict[str, float] | str:
+    """kube-scheduler's own /metrics (series starting with ``prefix``), or why they are unavailable
     (a diagnostic only)."""
     url = f"https://127.0.0.1:{lc.state.ports.scheduler}/metrics"
     try:
@@ -66,8 +66,32 @@ async def scheduler_queues(lc: LocalCluster) -> dict[str, int] | str:
             text = await r.text()
     except Exception as exc:  # noqa: BLE001 - a diagnostic only
         return f"(scheduler metrics unavailable: {exc})"
-    return {k.split('queue="', 1)[1].split('"', 1)[0]: int(v)
-            for k, v in parse_metrics(text, "scheduler_pending_pods{").items()}
+    return parse_metrics(text, prefix)
+
+
+async def scheduler_queues(lc: LocalCluster) -> dict[str, int] | str:
+    """kube-scheduler's pending pods per queue (scheduler_pending_pods), or why it is unavailable
+    (a diagnostic only)."""
+    got = await scheduler_metrics(lc, "scheduler_pending_pods{")
+    if isinstance(got, str):
+        return got
+    return {k.split('queue="', 1)[1].split('"', 1)[0]: int(v) for k, v in got.items()}
+
+
+def scheduler_work(a: dict[str, float] | str, b: dict[str, float] | str) -> str:
+    """What kube-scheduler did between two :func:`scheduler_metrics` scrapes: scheduling attempts and
+    their seconds by result, and preemption attempts (where a burst's scheduling time goes)."""
+    if isinstance(a, str) or isinstance(b, str):
+        return a if isinstance(a, str) else str(b)
+    out = []
+    for result in ("scheduled", "unschedulable", "error"):
+        n = delta(a, b, "scheduler_scheduling_attempt_duration_seconds_count", f'result="{result}"')
+        s = delta(a, b, "scheduler_scheduling_attempt_duration_seconds_sum", f'result="{result}"')
+        if n:
+            out.append(f"{int(n)} {result} attempts, {s:.1f}s ({1000 * s / n:.0f} ms each)")
+    pre = delta(a, b, "scheduler_preemption_attempts_total")
+    out.append(f"{int(pre)} preemption attempts")
+    return "; ".join(out)
 
 
 def total(m: dict[str, float], name: str, *must: str) -> float:

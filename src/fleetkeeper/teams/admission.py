@@ -365,9 +365,11 @@ class TeamAdmission:
         if cfg is None or self._kind(req) is None or req.operation != "CREATE":
             return None
         ref = controller_ref(req.obj.get("metadata"))
-        # only a controller's objects are judged through their owner; an exempt requester's
-        # object inherits the owner's stamp only if it is already cached (no wait)
-        if ref is None or cfg.is_exempt(req.username, req.groups) or not cfg.is_controller(req.username, req.groups):
+        # a controller's objects are judged through their owner; an exempt controller's (the
+        # Job controller's pods of a JobSet's or an MPIJob's Job) inherit the owner's stamp:
+        # both wait, else a pod created a moment after its owner would be stamped with the
+        # controller's own identity instead of the workload's requester
+        if ref is None or not (cfg.is_exempt(req.username, req.groups) or cfg.is_controller(req.username, req.groups)):
             return None
         return None if self.owners(ref["uid"]) is not None else ref
 

@@ -259,3 +259,19 @@ def test_resolve_follows_the_chain_and_stops_at_unknown_owners():
     assert s == stamp and [e.kind for e in walked] == ["Job", "JobSet"]
     assert resolve("nope", chain(stamp)) == (None, [])
     assert Stamp.decode("not json") is None and Stamp.decode(orjson.dumps({"user": 3}).decode()) is None
+
+
+def test_an_exempt_controllers_pod_waits_for_its_owner_and_inherits_its_stamp():
+    """The Job controller (exempt) creates a pod a moment after its Job (a JobSet's or an MPIJob's
+    launcher): the webhook waits for the owner like for a configured controller's pod, so the pod
+    is stamped with the workload's requester, not with the controller's own identity."""
+    h = handlers()
+    owners = h.owners
+    r = request(pod(owner="job-1"), user="admin", groups=("system:masters",))
+    assert h.needs_owner(r) == r.obj["metadata"]["ownerReferences"][0]  # not cached yet: wait for it
+    owners.update(chain(Stamp("alice", ("team-a",))))
+    assert h.needs_owner(r) is None  # cached: no wait
+    _, v, after = admit(h, r)
+    assert v.allowed and Stamp.decode(after["metadata"]["annotations"][N.requester]) == Stamp("alice", ("team-a",))
+    assert h.needs_owner(request(pod(owner=None), user="admin", groups=("system:masters",))) is None
+    assert h.needs_owner(request(pod(owner="job-1"), user="bob", groups=("team-b",))) is None  # neither
