@@ -34,8 +34,10 @@ def helm_binary() -> str:
     return path
 
 
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=300)
+def helm(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run helm; ``timeout`` must exceed any ``--timeout`` passed to helm, so that helm's own
+    error (what it waited for) is what a failure shows."""
+    r = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
     return r

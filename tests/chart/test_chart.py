@@ -274,7 +274,7 @@ def test_relay_serves_the_service_port_and_checks_its_open_file_limit():
     from fleetkeeper.relay.settings import parse_config
 
     docs = render({"relay": {"enabled": True, "expectedAgents": 2500,
-                             "config": {"relay": {"max_inflight": 64}}}})
+                             "config": {"relay": {"max_inflight": 64}}}, "logLevel": "debug"})
     relay = by_kind(docs, "Deployment")["fleetkeeper-relay"]["spec"]["template"]["spec"]
     container = relay["containers"][0]
     args = container["args"]
@@ -288,6 +288,7 @@ def test_relay_serves_the_service_port_and_checks_its_open_file_limit():
     assert rs.host == "0.0.0.0" and rs.port == service["spec"]["ports"][0]["targetPort"]  # not the pod's loopback
     assert {"name": "relay", "containerPort": rs.port} in container["ports"]
     assert rs.expected_agents == 2500 and rs.max_inflight == 64  # the chart's and the user's settings both apply
+    assert "--log-level=debug" in args  # the chart's logLevel reaches the relay too
     # every flag the chart passes is one `relay serve` has
     flags = {a.split("=", 1)[0] for a in args if a.startswith("--")}
     out = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output

@@ -1,6 +1,6 @@
 """The Helm chart against the real API server, without a kubelet: every object it
 renders passes the server's own validation (server-side dry-run, the schema check),
-the teams identity is enough and each of its rules needed, and no identity of the
+the teams and relay identities are enough and each of their rules needed, and no identity of the
 chart can patch arbitrary pods, touch webhook configurations or read Secrets other
 than its own. (Health and preflight identities: tests/e2e/health and tests/e2e/preflight.)"""
 
@@ -121,6 +121,46 @@ async def test_teams_identity_is_enough_and_each_rule_needed(kube, tmp_path):
             except errors.NotFound:
                 pass
     forbidden, unneeded = audit(docs, "fleetkeeper-teams", teams.calls)
+    assert not forbidden, f"refused: {forbidden}"
+    assert not unneeded, f"rules none of its requests needed: {unneeded}"
+
+
+async def test_relay_identity_is_enough_and_each_rule_needed(kube):
+    """The relay as the chart runs it (the ConfigMap's relay: section), under its own identity:
+    the manager's check of its namespace, the three watches and a TokenReview are allowed,
+    and every rule the chart grants it is needed by one of them."""
+    import aiohttp
+
+    from fleetkeeper.relay.controller import add_relay
+    from fleetkeeper.relay.settings import parse_config
+
+    values = {"relay": {"enabled": True, "expectedAgents": 10}}
+    docs = chart_docs(values)
+    await apply_rbac(kube, docs)
+    rs = parse_config(by_kind(docs, "ConfigMap")["fleetkeeper-relay"]["data"]["config.yaml"], "chart").relay
+    # on loopback and a free port here; tokenreview: what --auth tokenreview needs of the API server
+    rs = rs.model_copy(update={"host": "127.0.0.1", "port": 0, "auth": "tokenreview"})
+    relay = service_account(kube, "fleetkeeper-relay")
+    mgr = Manager(relay, RuntimeSettings(namespace=NAMESPACE, server={"port": 0},
+                                         leader_election={"enabled": False}), registry=CollectorRegistry())
+    handle = add_relay(mgr, rs)
+    task = asyncio.create_task(mgr.run())
+    try:
+        async def synced():
+            assert not task.done(), task.exception()
+            return handle.synced() and handle.server.port != 0
+        await until(synced, 60, "the relay's three watches synced under its identity")
+        tr = await kube.create(SERVICEACCOUNTS, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                                                 "spec": {"expirationSeconds": 600}},
+                               NAMESPACE, subresource="token", name="fleetkeeper-relay")
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{handle.server.port}/v1/nodes/no-such-node/pods",
+                                headers={"Authorization": f"Bearer {tr['status']['token']}"}) as resp:
+                assert resp.status == 403  # reviewed: a valid token, but not this node's agent
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    forbidden, unneeded = audit(docs, "fleetkeeper-relay", relay.calls)
     assert not forbidden, f"refused: {forbidden}"
     assert not unneeded, f"rules none of its requests needed: {unneeded}"
 

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ import yaml
 from fleetkeeper.core import errors
 from fleetkeeper.core.kube import (
     CLUSTERROLEBINDINGS, CLUSTERROLES, CONFIGMAPS, LEASES, MUTATING_WEBHOOKS, NAMESPACES, NODES, PODS, SECRETS,
-    VALIDATING_WEBHOOKS, Kube, Resource,
+    SERVICES, VALIDATING_WEBHOOKS, Kube, Resource,
 )
 from fleetkeeper.localcluster.cluster import LocalCluster
 from fleetkeeper.localcluster.realnode import LABEL_KEY, NODE_NAME, TAINT_KEY
@@ -66,6 +68,9 @@ VALUES = {
                                                      "team-b": {"groups": ["team-b"]}}}},
     "preflight": {"config": {"node_selector": {"fleetkeeper.io/realnode-test": "gate"},
                              "periodic": {"enabled": False}}},
+    # the caching relay (2 replicas behind the fleetkeeper-relay Service), its open-file limit
+    # checked against 10 agents
+    "relay": {"enabled": True, "expectedAgents": 10},
 }
 
 
@@ -136,7 +141,39 @@ async def kube(real_cluster):
 
 
 def helm_in(lc: LocalCluster, *args: str, check: bool = True):
-    return helm("--kubeconfig", str(lc.kubeconfig), *args, check=check)
+    """helm against the lane's cluster; when it fails, what the release's pods were doing is
+    printed (status, events, every container's log and its previous run's) so the failure
+    explains itself."""
+    try:
+        return helm("--kubeconfig", str(lc.kubeconfig), *args, check=check, timeout=480)
+    except (AssertionError, subprocess.TimeoutExpired):
+        print(release_diagnostics(lc))
+        raise
+
+
+def release_diagnostics(lc: LocalCluster) -> str:
+    """The release's pods, Services, endpoints and Events; for every pod that is not Ready or
+    has restarted, `kubectl describe` and each container's log, its previous run's too."""
+    def kubectl(*args: str) -> str:
+        r = subprocess.run([lc._bin("kubectl"), f"--kubeconfig={lc.kubeconfig}", "-n", NS, *args],
+                           capture_output=True, text=True, timeout=60)
+        return r.stdout + r.stderr
+
+    def shown(*args: str) -> str:
+        return f"$ kubectl -n {NS} {' '.join(args)}\n{kubectl(*args)}"
+    out = [shown("get", "pods,services,endpointslices", "-o", "wide"),
+           shown("get", "events", "--sort-by=.lastTimestamp")]
+    try:
+        pods = yaml.safe_load(kubectl("get", "pods", "-l", "app.kubernetes.io/name=fleetkeeper", "-o", "json"))["items"]
+    except (TypeError, KeyError, yaml.YAMLError):
+        pods = []
+    for p in pods:
+        if ready(p) and all(c["restartCount"] == 0 for c in p["status"].get("containerStatuses") or []):
+            continue
+        name = f"pod/{p['metadata']['name']}"
+        out += [shown("describe", name), shown("logs", name, "--all-containers", "--tail=200"),
+                shown("logs", name, "--all-containers", "--previous", "--tail=200")]
+    return "\n".join(out)
 
 
 async def fleetkeeper_pods(kube: Kube) -> list[dict]:
@@ -154,7 +191,7 @@ async def test_install_every_pod_ready_through_its_probes(real_cluster, kube):
             "-f", values_file(), "--wait", "--timeout", "6m")
     pods = await fleetkeeper_pods(kube)
     names = sorted(p["metadata"]["name"] for p in pods)
-    assert len(pods) == 7, names  # 2 x (preflight, health, teams) + the agent on the real node
+    assert len(pods) == 9, names  # 2 x (preflight, health, teams, relay) + the agent on the real node
     for p in pods:
         assert p["spec"]["nodeName"] == NODE_NAME, (p["metadata"]["name"], p["spec"]["nodeName"])
         assert ready(p), p["metadata"]["name"]
@@ -163,6 +200,54 @@ async def test_install_every_pod_ready_through_its_probes(real_cluster, kube):
         assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
         assert all(s["restartCount"] == 0 for s in p["status"]["containerStatuses"]), p["metadata"]["name"]
     print(f"helm install --wait: {time.monotonic() - t0:.0f}s")
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    try:
+        with direct.open(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError as exc:
+        return 0, str(exc).encode()
+
+
+async def test_relay_serves_the_real_nodes_pods_through_its_service(real_cluster, kube):
+    """What a node agent reads (netacct's --relay): from this host, through the Service's
+    cluster IP (kube-proxy), the relay answers /readyz and serves the real node's pods with
+    their addresses, as the API server has them. Each replica's open-file limit holds
+    relay.expectedAgents (2 x 10 + 1024 descriptors)."""
+    svc = await kube.get(SERVICES, "fleetkeeper-relay", NS)
+    base = f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
+    try:
+        status, body = await asyncio.to_thread(http_get, f"{base}/readyz")
+        assert status == 200, (status, body)
+
+        async def same_pods():
+            # (a hostNetwork pod's address is its node's: the relay gives agents none for it)
+            want = {(p["metadata"]["name"], "" if p["spec"].get("hostNetwork") else p["status"].get("podIP"))
+                    for p in await fleetkeeper_pods(kube)}
+            status, body = await asyncio.to_thread(http_get, f"{base}/v1/nodes/{NODE_NAME}/pods")
+            if status != 200:
+                return None
+            got = {(i["name"], i["ip"]) for i in yaml.safe_load(body)["items"]
+                   if i["namespace"] == NS and i["labels"].get("app.kubernetes.io/name") == "fleetkeeper"}
+            return got if got == want else None
+        await until(same_pods, 60, "the relay's pods of the real node to be the API server's")
+
+        relays = [p for p in await fleetkeeper_pods(kube)
+                  if p["metadata"]["labels"].get("app.kubernetes.io/component") == "relay"]
+        assert len(relays) == 2, [p["metadata"]["name"] for p in relays]
+        for p in relays:
+            status, body = await asyncio.to_thread(http_get, f"http://{p['status']['podIP']}:8080/metrics")
+            assert status == 200, (p["metadata"]["name"], status)
+            metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.decode().splitlines()
+                       if line.startswith("fleetkeeper_relay_") and " " in line}
+            assert metrics["fleetkeeper_relay_open_files_limit"] >= 2 * 10 + 1024, metrics
+    except AssertionError:
+        print(release_diagnostics(real_cluster))
+        raise
 
 
 async def _user(lc: LocalCluster, user: str) -> Kube:
