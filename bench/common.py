@@ -69,32 +69,6 @@ async def scheduler_metrics(lc: LocalCluster, prefix: str = "scheduler_") -> dic
     return parse_metrics(text, prefix)
 
 
-# per-plugin samples and queueing hints: too many series to print; the extension points sum them
-SCHEDULER_SKIP = ("scheduler_plugin_execution_duration_seconds", "scheduler_queueing_hint_execution_duration_seconds")
-
-
-def scheduler_delta(a: dict[str, float] | str, b: dict[str, float] | str) -> str:
-    """kube-scheduler's own metrics between two :func:`scheduler_metrics` scrapes: attempts by result, and for
-    every duration histogram with observations in between, count, sum and the mean (s)."""
-    if isinstance(a, str) or isinstance(b, str):
-        return a if isinstance(a, str) else str(b)
-    attempts = {k.split('result="', 1)[1].split('"', 1)[0]: b[k] - a.get(k, 0.0) for k in b
-                if k.startswith("scheduler_schedule_attempts_total{") and b[k] - a.get(k, 0.0)}
-    parts = [f"attempts {attempts}"]
-    for k in sorted(b):
-        if not k.endswith("_count") and "_count{" not in k:
-            continue
-        n = b[k] - a.get(k, 0.0)
-        if n <= 0 or not k.startswith("scheduler_") or k.startswith(SCHEDULER_SKIP):
-            continue
-        ks = k.replace("_count", "_sum", 1)
-        s = b.get(ks, 0.0) - a.get(ks, 0.0)
-        if s < 0.05 and "attempt" not in k:
-            continue
-        parts.append(f"{k.replace('_count', '', 1)} n={n:.0f} sum={s:.1f}s mean={s / n:.3f}s")
-    return "\n           ".join(parts)
-
-
 async def scheduler_queues(lc: LocalCluster) -> dict[str, int] | str:
     """kube-scheduler's pending pods per queue (scheduler_pending_pods), or why it is unavailable
     (a diagnostic only)."""
@@ -118,6 +92,32 @@ def scheduler_work(a: dict[str, float] | str, b: dict[str, float] | str) -> str:
     pre = delta(a, b, "scheduler_preemption_attempts_total")
     out.append(f"{int(pre)} preemption attempts")
     return "; ".join(out)
+
+
+# per-plugin samples and queueing hints: too many series to print; the extension points sum them
+SCHEDULER_SKIP = ("scheduler_plugin_execution_duration_seconds", "scheduler_queueing_hint_execution_duration_seconds")
+
+
+def scheduler_delta(a: dict[str, float] | str, b: dict[str, float] | str) -> str:
+    """kube-scheduler's own metrics between two scrapes: attempts by result, and for every duration histogram
+    with observations in between, count, sum and the mean (s)."""
+    if isinstance(a, str) or isinstance(b, str):  # unavailable (see scheduler_metrics)
+        return a if isinstance(a, str) else str(b)
+    attempts = {k.split('result="', 1)[1].split('"', 1)[0]: b[k] - a.get(k, 0.0) for k in b
+                if k.startswith("scheduler_schedule_attempts_total{") and b[k] - a.get(k, 0.0)}
+    parts = [f"attempts {attempts}"]
+    for k in sorted(b):
+        if not k.endswith("_count") and "_count{" not in k:
+            continue
+        n = b[k] - a.get(k, 0.0)
+        if n <= 0 or not k.startswith("scheduler_") or k.startswith(SCHEDULER_SKIP):
+            continue
+        ks = k.replace("_count", "_sum", 1)
+        s = b.get(ks, 0.0) - a.get(ks, 0.0)
+        if s < 0.05 and "attempt" not in k:
+            continue
+        parts.append(f"{k.replace('_count', '', 1)} n={n:.0f} sum={s:.1f}s mean={s / n:.3f}s")
+    return "\n           ".join(parts)
 
 
 def total(m: dict[str, float], name: str, *must: str) -> float:

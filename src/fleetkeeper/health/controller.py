@@ -30,7 +30,7 @@ from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.plan import AddTaint, Event, EvictPod, Plan as Ops, RemoveTaint, SetAnnotation, SetLabel, \
     TerminateMachine
 from fleetkeeper.core.views import NodeView, PodView
-from fleetkeeper.health.actions import LOCAL_ACTIONS, new_request
+from fleetkeeper.health.actions import LOCAL_ACTIONS, Request, new_request
 from fleetkeeper.health.decide import (
     FleetStats,
     Keys,
@@ -371,13 +371,8 @@ class Remediator:
         if p.kind == "terminate":
             return await self._terminate(p, node)
         if p.kind == "request_action":
-            req = new_request(LOCAL_ACTIONS[p.remedy], node.name, node.uid, self.clock.now(),
-                              self.policy.actions.timeout)
-            return await self._mutate(node, p, "request", "ActionRequested",
-                                      f"{p.why} (nonce {req.nonce}); escalating to replace if it fails or the fault "
-                                      f"is still there in {self.policy.actions.timeout:.0f}s",
-                                      annotations={self.keys.request: req.dumps(), self.keys.result: None},
-                                      warn=True)
+            _, ann, note = self._request(p, node)
+            return await self._mutate(node, p, "request", "ActionRequested", note, annotations=ann, warn=True)
         if p.kind == "return":
             return await self._mutate(
                 node, p, "return", "ReturnedToValidation",
@@ -546,21 +541,42 @@ class Remediator:
         return res
 
     async def _quarantine_write(self, p: Plan, node: NodeView) -> Result | None:
+        """The quarantine: one write. For a node with nothing to drain (``p.request``), the node-local
+        action's request is in the same write (one state transition instead of two): the agent reads it
+        from the node, and a restarted controller sees it there and does not ask again."""
+        annotations = self._marker_annotations(p, node)
+        also: tuple[tuple[str, str, str, bool], ...] = ()
+        note = (f"{p.why}: tainted {self.names.quarantine}:NoSchedule; ladder target {p.action}; "
+                f"fixable by {p.remedy}" + (" (needs hardware replacement)" if p.remedy == "replace" else ""))
+        if p.request:
+            req, ann, req_note = self._request(p, node)
+            annotations.update(ann)
+            note += f"; nothing to drain: {req.action} requested in the same write"
+            also = (("request", "ActionRequested", req_note, True),)
         return await self._mutate(
-            node, p, "quarantine", "Quarantined",
-            f"{p.why}: tainted {self.names.quarantine}:NoSchedule; ladder target {p.action}; "
-            f"fixable by {p.remedy}" + (" (needs hardware replacement)" if p.remedy == "replace" else ""),
+            node, p, "quarantine", "Quarantined", note,
             add_taint={"key": self.names.quarantine, "value": taint_value(p.problems[0].label if p.problems else p.why),
                        "effect": "NoSchedule"},
-            annotations=self._marker_annotations(p, node), warn=True,
+            annotations=annotations, warn=True, also=also,
             record=lifecycle.DRAINING if p.action in ("drain", "terminate") else lifecycle.QUARANTINED)
+
+    def _request(self, p: Plan, node: NodeView) -> tuple[Request, dict[str, str | None], str]:
+        """A node-local action's request (a fresh nonce), its annotations and its Event's note."""
+        why = p.request or p.why
+        req = new_request(LOCAL_ACTIONS[p.remedy], node.name, node.uid, self.clock.now(), self.policy.actions.timeout)
+        note = (f"{why} (nonce {req.nonce}); escalating to replace if it fails or the fault is still there in "
+                f"{self.policy.actions.timeout:.0f}s")
+        return req, {self.keys.request: req.dumps(), self.keys.result: None}, note
 
     async def _mutate(self, node: NodeView, p: Plan, action: str, reason: str, note: str, *,
                       add_taint: dict | None = None, remove_taints: tuple[str, ...] = (),
                       labels: dict[str, str | None] | None = None, annotations: dict[str, str | None] | None = None,
-                      warn: bool = False, requeue: float | None = None, record: str = "") -> Result | None:
+                      warn: bool = False, requeue: float | None = None, record: str = "",
+                      also: tuple[tuple[str, str, str, bool], ...] = ()) -> Result | None:
         """One write through the applier: taints, labels, annotations, the history and the lifecycle
-        record, guarded by the cached resourceVersion; then the Event and the metric."""
+        record, guarded by the cached resourceVersion; then the Event and the metric. ``also``: further
+        steps folded into the same write, (action, Event reason, note, warning), each with its own Event,
+        history entry and metric, as if written on its own."""
         now = self.clock.now()
         if self.dry_run:
             if (node.name, f"dry:{action}:{p.action}") in self._noted:
@@ -571,16 +587,22 @@ class Remediator:
             ops.append(AddTaint(add_taint["key"], add_taint.get("value", ""), add_taint.get("effect", "NoSchedule")))
         ops += [SetLabel(k, v) for k, v in (labels or {}).items()]
         ops += [SetAnnotation(k, v) for k, v in (annotations or {}).items()]
-        ops.append(SetAnnotation(self.keys.history, history_add(node.annotations.get(self.keys.history), now,
-                                                                f"{reason}: {note}")))
+        history = history_add(node.annotations.get(self.keys.history), now, f"{reason}: {note}")
+        for _, r, n, _ in also:
+            history = history_add(history, now, f"{r}: {n}")
+        ops.append(SetAnnotation(self.keys.history, history))
         if record:
             ops += list(lifecycle.record_ops(self.names, record, p.why or note, now))
         ops.append(Event(reason, note, "Warning" if warn else "Normal"))
+        ops += [Event(r, n, "Warning" if w else "Normal") for _, r, n, w in also]
         done = await self.applier.apply(node, Ops(node.name, action, tuple(ops), p.why))
         if done.gone or self.dry_run:
             return None
         self._count(action, "success")
         log.info("%s %s: %s", action, node.name, note)
+        for a, _, n, _ in also:
+            self._count(a, "success")
+            log.info("%s %s: %s", a, node.name, n)
         return Result(requeue_after=requeue) if requeue else None
 
     def evictions(self, p: Plan, node: NodeView) -> tuple[list[PodView], list[str]]:

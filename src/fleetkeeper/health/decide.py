@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.views import NodeView, PodView
-from fleetkeeper.health.actionproto import ActionKeys, local_step
+from fleetkeeper.health.actionproto import LOCAL_ACTIONS, ActionKeys, local_step
 from fleetkeeper.health.conditions import AGENT_TYPES, NPD_TYPES
 from fleetkeeper.health.policy import LADDER, Policy, human
 from fleetkeeper.lifecycle.budget import scopes_of
@@ -109,7 +109,8 @@ def clear_after_for(policy: Policy, type_: str) -> float:
 class Plan:
     """The next step for one node. ``kind``:
 
-    noop, wait, note (an Event only), quarantine (new: needs budget), escalate,
+    noop, wait, note (an Event only), quarantine (new: needs budget; with ``request``, the node-local
+    action is asked in the same write), escalate,
     evict, terminate, return (to the preflight gate), mark_cleared,
     unmark_cleared, release (remove taint/markers: back in service).
     """
@@ -124,6 +125,9 @@ class Plan:
     wait: str = ""  # budget, storm, trigger, hold, validation, pdb, drained, ...
     requeue_after: float | None = None
     deadline_passed: bool = False
+    # a quarantine of a node with nothing to drain: the node-local action (reset, reboot, wait-maintenance)
+    # asked of the node's agent in the same write, one state transition (why it is asked; empty: not asked)
+    request: str = ""
 
 
 def _ts(s: str | None) -> float:
@@ -143,6 +147,26 @@ def selected(node: NodeView, policy: Policy) -> bool:
     return all(node.labels.get(k) == v for k, v in policy.node_selector.items())
 
 
+def _folded_request(node: NodeView, pods: list[PodView], policy: Policy, names: Names, worst: Problem,
+                    now: float, window_waiting: tuple[str, ...]) -> str:
+    """For a new quarantine: the why of the node-local action to ask in the same write, or "".
+
+    Asked only where the step after the quarantine would be exactly that request: the ladder target is
+    drain, the remedy is node-local, node-local actions are on, the node has nothing to drain (no pod to
+    evict, none terminating), no gang repair window waits for other nodes, and no request of this Node is
+    already there (:func:`local_step` says "request"). A node with pods keeps the old path: quarantine,
+    drain (PodDisruptionBudgets honoured), then the request."""
+    if worst.action != "drain" or not policy.actions.enabled or window_waiting:
+        return ""
+    to_evict, terminating = evictable(pods)
+    if to_evict or terminating:
+        return ""
+    step = local_step(node.annotations, ActionKeys(names), worst.remedy, node.name, node.uid, now)
+    if step is None or step.kind != "request":
+        return ""
+    return f"nothing to drain; asking the node's agent for a {LOCAL_ACTIONS[worst.remedy]}"
+
+
 def decide_node(node: NodeView, pods: list[PodView], policy: Policy, names: Names, now: float, *,
                 flapping: bool = False, window_waiting: tuple[str, ...] = ()) -> Plan:
     """``window_waiting``: the other nodes of this node's gang repair window that still have pods to lose
@@ -158,12 +182,13 @@ def decide_node(node: NodeView, pods: list[PodView], policy: Policy, names: Name
         if a.get(k.state) == "validating":
             if worst is not None and LADDER.index(worst.action) >= LADDER.index("quarantine"):
                 return Plan("quarantine", node.name, f"{worst.label} during validation", worst.action, worst.remedy,
-                            h.active)
+                            h.active, request=_folded_request(node, pods, policy, names, worst, now, window_waiting))
             if node.taint(names.preflight) is None:
                 return Plan("release", node.name, "passed validation")
             return Plan("wait", node.name, "waiting for the preflight gate", wait="validation")
         if worst is not None and LADDER.index(worst.action) >= LADDER.index("quarantine"):
-            return Plan("quarantine", node.name, worst.label, worst.action, worst.remedy, h.active)
+            return Plan("quarantine", node.name, worst.label, worst.action, worst.remedy, h.active,
+                        request=_folded_request(node, pods, policy, names, worst, now, window_waiting))
         if flapping:
             p = Problem("Flapping", "Flapping", "conditions flap", "investigate", "quarantine", now, 0, 0)
             return Plan("quarantine", node.name, "conditions flapping", "quarantine", "investigate", (p,))

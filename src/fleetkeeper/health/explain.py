@@ -77,7 +77,9 @@ async def explain_node(kube: Kube, names: Names, node_name: str) -> list[str]:
                                                                   if left else ""))
     plan = decide_node(node, pods, policy, names, now, window_waiting=waiting)
     nxt = {"noop": "nothing to do", "wait": f"wait ({plan.wait}): {plan.why}",
-           "quarantine": f"quarantine (budget permitting): {plan.why}", "evict": f"evict {len(plan.pods)} pod(s)",
+           "quarantine": f"quarantine (budget permitting): {plan.why}"
+                         + (f"; {plan.request} in the same write" if plan.request else ""),
+           "evict": f"evict {len(plan.pods)} pod(s)",
            "terminate": f"terminate the machine: {plan.why}", "return": "hand over to the preflight gate",
            "release": f"return to service: {plan.why}"}.get(plan.kind, f"{plan.kind}: {plan.why}")
     lines.append(f"next step: {nxt} (policy: {src})")

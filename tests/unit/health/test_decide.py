@@ -89,6 +89,53 @@ def test_ladder_evicts_then_drains_then_terminates():
     assert decide_node(node(c2, QT, q_ann()), [], Policy(actions={"enabled": False}), N, NOW).wait == "drained"
 
 
+def test_a_node_with_nothing_to_drain_is_quarantined_and_asked_for_its_repair_in_one_write():
+    ecc = [("GPUUnhealthy", "True", "UncorrectableECC", NOW - 1)]
+    p = decide_node(node(ecc), [], P, N, NOW)
+    assert (p.kind, p.action, p.remedy) == ("quarantine", "drain", "reset")
+    assert p.request == "nothing to drain; asking the node's agent for a reset"
+    # pods left alone by a drain (DaemonSet, static, finished) are nothing to drain
+    idle = [pod("ds", owner="DaemonSet"), pod("static", owner="Node"), pod("done", phase="Succeeded")]
+    assert decide_node(node(ecc), idle, P, N, NOW).request
+    xid79 = decide_node(node([("GPUXidError", "True", "Xid79", NOW - 1)]), [], P, N, NOW)
+    assert (xid79.kind, xid79.request) == ("quarantine", "nothing to drain; asking the node's agent for a reboot")
+    # also when the fault comes back during validation
+    val = node(ecc, [(N.preflight, "pending")], {K.state: "validating"})
+    assert decide_node(val, [], P, N, NOW).request
+
+
+def test_a_node_with_pods_or_no_node_local_remedy_keeps_the_quarantine_drain_request_path():
+    ecc = [("GPUUnhealthy", "True", "UncorrectableECC", NOW - 1)]
+    for pods in ([pod("a")], [pod("a", deleting=True)]):  # to evict (PDBs honoured), or still terminating
+        p = decide_node(node(ecc), pods, P, N, NOW)
+        assert (p.kind, p.request) == ("quarantine", "")
+    assert decide_node(node(ecc), [], Policy(actions={"enabled": False}), N, NOW).request == ""
+    for cond in (("GPUUnhealthy", "True", "GPUMissing", NOW - 1),  # replace: terminate, nothing node-local
+                 ("GPUXidError", "True", "Xid999", NOW - 1)):  # investigate: quarantine only
+        p = decide_node(node([cond]), [], P, N, NOW)
+        assert p.kind == "quarantine" and p.request == "", cond
+    assert decide_node(node(ecc), [], P, N, NOW, window_waiting=("n7",)).request == ""
+    # a request of this very Node already there (its taint removed by hand, the fault still on): no new one
+    old = new_request("reset", "n1", "uid", NOW - 10, 600)
+    p = decide_node(node(ecc, (), {K.request: old.dumps()}), [], P, N, NOW)
+    assert (p.kind, p.request) == ("quarantine", "")
+    # one left by another Node of the same name is no request: asked again
+    other = new_request("reset", "n1", "other-uid", NOW - 10, 600)
+    assert decide_node(node(ecc, (), {K.request: other.dumps()}), [], P, N, NOW).request
+
+
+def test_after_the_folded_write_a_restarted_controller_waits_for_the_agent():
+    """What the one write leaves on the node (taint, markers, request) is all a restarted controller
+    reads: it waits for the agent's report, never asks again, never requests a drain."""
+    ecc = [("GPUUnhealthy", "True", "UncorrectableECC", NOW - 5)]
+    req = new_request("reset", "n1", "uid", NOW - 4, 600)
+    written = node(ecc, QT, q_ann(since=NOW - 4, **{K.request: req.dumps()}))
+    p = decide_node(written, [], P, N, NOW)
+    assert (p.kind, p.wait) == ("wait", "action")
+    done = {**written.annotations, K.result: Report(req.nonce, "failed", "nvidia-smi exited 1", NOW).dumps()}
+    assert decide_node(node(ecc, QT, done), [], P, N, NOW).kind == "escalate"
+
+
 def test_deadline_terminates_even_when_a_pdb_blocks():
     c = [("GPUUnhealthy", "True", "GPUMissing", NOW - 8 * 86400)]
     p = decide_node(node(c, QT, q_ann("terminate", "replace", since=NOW - 7 * 86400 - 1)), [pod("a")], P, N, NOW)
