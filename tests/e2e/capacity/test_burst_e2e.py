@@ -7,6 +7,7 @@ the threshold, and no smaller job takes that room before it starts."""
 from __future__ import annotations
 
 from capacity_helpers import NAMES, delete_jobs, wait_for
+from fleetkeeper.core.events import flush_all
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.capacity import reserve as rs
 from fleetkeeper.core.kube import EVENTS, JOBS, NODES, PODS, PRIORITYCLASSES
@@ -84,6 +85,7 @@ async def test_burst_of_gangs_on_a_pool_of_balloons_never_stalls(kube, namespace
             starts[job_name] = min(starts.get(job_name, t), t)
         order = [j for _, j in sorted((t, j) for j, t in starts.items())]
         largest = f"job-{LARGEST}-{SIZES[LARGEST]}"
+        await flush_all(60)  # Events are written by the recorders' sinks, after the action
         events, _ = await kube.list(EVENTS, namespace)
         reserved = [e for e in events if e.get("reason") == "GangRoomReserved"]
         mine = [e for e in reserved if f"gang {largest} " in e.get("note", "")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 
 from capacity_helpers import NAMES, bound, pods_of, wait_for
+from fleetkeeper.core.events import flush_all
 from fleetkeeper.capacity import gangs as gg
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.core import errors
@@ -136,6 +137,7 @@ async def test_turning_balloons_off_removes_their_deployments(kube, namespace, p
         async def removed():
             return await kube.get_or_none(DEPLOYMENTS, name, namespace) is None
         await wait_for(removed, 60, what="the balloon Deployment removed once balloons are off")
+        await flush_all(60)  # Events are written by the recorders' sinks, after the action
         events, _ = await kube.list(EVENTS, namespace)
         assert any(e.get("reason") == "BalloonPoolRemoved" and "disabled" in e.get("note", "") for e in events)
     finally:
@@ -193,6 +195,7 @@ async def test_priority_ladder_borrowers_and_retests_get_nodes_balloons_hold(kub
         # the re-test never preempts: fleetkeeper released the balloon on its node, and said so
         assert registry.get_sample_value("fleetkeeper_balloon_releases_total",
                                          {"pool": pool.pool, "result": "ok"}) >= 1
+        await flush_all(60)  # Events are written by the recorders' sinks, after the action
         events, _ = await kube.list(EVENTS, namespace)
         assert any(e.get("reason") == "BalloonsReleased" and "pf-periodic" in e.get("note", "") for e in events)
     finally:
@@ -224,6 +227,7 @@ async def test_a_gang_larger_than_the_release_burst_gets_its_balloons_in_one_ste
         await wait_for(placed, 120, what="the 3-pod gang placed on the nodes its balloons held")
         assert registry.get_sample_value("fleetkeeper_balloon_releases_total",
                                          {"pool": pool.pool, "result": "ok"}) == 3
+        await flush_all(60)  # Events are written by the recorders' sinks, after the action
         events, _ = await kube.list(EVENTS, namespace)
         assert any(e.get("reason") == "BalloonsReleased" and "3 balloon(s)" in e.get("note", "")
                    and "gang" in e.get("note", "") for e in events)

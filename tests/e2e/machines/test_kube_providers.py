@@ -204,8 +204,10 @@ async def test_machine_deleted_once_across_a_restart_and_hourly_limit_survives(k
     for i in range(2):
         await kube.create(MACHINES, capi_machine(f"gpu-l{i}", namespace, f"aws:///us-east-1a/i-1{i}{t}"), namespace)
         n = await nodes(f"lim{i}-{t}", f"aws:///us-east-1a/i-1{i}{t}")
-        s = await actuator(kube, namespace, ClusterApiProvider(kube)).act("terminate", n["metadata"]["name"], "x")
+        act = actuator(kube, namespace, ClusterApiProvider(kube))
+        s = await act.act("terminate", n["metadata"]["name"], "x")
         assert s.kind == ("waiting" if i == 0 else "limited"), s
+        assert await act.recorder.flush(30)  # Events are written off the action's path: wait for them
     assert await kube.get_or_none(MACHINES, "gpu-l1", namespace) is not None
     evs, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name=lim1-{t}")
     assert any(e["reason"] == "MachineActionRateLimited" and "max_per_hour 2" in e["note"] for e in evs)
@@ -224,6 +226,7 @@ async def test_provider_errors_become_events_and_a_retry(kube, cluster, namespac
         with pytest.raises(errors.MachineForbidden) as exc:
             await act.act("terminate", node["metadata"]["name"], "GPU lost")
         assert isinstance(exc.value, errors.Temporary) and exc.value.delay >= 60
+        assert await act.recorder.flush(30)  # Events are written off the action's path: wait for them
     finally:
         await nobody.close()
     assert await kube.get_or_none(MACHINES, "gpu-d", namespace) is not None

@@ -7,6 +7,7 @@ import asyncio
 
 from prometheus_client import CollectorRegistry
 
+from fleetkeeper.core.events import flush_all
 from fleetkeeper.core.faults import FaultPlan, parse_fault
 from fleetkeeper.core.kube import CONFIGMAPS, EVENTS, NODES
 from fleetkeeper.core.manager import Manager
@@ -66,6 +67,7 @@ node_selector: {{{env.select_key}: '{env.id}'}}
         st = (cm or {}).get("data", {}).get("status.json", "")
         return st if f'"{sick}"' in st and "heldByDisruptionBudget" in st else None
     await until(held, 60, "the replacement held by the disruption budget")
+    await flush_all(60)  # Events are written by the recorders' sinks, after the action
     evs, _ = await env.kube.list(EVENTS, env.namespace)
     notes = [e["note"] for e in evs if e.get("reason") == "TeamReplacementHeld"]
     assert notes and sick in notes[-1] and f"label:{env.select_key}={env.id} 2/2" in notes[-1], notes
