@@ -1,6 +1,6 @@
 """Helpers every end-to-end test folder shares (``tests/e2e`` is on ``sys.path`` through
 its conftest): polling for a condition with a generous bound, stopping a manager task,
-reading a taint and the Events about a node."""
+reading a taint and the Events about a node, making KWOK nodes of a test's own."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import asyncio
 import time
 
 from fleetkeeper.core.events import flush_all
-from fleetkeeper.core.kube import EVENTS
+from fleetkeeper.core.kube import EVENTS, NODES
+from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
 
 
 async def wait_for(fn, timeout: float = 60.0, what: str = "condition", interval: float = 0.3):
@@ -39,3 +40,30 @@ async def events_for(kube, node: str) -> list[dict]:
     await flush_all(60)
     items, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={node}")
     return items
+
+
+async def create_nodes(kube, prefix: str, n: int, labels: dict[str, str], *, racks: int = 1,
+                       made: list[str] | None = None) -> list[str]:
+    """``n`` KWOK GPU nodes named ``prefix``-..., with ``labels``; returns their names once each is
+    Ready and the node lifecycle controller's start-up taints are gone. ``made`` collects the names
+    as they are created (for the caller's clean-up, also when the wait fails)."""
+    spec = FleetSpec(nodes=n, prefix=prefix, cpu_fraction=0.0, nodes_per_rack=max(1, n // racks))
+    names: list[str] = []
+    for i in range(n):
+        m = node_manifest(spec, i)
+        m["metadata"]["labels"].update(labels)
+        await kube.create(NODES, m)
+        names.append(m["metadata"]["name"])
+        if made is not None:
+            made.append(m["metadata"]["name"])
+
+    async def settled():
+        for name in names:
+            node = await kube.get(NODES, name)
+            ready = any(c["type"] == "Ready" and c["status"] == "True"
+                        for c in (node.get("status") or {}).get("conditions") or [])
+            if not ready or (node.get("spec") or {}).get("taints"):
+                return False
+        return True
+    await wait_for(settled, 60, f"nodes {prefix}-... Ready and untainted")
+    return names

@@ -50,6 +50,15 @@ async def pods_of(kube: Kube, ns: str, selector: str) -> list[dict]:
     return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
 
+async def balloons_on_every_node(kube: Kube, ns: str, pool: str, n: int, timeout: float = 90.0,
+                                 what: str = "a balloon on every node") -> list[dict]:
+    """Wait until ``n`` balloons of ``pool`` run (one a node); returns them."""
+    async def running():
+        pods = [p for p in await pods_of(kube, ns, f"{NAMES.balloon}={pool}") if p["status"].get("phase") == "Running"]
+        return pods if len(pods) == n else None
+    return await wait_for(running, timeout, what=what)
+
+
 def bound(pods: list[dict]) -> list[dict]:
     return [p for p in pods if p["spec"].get("nodeName")]
 

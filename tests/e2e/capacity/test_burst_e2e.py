@@ -6,10 +6,10 @@ the threshold, and no smaller job takes that room before it starts."""
 
 from __future__ import annotations
 
-from capacity_helpers import NAMES, delete_jobs, wait_for
-from fleetkeeper.core.events import flush_all
+from capacity_helpers import NAMES, balloons_on_every_node, delete_jobs, wait_for
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.capacity import reserve as rs
+from fleetkeeper.core.events import flush_all
 from fleetkeeper.core.kube import EVENTS, JOBS, NODES, PODS, PRIORITYCLASSES
 from fleetkeeper.core.views import parse_time
 
@@ -43,12 +43,7 @@ def job(name: str, size: int, spec: dict, seconds: int) -> dict:
 
 async def run_burst(kube, namespace, pool, registry) -> dict:
     spec = pool.pod_spec()
-    sel = f"{NAMES.balloon}={pool.pool}"
-
-    async def balloons_everywhere():
-        items, _ = await kube.list(PODS, namespace, label_selector=sel)
-        return sum(1 for p in items if p["status"].get("phase") == "Running") == NODES_N
-    await wait_for(balloons_everywhere, 90, what="a balloon on every node of the pool")
+    await balloons_on_every_node(kube, namespace, pool.pool, NODES_N)
     for i, size in enumerate(SIZES):
         await kube.create(JOBS, job(f"job-{i}-{size}", size, spec, 6), namespace)
 
@@ -104,10 +99,8 @@ async def test_burst_of_gangs_on_a_pool_of_balloons_never_stalls(kube, namespace
         nodes, _ = await kube.list(NODES, label_selector=f"{NAMES.pool}={pool.pool}")
         assert not [n for n in nodes if any(t["key"] == rs.reserved_key(NAMES) for t in n["spec"].get("taints") or ())]
         # balloons come back once nothing waits
-        async def back():
-            items, _ = await kube.list(PODS, namespace, label_selector=f"{NAMES.balloon}={pool.pool}")
-            return sum(1 for p in items if p["status"].get("phase") == "Running") == NODES_N
-        await wait_for(back, 90, what="balloons back on every node after the burst")
+        await balloons_on_every_node(kube, namespace, pool.pool, NODES_N,
+                                     what="balloons back on every node after the burst")
     finally:
         await delete_jobs(kube, namespace)
         try:

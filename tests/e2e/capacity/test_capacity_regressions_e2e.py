@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 
-from capacity_helpers import NAMES, bound, pods_of, wait_for
-from fleetkeeper.core.events import flush_all
+from capacity_helpers import NAMES, balloons_on_every_node, bound, pods_of, wait_for
 from fleetkeeper.capacity import gangs as gg
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.core import errors
+from fleetkeeper.core.events import flush_all
 from fleetkeeper.core.kube import DEPLOYMENTS, EVENTS, JOBS, PODGROUPS, PODS, PRIORITYCLASSES, WORKLOADS, build_request
 
 SIM_RESULT, SIM_DELAY = "fleetkeeper.io/sim-result", "fleetkeeper.io/sim-delay"
@@ -156,10 +156,7 @@ async def test_priority_ladder_borrowers_and_retests_get_nodes_balloons_hold(kub
     _, registry = await run_capacity(cfg(pool, namespace, 3), namespace)
     sel = f"{NAMES.balloon}={pool.pool}"
     try:
-        async def full():
-            pods = await pods_of(kube, namespace, sel)
-            return sum(1 for p in pods if p["status"].get("phase") == "Running") == 3
-        await wait_for(full, 90, what="a balloon on every node")
+        await balloons_on_every_node(kube, namespace, pool.pool, 3)
         balloon = (await pods_of(kube, namespace, sel))[0]
         assert balloon["spec"]["priority"] < -100  # the lowest rung
         spec = pool.pod_spec()
@@ -212,12 +209,8 @@ async def test_a_gang_larger_than_the_release_burst_gets_its_balloons_in_one_ste
     await kube.create(PRIORITYCLASSES, {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
                                         "metadata": {"name": never}, "value": 0, "preemptionPolicy": "Never"})
     _, registry = await run_capacity(cfg(pool, namespace, 3, release_burst=2), namespace)
-    sel = f"{NAMES.balloon}={pool.pool}"
     try:
-        async def full():
-            pods = await pods_of(kube, namespace, sel)
-            return sum(1 for p in pods if p["status"].get("phase") == "Running") == 3
-        await wait_for(full, 90, what="a balloon on every node")
+        await balloons_on_every_node(kube, namespace, pool.pool, 3)
         spec = {**pool.pod_spec(), "priorityClassName": never}
         for i in range(3):
             await kube.create(PODS, bare(f"w-{i}", "wide", spec, 60, 3), namespace)

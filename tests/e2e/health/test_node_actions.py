@@ -20,11 +20,10 @@ from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.health.actions import Report, Request
 from fleetkeeper.health.controller import HealthOptions, setup
 from fleetkeeper.health.policy import load_policy
-from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
 from fleetkeeper.machines.ledger import KEY, LEDGER_CONFIGMAP
 from fleetkeeper.preflight.config import PreflightConfig
 from fleetkeeper.preflight.controller import Preflight
-from e2e_helpers import taint, wait_for
+from e2e_helpers import create_nodes, taint, wait_for
 
 GROUP = "fleetkeeper.io/e2e-actions"
 Q, PF = "fleetkeeper.io/quarantine", "fleetkeeper.io/preflight"
@@ -47,23 +46,8 @@ rules:
 @pytest.fixture
 async def fleet(kube, namespace, tmp_path):
     group = secrets.token_hex(3)
-    spec = FleetSpec(nodes=2, prefix=f"na{group}", cpu_fraction=0.0, nodes_per_rack=2)
-    names = []
-    for i in range(2):
-        m = node_manifest(spec, i)
-        m["metadata"]["labels"][GROUP] = group
-        await kube.create(NODES, m)
-        names.append(m["metadata"]["name"])
-
-    async def settled():
-        for name in names:
-            n = await kube.get(NODES, name)
-            ready = any(c["type"] == "Ready" and c["status"] == "True"
-                        for c in (n.get("status") or {}).get("conditions") or [])
-            if not ready or (n.get("spec") or {}).get("taints"):
-                return False
-        return True
-    await wait_for(settled, 60, "nodes Ready and untainted")
+    names: list[str] = []
+    await create_nodes(kube, f"na{group}", 2, {GROUP: group}, made=names)
     registry = CollectorRegistry()
     settings = RuntimeSettings(server={"port": 0}, leader_election={"enabled": False}, namespace=namespace)
     mgr = Manager(kube, settings, registry=registry, identity="test")

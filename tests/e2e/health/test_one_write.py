@@ -25,8 +25,7 @@ from fleetkeeper.health.actionproto import Request
 from fleetkeeper.health.agent import AgentCore, ConditionWriter, simulated_findings
 from fleetkeeper.health.controller import HealthOptions, setup
 from fleetkeeper.health.policy import load_policy
-from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
-from e2e_helpers import events_for, stop, taint, wait_for
+from e2e_helpers import create_nodes, events_for, stop, taint, wait_for
 
 GROUP = "fleetkeeper.io/e2e-one-write"
 Q, REQ = "fleetkeeper.io/quarantine", "fleetkeeper.io/action-request"
@@ -43,23 +42,8 @@ actions: {timeout: 1h}
 @pytest.fixture
 async def nodes(kube):
     group = secrets.token_hex(3)
-    spec = FleetSpec(nodes=2, prefix=f"ow{group}", cpu_fraction=0.0, nodes_per_rack=2)
-    names = []
-    for i in range(2):
-        m = node_manifest(spec, i)
-        m["metadata"]["labels"][GROUP] = group
-        await kube.create(NODES, m)
-        names.append(m["metadata"]["name"])
-
-    async def settled():
-        for name in names:
-            n = await kube.get(NODES, name)
-            ready = any(c["type"] == "Ready" and c["status"] == "True"
-                        for c in (n.get("status") or {}).get("conditions") or [])
-            if not ready or (n.get("spec") or {}).get("taints"):
-                return False
-        return True
-    await wait_for(settled, 60, "nodes Ready and untainted")
+    names: list[str] = []
+    await create_nodes(kube, f"ow{group}", 2, {GROUP: group}, made=names)
     try:
         yield group, names
     finally:

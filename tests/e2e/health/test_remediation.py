@@ -26,8 +26,7 @@ from fleetkeeper.health.controller import FLAPS_KEY, STATE_CONFIGMAP, STORM_UNTI
 from fleetkeeper.health.actionproto import Report
 from fleetkeeper.health.policy import load_policy
 from fleetkeeper.machines.ledger import LEDGER_CONFIGMAP
-from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
-from e2e_helpers import events_for, stop, taint, wait_for
+from e2e_helpers import create_nodes, events_for, stop, taint, wait_for
 
 GROUP = "fleetkeeper.io/e2e-group"
 
@@ -38,22 +37,7 @@ async def own_nodes(kube):
     group = secrets.token_hex(3)
 
     async def make(n: int, racks: int = 1) -> list[str]:
-        spec = FleetSpec(nodes=n, prefix=f"hl{group}", cpu_fraction=0.0, nodes_per_rack=max(1, n // racks))
-        for i in range(n):
-            m = node_manifest(spec, i)
-            m["metadata"]["labels"][GROUP] = group
-            await kube.create(NODES, m)
-            made.append(m["metadata"]["name"])
-
-        async def settled():  # Ready, and the node lifecycle controller's start-up taints are gone
-            for name in made:
-                n = await kube.get(NODES, name)
-                ready = any(c["type"] == "Ready" and c["status"] == "True"
-                            for c in (n.get("status") or {}).get("conditions") or [])
-                if not ready or (n.get("spec") or {}).get("taints"):
-                    return False
-            return True
-        await wait_for(settled, 60, "new nodes Ready and untainted")
+        await create_nodes(kube, f"hl{group}", n, {GROUP: group}, racks=racks, made=made)
         return list(made)
 
     make.group = group  # type: ignore[attr-defined]

@@ -24,10 +24,9 @@ from fleetkeeper.lifecycle import budget as bud
 from fleetkeeper.lifecycle.config import load_lifecycle
 from fleetkeeper.lifecycle.controller import LifecycleOptions
 from fleetkeeper.lifecycle.controller import setup as lifecycle_setup
-from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
 from fleetkeeper.preflight.config import PreflightConfig
 from fleetkeeper.preflight.controller import Preflight
-from e2e_helpers import events_for, stop, taint, wait_for
+from e2e_helpers import create_nodes, events_for, stop, taint, wait_for
 
 GROUP = "fleetkeeper.io/e2e-group"
 N = Names()
@@ -40,22 +39,7 @@ async def own_nodes(kube):
     group = secrets.token_hex(3)
 
     async def make(n: int) -> list[str]:
-        spec = FleetSpec(nodes=n, prefix=f"lc{group}", cpu_fraction=0.0, nodes_per_rack=n)
-        for i in range(n):
-            m = node_manifest(spec, i)
-            m["metadata"]["labels"][GROUP] = group
-            await kube.create(NODES, m)
-            made.append(m["metadata"]["name"])
-
-        async def settled():
-            for name in made:
-                n_ = await kube.get(NODES, name)
-                ready = any(c["type"] == "Ready" and c["status"] == "True"
-                            for c in (n_.get("status") or {}).get("conditions") or [])
-                if not ready or (n_.get("spec") or {}).get("taints"):
-                    return False
-            return True
-        await wait_for(settled, 60, "new nodes Ready and untainted")
+        await create_nodes(kube, f"lc{group}", n, {GROUP: group}, made=made)
         return list(made)
 
     make.group = group  # type: ignore[attr-defined]

@@ -35,10 +35,13 @@ async def until(pred, timeout: float = 30.0, what: str = "condition"):
 
 
 @contextlib.asynccontextmanager
-async def relay(kube: Kube, namespace: str, **kw):
+async def relay(kube: Kube, namespace: str, lag=None, **kw):
+    """A relay on the manager, synced; ``lag``: its event-loop lag meter, replaced before it serves."""
     settings = RuntimeSettings(namespace=namespace, server={"port": 0}, leader_election={"enabled": False})
     mgr = Manager(kube, settings)
     handle: RelayHandle = add_relay(mgr, RelaySettings(**{"port": 0, "bookmark_interval": 1.0, **kw}))
+    if lag is not None:
+        handle.server.lag = lag
     task = asyncio.create_task(mgr.run())
     try:
         await until(lambda: handle.synced() and handle.server.port != 0 or task.done(), what="relay synced")

@@ -6,19 +6,15 @@ the relay keeps its one watch per resource throughout."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import aiohttp
 
-from fleetkeeper.core.kube import PODS, Kube
-from fleetkeeper.core.manager import Manager
-from fleetkeeper.core.settings import RuntimeSettings
+from fleetkeeper.core.kube import PODS
 from fleetkeeper.relay.admission import BackoffPolicy
 from fleetkeeper.relay.client import RelayClient
-from fleetkeeper.relay.controller import RelayHandle, add_relay
-from fleetkeeper.relay.settings import RelaySettings
+from fleetkeeper.relay.controller import RelayHandle
 
-from test_relay_e2e import NODE, pod, until  # same directory (rootdir-relative import)
+from test_relay_e2e import NODE, pod, relay, until  # same directory (rootdir-relative import)
 
 
 class SetLag:
@@ -37,28 +33,13 @@ class SetLag:
         return None
 
 
-@contextlib.asynccontextmanager
-async def behind_relay(kube: Kube, namespace: str, lag: SetLag):
-    mgr = Manager(kube, RuntimeSettings(namespace=namespace, server={"port": 0}, leader_election={"enabled": False}))
-    handle: RelayHandle = add_relay(mgr, RelaySettings(port=0, bookmark_interval=1.0, max_lag=1.0))
-    handle.server.lag = lag  # before it serves
-    task = asyncio.create_task(mgr.run())
-    try:
-        await until(lambda: handle.synced() and handle.server.port != 0 or task.done(), what="relay synced")
-        assert not task.done(), task.exception()
-        yield handle, f"http://127.0.0.1:{handle.server.port}"
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 def refused(handle: RelayHandle) -> float:
     return handle.metrics.registry.get_sample_value("fleetkeeper_relay_refused_total", {"reason": "lag"}) or 0
 
 
 async def test_agent_is_refused_with_retry_after_while_the_relay_is_behind_then_recovers(kube, namespace):
     lag = SetLag(25.0)
-    async with behind_relay(kube, namespace, lag) as (handle, url):
+    async with relay(kube, namespace, lag=lag, max_lag=1.0) as (handle, url):
         async with aiohttp.ClientSession() as s, s.get(f"{url}/v1/nodes/{NODE}/view") as r:
             assert r.status == 503
             assert r.headers["Retry-After"] == "50"
