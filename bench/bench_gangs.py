@@ -38,6 +38,7 @@ import asyncio
 import logging
 import random
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -154,6 +155,7 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
     await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     gang = mode != "no-gangs"
     t0 = time.time()
+    print(f"  {mode}: burst in namespace {ns} from {time.strftime('%H:%M:%S', time.gmtime(t0))} UTC", flush=True)
     names = []
     for i, size in enumerate(burst):
         name = f"j{i:02d}-{size}"
@@ -325,6 +327,8 @@ async def main(args) -> None:
     with tempfile.TemporaryDirectory(prefix="fk-bench-gangs-") as d:
         tmp = Path(d)
         lc = LocalCluster(tmp / "cluster")
+        lc.state.scheduler_verbosity = args.scheduler_v
+        lc.state.scheduler_feature_gates = args.scheduler_gates
         kube = None
         try:
             t = time.monotonic()
@@ -345,7 +349,10 @@ async def main(args) -> None:
             for spec_ in args.modes:
                 mode, tune = parse_mode(spec_)
                 if tune != tuned:
-                    await asyncio.to_thread(lc.tune_scheduler, **tune)
+                    rest = {k: v for k, v in tune.items() if k != "feature_gates"}
+                    gates = ",".join(g for g in (args.scheduler_gates, tune.get("feature_gates", "")) if g)
+                    await asyncio.to_thread(lc.tune_scheduler, **rest, feature_gates=gates,
+                                            verbosity=args.scheduler_v)
                     tuned = tune
                     print(f"kube-scheduler restarted with {tune or 'its defaults'}", flush=True)
                 cfg = CapacityConfig.model_validate({
@@ -397,6 +404,9 @@ async def main(args) -> None:
         finally:
             if kube is not None:
                 await kube.close()
+            if args.keep_log and (tmp / "cluster" / "logs" / "kube-scheduler.log").exists():
+                shutil.copy(tmp / "cluster" / "logs" / "kube-scheduler.log", args.keep_log)
+                print(f"kube-scheduler log (-v={args.scheduler_v}): {args.keep_log}", flush=True)
             lc.down(purge=True)
 
 
@@ -417,4 +427,9 @@ if __name__ == "__main__":
     ap.add_argument("--no-requeue", action="store_true", help="no requeue pods for stuck gangs")
     ap.add_argument("--profile", action="store_true",
                     help="print where the time goes: busy nodes per second, per-job latency, the first jobs")
+    ap.add_argument("--scheduler-v", type=int, default=1, help="kube-scheduler log verbosity (5: why each pod and "
+                    "pod group cycle failed)")
+    ap.add_argument("--scheduler-gates", default="", help="extra kube-scheduler feature gates for every mode "
+                    "(e.g. SchedulerAsyncAPICalls=true)")
+    ap.add_argument("--keep-log", help="copy kube-scheduler's log here at the end")
     asyncio.run(main(ap.parse_args()))
