@@ -150,11 +150,11 @@ class GangConfig(BaseModel):
         100, ge=1, le=1_000_000, description="a gang of at least this many members gets its PodGroup only once "
                                              "fleetkeeper's simulation places it whole on its pool (until then "
                                              "kube-scheduler's GangScheduling PreEnqueue keeps it out of the "
-                                             "queue): every failed pod group cycle of a large gang takes "
-                                             "kube-scheduler's only scheduling thread for members x nodes "
-                                             "filter and preemption checks, and it retries such a group back "
-                                             "to back while nothing else is queued, so smaller work waits "
-                                             "behind it (docs/capacity.md); None: never hold")
+                                             "queue): every failed pod group cycle of a large gang holds "
+                                             "kube-scheduler's only scheduling thread (a status PATCH per "
+                                             "member, with SchedulerAsyncAPICalls off), and it retries such a "
+                                             "group back to back while nothing else is queued, so smaller "
+                                             "work waits behind it (docs/capacity.md); None: never hold")
     hold_unjudged_seconds: float = Field(
         30.0, ge=0, le=3600, description="a held gang that no pool's simulation has judged this long after all "
                                          "its members exist (it asks for no pool fleetkeeper knows) gets its "

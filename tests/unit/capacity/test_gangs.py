@@ -299,3 +299,14 @@ def test_hold_does_not_apply(cfg, pods, objs):
     assert not plan.held
     if objs.podgroup is None:
         assert "PodGroup" in kinds_created(plan)
+
+
+def test_room_verdicts_from_the_pass():
+    from fleetkeeper.capacity import yielding as yd
+    from fleetkeeper.capacity.controller import room_verdicts
+    a = yd.PoolYield("a", fits=["ns/fits"], blocked=["ns/both", "ns/blocked"], unfit=["ns/both", "ns/other"],
+                     over_budget=["ns/budget"])
+    b = yd.PoolYield("b", fits=["ns/both"], unfit=["ns/unfit"])
+    assert room_verdicts([a, b]) == {"ns/fits": gg.ROOM_FITS, "ns/both": gg.ROOM_FITS, "ns/blocked": gg.ROOM_BLOCKED,
+                                     "ns/budget": gg.ROOM_BLOCKED, "ns/other": gg.ROOM_UNFIT,
+                                     "ns/unfit": gg.ROOM_UNFIT}
