@@ -53,7 +53,7 @@ from fleetkeeper.capacity.config import CapacityConfig  # noqa: E402
 from fleetkeeper.capacity.controller import CapacityOptions, setup  # noqa: E402
 from fleetkeeper.core import errors  # noqa: E402
 from fleetkeeper.core.domain import Names  # noqa: E402
-from fleetkeeper.core.kube import DEPLOYMENTS, EVENTS, JOBS, NAMESPACES, NODES, PODS, Kube, RetryPolicy  # noqa: E402
+from fleetkeeper.core.kube import DEPLOYMENTS, EVENTS, JOBS, NAMESPACES, NODES, PODGROUPS, PODS, Kube, RetryPolicy  # noqa: E402
 from fleetkeeper.core.manager import Manager  # noqa: E402
 from fleetkeeper.core.settings import RuntimeSettings  # noqa: E402
 from fleetkeeper.core.views import parse_time  # noqa: E402
@@ -240,6 +240,20 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
         print(f"  busy nodes per second, first 40 s: {profile.pop('first_40s')}", flush=True)
         print(f"  phases per job (median / max s): {profile.pop('phases')}", flush=True)
         print(f"  first jobs (s after the burst: created, last pod bound): {profile.pop('first_jobs')}", flush=True)
+        if gang:
+            # the gang controller's lag: kube-scheduler's PreEnqueue keeps a gang out of the queue until its
+            # PodGroup exists, so a PodGroup created after the gang's last member delays the gang by that much
+            groups, _ = await kube.list(PODGROUPS, ns)
+            last_member: dict[str, float] = {}
+            for p in pods:
+                j = p["metadata"]["labels"]["job"]
+                last_member[j] = max(last_member.get(j, 0.0), parse_time(p["metadata"]["creationTimestamp"]))
+            lags = sorted(parse_time(g["metadata"]["creationTimestamp"]) - last_member[g["metadata"]["name"]]
+                          for g in groups if g["metadata"]["name"] in last_member and g["metadata"]["name"] != largest)
+            if lags:
+                print(f"  PodGroup created after the gang's last member (s, whole seconds; smaller jobs): median "
+                      f"{lags[len(lags) // 2]:.0f}, 90th {lags[int(len(lags) * 0.9)]:.0f}, max {lags[-1]:.0f} "
+                      f"({len(lags)} groups)", flush=True)
     else:
         for k in ("first_40s", "phases", "first_jobs"):
             profile.pop(k, None)
