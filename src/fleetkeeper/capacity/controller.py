@@ -55,6 +55,8 @@ WORKLOAD_GANG_PATH = "capacity-workload-gang"
 WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
 MIN_BALLOON_PASS_SECONDS = 1.0
 HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often even without events
+GANG_WORKERS = 16  # gangs reconciled at once: each is a few API calls (owner GET, group creates, Events), so in a
+# burst of hundreds of gangs the API server's latency, not CPU, bounds how soon a PodGroup exists
 MESSAGE_REFRESH_SECONDS = 5.0  # a gang's message annotation is refreshed at most this often
 _GROUP_KIND = {PODGROUPS: "PodGroup", WORKLOADS: "Workload", COSCHED_PODGROUPS: "CoschedulingPodGroup"}
 
@@ -575,7 +577,7 @@ class GangManager:
             self.groups[COSCHED_PODGROUPS] = mgr.informer(COSCHED_PODGROUPS, _ident, label_selector=sel,
                                                           key="capacity-groups")
         self.controller = Controller("capacity-gangs", self.reconcile, metrics=mgr.metrics, clock=mgr.clock,
-                                     workers=4)
+                                     workers=GANG_WORKERS)
         self.members: dict[str, dict[str, gg.GangPod]] = {}
         self.by_node: dict[str, set[tuple[str, str]]] = {}  # node -> {(gang key, pod name)}
         self.empty_since: dict[str, float] = {}
