@@ -58,6 +58,9 @@ HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often 
 GANG_WORKERS = 16  # gangs reconciled at once: each is a few API calls (owner GET, group creates, Events), so in a
 # burst of hundreds of gangs the API server's latency, not CPU, bounds how soon a PodGroup exists
 MESSAGE_REFRESH_SECONDS = 5.0  # a gang's message annotation is refreshed at most this often
+# a gang's owner (Job, StatefulSet, ...) read live is reused for this long by passes that write no group object;
+# a pass that would create or delete one reads the owner again first (never build a group for a gone owner)
+OWNER_READ_SECONDS = 5.0
 _GROUP_KIND = {PODGROUPS: "PodGroup", WORKLOADS: "Workload", COSCHED_PODGROUPS: "CoschedulingPodGroup"}
 
 
@@ -589,6 +592,7 @@ class GangManager:
         self._annotated_at: dict[str, float] = {}
         # the balloon pass's verdicts on waiting gangs (set_room); None: no pass judges room (hold off)
         self.room: dict[str, str] | None = None
+        self._owners: dict[str, tuple[float, gg.Owner]] = {}  # gang key -> (read at, owner as read live)
         self.pods.add_handler(self._on_pod)
         for inf in self.groups.values():
             inf.add_handler(self.controller.handler())
@@ -644,20 +648,30 @@ class GangManager:
                 self.controller.enqueue(k)
         await self.controller.run()
 
-    async def _owner(self, pods: list[gg.GangPod]) -> gg.Owner | None:
+    async def _owner(self, key: str, pods: list[gg.GangPod], live: bool = False) -> tuple[gg.Owner | None, bool]:
+        """The gang's owner and whether it was read live just now. Without ``live``, a read younger than
+        OWNER_READ_SECONDS is reused (one GET per gang per interval, not one per pod event)."""
         owners = {(p.owner_kind, p.owner_name, p.owner_uid, p.owner_api_version) for p in pods if p.owner_kind}
         if len(owners) != 1:
-            return None
+            return None, True
         kind, name, uid, api_version = owners.pop()
         api = gg.OWNER_APIS.get(kind)
         if api is None:
-            return gg.Owner(kind, name, uid, api_version, None)
+            return gg.Owner(kind, name, uid, api_version, None), True
+        now = self.clock.monotonic()
+        cached = self._owners.get(key)
+        if not live and cached is not None and cached[1].uid == uid and now - cached[0] < OWNER_READ_SECONDS:
+            return cached[1], False
         res = Resource(api[0], api[1], api[2], kind, True)
+        self.metrics.owner_reads.inc()
         obj = await self.kube.get_or_none(res, name, pods[0].namespace)
         if obj is None or obj["metadata"].get("uid") != uid:
-            return gg.Owner(kind, name, uid, api_version, None, gone=True)
-        return gg.Owner(kind, name, uid, api_version, gg.owner_replicas(kind, obj), gg.owner_problem(kind, obj),
-                        deleting=bool(obj["metadata"].get("deletionTimestamp")))
+            owner = gg.Owner(kind, name, uid, api_version, None, gone=True)
+        else:
+            owner = gg.Owner(kind, name, uid, api_version, gg.owner_replicas(kind, obj), gg.owner_problem(kind, obj),
+                             deleting=bool(obj["metadata"].get("deletionTimestamp")))
+        self._owners[key] = (now, owner)
+        return owner, True
 
     async def reconcile(self, key: str) -> Result | None:
         ns, gang = key.split("/", 1)
@@ -672,7 +686,7 @@ class GangManager:
             podgroup=self.groups[PODGROUPS].get(key) if PODGROUPS in self.groups else None,
             cosched=self.groups[COSCHED_PODGROUPS].get(key) if COSCHED_PODGROUPS in self.groups else None,
         )
-        owner = await self._owner(pods) if pods else None
+        owner, live = await self._owner(key, pods) if pods else (None, True)
         node_ok: dict[str, bool] = {}
         for p in pods:
             if p.node:
@@ -682,6 +696,11 @@ class GangManager:
         room = gg.ROOM_FITS if self.room is None else self.room.get(key)
         plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
                               self.empty_since.get(key), room=room)
+        if not live and (plan.create or plan.delete):
+            # a group object is about to be created or deleted: decide again on the owner as it is now
+            owner, _ = await self._owner(key, pods, live=True)
+            plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
+                                  self.empty_since.get(key), room=room)
         self.plans[key] = plan
         await self._apply(ns, gang, plan, owner, pods, objs)
         if plan.state == "Deleted":
@@ -692,6 +711,7 @@ class GangManager:
             self.plans.pop(key, None)
             self.states.pop(key, None)
             self.empty_since.pop(key, None)
+            self._owners.pop(key, None)
         elif plan.state:
             self.states[key] = plan.state
         counts = {s: 0 for s in GANG_STATES}
