@@ -168,12 +168,13 @@ class TeamManager:
                 for f in admit.added.values():
                     self.budget.ledger.add(f)
         self.last_plan = plan
+        plan_s = time.perf_counter() - t0
+        self.metrics.plan_seconds.observe(plan_s)
         self.metrics.plan_changes.set(len(plan.changes))
         if plan.throttled:
             self.metrics.replacements_throttled.inc(plan.throttled)
         log.info("plan: %d change(s), %d replacement(s), %d throttled (%d by the disruption budget) (%.0f ms)",
-                 len(plan.changes), plan.replacements, plan.throttled, len(plan.budget_held),
-                 (time.perf_counter() - t0) * 1000)
+                 len(plan.changes), plan.replacements, plan.throttled, len(plan.budget_held), plan_s * 1000)
         await self._report_held(plan, admit)
         try:
             res = await apply_changes(self.applier, plan.changes, views, self.names, now=now,
