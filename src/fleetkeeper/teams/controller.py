@@ -180,7 +180,7 @@ class TeamManager:
             res = await apply_changes(self.applier, plan.changes, views, self.names, now=now,
                                       concurrency=cfg.writes.concurrency, metrics=self.metrics,
                                       summary_recorder=self.recorder, summary_ref=self.cm_ref,
-                                      on_write=self._count_write)
+                                      on_write=self._count_write, current=self.nodes.get)
         finally:
             # a replacement takes no node out of service: once written it holds no unit of the budget
             for name in admit.added:
