@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import logging
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -286,9 +288,11 @@ async def main(args) -> None:
             if 3 not in args.sections:
                 return
             j = min(args.job, len(gpu_nodes))
-            if args.scheduler_gates:
-                await asyncio.to_thread(lc.tune_scheduler, feature_gates=args.scheduler_gates)
-                print(f"kube-scheduler restarted with --feature-gates=...,{args.scheduler_gates}")
+            if args.scheduler_gates or args.scheduler_v:
+                await asyncio.to_thread(lc.tune_scheduler, feature_gates=args.scheduler_gates,
+                                        verbosity=args.scheduler_v or 1)
+                print(f"kube-scheduler restarted with --feature-gates=...,{args.scheduler_gates} "
+                      f"--v={args.scheduler_v or 1}")
             print(f"\n[3] a {j}-pod GPU job (8 GPUs a pod)")
             ns = await fresh_ns(kube, "b3-empty")
             t = time.monotonic()
@@ -365,6 +369,10 @@ async def main(args) -> None:
             print(f"  pool of balloons, bound: {quarters(j)}")
             print(f"  pool of balloons  : all {j} bound {took:.1f}s after creation (preempting {j} balloons); "
                   f"ratio to empty pool {took / base:.2f} (load average {os.getloadavg()[0]:.1f})" if took and base else "  pool of balloons: not all bound")
+            if args.keep_log:
+                shutil.copy(lc.dir / "logs" / "kube-scheduler.log", args.keep_log)
+                print(f"  kube-scheduler's log copied to {args.keep_log}; the first create at "
+                      f"{datetime.datetime.fromtimestamp(wall0, datetime.timezone.utc):%H:%M:%S.%f}")
             await drop_ns(kube, ns)
             t = time.monotonic()
             back = await wait_bound(kube, "fleetkeeper-system", f"{N.domain}/balloon=gpu", len(gpu_nodes), 300)
@@ -387,6 +395,9 @@ if __name__ == "__main__":
                     help="section 1: how long to wait for every pod of a mode to be bound")
     ap.add_argument("--scheduler-gates", default="",
                     help="extra kube-scheduler feature gates for section 3 (e.g. SchedulerAsyncPreemption=false)")
+    ap.add_argument("--scheduler-v", type=int, default=0,
+                    help="kube-scheduler log verbosity for section 3; the log is copied to --keep-log")
+    ap.add_argument("--keep-log", default="", help="copy kube-scheduler's log here at the end of section 3")
     ap.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3],
                     help="which of the three measurements to run")
     asyncio.run(main(ap.parse_args()))

@@ -249,6 +249,10 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
         out["released"] = sample(reg, "fleetkeeper_balloon_releases_total", pool=POOL, result="ok")
         out["requeued"] = sample(reg, "fleetkeeper_gang_requeue_pods_total", op="create", result="ok")
         out["retried"] = sample(reg, "fleetkeeper_gang_requeue_pods_total", op="kick", result="ok")
+        passes = sum(sample(reg, "fleetkeeper_reconcile_total", controller="capacity-gangs", result=r)
+                     for r in ("success", "requeue", "error"))
+        reads = sample(reg, "fleetkeeper_gang_owner_reads_total")
+        print(f"  gang controller: {passes:.0f} passes, {reads:.0f} live owner reads", flush=True)
     await kube.delete(NAMESPACES, ns)
     return out
 

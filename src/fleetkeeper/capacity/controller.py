@@ -56,6 +56,9 @@ WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
 MIN_BALLOON_PASS_SECONDS = 1.0
 HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often even without events
 MESSAGE_REFRESH_SECONDS = 5.0  # a gang's message annotation is refreshed at most this often
+# a gang's owner (Job, StatefulSet, ...) read live is reused for this long by passes that write no group object;
+# a pass that would create or delete one reads the owner again first (never build a group for a gone owner)
+OWNER_READ_SECONDS = 5.0
 _GROUP_KIND = {PODGROUPS: "PodGroup", WORKLOADS: "Workload", COSCHED_PODGROUPS: "CoschedulingPodGroup"}
 
 
@@ -565,6 +568,7 @@ class GangManager:
         self._messages: dict[str, str] = {}
         self._emitted: dict[str, str] = {}
         self._annotated_at: dict[str, float] = {}
+        self._owners: dict[str, tuple[float, gg.Owner]] = {}  # gang key -> (read at, owner as read live)
         self.pods.add_handler(self._on_pod)
         for inf in self.groups.values():
             inf.add_handler(self.controller.handler())
@@ -607,20 +611,30 @@ class GangManager:
                 self.controller.enqueue(k)
         await self.controller.run()
 
-    async def _owner(self, pods: list[gg.GangPod]) -> gg.Owner | None:
+    async def _owner(self, key: str, pods: list[gg.GangPod], live: bool = False) -> tuple[gg.Owner | None, bool]:
+        """The gang's owner and whether it was read live just now. Without ``live``, a read younger than
+        OWNER_READ_SECONDS is reused (one GET per gang per interval, not one per pod event)."""
         owners = {(p.owner_kind, p.owner_name, p.owner_uid, p.owner_api_version) for p in pods if p.owner_kind}
         if len(owners) != 1:
-            return None
+            return None, True
         kind, name, uid, api_version = owners.pop()
         api = gg.OWNER_APIS.get(kind)
         if api is None:
-            return gg.Owner(kind, name, uid, api_version, None)
+            return gg.Owner(kind, name, uid, api_version, None), True
+        now = self.clock.monotonic()
+        cached = self._owners.get(key)
+        if not live and cached is not None and cached[1].uid == uid and now - cached[0] < OWNER_READ_SECONDS:
+            return cached[1], False
         res = Resource(api[0], api[1], api[2], kind, True)
+        self.metrics.owner_reads.inc()
         obj = await self.kube.get_or_none(res, name, pods[0].namespace)
         if obj is None or obj["metadata"].get("uid") != uid:
-            return gg.Owner(kind, name, uid, api_version, None, gone=True)
-        return gg.Owner(kind, name, uid, api_version, gg.owner_replicas(kind, obj), gg.owner_problem(kind, obj),
-                        deleting=bool(obj["metadata"].get("deletionTimestamp")))
+            owner = gg.Owner(kind, name, uid, api_version, None, gone=True)
+        else:
+            owner = gg.Owner(kind, name, uid, api_version, gg.owner_replicas(kind, obj), gg.owner_problem(kind, obj),
+                             deleting=bool(obj["metadata"].get("deletionTimestamp")))
+        self._owners[key] = (now, owner)
+        return owner, True
 
     async def reconcile(self, key: str) -> Result | None:
         ns, gang = key.split("/", 1)
@@ -635,7 +649,7 @@ class GangManager:
             podgroup=self.groups[PODGROUPS].get(key) if PODGROUPS in self.groups else None,
             cosched=self.groups[COSCHED_PODGROUPS].get(key) if COSCHED_PODGROUPS in self.groups else None,
         )
-        owner = await self._owner(pods) if pods else None
+        owner, live = await self._owner(key, pods) if pods else (None, True)
         node_ok: dict[str, bool] = {}
         for p in pods:
             if p.node:
@@ -644,6 +658,11 @@ class GangManager:
                     node_ok[p.node] = nv.ready
         plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
                               self.empty_since.get(key))
+        if not live and (plan.create or plan.delete):
+            # a group object is about to be created or deleted: decide again on the owner as it is now
+            owner, _ = await self._owner(key, pods, live=True)
+            plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
+                                  self.empty_since.get(key))
         self.plans[key] = plan
         await self._apply(ns, gang, plan, owner, pods, objs)
         if plan.state == "Deleted":
@@ -654,6 +673,7 @@ class GangManager:
             self.plans.pop(key, None)
             self.states.pop(key, None)
             self.empty_since.pop(key, None)
+            self._owners.pop(key, None)
         elif plan.state:
             self.states[key] = plan.state
         counts = {s: 0 for s in GANG_STATES}

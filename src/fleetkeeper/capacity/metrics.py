@@ -41,6 +41,9 @@ class CapacityMetrics:
         self.group_ops = Counter(f"{PREFIX}_gang_group_operations_total",
                                  "Group objects created/deleted for gangs", ["kind", "op", "result"],
                                  registry=registry)
+        self.owner_reads = Counter(f"{PREFIX}_gang_owner_reads_total",
+                                   "Live reads of gang owners (Job, StatefulSet, ...): one per gang per "
+                                   "interval, plus one before each group object write", registry=registry)
         self.members_lost = Counter(f"{PREFIX}_gang_broken_total",
                                     "Gangs that lost a member while running (the job must restart whole)",
                                     registry=registry)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from capacity_helpers import NAMES, balloons_on_every_node, bound, pods_of, wait_for
+from fleetkeeper.capacity import controller as capacity_controller
 from fleetkeeper.capacity import gangs as gg
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.core import errors
 from fleetkeeper.core.events import flush_all
 from fleetkeeper.core.kube import DEPLOYMENTS, EVENTS, JOBS, PODGROUPS, PODS, PRIORITYCLASSES, WORKLOADS, build_request
+from fleetkeeper.core.resources import Resource
 
 SIM_RESULT, SIM_DELAY = "fleetkeeper.io/sim-result", "fleetkeeper.io/sim-delay"
 
@@ -79,7 +82,14 @@ async def test_gang_stays_running_until_every_member_finished(kube, namespace, p
         await drop_priority_class(kube, f"fk-balloon-{pool.pool}")
 
 
-async def test_deleting_a_gang_job_never_recreates_its_groups(kube, namespace, pool_factory, run_capacity):
+@pytest.mark.parametrize("owner_read_seconds", [None, 1e9], ids=["default", "owner-read-once"])
+async def test_deleting_a_gang_job_never_recreates_its_groups(kube, namespace, pool_factory, run_capacity,
+                                                             monkeypatch, owner_read_seconds):
+    """With ``owner-read-once`` the controller keeps its first read of the Job for good on passes that write
+    nothing: a pass that would create a group object must read the Job again, or it re-creates the groups of
+    the deleted Job from the pods that are left."""
+    if owner_read_seconds is not None:
+        monkeypatch.setattr(capacity_controller, "OWNER_READ_SECONDS", owner_read_seconds)
     pool = await pool_factory(3)
     _, registry = await run_capacity(cfg(pool, namespace, 3), namespace)
     try:
@@ -102,6 +112,14 @@ async def test_deleting_a_gang_job_never_recreates_its_groups(kube, namespace, p
                                                  {"kind": k, "op": "create", "result": "ok"}) or 0
                        for k in ("Workload", "PodGroup"))
         assert creates() == 2
+
+        def counter(name: str, labels: dict | None = None) -> float:
+            return registry.get_sample_value(name, labels or {}) or 0
+        reads = counter("fleetkeeper_gang_owner_reads_total")
+        passes = sum(counter("fleetkeeper_reconcile_total", {"controller": "capacity-gangs", "result": r})
+                     for r in ("success", "requeue", "error"))
+        if owner_read_seconds is not None:  # one read, plus one before each pass that created a group object
+            assert 1 <= reads <= 3 < passes, f"{reads} owner reads in {passes} passes of the gang controller"
         # the default (background) deletion: the Job goes first, its pods a moment later
         await kube.request(build_request("delete", JOBS, namespace=namespace, name="train",
                                          body={"propagationPolicy": "Background"}))
@@ -227,3 +245,92 @@ async def test_a_gang_larger_than_the_release_burst_gets_its_balloons_in_one_ste
     finally:
         for pc in (never, f"fk-balloon-{pool.pool}"):
             await drop_priority_class(kube, pc)
+
+
+VAPS = Resource("admissionregistration.k8s.io", "v1", "validatingadmissionpolicies", "ValidatingAdmissionPolicy", False)
+VAP_BINDINGS = Resource("admissionregistration.k8s.io", "v1", "validatingadmissionpolicybindings",
+                        "ValidatingAdmissionPolicyBinding", False)
+
+
+async def test_a_gang_whose_owner_is_gone_gets_no_new_groups_even_with_its_owner_read_cached(
+        kube, namespace, pool_factory, run_capacity, monkeypatch):
+    """The window of a background deletion held open: the Job is gone, the garbage collector has removed the
+    gang's group objects but not yet its pods. The controller's last read of the Job (kept for good here) says
+    it exists; the pass that finds the group objects missing must read the Job again and create nothing."""
+    monkeypatch.setattr(capacity_controller, "OWNER_READ_SECONDS", 1e9)
+    pool = await pool_factory(2)
+    cap, registry = await run_capacity(cfg(pool, namespace, 2), namespace)
+    hold = f"fk-test-hold-pods-{namespace}"
+    try:
+        # a suspended Job starts no pods of its own; the gang's two members name it as their owner
+        job = await kube.create(JOBS, {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "train"},
+                                       "spec": {"parallelism": 2, "completions": 2, "suspend": True,
+                                                "template": {"spec": {"restartPolicy": "Never", "containers": [
+                                                    {"name": "c", "image": "x"}]}}}}, namespace)
+        ref = {"apiVersion": "batch/v1", "kind": "Job", "name": "train", "uid": job["metadata"]["uid"]}
+        spec = {**pool.pod_spec(), "restartPolicy": "Never", "nodeSelector": {"fleetkeeper-test/none": "x"}}
+        for i in range(2):  # never placed (no node matches): members that stay, waiting
+            await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod",
+                                     "metadata": {"name": f"train-{i}", "labels": {NAMES.gang: "train"},
+                                                  "ownerReferences": [ref]},
+                                     "spec": spec}, namespace)
+
+        async def groups():
+            return (await kube.get_or_none(PODGROUPS, "train", namespace) is not None
+                    and await kube.get_or_none(WORKLOADS, "train", namespace) is not None)
+        await wait_for(groups, 60, what="the gang's PodGroup and Workload")
+
+        def creates() -> float:
+            return sum(registry.get_sample_value("fleetkeeper_gang_group_operations_total",
+                                                 {"kind": k, "op": "create", "result": "ok"}) or 0
+                       for k in ("Workload", "PodGroup"))
+        assert creates() == 2
+        # the garbage collector may not delete this namespace's pods: they outlive their Job, as they do for a
+        # moment in a real background deletion
+        await kube.create(VAPS, {"apiVersion": "admissionregistration.k8s.io/v1",
+                                 "kind": "ValidatingAdmissionPolicy", "metadata": {"name": hold},
+                                 "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [
+                                     {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["DELETE"],
+                                      "resources": ["pods"]}]},
+                                     "validations": [{"expression": "false", "message": "held by the test"}]}})
+        await kube.create(VAP_BINDINGS, {"apiVersion": "admissionregistration.k8s.io/v1",
+                                         "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": hold},
+                                         "spec": {"policyName": hold, "validationActions": ["Deny"],
+                                                  "matchResources": {"namespaceSelector": {"matchLabels": {
+                                                      "kubernetes.io/metadata.name": namespace}}}}})
+        probe = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe"},
+                 "spec": {"containers": [{"name": "c", "image": "x"}], "nodeSelector": {"fleetkeeper-test/none": "x"}}}
+
+        async def held():  # the API server enforces a new policy once its informer has it
+            try:
+                await kube.create(PODS, probe, namespace)
+            except errors.Conflict:
+                pass
+            try:
+                await kube.delete(PODS, "probe", namespace)
+            except errors.ApiError as exc:
+                return "held by the test" in str(exc)
+            return False
+        await wait_for(held, 60, what="pod deletions refused in the test namespace")
+        await kube.request(build_request("delete", JOBS, namespace=namespace, name="train",
+                                         body={"propagationPolicy": "Background"}))
+
+        async def gone_and_seen():
+            # the PodGroup stays (being deleted) while pods name it: kube-scheduler's protection finalizer
+            plan = cap.gangs.plans.get(f"{namespace}/train")
+            return (await kube.get_or_none(WORKLOADS, "train", namespace) is None
+                    and plan is not None and plan.message == "owner Job train is gone")
+        await wait_for(gone_and_seen, 90, what="the Workload collected and the gang's owner seen gone")
+        pods = await pods_of(kube, namespace, f"{NAMES.gang}=train")
+        assert len(pods) == 2 and not any(p["metadata"].get("deletionTimestamp") for p in pods)
+        assert creates() == 2, f"{creates()} group objects created: re-created for a Job that is gone"
+        assert await kube.get_or_none(WORKLOADS, "train", namespace) is None
+        pg = await kube.get_or_none(PODGROUPS, "train", namespace)
+        assert pg is None or pg["metadata"].get("deletionTimestamp")
+    finally:
+        for res in (VAP_BINDINGS, VAPS):
+            try:
+                await kube.delete(res, hold)
+            except errors.NotFound:
+                pass
+        await drop_priority_class(kube, f"fk-balloon-{pool.pool}")
