@@ -38,6 +38,7 @@ import asyncio
 import logging
 import random
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -52,7 +53,7 @@ from fleetkeeper.capacity.config import CapacityConfig  # noqa: E402
 from fleetkeeper.capacity.controller import CapacityOptions, setup  # noqa: E402
 from fleetkeeper.core import errors  # noqa: E402
 from fleetkeeper.core.domain import Names  # noqa: E402
-from fleetkeeper.core.kube import DEPLOYMENTS, EVENTS, JOBS, NAMESPACES, NODES, PODS, Kube, RetryPolicy  # noqa: E402
+from fleetkeeper.core.kube import DEPLOYMENTS, EVENTS, JOBS, NAMESPACES, NODES, PODGROUPS, PODS, Kube, RetryPolicy  # noqa: E402
 from fleetkeeper.core.manager import Manager  # noqa: E402
 from fleetkeeper.core.settings import RuntimeSettings  # noqa: E402
 from fleetkeeper.core.views import parse_time  # noqa: E402
@@ -154,6 +155,7 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
     await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     gang = mode != "no-gangs"
     t0 = time.time()
+    print(f"  {mode}: burst in namespace {ns} from {time.strftime('%H:%M:%S', time.gmtime(t0))} UTC", flush=True)
     names = []
     for i, size in enumerate(burst):
         name = f"j{i:02d}-{size}"
@@ -238,6 +240,20 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
         print(f"  busy nodes per second, first 40 s: {profile.pop('first_40s')}", flush=True)
         print(f"  phases per job (median / max s): {profile.pop('phases')}", flush=True)
         print(f"  first jobs (s after the burst: created, last pod bound): {profile.pop('first_jobs')}", flush=True)
+        if gang:
+            # the gang controller's lag: kube-scheduler's PreEnqueue keeps a gang out of the queue until its
+            # PodGroup exists, so a PodGroup created after the gang's last member delays the gang by that much
+            groups, _ = await kube.list(PODGROUPS, ns)
+            last_member: dict[str, float] = {}
+            for p in pods:
+                j = p["metadata"]["labels"]["job"]
+                last_member[j] = max(last_member.get(j, 0.0), parse_time(p["metadata"]["creationTimestamp"]))
+            lags = sorted(parse_time(g["metadata"]["creationTimestamp"]) - last_member[g["metadata"]["name"]]
+                          for g in groups if g["metadata"]["name"] in last_member and g["metadata"]["name"] != largest)
+            if lags:
+                print(f"  PodGroup created after the gang's last member (s, whole seconds; smaller jobs): median "
+                      f"{lags[len(lags) // 2]:.0f}, 90th {lags[int(len(lags) * 0.9)]:.0f}, max {lags[-1]:.0f} "
+                      f"({len(lags)} groups)", flush=True)
     else:
         for k in ("first_40s", "phases", "first_jobs"):
             profile.pop(k, None)
@@ -329,6 +345,8 @@ async def main(args) -> None:
     with tempfile.TemporaryDirectory(prefix="fk-bench-gangs-") as d:
         tmp = Path(d)
         lc = LocalCluster(tmp / "cluster")
+        lc.state.scheduler_verbosity = args.scheduler_v
+        lc.state.scheduler_feature_gates = args.scheduler_gates
         kube = None
         try:
             t = time.monotonic()
@@ -349,7 +367,10 @@ async def main(args) -> None:
             for spec_ in args.modes:
                 mode, tune = parse_mode(spec_)
                 if tune != tuned:
-                    await asyncio.to_thread(lc.tune_scheduler, **tune)
+                    rest = {k: v for k, v in tune.items() if k != "feature_gates"}
+                    gates = ",".join(g for g in (args.scheduler_gates, tune.get("feature_gates", "")) if g)
+                    await asyncio.to_thread(lc.tune_scheduler, **rest, feature_gates=gates,
+                                            verbosity=args.scheduler_v)
                     tuned = tune
                     print(f"kube-scheduler restarted with {tune or 'its defaults'}", flush=True)
                 cfg = CapacityConfig.model_validate({
@@ -401,6 +422,9 @@ async def main(args) -> None:
         finally:
             if kube is not None:
                 await kube.close()
+            if args.keep_log and (tmp / "cluster" / "logs" / "kube-scheduler.log").exists():
+                shutil.copy(tmp / "cluster" / "logs" / "kube-scheduler.log", args.keep_log)
+                print(f"kube-scheduler log (-v={args.scheduler_v}): {args.keep_log}", flush=True)
             lc.down(purge=True)
 
 
@@ -421,4 +445,9 @@ if __name__ == "__main__":
     ap.add_argument("--no-requeue", action="store_true", help="no requeue pods for stuck gangs")
     ap.add_argument("--profile", action="store_true",
                     help="print where the time goes: busy nodes per second, per-job latency, the first jobs")
+    ap.add_argument("--scheduler-v", type=int, default=1, help="kube-scheduler log verbosity (5: why each pod and "
+                    "pod group cycle failed)")
+    ap.add_argument("--scheduler-gates", default="", help="extra kube-scheduler feature gates for every mode "
+                    "(e.g. SchedulerAsyncAPICalls=true)")
+    ap.add_argument("--keep-log", help="copy kube-scheduler's log here at the end")
     asyncio.run(main(ap.parse_args()))

@@ -2,7 +2,7 @@
 every component, the relay with one agent per node, team convergence.
 
     .venv/bin/python bench/bench_scale.py [--nodes 7500] [--pods 20000] [--agents 7500]
-                                          [--parts rss,relay,teams] [--teams 40]
+                                          [--parts rss,relay,teams] [--teams 40] [--rss-before SRC]
 
 rss     the controller manager as its own process, once with no controller,
         once with each controller alone and once with every controller (all
@@ -123,7 +123,7 @@ async def make_pods(kube: Kube, nodes: list[str], n: int, ns: str, concurrency: 
 
 
 # --- rss ----------------------------------------------------------------------------------
-async def rss_part(lc: LocalCluster, kube: Kube, teams: int) -> None:
+async def rss_part(lc: LocalCluster, kube: Kube, teams: int, before: str = "") -> None:
     from bench_teams import config_text, initial_counts
 
     nodes, _ = await kube.list(NODES)
@@ -142,8 +142,11 @@ async def rss_part(lc: LocalCluster, kube: Kube, teams: int) -> None:
                                   "metadata": {"name": "fleetkeeper-relay", "namespace": SYSTEM_NS},
                                   "data": {"config.yaml": "relay: {port: 0}\n"}})
     print(f"manager RSS at {len(nodes)} nodes, each run its own process (manager, informers, controllers):")
-    await rss_children(str(lc.kubeconfig), [("no controller (manager only)", "")] + [(c, c) for c in CONTROLLERS]
-                       + [("every controller", ",".join(CONTROLLERS))])
+    runs: list[tuple] = [("no controller (manager only)", "")] + [(c, c) for c in CONTROLLERS] + \
+        [("every controller", ",".join(CONTROLLERS))]
+    if before:  # the code before a change, side by side in the same cluster: first bare, every controller last
+        runs = [("before: no controller", "", before)] + runs + [("before: every controller", ",".join(CONTROLLERS), before)]
+    await rss_children(str(lc.kubeconfig), runs)
 
 
 # --- relay --------------------------------------------------------------------------------
@@ -784,7 +787,7 @@ async def main(a) -> None:
             dt = await make_pods(kube, names, a.pods, "scale")
             say(f"{a.pods} pods bound to {len(names)} nodes created in {dt:.0f}s")
         if "rss" in parts:
-            await rss_part(lc, kube, a.teams)
+            await rss_part(lc, kube, a.teams, a.rss_before)
         for part in parts:  # in the order given
             if part == "relay":
                 try:
@@ -860,27 +863,32 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
-async def rss_children(kubeconfig: str, runs: list[tuple[str, str]]) -> None:
+async def rss_children(kubeconfig: str, runs: list[tuple]) -> None:
     """Each run in its own process, one after another (eight managers listing 20,000 pods at once
-    overload a small API server): RSS once the manager's informers are synced."""
+    overload a small API server): RSS once the manager's informers are synced. A run given as
+    (label, controllers, src) imports fleetkeeper from ``src`` (another checkout's ``src``)."""
     import json
 
-    async def one(label: str, ctl: str) -> tuple[str, dict]:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, kubeconfig, ctl,
+    async def one(label: str, ctl: str, src: str = "") -> tuple[str, dict]:
+        env = dict(os.environ, PYTHONPATH=src) if src else None
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, kubeconfig, ctl, env=env,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await proc.communicate()
         try:
-            return label, json.loads(out.decode().strip().splitlines()[-1])
+            return label, {**json.loads(out.decode().strip().splitlines()[-1]), "load": os.getloadavg()[0]}
         except (ValueError, IndexError):
             return label, {"error": err.decode()[-800:]}
-    results = [await one(label, ctl) for label, ctl in runs]
-    base = next((r.get("VmRSS") for label, r in results if label.startswith("no controller")), None)
+    results = [await one(*run) for run in runs]
+    bases = {label.split(":")[0] if ":" in label else "": r.get("VmRSS") for label, r in results
+             if "no controller" in label}
     for label, r in results:
+        base = bases.get(label.split(":")[0] if ":" in label else "")
         if "error" in r:
             print(f"  {label:30s} failed: {r['error']}")
         else:
-            extra = "" if base is None or label.startswith("no controller") else f" (+{r['VmRSS'] - base:.0f} MB over the bare manager)"
-            print(f"  {label:30s} {r['VmRSS']:6.0f} MB 10 s after synced ({r['ready']:.0f} s to sync), peak {r['VmHWM']:.0f} MB{extra}")
+            extra = "" if base is None or "no controller" in label else f" (+{r['VmRSS'] - base:.0f} MB over the bare manager)"
+            print(f"  {label:30s} {r['VmRSS']:6.0f} MB 10 s after synced ({r['ready']:.0f} s to sync), peak {r['VmHWM']:.0f} MB{extra}; "
+                  f"load average {r['load']:.1f}")
             for path, mb in r.get("top") or []:
                 print(f"      {mb:7.1f} MB  {path}")
 
@@ -918,6 +926,9 @@ if __name__ == "__main__":
                     help="hold the relay process to this share of one core (cgroup v1 CFS quota), e.g. 0.05")
     ap.add_argument("--relay-arg", action="append", default=[], help="extra flag for `fleetkeeper relay serve`")
     ap.add_argument("--parts", default="rss,relay,teams")
+    ap.add_argument("--rss-before", default="", metavar="SRC",
+                    help="rss part: also the bare manager (first) and every controller (last) importing fleetkeeper "
+                         "from SRC, the src/ of a checkout of the code before a change (git archive REV src | tar -x)")
     ap.add_argument("--bare-nodes", action="store_true",
                     help="Node objects that KWOK does not manage (no heartbeats, pods stay Pending): the relay part "
                          "at full size without a full simulated fleet")

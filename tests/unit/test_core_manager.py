@@ -127,3 +127,22 @@ async def test_controllers_do_not_wait_for_an_ungated_informer():
     assert not ungated.synced
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def test_a_second_projection_of_one_stream_follows_the_first():
+    """One list+watch per resource and selector: another projection of nodes is fed by the first
+    nodes informer; another selector, or an informer already running, gets its own."""
+    from fleetkeeper.core.kube import NODES, PODS
+
+    mgr = manager()
+    views = mgr.node_informer()
+    agent = mgr.informer(NODES, lambda o: o["metadata"]["name"], key="agent")
+    assert agent is not views and agent.lead is views
+    assert mgr.informer(NODES, lambda o: o, key="agent") is agent  # same key: the same informer
+    third = mgr.informer(NODES, lambda o: o, key="third")
+    assert third.lead is views  # followers always follow the lead, never another follower
+    gpu = mgr.informer(NODES, lambda o: o, label_selector="pool=gpu", key="gpu")
+    assert gpu.lead is None  # another selector: another stream
+    pods = mgr.pod_informer()
+    pods._started = True  # already listing: a new projection cannot see its first LIST
+    assert mgr.informer(PODS, lambda o: o, key="late").lead is None

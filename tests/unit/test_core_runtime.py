@@ -126,3 +126,38 @@ def test_projection_keeps_only_needed_fields():
     assert v.labels == {"example.com/team": "a", "topology.kubernetes.io/zone": "z"}
     assert v.annotations == {} and v.gpus == 8 and v.cpu_millis == 94000 and v.ready
     assert v.taint("example.com/team").value == "a"
+
+
+def test_views_share_repeated_strings_and_equal_tolerations_and_taints():
+    """Each decoded object brings its own copy of every string; views of many objects keep one copy of the
+    strings that repeat (namespace, node, phase, label values, condition texts) and one tuple of equal
+    tolerations or taints, with the values unchanged."""
+    import orjson
+
+    p = default_projector("example.com")
+    pod = orjson.dumps({
+        "metadata": {"namespace": "research", "name": "w-1", "labels": {"example.com/team": "vision"}},
+        "spec": {"nodeName": "gpu-node-0001", "schedulerName": "default-scheduler",
+                 "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                                  "effect": "NoExecute"}]},
+        "status": {"phase": "Running"},
+    })
+    node = orjson.dumps({
+        "metadata": {"name": "gpu-node-0001", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+        "spec": {"taints": [{"key": "example.com/pool", "value": "gpu", "effect": "NoSchedule"}]},
+        "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                   "message": "kubelet is posting ready status"}]},
+    })
+    a, b = p.pod(orjson.loads(pod)), p.pod(orjson.loads(pod))
+    assert (a.namespace, a.node, a.phase, a.labels, a.scheduler_name) == (
+        "research", "gpu-node-0001", "Running", {"example.com/team": "vision"}, "default-scheduler")
+    assert a.tolerations[0].key == "node.kubernetes.io/not-ready" and a.tolerations[0].operator == "Exists"
+    for field in ("namespace", "node", "phase", "scheduler_name"):
+        assert getattr(a, field) is getattr(b, field), field
+    assert a.labels["example.com/team"] is b.labels["example.com/team"]
+    assert a.tolerations is b.tolerations
+    m, n = p.node(orjson.loads(node)), p.node(orjson.loads(node))
+    assert m.name is a.node  # a pod's node name is its node's
+    assert m.taints is n.taints and m.taint("example.com/pool").value == "gpu"
+    assert m.conditions[0].message is n.conditions[0].message and m.ready
+    assert m.labels["topology.kubernetes.io/zone"] is n.labels["topology.kubernetes.io/zone"]

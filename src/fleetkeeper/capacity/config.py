@@ -146,6 +146,19 @@ class GangConfig(BaseModel):
                                         "to fit) so that it is tried at once, not when its backoff ends; "
                                         "None: never (only with requeue_stuck_after_seconds set)")
     requeue_per_minute: float = Field(60.0, gt=0, le=10_000, description="rate limit for requeue pods")
+    hold_until_room_members: int | None = Field(
+        100, ge=1, le=1_000_000, description="a gang of at least this many members gets its PodGroup only once "
+                                             "fleetkeeper's simulation places it whole on its pool (until then "
+                                             "kube-scheduler's GangScheduling PreEnqueue keeps it out of the "
+                                             "queue): every failed pod group cycle of a large gang holds "
+                                             "kube-scheduler's only scheduling thread (a status PATCH per "
+                                             "member, with SchedulerAsyncAPICalls off), and it retries such a "
+                                             "group back to back while nothing else is queued, so smaller "
+                                             "work waits behind it (docs/capacity.md); None: never hold")
+    hold_unjudged_seconds: float = Field(
+        30.0, ge=0, le=3600, description="a held gang that no pool's simulation has judged this long after all "
+                                         "its members exist (it asks for no pool fleetkeeper knows) gets its "
+                                         "PodGroup anyway: kube-scheduler decides")
     webhook_port: int = Field(9445, ge=0, le=65535, description="0: any free port (local clusters)")
     webhook_host: str = "127.0.0.1"
     webhook_url: str | None = Field(None, description="URL the API server calls (local clusters); "

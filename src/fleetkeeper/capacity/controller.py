@@ -55,6 +55,8 @@ WORKLOAD_GANG_PATH = "capacity-workload-gang"
 WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
 MIN_BALLOON_PASS_SECONDS = 1.0
 HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often even without events
+GANG_WORKERS = 16  # gangs reconciled at once: each is a few API calls (owner GET, group creates, Events), so in a
+# burst of hundreds of gangs the API server's latency, not CPU, bounds how soon a PodGroup exists
 MESSAGE_REFRESH_SECONDS = 5.0  # a gang's message annotation is refreshed at most this often
 # a gang's owner (Job, StatefulSet, ...) read live is reused for this long by passes that write no group object;
 # a pass that would create or delete one reads the owner again first (never build a group for a gone owner)
@@ -148,6 +150,9 @@ class BalloonManager:
         # "is this gang's group there with all its members?" (set by setup when gangs run): such a gang is
         # waiting work before the scheduler's first try
         self.gang_complete: Callable[[str], bool] | None = None
+        # told each pass what the simulation says about every waiting unit (fits, blocked, unfit): the gang
+        # controller creates a held large gang's PodGroup once it fits (gangs.hold_podgroup)
+        self.on_room: Callable[[dict[str, str]], bool] | None = None
         self._units: list[yd.Unit] = []
         self._pool_nodes: dict[str, list] = {}
         self._pool_bound: dict[str, list] = {}
@@ -234,6 +239,8 @@ class BalloonManager:
         await self._announce(released)
         await self._reserve_room(yields)
         watch_requeue, kick_in = await self._requeue(yields)
+        if self.on_room is not None and self.on_room(room_verdicts(yields)):
+            watch_requeue = True  # a held gang waits for room: look again soon even without events
         for name in plan.delete_deployments:
             why = "balloons are disabled" if not self.cfg.balloons.enabled else "pool no longer configured for balloons"
             if self.dry_run:
@@ -541,6 +548,21 @@ class BalloonManager:
                 + (" [dry-run]" if self.dry_run else ""))
 
 
+def room_verdicts(yields: list[yd.PoolYield]) -> dict[str, str]:
+    """Per waiting unit: does the pass's simulation place it whole now (fits), only once real work ends
+    (blocked, or over the release budget), or never on its pool (unfit)."""
+    out: dict[str, str] = {}
+    for y in yields:
+        for k in y.unfit:
+            out.setdefault(k, gg.ROOM_UNFIT)
+        for k in (*y.blocked, *y.over_budget):
+            if out.get(k) != gg.ROOM_FITS:
+                out[k] = gg.ROOM_BLOCKED
+        for k in y.fits:
+            out[k] = gg.ROOM_FITS
+    return out
+
+
 class GangManager:
     def __init__(self, mgr: Manager, cfg: CapacityConfig, metrics: CapacityMetrics, recorder: EventRecorder):
         self.kube, self.names, self.cfg = mgr.kube, mgr.names, cfg
@@ -558,7 +580,7 @@ class GangManager:
             self.groups[COSCHED_PODGROUPS] = mgr.informer(COSCHED_PODGROUPS, _ident, label_selector=sel,
                                                           key="capacity-groups")
         self.controller = Controller("capacity-gangs", self.reconcile, metrics=mgr.metrics, clock=mgr.clock,
-                                     workers=4)
+                                     workers=GANG_WORKERS)
         self.members: dict[str, dict[str, gg.GangPod]] = {}
         self.by_node: dict[str, set[tuple[str, str]]] = {}  # node -> {(gang key, pod name)}
         self.empty_since: dict[str, float] = {}
@@ -568,6 +590,8 @@ class GangManager:
         self._messages: dict[str, str] = {}
         self._emitted: dict[str, str] = {}
         self._annotated_at: dict[str, float] = {}
+        # the balloon pass's verdicts on waiting gangs (set_room); None: no pass judges room (hold off)
+        self.room: dict[str, str] | None = None
         self._owners: dict[str, tuple[float, gg.Owner]] = {}  # gang key -> (read at, owner as read live)
         self.pods.add_handler(self._on_pod)
         for inf in self.groups.values():
@@ -596,6 +620,19 @@ class GangManager:
         if not any(inf.get(key) is not None for inf in self.groups.values()):
             return False
         return sum(1 for p in self.members.get(key, {}).values() if p.active) >= plan.min_count
+
+    def set_room(self, verdicts: dict[str, str]) -> bool:
+        """The balloon pass's verdicts; a held gang whose verdict changed is looked at again. Returns
+        whether a held gang still waits (the pass then looks again soon, even without events)."""
+        old, self.room = self.room or {}, verdicts
+        waiting = False
+        for key, plan in list(self.plans.items()):
+            if not plan.held:
+                continue
+            waiting = True
+            if verdicts.get(key) != old.get(key):
+                self.controller.enqueue(key)
+        return waiting
 
     def _on_node(self, typ: str, key: str, old, new) -> None:
         if old is not None and new is not None and old.ready == new.ready:
@@ -656,13 +693,14 @@ class GangManager:
                 nv = self.nodes.get(p.node)
                 if nv is not None and not nv.deleting:
                     node_ok[p.node] = nv.ready
+        room = gg.ROOM_FITS if self.room is None else self.room.get(key)
         plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
-                              self.empty_since.get(key))
+                              self.empty_since.get(key), room=room)
         if not live and (plan.create or plan.delete):
             # a group object is about to be created or deleted: decide again on the owner as it is now
             owner, _ = await self._owner(key, pods, live=True)
             plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
-                                  self.empty_since.get(key))
+                                  self.empty_since.get(key), room=room)
         self.plans[key] = plan
         await self._apply(ns, gang, plan, owner, pods, objs)
         if plan.state == "Deleted":
@@ -903,6 +941,9 @@ async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
         mgr.add("capacity-gangs", cap.gangs.run)
         # a gang whose group appears is complete work waiting for room: look at the pools at once
         cap.balloons.gang_complete = cap.gangs.complete
+        if cap.balloons.waiting is not None:  # the pass judges room: large gangs wait for it (hold_podgroup)
+            cap.gangs.room = {}
+            cap.balloons.on_room = cap.gangs.set_room
         for inf in cap.gangs.groups.values():
             inf.add_handler(cap.balloons.controller.handler(lambda k, o, n: "pools" if o is None else None))
         if options.webhook:

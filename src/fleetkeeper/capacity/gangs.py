@@ -156,6 +156,7 @@ class GangPlan:
     problems: list[str] = field(default_factory=list)
     requeue_after: float | None = None
     not_in_group: list[str] = field(default_factory=list)
+    held: str = ""  # why fleetkeeper withholds the PodGroup now ("": not held)
 
     @property
     def state_changed(self) -> bool:
@@ -310,8 +311,55 @@ def gang_state(pods: list[GangPod], min_count: int, node_ok: dict[str, bool], gr
                        + (f" (scheduler: {why})" if why else ""))
 
 
+# What the balloon pass's simulation says about a waiting gang (BalloonManager, capacity/yielding.py)
+ROOM_FITS, ROOM_BLOCKED, ROOM_UNFIT = "fits", "blocked", "unfit"
+
+
+def hold_podgroup(pods: list[GangPod], min_count: int, objs: GroupObjects, cfg: CapacityConfig, room: str | None,
+                  now: float) -> tuple[str, float | None]:
+    """Whether to withhold a large gang's PodGroup now: (why, look again in s); ("", None): create it.
+
+    kube-scheduler runs pod group cycles on its one scheduling thread. A cycle
+    of a group that does not fit filters every member against every node and,
+    for each member that finds no node, runs DefaultPreemption's dry run over
+    every node again, so it costs members x nodes; the failed group goes back
+    to the backoff queue, and while the active queue is empty the scheduler
+    pops it from there at once (SchedulerPopFromBackoffQ, on by default), so
+    it retries such a group back to back. A 1,000-member gang on 1,000 nodes
+    thus holds the thread for seconds per cycle, and every smaller gang that
+    becomes ready meanwhile waits for the cycle to end. Without its PodGroup,
+    GangScheduling's PreEnqueue keeps the members out of the queue at no cost;
+    fleetkeeper creates it when its simulation places the gang whole (``room``
+    is ROOM_FITS), or the gang is no pool's work (ROOM_UNFIT), or no pool has
+    judged it ``hold_unjudged_seconds`` after its last member appeared. A
+    reservation (capacity/reserve.py) still applies to a held gang: it is
+    waiting work like any other."""
+    limit = cfg.gangs.hold_until_room_members
+    if limit is None or not cfg.in_tree or min_count < limit or objs.podgroup is not None:
+        return "", None
+    if any(p.node or p.phase in ("Running", "Succeeded", "Failed") for p in pods):
+        return "", None  # members were placed: the gang is the scheduler's already
+    active = [p for p in pods if p.active]
+    if len(active) < min_count:
+        return (f"fleetkeeper creates its PodGroup once all {min_count} members exist and fit the pool "
+                f"together"), None
+    if room in (ROOM_FITS, ROOM_UNFIT):
+        return "", None
+    if room is None:
+        since = max(p.created for p in active)
+        wait = since + cfg.gangs.hold_unjudged_seconds - now
+        if wait <= 0:
+            return "", None
+        return "fleetkeeper holds its PodGroup until its pool's simulation has looked at it", wait
+    return (f"fleetkeeper holds its PodGroup until room for all {min_count} members is free at once (a large "
+            f"gang's failed pod group cycles would take kube-scheduler's scheduling thread from smaller work)"), None
+
+
 def decide_gang(key: str, pods: list[GangPod], owner: Owner | None, objs: GroupObjects, node_ok: dict[str, bool],
-                cfg: CapacityConfig, names: Names, now: float, empty_since: float | None) -> GangPlan:
+                cfg: CapacityConfig, names: Names, now: float, empty_since: float | None,
+                room: str | None = ROOM_FITS) -> GangPlan:
+    """``room``: the balloon pass's verdict on this gang (ROOM_FITS, ROOM_BLOCKED, ROOM_UNFIT; None: not
+    judged yet); only large gangs read it (:func:`hold_podgroup`)."""
     ns, gang = key.split("/", 1)
     plan = GangPlan(key, previous_state=_state_of(objs, names))
     if owner is not None and owner.problem and pods:
@@ -347,10 +395,12 @@ def decide_gang(key: str, pods: list[GangPod], owner: Owner | None, objs: GroupO
         return plan
     plan.min_count, plan.size_source = min_count, source
     scheduled = any(p.node for p in pods if p.active)
+    plan.held, hold_wait = hold_podgroup(pods, min_count, objs, cfg, room, now)
     wanted: list[tuple[object, dict | None, dict]] = []
     if cfg.in_tree:
         wanted.append((WORKLOADS, objs.workload, workload_body(ns, gang, min_count, owner, names)))
-        wanted.append((PODGROUPS, objs.podgroup, podgroup_body(ns, gang, min_count, owner, names)))
+        if not plan.held:
+            wanted.append((PODGROUPS, objs.podgroup, podgroup_body(ns, gang, min_count, owner, names)))
     if cfg.coscheduling:
         wanted.append((COSCHED_PODGROUPS, objs.cosched,
                        cosched_body(ns, gang, min_count, owner, names, cfg.gangs.schedule_timeout_seconds)))
@@ -371,6 +421,10 @@ def decide_gang(key: str, pods: list[GangPod], owner: Owner | None, objs: GroupO
     if cfg.coscheduling:
         plan.patch_labels = sorted(p.name for p in pods if p.active and not p.node and p.cosched_group != gang)
     plan.state, plan.message = gang_state(pods, min_count, node_ok, objs.podgroup or objs.cosched)
+    if plan.held:
+        plan.message += f"; {plan.held}"
+        if hold_wait is not None:
+            plan.requeue_after = hold_wait if plan.requeue_after is None else min(plan.requeue_after, hold_wait)
     if plan.not_in_group:
         plan.message += (f"; {len(plan.not_in_group)} member(s) were created without spec.schedulingGroup "
                          f"(webhook not active then) and are scheduled one by one: recreate them")

@@ -8,7 +8,16 @@
   with a new resourceVersion, deletes of objects that vanished);
 * only the fields a component needs are kept: a ``project`` function maps the
   raw object to a small immutable value (a dataclass or tuple). At 7,500 nodes
-  and tens of thousands of pods this is what keeps a Python controller small.
+  and tens of thousands of pods this is what keeps a Python controller small;
+* LIST pages are small (100 objects by default): the decoded page is the
+  largest transient of an informer, and the allocator keeps the high-water
+  mark of transients (at 500 objects a page, ~20 MB more resident memory in a
+  manager running every component);
+* one list+watch per resource and selector: a second projection of the same
+  stream (the relay's agent views beside the controllers' views) is a
+  *follower* (:meth:`Informer.follow`) fed each decoded object by its lead, so
+  the resource is listed, watched and decoded once and both projections share
+  the decoded strings.
 
 Handlers are plain callables ``(event_type, key, old, new)``; a controller
 usually maps them to work-queue keys.
@@ -48,7 +57,10 @@ def identity(obj: dict) -> dict:
     return obj
 
 
-@dataclass
+DEFAULT_PAGE_SIZE = 100
+
+
+@dataclass(slots=True)
 class _Entry(Generic[T]):
     rv: str
     value: T
@@ -99,7 +111,7 @@ class Informer(Generic[T]):
         metrics: RuntimeMetrics | None = None,
         clock: Clock | None = None,
         watch_timeout: int = 300,
-        page_size: int = 500,
+        page_size: int = DEFAULT_PAGE_SIZE,
     ):
         self.kube = kube
         self.resource = resource
@@ -118,6 +130,9 @@ class Informer(Generic[T]):
         self.resource_version: str = ""
         self.relists = 0
         self.watch_starts = 0
+        self.lead: Informer | None = None  # set on a follower: the informer whose list+watch feeds it
+        self._followers: list[Informer] = []
+        self._started = False
 
     # --- reading --------------------------------------------------------
     def get(self, key: str) -> T | None:
@@ -158,6 +173,29 @@ class Informer(Generic[T]):
         """Objects whose index ``name`` has ``key`` (e.g. ``pods.by("node", "node-1")``)."""
         return self._indexes[name].get(key)
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def stream(self) -> tuple:
+        """What this informer lists and watches: two informers with the same stream can share one."""
+        return (self.resource, self.namespace, self.label_selector, self.field_selector)
+
+    def follow(self, lead: Informer) -> None:
+        """Be fed by ``lead``'s list+watch instead of running one's own (same resource, namespace and
+        selectors; before ``lead`` has started, so the follower sees the first LIST too). The lead
+        applies each decoded object to its own cache, then to each follower's, with the follower's
+        projection; the follower's :meth:`run` returns at once."""
+        if lead.lead is not None:
+            lead = lead.lead
+        if lead is self or lead.stream != self.stream:
+            raise ValueError(f"{self.resource.plural}: can only follow an informer of the same resource and selectors")
+        if lead._started or self._started:
+            raise RuntimeError(f"{self.resource.plural}: followers are attached before the informers start")
+        self.lead = lead
+        lead._followers.append(self)
+
     # --- running --------------------------------------------------------
     def _emit(self, typ: str, key: str, old: Any, new: Any) -> None:
         for idx in self._indexes.values():
@@ -172,7 +210,9 @@ class Informer(Generic[T]):
                 log.exception("informer handler failed for %s %s", self.resource.plural, key)
 
     async def _relist(self, reason: str) -> None:
-        self.relists += 1
+        fed = [self, *self._followers]
+        for inf in fed:
+            inf.relists += 1
         if self.metrics:
             self.metrics.informer_relists.labels(self.resource.plural, reason).inc()
         seen: set[str] = set()
@@ -182,17 +222,20 @@ class Informer(Generic[T]):
             field_selector=self.field_selector, page_size=self.page_size,
         ):
             for raw in page:
-                self._apply("SYNC", raw)
+                for inf in fed:
+                    inf._apply("SYNC", raw)
                 seen.add(object_key(raw))
+            del page  # the decoded page goes before the next one is read
             if page_rv:
                 rv = page_rv
-        for key in [k for k in self._store if k not in seen]:
-            old = self._store.pop(key)
-            self._emit("DELETED", key, old.value, None)
-        self.resource_version = rv
+        for inf in fed:
+            for key in [k for k in inf._store if k not in seen]:
+                old = inf._store.pop(key)
+                inf._emit("DELETED", key, old.value, None)
+            inf.resource_version = rv
+            inf._synced.set()
         if self.metrics:
             self.metrics.informer_objects.labels(self.resource.plural).set(len(self._store))
-        self._synced.set()
 
     def _apply(self, typ: str, raw: dict) -> None:
         key = object_key(raw)
@@ -217,7 +260,10 @@ class Informer(Generic[T]):
         self._emit("ADDED" if old is None else "MODIFIED", key, old.value if old else None, value)
 
     async def run(self) -> None:
-        """List and watch until cancelled."""
+        """List and watch until cancelled (a follower's returns at once: its lead feeds it)."""
+        self._started = True
+        if self.lead is not None:
+            return
         backoff = 0.5
         need_list = True
         reason = "start"
@@ -232,13 +278,19 @@ class Informer(Generic[T]):
                     label_selector=self.label_selector, field_selector=self.field_selector,
                     timeout_seconds=self.watch_timeout,
                 ):
+                    rv = raw["metadata"]["resourceVersion"]
                     if typ == "BOOKMARK":
-                        self.resource_version = raw["metadata"]["resourceVersion"]
+                        self.resource_version = rv
+                        for f in self._followers:
+                            f.resource_version = rv
                         continue
                     if self.metrics:
                         self.metrics.informer_events.labels(self.resource.plural, typ).inc()
                     self._apply(typ, raw)
-                    self.resource_version = raw["metadata"]["resourceVersion"]
+                    self.resource_version = rv
+                    for f in self._followers:
+                        f._apply(typ, raw)
+                        f.resource_version = rv
                     if self.metrics:
                         self.metrics.informer_objects.labels(self.resource.plural).set(len(self._store))
                 backoff = 0.5  # watch ended normally (server timeout): resume from rv

@@ -74,7 +74,8 @@ class Manager:
     def informer(self, resource: Resource, project: Callable[[dict], Any], *, namespace: str | None = None,
                  label_selector: str | None = None, field_selector: str | None = None, key: str = "",
                  gate: bool = True) -> Informer:
-        """A shared informer; two calls with the same arguments get the same one. ``gate=False``: the
+        """A shared informer; two calls with the same arguments get the same one; one with another
+        projection of the same resource and selectors follows the first (:meth:`Informer.follow`). ``gate=False``: the
         controllers' start does not wait for it to sync (a read-only consumer's, such as the fleet map's;
         it still counts for /readyz)."""
         k = (resource, namespace, label_selector, field_selector, key or getattr(project, "__qualname__", ""))
@@ -85,6 +86,12 @@ class Manager:
         if k not in self._informers:
             inf = Informer(self.kube, resource, project, namespace=namespace, label_selector=label_selector,
                            field_selector=field_selector, metrics=self.metrics, clock=self.clock)
+            # another projection of a stream already listed and watched here: fed by that informer
+            # (one LIST, one watch and one decode per resource and selector, whatever the projections)
+            lead = next((i for i in self._informers.values()
+                         if i.lead is None and i.stream == inf.stream and not i.started), None)
+            if lead is not None:
+                inf.follow(lead)
             self._informers[k] = inf
             self.server.add_ready_check(f"informer:{resource.plural}", lambda i=inf: i.synced)
         return self._informers[k]

@@ -6,7 +6,9 @@ is ~200 bytes), so one relay holds 7,500 nodes and their pods in a few
 hundred MB. Labels are kept whole (agents key on team and pool labels);
 annotations only under the configured prefixes (the fleetkeeper domain by
 default), which drops ``kubectl.kubernetes.io/last-applied-configuration``
-and other bulk.
+and other bulk. Repeated strings are interned and a node's taint and
+condition lists are shared with every node that has the same ones (the docs
+are read-only once made), as in :mod:`fleetkeeper.core.views`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fleetkeeper.core.domain import GPU_RESOURCE
+from fleetkeeper.core.views import intern, intern_dict
+
+
+class _SharedLists:
+    """Equal lists of small dicts made once: ``get(key, make)`` returns the list kept for ``key``."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self._by: dict[tuple, list] = {}
+
+    def get(self, key: tuple, make) -> list:
+        kept = self._by.get(key)
+        if kept is None:
+            if len(self._by) >= self.limit:
+                self._by.clear()
+            kept = self._by[key] = make()
+        return kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,45 +64,51 @@ class TeamConfig:
 class AgentProjector:
     def __init__(self, annotation_prefixes: tuple[str, ...]):
         self.annotation_prefixes = annotation_prefixes
+        self._lists = _SharedLists()
 
     def _annotations(self, d: dict | None) -> dict[str, str]:
         if not d:
             return {}
-        return {k: v for k, v in d.items() if k.startswith(self.annotation_prefixes)}
+        return {intern(k): intern(v) if type(v) is str else v for k, v in d.items()
+                if k.startswith(self.annotation_prefixes)}
 
     def pod(self, obj: dict) -> AgentPod:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
         doc = {
-            "namespace": meta["namespace"],
+            "namespace": intern(meta["namespace"]),
             "name": meta["name"],
             "uid": meta.get("uid", ""),
             "ip": status.get("podIP", "") if not spec.get("hostNetwork") else "",
-            "phase": status.get("phase", "Pending"),
-            "labels": dict(meta.get("labels") or {}),
+            "phase": intern(status.get("phase", "Pending")),
+            "labels": intern_dict(meta.get("labels") or {}),
             "annotations": self._annotations(meta.get("annotations")),
         }
         if meta.get("deletionTimestamp"):
             doc["deleting"] = True
-        return AgentPod(spec.get("nodeName", ""), meta.get("resourceVersion", ""), doc)
+        return AgentPod(intern(spec.get("nodeName", "")), meta.get("resourceVersion", ""), doc)
 
     def node(self, obj: dict) -> AgentNode:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
         alloc = status.get("allocatable") or {}
+        taints = tuple((t["key"], t.get("value", ""), t["effect"]) for t in spec.get("taints") or ())
+        # condition heartbeats change every few seconds; only the state is kept,
+        # so a heartbeat alone is not fanned out to the agent
+        conds = tuple((c["type"], c.get("status", "Unknown"), c.get("reason", ""))
+                      for c in status.get("conditions") or ())
+        name = intern(meta["name"])
         doc = {
-            "name": meta["name"],
+            "name": name,
             "uid": meta.get("uid", ""),
-            "labels": dict(meta.get("labels") or {}),
+            "labels": intern_dict(meta.get("labels") or {}),
             "annotations": self._annotations(meta.get("annotations")),
-            "taints": [{"key": t["key"], "value": t.get("value", ""), "effect": t["effect"]}
-                       for t in spec.get("taints") or ()],
+            "taints": self._lists.get(("taints",) + taints, lambda: [
+                {"key": intern(k), "value": intern(v), "effect": intern(e)} for k, v, e in taints]),
             "unschedulable": bool(spec.get("unschedulable")),
-            # condition heartbeats change every few seconds; only the state is kept,
-            # so a heartbeat alone is not fanned out to the agent
-            "conditions": [{"type": c["type"], "status": c.get("status", "Unknown"), "reason": c.get("reason", "")}
-                           for c in status.get("conditions") or ()],
-            "gpus": alloc.get(GPU_RESOURCE, "0"),
+            "conditions": self._lists.get(("conditions",) + conds, lambda: [
+                {"type": intern(t), "status": intern(st), "reason": intern(r)} for t, st, r in conds]),
+            "gpus": intern(str(alloc.get(GPU_RESOURCE, "0"))),
         }
-        return AgentNode(meta["name"], meta.get("resourceVersion", ""), doc)
+        return AgentNode(name, meta.get("resourceVersion", ""), doc)
 
     @staticmethod
     def teams(obj: dict) -> TeamConfig:

@@ -201,3 +201,38 @@ async def test_a_burst_of_events_is_written_off_the_caller_path_counted_never_si
     assert reg2.get_sample_value("fleetkeeper_events_dropped_total", {"reason": "Small", "cause": "queue_full"}) == 3
     items, _ = await kube.list(EVENTS, namespace, field_selector="reason=Small")
     assert len(items) == 5
+
+async def test_a_follower_gets_every_change_from_its_leads_one_list_and_watch(kube, namespace):
+    """Two projections of one stream: the follower is fed by the lead (one LIST in pages, one watch),
+    sees every add, change and delete with its own projection, and both caches hold the same keys
+    as an informer that lists everything in one page."""
+    for i in range(5):
+        await kube.create(CONFIGMAPS, cm(f"f{i}", str(i)), namespace)
+    lead = Informer(kube, CONFIGMAPS, project, namespace=namespace, page_size=2)  # three pages
+    follower = Informer(kube, CONFIGMAPS, lambda o: ("seen", project(o)), namespace=namespace)
+    follower.follow(lead)
+    one_page = Informer(kube, CONFIGMAPS, project, namespace=namespace, page_size=500)
+    events: list[tuple[str, str, object]] = []
+    follower.add_handler(lambda typ, key, old, new: events.append((typ, key.split("/")[1], new)))
+    tasks = [asyncio.create_task(i.run()) for i in (lead, follower, one_page)]
+    try:
+        await lead.wait_synced(30)
+        await one_page.wait_synced(30)
+        assert follower.synced
+        names = {f"{namespace}/f{i}" for i in range(5)}
+        assert names <= set(lead.keys()) and set(lead.keys()) == set(follower.keys()) == set(one_page.keys())
+        assert all(lead.get(k) == one_page.get(k) for k in one_page.keys())
+        assert follower.get(f"{namespace}/f3") == ("seen", "3")
+        await kube.patch(CONFIGMAPS, "f1", {"data": {"v": "changed"}}, namespace)
+        await kube.delete(CONFIGMAPS, "f2", namespace)
+        await until(lambda: ("DELETED", "f2", None) in events, what="the follower seeing the delete")
+        assert ("MODIFIED", "f1", ("seen", "changed")) in events
+        assert follower.get(f"{namespace}/f2") is None and follower.get(f"{namespace}/f1") == ("seen", "changed")
+        assert follower.resource_version == lead.resource_version
+        assert (lead.relists, follower.relists) == (1, 1)
+        assert lead.watch_starts >= 1 and follower.watch_starts == 0  # the lead's watch feeds both
+        assert tasks[1].done()  # the follower's run has nothing to do
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -248,3 +248,65 @@ def test_decide_never_creates_groups_for_an_owner_gone_or_being_deleted(owner):
     plan = gg.decide_gang("ns/g", pods, owner, gg.GroupObjects(), {}, IN_TREE, N, NOW, None)
     assert plan.create == [] and plan.min_count is None
     assert ("gone" if owner.gone else "being deleted") in plan.message
+
+
+# --- large gangs: the PodGroup waits until the gang fits (hold_podgroup) ----------------------------------
+
+HOLD = CapacityConfig.model_validate({"gangs": {"hold_until_room_members": 3, "hold_unjudged_seconds": 30}})
+BIG = gg.Owner("Job", "train", "ou", "batch/v1", 3)
+
+
+def kinds_created(plan: gg.GangPlan) -> set[str]:
+    return {res.kind for res, _ in plan.create}
+
+
+@pytest.mark.parametrize("room,held", [
+    (gg.ROOM_BLOCKED, True),   # fits the pool, not now: no PodGroup, no pod group cycles that cannot succeed
+    (gg.ROOM_FITS, False),     # the simulation places it whole: the scheduler gets it now
+    (gg.ROOM_UNFIT, False),    # no pool fleetkeeper knows can take it: kube-scheduler's call
+])
+def test_large_gang_gets_its_podgroup_only_once_it_fits(room, held):
+    pods = [member(n, created=NOW - 5) for n in "abc"]
+    plan = gg.decide_gang("ns/g", pods, BIG, gg.GroupObjects(), {}, HOLD, N, NOW, None, room=room)
+    assert kinds_created(plan) == ({"Workload"} if held else {"Workload", "PodGroup"})
+    assert bool(plan.held) == held
+    assert ("room for all 3 members" in plan.message) == held
+
+
+def test_large_gang_not_judged_gets_its_podgroup_after_the_grace():
+    pods = [member(n, created=NOW - 10) for n in "abc"]
+    plan = gg.decide_gang("ns/g", pods, BIG, gg.GroupObjects(), {}, HOLD, N, NOW, None, room=None)
+    assert kinds_created(plan) == {"Workload"} and plan.requeue_after == pytest.approx(20)
+    later = gg.decide_gang("ns/g", pods, BIG, gg.GroupObjects(), {}, HOLD, N, NOW + 20, None, room=None)
+    assert kinds_created(later) == {"Workload", "PodGroup"} and not later.held
+
+
+def test_large_gang_held_until_all_members_exist():
+    plan = gg.decide_gang("ns/g", [member("a"), member("b")], BIG, gg.GroupObjects(), {}, HOLD, N, NOW, None,
+                          room=None)
+    assert kinds_created(plan) == {"Workload"} and plan.held and plan.requeue_after is None
+
+
+@pytest.mark.parametrize("cfg,pods,objs", [
+    (CapacityConfig.model_validate({"gangs": {"hold_until_room_members": 4}}), "abc", gg.GroupObjects()),  # small
+    (CapacityConfig.model_validate({"gangs": {"hold_until_room_members": None}}), "abc", gg.GroupObjects()),
+    (HOLD, "abc", gg.GroupObjects(podgroup={"metadata": {"name": "g"}})),  # already there: left as is
+    (HOLD, "ab+", gg.GroupObjects()),  # a member is placed: the gang is the scheduler's already
+])
+def test_hold_does_not_apply(cfg, pods, objs):
+    ms = [member(n) if n != "+" else member("c", node="n1", phase="Running") for n in pods]
+    plan = gg.decide_gang("ns/g", ms, BIG, objs, {"n1": True}, cfg, N, NOW, None, room=gg.ROOM_BLOCKED)
+    assert not plan.held
+    if objs.podgroup is None:
+        assert "PodGroup" in kinds_created(plan)
+
+
+def test_room_verdicts_from_the_pass():
+    from fleetkeeper.capacity import yielding as yd
+    from fleetkeeper.capacity.controller import room_verdicts
+    a = yd.PoolYield("a", fits=["ns/fits"], blocked=["ns/both", "ns/blocked"], unfit=["ns/both", "ns/other"],
+                     over_budget=["ns/budget"])
+    b = yd.PoolYield("b", fits=["ns/both"], unfit=["ns/unfit"])
+    assert room_verdicts([a, b]) == {"ns/fits": gg.ROOM_FITS, "ns/both": gg.ROOM_FITS, "ns/blocked": gg.ROOM_BLOCKED,
+                                     "ns/budget": gg.ROOM_BLOCKED, "ns/other": gg.ROOM_UNFIT,
+                                     "ns/unfit": gg.ROOM_UNFIT}

@@ -241,3 +241,25 @@ async def test_subscriber_wait_wakes_on_push_and_times_out_without_one():
     await asyncio.sleep(0)
     sub.wake()  # the server's stop wakes its watches
     assert await waiter is True and sub.drain() == []
+
+
+def test_agent_views_share_repeated_strings_and_equal_condition_and_taint_lists():
+    """Agent docs of many objects keep one copy of what repeats (label values, phases, the node's
+    condition and taint lists), with the JSON agents get unchanged."""
+    node = {"metadata": {"name": "gpu-node-0001", "labels": {"fleetkeeper.io/pool": "gpu-pool"}},
+            "spec": {"taints": [{"key": "fleetkeeper.io/pool", "value": "gpu-pool", "effect": "NoSchedule"}]},
+            "status": {"allocatable": {"nvidia.com/gpu": "8"},
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}}
+    a, b = (PROJ.node(orjson.loads(orjson.dumps(node))) for _ in range(2))
+    assert a.doc == b.doc and orjson.loads(orjson.dumps(a.doc)) == {
+        "name": "gpu-node-0001", "uid": "", "labels": {"fleetkeeper.io/pool": "gpu-pool"}, "annotations": {},
+        "taints": [{"key": "fleetkeeper.io/pool", "value": "gpu-pool", "effect": "NoSchedule"}],
+        "unschedulable": False, "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+        "gpus": "8"}
+    assert a.doc["conditions"] is b.doc["conditions"] and a.doc["taints"] is b.doc["taints"]
+    assert a.doc["labels"]["fleetkeeper.io/pool"] is b.doc["labels"]["fleetkeeper.io/pool"]
+    pod = raw_pod("p", "gpu-node-0001", labels={"fleetkeeper.io/team": "vision"}, phase="Running")
+    p, q = (PROJ.pod(orjson.loads(orjson.dumps(pod))) for _ in range(2))
+    assert p.doc["phase"] is q.doc["phase"] and p.doc["namespace"] is q.doc["namespace"]
+    assert p.doc["labels"]["fleetkeeper.io/team"] is q.doc["labels"]["fleetkeeper.io/team"]
+    assert p.node is a.name

@@ -1,0 +1,95 @@
+"""A large gang reaches kube-scheduler only once it fits, on the real control plane.
+
+Each failed pod group cycle of a large gang holds kube-scheduler's only
+scheduling thread (a status PATCH per member, and the group is retried back to
+back from the backoff queue while nothing else is queued), so smaller gangs
+waited behind it on idle nodes (docs/capacity.md, "Large gangs"). fleetkeeper
+withholds the PodGroup of a gang of at least ``hold_until_room_members`` until
+its simulation places the gang whole: GangScheduling's PreEnqueue then keeps
+the members out of the queue, and the scheduler never tries them.
+
+Here: a pool of 4 nodes, one busy with long-running work; a 4-member gang
+(held: it fits the pool, not now) and a 2-member gang behind it. The small
+gang is placed; the large one has a Workload but no PodGroup, and none of its
+members was ever tried by the scheduler (no PodScheduled condition). Once the
+busy node frees, the PodGroup is created and the gang is bound whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from capacity_helpers import NAMES, bound, delete_jobs, pods_of, wait_for
+from fleetkeeper.capacity.config import CapacityConfig
+from fleetkeeper.core import errors
+from fleetkeeper.core.kube import JOBS, PODGROUPS, PODS, WORKLOADS, build_request
+
+NODES_N = 4
+BUSY = "e2e.fleetkeeper.io/busy"
+
+
+def cfg(pool, namespace: str) -> CapacityConfig:
+    return CapacityConfig.model_validate({
+        "balloons": {"enabled": False, "namespace": namespace,
+                     "pools": [{"name": pool.pool, "resource": "gpu", "max_nodes": NODES_N}]},
+        "gangs": {"webhook_port": 0, "hold_until_room_members": 3, "reserve_after_seconds": None},
+    })
+
+
+def gang_job(name: str, size: int, spec: dict) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"parallelism": size, "completions": size, "backoffLimit": 0,
+                     "template": {"metadata": {"labels": {NAMES.gang: name}},
+                                  "spec": {**spec, "restartPolicy": "Never"}}}}
+
+
+def tried(pod: dict) -> bool:
+    return any(c.get("type") == "PodScheduled" for c in (pod.get("status") or {}).get("conditions") or ())
+
+
+async def test_a_large_gang_gets_its_podgroup_only_once_it_fits(kube, namespace, pool_factory, run_capacity):
+    pool = await pool_factory(NODES_N)
+    await run_capacity(cfg(pool, namespace), namespace)
+    spec = pool.pod_spec()
+    try:
+        await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod",
+                                 "metadata": {"name": "busy", "labels": {BUSY: "1"}}, "spec": spec}, namespace)
+
+        async def busy_bound():
+            return bool(bound(await pods_of(kube, namespace, BUSY)))
+        await wait_for(busy_bound, 60, what="long-running work on one node")
+        await kube.create(JOBS, gang_job("large", NODES_N, spec), namespace)
+        await kube.create(JOBS, gang_job("small", 2, spec), namespace)
+
+        async def small_placed():
+            return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=small"))) == 2
+        await wait_for(small_placed, 90, what="the small gang placed while the large one waits")
+
+        async def large_judged():
+            # its Workload is there (the gang is complete, so the pool's simulation judges it) and every
+            # member exists
+            wl = await kube.get_or_none(WORKLOADS, "large", namespace)
+            return wl is not None and len(await pods_of(kube, namespace, f"{NAMES.gang}=large")) == NODES_N
+        await wait_for(large_judged, 60, what="the large gang's Workload and all its members")
+        await asyncio.sleep(5.0)  # several balloon passes: a wrong verdict would create the PodGroup now
+        assert await kube.get_or_none(PODGROUPS, "large", namespace) is None, \
+            "the large gang's PodGroup was created although the gang does not fit now"
+        members = await pods_of(kube, namespace, f"{NAMES.gang}=large")
+        assert not bound(members)
+        assert not any(tried(p) for p in members), \
+            "kube-scheduler tried members of the held gang: " + str([p["status"].get("conditions") for p in members])
+        await kube.delete(PODS, "busy", namespace)
+        await kube.request(build_request("delete", JOBS, namespace=namespace, name="small",
+                                         body={"propagationPolicy": "Background"}))
+        for p in await pods_of(kube, namespace, f"{NAMES.gang}=small"):
+            try:
+                await kube.delete(PODS, p["metadata"]["name"], namespace)
+            except errors.NotFound:
+                pass  # the garbage collector was first
+
+        async def large_placed():
+            return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=large"))) == NODES_N
+        await wait_for(large_placed, 120, what="the large gang bound whole once the pool is free")
+        assert await kube.get_or_none(PODGROUPS, "large", namespace) is not None
+    finally:
+        await delete_jobs(kube, namespace)
