@@ -78,7 +78,9 @@ async def apply_changes(applier: Applier, changes: list[Change], views: dict[str
         return cur
 
     async def one(c: Change, view: NodeView, last_try: bool) -> None:
-        for _ in range(RESENDS):
+        for attempt in range(RESENDS):
+            if attempt or last_try:  # the pass's last try is always a resend of a refused write
+                res.resent += 1
             async with sem:
                 try:
                     out = await applier.apply(view, change_plan(c, names, now, per_node), announce=False)
@@ -86,7 +88,6 @@ async def apply_changes(applier: Applier, changes: list[Change], views: dict[str
                     metrics.node_writes.labels(c.action, "conflict").inc()
                     cur = newer(c, view)
                     if cur is not None:
-                        res.resent += 1
                         log.debug("node %s changed since the plan, not in a way it depends on; sending again", c.node)
                         view = cur
                         continue
@@ -128,7 +129,6 @@ async def apply_changes(applier: Applier, changes: list[Change], views: dict[str
             res.conflicts += 1
             log.info("node %s changed since the plan; re-planning", c.node)
         else:
-            res.resent += 1
             retry.append((c, cur))
     await asyncio.gather(*(one(c, cur, True) for c, cur in retry))
     if not per_node and summary_recorder is not None and summary_ref is not None and res.ok:

@@ -192,6 +192,8 @@ class TeamManager:
                                   st.borrowed)
         self.metrics.forget_teams(set(plan.teams))
         await self._publish(plan)
+        if res.resent:
+            log.info("%d write(s) refused with Conflict sent again against the newer cached node", res.resent)
         if res.written:
             await self._await_cache(res.written)
         if res.conflicts or res.failed:
