@@ -168,18 +168,19 @@ class TeamManager:
                 for f in admit.added.values():
                     self.budget.ledger.add(f)
         self.last_plan = plan
+        plan_s = time.perf_counter() - t0
+        self.metrics.plan_seconds.observe(plan_s)
         self.metrics.plan_changes.set(len(plan.changes))
         if plan.throttled:
             self.metrics.replacements_throttled.inc(plan.throttled)
         log.info("plan: %d change(s), %d replacement(s), %d throttled (%d by the disruption budget) (%.0f ms)",
-                 len(plan.changes), plan.replacements, plan.throttled, len(plan.budget_held),
-                 (time.perf_counter() - t0) * 1000)
+                 len(plan.changes), plan.replacements, plan.throttled, len(plan.budget_held), plan_s * 1000)
         await self._report_held(plan, admit)
         try:
             res = await apply_changes(self.applier, plan.changes, views, self.names, now=now,
                                       concurrency=cfg.writes.concurrency, metrics=self.metrics,
                                       summary_recorder=self.recorder, summary_ref=self.cm_ref,
-                                      on_write=self._count_write)
+                                      on_write=self._count_write, current=self.nodes.get)
         finally:
             # a replacement takes no node out of service: once written it holds no unit of the budget
             for name in admit.added:
@@ -191,6 +192,8 @@ class TeamManager:
                                   st.borrowed)
         self.metrics.forget_teams(set(plan.teams))
         await self._publish(plan)
+        if res.resent:
+            log.info("%d write(s) refused with Conflict sent again against the newer cached node", res.resent)
         if res.written:
             await self._await_cache(res.written)
         if res.conflicts or res.failed:

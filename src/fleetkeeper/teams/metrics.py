@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fleetkeeper.core.metrics import PREFIX
 
@@ -32,6 +32,8 @@ class TeamsMetrics:
         self.config_valid = Gauge(f"{p}_config_valid", "1 if the last ConfigMap read was valid", registry=registry)
         self.config_errors = Counter(f"{p}_config_errors_total", "Invalid ConfigMap versions seen", registry=registry)
         self.plan_changes = Gauge(f"{p}_plan_changes", "Node changes in the last plan", registry=registry)
+        self.plan_seconds = Histogram(f"{p}_plan_seconds", "One plan pass: snapshot of the caches and decide",
+                                      buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=registry)
         self.admissions = Counter(f"{p}_admission_total", "Webhook decisions",
                                   ["webhook", "decision"], registry=registry)
         for a in ACTIONS:

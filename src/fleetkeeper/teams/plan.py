@@ -106,6 +106,17 @@ def node_state(view: NodeView, names: Names, pod_teams: frozenset[str] = frozens
     return NodeState(view.name, view.labels, team, consistent, ok, why, pod_teams)
 
 
+def same_inputs(planned: NodeView, current: NodeView, names: Names) -> bool:
+    """Whether ``current`` (a newer version of the node in the cache) gives decide() the same inputs as
+    ``planned``, the version a plan was made from: the same labels, team taint and label, eligibility and
+    replacement record. A write that answered Conflict because of such a change (a status heartbeat) can be
+    sent again against ``current`` without planning again; any other change waits for the next pass."""
+    key = replaced_at_key(names)
+    return (planned.name == current.name
+            and planned.annotations.get(key) == current.annotations.get(key)
+            and node_state(planned, names) == node_state(current, names))
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     node: str

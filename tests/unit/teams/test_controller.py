@@ -296,3 +296,84 @@ async def test_replacements_are_held_while_health_quarantines_spend_the_shared_b
     await reconcile(tm, kube)
     assert sorted(kube.patches) == ["m0", "n0"] and tm.last_plan.budget_held == []
     assert len(shared_budget(mgr).ledger) == 0
+
+
+class ChangingKube(FakeKube):
+    """The first patch of a node in ``changes`` finds it changed since the cache saw it (another writer
+    got there first); the watch delivers that change to the cache when ``deliver`` says."""
+
+    def __init__(self, nodes: list[dict], changes: dict, deliver: dict[str, str]):
+        super().__init__(nodes)
+        self.changes, self.deliver, self.tm = dict(changes), deliver, None
+        self.refused: list[str] = []
+
+    async def patch(self, res, name, body, namespace=None, **kw):
+        change = self.changes.pop(name, None)
+        if change is not None:
+            n = self.nodes[name]
+            change(n)
+            n["metadata"]["resourceVersion"] = str(int(n["metadata"]["resourceVersion"]) + 1)
+        for changed, at in self.deliver.items():
+            if at == name:  # the watch event of an earlier change arrives now
+                self.tm.nodes._apply("MODIFIED", copy.deepcopy(self.nodes[changed]))
+        try:
+            return await super().patch(res, name, body, namespace, **kw)
+        except errors.Conflict:
+            self.refused.append(name)
+            raise
+
+
+def heartbeat(n: dict) -> None:
+    n["status"]["conditions"] = [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                  "message": "kubelet is posting ready status"}]
+
+
+def cordon(n: dict) -> None:
+    n["spec"]["unschedulable"] = True
+
+
+async def make_changing(changes: dict, deliver: dict[str, str]):
+    nodes = [node(f"n{i}", rv=4) for i in range(3)]
+    kube = ChangingKube(nodes, changes, deliver)
+    clock = FakeClock()
+    mgr = Manager(kube, RuntimeSettings(namespace="fk", server={"port": 0}, leader_election={"enabled": False}),
+                  registry=CollectorRegistry(), clock=clock)
+    await setup(mgr, {"webhook": {"enabled": False}})
+    tm: TeamManager = mgr.teams
+    kube.tm = tm
+    tm.configmaps._apply("ADDED", configmap(CFG, "1"))
+    for n in nodes:
+        tm.nodes._apply("ADDED", copy.deepcopy(n))
+    return kube, mgr, tm
+
+
+@pytest.mark.parametrize("deliver_at", ["n1", "n2"])  # with the Conflict; after it, before the pass ends
+async def test_a_conflict_from_a_change_the_plan_does_not_read_is_sent_again_in_the_same_pass(deliver_at):
+    kube, mgr, tm = await make_changing({"n1": heartbeat}, {"n1": deliver_at})
+    await reconcile(tm, kube)  # no Temporary: nothing is left for another pass
+    assert kube.refused == ["n1"]
+    assert sorted(kube.patches) == ["n0", "n1", "n2"]  # each node written once
+    # against the node as it is now (the newer version the cache holds), with no new plan
+    assert {n: b["metadata"]["resourceVersion"] for n, b in zip(kube.patches, kube.bodies)} == \
+        {"n0": "4", "n1": "5", "n2": "4"}
+    assert teams(kube) == {"a": 3}
+    assert mgr.registry.get_sample_value(W, {"component": "teams", "action": "assign", "result": "conflict"}) == 1
+    assert mgr.registry.get_sample_value(W, {"component": "teams", "action": "assign", "result": "success"}) == 3
+    assert tm.writes == 3
+
+
+async def test_a_conflict_from_a_change_the_plan_reads_waits_for_the_next_pass():
+    kube, mgr, tm = await make_changing({"n1": cordon}, {"n1": "n1"})
+    with pytest.raises(errors.Temporary):
+        await reconcile(tm, kube)
+    assert kube.refused == ["n1"] and sorted(kube.patches) == ["n0", "n2"]  # the cordoned node is not written
+
+
+async def test_a_conflict_the_cache_has_not_seen_by_the_end_of_the_pass_waits_for_the_next_pass():
+    kube, mgr, tm = await make_changing({"n1": heartbeat}, {})
+    with pytest.raises(errors.Temporary):
+        await reconcile(tm, kube)
+    assert kube.refused == ["n1"] and sorted(kube.patches) == ["n0", "n2"]
+    sync(tm, kube)
+    await reconcile(tm, kube)  # the next pass plans from the watched node
+    assert sorted(kube.patches) == ["n0", "n1", "n2"] and teams(kube) == {"a": 3}

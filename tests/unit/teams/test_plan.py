@@ -221,3 +221,27 @@ def test_replacements_ask_the_shared_disruption_budget(team_kw, quarantined, inf
     if held:
         assert "disruption budget used up" in " ".join(p.teams["a"].reasons)
         assert "used up in cluster" in admit.verdicts[held[0]].explain()
+
+
+# --- a Conflict sent again without planning again: only when the newer node gives decide() the same inputs
+import dataclasses  # noqa: E402
+
+from fleetkeeper.core.views import Condition  # noqa: E402
+from fleetkeeper.teams.plan import replaced_at_key, same_inputs  # noqa: E402
+
+
+@pytest.mark.parametrize("change, same", [
+    (dict(), True),  # a status heartbeat: only the resourceVersion moved
+    (dict(conditions=(Condition("Ready", "True", "KubeletReady", "posting ready status", 5.0),)), True),
+    (dict(taints=(Taint(N.team, "a", "NoSchedule"), Taint("example.com/other", "x", "NoSchedule"))), True),
+    (dict(unschedulable=True), False),
+    (dict(conditions=(Condition("Ready", "False", "", "", 0.0),)), False),
+    (dict(taints=(Taint(N.team, "a", "NoSchedule"), Taint(N.quarantine, "ecc", "NoSchedule"))), False),
+    (dict(taints=()), False),  # the team taint gone
+    (dict(labels={"example.com/pool": "cpu", N.team: "a"}), False),
+    (dict(annotations={replaced_at_key(N): "1800000000"}), False),
+    (dict(deleting=True), False),
+])
+def test_same_inputs_only_for_changes_the_plan_does_not_read(change, same):
+    planned = view("n1", team="a", rv="5")
+    assert same_inputs(planned, dataclasses.replace(planned, resource_version="6", **change), N) is same
