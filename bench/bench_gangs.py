@@ -381,7 +381,9 @@ async def main(args) -> None:
                     "gangs": {"enabled": mode != "no-gangs", "webhook_port": 0,
                               "reserve_after_seconds": None if args.previous else args.reserve_after,
                               "requeue_stuck_after_seconds": None if args.previous or args.no_requeue else
-                              args.requeue_after}})
+                              args.requeue_after,
+                              **({"hold_until_room_members": args.hold_members or None}
+                                 if args.hold_members is not None else {})}})
                 task, _, reg = await start(kube, cfg, tmp)
                 if mode == "balloons+gangs":
                     t = time.monotonic()
@@ -440,6 +442,8 @@ if __name__ == "__main__":
     ap.add_argument("--no-yield", action="store_true", help="balloons do not yield (the scheduler preempts them)")
     ap.add_argument("--previous", action="store_true",
                     help="the previous defaults: balloons at -5 that do not yield, no reservations")
+    ap.add_argument("--hold-members", type=int, default=None,
+                    help="gangs.hold_until_room_members (0: never hold; default: the product's default)")
     ap.add_argument("--reserve-after", type=float, default=300.0, help="gangs.reserve_after_seconds")
     ap.add_argument("--requeue-after", type=float, default=20.0, help="gangs.requeue_stuck_after_seconds")
     ap.add_argument("--no-requeue", action="store_true", help="no requeue pods for stuck gangs")
