@@ -29,26 +29,30 @@ intern = sys.intern
 _SHARED_MAX = 4096
 
 
-class _Shared:
-    """A bounded table of equal immutable values: ``get(v)`` returns the one kept equal to ``v``."""
+class SharedValues:
+    """A bounded table of values shared by every view that has an equal one: ``get(v)`` returns the one
+    kept equal to ``v`` (an immutable value is its own key); ``get(key, make)`` the one kept for ``key``,
+    made once (for values that cannot be keys, such as the relay's lists of dicts)."""
 
     def __init__(self, limit: int = _SHARED_MAX):
         self.limit = limit
         self._by: dict = {}
 
-    def get(self, value):
-        kept = self._by.get(value)
+    def get(self, key, make=None):
+        kept = self._by.get(key)
         if kept is not None:
             return kept
         if len(self._by) >= self.limit:
             self._by.clear()
-        self._by[value] = value
-        return value
+        kept = self._by[key] = key if make is None else make()
+        return kept
 
 
-def intern_dict(d: dict[str, str]) -> dict[str, str]:
-    """A copy of a str -> str map with keys and values interned (non-strings kept as they are)."""
-    return {intern(k): intern(v) if type(v) is str else v for k, v in d.items()}
+def intern_dict(d: dict[str, str], keep: tuple[str, ...] | None = None) -> dict[str, str]:
+    """A copy of a str -> str map with keys and values interned (non-strings kept as they are); with
+    ``keep``, only the keys that start with one of those prefixes."""
+    return {intern(k): intern(v) if type(v) is str else v for k, v in d.items()
+            if keep is None or k.startswith(keep)}
 
 
 def parse_time(s: str | None) -> float:
@@ -185,12 +189,12 @@ class Projector:
 
     def __init__(self, keep_prefixes: tuple[str, ...]):
         self.keep = keep_prefixes
-        self._shared = _Shared()
+        self._shared = SharedValues()
 
     def _filter(self, d: dict | None) -> dict[str, str]:
         if not d:
             return {}
-        return {intern(k): intern(v) if type(v) is str else v for k, v in d.items() if k.startswith(self.keep)}
+        return intern_dict(d, self.keep)
 
     def node(self, obj: dict) -> NodeView:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}

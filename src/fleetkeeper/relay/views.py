@@ -16,23 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fleetkeeper.core.domain import GPU_RESOURCE
-from fleetkeeper.core.views import intern, intern_dict
-
-
-class _SharedLists:
-    """Equal lists of small dicts made once: ``get(key, make)`` returns the list kept for ``key``."""
-
-    def __init__(self, limit: int = 4096):
-        self.limit = limit
-        self._by: dict[tuple, list] = {}
-
-    def get(self, key: tuple, make) -> list:
-        kept = self._by.get(key)
-        if kept is None:
-            if len(self._by) >= self.limit:
-                self._by.clear()
-            kept = self._by[key] = make()
-        return kept
+from fleetkeeper.core.views import SharedValues, intern, intern_dict
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +48,12 @@ class TeamConfig:
 class AgentProjector:
     def __init__(self, annotation_prefixes: tuple[str, ...]):
         self.annotation_prefixes = annotation_prefixes
-        self._lists = _SharedLists()
+        self._lists = SharedValues()
 
     def _annotations(self, d: dict | None) -> dict[str, str]:
         if not d:
             return {}
-        return {intern(k): intern(v) if type(v) is str else v for k, v in d.items()
-                if k.startswith(self.annotation_prefixes)}
+        return intern_dict(d, self.annotation_prefixes)
 
     def pod(self, obj: dict) -> AgentPod:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
