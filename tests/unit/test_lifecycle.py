@@ -129,10 +129,19 @@ def test_a_termination_interrupted_after_its_record_is_asked_again_of_an_idempot
     ledger, never acts twice) is asked again until the Node goes; any other provider is never asked twice."""
     f = F(gated=True, gate_label="failed", attempts=3, failed_check="nccl", state=m.RETIRING, since=NOW,
           terminate_requested=NOW)
+    first = m.decide(replace(f, state="", since=0.0, terminate_requested=0.0), CFG, N, NOW, provider_idempotent=True)
+    [announced] = ops_of(first, Event)
+    assert announced.reason == "Retiring" and announced.id == f"retire@{int(NOW)}"
     again = m.decide(f, CFG, N, NOW + 30, provider_idempotent=True)
     assert again.plan.machine is not None and again.plan.action == "terminate-check"
-    assert not ops_of(again, Event) and not ops_of(again, SetAnnotation) and again.plan.requeue_after == 30.0
-    assert m.decide(f, CFG, N, NOW + 30).plan.machine is None
+    assert not ops_of(again, SetAnnotation) and again.plan.requeue_after == 30.0
+    # announced again, as the same occurrence (its Event may have died with the process): one Event in the API
+    assert [e.id for e in ops_of(again, Event)] == [announced.id]
+    plain = m.decide(f, CFG, N, NOW + 30)
+    assert plain.plan.machine is None and [e.id for e in ops_of(plain, Event)] == [announced.id]
+    # a node on health's terminate ladder is health's to announce
+    health = replace(f, quarantined=True, action="terminate")
+    assert not ops_of(m.decide(health, CFG, N, NOW + 30, provider_idempotent=True), Event)
     # past the retiring deadline: reported once, as before
     stuck = m.decide(f, CFG, N, NOW + 2 * H, provider_idempotent=True)
     assert stuck.escalation == "report" and stuck.plan.machine is None

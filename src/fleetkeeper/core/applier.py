@@ -121,7 +121,7 @@ class Applier:
                 await self.recorder.emit(node_ref(node.name, node.uid), f"DryRun{e.reason}", f"would: {e.note}",
                                          type_="Normal")
             else:
-                await self.recorder.emit(node_ref(node.name, node.uid), e.reason, e.note, type_=e.type)
+                await self.recorder.emit(node_ref(node.name, node.uid), e.reason, e.note, type_=e.type, id=e.id)
 
     async def apply(self, node: NodeView, plan: Plan, *, announce: bool = True) -> Applied:
         """Apply ``plan`` to ``node`` (the cached view the plan was decided on).

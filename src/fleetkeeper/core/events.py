@@ -26,12 +26,21 @@ Events are written off the write path, as client-go's EventBroadcaster does:
   the writes (``rate``/``burst``): a burst waits in the sink, it is not
   dropped. :meth:`EventRecorder.flush` waits until the sink is written out
   (a command about to exit, a manager shutting down, tests).
+* **Announced once, across restarts.** An Event written off the write path
+  is lost if the process dies between the action and the write. An
+  occurrence with an ``id`` (a terminate, identified by the request
+  recorded on the node) gets a name derived from it, and the controller
+  announces it again each time it finds the request on the node: the first
+  announcement the API server sees creates the Event, later ones meet
+  AlreadyExists and are counted as ``existing``; the recorder remembers
+  (bounded) which names exist, so a live process asks the API server once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -72,12 +81,18 @@ def node_ref(name: str, uid: str = "") -> ObjectRef:
     return ObjectRef("Node", name, uid=uid)
 
 
-Key = tuple[str, str, str, str, str, str]  # kind, namespace, name, type, reason, note
+Key = tuple[str, str, str, str, str, str, str]  # kind, namespace, name, type, reason, note, id
 COMBINED = "(combined from similar events): "
 
 
-def event_key(obj: ObjectRef, type_: str, reason: str, note: str) -> Key:
-    return (obj.kind, obj.namespace, obj.name, type_, reason, note)
+def event_key(obj: ObjectRef, type_: str, reason: str, note: str, id: str = "") -> Key:
+    return (obj.kind, obj.namespace, obj.name, type_, reason, note, id)
+
+
+def event_name(obj: ObjectRef, id: str) -> str:
+    """The name of the Event of occurrence ``id`` about ``obj`` (the same Node: its uid is part of it)."""
+    digest = hashlib.sha256(f"{obj.kind}/{obj.namespace}/{obj.name}/{obj.uid}/{id}".encode()).hexdigest()[:16]
+    return f"{obj.name[:200]}.{digest}"
 
 
 @dataclass
@@ -93,6 +108,7 @@ class Pending:
     count: int
     first: float  # wall-clock time of the first occurrence
     last: float  # and of the last
+    id: str = ""  # the occurrence's identity (announced again after a restart): the Event's name derives from it
 
 
 @dataclass
@@ -137,9 +153,11 @@ class EventCorrelator:
             return note
         return COMBINED + reason
 
-    def observe(self, obj: ObjectRef, type_: str, reason: str, note: str, action: str, now: float) -> str:
-        note = self._combine(obj, type_, reason, note, now)
-        key = event_key(obj, type_, reason, note)
+    def observe(self, obj: ObjectRef, type_: str, reason: str, note: str, action: str, now: float,
+                id: str = "") -> str:
+        if not id:  # an identified occurrence keeps its note (it is one Event, never combined)
+            note = self._combine(obj, type_, reason, note, now)
+        key = event_key(obj, type_, reason, note, id)
         p = self.pending.get(key)
         if p is not None:
             p.count += 1
@@ -147,7 +165,7 @@ class EventCorrelator:
             return "aggregated"
         if len(self.pending) >= self.max_pending:
             return "dropped"
-        self.pending[key] = Pending(key, obj, type_, reason, note, action, 1, now, now)
+        self.pending[key] = Pending(key, obj, type_, reason, note, action, 1, now, now, id)
         return "queued"
 
     def pop(self) -> Pending | None:
@@ -230,7 +248,9 @@ class EventRecorder:
                                           max_pending=self.max_pending)
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
         self.emitted: list[tuple[str, str, str, str]] = []  # (object, type, reason, note), last 1000
-        self.counts = {"queued": 0, "aggregated": 0, "dropped": 0, "created": 0, "patched": 0, "failed": 0}
+        self.counts = {"queued": 0, "aggregated": 0, "dropped": 0, "created": 0, "patched": 0, "failed": 0,
+                       "known": 0, "existing": 0}
+        self._named: OrderedDict[str, None] = OrderedDict()  # identified Events known to exist (bounded)
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._busy = 0
@@ -244,15 +264,20 @@ class EventRecorder:
 
     # --- the caller's side: never waits for the API server ---------------
     async def emit(self, obj: ObjectRef, reason: str, note: str, *, type_: str = "Normal",
-                   action: str = "Reconcile") -> None:
+                   action: str = "Reconcile", id: str = "") -> None:
         """Record an Event; never raises (an Event must not break an action) and never waits for the API
-        server (the sink writes it; :meth:`flush` waits for that)."""
-        self.record(obj, reason, note, type_=type_, action=action)
+        server (the sink writes it; :meth:`flush` waits for that). ``id``: the occurrence's identity, for
+        one that is announced again after a restart (one Event however often)."""
+        self.record(obj, reason, note, type_=type_, action=action, id=id)
 
     def record(self, obj: ObjectRef, reason: str, note: str, *, type_: str = "Normal",
-               action: str = "Reconcile") -> str:
-        """:meth:`emit` without the coroutine; returns what became of it (queued, aggregated, dropped)."""
+               action: str = "Reconcile", id: str = "") -> str:
+        """:meth:`emit` without the coroutine; returns what became of it (queued, aggregated, dropped, or
+        known: an identified Event this process already saw written)."""
         note = note[:1000]
+        if id and event_name(obj, id) in self._named:
+            self.counts["known"] += 1
+            return "known"
         self.emitted.append((f"{obj.kind}/{obj.namespace + '/' if obj.namespace else ''}{obj.name}", type_, reason, note))
         del self.emitted[:-1000]
         if self.metrics:
@@ -260,7 +285,7 @@ class EventRecorder:
         log.info("event %s %s on %s %s: %s", type_, reason, obj.kind, obj.name, note)
         if self.dry_run:
             return "dry_run"
-        what = self.correlator.observe(obj, type_, reason, note, action, self.clock.now())
+        what = self.correlator.observe(obj, type_, reason, note, action, self.clock.now(), id)
         self.counts[what] += 1
         if what == "dropped":
             self._dropped(reason, "queue_full", 1)
@@ -311,6 +336,9 @@ class EventRecorder:
         # live in "default"; Events about namespaced objects live beside them.
         ns = obj.namespace or "default"
         now = self.clock.now()
+        if p.id:
+            await self._write_named(p, ns)
+            return
         try:
             prev = self.correlator.series_of(p.key, now)
             if prev is not None:
@@ -340,6 +368,35 @@ class EventRecorder:
             self.counts["failed"] += p.count
             log.warning("could not record event %s on %s: %s", p.reason, obj.name, exc)
             self._dropped(p.reason, "error", p.count)
+
+    def _known(self, name: str) -> None:
+        self._named[name] = None
+        self._named.move_to_end(name)
+        while len(self._named) > self.correlator.max_series:
+            self._named.popitem(last=False)
+
+    async def _write_named(self, p: Pending, ns: str) -> None:
+        """An identified occurrence: created under its derived name, once; AlreadyExists means an earlier
+        announcement (maybe by a process that died since) was written."""
+        name = event_name(p.obj, p.id)
+        body = {
+            "apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": {"name": name, "namespace": ns},
+            "eventTime": _fmt(p.first), "reportingController": f"fleetkeeper.io/{self.controller}",
+            "reportingInstance": self.instance[:128], "action": p.action, "reason": p.reason,
+            "regarding": p.obj.as_dict(), "note": p.note, "type": p.type_,
+        }
+        try:
+            await self.kube.create(EVENTS, body, ns)
+            self.counts["created"] += 1
+        except errors.Conflict:
+            self.counts["existing"] += 1
+        except errors.FleetkeeperError as exc:
+            self.counts["failed"] += p.count
+            log.warning("could not record event %s on %s: %s", p.reason, p.obj.name, exc)
+            self._dropped(p.reason, "error", p.count)
+            return
+        self._known(name)
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every Event emitted so far is written (or failed); True if done within ``timeout``."""

@@ -74,9 +74,14 @@ class TerminateMachine:
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """An Event about the plan's node. ``id``: the occurrence's identity where it may be announced again
+    after a restart (a terminate, from the request recorded on the node): the Event's name derives from it,
+    so the API server keeps one however often it is announced (see ``core.events``)."""
+
     reason: str
     note: str
     type: str = "Normal"
+    id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

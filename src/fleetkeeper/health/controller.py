@@ -703,28 +703,33 @@ class Remediator:
         gone (where the provider can tell and the platform does not delete it itself)."""
         rk = lifecycle.RecordKeys(self.names)
         act = await self.provider.ensure() if isinstance(self.provider, MachinesProvider) else None
+        reason = "TerminatedAtDeadline" if p.deadline_passed else "Terminated"
+        note = (f"{p.why}; terminating the machine through the {self.provider.name} provider "
+                f"(fixable by {p.remedy})" + ("; a PodDisruptionBudget still blocked eviction" if p.deadline_passed
+                                              else ""))
         if rk.terminate_requested in node.annotations:
+            # announced again: the first announcement may have died with a process killed after the record
+            # (the Event's name derives from the request, so the API server keeps one; core.events)
+            if not self.dry_run:
+                requested = node.annotations[rk.terminate_requested]
+                await self.recorder.emit(node_ref(node.name, node.uid), reason, note, type_="Warning",
+                                         id=f"terminate@{requested}")
             if act is None:
                 return None  # asked once already (the request is on the node)
             step = await act.act("terminate", node.name, p.why, dry_run=self.dry_run, uid=node.uid,
-                                 max_per_hour=self.policy.terminate.max_per_hour,
-                                 reason="TerminatedAtDeadline" if p.deadline_passed else "Terminated")
+                                 max_per_hour=self.policy.terminate.max_per_hour, announce=False)
             if step.fresh:
                 self._count("terminate", "success")
             if step.kind == "refused":
                 return Result(requeue_after=3600.0)
             return Result(requeue_after=step.requeue_after) if step.requeue_after else None
-        reason = "TerminatedAtDeadline" if p.deadline_passed else "Terminated"
-        note = (f"{p.why}; terminating the machine through the {self.provider.name} provider "
-                f"(fixable by {p.remedy})" + ("; a PodDisruptionBudget still blocked eviction" if p.deadline_passed
-                                              else ""))
         if self.dry_run and (node.name, "dry:terminate") in self._noted:
             return None
         self._noted.add((node.name, "dry:terminate"))
         now = self.clock.now()
         ops = (SetAnnotation(rk.terminate_requested, str(int(now))),
                *lifecycle.record_ops(self.names, lifecycle.RETIRING, p.why, now),
-               TerminateMachine("terminate", p.why), Event(reason, note, "Warning"))
+               TerminateMachine("terminate", p.why), Event(reason, note, "Warning", id=f"terminate@{int(now)}"))
         try:
             done = await self.applier.apply(node, Ops(node.name, "terminate", ops, p.why))
         except errors.Temporary as exc:

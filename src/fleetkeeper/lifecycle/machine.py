@@ -229,6 +229,12 @@ def since_of(state: str, f: Facts) -> float:
     return f.since if f.state == state else 0.0
 
 
+def retiring_event(reason: str, requested: int) -> Event:
+    """The announcement of a retirement, identified by the request's time on the node: made with the
+    request and again while the machine is still there, it is one Event (``core.events``)."""
+    return Event("Retiring", f"{reason}; terminating the machine", "Warning", id=f"retire@{requested}")
+
+
 def decide(f: Facts, cfg: LifecycleConfig, names: Names, now: float, *, budget_ok: bool = True,
            provider_idempotent: bool = False) -> Decision:
     """The state, its deadline, and what to do now. ``budget_ok``: the disruption budget admits this node
@@ -258,24 +264,30 @@ def decide(f: Facts, cfg: LifecycleConfig, names: Names, now: float, *, budget_o
     if state == RETIRING:
         # retire: taint, record the request, then ask the provider; once. A node on health's terminate
         # ladder is terminated by health (its hourly limit applies); the record guards both.
-        if f.action == "terminate" and f.quarantined and not f.terminate_requested:
+        health_ladder = f.action == "terminate" and f.quarantined  # health terminates (and announces) it
+        if health_ladder and not f.terminate_requested:
             nxt = "health terminates the machine"
         elif not f.terminate_requested:
             if cfg.escalate:
                 ops += [AddTaint(names.quarantine, "retiring"), SetAnnotation(rk.terminate_requested, str(int(now))),
                         SetAnnotation(rk.state, RETIRING), SetAnnotation(rk.reason, reason[:250]),
-                        TerminateMachine("terminate", reason), Event("Retiring", f"{reason}; terminating the machine",
-                                                                     "Warning")]
+                        TerminateMachine("terminate", reason), retiring_event(reason, int(now))]
                 action = "terminate"
             escalation = "retire"
         elif provider_idempotent and not due:
             # the request is on the node but the Node is still here: the process may have died between the
             # record and the provider's answer. The machine layer never acts twice (its ledger), so ask it
             # again; without such a provider the record alone guards "never twice" and the deadline reports.
+            # The announcement is made again too (it may have died with the process): the Event's name
+            # derives from the request, so the API server keeps one.
             ops.append(TerminateMachine("terminate", reason))
             ops.append(RequeueAfter(30.0))
+            if not health_ladder:
+                ops.append(retiring_event(reason, int(f.terminate_requested)))
             action = "terminate-check"
             nxt = "wait for the machine to go (the machine layer is asked again; it never acts twice)"
+        elif not due and not health_ladder:
+            ops.append(retiring_event(reason, int(f.terminate_requested)))  # announced once (see above)
         elif due and not already:
             ops += [SetAnnotation(rk.escalated, episode),
                     Event("RetireStuck", f"terminate requested {human(now - f.terminate_requested)} ago and the "

@@ -33,7 +33,7 @@ from fleetkeeper.core.events import EventRecorder, node_ref
 from fleetkeeper.core.kube import NODES, Kube
 from fleetkeeper.machines.base import Machine, MachineProvider
 from fleetkeeper.machines.config import MachinesConfig
-from fleetkeeper.machines.ledger import Ledger
+from fleetkeeper.machines.ledger import Entry, Ledger
 
 log = logging.getLogger("fleetkeeper.machines")
 
@@ -72,9 +72,16 @@ class MachineActuator:
     def _count(self, action: str, result: str) -> None:
         self.metrics.actions.labels(self.provider.name, action, result).inc()
 
-    async def _event(self, m: Machine, reason: str, note: str, warn: bool = True) -> None:
+    async def _event(self, m: Machine, reason: str, note: str, warn: bool = True, id: str = "") -> None:
         await self.recorder.emit(node_ref(m.node, m.node_uid), reason, note[:1000],
-                                 type_="Warning" if warn else "Normal")
+                                 type_="Warning" if warn else "Normal", id=id)
+
+    async def _done_event(self, action: str, m: Machine, entry: Entry, message: str) -> None:
+        """The action's outcome, identified by its ledger entry: announced when it finishes and again by a
+        process that finds it done in the ledger (the first may have died with a process killed in between),
+        one Event either way (``core.events``)."""
+        await self._event(m, f"Machine{action.capitalize()}Started" if action != "reboot" else "MachineRebooted",
+                          message, warn=False, id=f"{action}-done@{int(entry.at)}")
 
     async def act(self, action: str, node: str, why: str, *, dry_run: bool = False, uid: str = "",
                   max_per_hour: int | None = None, reason: str = "", announce: bool = True) -> Step:
@@ -103,6 +110,9 @@ class MachineActuator:
             await self._event(m, "MachineActionRateLimited", f"{why}: {action} of {m.key} waits: {v.why}")
             return Step("limited", v.why, 60.0)
         if v.kind == "done":
+            if v.entry is not None and not v.entry.message.startswith("not found") and \
+                    not v.entry.message.startswith("outcome unknown"):
+                await self._done_event(action, m, v.entry, v.entry.message)
             return await self._after(action, m)
         if v.kind == "resume" and action == "reboot":
             # asked before a restart, answer unknown: a second reboot would be a second action
@@ -111,9 +121,10 @@ class MachineActuator:
             return Step("acted", "reboot was requested before a restart; not repeated")
         entry = v.entry
         assert entry is not None
-        if v.kind == "new" and announce:
+        if v.kind in ("new", "resume") and announce:  # resumed: its announcement may have died with a process
             await self._event(m, reason or f"Machine{action.capitalize()}",
-                              f"{why}: {action} {m.key} through the {self.provider.name} provider")
+                              f"{why}: {action} {m.key} through the {self.provider.name} provider",
+                              id=f"{action}@{int(entry.at)}")
         try:
             out = await getattr(self.provider, action)(m)
         except errors.MachineUnsupported as exc:
@@ -141,8 +152,7 @@ class MachineActuator:
         await self.ledger.finish(entry, "done", out.message)
         self._count(action, "success")
         log.info("%s %s (%s): %s", action, m.node, m.key, out.message)
-        await self._event(m, f"Machine{action.capitalize()}Started" if action != "reboot" else "MachineRebooted",
-                          out.message, warn=False)
+        await self._done_event(action, m, entry, out.message)
         if action == "reboot":
             return Step("acted", out.message, fresh=True)
         return replace(await self._after(action, m, gone=out.gone), fresh=True)

@@ -236,3 +236,30 @@ async def test_a_follower_gets_every_change_from_its_leads_one_list_and_watch(ku
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_an_identified_announcement_is_one_event_across_a_restart(kube, namespace):
+    """A terminate's announcement that died with its process is made again by the next one: with an ``id`` the
+    Event's name derives from the occurrence, so the API server keeps exactly one, written by whichever process
+    got there first, and a live process asks the API server only once."""
+    from fleetkeeper.core.events import EventRecorder, ObjectRef, event_name
+    from fleetkeeper.core.kube import EVENTS
+
+    obj = ObjectRef("Pod", "retiree", namespace, uid="u-1")
+    first = EventRecorder(kube, "announce")
+    await first.emit(obj, "Retiring", "nccl failed; terminating the machine", type_="Warning", id="retire@100")
+    assert await first.flush(30)
+    assert first.counts["created"] == 1
+    # the restarted process announces the same occurrence again, twice, and a new one
+    second = EventRecorder(kube, "announce")
+    for _ in range(2):
+        await second.emit(obj, "Retiring", "nccl failed; terminating the machine", type_="Warning",
+                          id="retire@100")
+        assert await second.flush(30)
+    assert second.counts["existing"] == 1 and second.counts["known"] == 1 and second.counts["created"] == 0
+    await second.emit(obj, "Retiring", "retired again", type_="Warning", id="retire@200")
+    assert await second.flush(30)
+    items, _ = await kube.list(EVENTS, namespace)
+    mine = sorted((e["metadata"]["name"], e["note"]) for e in items if e["regarding"]["name"] == "retiree")
+    assert mine == sorted([(event_name(obj, "retire@100"), "nccl failed; terminating the machine"),
+                           (event_name(obj, "retire@200"), "retired again")])

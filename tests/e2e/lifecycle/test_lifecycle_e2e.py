@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.domain import Names
+from fleetkeeper.core.events import EventRecorder, node_ref
 from fleetkeeper.core.faults import FaultPlan, parse_fault
 from fleetkeeper.core.kube import NODES, PDBS, PODS
 from fleetkeeper.core.manager import Manager
@@ -126,7 +127,7 @@ preflight_max_attempts: 3
 
 
 async def test_stuck_states_escalate_to_retire_and_terminate_once(kube, own_nodes, tmp_path):
-    exhausted, no_repair, bad_revalidation, healthy, interrupted = await own_nodes(5)
+    exhausted, no_repair, bad_revalidation, healthy, interrupted, announced = await own_nodes(6)
     now = int(time.time())
     gate_failed = {"spec": {"taints": [{"key": N.preflight, "value": "failed", "effect": "NoSchedule"}]}}
     await kube.patch(NODES, exhausted, {**gate_failed, "metadata": {
@@ -140,20 +141,34 @@ async def test_stuck_states_escalate_to_retire_and_terminate_once(kube, own_node
         "labels": {N.preflight: "failed"},
         "annotations": {"fleetkeeper.io/preflight-attempts": "1", "fleetkeeper.io/health-state": "validating",
                         "fleetkeeper.io/preflight-gated-at": str(now)}}})
-    # what a process killed between recording a termination and the machine layer's answer leaves behind
-    await kube.patch(NODES, interrupted, {
-        "spec": {"taints": [{"key": Q, "value": "retiring", "effect": "NoSchedule"}]},
-        "metadata": {"annotations": {"fleetkeeper.io/lifecycle-state": "retiring",
-                                     "fleetkeeper.io/lifecycle-since": str(now),
-                                     "fleetkeeper.io/lifecycle-terminate-requested": str(now)}}})
+    # what a process killed between recording a termination and the machine layer's answer leaves behind:
+    # its announcement died with it (interrupted) or was written (announced)
+    for name in (interrupted, announced):
+        await kube.patch(NODES, name, {
+            "spec": {"taints": [{"key": Q, "value": "retiring", "effect": "NoSchedule"}]},
+            "metadata": {"annotations": {"fleetkeeper.io/lifecycle-state": "retiring",
+                                         "fleetkeeper.io/lifecycle-since": str(now),
+                                         "fleetkeeper.io/lifecycle-reason": "nccl failed",
+                                         "fleetkeeper.io/lifecycle-terminate-requested": str(now)}}})
+    dead = EventRecorder(kube, "lifecycle")
+    await dead.emit(node_ref(announced, (await kube.get(NODES, announced))["metadata"]["uid"]), "Retiring",
+                    "nccl failed; terminating the machine", type_="Warning", id=f"retire@{now}")
+    assert await dead.flush(30)
     mgr, _, registry, task = await start(kube, tmp_path, own_nodes.group, lifecycle=LIFECYCLE_SHORT)
     try:
         async def gone(name):
             return await kube.get_or_none(NODES, name) is None
 
+        async def retiring_events(name):
+            return [e for e in await events_for(kube, name) if e["reason"] == "Retiring"] or None
+
         # the machine layer (never acts twice) is asked again: the interrupted termination finishes
-        await wait_for(lambda: gone(interrupted), 60, f"{interrupted}'s interrupted termination finished")
-        assert not any(e["reason"] in ("Retiring", "RetireStuck") for e in await events_for(kube, interrupted))
+        for name in (interrupted, announced):
+            await wait_for(lambda n=name: gone(n), 60, f"{name}'s interrupted termination finished")
+            # announced once: made again by this process where it died with the first, kept where it did not
+            evs = await wait_for(lambda n=name: retiring_events(n), 30, f"{name}'s Retiring event")
+            assert [e["note"] for e in evs] == ["nccl failed; terminating the machine"], (name, evs)
+            assert not any(e["reason"] == "RetireStuck" for e in await events_for(kube, name))
         for name in (exhausted, no_repair, bad_revalidation):
             await wait_for(lambda n=name: gone(n), 60, f"{name} retired and terminated")
         reasons = {}

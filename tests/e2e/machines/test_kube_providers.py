@@ -171,10 +171,10 @@ async def test_karpenter_deletes_exactly_the_nodes_nodeclaim(kube, crds, nodes):
                 pass
 
 
-def actuator(kube, namespace, provider, registry=None):
+def actuator(kube, namespace, provider, registry=None, recorder=None):
     cfg = load_config("max_per_hour: 2", "test")
-    return MachineActuator(kube, provider, cfg, EventRecorder(kube, "machines", namespace=namespace), RealClock(),
-                           registry or CollectorRegistry(), namespace)
+    return MachineActuator(kube, provider, cfg, recorder or EventRecorder(kube, "machines", namespace=namespace),
+                           RealClock(), registry or CollectorRegistry(), namespace)
 
 
 async def test_machine_deleted_once_across_a_restart_and_hourly_limit_survives(kube, namespace, crds, nodes):
@@ -184,8 +184,11 @@ async def test_machine_deleted_once_across_a_restart_and_hourly_limit_survives(k
     node = await nodes(f"once-{t}", pid, {CAPI_MACHINE_ANNOTATION: "gpu-c", CAPI_NAMESPACE_ANNOTATION: namespace})
     uid = node["metadata"]["uid"]
     reg = CollectorRegistry()
-    first = actuator(kube, namespace, ClusterApiProvider(kube), reg)
+    # the first process dies before its Events are written (a sink that holds none: every one is lost)
+    dying = EventRecorder(kube, "machines", namespace=namespace, max_pending=0)
+    first = actuator(kube, namespace, ClusterApiProvider(kube), reg, recorder=dying)
     step = await first.act("terminate", node["metadata"]["name"], "GPU lost", uid=uid)
+    assert dying.counts["dropped"] >= 1 and dying.counts["created"] == 0
     assert step.fresh and step.kind == "waiting"  # Cluster API deletes the Node itself
     assert await kube.get_or_none(MACHINES, "gpu-c", namespace) is None
     cm = await kube.get(CONFIGMAPS, LEDGER_CONFIGMAP, namespace)
@@ -198,6 +201,13 @@ async def test_machine_deleted_once_across_a_restart_and_hourly_limit_survives(k
     again = await restarted.act("terminate", node["metadata"]["name"], "GPU lost", uid=uid)
     assert not again.fresh and again.kind == "waiting"
     assert await kube.get_or_none(MACHINES, "gpu-c2", namespace) is not None
+    # the outcome's Event, lost with the first process, is announced by the next; a third finds it written
+    assert await restarted.recorder.flush(30) and restarted.recorder.counts["created"] == 1
+    third = actuator(kube, namespace, ClusterApiProvider(kube))
+    await third.act("terminate", node["metadata"]["name"], "GPU lost", uid=uid)
+    assert await third.recorder.flush(30) and third.recorder.counts["existing"] == 1
+    evs, _ = await kube.list(EVENTS, "default", field_selector=f"regarding.name={node['metadata']['name']}")
+    assert [e["reason"] for e in evs].count("MachineTerminateStarted") == 1, [e["reason"] for e in evs]
     assert reg.get_sample_value("fleetkeeper_machine_actions_total",
                                 {"provider": "cluster-api", "action": "terminate", "result": "success"}) == 1
     # the hourly limit (2) counts what the ledger holds, not what this process did
