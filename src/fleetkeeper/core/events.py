@@ -352,13 +352,7 @@ class EventRecorder:
                 except errors.NotFound:  # deleted meanwhile (or expired): a new Event
                     self.correlator.forget(p.key)
             name = f"{obj.name}.{uuid.uuid4().hex[:12]}"
-            body = {
-                "apiVersion": "events.k8s.io/v1", "kind": "Event",
-                "metadata": {"name": name, "namespace": ns},
-                "eventTime": _fmt(p.first), "reportingController": f"fleetkeeper.io/{self.controller}",
-                "reportingInstance": self.instance[:128], "action": p.action, "reason": p.reason,
-                "regarding": obj.as_dict(), "note": p.note, "type": p.type_,
-            }
+            body = self._body(p, name, ns)
             if p.count > 1:  # the API server wants a series to count at least 2
                 body["series"] = {"count": p.count, "lastObservedTime": _fmt(p.last)}
             await self.kube.create(EVENTS, body, ns)
@@ -368,6 +362,15 @@ class EventRecorder:
             self.counts["failed"] += p.count
             log.warning("could not record event %s on %s: %s", p.reason, obj.name, exc)
             self._dropped(p.reason, "error", p.count)
+
+    def _body(self, p: Pending, name: str, ns: str) -> dict:
+        return {
+            "apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": {"name": name, "namespace": ns},
+            "eventTime": _fmt(p.first), "reportingController": f"fleetkeeper.io/{self.controller}",
+            "reportingInstance": self.instance[:128], "action": p.action, "reason": p.reason,
+            "regarding": p.obj.as_dict(), "note": p.note, "type": p.type_,
+        }
 
     def _known(self, name: str) -> None:
         self._named[name] = None
@@ -379,15 +382,8 @@ class EventRecorder:
         """An identified occurrence: created under its derived name, once; AlreadyExists means an earlier
         announcement (maybe by a process that died since) was written."""
         name = event_name(p.obj, p.id)
-        body = {
-            "apiVersion": "events.k8s.io/v1", "kind": "Event",
-            "metadata": {"name": name, "namespace": ns},
-            "eventTime": _fmt(p.first), "reportingController": f"fleetkeeper.io/{self.controller}",
-            "reportingInstance": self.instance[:128], "action": p.action, "reason": p.reason,
-            "regarding": p.obj.as_dict(), "note": p.note, "type": p.type_,
-        }
         try:
-            await self.kube.create(EVENTS, body, ns)
+            await self.kube.create(EVENTS, self._body(p, name, ns), ns)
             self.counts["created"] += 1
         except errors.Conflict:
             self.counts["existing"] += 1
