@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import logging
 import random
+import re
 import secrets
 import shutil
 import sys
@@ -254,6 +255,11 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
                 print(f"  PodGroup created after the gang's last member (s, whole seconds; smaller jobs): median "
                       f"{lags[len(lags) // 2]:.0f}, 90th {lags[int(len(lags) * 0.9)]:.0f}, max {lags[-1]:.0f} "
                       f"({len(lags)} groups)", flush=True)
+            if lc is not None and args.scheduler_v >= 3:
+                made = {g["metadata"]["name"]: parse_time(g["metadata"]["creationTimestamp"]) for g in groups}
+                for line in scheduler_view(lc.dir / "logs" / "kube-scheduler.log", ns, t0, last_member, made,
+                                           largest):
+                    print(f"  {line}", flush=True)
     else:
         for k in ("first_40s", "phases", "first_jobs"):
             profile.pop(k, None)
@@ -271,6 +277,74 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
         print(f"  gang controller: {passes:.0f} passes, {reads:.0f} live owner reads", flush=True)
     await kube.delete(NAMESPACES, ns)
     return out
+
+
+KLOG = re.compile(r'^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+)\s+\d+ [^\]]+\] "([^"]*)"(.*)$')
+
+
+def scheduler_view(log: Path, ns: str, t0: float, last_member: dict[str, float], podgroup_made: dict[str, float],
+                   largest: str) -> list[str]:
+    """Where a small gang's time goes before kube-scheduler places it, from its log at -v=3 or more (one
+    mode's namespace) and the API's timestamps (whole seconds): the watch delay (a member created -> the
+    scheduler's informer sees it), the wait in its queue (last member seen and PodGroup there -> its first
+    pod group cycle), failed cycles, and the scheduling thread's time in cycles vs between them."""
+    day = t0 - t0 % 86400  # klog prints the time of day (UTC)
+    seen: dict[str, float] = {}  # gang -> when the scheduler saw its last member
+    watch: list[float] = []
+    first: dict[str, float] = {}
+    failed: dict[str, int] = {}
+    cycles: list[tuple[float, float]] = []
+    start: tuple[str, float] | None = None
+    try:
+        lines = open(log, errors="replace")
+    except OSError as exc:
+        return [f"scheduler log: {exc}"]
+    with lines:
+        for raw in lines:
+            if f'"{ns}/' not in raw:
+                continue
+            m = KLOG.match(raw)
+            if not m:
+                continue
+            t = day + int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+            if t < t0 - 3600:
+                t += 86400  # the mode crossed midnight
+            msg, rest = m.group(4), m.group(5)
+            if msg == "Add event for unscheduled pod":
+                pod = rest.split(f'pod="{ns}/', 1)[1].split('"', 1)[0]
+                gang = pod.rsplit("-", 1)[0]  # a Job's pod: <job>-<suffix>
+                seen[gang] = max(seen.get(gang, 0.0), t)
+            elif msg == "Attempting to schedule pod group":
+                g = rest.split(f'podGroup="{ns}/', 1)[1].split('"', 1)[0]
+                first.setdefault(g, t)
+                start = (g, t)
+            elif msg in ("Successfully scheduled a pod group", "Unable to schedule a pod group",
+                         "Pod group is waiting for preemption"):
+                g = rest.split(f'podGroup="{ns}/', 1)[1].split('"', 1)[0]
+                if msg != "Successfully scheduled a pod group":
+                    failed[g] = failed.get(g, 0) + 1
+                if start is not None and start[0] == g:
+                    cycles.append((start[1], t))
+                    start = None
+    for g, t in last_member.items():
+        if g in seen:
+            watch.append(seen[g] - t)
+    queue = sorted(first[g] - max(seen[g], podgroup_made.get(g, 0.0)) for g in first
+                   if g != largest and g in seen)
+
+    def q(xs: list[float]) -> str:
+        xs = sorted(xs)
+        return (f"median {xs[len(xs) // 2]:.1f}, 90th {xs[int(len(xs) * 0.9)]:.1f}, max {xs[-1]:.1f} ({len(xs)})"
+                if xs else "none")
+    minute = [(a, b) for a, b in cycles if a < t0 + 60]
+    busy = sum(min(b, t0 + 60) - a for a, b in minute)
+    return [f"scheduler's log: last member created -> seen by kube-scheduler (s; API times are whole seconds): "
+            f"{q(watch)}",
+            f"scheduler's log: last member seen and PodGroup there -> first pod group cycle (s, smaller gangs): "
+            f"{q(queue)}",
+            f"scheduler's log: failed pod group cycles per gang: {q([float(failed.get(g, 0)) for g in first])}",
+            f"scheduler's log: first 60 s: {len(minute)} pod group cycles, {busy:.1f} s in them, "
+            f"{60 - busy:.1f} s between them"]
 
 
 async def reserved_now(kube: Kube) -> set[str]:

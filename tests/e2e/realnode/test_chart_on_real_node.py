@@ -189,6 +189,15 @@ async def test_install_every_pod_ready_through_its_probes(real_cluster, kube):
     t0 = time.monotonic()
     helm_in(real_cluster, "install", RELEASE, str(CHART), "--namespace", NS, "--create-namespace",
             "-f", values_file(), "--wait", "--timeout", "6m")
+    # helm's --wait counts a DaemonSet ready once NumberReady >= desired - maxUnavailable: with one node and
+    # maxUnavailable 10% (rounded up to 1) that is 0, so the agent may still be starting when helm returns
+    async def all_ready():
+        pods = await fleetkeeper_pods(kube)
+        return pods if len(pods) == 9 and all(ready(p) for p in pods) else None
+    try:
+        await until(all_ready, 180, "every fleetkeeper pod Ready")
+    except AssertionError:
+        pass  # the assertions below say which pod
     pods = await fleetkeeper_pods(kube)
     names = sorted(p["metadata"]["name"] for p in pods)
     assert len(pods) == 9, names  # 2 x (preflight, health, teams, relay) + the agent on the real node
