@@ -409,10 +409,11 @@ class BalloonManager:
         if self.waiting is None:
             return False, None
         fitting = {k for y in yields for k in y.fits}
+        free = {k for y in yields for k in y.free}
         probes = [p for p in self.waiting.items() if p.requeue_for]
         now = self.clock.now()
         plan = rq.decide(self._units, fitting, probes, self._requeue_state, now, self.requeue_after,
-                         self.requeue_per_member, self.kick_after)
+                         self.requeue_per_member, self.kick_after, free=free)
         self.last_requeue = plan
         self._requeue_state = plan.state
         for ns, name, why in plan.delete:
@@ -431,6 +432,8 @@ class BalloonManager:
             key = f"{ns}/{group}"
             if not self.requeue_bucket.take():
                 self.metrics.requeues.labels(op, "rate_limited").inc()
+                if op == "kick":  # not made: due again at the next pass
+                    self._requeue_state.kicked.pop(key, None)
                 continue
             if op == "create":
                 rq.made(self._requeue_state, key, now)
@@ -549,16 +552,18 @@ class BalloonManager:
 
 
 def room_verdicts(yields: list[yd.PoolYield]) -> dict[str, str]:
-    """Per waiting unit: does the pass's simulation place it whole now (fits), only once real work ends
-    (blocked, or over the release budget), or never on its pool (unfit)."""
+    """Per waiting unit: does the pass's simulation place it whole now in room no balloon is on (fits),
+    only once real work ends or the balloons released for it are gone (blocked, also over the release
+    budget), or never on its pool (unfit). A held gang's PodGroup waits for the balloons to go: a pod group
+    cycle while they are still there fails, and the gang then backs off (up to 10 s) with its room free."""
     out: dict[str, str] = {}
     for y in yields:
         for k in y.unfit:
             out.setdefault(k, gg.ROOM_UNFIT)
-        for k in (*y.blocked, *y.over_budget):
+        for k in (*y.blocked, *y.over_budget, *y.fits):
             if out.get(k) != gg.ROOM_FITS:
                 out[k] = gg.ROOM_BLOCKED
-        for k in y.fits:
+        for k in y.free:
             out[k] = gg.ROOM_FITS
     return out
 
@@ -592,6 +597,7 @@ class GangManager:
         self._annotated_at: dict[str, float] = {}
         # the balloon pass's verdicts on waiting gangs (set_room); None: no pass judges room (hold off)
         self.room: dict[str, str] | None = None
+        self.judged_at: float | None = None  # when the balloon pass last judged room (set_room)
         self._owners: dict[str, tuple[float, gg.Owner]] = {}  # gang key -> (read at, owner as read live)
         self.pods.add_handler(self._on_pod)
         for inf in self.groups.values():
@@ -625,12 +631,13 @@ class GangManager:
         """The balloon pass's verdicts; a held gang whose verdict changed is looked at again. Returns
         whether a held gang still waits (the pass then looks again soon, even without events)."""
         old, self.room = self.room or {}, verdicts
+        self.judged_at = self.clock.now()
         waiting = False
         for key, plan in list(self.plans.items()):
             if not plan.held:
                 continue
             waiting = True
-            if verdicts.get(key) != old.get(key):
+            if verdicts.get(key) != old.get(key) or key not in verdicts:  # (no verdict: maybe no pool's work)
                 self.controller.enqueue(key)
         return waiting
 
@@ -695,7 +702,7 @@ class GangManager:
                     node_ok[p.node] = nv.ready
         room = gg.ROOM_FITS if self.room is None else self.room.get(key)
         plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
-                              self.empty_since.get(key), room=room)
+                              self.empty_since.get(key), room=room, judged_at=self.judged_at)
         if not live and (plan.create or plan.delete):
             # a group object is about to be created or deleted: decide again on the owner as it is now
             owner, _ = await self._owner(key, pods, live=True)

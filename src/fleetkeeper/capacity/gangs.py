@@ -315,8 +315,11 @@ def gang_state(pods: list[GangPod], min_count: int, node_ok: dict[str, bool], gr
 ROOM_FITS, ROOM_BLOCKED, ROOM_UNFIT = "fits", "blocked", "unfit"
 
 
+JUDGE_MARGIN = 2.0  # a pass this long after a gang's last member appeared would have judged it (whole seconds)
+
+
 def hold_podgroup(pods: list[GangPod], min_count: int, objs: GroupObjects, cfg: CapacityConfig, room: str | None,
-                  now: float) -> tuple[str, float | None]:
+                  now: float, judged_at: float | None = None) -> tuple[str, float | None]:
     """Whether to withhold a large gang's PodGroup now: (why, look again in s); ("", None): create it.
 
     kube-scheduler runs pod group cycles on its one scheduling thread. A cycle
@@ -331,7 +334,8 @@ def hold_podgroup(pods: list[GangPod], min_count: int, objs: GroupObjects, cfg: 
     GangScheduling's PreEnqueue keeps the members out of the queue at no cost;
     fleetkeeper creates it when its simulation places the gang whole (``room``
     is ROOM_FITS), or the gang is no pool's work (ROOM_UNFIT), or no pool has
-    judged it ``hold_unjudged_seconds`` after its last member appeared. A
+    judged it ``hold_unjudged_seconds`` after its last member appeared, or a
+    pass that ran after that (``judged_at``) left it out (no pool's work). A
     reservation (capacity/reserve.py) still applies to a held gang: it is
     waiting work like any other."""
     limit = cfg.gangs.hold_until_room_members
@@ -347,6 +351,8 @@ def hold_podgroup(pods: list[GangPod], min_count: int, objs: GroupObjects, cfg: 
         return "", None
     if room is None:
         since = max(p.created for p in active)
+        if judged_at is not None and judged_at >= since + JUDGE_MARGIN:
+            return "", None  # a pass ran since it was complete and no pool took it: kube-scheduler's call
         wait = since + cfg.gangs.hold_unjudged_seconds - now
         if wait <= 0:
             return "", None
@@ -357,9 +363,10 @@ def hold_podgroup(pods: list[GangPod], min_count: int, objs: GroupObjects, cfg: 
 
 def decide_gang(key: str, pods: list[GangPod], owner: Owner | None, objs: GroupObjects, node_ok: dict[str, bool],
                 cfg: CapacityConfig, names: Names, now: float, empty_since: float | None,
-                room: str | None = ROOM_FITS) -> GangPlan:
+                room: str | None = ROOM_FITS, judged_at: float | None = None) -> GangPlan:
     """``room``: the balloon pass's verdict on this gang (ROOM_FITS, ROOM_BLOCKED, ROOM_UNFIT; None: not
-    judged yet); only large gangs read it (:func:`hold_podgroup`)."""
+    judged); ``judged_at``: when the last pass ran; only gangs held until room read them
+    (:func:`hold_podgroup`)."""
     ns, gang = key.split("/", 1)
     plan = GangPlan(key, previous_state=_state_of(objs, names))
     if owner is not None and owner.problem and pods:
@@ -395,7 +402,7 @@ def decide_gang(key: str, pods: list[GangPod], owner: Owner | None, objs: GroupO
         return plan
     plan.min_count, plan.size_source = min_count, source
     scheduled = any(p.node for p in pods if p.active)
-    plan.held, hold_wait = hold_podgroup(pods, min_count, objs, cfg, room, now)
+    plan.held, hold_wait = hold_podgroup(pods, min_count, objs, cfg, room, now, judged_at)
     wanted: list[tuple[object, dict | None, dict]] = []
     if cfg.in_tree:
         wanted.append((WORKLOADS, objs.workload, workload_body(ns, gang, min_count, owner, names)))

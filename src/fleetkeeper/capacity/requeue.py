@@ -80,7 +80,8 @@ class RequeueState:
     quiet: dict[str, tuple[tuple, float]] = field(default_factory=dict)  # (progress, unchanged since)
     last: dict[str, float] = field(default_factory=dict)  # last requeue pod made
     count: dict[str, int] = field(default_factory=dict)  # requeue pods since the last progress
-    kicked: dict[str, float] = field(default_factory=dict)  # the fits_since a prompt retry was made for
+    kicked: dict[str, float] = field(default_factory=dict)  # the free_since a prompt retry was made for
+    free_since: dict[str, float] = field(default_factory=dict)  # first seen fitting in room no balloon is on
 
 
 @dataclass
@@ -97,11 +98,16 @@ class RequeuePlan:
 
 
 def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], state: RequeueState, now: float,
-           after: float | None, per_member: float = 0.0, kick: float | None = None) -> RequeuePlan:
+           after: float | None, per_member: float = 0.0, kick: float | None = None,
+           free: set[str] | None = None) -> RequeuePlan:
     """``units``: the waiting units; ``fitting``: keys of those that fit now; ``probes``: the requeue
     pods that exist (unbound pods labelled :func:`yielding.requeue_label`); ``state``: what the previous
     passes saw; ``now``: wall clock; ``per_member``: seconds of no progress allowed per member on top of
-    ``after``; ``kick``: prompt retry of a tried gang this long after room freed for it (None: never)."""
+    ``after``; ``kick``: prompt retry of a tried gang this long after room freed for it (None: never);
+    ``free``: those of ``fitting`` whose room no balloon is on any more (None: all of them). A gang that
+    fits through balloons fleetkeeper releases for it has its room freed when they are gone, not when they
+    are released: the prompt retry counts from then (a retry while they are still there fails, and the
+    gang backs off again)."""
     plan = RequeuePlan()
     waiting = {u.key: u for u in units}
     new = plan.state
@@ -120,6 +126,9 @@ def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], state
     for key in fitting:
         if key in waiting:
             new.fits_since[key] = state.fits_since.get(key, now)
+    for key in fitting if free is None else free & fitting:
+        if key in waiting:
+            new.free_since[key] = state.free_since.get(key, now)
     live: set[str] = set()
     for p in probes:
         if p.deleting:
@@ -135,7 +144,7 @@ def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], state
         else:
             live.add(key)
     if kick is not None:
-        for key, since in sorted(new.fits_since.items()):
+        for key, since in sorted(new.free_since.items()):
             u = waiting[key]
             group = u.pods[0].group
             if not group or key in live or new.kicked.get(key) == since:

@@ -283,6 +283,9 @@ class PoolYield:
     blocked: list[str] = field(default_factory=list)  # units that fit the pool but not now (real work holds it)
     over_budget: list[str] = field(default_factory=list)
     fits: list[str] = field(default_factory=list)  # units placed whole in this pass's simulation (room is there)
+    # those of them placed in room no balloon pod is on any more (none to release, none still leaving): the
+    # room has actually freed, and kube-scheduler would place them now
+    free: list[str] = field(default_factory=list)
     leaving: int = 0  # balloons the ReplicaSet is still to remove for an earlier hold (unmarked releases)
 
     @property
@@ -421,12 +424,14 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     released that many interchangeable balloons without marking which)."""
     out = PoolYield(pool, resource)
     room, held = _node_room(nodes, bound, balloons, names.balloon, resource)
+    still_there = {b.node for b in balloons if b.released}  # released, the pod not gone yet
     if replicas is not None and len(held) > replicas:
         # the ReplicaSet removes pending balloons, then marked ones, then these: any of them will do
         # (they were released as interchangeable), so the simulation takes them off from the end
         out.leaving = len(held) - replicas
         for name in sorted(held)[-out.leaving:]:
             del held[name]
+            still_there.add(name)
     alike = _alike(held, room)
     held_names = frozenset(held)
     empty = {n.name: capacity(n, resource) for n in nodes}
@@ -459,6 +464,8 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
             continue
         budget -= cost
         out.fits.append(u.key)
+        if not released and not any(where[p.name] in still_there for p in u.pods):
+            out.free.append(u.key)
         for pod in u.pods:
             room[where[pod.name]] -= amount(pod, resource)
         if released:

@@ -281,6 +281,18 @@ def test_large_gang_not_judged_gets_its_podgroup_after_the_grace():
     assert kinds_created(later) == {"Workload", "PodGroup"} and not later.held
 
 
+def test_a_gang_a_later_pass_left_out_is_no_pools_work_and_gets_its_podgroup():
+    """No verdict although a balloon pass ran after the last member appeared: no pool took it (it asks for
+    no pool fleetkeeper knows, or there are none), so kube-scheduler decides at once, not after the grace."""
+    pods = [member(n, created=NOW - 10) for n in "abc"]
+    early = gg.decide_gang("ns/g", pods, BIG, gg.GroupObjects(), {}, HOLD, N, NOW, None, room=None,
+                           judged_at=NOW - 10 + gg.JUDGE_MARGIN - 1)  # that pass may not have seen the last member
+    assert early.held and kinds_created(early) == {"Workload"}
+    judged = gg.decide_gang("ns/g", pods, BIG, gg.GroupObjects(), {}, HOLD, N, NOW, None, room=None,
+                            judged_at=NOW - 10 + gg.JUDGE_MARGIN)
+    assert not judged.held and kinds_created(judged) == {"Workload", "PodGroup"}
+
+
 def test_large_gang_held_until_all_members_exist():
     plan = gg.decide_gang("ns/g", [member("a"), member("b")], BIG, gg.GroupObjects(), {}, HOLD, N, NOW, None,
                           room=None)
@@ -304,9 +316,10 @@ def test_hold_does_not_apply(cfg, pods, objs):
 def test_room_verdicts_from_the_pass():
     from fleetkeeper.capacity import yielding as yd
     from fleetkeeper.capacity.controller import room_verdicts
-    a = yd.PoolYield("a", fits=["ns/fits"], blocked=["ns/both", "ns/blocked"], unfit=["ns/both", "ns/other"],
-                     over_budget=["ns/budget"])
-    b = yd.PoolYield("b", fits=["ns/both"], unfit=["ns/unfit"])
+    a = yd.PoolYield("a", fits=["ns/fits", "ns/leaving"], free=["ns/fits"], blocked=["ns/both", "ns/blocked"],
+                     unfit=["ns/both", "ns/other"], over_budget=["ns/budget"])
+    b = yd.PoolYield("b", fits=["ns/both"], free=["ns/both"], unfit=["ns/unfit"])
+    # leaving: fits through balloons released for it that are still there: its PodGroup waits for them
     assert room_verdicts([a, b]) == {"ns/fits": gg.ROOM_FITS, "ns/both": gg.ROOM_FITS, "ns/blocked": gg.ROOM_BLOCKED,
                                      "ns/budget": gg.ROOM_BLOCKED, "ns/other": gg.ROOM_UNFIT,
-                                     "ns/unfit": gg.ROOM_UNFIT}
+                                     "ns/unfit": gg.ROOM_UNFIT, "ns/leaving": gg.ROOM_BLOCKED}

@@ -22,9 +22,11 @@ def probe(group: str, *, tried: bool = False, created: float = NOW - 1, deleting
     return dataclasses.replace(p, requeue_for=group, deleting=deleting)
 
 
-def state(fits=None, quiet_since=None, units_=(), last=None, count=None) -> rq.RequeueState:
-    """A carried state: fitting since ``fits`` and showing no progress since ``quiet_since`` (per unit)."""
-    st = rq.RequeueState(fits_since=dict(fits or {}), last=dict(last or {}), count=dict(count or {}))
+def state(fits=None, quiet_since=None, units_=(), last=None, count=None, free=None) -> rq.RequeueState:
+    """A carried state: fitting since ``fits`` (in free room since ``free``, default the same) and showing no
+    progress since ``quiet_since`` (per unit)."""
+    st = rq.RequeueState(fits_since=dict(fits or {}), last=dict(last or {}), count=dict(count or {}),
+                         free_since=dict(fits or {}) if free is None else dict(free))
     for u in units_:
         st.quiet[u.key] = (rq.progress(u), (quiet_since or {}).get(u.key, NOW - 1000))
     return st
@@ -180,6 +182,25 @@ def test_a_gang_whose_room_freed_while_it_backs_off_is_retried_at_once_and_only_
     assert rq.decide(us, {"ns/train"}, [], state({"ns/train": NOW - 1}, {"ns/train": NOW - 30}, us), NOW, AFTER,
                      kick=KICK).kick == []
     assert rq.decide(us, {"ns/train"}, [], st, NOW, AFTER).kick == []
+
+
+def test_a_gang_that_fits_through_released_balloons_is_retried_once_they_are_gone():
+    """Balloons released for a gang that backs off: its room frees when they are gone, not when fleetkeeper
+    released them (a retry while they are still there fails and the gang backs off again)."""
+    us = units(gang("train", 2))  # tried 30 s ago, found no room (the balloons held it)
+    st = state({"ns/train": NOW - 10}, {"ns/train": NOW - 30}, us, free={})  # fits through balloons since -10
+    released = rq.decide(us, {"ns/train"}, [], st, NOW, AFTER, kick=KICK, free=set())
+    assert released.kick == [] and released.next_kick_in is None
+    gone = rq.decide(us, {"ns/train"}, [], released.state, NOW + 1, AFTER, kick=KICK, free={"ns/train"})
+    assert gone.kick == [] and gone.next_kick_in == KICK  # counted from when the room is free
+    due = rq.decide(us, {"ns/train"}, [], gone.state, NOW + 1 + KICK, AFTER, kick=KICK, free={"ns/train"})
+    assert due.kick == [("ns", "train", KICK)]  # the Event says: room freed 2 s ago
+    # the yielding pass says which fits are free: placed without a release and on no node a released
+    # balloon is still on
+    nodes = [node(f"n{i}") for i in range(3)]
+    out = decide(nodes, [], [balloon("n0"), balloon("n1", released=True)], gang("a", 1) + gang("b", 1))
+    assert out.fits == ["ns/a", "ns/b"] and out.releases == []
+    assert out.free == ["ns/b"]  # a went on n1 (best fit, then by name), where the released balloon still is
 
 
 def test_no_prompt_retry_for_a_gang_the_scheduler_is_already_on():
