@@ -147,14 +147,15 @@ class GangConfig(BaseModel):
                                         "None: never (only with requeue_stuck_after_seconds set)")
     requeue_per_minute: float = Field(60.0, gt=0, le=10_000, description="rate limit for requeue pods")
     hold_until_room_members: int | None = Field(
-        100, ge=1, le=1_000_000, description="a gang of at least this many members gets its PodGroup only once "
-                                             "fleetkeeper's simulation places it whole on its pool (until then "
-                                             "kube-scheduler's GangScheduling PreEnqueue keeps it out of the "
-                                             "queue): every failed pod group cycle of a large gang holds "
-                                             "kube-scheduler's only scheduling thread (a status PATCH per "
-                                             "member, with SchedulerAsyncAPICalls off), and it retries such a "
-                                             "group back to back while nothing else is queued, so smaller "
-                                             "work waits behind it (docs/capacity.md); None: never hold")
+        1, ge=1, le=1_000_000, description="a gang of at least this many members (default: every gang) gets its "
+                                           "PodGroup only once fleetkeeper's simulation places it whole on its "
+                                           "pool in room no balloon is on (until then kube-scheduler's "
+                                           "GangScheduling PreEnqueue keeps it out of the queue): a failed pod "
+                                           "group cycle holds kube-scheduler's only scheduling thread (for a "
+                                           "large gang a status PATCH per member, with SchedulerAsyncAPICalls "
+                                           "off) and backs the gang off up to 10 s, so a gang tried while its "
+                                           "room was still taken starts late (docs/capacity.md); a gang no pool "
+                                           "takes is not held; None: never hold")
     hold_unjudged_seconds: float = Field(
         30.0, ge=0, le=3600, description="a held gang that no pool's simulation has judged this long after all "
                                          "its members exist (it asks for no pool fleetkeeper knows) gets its "

@@ -1,6 +1,6 @@
 """The capacity scenario of ``make demo``: balloons hold the GPU pool warm; two
-experiments each ask for a whole rack; one runs whole by preempting the
-balloons, the other waits whole; when the first ends the second runs whole;
+experiments each ask for a whole rack; one runs whole in the balloons' place
+(fleetkeeper releases them for it as a unit), the other waits whole; when the first ends the second runs whole;
 when both end the balloons come back."""
 
 from __future__ import annotations
@@ -93,12 +93,12 @@ async def demo(ctx) -> Outcome:
             whole = [k for k, (c, _) in counts.items() if c == r]
             return (whole[0], counts) if whole else None
         got = await _wait(placed, 45)
-        if not outcome.expect(got, "one experiment placed whole by preempting balloons"):
+        if not outcome.expect(got, "one experiment placed whole in the balloons' place"):
             ctx.report("[red]neither experiment was placed whole in 45s[/red]")
             return outcome
         winner, counts = got
         loser = "exp-b" if winner == "exp-a" else "exp-a"
-        ctx.report(f"{winner} placed whole in {time.monotonic() - t0:.1f}s, preempting {r} balloons; "
+        ctx.report(f"{winner} placed whole in {time.monotonic() - t0:.1f}s in place of {r} balloons; "
                    f"{loser}: {counts[loser][0]} of {r} placed (waits whole, no deadlock)")
         pods = counts[loser][1]
         if pods:
