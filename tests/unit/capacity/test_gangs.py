@@ -91,7 +91,10 @@ def test_gang_state_quotes_the_scheduler():
 
 
 def test_decide_creates_workload_and_podgroup_owned_by_the_job():
-    plan = gg.decide_gang("ns/g", [member("a"), member("b")], JOB, gg.GroupObjects(), {}, IN_TREE, N, NOW, None)
+    # 2 of the Job's 4 members: the Workload now, the PodGroup once all exist and fit (hold_until_room_members)
+    part = gg.decide_gang("ns/g", [member("a"), member("b")], JOB, gg.GroupObjects(), {}, IN_TREE, N, NOW, None)
+    assert {res.kind for res, _ in part.create} == {"Workload"} and "all 4 members exist" in part.held
+    plan = gg.decide_gang("ns/g", [member(n) for n in "abcd"], JOB, gg.GroupObjects(), {}, IN_TREE, N, NOW, None)
     kinds = {res.kind: body for res, body in plan.create}
     assert set(kinds) == {"Workload", "PodGroup"}
     pg = kinds["PodGroup"]
