@@ -118,8 +118,9 @@ class Applier:
                             plan.why or plan.action)]
         for e in events:
             if self.dry_run:
+                # an identified occurrence keeps its identity, apart from the real one's: one "would" Event
                 await self.recorder.emit(node_ref(node.name, node.uid), f"DryRun{e.reason}", f"would: {e.note}",
-                                         type_="Normal")
+                                         type_="Normal", id=f"dry-run:{e.id}" if e.id else "")
             else:
                 await self.recorder.emit(node_ref(node.name, node.uid), e.reason, e.note, type_=e.type, id=e.id)
 

@@ -40,9 +40,15 @@ async def test_applier_patch_conflict_dry_run_event_and_metric(kube):
         view = proj.node(await kube.get(NODES, name))
         plan = Plan(name, "quarantine", (AddTaint("fleetkeeper.io/quarantine", "x"),
                                          SetLabel("fleetkeeper.io/l", "v"), SetAnnotation("fleetkeeper.io/a", "1"),
-                                         TerminateMachine("terminate"), Event("Quarantined", "because")))
+                                         TerminateMachine("terminate"), Event("Quarantined", "because", id="q@1")))
         # dry-run: nothing written, the provider asked with dry_run, a "would" Event
         await ap.apply(view, plan)
+        # announced again by a restarted process (a fresh recorder): still one "would" Event
+        assert await ap.recorder.flush(60)
+        again = Applier(kube, EventRecorder(kube, "test"), component="test", registry=CollectorRegistry(),
+                        dry_run=True, provider=RecordingProvider())
+        await again.apply(view, plan)
+        assert await again.recorder.flush(60) and again.recorder.counts["existing"] == 1
         live = await kube.get(NODES, name)
         assert not any(t["key"] == "fleetkeeper.io/quarantine" for t in (live.get("spec") or {}).get("taints") or [])
         assert provider.calls == [(name, True)]
