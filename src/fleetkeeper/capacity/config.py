@@ -156,6 +156,13 @@ class GangConfig(BaseModel):
                                            "off) and backs the gang off up to 10 s, so a gang tried while its "
                                            "room was still taken starts late (docs/capacity.md); a gang no pool "
                                            "takes is not held; None: never hold")
+    gate_held_members: bool = Field(
+        True, description="with the hold on, the gang webhook also puts a scheduling gate (<domain>/gang-hold) on "
+                          "every gang member it admits, removed (one PATCH per member) once the gang is not held; "
+                          "the PodGroup is created after the last gate is gone. Without the gate each new member's "
+                          "arrival runs GangScheduling's PreEnqueue again for every gated sibling (quadratic in "
+                          "the gang's size: 501,500 runs for a 1,000-member gang); a gated member is skipped at no "
+                          "cost (docs/capacity.md)")
     hold_unjudged_seconds: float = Field(
         30.0, ge=0, le=3600, description="a held gang that no pool's simulation has judged this long after all "
                                          "its members exist (it asks for no pool fleetkeeper knows) gets its "

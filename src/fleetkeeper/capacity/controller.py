@@ -736,6 +736,8 @@ class GangManager:
                 self._reported[(plan.key, problem)] = True
                 log.warning("gang %s: %s", plan.key, problem)
                 await self._event(ns, gang, owner, pods, "GangProblem", f"gang {gang}: {problem}", type_="Warning")
+        if plan.ungate:
+            await self._ungate(ns, plan)
         created: list[str] = []
         for res, body in plan.create:
             kind = _GROUP_KIND[res]
@@ -806,6 +808,25 @@ class GangManager:
             await self._event(ns, gang, owner, pods, f"Gang{plan.state}", f"gang {gang}: {plan.message}",
                               type_="Warning" if plan.state in ("Broken", "Failed") else "Normal")
 
+    async def _ungate(self, ns: str, plan: gg.GangPlan) -> None:
+        """Remove fleetkeeper's gang gate from the members ``plan.ungate`` names (strategic merge: only that
+        gate goes, any other controller's stays). A member gone meanwhile is no error."""
+        if self.dry_run:
+            self.metrics.ungates.labels("dry_run").inc(len(plan.ungate))
+            return
+        body = {"spec": {"schedulingGates": [{"$patch": "delete", "name": self.names.gang_gate}]}}
+
+        async def one(name: str) -> None:
+            try:
+                await self.kube.patch(PODS, name, body, ns, patch_type="strategic")
+                self.metrics.ungates.labels("ok").inc()
+            except errors.NotFound:
+                pass
+            except errors.FleetkeeperError as exc:
+                self.metrics.ungates.labels("error").inc()
+                log.warning("gang %s: cannot remove the gang gate from pod %s: %s", plan.key, name, exc)
+        await _bounded([one(n) for n in plan.ungate])
+
     async def _event(self, ns: str, gang: str, owner: gg.Owner | None, pods: list[gg.GangPod], reason: str,
                      note: str, type_: str = "Normal") -> None:
         if owner is not None and owner.kind:
@@ -869,7 +890,7 @@ class GangWebhook:
         return self.webhooks.server
 
     def handler(self, req):
-        return gg.mutate_pod(req, self.cfg, self.names)
+        return gg.mutate_pod(req, self.cfg, self.names, gate=not self.dry_run)
 
     def registration(self, url: str | None, ca: bytes) -> dict:
         return webhook_registration(self.cfg, self.names, self.options.webhook_config_name, url, ca,

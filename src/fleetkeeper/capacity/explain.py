@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.errors import NotFound
-from fleetkeeper.core.kube import COSCHED_PODGROUPS, NODES, PODGROUPS, PODS, Kube
+from fleetkeeper.core.kube import COSCHED_PODGROUPS, NODES, PODGROUPS, PODS, WORKLOADS, Kube
 from fleetkeeper.core.views import default_projector
 
 from fleetkeeper.capacity import balloons as bl
@@ -41,7 +41,13 @@ async def explain_pod(kube: Kube, names: Names, namespace: str, name: str) -> li
             lines.append(f"no PodGroup {namespace}/{group_name} (any more)")
         elif member.scheduling_group or member.cosched_group:
             lines.append(f"no PodGroup {namespace}/{group_name} yet: the scheduler keeps every member out of its "
-                         f"queue until fleetkeeper creates it (it waits for the gang size to be known)")
+                         f"queue until fleetkeeper creates it")
+            wl = await _get(kube, WORKLOADS, group_name, namespace) if member.scheduling_group else None
+            ann = ((wl or {}).get("metadata") or {}).get("annotations") or {}
+            if ann.get(gg.message_annotation(names)):
+                lines.append(f"fleetkeeper: {ann.get(gg.state_annotation(names), '')}: "
+                             f"{ann[gg.message_annotation(names)]}")
+            lines.extend(scheduler_lines(pod, None, names.gang_gate))
         return lines
     min_count = gg.group_min(group) or 0
     items, _ = await kube.list(PODS, namespace, label_selector=f"{names.gang}={member.gang}") if member.gang \
@@ -52,7 +58,7 @@ async def explain_pod(kube: Kube, names: Names, namespace: str, name: str) -> li
     lines.append(f"minimum members placed together: {min_count}; members: {len(active)} active, "
                  f"{len(bound)} placed, {sum(1 for m in members if m.phase == 'Succeeded')} succeeded, "
                  f"{sum(1 for m in members if m.phase == 'Failed')} failed")
-    lines.extend(scheduler_lines(pod, group))
+    lines.extend(scheduler_lines(pod, group, names.gang_gate))
     ann = (group["metadata"].get("annotations") or {})
     state = ann.get(gg.state_annotation(names))
     if state:
@@ -63,10 +69,14 @@ async def explain_pod(kube: Kube, names: Names, namespace: str, name: str) -> li
     return lines
 
 
-def scheduler_lines(pod: dict, group: dict | None) -> list[str]:
+def scheduler_lines(pod: dict, group: dict | None, own_gate: str = "") -> list[str]:
     """What kube-scheduler itself reported: the pod's PodScheduled condition and
-    the PodGroup's conditions, quoted, not inferred."""
+    the PodGroup's conditions, quoted, not inferred; and the pod's scheduling gates."""
     lines: list[str] = []
+    for g in (pod.get("spec") or {}).get("schedulingGates") or ():
+        name = g.get("name", "")
+        lines.append(f"scheduling gate {name}: the scheduler does not look at this pod until it is removed"
+                     + (" (fleetkeeper's: removed when the gang is no longer held)" if name == own_gate else ""))
     if group is not None:
         conds = (group.get("status") or {}).get("conditions") or ()
         for c in conds:

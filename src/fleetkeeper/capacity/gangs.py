@@ -69,7 +69,8 @@ class GangPod:
     owner_api_version: str
     scheduling_group: str  # spec.schedulingGroup.podGroupName
     cosched_group: str  # scheduling.x-k8s.io/pod-group label
-    scheduled_message: str  # PodScheduled=False message
+    scheduled_message: str  # PodScheduled=False message (not the API server's SchedulingGated)
+    gated: bool = False  # carries fleetkeeper's gang gate (Names.gang_gate)
 
     @property
     def key(self) -> str:
@@ -81,7 +82,7 @@ class GangPod:
 
 
 def gang_pod_projector(names: Names):
-    gang_label, min_key = names.gang, names.gang_min
+    gang_label, min_key, gate = names.gang, names.gang_min, names.gang_gate
 
     def project(obj: dict) -> GangPod:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
@@ -98,7 +99,9 @@ def gang_pod_projector(names: Names):
             owner_api_version=owner.get("apiVersion", ""),
             scheduling_group=((spec.get("schedulingGroup") or {}).get("podGroupName") or ""),
             cosched_group=labels.get(COSCHED_LABEL, ""),
-            scheduled_message=sched.get("message", "") if sched.get("status") == "False" else "",
+            scheduled_message=sched.get("message", "") if sched.get("status") == "False" and
+            sched.get("reason") != "SchedulingGated" else "",
+            gated=any(g.get("name") == gate for g in spec.get("schedulingGates") or ()),
         )
 
     return project
@@ -157,6 +160,7 @@ class GangPlan:
     requeue_after: float | None = None
     not_in_group: list[str] = field(default_factory=list)
     held: str = ""  # why fleetkeeper withholds the PodGroup now ("": not held)
+    ungate: list[str] = field(default_factory=list)  # members whose gang gate to remove now
 
     @property
     def state_changed(self) -> bool:
@@ -403,10 +407,15 @@ def decide_gang(key: str, pods: list[GangPod], owner: Owner | None, objs: GroupO
     plan.min_count, plan.size_source = min_count, source
     scheduled = any(p.node for p in pods if p.active)
     plan.held, hold_wait = hold_podgroup(pods, min_count, objs, cfg, room, now, judged_at)
+    if not plan.held:
+        # the gate goes first and the PodGroup follows once no member carries it: kube-scheduler's pod group
+        # cycle takes only the members in its queue, so a PodGroup seen while some were gated would run a
+        # cycle short of members
+        plan.ungate = sorted(p.name for p in pods if p.gated and not p.node and not p.deleting)
     wanted: list[tuple[object, dict | None, dict]] = []
     if cfg.in_tree:
         wanted.append((WORKLOADS, objs.workload, workload_body(ns, gang, min_count, owner, names)))
-        if not plan.held:
+        if not plan.held and not (plan.ungate and objs.podgroup is None):
             wanted.append((PODGROUPS, objs.podgroup, podgroup_body(ns, gang, min_count, owner, names)))
     if cfg.coscheduling:
         wanted.append((COSCHED_PODGROUPS, objs.cosched,
@@ -428,6 +437,8 @@ def decide_gang(key: str, pods: list[GangPod], owner: Owner | None, objs: GroupO
     if cfg.coscheduling:
         plan.patch_labels = sorted(p.name for p in pods if p.active and not p.node and p.cosched_group != gang)
     plan.state, plan.message = gang_state(pods, min_count, node_ok, objs.podgroup or objs.cosched)
+    if plan.ungate:
+        plan.requeue_after = 1.0 if plan.requeue_after is None else min(plan.requeue_after, 1.0)
     if plan.held:
         plan.message += f"; {plan.held}"
         if hold_wait is not None:
@@ -440,8 +451,15 @@ def decide_gang(key: str, pods: list[GangPod], owner: Owner | None, objs: GroupO
 
 # --- admission --------------------------------------------------------------
 
-def mutate_pod(req: AdmissionRequest, cfg: CapacityConfig, names: Names) -> Admission:
-    """Pod CREATE: put a gang member into its group (pure; served by the webhook)."""
+def gates_members(cfg: CapacityConfig) -> bool:
+    """Whether gang members are admitted with fleetkeeper's scheduling gate (see ``gate_held_members``)."""
+    return cfg.in_tree and cfg.gangs.hold_until_room_members is not None and cfg.gangs.gate_held_members
+
+
+def mutate_pod(req: AdmissionRequest, cfg: CapacityConfig, names: Names, gate: bool = True) -> Admission:
+    """Pod CREATE: put a gang member into its group (pure; served by the webhook). With ``gate`` (not in
+    dry-run) and the hold on, the member also gets fleetkeeper's scheduling gate: kube-scheduler then skips it
+    when a sibling arrives, and the gang controller removes it when the gang is no longer held."""
     if req.kind != "Pod" or req.operation != "CREATE":
         return Admission()
     meta = req.obj.get("metadata") or {}
@@ -466,6 +484,13 @@ def mutate_pod(req: AdmissionRequest, cfg: CapacityConfig, names: Names) -> Admi
             patch.append({"op": "add", "path": "/spec/schedulingGroup", "value": {"podGroupName": gang}})
         elif current != gang:
             warnings.append(f"pod names schedulingGroup {current!r} but carries {names.gang}={gang}; left as set")
+        gates = spec.get("schedulingGates")
+        if gate and gates_members(cfg) and current in (None, gang) and not spec.get("nodeName") and \
+                not any(isinstance(g, dict) and g.get("name") == names.gang_gate for g in gates or ()):
+            if isinstance(gates, list):
+                patch.append({"op": "add", "path": "/spec/schedulingGates/-", "value": {"name": names.gang_gate}})
+            else:
+                patch.append({"op": "add", "path": "/spec/schedulingGates", "value": [{"name": names.gang_gate}]})
     if cfg.coscheduling:
         if labels.get(COSCHED_LABEL) != gang:
             patch.append({"op": "add", "path": json_patch_path("metadata", "labels", COSCHED_LABEL), "value": gang})

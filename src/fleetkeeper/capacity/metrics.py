@@ -41,6 +41,9 @@ class CapacityMetrics:
         self.group_ops = Counter(f"{PREFIX}_gang_group_operations_total",
                                  "Group objects created/deleted for gangs", ["kind", "op", "result"],
                                  registry=registry)
+        self.ungates = Counter(f"{PREFIX}_gang_member_ungates_total",
+                               "Gang gates removed from members whose gang is no longer held (one PATCH each)",
+                               ["result"], registry=registry)
         self.owner_reads = Counter(f"{PREFIX}_gang_owner_reads_total",
                                    "Live reads of gang owners (Job, StatefulSet, ...): one per gang per "
                                    "interval, plus one before each group object write", registry=registry)
@@ -56,6 +59,8 @@ class CapacityMetrics:
         for op in ("create", "kick", "delete"):
             for r in ("ok", "error", "dry_run", "rate_limited"):
                 self.requeues.labels(op, r)
+        for r in ("ok", "error", "dry_run"):
+            self.ungates.labels(r)
         for s in GANG_STATES:
             self.gangs.labels(s).set(0)
         for kind in ("Workload", "PodGroup", "CoschedulingPodGroup"):

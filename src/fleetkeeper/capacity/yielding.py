@@ -68,8 +68,8 @@ class WaitingPod:
     requeue_for: str = ""  # a requeue pod fleetkeeper made for this group (capacity/requeue.py)
     cpu_millis: int = 0  # CPU requested (pods of CPU pools: what a CPU balloon holds)
     scheduled_note: str = ""  # the PodScheduled condition as the scheduler last wrote it (status|reason|message|time)
-    tried: bool = True  # has a PodScheduled condition (False: the scheduler has not looked at it yet)
-    gated: bool = False  # spec.schedulingGates: held before the queue on purpose
+    tried: bool = True  # has a PodScheduled condition other than SchedulingGated (False: not looked at yet)
+    gated: bool = False  # spec.schedulingGates other than fleetkeeper's gang gate: held before the queue on purpose
 
     @property
     def unit(self) -> str:
@@ -84,6 +84,7 @@ def requeue_label(names: Names) -> str:
 def waiting_pod_projector(names: Names):
     balloon = names.balloon
     requeue = requeue_label(names)
+    own_gate = names.gang_gate
 
     def project(obj: dict) -> WaitingPod:
         meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
@@ -125,7 +126,10 @@ def waiting_pod_projector(names: Names):
             queued=KUEUE_QUEUE_LABEL in (meta.get("labels") or {}),
             requeue_for=(meta.get("labels") or {}).get(requeue, ""),
             cpu_millis=requested_cpu_millis(spec),
-            tried=bool(sched), gated=bool(spec.get("schedulingGates")),
+            # fleetkeeper's own gang gate holds a member of a gang it judges (the gang counts as waiting work
+            # like any held gang); the API server's SchedulingGated condition is no attempt by the scheduler
+            tried=bool(sched) and sched.get("reason") != "SchedulingGated",
+            gated=any(g.get("name") != own_gate for g in spec.get("schedulingGates") or ()),
             scheduled_note="|".join(str(sched.get(k) or "") for k in ("status", "reason", "message",
                                                                       "lastTransitionTime")),
         )

@@ -58,6 +58,12 @@ class Names:
         return f"{self.domain}/gang-min-members"
 
     @property
+    def gang_gate(self) -> str:
+        """Scheduling gate fleetkeeper's webhook puts on a held gang's members (``spec.schedulingGates``);
+        removed when the gang's room is free."""
+        return f"{self.domain}/gang-hold"
+
+    @property
     def gang_opt_out(self) -> str:
         """Annotation on a workload that declares a gang (JobSet, MPIJob, ...): ``"false"``
         opts it out of gang scheduling."""

@@ -5,14 +5,18 @@ scheduling thread (a status PATCH per member, and the group is retried back to
 back from the backoff queue while nothing else is queued), so smaller gangs
 waited behind it on idle nodes (docs/capacity.md, "Large gangs"). fleetkeeper
 withholds the PodGroup of a gang of at least ``hold_until_room_members`` until
-its simulation places the gang whole: GangScheduling's PreEnqueue then keeps
-the members out of the queue, and the scheduler never tries them.
+its simulation places the gang whole, and its webhook admits every member with
+a scheduling gate that it removes once the gang is no longer held (the
+PodGroup follows when no gate is left): the scheduler never tries a held
+member, and a sibling's arrival does not wake it.
 
 Here: a pool of 4 nodes, one busy with long-running work; a 4-member gang
 (held: it fits the pool, not now) and a 2-member gang behind it. The small
-gang is placed; the large one has a Workload but no PodGroup, and none of its
-members was ever tried by the scheduler (no PodScheduled condition). Once the
-busy node frees, the PodGroup is created and the gang is bound whole.
+gang (below the threshold: its gate is removed at once) is placed; the large
+one has a Workload but no PodGroup, every member still carries the gate, and
+none was ever tried by the scheduler (no PodScheduled condition but the API
+server's SchedulingGated). Once the busy node frees, the gates go, the
+PodGroup is created and the gang is bound whole.
 """
 
 from __future__ import annotations
@@ -44,7 +48,12 @@ def gang_job(name: str, size: int, spec: dict) -> dict:
 
 
 def tried(pod: dict) -> bool:
-    return any(c.get("type") == "PodScheduled" for c in (pod.get("status") or {}).get("conditions") or ())
+    return any(c.get("type") == "PodScheduled" and c.get("reason") != "SchedulingGated"
+               for c in (pod.get("status") or {}).get("conditions") or ())
+
+
+def gated(pod: dict) -> bool:
+    return any(g.get("name") == NAMES.gang_gate for g in pod["spec"].get("schedulingGates") or ())
 
 
 async def test_a_large_gang_gets_its_podgroup_only_once_it_fits(kube, namespace, pool_factory, run_capacity):
@@ -76,6 +85,7 @@ async def test_a_large_gang_gets_its_podgroup_only_once_it_fits(kube, namespace,
             "the large gang's PodGroup was created although the gang does not fit now"
         members = await pods_of(kube, namespace, f"{NAMES.gang}=large")
         assert not bound(members)
+        assert all(gated(p) for p in members), "a held gang's members carry fleetkeeper's gate"
         assert not any(tried(p) for p in members), \
             "kube-scheduler tried members of the held gang: " + str([p["status"].get("conditions") for p in members])
         await kube.delete(PODS, "busy", namespace)
@@ -91,5 +101,6 @@ async def test_a_large_gang_gets_its_podgroup_only_once_it_fits(kube, namespace,
             return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=large"))) == NODES_N
         await wait_for(large_placed, 120, what="the large gang bound whole once the pool is free")
         assert await kube.get_or_none(PODGROUPS, "large", namespace) is not None
+        assert not any(gated(p) for p in await pods_of(kube, namespace, f"{NAMES.gang}=large"))
     finally:
         await delete_jobs(kube, namespace)

@@ -21,11 +21,11 @@ BOTH = CapacityConfig.model_validate({"gangs": {"backend": "both", "coscheduling
 
 
 def member(name: str, node: str = "", phase: str = "Pending", gang: str = "g", min_: str = "", created: float = NOW - 60,
-           owner: str = "Job", group: str = "g", deleting: bool = False) -> gg.GangPod:
+           owner: str = "Job", group: str = "g", deleting: bool = False, gated: bool = False) -> gg.GangPod:
     return gg.GangPod(namespace="ns", name=name, uid=f"u-{name}", gang=gang, min_members=min_, node=node, phase=phase,
                       deleting=deleting, created=created, owner_kind=owner, owner_name="train" if owner else "",
                       owner_uid="ou" if owner else "", owner_api_version="batch/v1" if owner else "",
-                      scheduling_group=group, cosched_group="", scheduled_message="")
+                      scheduling_group=group, cosched_group="", scheduled_message="", gated=gated)
 
 
 JOB = gg.Owner("Job", "train", "ou", "batch/v1", 4)
@@ -177,14 +177,23 @@ def review(labels: dict | None, annotations: dict | None = None, spec: dict | No
 
 @pytest.mark.parametrize("req,cfg,allowed,patch_paths", [
     (review({}), IN_TREE, True, []),
-    (review({N.gang: "exp-a"}), IN_TREE, True, ["/spec/schedulingGroup"]),
-    (review({N.gang: "exp-a"}, spec={"schedulingGroup": {"podGroupName": "exp-a"}}), IN_TREE, True, []),
+    (review({N.gang: "exp-a"}), IN_TREE, True, ["/spec/schedulingGroup", "/spec/schedulingGates"]),
+    (review({N.gang: "exp-a"}, spec={"schedulingGroup": {"podGroupName": "exp-a"}}), IN_TREE, True,
+     ["/spec/schedulingGates"]),
+    (review({N.gang: "exp-a"}, spec={"schedulingGroup": {"podGroupName": "exp-a"},
+                                     "schedulingGates": [{"name": N.gang_gate}]}), IN_TREE, True, []),
+    (review({N.gang: "exp-a"}, spec={"schedulingGates": [{"name": "other.io/quota"}]}), IN_TREE, True,
+     ["/spec/schedulingGroup", "/spec/schedulingGates/-"]),
+    (review({N.gang: "exp-a"}), CapacityConfig.model_validate({"gangs": {"hold_until_room_members": None}}), True,
+     ["/spec/schedulingGroup"]),
+    (review({N.gang: "exp-a"}), CapacityConfig.model_validate({"gangs": {"gate_held_members": False}}), True,
+     ["/spec/schedulingGroup"]),
     (review({N.gang: "Exp_A"}), IN_TREE, False, []),
     (review({N.gang: "exp-a"}, {N.gang_min: "zero"}), IN_TREE, False, []),
-    (review({N.gang: "exp-a"}, {N.gang_min: "4"}), IN_TREE, True, ["/spec/schedulingGroup"]),
+    (review({N.gang: "exp-a"}, {N.gang_min: "4"}), IN_TREE, True, ["/spec/schedulingGroup", "/spec/schedulingGates"]),
     (review({N.gang: "exp-a"}), COSCHED, True, ["/metadata/labels/scheduling.x-k8s.io~1pod-group"]),
-    (review({N.gang: "exp-a"}), BOTH, True, ["/spec/schedulingGroup", "/metadata/labels/scheduling.x-k8s.io~1pod-group",
-                                             "/spec/schedulerName"]),
+    (review({N.gang: "exp-a"}), BOTH, True, ["/spec/schedulingGroup", "/spec/schedulingGates",
+                                             "/metadata/labels/scheduling.x-k8s.io~1pod-group", "/spec/schedulerName"]),
     (review({N.gang: "exp-a"}, op="UPDATE"), IN_TREE, True, []),
     (review({N.gang: "exp-a"}, kind="Node"), IN_TREE, True, []),
 ])
@@ -326,3 +335,71 @@ def test_room_verdicts_from_the_pass():
     assert room_verdicts([a, b]) == {"ns/fits": gg.ROOM_FITS, "ns/both": gg.ROOM_FITS, "ns/blocked": gg.ROOM_BLOCKED,
                                      "ns/budget": gg.ROOM_BLOCKED, "ns/other": gg.ROOM_UNFIT,
                                      "ns/unfit": gg.ROOM_UNFIT, "ns/leaving": gg.ROOM_BLOCKED}
+
+
+# --- the gang gate: held members are out of kube-scheduler's reach until the gang is not held -------------
+
+def test_webhook_gates_members_but_not_in_dry_run():
+    adm = gg.mutate_pod(review({N.gang: "exp-a"}), IN_TREE, N)
+    assert {"op": "add", "path": "/spec/schedulingGates", "value": [{"name": N.gang_gate}]} in adm.patch
+    other = gg.mutate_pod(review({N.gang: "exp-a"}, spec={"schedulingGates": [{"name": "other.io/quota"}]}), IN_TREE, N)
+    assert {"op": "add", "path": "/spec/schedulingGates/-", "value": {"name": N.gang_gate}} in other.patch
+    dry = gg.mutate_pod(review({N.gang: "exp-a"}), IN_TREE, N, gate=False)
+    assert [op["path"] for op in dry.patch] == ["/spec/schedulingGroup"]
+    assert gg.mutate_pod(review({N.gang: "exp-a"}), COSCHED, N).patch[0]["path"] != "/spec/schedulingGates"
+
+
+def test_held_gang_keeps_its_gates():
+    pods = [member(n, created=NOW - 5, gated=True) for n in "abc"]
+    plan = gg.decide_gang("ns/g", pods, BIG, gg.GroupObjects(), {}, HOLD, N, NOW, None, room=gg.ROOM_BLOCKED)
+    assert plan.held and plan.ungate == [] and kinds_created(plan) == {"Workload"}
+
+
+def test_gang_no_longer_held_is_ungated_first_and_gets_its_podgroup_once_no_gate_is_left():
+    gated = [member(n, created=NOW - 5, gated=True) for n in "abc"]
+    plan = gg.decide_gang("ns/g", gated, BIG, gg.GroupObjects(), {}, HOLD, N, NOW, None, room=gg.ROOM_FITS)
+    assert not plan.held and plan.ungate == ["a", "b", "c"]
+    assert kinds_created(plan) == {"Workload"}, "a PodGroup seen while members are gated runs a cycle short of them"
+    assert plan.requeue_after is not None
+    half = [member("a", created=NOW - 5), member("b", created=NOW - 5, gated=True), member("c", created=NOW - 5)]
+    assert gg.decide_gang("ns/g", half, BIG, gg.GroupObjects(), {}, HOLD, N, NOW, None, room=gg.ROOM_FITS).ungate == ["b"]
+    free = [member(n, created=NOW - 5) for n in "abc"]
+    after = gg.decide_gang("ns/g", free, BIG, gg.GroupObjects(), {}, HOLD, N, NOW, None, room=gg.ROOM_FITS)
+    assert after.ungate == [] and kinds_created(after) == {"Workload", "PodGroup"}
+
+
+@pytest.mark.parametrize("cfg,objs", [
+    (CapacityConfig.model_validate({"gangs": {"hold_until_room_members": None}}), gg.GroupObjects()),  # hold off
+    (HOLD, gg.GroupObjects(podgroup={"metadata": {"name": "g"}})),  # a member the Job made again after a failure
+])
+def test_gated_members_of_a_gang_not_held_are_ungated(cfg, objs):
+    pods = [member("a", created=NOW - 5, gated=True), member("b", created=NOW - 5), member("c", created=NOW - 5)]
+    plan = gg.decide_gang("ns/g", pods, BIG, objs, {}, cfg, N, NOW, None, room=gg.ROOM_BLOCKED)
+    assert not plan.held and plan.ungate == ["a"]
+
+
+def test_projection_reads_the_gate_and_skips_the_gated_condition():
+    obj = {"metadata": {"name": "p", "namespace": "ns", "labels": {N.gang: "g"}},
+           "spec": {"schedulingGroup": {"podGroupName": "g"},
+                    "schedulingGates": [{"name": "other.io/quota"}, {"name": N.gang_gate}]},
+           "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                          "reason": "SchedulingGated",
+                                                          "message": "Scheduling is blocked due to non-empty "
+                                                                     "scheduling gates"}]}}
+    p = gg.gang_pod_projector(N)(obj)
+    assert p.gated and p.scheduled_message == ""
+    obj["spec"]["schedulingGates"] = [{"name": "other.io/quota"}]
+    assert not gg.gang_pod_projector(N)(obj).gated
+
+
+def test_waiting_pod_own_gate_is_neither_gated_nor_tried():
+    from fleetkeeper.capacity import yielding as yd
+    obj = {"metadata": {"name": "p", "namespace": "ns", "labels": {N.gang: "g"}, "creationTimestamp": None},
+           "spec": {"schedulingGroup": {"podGroupName": "g"}, "schedulingGates": [{"name": N.gang_gate}],
+                    "priority": 10, "containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "8"}}}]},
+           "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                          "reason": "SchedulingGated"}]}}
+    w = yd.waiting_pod_projector(N)(obj)
+    assert not w.gated and not w.tried
+    obj["spec"]["schedulingGates"].append({"name": "other.io/quota"})
+    assert yd.waiting_pod_projector(N)(obj).gated
