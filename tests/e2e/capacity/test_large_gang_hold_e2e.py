@@ -25,6 +25,7 @@ import asyncio
 
 from capacity_helpers import NAMES, bound, delete_jobs, pods_of, wait_for
 from fleetkeeper.capacity.config import CapacityConfig
+from fleetkeeper.capacity.explain import explain_pod
 from fleetkeeper.core import errors
 from fleetkeeper.core.kube import JOBS, PODGROUPS, PODS, WORKLOADS, build_request
 
@@ -88,6 +89,10 @@ async def test_a_large_gang_gets_its_podgroup_only_once_it_fits(kube, namespace,
         assert all(gated(p) for p in members), "a held gang's members carry fleetkeeper's gate"
         assert not any(tried(p) for p in members), \
             "kube-scheduler tried members of the held gang: " + str([p["status"].get("conditions") for p in members])
+        # explain tells why, in fleetkeeper's words (there is no PodGroup for the scheduler to speak on)
+        text = "\n".join(await explain_pod(kube, NAMES, namespace, members[0]["metadata"]["name"]))
+        assert f"scheduling gate {NAMES.gang_gate}" in text and \
+            f"holds its PodGroup until room for all {NODES_N} members is free" in text, text
         await kube.delete(PODS, "busy", namespace)
         await kube.request(build_request("delete", JOBS, namespace=namespace, name="small",
                                          body={"propagationPolicy": "Background"}))

@@ -36,6 +36,7 @@ async def test_applier_patch_conflict_dry_run_event_and_metric(kube):
     dry = {"on": True}
     ap = Applier(kube, EventRecorder(kube, "test"), component="test", registry=reg, dry_run=lambda: dry["on"],
                  provider=provider)
+    again = None
     try:
         view = proj.node(await kube.get(NODES, name))
         plan = Plan(name, "quarantine", (AddTaint("fleetkeeper.io/quarantine", "x"),
@@ -80,6 +81,10 @@ async def test_applier_patch_conflict_dry_run_event_and_metric(kube):
         ours = [e["reason"] for e in items if e.get("reportingController") == "fleetkeeper.io/test"]
         assert sorted(ours) == ["DryRunQuarantined", "Quarantined"]
     finally:
+        # stop the recorders' writers: a writer still running when the test ends is a leaked task
+        await ap.recorder.close(60)
+        if again is not None:
+            await again.recorder.close(60)
         try:
             await kube.delete(NODES, name)
         except errors.NotFound:
@@ -132,6 +137,7 @@ async def test_a_provider_failure_after_the_record_keeps_the_events_and_a_check_
         # error, then one check, never a success of its own
         assert sample("error") == 1 and sample("checked") == 1 and sample("success") == 1
     finally:
+        await ap.recorder.close(60)  # a writer still running when the test ends is a leaked task
         try:
             await kube.delete(NODES, name)
         except errors.NotFound:
