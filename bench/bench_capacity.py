@@ -14,7 +14,10 @@ measured in the same run:
    gangs, who is placed and how long it takes; without gangs, the partial
    placement that deadlocks both;
 3. balloons: time from a J-pod GPU job's creation to all its pods bound on a
-   pool full of balloons, against the same job on an empty pool.
+   pool full of balloons, against the same job on an empty pool; with
+   ``--job-gang`` the job is one gang under fleetkeeper's default
+   configuration (held until its room is free, balloons released for it in
+   one step), and the empty pool's run has the gang controller too.
 """
 
 from __future__ import annotations
@@ -293,21 +296,30 @@ async def main(args) -> None:
                                         verbosity=args.scheduler_v or 1)
                 print(f"kube-scheduler restarted with --feature-gates=...,{args.scheduler_gates} "
                       f"--v={args.scheduler_v or 1}")
-            print(f"\n[3] a {j}-pod GPU job (8 GPUs a pod)")
+            print(f"\n[3] a {j}-pod GPU job (8 GPUs a pod)" + (", one gang (fleetkeeper's default configuration)"
+                                                               if args.job_gang else ""))
+
+            def job_pods() -> list[dict]:
+                return [pod(f"j-{i}", gang="job" if args.job_gang else None, min_=j if args.job_gang else None)
+                        for i in range(j)]
             ns = await fresh_ns(kube, "b3-empty")
+            # a gang needs fleetkeeper's gang controller on the empty pool too (its PodGroup)
+            gtask = (await start(kube, gangs_cfg, tmp, webhook=True))[0] if args.job_gang else None
             t = time.monotonic()
             m0 = await common.scheduler_metrics(lc)
-            await create_all(kube, ns, [pod(f"j-{i}") for i in range(j)])
+            await create_all(kube, ns, job_pods())
             base = await wait_bound(kube, ns, "bench=1", j, 300)
             base = None if base is None else time.monotonic() - t
+            if gtask is not None:
+                await stop(gtask)
             print(f"  empty pool, kube-scheduler: {common.scheduler_work(m0, await common.scheduler_metrics(lc))}")
             print(f"  empty pool, bound: {quarters(j)}")
             print(f"  empty pool        : all {j} bound {base:.1f}s after creation" if base else
                   "  empty pool: not all bound within 300s")
             await drop_ns(kube, ns)
             bcfg = CapacityConfig.model_validate({"balloons": {"pools": [{"name": "gpu", "max_nodes": len(gpu_nodes)}]},
-                                                  "gangs": {"enabled": False}})
-            task, mgr = await start(kube, bcfg, tmp, webhook=False)
+                                                  "gangs": {"enabled": args.job_gang, "webhook_port": 0}})
+            task, mgr = await start(kube, bcfg, tmp, webhook=args.job_gang)
             t = time.monotonic()
             full = await wait_bound(kube, "fleetkeeper-system", f"{N.domain}/balloon=gpu", len(gpu_nodes), 900)
             print(f"  balloons          : {len(gpu_nodes)} placed in {time.monotonic() - t:.1f}s"
@@ -342,7 +354,7 @@ async def main(args) -> None:
             _, brv = await kube.list(PODS, "fleetkeeper-system", label_selector=f"{N.domain}/balloon=gpu")
             balloons_watch = asyncio.create_task(watch_balloons(brv))
             m0 = await common.scheduler_metrics(lc)
-            await create_all(kube, ns, [pod(f"j-{i}") for i in range(j)])
+            await create_all(kube, ns, job_pods())
             took = await wait_bound(kube, ns, "bench=1", j, 300)
             watcher.cancel()
             print(f"  pool of balloons, kube-scheduler: {common.scheduler_work(m0, await common.scheduler_metrics(lc))}")
@@ -367,7 +379,7 @@ async def main(args) -> None:
                     print(f"  {reason}: none")
             took = None if took is None else time.monotonic() - t
             print(f"  pool of balloons, bound: {quarters(j)}")
-            print(f"  pool of balloons  : all {j} bound {took:.1f}s after creation (preempting {j} balloons); "
+            print(f"  pool of balloons  : all {j} bound {took:.1f}s after creation (in place of {j} balloons); "
                   f"ratio to empty pool {took / base:.2f} (load average {os.getloadavg()[0]:.1f})" if took and base else "  pool of balloons: not all bound")
             if args.keep_log:
                 shutil.copy(lc.dir / "logs" / "kube-scheduler.log", args.keep_log)
@@ -391,6 +403,9 @@ if __name__ == "__main__":
     ap.add_argument("--gang", type=int, default=1000, help="pods in the big gang (capped at the GPU nodes)")
     ap.add_argument("--pair", type=int, default=50, help="nodes both experiments ask for")
     ap.add_argument("--job", type=int, default=100, help="pods of the job arriving on a pool of balloons")
+    ap.add_argument("--job-gang", action="store_true",
+                    help="section 3's job is one gang (gangs on, fleetkeeper's defaults: held until its room is "
+                         "free, balloons released for it in one step); the empty pool's run has the gang controller")
     ap.add_argument("--bound-timeout", type=float, default=600.0,
                     help="section 1: how long to wait for every pod of a mode to be bound")
     ap.add_argument("--scheduler-gates", default="",
