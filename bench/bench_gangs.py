@@ -17,7 +17,9 @@ field ``sync`` turns ``SchedulerAsyncPreemption`` off (``gangs@1:2:sync``);
 the scheduler is restarted with them before the mode (a mode without ``@``
 runs on kube-scheduler's defaults, 1 s and 10 s). ``MODE/nogate`` holds
 gangs without fleetkeeper's scheduling gate (``gangs.gate_held_members:
-false``), the code before the gate, side by side with the default.
+false``), ``MODE/noexpect`` counts a gang as waiting work only once all its
+members exist (``gangs.expect_members_seconds: null``): the code before each,
+side by side with the default.
 
 The burst: the largest job first (one pod per node of the pool), then
 ``jobs - 1`` jobs of 1 to 8 pods (a fixed pseudo-random mix), every pod 8
@@ -134,10 +136,11 @@ async def stuck_report(kube: Kube, ns: str) -> str:
 
 
 def parse_mode(spec: str) -> tuple[str, dict]:
-    """``MODE[/nogate][@I:M[:sync]]`` -> (mode, tune_scheduler arguments); ``/nogate``: gangs held without the
-    gang gate (``gangs.gate_held_members: false``), to compare side by side."""
+    """``MODE[/nogate][/noexpect][@I:M[:sync]]`` -> (mode, tune_scheduler arguments); ``/nogate``: gangs held
+    without the gang gate (``gangs.gate_held_members: false``), ``/noexpect``: a gang counts as waiting work
+    only once all its members exist (``gangs.expect_members_seconds: null``), to compare side by side."""
     mode, _, tune = spec.partition("@")
-    mode = mode.removesuffix("/nogate")
+    mode = mode.split("/")[0]
     if mode not in ("balloons+gangs", "gangs", "no-gangs"):
         raise SystemExit(f"unknown mode {mode!r} in {spec!r}: balloons+gangs, gangs or no-gangs")
     if not tune:
@@ -461,6 +464,7 @@ async def main(args) -> None:
                               "requeue_stuck_after_seconds": None if args.previous or args.no_requeue else
                               args.requeue_after,
                               **({"gate_held_members": False} if "/nogate" in spec_ else {}),
+                              **({"expect_members_seconds": None} if "/noexpect" in spec_ else {}),
                               **({"hold_until_room_members": args.hold_members or None}
                                  if args.hold_members is not None else {})}})
                 task, _, reg = await start(kube, cfg, tmp)

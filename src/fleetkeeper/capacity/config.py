@@ -163,6 +163,14 @@ class GangConfig(BaseModel):
                           "arrival runs GangScheduling's PreEnqueue again for every gated sibling (quadratic in "
                           "the gang's size: 501,500 runs for a 1,000-member gang); a gated member is skipped at no "
                           "cost (docs/capacity.md)")
+    expect_members_seconds: float | None = Field(
+        30.0, ge=0, le=3600, description="a held gang whose size is known (its annotation, its Job's parallelism, "
+                                         "...) counts as waiting work for the members it still lacks, for up to "
+                                         "this long after its first member appeared: the pools' simulation gives "
+                                         "it room in its turn (oldest first) while its members are created, "
+                                         "instead of letting smaller gangs behind it take that room (a 1,000-pod "
+                                         "job's members take seconds to create); None: a gang counts once all "
+                                         "its members exist")
     hold_unjudged_seconds: float = Field(
         30.0, ge=0, le=3600, description="a held gang that no pool's simulation has judged this long after all "
                                          "its members exist (it asks for no pool fleetkeeper knows) gets its "

@@ -150,6 +150,9 @@ class BalloonManager:
         # "is this gang's group there with all its members?" (set by setup when gangs run): such a gang is
         # waiting work before the scheduler's first try
         self.gang_complete: Callable[[str], bool] | None = None
+        # "how many members does this held gang of known size still lack?" (set by setup when gangs run): its
+        # turn for room is kept while they are created (gangs.expect_members_seconds)
+        self.gang_expected: Callable[[str], int] | None = None
         # told each pass what the simulation says about every waiting unit (fits, blocked, unfit): the gang
         # controller creates a held large gang's PodGroup once it fits (gangs.hold_podgroup)
         self.on_room: Callable[[dict[str, str]], bool] | None = None
@@ -304,7 +307,8 @@ class BalloonManager:
         if self.waiting is None:
             return []
         items = self.waiting.items()
-        by_resource = {r: yd.units(items, b.priority, r, self.gang_complete) for r in ("gpu", "cpu")}
+        by_resource = {r: yd.units(items, b.priority, r, self.gang_complete, self.gang_expected)
+                       for r in ("gpu", "cpu")}
         self._units = by_resource["gpu"] + by_resource["cpu"]
         label, released_key = self.names.balloon, yd.released_annotation(self.names)
         nodes, pods = self.nodes.items(), self.pods.items()
@@ -412,7 +416,9 @@ class BalloonManager:
         free = {k for y in yields for k in y.free}
         probes = [p for p in self.waiting.items() if p.requeue_for]
         now = self.clock.now()
-        plan = rq.decide(self._units, fitting, probes, self._requeue_state, now, self.requeue_after,
+        # a gang still missing members has no PodGroup to retry
+        whole = [u for u in self._units if not any(p.placeholder for p in u.pods)]
+        plan = rq.decide(whole, fitting, probes, self._requeue_state, now, self.requeue_after,
                          self.requeue_per_member, self.kick_after, free=free)
         self.last_requeue = plan
         self._requeue_state = plan.state
@@ -626,6 +632,20 @@ class GangManager:
         if not any(inf.get(key) is not None for inf in self.groups.values()):
             return False
         return sum(1 for p in self.members.get(key, {}).values() if p.active) >= plan.min_count
+
+    def expected(self, key: str) -> int:
+        """Members a held gang of known size still lacks, while its first member is younger than
+        ``gangs.expect_members_seconds`` (0 otherwise): the balloon pass counts them as waiting work."""
+        window = self.cfg.gangs.expect_members_seconds
+        plan = self.plans.get(key)
+        if window is None or plan is None or not plan.min_count or not plan.held:
+            return 0
+        active = [p for p in self.members.get(key, {}).values() if p.active]
+        if not active or len(active) >= plan.min_count or any(p.node for p in active):
+            return 0
+        if self.clock.now() - min(p.created for p in active) > window:
+            return 0
+        return plan.min_count - len(active)
 
     def set_room(self, verdicts: dict[str, str]) -> bool:
         """The balloon pass's verdicts; a held gang whose verdict changed is looked at again. Returns
@@ -969,6 +989,7 @@ async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
         mgr.add("capacity-gangs", cap.gangs.run)
         # a gang whose group appears is complete work waiting for room: look at the pools at once
         cap.balloons.gang_complete = cap.gangs.complete
+        cap.balloons.gang_expected = cap.gangs.expected
         if cap.balloons.waiting is not None:  # the pass judges room: large gangs wait for it (hold_podgroup)
             cap.gangs.room = {}
             cap.balloons.on_room = cap.gangs.set_room

@@ -83,7 +83,8 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list
     if target is None and after is not None:
         for k in blocked:
             u = by_key.get(k)
-            if u is not None and now - u.since >= after and not any(p.queued for p in u.pods):
+            # (not a gang still missing members: those created later would lack the toleration)
+            if u is not None and now - u.since >= after and not any(p.queued or p.placeholder for p in u.pods):
                 target = u
                 break
     if target is None:
@@ -119,5 +120,5 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list
         plan.taint.append(n.name)
     plan.reserved = sorted(keep)
     plan.tolerate = sorted(f"{p.namespace}/{p.name}" for p in target.pods
-                           if not tolerates(p.tolerations, key, tok, "NoSchedule"))
+                           if not p.placeholder and not tolerates(p.tolerations, key, tok, "NoSchedule"))
     return plan

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fleetkeeper.core.domain import GPU_RESOURCE, Names
 from fleetkeeper.core.views import NodeView, PodView, Toleration, parse_time, requested_cpu_millis
@@ -70,6 +70,7 @@ class WaitingPod:
     scheduled_note: str = ""  # the PodScheduled condition as the scheduler last wrote it (status|reason|message|time)
     tried: bool = True  # has a PodScheduled condition other than SchedulingGated (False: not looked at yet)
     gated: bool = False  # spec.schedulingGates other than fleetkeeper's gang gate: held before the queue on purpose
+    placeholder: bool = False  # not a pod: a member its gang still lacks (``units``, ``expected``)
 
     @property
     def unit(self) -> str:
@@ -222,7 +223,8 @@ class Unit:
 
 
 def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu",
-          complete: Callable[[str], bool] | None = None) -> list[Unit]:
+          complete: Callable[[str], bool] | None = None,
+          expected: Callable[[str], int] | None = None) -> list[Unit]:
     """The waiting work for pools of ``resource``, in the order it is served: priority, then oldest.
 
     GPU pools: pods that ask for GPUs; CPU pools: pods that ask for CPU and no
@@ -245,10 +247,19 @@ def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu",
         groups.setdefault(p.unit, []).append(p)
     out = []
     for key, members in groups.items():
+        # members a gang of known size still lacks (``expected``): counted as placeholders shaped like its
+        # first member, so that the gang takes its turn for room while the rest are created
+        missing = expected(key) if expected is not None and members[0].group else 0
         if not any(m.unschedulable for m in members):
             fresh = not any(m.tried or m.gated for m in members)
-            if not fresh or (members[0].group and (complete is None or not complete(key))):
+            if not fresh or (members[0].group and missing <= 0 and (complete is None or not complete(key))):
                 continue
+        if missing > 0:
+            first = min(members, key=lambda m: m.name)
+            members = members + [replace(first, name=f"{first.name}~{i}", uid="", placeholder=True,
+                                         unschedulable=False, unschedulable_since=0.0, nominated="",
+                                         requeue_for="", tried=False, scheduled_note="")
+                                 for i in range(missing)]
         out.append(Unit(key, max(m.priority for m in members), min(m.created for m in members),
                         tuple(sorted(members, key=lambda m: (-amount(m, resource), m.name))), resource))
     return sorted(out, key=lambda u: (-u.priority, u.since, u.key))

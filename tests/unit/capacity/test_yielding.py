@@ -409,3 +409,29 @@ def test_balloons_a_held_deployment_is_still_removing_are_not_released_again():
     # a Deployment at the pool's size: nothing is leaving, the release is made
     out = yd.decide(POOL, nodes, [], balloons, yd.units(gang("train", 4), -1000), N, 100, replicas=6)
     assert out.leaving == 0 and out.release_count == 4 and out.kept == 2
+
+
+def test_a_gang_still_missing_members_keeps_its_turn_for_room():
+    """A gang of known size whose members are still being created (``expected``) is counted whole, oldest
+    first: the balloons go for all of it, and a younger small gang does not take that room meanwhile."""
+    nodes = [node(f"n{i}") for i in range(4)]
+    balloons = [balloon(n.name) for n in nodes]
+    big = [fresh(p) for p in gang("big", 2, created=NOW - 10)]  # 2 of its 4 members exist so far
+    small = [fresh(p) for p in gang("small", 2, created=NOW - 5)]  # complete, younger
+    complete = {"ns/small"}.__contains__
+    # without the expectation the small gang comes first: it is the only complete one
+    assert [u.key for u in yd.units(big + small, -1000, complete=complete)] == ["ns/small"]
+    units = yd.units(big + small, -1000, complete=complete, expected=lambda k: 2 if k == "ns/big" else 0)
+    assert [(u.key, len(u.pods)) for u in units] == [("ns/big", 4), ("ns/small", 2)]
+    assert sum(p.placeholder for p in units[0].pods) == 2 and not any(p.placeholder for p in units[1].pods)
+    out = yd.decide(POOL, nodes, [], balloons, units, N, 100)
+    assert [(r.unit, len(r.balloons)) for r in out.releases] == [("ns/big", 4)]
+    assert out.fits == ["ns/big"] and out.blocked == ["ns/small"]
+
+
+def test_a_reservation_is_never_for_a_gang_still_missing_members():
+    from fleetkeeper.capacity import reserve as rs
+    nodes = [node(f"n{i}") for i in range(2)]
+    (u,) = yd.units([fresh(p) for p in gang("big", 1, created=NOW - 600)], -1000, expected=lambda k: 1)
+    plan = rs.decide(POOL, nodes, [work("w0", "n0"), work("w1", "n1")], [u], ["ns/big"], N, NOW, 60.0)
+    assert plan.unit == "" and plan.taint == [] and plan.tolerate == []
