@@ -55,6 +55,10 @@ WORKLOAD_GANG_PATH = "capacity-workload-gang"
 WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
 MIN_BALLOON_PASS_SECONDS = 1.0
 HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often even without events
+# a balloon released for waiting work that its ReplicaSet has not removed after this long is evicted: a
+# ReplicaSet still creating the pool (thousands of balloons at 7,500 nodes) deletes its pending pods first,
+# in batches of 500, before it gets to the bound ones fleetkeeper released
+BALLOON_LINGER_SECONDS = 10.0
 GANG_WORKERS = 16  # gangs reconciled at once: each is a few API calls (owner GET, group creates, Events), so in a
 # burst of hundreds of gangs the API server's latency, not CPU, bounds how soon a PodGroup exists
 MESSAGE_REFRESH_SECONDS = 5.0  # a gang's message annotation is refreshed at most this often
@@ -147,6 +151,8 @@ class BalloonManager:
                 lambda k, o, n: None if (o is not None and n is not None and o.unschedulable == n.unschedulable
                                          and o.deleting == n.deleting) or (n or o).balloon else "pools"))
         self.last_yield: dict[str, yd.PoolYield] = {}
+        self._going_since: dict[tuple[str, str], float] = {}  # released balloons not yet deleting: since when
+        self._evicted: set[tuple[str, str]] = set()  # evicted by _evict_lingering (never twice)
         # "is this gang's group there with all its members?" (set by setup when gangs run): such a gang is
         # waiting work before the scheduler's first try
         self.gang_complete: Callable[[str], bool] | None = None
@@ -240,6 +246,7 @@ class BalloonManager:
                     f"{dep['spec']['replicas']} balloons of {meta['annotations'][f'{self.names.domain}/balloon-size']} "
                     f"each, one per node of pool {meta['labels'][bl.balloon_label(self.names)]}")
         await self._announce(released)
+        await self._evict_lingering(yields)
         await self._reserve_room(yields)
         watch_requeue, kick_in = await self._requeue(yields)
         if self.on_room is not None and self.on_room(room_verdicts(yields)):
@@ -329,7 +336,7 @@ class BalloonManager:
             bound = [p for p in pods if p.node in names_ and p.active]
             per_balloon = sizing.per_balloon if pool.resource == "gpu" else sizing.per_balloon * 1000  # millicores
             balloons = [yd.Balloon(p.namespace, p.name, p.node, per_balloon,
-                                   released=p.deleting or released_key in p.annotations)
+                                   released=p.deleting or released_key in p.annotations, deleting=p.deleting)
                         for p in pods if p.labels.get(label) == pool.name and p.namespace == self.namespace
                         and p.node in names_ and p.phase not in ("Succeeded", "Failed")] \
                 if b.enabled and b.yield_to_waiting else []
@@ -343,6 +350,34 @@ class BalloonManager:
             out.append(y)
         self.last_yield = {y.pool: y for y in out}
         return out
+
+    async def _evict_lingering(self, yields: list[yd.PoolYield]) -> None:
+        """Evict balloons released for waiting work that are still there BALLOON_LINGER_SECONDS later (the
+        Deployment is held at the balloons that stay by then, so none is started in their place)."""
+        now = self.clock.monotonic()
+        going = {(b.namespace, b.name): (y.pool, b) for y in yields for b in y.going}
+        self._going_since = {k: self._going_since.get(k, now) for k in going}
+        due = [(k, pool, b) for k, (pool, b) in going.items()
+               if now - self._going_since[k] >= BALLOON_LINGER_SECONDS and k not in self._evicted]
+        self._evicted = {k for k in self._evicted if k in going}
+
+        async def one(key: tuple[str, str], pool: str, b: yd.Balloon) -> None:
+            result = "dry_run" if self.dry_run else "ok"
+            try:
+                if not self.dry_run:
+                    await self.kube.evict(b.namespace, b.name)
+                self._evicted.add(key)
+            except errors.NotFound:
+                return
+            except errors.ApiError as exc:
+                result = "error"
+                log.warning("could not evict released balloon %s/%s: %s", b.namespace, b.name, exc)
+            self.metrics.lingering.labels(pool, result).inc()
+            await self.recorder.emit(ObjectRef("Pod", b.name, b.namespace), "BalloonEvicted",
+                                     f"balloon of pool {pool} on node {b.node} evicted: released for waiting work "
+                                     f"{now - self._going_since[key]:.0f}s ago and not yet removed by its "
+                                     f"ReplicaSet" + (" [dry-run]" if self.dry_run else ""))
+        await _bounded([one(k, pool, b) for k, pool, b in due])
 
     async def _reserve_room(self, yields: list[yd.PoolYield]) -> None:
         """No starvation: reserve nodes for the gang that waited too long (pure plan: reserve.decide)."""

@@ -22,6 +22,9 @@ class CapacityMetrics:
         self.evictions = Counter(f"{PREFIX}_balloon_evictions_total",
                                  "Balloons removed from preflight/quarantined nodes",
                                  ["pool", "result"], registry=registry)
+        self.lingering = Counter(f"{PREFIX}_balloon_lingering_evictions_total",
+                                 "Released balloons evicted because their ReplicaSet had not removed them in time",
+                                 ["pool", "result"], registry=registry)
         self.releases = Counter(f"{PREFIX}_balloon_releases_total",
                                 "Balloons released in one step for waiting work (a gang as a unit)",
                                 ["pool", "result"], registry=registry)

@@ -272,6 +272,7 @@ class Balloon:
     node: str
     amount: float  # what it holds: GPUs, or CPU millicores (CPU pools)
     released: bool  # already chosen (annotation) or being deleted
+    deleting: bool = False  # being deleted (on its way out)
 
 
 @dataclass
@@ -302,6 +303,10 @@ class PoolYield:
     # room has actually freed, and kube-scheduler would place them now
     free: list[str] = field(default_factory=list)
     leaving: int = 0  # balloons the ReplicaSet is still to remove for an earlier hold (unmarked releases)
+    # balloons released earlier (marked, or among the leaving) that are not being deleted yet: the ReplicaSet
+    # removes them, unless it is still creating the pool (it then deletes its pending pods first, in
+    # batches), in which case the controller evicts those that linger (BALLOON_LINGER_SECONDS)
+    going: list[Balloon] = field(default_factory=list)
 
     @property
     def release_count(self) -> int:
@@ -440,11 +445,13 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     out = PoolYield(pool, resource)
     room, held = _node_room(nodes, bound, balloons, names.balloon, resource)
     still_there = {b.node for b in balloons if b.released}  # released, the pod not gone yet
+    out.going = [b for b in balloons if b.released and not b.deleting]
     if replicas is not None and len(held) > replicas:
         # the ReplicaSet removes pending balloons, then marked ones, then these: any of them will do
         # (they were released as interchangeable), so the simulation takes them off from the end
         out.leaving = len(held) - replicas
         for name in sorted(held)[-out.leaving:]:
+            out.going.append(held[name])
             del held[name]
             still_there.add(name)
     alike = _alike(held, room)

@@ -435,3 +435,18 @@ def test_a_reservation_is_never_for_a_gang_still_missing_members():
     (u,) = yd.units([fresh(p) for p in gang("big", 1, created=NOW - 600)], -1000, expected=lambda k: 1)
     plan = rs.decide(POOL, nodes, [work("w0", "n0"), work("w1", "n1")], [u], ["ns/big"], N, NOW, 60.0)
     assert plan.unit == "" and plan.taint == [] and plan.tolerate == []
+
+
+def test_balloons_released_earlier_and_not_yet_deleting_are_going():
+    """What the controller evicts if they linger: marked ones not yet being deleted, and those an
+    interchangeable release left to the ReplicaSet (the leaving ones); never one already being deleted."""
+    nodes = [node(f"n{i}") for i in range(4)]
+    marked = dataclasses.replace(balloon("n0"), released=True)
+    deleting = dataclasses.replace(balloon("n1"), released=True, deleting=True)
+    out = yd.decide(POOL, nodes, [], [marked, deleting, balloon("n2"), balloon("n3")],
+                    yd.units([waiting("solo")], -1000), N, 100)
+    assert [b.name for b in out.going] == ["balloon-n0"]
+    # the Deployment is held at 1 but 2 unmarked balloons still run: one of them is leaving
+    out = yd.decide(POOL, nodes, [], [balloon("n2"), balloon("n3")], yd.units([waiting("solo")], -1000), N, 100,
+                    replicas=1)
+    assert out.leaving == 1 and [b.name for b in out.going] == ["balloon-n3"]
