@@ -669,18 +669,25 @@ class GangManager:
         return sum(1 for p in self.members.get(key, {}).values() if p.active) >= plan.min_count
 
     def expected(self, key: str) -> int:
-        """Members a held gang of known size still lacks, while its first member is younger than
-        ``gangs.expect_members_seconds`` (0 otherwise): the balloon pass counts them as waiting work."""
-        window = self.cfg.gangs.expect_members_seconds
+        """How many unbound members the balloon pass should count for this gang (0: those it sees).
+
+        A gang with all its members counts whole (``minCount`` less those bound), even while the pass's own
+        view of the pods lags behind this controller's: a 1,000-member gang seen with 900 would leave room
+        to smaller gangs that its own cycle then lacks. A held gang of known size still missing members
+        counts whole too while its first member is younger than ``gangs.expect_members_seconds``."""
         plan = self.plans.get(key)
-        if window is None or plan is None or not plan.min_count or not plan.held:
+        if plan is None or not plan.min_count:
             return 0
         active = [p for p in self.members.get(key, {}).values() if p.active]
-        if not active or len(active) >= plan.min_count or any(p.node for p in active):
+        if not active:
             return 0
-        if self.clock.now() - min(p.created for p in active) > window:
+        bound = sum(1 for p in active if p.node)
+        if len(active) >= plan.min_count:
+            return max(0, plan.min_count - bound)
+        window = self.cfg.gangs.expect_members_seconds
+        if window is None or not plan.held or bound or self.clock.now() - min(p.created for p in active) > window:
             return 0
-        return plan.min_count - len(active)
+        return plan.min_count
 
     def set_room(self, verdicts: dict[str, str]) -> bool:
         """The balloon pass's verdicts; a held gang whose verdict changed is looked at again. Returns

@@ -247,9 +247,10 @@ def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu",
         groups.setdefault(p.unit, []).append(p)
     out = []
     for key, members in groups.items():
-        # members a gang of known size still lacks (``expected``): counted as placeholders shaped like its
-        # first member, so that the gang takes its turn for room while the rest are created
-        missing = expected(key) if expected is not None and members[0].group else 0
+        # members of a gang this view lacks (``expected``: the gang's unbound members as its controller
+        # knows them, or all of a held gang of known size while the rest are created): counted as
+        # placeholders shaped like its first member, so that the gang keeps its turn and its whole room
+        missing = (expected(key) - len(members)) if expected is not None and members[0].group else 0
         if not any(m.unschedulable for m in members):
             fresh = not any(m.tried or m.gated for m in members)
             if not fresh or (members[0].group and missing <= 0 and (complete is None or not complete(key))):

@@ -421,7 +421,7 @@ def test_a_gang_still_missing_members_keeps_its_turn_for_room():
     complete = {"ns/small"}.__contains__
     # without the expectation the small gang comes first: it is the only complete one
     assert [u.key for u in yd.units(big + small, -1000, complete=complete)] == ["ns/small"]
-    units = yd.units(big + small, -1000, complete=complete, expected=lambda k: 2 if k == "ns/big" else 0)
+    units = yd.units(big + small, -1000, complete=complete, expected=lambda k: 4 if k == "ns/big" else 0)
     assert [(u.key, len(u.pods)) for u in units] == [("ns/big", 4), ("ns/small", 2)]
     assert sum(p.placeholder for p in units[0].pods) == 2 and not any(p.placeholder for p in units[1].pods)
     out = yd.decide(POOL, nodes, [], balloons, units, N, 100)
@@ -432,7 +432,7 @@ def test_a_gang_still_missing_members_keeps_its_turn_for_room():
 def test_a_reservation_is_never_for_a_gang_still_missing_members():
     from fleetkeeper.capacity import reserve as rs
     nodes = [node(f"n{i}") for i in range(2)]
-    (u,) = yd.units([fresh(p) for p in gang("big", 1, created=NOW - 600)], -1000, expected=lambda k: 1)
+    (u,) = yd.units([fresh(p) for p in gang("big", 1, created=NOW - 600)], -1000, expected=lambda k: 2)
     plan = rs.decide(POOL, nodes, [work("w0", "n0"), work("w1", "n1")], [u], ["ns/big"], N, NOW, 60.0)
     assert plan.unit == "" and plan.taint == [] and plan.tolerate == []
 
@@ -450,3 +450,17 @@ def test_balloons_released_earlier_and_not_yet_deleting_are_going():
     out = yd.decide(POOL, nodes, [], [balloon("n2"), balloon("n3")], yd.units([waiting("solo")], -1000), N, 100,
                     replicas=1)
     assert out.leaving == 1 and [b.name for b in out.going] == ["balloon-n3"]
+
+
+def test_a_complete_gang_counts_whole_even_where_the_passs_view_lags():
+    """The gang controller knows all 4 members; the pass's own view has seen 3 so far. Counted with 3, the
+    gang would leave a node to a younger gang that its own cycle then lacks."""
+    nodes = [node(f"n{i}") for i in range(4)]
+    big = [fresh(p) for p in gang("big", 3, created=NOW - 10)]
+    small = [fresh(p) for p in gang("small", 1, created=NOW - 5)]
+    complete = {"ns/big", "ns/small"}.__contains__
+    lagging = yd.decide(POOL, nodes, [], [], yd.units(big + small, -1000, complete=complete), N, 100)
+    assert lagging.fits == ["ns/big", "ns/small"]  # what went wrong before
+    units = yd.units(big + small, -1000, complete=complete, expected=lambda k: 4 if k == "ns/big" else 0)
+    out = yd.decide(POOL, nodes, [], [], units, N, 100)
+    assert out.fits == ["ns/big"] and out.blocked == ["ns/small"]
