@@ -130,6 +130,8 @@ class BalloonManager:
                                dry_run=self.dry_run, writes_per_second=200.0)
         b = cfg.balloons
         self.release_bucket = TokenBucket(b.release_per_minute / 60.0, b.release_burst, mgr.clock)
+        # evictions of released balloons that linger: at most as fast as balloons are released
+        self.linger_bucket = TokenBucket(b.release_per_minute / 60.0, b.release_burst, mgr.clock)
         self.reserve_after = cfg.gangs.reserve_after_seconds if cfg.gangs.enabled else None
         self.reserve_bucket = TokenBucket(cfg.gangs.reserve_per_minute / 60.0,
                                           max(1, int(cfg.gangs.reserve_per_minute // 4)), mgr.clock)
@@ -357,9 +359,15 @@ class BalloonManager:
         now = self.clock.monotonic()
         going = {(b.namespace, b.name): (y.pool, b) for y in yields for b in y.going}
         self._going_since = {k: self._going_since.get(k, now) for k in going}
-        due = [(k, pool, b) for k, (pool, b) in going.items()
-               if now - self._going_since[k] >= BALLOON_LINGER_SECONDS and k not in self._evicted]
         self._evicted = {k for k in self._evicted if k in going}
+        due = []
+        for k, (pool, b) in sorted(going.items()):
+            if now - self._going_since[k] < BALLOON_LINGER_SECONDS or k in self._evicted:
+                continue
+            if not self.linger_bucket.take():
+                self.metrics.lingering.labels(pool, "rate_limited").inc()
+                continue
+            due.append((k, pool, b))
 
         async def one(key: tuple[str, str], pool: str, b: yd.Balloon) -> None:
             result = "dry_run" if self.dry_run else "ok"
@@ -369,9 +377,10 @@ class BalloonManager:
                 self._evicted.add(key)
             except errors.NotFound:
                 return
-            except errors.ApiError as exc:
-                result = "error"
+            except errors.ApiError as exc:  # counted and logged; tried again at a later pass
+                self.metrics.lingering.labels(pool, "error").inc()
                 log.warning("could not evict released balloon %s/%s: %s", b.namespace, b.name, exc)
+                return
             self.metrics.lingering.labels(pool, result).inc()
             await self.recorder.emit(ObjectRef("Pod", b.name, b.namespace), "BalloonEvicted",
                                      f"balloon of pool {pool} on node {b.node} evicted: released for waiting work "

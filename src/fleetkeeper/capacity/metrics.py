@@ -81,6 +81,7 @@ class CapacityMetrics:
         for r in ("ok", "error", "dry_run", "rate_limited"):
             self.evictions.labels(pool, r)
             self.releases.labels(pool, r)
+            self.lingering.labels(pool, r)
         self.waiting.labels(pool)
         self.held.labels(pool)
         self.reserved.labels(pool)
