@@ -87,7 +87,7 @@ async def wait(nodes: Informer, pods: Informer | None, prefix: str, n: int, pred
     raise TimeoutError(f"{prefix}: not all {n} nodes done in {timeout}s")
 
 
-async def main(total: int, n: int) -> None:
+async def main(total: int, n: int, modes: list[str], every: float) -> None:
     async with local_cluster(total, "fk-bench-pf-") as lc:
         kube = await lc.connect()
         reg = CollectorRegistry()
@@ -117,56 +117,81 @@ async def main(total: int, n: int) -> None:
         base_writes = common.writes(m0, await scrape(lc))
         print(f"baseline (no gate): {n} nodes schedulable {base_total:.1f}s after the burst started; "
               f"API writes {base_writes:.0f} ({base_writes / base_total:.1f}/s)", flush=True)
-        while any(n.taint(NOT_SCHEDULABLE[0]) for n in nodes.items()):  # settled again
-            await asyncio.sleep(2.0)
-        await asyncio.sleep(5)
-
-        cfg = PreflightConfig.model_validate({"namespace": "default", "fault_file": str(lc.dir / "faults.json"),
-                                              "periodic": {"enabled": False},
-                                              "gate": {"max_concurrent": 1000, "workers": 16}})
-        Preflight(mgr, cfg).register()
-        task = asyncio.create_task(mgr.run())
-        await mgr.wait_synced(300)
-        await asyncio.sleep(2)
-        w0 = own_writes(reg)
-        m0 = await scrape(lc)
-        t0 = time.monotonic()
-        joiner = await lc.connect()  # the nodes register through a client of their own (not preflight's writes)
-        await burst(joiner, "join", n, gate=True)
-        gated_total = await wait(nodes, pods, "join", n, schedulable, 3600, t0)
-        if hasattr(mgr, "flush_events"):  # Events are written off the write path: count them all here
-            await mgr.flush_events(120)
-        all_writes = common.writes(m0, await scrape(lc))
-        w1 = own_writes(reg)
-        by_res = {k: w1.get(k, 0) - w0.get(k, 0) for k in w1 if w1.get(k, 0) - w0.get(k, 0)}
-        w = sum(by_res.values())
-        m1 = await scrape(lc)
-        task.cancel()
+        await nodes_settled(nodes)
+        for mode in modes:
+            await gated_run(lc, kube, nodes, pods, n, mode, base_total, base_writes, every)
+        await kube.close()
         for x in watchers:
             x.cancel()
-        await asyncio.gather(task, *watchers, return_exceptions=True)
-        print(f"gated: {n} nodes schedulable {gated_total:.1f}s after the burst started "
-              f"(x{gated_total / base_total:.2f} the no-gate baseline)")
-        print(f"API writes over the gated burst, every client: {all_writes:.0f} = "
-              f"{all_writes / gated_total:.1f}/s (baseline {base_writes / base_total:.1f}/s)")
-        print(f"  of which preflight: {w:.0f} = {w / gated_total:.1f}/s "
-              f"({w / n:.1f} per node: " + ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(by_res.items())) + ")")
-        nw = {f"{x.labels['action']}/{x.labels['result']}": x.value for m in reg.collect() for x in m.samples
-              if x.name == "fleetkeeper_node_writes_total" and x.labels.get("component") == "preflight" and x.value}
-        print("  preflight's node writes by action/result (whole run): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in sorted(nw.items())))
-        pn, un = ('verb="PATCH"', 'resource="nodes"'), ('verb="PUT"', 'resource="nodes"')
-        p99 = common.quantile_from_buckets(m0, m1, "apiserver_request_duration_seconds", .99, *pn)
-        print(f"  kube-apiserver over the gated burst, node writes by every client: PATCH "
-              f"{common.delta(m0, m1, 'apiserver_request_total', *pn):.0f} (p99 <= {p99 * 1e3:.0f} ms), PUT "
-              f"{common.delta(m0, m1, 'apiserver_request_total', *un):.0f}")
-        await joiner.close()
-        await kube.close()
+        await asyncio.gather(*watchers, return_exceptions=True)
+
+
+async def nodes_settled(nodes: Informer) -> None:
+    while any(n.taint(NOT_SCHEDULABLE[0]) for n in nodes.items()):
+        await asyncio.sleep(2.0)
+    await asyncio.sleep(5)
+
+
+async def gated_run(lc, kube: Kube, nodes: Informer, pods: Informer, n: int, mode: str, base_total: float,
+                    base_writes: float, every: float) -> None:
+    """One gated burst, its own manager and preflight controller. ``mode``: ``ready`` (the default:
+    the test starts once the node reports Ready, its pod tolerating the not-ready taint) or
+    ``lifted`` (``gate.start_when_ready: false``: the test waits until that taint is lifted)."""
+    reg = CollectorRegistry()
+    pkube = await lc.connect()  # preflight's own client, instrumented on this run's registry (its writes)
+    mgr = Manager(pkube, RuntimeSettings(namespace="default", server={"port": 0},
+                                         leader_election={"enabled": False}), registry=reg)
+    prefix = f"join-{mode}"
+    cfg = PreflightConfig.model_validate({"namespace": "default", "fault_file": str(lc.dir / "faults.json"),
+                                          "periodic": {"enabled": False},
+                                          "gate": {"max_concurrent": 1000, "workers": 16,
+                                                   "start_when_ready": mode == "ready"}})
+    Preflight(mgr, cfg).register()
+    task = asyncio.create_task(mgr.run())
+    await mgr.wait_synced(300)
+    await asyncio.sleep(2)
+    w0 = own_writes(reg)
+    m0 = await scrape(lc)
+    t0 = time.monotonic()
+    joiner = await lc.connect()  # the nodes register through a client of their own (not preflight's writes)
+    await burst(joiner, prefix, n, gate=True)
+    gated_total = await wait(nodes, pods, prefix, n, schedulable, 3600, t0, every)
+    if hasattr(mgr, "flush_events"):  # Events are written off the write path: count them all here
+        await mgr.flush_events(120)
+    all_writes = common.writes(m0, await scrape(lc))
+    w1 = own_writes(reg)
+    by_res = {k: w1.get(k, 0) - w0.get(k, 0) for k in w1 if w1.get(k, 0) - w0.get(k, 0)}
+    w = sum(by_res.values())
+    m1 = await scrape(lc)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    print(f"gated ({mode}): {n} nodes schedulable {gated_total:.1f}s after the burst started "
+          f"(x{gated_total / base_total:.2f} the no-gate baseline)")
+    print(f"API writes over the gated burst, every client: {all_writes:.0f} = "
+          f"{all_writes / gated_total:.1f}/s (baseline {base_writes / base_total:.1f}/s)")
+    print(f"  of which preflight: {w:.0f} = {w / gated_total:.1f}/s "
+          f"({w / n:.1f} per node: " + ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(by_res.items())) + ")")
+    nw = {f"{x.labels['action']}/{x.labels['result']}": x.value for m in reg.collect() for x in m.samples
+          if x.name == "fleetkeeper_node_writes_total" and x.labels.get("component") == "preflight" and x.value}
+    print("  preflight's node writes by action/result (whole run): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in sorted(nw.items())))
+    pn, un = ('verb="PATCH"', 'resource="nodes"'), ('verb="PUT"', 'resource="nodes"')
+    p99 = common.quantile_from_buckets(m0, m1, "apiserver_request_duration_seconds", .99, *pn)
+    print(f"  kube-apiserver over the gated burst, node writes by every client: PATCH "
+          f"{common.delta(m0, m1, 'apiserver_request_total', *pn):.0f} (p99 <= {p99 * 1e3:.0f} ms), PUT "
+          f"{common.delta(m0, m1, 'apiserver_request_total', *un):.0f}")
+    await joiner.close()
+    await pkube.close()
+    await nodes_settled(nodes)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=7500, help="cluster size before the burst")
     ap.add_argument("--burst", type=int, default=1000)
+    ap.add_argument("--modes", nargs="+", choices=("ready", "lifted"), default=["ready"],
+                    help="gated runs, in order: ready (the default config: test once the node reports Ready) "
+                         "and/or lifted (gate.start_when_ready: false: test once the not-ready taint is lifted)")
+    ap.add_argument("--every", type=float, default=15.0, help="seconds between timeline lines")
     a = ap.parse_args()
-    asyncio.run(main(a.nodes, a.burst))
+    asyncio.run(main(a.nodes, a.burst, a.modes, a.every))

@@ -91,6 +91,10 @@ class GateConfig(_Strict):
     pod_create_rate: float = Field(50.0, gt=0, description="test pods created per second (token bucket)")
     node_write_rate: float = Field(100.0, gt=0, description="node patches per second")
     workers: int = Field(8, ge=1, le=64)
+    start_when_ready: bool = Field(True, description=(
+        "start a joining node's test as soon as the node reports Ready: the test pod tolerates the "
+        "not-ready NoSchedule taint that kube-controller-manager lifts after Ready (as DaemonSet pods "
+        "do), so the test runs while that taint is lifted; false: wait until the taint is gone"))
     sim_duration_ms: int = Field(0, ge=0, description="simulation only: how long a simulated test runs")
 
 

@@ -401,7 +401,7 @@ class Preflight:
                 counts["exhausted"] += 1
             elif any(p.active for p in self.test_pods.get(n.name, {}).values()):
                 counts["testing"] += 1
-            elif not gate.node_up(n):
+            elif not gate.node_up(n, self.cfg.gate.start_when_ready):
                 counts["not-ready"] += 1
             elif label == FAILED:
                 counts["failed"] += 1

@@ -21,20 +21,33 @@ from dataclasses import dataclass, field
 
 from fleetkeeper.core.views import NodeView, PodView
 from fleetkeeper.preflight.config import PreflightConfig
-from fleetkeeper.preflight.keys import FAILED, GATE, PENDING, Keys
+from fleetkeeper.preflight.keys import FAILED, GATE, NOT_READY_TAINT, PENDING, Keys
 from fleetkeeper.preflight.report import ReportError, summary
 from fleetkeeper.preflight.suite import SuiteResult
 
 Verify = Callable[[PodView], SuiteResult]  # raises ReportError
 
 # taints the node lifecycle controller keeps on a node that is not (yet) Ready; no test pod starts under them
-NOT_READY_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+NOT_READY_TAINTS = (NOT_READY_TAINT, "node.kubernetes.io/unreachable")
 NOT_READY_RECHECK_S = 60.0
 
 
-def node_up(node: NodeView) -> bool:
-    """Ready and without the not-ready / unreachable taints: a test pod could be scheduled and run."""
-    return node.ready and not any(node.taint(k) is not None for k in NOT_READY_TAINTS)
+def node_up(node: NodeView, tolerate_not_ready: bool = False) -> bool:
+    """Ready and without the not-ready / unreachable taints: a test pod could be scheduled and run.
+
+    With ``tolerate_not_ready`` (``gate.start_when_ready``) a Ready node still carrying the not-ready
+    *NoSchedule* taint counts as up: kube-controller-manager lifts that taint only after the kubelet
+    reports Ready, and the gate's test pod tolerates it (as DaemonSet pods do), so the test runs while
+    the taint is lifted instead of after. The NoExecute form (a node that went NotReady) and the
+    unreachable taint never count as up."""
+    if not node.ready:
+        return False
+    for t in node.taints:
+        if t.key not in NOT_READY_TAINTS:
+            continue
+        if not (tolerate_not_ready and t.key == NOT_READY_TAINT and t.effect == "NoSchedule"):
+            return False
+    return True
 
 
 @dataclass
@@ -193,7 +206,7 @@ def decide(node: NodeView, pods: list[PodView], cfg: PreflightConfig, keys: Keys
         retry_at = 0.0
     if now < retry_at:
         return Plan("wait", delete_pods=stale, annotations=annotations, requeue_after=retry_at - now)
-    if not node_up(node):
+    if not node_up(node, cfg.gate.start_when_ready):
         # a test pod could not be scheduled or run yet: creating it now only costs failed scheduling
         # attempts (and their Events), and a node that never comes up would burn its attempts on
         # timeouts. The node's update (Ready, the taint lifted) re-runs this; the requeue is a backstop.

@@ -10,6 +10,8 @@ KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 SIM_RESULT = "fleetkeeper.io/sim-result"
 SIM_MESSAGE = "fleetkeeper.io/sim-message"
 SIM_DELAY = "fleetkeeper.io/sim-delay"  # a Go duration, e.g. "5000ms"
+# the taint kube-controller-manager keeps on a node until it is Ready (NoSchedule; NoExecute once it goes NotReady)
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 PENDING, FAILED = "pending", "failed"
 GATE, PERIODIC = "gate", "periodic"
 

@@ -10,7 +10,7 @@ import hashlib
 from fleetkeeper.core.domain import GPU_RESOURCE, HOSTNAME_LABEL
 from fleetkeeper.core.views import NodeView
 from fleetkeeper.preflight.config import PreflightConfig
-from fleetkeeper.preflight.keys import GATE, PERIODIC, SIM_DELAY, SIM_MESSAGE, SIM_RESULT, Keys
+from fleetkeeper.preflight.keys import GATE, NOT_READY_TAINT, PERIODIC, SIM_DELAY, SIM_MESSAGE, SIM_RESULT, Keys
 
 HMAC_KEY_FIELD = "hmac-key"
 TERMINATION_LOG = "/dev/termination-log"
@@ -37,6 +37,8 @@ def test_pod(node: NodeView, kind: str, name: str, nonce: str, profile: str, cfg
     tolerations = [{"key": keys.names.team, "operator": "Exists"}]
     if kind == GATE:
         tolerations.append({"key": keys.gate, "operator": "Exists", "effect": "NoSchedule"})
+        if cfg.gate.start_when_ready:  # runs while kube-controller-manager lifts the not-ready taint
+            tolerations.append({"key": NOT_READY_TAINT, "operator": "Exists", "effect": "NoSchedule"})
     env = [
         {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

@@ -170,16 +170,44 @@ def test_new_gated_node_gets_a_test_pod():
     assert p3.cycle == str(int(NOW - 5)) and not p3.patches_node
 
 
-@pytest.mark.parametrize("kw", [{"ready": False}, {"taints": [("node.kubernetes.io/not-ready", "", "NoSchedule")]},
-                                {"taints": [("node.kubernetes.io/unreachable", "", "NoExecute")]}])
-def test_no_test_pod_until_the_node_could_run_it(kw):
+WAIT_FOR_TAINT = PreflightConfig.model_validate({"gate": {"start_when_ready": False}})
+
+
+@pytest.mark.parametrize("kw,cfg", [
+    ({"ready": False}, CFG),
+    ({"taints": [("node.kubernetes.io/not-ready", "", "NoExecute")]}, CFG),  # went NotReady: never tolerated
+    ({"taints": [("node.kubernetes.io/unreachable", "", "NoExecute")]}, CFG),
+    ({"taints": [("node.kubernetes.io/unreachable", "", "NoSchedule")]}, CFG),
+    ({"taints": [("node.kubernetes.io/not-ready", "", "NoSchedule")]}, WAIT_FOR_TAINT),
+])
+def test_no_test_pod_until_the_node_could_run_it(kw, cfg):
     n = node(**kw)
-    plan = gate.decide(n, [], CFG, K, NOW, verify_for(n))
+    plan = gate.decide(n, [], cfg, K, NOW, verify_for(n))
     assert plan.outcome == "wait" and not plan.create_pod and plan.requeue_after == gate.NOT_READY_RECHECK_S
     assert not plan.patches_node  # no write while the node lifecycle controller is busy with it
     up = node()
     plan = gate.decide(up, [], CFG, K, NOW + 30, verify_for(up))
     assert plan.create_pod and plan.cycle == str(int(up.created)) and not plan.patches_node  # clock from join
+
+
+def test_a_ready_node_is_tested_while_its_not_ready_taint_is_lifted():
+    """Ready, still carrying kube-controller-manager's not-ready NoSchedule taint: the test starts now (its
+    pod tolerates that taint, and only that one); with ``start_when_ready: false`` it waits for the lift."""
+    from fleetkeeper.preflight.pods import test_pod
+
+    n = node(taints=[("node.kubernetes.io/not-ready", "", "NoSchedule")])
+    plan = gate.decide(n, [], CFG, K, NOW, verify_for(n))
+    assert plan.outcome == "start" and plan.create_pod and not plan.patches_node
+    assert not gate.node_up(n) and gate.node_up(n, True)
+    tol = test_pod(n, GATE, "p", "x", "default", CFG, K, "ns")["spec"]["tolerations"]
+    assert {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoSchedule"} in tol
+    assert not any(t["key"] == "node.kubernetes.io/unreachable" for t in tol)
+    assert all(t.get("effect") == "NoSchedule" for t in tol if t["key"].startswith("node.kubernetes.io/"))
+    strict = test_pod(n, GATE, "p", "x", "default", WAIT_FOR_TAINT, K, "ns")["spec"]["tolerations"]
+    assert not any(t["key"] == "node.kubernetes.io/not-ready" for t in strict)
+    periodic_pod = test_pod(n, PERIODIC, "p", "x", "default", CFG, K, "ns")["spec"]["tolerations"]
+    assert not any(t["key"] == "node.kubernetes.io/not-ready" for t in periodic_pod)  # in service: not needed
+    assert gate.decide(n, [], WAIT_FOR_TAINT, K, NOW, verify_for(n)).outcome == "wait"
 
 
 def test_running_pod_waits_then_times_out():
