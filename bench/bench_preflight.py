@@ -111,19 +111,39 @@ async def main(total: int, n: int, modes: list[str], every: float) -> None:
 
         # baseline: the same burst with no gate, until schedulable (Ready, not-ready taint lifted)
         m0 = await scrape(lc)
+        c0 = cpu_seconds(lc)
         t0 = time.monotonic()
         await burst(kube, "base", n, gate=False)
         base_total = await wait(nodes, None, "base", n, schedulable, 1800, t0)
+        print("  " + cpu_text(c0, cpu_seconds(lc), base_total), flush=True)
         base_writes = common.writes(m0, await scrape(lc))
         print(f"baseline (no gate): {n} nodes schedulable {base_total:.1f}s after the burst started; "
               f"API writes {base_writes:.0f} ({base_writes / base_total:.1f}/s)", flush=True)
         await nodes_settled(nodes)
-        for mode in modes:
-            await gated_run(lc, kube, nodes, pods, n, mode, base_total, base_writes, every)
+        for i, mode in enumerate(modes):
+            await gated_run(lc, kube, nodes, pods, n, mode, f"join{i}", base_total, base_writes, every)
         await kube.close()
         for x in watchers:
             x.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
+
+
+def cpu_seconds(lc) -> dict[str, float]:
+    """CPU seconds so far of each control-plane process (KWOK included) and of this one (the controller
+    and the benchmark): where a burst's time goes on a machine whose cores they all share."""
+    import resource
+
+    from fleetkeeper.cli.demo import proc_usage
+    out = {comp: proc_usage(pid)[1] or 0.0 for comp, pid in sorted(lc.state.pids.items())}
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    out["this process"] = me.ru_utime + me.ru_stime
+    return out
+
+
+def cpu_text(c0: dict[str, float], c1: dict[str, float], wall: float) -> str:
+    d = {k: c1[k] - c0.get(k, 0.0) for k in c1}
+    return (f"CPU over the burst {sum(d.values()):.1f} s in {wall:.1f} s wall ({sum(d.values()) / wall:.2f} cores): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]) if v >= 0.05))
 
 
 async def nodes_settled(nodes: Informer) -> None:
@@ -132,30 +152,35 @@ async def nodes_settled(nodes: Informer) -> None:
     await asyncio.sleep(5)
 
 
-async def gated_run(lc, kube: Kube, nodes: Informer, pods: Informer, n: int, mode: str, base_total: float,
-                    base_writes: float, every: float) -> None:
-    """One gated burst, its own manager and preflight controller. ``mode``: ``ready`` (the default:
-    the test starts once the node reports Ready, its pod tolerating the not-ready taint) or
-    ``lifted`` (``gate.start_when_ready: false``: the test waits until that taint is lifted)."""
+async def gated_run(lc, kube: Kube, nodes: Informer, pods: Informer, n: int, mode: str, prefix: str,
+                    base_total: float, base_writes: float, every: float) -> None:
+    """One gated burst, its own manager and preflight controller. ``mode``: ``ready`` (the default
+    configuration: the test starts once the node reports Ready, its pod tolerating the not-ready taint),
+    ``lifted`` (``gate.start_when_ready: false``: the test waits until that taint is lifted) or
+    ``unbudgeted`` (as ``ready``, with the gate's write budgets, ``gate.pod_create_rate`` 50/s and
+    ``gate.node_write_rate`` 100/s by default, raised to 1,000/s: what the budgets cost)."""
     reg = CollectorRegistry()
     pkube = await lc.connect()  # preflight's own client, instrumented on this run's registry (its writes)
     mgr = Manager(pkube, RuntimeSettings(namespace="default", server={"port": 0},
                                          leader_election={"enabled": False}), registry=reg)
-    prefix = f"join-{mode}"
     cfg = PreflightConfig.model_validate({"namespace": "default", "fault_file": str(lc.dir / "faults.json"),
                                           "periodic": {"enabled": False},
                                           "gate": {"max_concurrent": 1000, "workers": 16,
-                                                   "start_when_ready": mode == "ready"}})
+                                                   "start_when_ready": mode != "lifted",
+                                                   **({"pod_create_rate": 1000.0, "node_write_rate": 1000.0}
+                                                      if mode == "unbudgeted" else {})}})
     Preflight(mgr, cfg).register()
     task = asyncio.create_task(mgr.run())
     await mgr.wait_synced(300)
     await asyncio.sleep(2)
     w0 = own_writes(reg)
     m0 = await scrape(lc)
+    c0 = cpu_seconds(lc)
     t0 = time.monotonic()
     joiner = await lc.connect()  # the nodes register through a client of their own (not preflight's writes)
     await burst(joiner, prefix, n, gate=True)
     gated_total = await wait(nodes, pods, prefix, n, schedulable, 3600, t0, every)
+    cpu = cpu_text(c0, cpu_seconds(lc), gated_total)
     if hasattr(mgr, "flush_events"):  # Events are written off the write path: count them all here
         await mgr.flush_events(120)
     all_writes = common.writes(m0, await scrape(lc))
@@ -167,6 +192,7 @@ async def gated_run(lc, kube: Kube, nodes: Informer, pods: Informer, n: int, mod
     await asyncio.gather(task, return_exceptions=True)
     print(f"gated ({mode}): {n} nodes schedulable {gated_total:.1f}s after the burst started "
           f"(x{gated_total / base_total:.2f} the no-gate baseline)")
+    print("  " + cpu)
     print(f"API writes over the gated burst, every client: {all_writes:.0f} = "
           f"{all_writes / gated_total:.1f}/s (baseline {base_writes / base_total:.1f}/s)")
     print(f"  of which preflight: {w:.0f} = {w / gated_total:.1f}/s "
@@ -189,9 +215,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=7500, help="cluster size before the burst")
     ap.add_argument("--burst", type=int, default=1000)
-    ap.add_argument("--modes", nargs="+", choices=("ready", "lifted"), default=["ready"],
+    ap.add_argument("--modes", nargs="+", choices=("ready", "lifted", "unbudgeted"), default=["ready"],
                     help="gated runs, in order: ready (the default config: test once the node reports Ready) "
-                         "and/or lifted (gate.start_when_ready: false: test once the not-ready taint is lifted)")
+                         "lifted (gate.start_when_ready: false: test once the not-ready taint is lifted), unbudgeted "
+                         "(ready, with the gate's pod-create and node-write budgets raised to 1,000/s)")
     ap.add_argument("--every", type=float, default=15.0, help="seconds between timeline lines")
     a = ap.parse_args()
     asyncio.run(main(a.nodes, a.burst, a.modes, a.every))
