@@ -95,3 +95,66 @@ async def test_job_preempts_balloons_and_balloons_return(kube, namespace, pool_f
             await kube.delete(PRIORITYCLASSES, f"fk-balloon-{pool.pool}")
         except Exception:
             pass
+
+
+async def test_released_balloons_the_replicaset_leaves_are_evicted(cluster, kube, namespace, pool_factory,
+                                                                   run_capacity):
+    """Work waits on a pool full of balloons while kube-controller-manager (Deployment and ReplicaSet
+    controllers) does not act: fleetkeeper holds the Deployment at the balloons it keeps, and the released
+    ones, which no ReplicaSet removes, are evicted BALLOON_LINGER_SECONDS later, exactly as many as the
+    work needs, each with a BalloonEvicted Event and counted; the work is then placed. The pods cannot
+    preempt (``preemptionPolicy: Never``), so nothing else could have made their room."""
+    import os
+    import signal
+
+    from fleetkeeper.core.kube import CORE_EVENTS, PODS
+
+    pool = await pool_factory(NODES_N)
+    pc = f"fk-nopreempt-{pool.pool}"
+    await kube.create(PRIORITYCLASSES, {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                                        "metadata": {"name": pc}, "value": 0, "preemptionPolicy": "Never"})
+    cap, registry = await run_capacity(cfg(pool, namespace), namespace)
+    sel = f"{NAMES.domain}/balloon={pool.pool}"
+    kcm = cluster.state.pids["kube-controller-manager"]
+    try:
+        async def full():
+            pods = await pods_of(kube, namespace, sel)
+            return len([p for p in pods if p["status"].get("phase") == "Running"]) == NODES_N
+        await wait_for(full, 60, what="a balloon on every node")
+        os.kill(kcm, signal.SIGSTOP)  # no Deployment or ReplicaSet controller from here
+        try:
+            for i in range(2):
+                await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod",
+                                         "metadata": {"name": f"work-{i}", "labels": {"app": "work"}},
+                                         "spec": {**pool.pod_spec(), "restartPolicy": "Never",
+                                                  "priorityClassName": pc}}, namespace)
+
+            async def held():
+                dep = await kube.get(DEPLOYMENTS, f"balloon-{pool.pool}", namespace)
+                return dep["spec"]["replicas"] == NODES_N - 2
+            await wait_for(held, 60, what="the balloon Deployment held at the one balloon kept")
+
+            async def placed():
+                pods = await pods_of(kube, namespace, "app=work")
+                return pods if len(bound(pods)) == 2 else None
+            work = await wait_for(placed, 90, what="the work placed once the lingering balloons are evicted")
+        finally:
+            os.kill(kcm, signal.SIGCONT)
+        assert len({p["spec"]["nodeName"] for p in work}) == 2
+        assert registry.get_sample_value("fleetkeeper_balloon_lingering_evictions_total",
+                                         {"pool": pool.pool, "result": "ok"}) == 2  # as many as needed
+        balloons = await pods_of(kube, namespace, sel)
+        assert all(p["spec"].get("nodeName") not in {w["spec"]["nodeName"] for w in work}
+                   for p in balloons if not p["metadata"].get("deletionTimestamp"))
+
+        async def announced():
+            evs, _ = await kube.list(CORE_EVENTS, namespace)
+            return [e for e in evs if e.get("reason") == "BalloonEvicted"] or None
+        evs = await wait_for(announced, 30, what="a BalloonEvicted Event per evicted balloon")
+        assert len(evs) == 2 and all("not yet removed by its ReplicaSet" in e["message"] for e in evs), evs
+    finally:
+        for name in (f"fk-balloon-{pool.pool}", pc):
+            try:
+                await kube.delete(PRIORITYCLASSES, name)
+            except Exception:
+                pass
