@@ -462,8 +462,10 @@ class BalloonManager:
         now = self.clock.now()
         # a gang still missing members has no PodGroup to retry
         whole = [u for u in self._units if not any(p.placeholder for p in u.pods)]
+        handed = None if self.gang_complete is None else {
+            u.key for u in whole if u.pods[0].group and self.gang_complete(u.key)}
         plan = rq.decide(whole, fitting, probes, self._requeue_state, now, self.requeue_after,
-                         self.requeue_per_member, self.kick_after, free=free)
+                         self.requeue_per_member, self.kick_after, free=free, handed=handed)
         self.last_requeue = plan
         self._requeue_state = plan.state
         for ns, name, why in plan.delete:
@@ -778,7 +780,7 @@ class GangManager:
             # a group object is about to be created or deleted: decide again on the owner as it is now
             owner, _ = await self._owner(key, pods, live=True)
             plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
-                                  self.empty_since.get(key), room=room)
+                                  self.empty_since.get(key), room=room, judged_at=self.judged_at)
         self.plans[key] = plan
         await self._apply(ns, gang, plan, owner, pods, objs)
         if plan.state == "Deleted":

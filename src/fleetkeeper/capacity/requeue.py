@@ -99,7 +99,7 @@ class RequeuePlan:
 
 def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], state: RequeueState, now: float,
            after: float | None, per_member: float = 0.0, kick: float | None = None,
-           free: set[str] | None = None) -> RequeuePlan:
+           free: set[str] | None = None, handed: set[str] | None = None) -> RequeuePlan:
     """``units``: the waiting units; ``fitting``: keys of those that fit now; ``probes``: the requeue
     pods that exist (unbound pods labelled :func:`yielding.requeue_label`); ``state``: what the previous
     passes saw; ``now``: wall clock; ``per_member``: seconds of no progress allowed per member on top of
@@ -107,9 +107,14 @@ def decide(units: list[Unit], fitting: set[str], probes: list[WaitingPod], state
     ``free``: those of ``fitting`` whose room no balloon is on any more (None: all of them). A gang that
     fits through balloons fleetkeeper releases for it has its room freed when they are gone, not when they
     are released: the prompt retry counts from then (a retry while they are still there fails, and the
-    gang backs off again)."""
+    gang backs off again). ``handed``: the gangs kube-scheduler has (their group object exists: fleetkeeper
+    creates it once it stops holding the gang and has removed its gate); None: every gang. Only those are
+    watched, so every clock of a gang starts when it is handed over: a gang fleetkeeper held for a minute
+    showed no progress all that time, by design, and would otherwise get a requeue pod the moment it was
+    let go, while still waiting its turn in the scheduler's active queue (a cycle for nothing on a busy
+    scheduling thread)."""
     plan = RequeuePlan()
-    waiting = {u.key: u for u in units}
+    waiting = {u.key: u for u in units if handed is None or not u.pods[0].group or u.key in handed}
     new = plan.state
     for key, u in waiting.items():
         seen = progress(u)

@@ -221,3 +221,27 @@ def test_the_pass_comes_back_when_a_prompt_retry_falls_due():
     plan = rq.decide(us, {"ns/train"}, [], state({"ns/train": NOW - 0.5}, {"ns/train": NOW - 30}, us), NOW, AFTER,
                      kick=KICK)
     assert plan.kick == [] and plan.next_kick_in == 1.5
+
+
+def test_a_gang_fleetkeeper_held_is_watched_only_from_when_it_is_handed_to_the_scheduler():
+    """Held by fleetkeeper (no group object yet) for a minute: no progress all that time, by design. Its
+    clocks start when its group object appears, so no requeue pod is made the moment it is let go (it may
+    still be waiting its turn in the scheduler's active queue); one is made if it then shows no progress."""
+    us = units(gang("train", 2))
+    held = state(units_=us)  # quiet since NOW - 1000
+    for t in (NOW, NOW + 30, NOW + 60):
+        plan = rq.decide(us, {"ns/train"}, [], held, t, AFTER, handed=set())
+        assert plan.create == [] and plan.kick == [] and "ns/train" not in plan.state.fits_since
+        held = plan.state
+    t0 = NOW + 60  # its PodGroup is there: the scheduler's now
+    first = rq.decide(us, {"ns/train"}, [], held, t0, AFTER, handed={"ns/train"})
+    assert first.create == [] and first.state.quiet["ns/train"][1] == t0
+    early = rq.decide(us, {"ns/train"}, [], first.state, t0 + AFTER - 1, AFTER, handed={"ns/train"})
+    assert early.create == []
+    due = rq.decide(us, {"ns/train"}, [], early.state, t0 + AFTER, AFTER, handed={"ns/train"})
+    assert due.create == [("ns", "train", AFTER)]
+    # without the hand-over the same history would have made one at once (the behaviour before)
+    assert rq.decide(us, {"ns/train"}, [], state({"ns/train": NOW}, units_=us), t0, AFTER).create
+    # single pods are not gangs: ``handed`` does not filter them (they are never requeued anyway)
+    solo = units([waiting("solo")])
+    assert rq.decide(solo, {solo[0].key}, [], rq.RequeueState(), NOW, AFTER, handed=set()).state.fits_since
