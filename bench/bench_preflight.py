@@ -111,11 +111,11 @@ async def main(total: int, n: int, modes: list[str], every: float) -> None:
 
         # baseline: the same burst with no gate, until schedulable (Ready, not-ready taint lifted)
         m0 = await scrape(lc)
-        c0 = cpu_seconds(lc)
+        c0 = common.cpu_seconds(lc)
         t0 = time.monotonic()
         await burst(kube, "base", n, gate=False)
         base_total = await wait(nodes, None, "base", n, schedulable, 1800, t0)
-        print("  " + cpu_text(c0, cpu_seconds(lc), base_total), flush=True)
+        print("  " + cpu_text(c0, common.cpu_seconds(lc), base_total), flush=True)
         base_writes = common.writes(m0, await scrape(lc))
         print(f"baseline (no gate): {n} nodes schedulable {base_total:.1f}s after the burst started; "
               f"API writes {base_writes:.0f} ({base_writes / base_total:.1f}/s)", flush=True)
@@ -126,18 +126,6 @@ async def main(total: int, n: int, modes: list[str], every: float) -> None:
         for x in watchers:
             x.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
-
-
-def cpu_seconds(lc) -> dict[str, float]:
-    """CPU seconds so far of each control-plane process (KWOK included) and of this one (the controller
-    and the benchmark): where a burst's time goes on a machine whose cores they all share."""
-    import resource
-
-    from fleetkeeper.cli.demo import proc_usage
-    out = {comp: proc_usage(pid)[1] or 0.0 for comp, pid in sorted(lc.state.pids.items())}
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    out["this process"] = me.ru_utime + me.ru_stime
-    return out
 
 
 def cpu_text(c0: dict[str, float], c1: dict[str, float], wall: float) -> str:
@@ -175,12 +163,12 @@ async def gated_run(lc, kube: Kube, nodes: Informer, pods: Informer, n: int, mod
     await asyncio.sleep(2)
     w0 = own_writes(reg)
     m0 = await scrape(lc)
-    c0 = cpu_seconds(lc)
+    c0 = common.cpu_seconds(lc)
     t0 = time.monotonic()
     joiner = await lc.connect()  # the nodes register through a client of their own (not preflight's writes)
     await burst(joiner, prefix, n, gate=True)
     gated_total = await wait(nodes, pods, prefix, n, schedulable, 3600, t0, every)
-    cpu = cpu_text(c0, cpu_seconds(lc), gated_total)
+    cpu = cpu_text(c0, common.cpu_seconds(lc), gated_total)
     if hasattr(mgr, "flush_events"):  # Events are written off the write path: count them all here
         await mgr.flush_events(120)
     all_writes = common.writes(m0, await scrape(lc))

@@ -41,6 +41,7 @@ from fleetkeeper.teams.controller import setup
 from fleetkeeper.teams.plan import decide, snapshot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from common import delta, quantile_from_buckets, scrape  # noqa: E402
 
 ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True)
@@ -453,15 +454,8 @@ async def loop_lag(period: float = 0.01) -> list[tuple[float, float]]:
 
 
 def cpu_seconds(lc: LocalCluster) -> dict[str, float]:
-    """CPU seconds so far of each control-plane process and of this one (fleetkeeper and the benchmark)."""
-    import resource
-
-    from fleetkeeper.cli.demo import proc_usage
-    out = {comp: proc_usage(pid)[1] or 0.0 for comp, pid in sorted(lc.state.pids.items())
-           if comp in ("kube-apiserver", "etcd")}
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    out["fleetkeeper"] = me.ru_utime + me.ru_stime
-    return out
+    """CPU seconds so far of kube-apiserver, etcd and this process (fleetkeeper and the benchmark)."""
+    return common.cpu_seconds(lc, ("kube-apiserver", "etcd"))
 
 
 async def burst_only(nodes: int, pods: int, rounds: int, profile: str | None) -> None:

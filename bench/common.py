@@ -30,6 +30,19 @@ async def local_cluster(nodes: int, prefix: str) -> AsyncIterator[LocalCluster]:
         finally:
             lc.down(purge=True)
 
+def cpu_seconds(lc: LocalCluster, only: tuple[str, ...] | None = None) -> dict[str, float]:
+    """CPU seconds so far of each local control-plane process (KWOK included; ``only``: just these) and of
+    this one (fleetkeeper's controllers and the benchmark), from the kernel's own accounting."""
+    import resource
+
+    from fleetkeeper.cli.demo import proc_usage
+    out = {comp: proc_usage(pid)[1] or 0.0 for comp, pid in sorted(lc.state.pids.items())
+           if only is None or comp in only}
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    out["fleetkeeper"] = me.ru_utime + me.ru_stime
+    return out
+
+
 WRITE_VERBS = ('verb="POST"', 'verb="PATCH"', 'verb="PUT"', 'verb="DELETE"')
 
 

@@ -130,7 +130,11 @@ def status(kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar
 
     from fleetkeeper.core.kube import NODES
     from fleetkeeper.core.views import default_projector
+    from fleetkeeper.preflight.config import GateConfig
     from fleetkeeper.preflight.gate import node_up
+
+    # as the controller judges it with its default configuration (``gate.start_when_ready``)
+    when_ready = GateConfig.model_fields["start_when_ready"].default
 
     keys = Keys(Names(domain))
     proj = default_projector(domain)
@@ -142,7 +146,7 @@ def status(kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar
         for n in nodes:
             meta = n["metadata"]
             ann = meta.get("annotations") or {}
-            up = node_up(proj.node(n))
+            up = node_up(proj.node(n), when_ready)
             if output != "text":
                 lines.append({"node": meta["name"], "state": meta["labels"].get(keys.gate), "up": up,
                               "attempts": int(ann.get(keys.attempts, "0") or 0),
