@@ -110,3 +110,17 @@ def test_local_cluster_ports_stay_below_the_ephemeral_range(tmp_path):
     assert ephemeral_range(f) == (40000, 60999)
     f.write_text("garbage")
     assert ephemeral_range(f) == (32768, 60999)
+
+
+def test_preflight_status_bad_config_is_named_before_the_cluster_is_read(tmp_path):
+    cfg = tmp_path / "preflight.yaml"
+    cfg.write_text("gate:\n  start_when_ready: maybe\n")
+    kc = tmp_path / "kubeconfig"  # unreachable: a config error must come first
+    kc.write_text(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:1\n"
+        "    insecure-skip-tls-verify: true\nusers:\n- name: u\n  user:\n    token: x\ncontexts:\n- name: c\n"
+        "  context:\n    cluster: c\n    user: u\ncurrent-context: c\n")
+    r = runner.invoke(app, ["preflight", "status", "--config", str(cfg), "--kubeconfig", str(kc)])
+    assert r.exit_code == 2, r.output
+    assert str(cfg) in r.output and "start_when_ready" in r.output
+    assert "cannot reach" not in r.output

@@ -121,43 +121,53 @@ def _kube(kubeconfig: Optional[str]):
     return cliutil.connect(kubeconfig)
 
 
+def status_row(node: dict, keys: Keys, proj, when_ready: bool, structured: bool = False):
+    """One gated node as ``preflight status`` shows it; up or not as the controller judges it
+    (``gate.start_when_ready``)."""
+    from fleetkeeper.preflight.gate import node_up
+
+    meta = node["metadata"]
+    labels = meta.get("labels") or {}
+    ann = meta.get("annotations") or {}
+    up = node_up(proj.node(node), when_ready)
+    if structured:
+        return {"node": meta["name"], "state": labels.get(keys.gate), "up": up,
+                "attempts": int(ann.get(keys.attempts, "0") or 0), "failedCheck": ann.get(keys.failed_check),
+                "instanceType": labels.get(INSTANCE_TYPE_LABEL)}
+    return (f"{meta['name']:32} {labels.get(keys.gate)!s:8} "
+            f"{'' if up else 'not-ready (no test until it is up) '}"
+            f"attempts={ann.get(keys.attempts, '0')} "
+            f"failed-check={ann.get(keys.failed_check, '-')} "
+            f"type={labels.get(INSTANCE_TYPE_LABEL, '?')}")
+
+
 @app.command()
 def status(kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"), context: Optional[str] = cliutil.context_option(),
            domain: str = typer.Option(DEFAULT_DOMAIN, "--domain"),
+           config: Optional[Path] = typer.Option(
+               None, "--config", "-c", help="the controller's preflight config YAML (the chart's `preflight` "
+                                             "values), so that a node counts as up as the controller judges it; "
+                                             "default: the built-in defaults"),
            output: str = cliutil.output_option()) -> None:
     """Nodes held by the gate: state, attempts, failing check."""
     import asyncio
 
     from fleetkeeper.core.kube import NODES
     from fleetkeeper.core.views import default_projector
-    from fleetkeeper.preflight.config import GateConfig
-    from fleetkeeper.preflight.gate import node_up
 
-    # as the controller judges it with its default configuration (``gate.start_when_ready``)
-    when_ready = GateConfig.model_fields["start_when_ready"].default
+    try:  # a bad file fails before anything is read from the cluster
+        when_ready = _load(config).gate.start_when_ready
+    except errors.FleetkeeperError as exc:
+        _fail(exc)
+        return
 
     keys = Keys(Names(domain))
     proj = default_projector(domain)
 
-    async def go() -> list[str]:
+    async def go() -> list:
         async with await _kube(kubeconfig) as kube:
             nodes, _ = await kube.list(NODES, label_selector=keys.gate)
-        lines = []
-        for n in nodes:
-            meta = n["metadata"]
-            ann = meta.get("annotations") or {}
-            up = node_up(proj.node(n), when_ready)
-            if output != "text":
-                lines.append({"node": meta["name"], "state": meta["labels"].get(keys.gate), "up": up,
-                              "attempts": int(ann.get(keys.attempts, "0") or 0),
-                              "failedCheck": ann.get(keys.failed_check),
-                              "instanceType": meta["labels"].get(INSTANCE_TYPE_LABEL)})
-                continue
-            lines.append(f"{meta['name']:32} {meta['labels'].get(keys.gate):8} "
-                         f"{'' if up else 'not-ready (no test until it is up) '}"
-                         f"attempts={ann.get(keys.attempts, '0')} "
-                         f"failed-check={ann.get(keys.failed_check, '-')} "
-                         f"type={meta['labels'].get(INSTANCE_TYPE_LABEL, '?')}")
+        lines = [status_row(n, keys, proj, when_ready, structured=output != "text") for n in nodes]
         return lines or ([] if output != "text" else ["no node is held by the preflight gate"])
 
     try:

@@ -5,7 +5,9 @@ bounded retries, least privilege, and periodic re-tests that yield to real work.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import sys
 import time
 
 import pytest
@@ -255,7 +257,7 @@ async def test_periodic_tests_avoid_and_yield_to_real_work(kube, namespace, tmp_
         await delete_nodes(kube, nodes)
 
 
-async def test_no_test_pod_until_the_node_is_up(kube, namespace, tmp_path):
+async def test_no_test_pod_until_the_node_is_up(kube, namespace, tmp_path, cluster):
     from fleetkeeper.localcluster.fleet import KWOK_LABEL, KWOK_LABEL_VALUE
 
     tid = secrets.token_hex(3)
@@ -279,6 +281,15 @@ async def test_no_test_pod_until_the_node_is_up(kube, namespace, tmp_path):
         assert pods == [], "a test pod was created for a node that is not up"
         n = await kube.get(NODES, name)
         assert taint(n) is not None and KEYS.gated_at not in (n["metadata"].get("annotations") or {})  # no write
+
+        # the operator's view: ``preflight status`` shows it held and not up, as the controller judges it
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fleetkeeper", "preflight", "status", "--kubeconfig", str(cluster.kubeconfig),
+            "-o", "json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        rows = {r["node"]: r for r in json.loads(out)["gated"]}
+        assert rows[name]["state"] == "pending" and rows[name]["up"] is False, rows.get(name)
 
         # the kubelet comes up (KWOK takes the node over): the test runs and releases the node
         await kube.patch(NODES, name, {"metadata": {"labels": {KWOK_LABEL: KWOK_LABEL_VALUE}}})

@@ -210,6 +210,29 @@ def test_a_ready_node_is_tested_while_its_not_ready_taint_is_lifted():
     assert gate.decide(n, [], WAIT_FOR_TAINT, K, NOW, verify_for(n)).outcome == "wait"
 
 
+def test_status_judges_a_node_up_as_the_controller_configured_does(tmp_path):
+    """``preflight status --config``: a Ready node still under the not-ready NoSchedule taint is up with the
+    default ``start_when_ready`` and not up with it off, as the controller of that configuration judges it."""
+    from fleetkeeper.core.views import default_projector
+    from fleetkeeper.preflight.cli import _load, status_row
+
+    raw = {"metadata": {"name": "n1", "uid": "u1", "resourceVersion": "7", "labels": {K.gate: "pending"},
+                        "annotations": {K.attempts: "1"}, "creationTimestamp": "2026-01-01T00:00:00Z"},
+           "spec": {"taints": [{"key": K.gate, "value": "pending", "effect": "NoSchedule"},
+                               {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]},
+           "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    proj = default_projector(Names().domain)
+    strict = tmp_path / "preflight.yaml"
+    strict.write_text("gate:\n  start_when_ready: false\n")
+    default_row = status_row(raw, K, proj, _load(None).gate.start_when_ready)
+    strict_row = status_row(raw, K, proj, _load(strict).gate.start_when_ready)
+    assert default_row.startswith("n1") and "not-ready" not in default_row and "attempts=1" in default_row
+    assert "not-ready (no test until it is up)" in strict_row
+    assert status_row(raw, K, proj, False, structured=True)["up"] is False
+    assert status_row(raw, K, proj, True, structured=True) == {
+        "node": "n1", "state": "pending", "up": True, "attempts": 1, "failedCheck": None, "instanceType": None}
+
+
 def test_running_pod_waits_then_times_out():
     n = node(ann={K.gated_at: "1"})
     plan = gate.decide(n, [pod(created=NOW - 50)], CFG, K, NOW, verify_for(n))
