@@ -167,6 +167,7 @@ class BalloonManager:
         self._units: list[yd.Unit] = []
         self._pool_nodes: dict[str, list] = {}
         self._pool_bound: dict[str, list] = {}
+        self._reserve_plans: dict[str, rs.ReservePlan] = {}  # per pool: this pass's reservation (_yields)
         self._applied: dict[str, str] = {}
         self._sized: dict[str, str] = {}
         self._ns_ready = False
@@ -322,6 +323,7 @@ class BalloonManager:
         label, released_key = self.names.balloon, yd.released_annotation(self.names)
         nodes, pods = self.nodes.items(), self.pods.items()
         budget = self.release_bucket.available()
+        now = self.clock.now()
         out = []
         for pool in b.pools:
             if not pool.enabled:
@@ -333,6 +335,9 @@ class BalloonManager:
             self._pool_nodes[pool.name] = usable
             if not waiting or sizing.problem:
                 out.append(yd.PoolYield(pool.name, pool.resource))
+                # nothing waits: any reservation left is stale and goes
+                self._reserve_plans[pool.name] = rs.decide(pool.name, usable, [], [], [], self.names, now,
+                                                           self.reserve_after)
                 continue
             names_ = {n.name for n in usable}
             bound = [p for p in pods if p.node in names_ and p.active]
@@ -343,9 +348,12 @@ class BalloonManager:
                         and p.node in names_ and p.phase not in ("Succeeded", "Failed")] \
                 if b.enabled and b.yield_to_waiting else []
             self._pool_bound[pool.name] = bound
-            y = yd.decide(pool.name, usable, bound, balloons, waiting, self.names, budget, pool.resource,
-                          burst=self.release_bucket.burst,
-                          replicas=(replicas or {}).get(bl.deployment_name(pool.name)))
+            # the yield and the reservation judged together: no younger unit is let go onto nodes reserved in
+            # the same pass for an older gang (reserve.settle)
+            y, self._reserve_plans[pool.name] = rs.settle(
+                pool.name, usable, bound, balloons, waiting, self.names, budget, now, self.reserve_after,
+                pool.resource, burst=self.release_bucket.burst,
+                replicas=(replicas or {}).get(bl.deployment_name(pool.name)))
             if not (b.enabled and b.yield_to_waiting):
                 y.hold = False  # the decision is only read for reservations
             budget = max(0, budget - y.release_count)  # a unit larger than the burst took all of it
@@ -391,13 +399,11 @@ class BalloonManager:
     async def _reserve_room(self, yields: list[yd.PoolYield]) -> None:
         """No starvation: reserve nodes for the gang that waited too long (pure plan: reserve.decide)."""
         key = rs.reserved_key(self.names)
-        now = self.clock.now()
         for y in yields:
             nodes = self._pool_nodes.get(y.pool, [])
-            if not nodes:
+            plan = self._reserve_plans.pop(y.pool, None)  # decided with the yield (_yields: reserve.settle)
+            if not nodes or plan is None:
                 continue
-            plan = rs.decide(y.pool, nodes, self._pool_bound.get(y.pool, []), self._units, y.blocked, self.names,
-                             now, self.reserve_after)
             self.last_reserve[y.pool] = plan
             # the gang's pods first get the toleration, so that the nodes reserved are theirs
             waiting = {f"{p.namespace}/{p.name}": p for u in self._units for p in u.pods}

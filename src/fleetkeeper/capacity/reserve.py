@@ -30,8 +30,9 @@ import hashlib
 from dataclasses import dataclass, field
 
 from fleetkeeper.core.domain import Names
-from fleetkeeper.core.views import NodeView, PodView
+from fleetkeeper.core.views import NodeView, PodView, Taint, Toleration
 
+from fleetkeeper.capacity import yielding as yd
 from fleetkeeper.capacity.yielding import Eligibility, Unit, _place, _shape, capacity, tolerates
 
 
@@ -122,3 +123,46 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list
     plan.tolerate = sorted(f"{p.namespace}/{p.name}" for p in target.pods
                            if not p.placeholder and not tolerates(p.tolerations, key, tok, "NoSchedule"))
     return plan
+
+
+def as_planned(nodes: list[NodeView], waiting: list[Unit], plan: ReservePlan,
+               names: Names) -> tuple[list[NodeView], list[Unit]]:
+    """The pool's nodes and the waiting units as they will be once ``plan`` is written: its reservation
+    taint on every node it reserves, and the toleration on the pods of the gang it is for. Reservations the
+    plan removes are left in place (the scheduler may not see them gone yet)."""
+    if not plan.unit:
+        return nodes, waiting
+    key = reserved_key(names)
+    reserved = frozenset(plan.reserved)
+    taint = Taint(key, plan.token, "NoSchedule")
+    out_nodes = []
+    for n in nodes:
+        if n.name in reserved and (n.taint(key) is None or n.taint(key).value != plan.token):
+            n = dataclasses.replace(n, taints=_without(n, key).taints + (taint,))
+        out_nodes.append(n)
+    tol = Toleration(key, "Equal", plan.token, "NoSchedule")
+    out_units = [u if u.key != plan.unit else dataclasses.replace(u, pods=tuple(
+        p if tolerates(p.tolerations, key, plan.token, "NoSchedule")
+        else dataclasses.replace(p, tolerations=p.tolerations + (tol,)) for p in u.pods)) for u in waiting]
+    return out_nodes, out_units
+
+
+def settle(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: list[yd.Balloon], waiting: list[Unit],
+           names: Names, budget: int, now: float, after: float | None, resource: str = "gpu",
+           burst: int | None = None, replicas: int | None = None) -> tuple[yd.PoolYield, ReservePlan]:
+    """One pool's pass: which balloons yield to which waiting unit (:func:`yielding.decide`) and which gang
+    gets its room reserved (:func:`decide`), judged together. The reservation is decided from the units the
+    first simulation finds blocked; if there is one, the simulation runs again on the nodes as the
+    reservation leaves them, so that no younger unit is judged to fit (its PodGroup created, balloons
+    released for it) on nodes reserved in the same pass for an older gang: its pod group cycle would only
+    fail there and back it off. A unit kept off only by reservations is blocked (it waits, held), never
+    unfit or another pool's work (which would let its PodGroup go to the scheduler at once)."""
+    transient = frozenset({reserved_key(names)})  # a unit kept off reserved nodes waits; it is not unfit
+    y = yd.decide(pool, nodes, bound, balloons, waiting, names, budget, resource, burst=burst, replicas=replicas,
+                  transient=transient)
+    plan = decide(pool, nodes, bound, waiting, y.blocked, names, now, after)
+    if plan.unit and plan.reserved:
+        planned_nodes, planned_units = as_planned(nodes, waiting, plan, names)
+        y = yd.decide(pool, planned_nodes, bound, balloons, planned_units, names, budget, resource, burst=burst,
+                      replicas=replicas, transient=transient)
+    return y, plan

@@ -429,7 +429,7 @@ def _alike(held: dict[str, Balloon], room: dict[str, float]) -> bool:
 
 def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: list[Balloon], waiting: list[Unit],
            names: Names, budget: int, resource: str = "gpu", burst: int | None = None,
-           replicas: int | None = None) -> PoolYield:
+           replicas: int | None = None, transient: frozenset[str] = frozenset()) -> PoolYield:
     """Which balloons of one pool to release now, and for which waiting unit.
 
     ``nodes``: the pool's usable nodes (Ready, schedulable, not being deleted);
@@ -442,7 +442,9 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     budget is full, and takes all of it (else it could never be served, and
     every unit behind it would wait for good). ``replicas``: the balloon Deployment's replicas now;
     below the balloons still held, the difference is already on its way out (an earlier pass
-    released that many interchangeable balloons without marking which)."""
+    released that many interchangeable balloons without marking which). ``transient``: taint keys that
+    hold a node only for a while (a reservation for another gang): a unit kept off a node only by them is
+    still that pool's work and is blocked, not unfit."""
     out = PoolYield(pool, resource)
     room, held = _node_room(nodes, bound, balloons, names.balloon, resource)
     still_there = {b.node for b in balloons if b.released}  # released, the pod not gone yet
@@ -459,13 +461,17 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     held_names = frozenset(held)
     empty = {n.name: capacity(n, resource) for n in nodes}
     elig = Eligibility(nodes)
+    # which work is this pool's, and would it fit the pool empty: judged without the transient taints
+    lasting = [replace(n, taints=tuple(t for t in n.taints if t.key not in transient))
+               if any(t.key in transient for t in n.taints) else n for n in nodes] if transient else nodes
+    pool_elig = Eligibility(lasting) if transient else elig
     mine = []
     for u in waiting:
-        if u.resource != resource or not any(elig.nodes_for(p) for p in u.pods):
+        if u.resource != resource or not any(pool_elig.nodes_for(p) for p in u.pods):
             continue  # another pool's work
         if resource == "cpu" and not all(selects_pool(p, names, pool) for p in u.pods):
             continue  # CPU work that does not ask for this pool by name: room is not the only thing it may lack
-        if _place(u, nodes, empty, {}, elig) is None:
+        if _place(u, lasting, empty, {}, pool_elig) is None:
             out.unfit.append(u.key)  # does not fit even an empty pool: no balloon can help
             continue
         mine.append(u)

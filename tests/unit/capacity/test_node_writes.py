@@ -155,10 +155,18 @@ def starving(n_nodes: int, per_minute: float):
     return kube, mgr, bm, y
 
 
+async def reserve_room(bm, y):
+    """The pass's reservation step as ``_yields`` leaves it (the plan decided with the yield), then applied."""
+    from fleetkeeper.capacity import reserve as rs
+    bm._reserve_plans["gpu"] = rs.decide("gpu", bm._pool_nodes["gpu"], bm._pool_bound.get("gpu", []), bm._units,
+                                         y.blocked if bm._units else [], NAMES, bm.clock.now(), bm.reserve_after)
+    await bm._reserve_room([y])
+
+
 async def test_a_reservation_taints_every_node_its_gang_needs_in_one_step_within_the_budget():
     # one reservation step a minute: the gang's 200 nodes are still reserved at once (before: 1 a pass)
     kube, mgr, bm, y = starving(200, per_minute=1)
-    await bm._reserve_room([y])
+    await reserve_room(bm, y)
     assert sorted(name for name, _ in kube.patches) == sorted(f"n{i}" for i in range(200))
     assert len(kube.pod_patches) == 200  # every member tolerates exactly that reservation
     assert bm.last_reserve["gpu"].reserved == sorted(f"n{i}" for i in range(200))
@@ -171,7 +179,7 @@ async def test_a_reservation_taints_every_node_its_gang_needs_in_one_step_within
 
 async def test_a_second_reservation_step_in_the_same_minute_waits_for_the_budget():
     kube, mgr, bm, y = starving(4, per_minute=1)
-    await bm._reserve_room([y])
+    await reserve_room(bm, y)
     assert len(kube.patches) == 4
     tok = bm.last_reserve["gpu"].token
     for i in range(4):  # the informer sees the taints
@@ -184,10 +192,10 @@ async def test_a_second_reservation_step_in_the_same_minute_waits_for_the_budget
     # budget (one step a minute) is spent
     bm._units = []
     kube.patches.clear()
-    await bm._reserve_room([y])
+    await reserve_room(bm, y)
     assert kube.patches == [] and bm.last_reserve["gpu"].untaint == ["n0", "n1", "n2", "n3"]
     assert mgr.registry.get_sample_value("fleetkeeper_node_reservations_total",
                                          {"op": "release", "result": "rate_limited"}) == 4
     await mgr.clock.advance(60)  # a minute later: the whole removal in one step
-    await bm._reserve_room([y])
+    await reserve_room(bm, y)
     assert sorted(name for name, _ in kube.patches) == ["n0", "n1", "n2", "n3"]

@@ -196,6 +196,54 @@ def test_a_gang_waiting_past_the_threshold_gets_the_free_nodes_reserved():
     assert plan.unit == "" and plan.taint == []
 
 
+def test_no_younger_gang_is_let_go_onto_nodes_reserved_in_the_same_pass():
+    """The reservation and the yield are judged together (``reserve.settle``): the pass that reserves the
+    free nodes for the starving gang does not also find that a younger gang fits there (its PodGroup would
+    be created, its cycle would fail on the new taint and back it off)."""
+    nodes = [node(f"n{i}") for i in range(4)]
+    bound = [work("small-0", "n0"), work("small-1", "n1")]  # n2, n3 free; the big gang needs all four
+    pods = gang("big", 4, created=NOW - 400) + gang("small2", 1, created=NOW - 10)
+    units = yd.units(pods, -1000)
+    alone = yd.decide(POOL, nodes, bound, [], units, N, 100)
+    assert "ns/small2" in alone.free  # judged alone, the younger gang fits the room about to be reserved
+    y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, 300.0)
+    assert plan.unit == "ns/big" and plan.taint == ["n2", "n3", "n0", "n1"]
+    assert "ns/small2" not in y.fits and "ns/small2" not in y.free and "ns/small2" in y.blocked
+    assert y.blocked[0] == "ns/big" and "ns/big" not in y.unfit  # the gang still counts its reserved room
+    # below the threshold nothing is reserved and the younger gang goes as before
+    y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, 600.0)
+    assert plan.unit == "" and "ns/small2" in y.free
+
+
+def test_balloons_on_nodes_reserved_in_the_same_pass_are_not_released_for_younger_work():
+    nodes = [node(f"n{i}") for i in range(3)]
+    bound = [work("w0", "n0")]  # n1, n2 hold balloons; the big gang needs all three
+    balloons = [balloon("n1"), balloon("n2")]
+    pods = gang("big", 3, created=NOW - 400) + gang("young", 1, created=NOW - 10)
+    units = yd.units(pods, -1000)
+    assert [r.unit for r in yd.decide(POOL, nodes, bound, balloons, units, N, 100).releases] == ["ns/young"]
+    y, plan = rs.settle(POOL, nodes, bound, balloons, units, N, 100, NOW, 300.0)
+    assert plan.unit == "ns/big" and sorted(plan.reserved) == ["n0", "n1", "n2"]
+    assert all(r.unit != "ns/young" for r in y.releases) and "ns/young" in y.blocked
+
+
+def test_work_kept_off_only_by_a_reservation_waits_held_it_is_not_unfit_nor_another_pools():
+    """Every node of the pool reserved for the starving gang: a younger gang is blocked (fleetkeeper keeps
+    holding it), not unfit and not left out as another pool's work, either of which would hand its PodGroup
+    to kube-scheduler at once, to fail on the reservation taints until they go."""
+    tok = rs.token("ns/big")
+    key = rs.reserved_key(N)
+    nodes = [node(f"n{i}", taints=[(key, tok, "NoSchedule")]) for i in range(3)]
+    bound = [work("w0", "n0")]
+    tol = (Toleration(key, "Equal", tok, "NoSchedule"),)
+    units = yd.units(gang("big", 3, created=NOW - 400, tolerations=tol) + gang("young", 1, created=NOW - 10), -1000)
+    y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, 300.0)
+    assert plan.unit == "ns/big" and plan.taint == [] and plan.untaint == []
+    assert y.blocked == ["ns/big", "ns/young"] and y.unfit == [] and y.fits == []
+    # without the reservation key as transient the younger gang is not this pool's work at all
+    assert "ns/young" not in yd.decide(POOL, nodes, bound, [], units, N, 100).blocked
+
+
 def reserved_node(name: str, tok: str) -> NodeView:
     return node(name, taints=[(rs.reserved_key(N), tok, "NoSchedule")])
 
