@@ -75,6 +75,21 @@ def sizes(jobs: int, nodes: int, seed: int = 7) -> list[int]:
     return [nodes] + [rnd.choice([1, 1, 2, 2, 3, 3, 4, 4, 5, 6, 8]) for _ in range(jobs - 1)]
 
 
+def waves(burst: list[int], nodes: int) -> int:
+    """Waves a perfect whole-job schedule needs: every pod runs equally long, so with every job placed whole
+    a schedule is a packing of the job sizes into waves of ``nodes`` (first fit decreasing; for the
+    benchmark's bursts it meets the lower bound ceil(pods / nodes), so it is the optimum there)."""
+    bins: list[int] = []
+    for size in sorted(burst, reverse=True):
+        for i, used in enumerate(bins):
+            if used + size <= nodes:
+                bins[i] += size
+                break
+        else:
+            bins.append(size)
+    return len(bins)
+
+
 def job(name: str, size: int, seconds: int, gang: bool) -> dict:
     labels = {"bench": "1", "job": name}
     if gang:
@@ -422,7 +437,8 @@ async def main(args) -> None:
     burst = sizes(args.jobs, args.nodes)
     print(f"burst: {len(burst)} jobs, {sum(burst)} pods x 8 GPUs, {args.seconds}s each; sizes {burst}", flush=True)
     print(f"ideal makespan (perfect packing, no scheduling time): "
-          f"{sum(burst) * args.seconds / args.nodes:.0f}s", flush=True)
+          f"{sum(burst) * args.seconds / args.nodes:.0f}s without gangs; "
+          f"{waves(burst, args.nodes) * args.seconds}s with every job whole", flush=True)
     with tempfile.TemporaryDirectory(prefix="fk-bench-gangs-") as d:
         tmp = Path(d)
         lc = LocalCluster(tmp / "cluster")

@@ -245,3 +245,14 @@ def test_a_gang_fleetkeeper_held_is_watched_only_from_when_it_is_handed_to_the_s
     # single pods are not gangs: ``handed`` does not filter them (they are never requeued anyway)
     solo = units([waiting("solo")])
     assert rq.decide(solo, {solo[0].key}, [], rq.RequeueState(), NOW, AFTER, handed=set()).state.fits_since
+
+
+def test_a_gang_not_tried_yet_is_waiting_its_turn_not_stuck():
+    """Handed to kube-scheduler and never tried (no member Unschedulable): it waits in the active queue behind
+    other groups, however long; a requeue pod would be a cycle for nothing. Once tried and quiet, it is."""
+    fresh = units([dataclasses.replace(p, tried=False) for p in gang("train", 2, unschedulable=False)])
+    plan = rq.decide(fresh, {"ns/train"}, [], state({"ns/train": NOW - 1000}, units_=fresh), NOW, AFTER)
+    assert plan.create == []
+    tried = units(gang("train", 2))
+    plan = rq.decide(tried, {"ns/train"}, [], state({"ns/train": NOW - 1000}, units_=tried), NOW, AFTER)
+    assert plan.create == [("ns", "train", 1000)]
