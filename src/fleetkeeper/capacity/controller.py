@@ -176,8 +176,19 @@ class BalloonManager:
         self.last_plan: bl.BalloonPlan | None = None
         label = bl.balloon_label(self.names)
         self.nodes.add_handler(self.controller.handler(lambda k, o, n: "pools"))
-        self.pods.add_handler(self.controller.handler(
-            lambda k, o, n: "pools" if ((n or o) and (n or o).labels.get(label)) else None))
+        # set by each pass: work waits for room (a pool holds its balloons, or a held gang waits for its room)
+        self._room_wanted = False
+
+        def pod_event(k, o, n):
+            p = n or o
+            if p is not None and p.labels.get(label):
+                return "pools"
+            # room frees while work waits for it: a bound pod ends or goes. The next pass (at most one a
+            # second) lets the waiting work go, rather than the hold's resync up to HOLD_RESYNC_SECONDS later
+            if self._room_wanted and o is not None and o.node and o.active and (n is None or not n.active):
+                return "pools"
+            return None
+        self.pods.add_handler(self.controller.handler(pod_event))
         for p in cfg.balloons.pools:
             metrics.init_pool(p.name, "nvidia.com/gpu" if p.resource == "gpu" else "cpu")
 
@@ -254,6 +265,7 @@ class BalloonManager:
         watch_requeue, kick_in = await self._requeue(yields)
         if self.on_room is not None and self.on_room(room_verdicts(yields)):
             watch_requeue = True  # a held gang waits for room: look again soon even without events
+        self._room_wanted = watch_requeue or any(y.hold for y in yields)
         for name in plan.delete_deployments:
             why = "balloons are disabled" if not self.cfg.balloons.enabled else "pool no longer configured for balloons"
             if self.dry_run:

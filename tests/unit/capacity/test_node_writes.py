@@ -199,3 +199,41 @@ async def test_a_second_reservation_step_in_the_same_minute_waits_for_the_budget
     await mgr.clock.advance(60)  # a minute later: the whole removal in one step
     await reserve_room(bm, y)
     assert sorted(name for name, _ in kube.patches) == ["n0", "n1", "n2", "n3"]
+
+
+# --- room that frees while work waits brings the next pass at once, not at the hold's resync ---------------
+
+
+def pod_body(name: str, node_name: str, phase: str, rv: str, labels=None) -> dict:
+    return {"metadata": {"name": name, "namespace": "ns", "uid": name, "resourceVersion": rv,
+                         "labels": dict(labels or {}), "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"nodeName": node_name, "containers": [{"name": "c"}]}, "status": {"phase": phase}}
+
+
+async def test_a_bound_pod_ending_brings_a_pass_only_while_work_waits_for_room():
+    kube = FakeKube()
+    mgr = Manager(kube, RuntimeSettings(namespace="fk", server={"port": 0}, leader_election={"enabled": False}),
+                  registry=CollectorRegistry(), clock=FakeClock())
+    bm = BalloonManager(mgr, CapacityConfig(), CapacityMetrics(mgr.registry), mgr.recorder("capacity"))
+    q = bm.controller.queue
+
+    def drain():
+        n = len(q)
+        q._queue.clear()
+        q._queued.clear()
+        return n
+
+    bm.pods._apply("ADDED", pod_body("a", "n1", "Running", "1"))
+    bm.pods._apply("ADDED", pod_body("b", "n2", "Running", "1"))
+    drain()
+    bm.pods._apply("MODIFIED", pod_body("a", "n1", "Succeeded", "2"))
+    assert drain() == 0  # nothing waits: a pod ending is not the balloon pass's business
+    bm._room_wanted = True  # the last pass held room for waiting work
+    bm.pods._apply("MODIFIED", pod_body("b", "n2", "Succeeded", "2"))
+    assert drain() == 1 and bm.controller.queue is q
+    bm.pods._apply("MODIFIED", pod_body("b", "n2", "Succeeded", "3"))  # already ended: no new room
+    assert drain() == 0
+    bm.pods._apply("ADDED", pod_body("c", "n3", "Running", "1"))
+    assert drain() == 0
+    bm.pods._apply("DELETED", pod_body("c", "n3", "Running", "1"))  # a running pod deleted: room frees
+    assert drain() == 1
