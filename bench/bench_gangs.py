@@ -501,9 +501,14 @@ async def main(args) -> None:
                     print(f"  balloon Deployment removed: {await kube.get_or_none(DEPLOYMENTS, f'balloon-{POOL}', SYSTEM) is None}"
                           f"; balloons still running {left} after {time.monotonic() - t:.0f}s", flush=True)
                 before = await common.scheduler_metrics(lc)
+                cpu0 = common.cpu_seconds(lc)
                 r = await run_mode(kube, mode, burst, args, args.nodes, reg, lc)
+                cpu1 = common.cpu_seconds(lc)
                 print(f"  kube-scheduler during the mode: "
                       f"{common.scheduler_delta(before, await common.scheduler_metrics(lc))}", flush=True)
+                # per process, over the mode and its analysis ("fleetkeeper": this process, controllers and bench)
+                r["cpu_s"] = {k: round(v - cpu0.get(k, 0.0), 1) for k, v in cpu1.items()}
+                print(f"  CPU seconds during the mode: {r['cpu_s']}", flush=True)
                 r["mode"] = spec_
                 results.append(r)
                 print(f"  {r}", flush=True)
