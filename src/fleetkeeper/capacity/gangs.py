@@ -355,7 +355,12 @@ def hold_podgroup(pods: list[GangPod], min_count: int, objs: GroupObjects, cfg: 
         return "", None
     if room is None:
         since = max(p.created for p in active)
-        if judged_at is not None and judged_at >= since + JUDGE_MARGIN:
+        # a pass counts a gang whose members have not all been tried only once its group object is there (the
+        # pass's ``complete``: the shared informer has it): a pass before that left it out for want of it, not
+        # because no pool takes it. At start-up the gang controller creates hundreds of Workloads behind a
+        # burst, and small gangs were let go onto room the pass kept for an older, larger gang
+        made = parse_time(((objs.workload or {}).get("metadata") or {}).get("creationTimestamp"))
+        if judged_at is not None and objs.workload is not None and judged_at >= max(since, made) + JUDGE_MARGIN:
             return "", None  # a pass ran since it was complete and no pool took it: kube-scheduler's call
         wait = since + cfg.gangs.hold_unjudged_seconds - now
         if wait <= 0:
