@@ -137,7 +137,8 @@ def as_planned(nodes: list[NodeView], waiting: list[Unit], plan: ReservePlan,
     taint = Taint(key, plan.token, "NoSchedule")
     out_nodes = []
     for n in nodes:
-        if n.name in reserved and (n.taint(key) is None or n.taint(key).value != plan.token):
+        have = n.taint(key)
+        if n.name in reserved and (have is None or have.value != plan.token):
             n = dataclasses.replace(n, taints=_without(n, key).taints + (taint,))
         out_nodes.append(n)
     tol = Toleration(key, "Equal", plan.token, "NoSchedule")

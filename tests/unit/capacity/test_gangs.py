@@ -10,6 +10,7 @@ import pytest
 from fleetkeeper.capacity import gangs as gg
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.core.domain import Names
+from fleetkeeper.core.views import parse_time
 from fleetkeeper.core.kube import COSCHED_PODGROUPS, PODGROUPS, WORKLOADS
 from fleetkeeper.core.webhook import AdmissionRequest
 
@@ -297,7 +298,7 @@ def test_a_gang_a_later_pass_left_out_is_no_pools_work_and_gets_its_podgroup():
     """No verdict although a balloon pass ran after the last member appeared: no pool took it (it asks for
     no pool fleetkeeper knows, or there are none), so kube-scheduler decides at once, not after the grace."""
     wl = gg.GroupObjects(workload={"metadata": {"name": "g", "creationTimestamp": "2027-01-15T08:00:00Z"}})
-    made = gg.parse_time("2027-01-15T08:00:00Z")
+    made = parse_time("2027-01-15T08:00:00Z")
     pods = [member(n, created=made - 1) for n in "abc"]
     early = gg.decide_gang("ns/g", pods, BIG, wl, {}, HOLD, N, NOW, None, room=None,
                            judged_at=made + gg.JUDGE_MARGIN - 1)  # that pass may not have seen the Workload
