@@ -40,10 +40,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import random
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -501,9 +503,23 @@ async def main(args) -> None:
                     print(f"  balloon Deployment removed: {await kube.get_or_none(DEPLOYMENTS, f'balloon-{POOL}', SYSTEM) is None}"
                           f"; balloons still running {left} after {time.monotonic() - t:.0f}s", flush=True)
                 before = await common.scheduler_metrics(lc)
+                spy = None
+                if args.pyspy:  # this process (controllers, webhook, the benchmark's own watch) during the mode
+                    Path(args.pyspy).mkdir(parents=True, exist_ok=True)
+                    spy = await asyncio.create_subprocess_exec(
+                        str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()),
+                        "--nonblocking", "-r", "100", "-f", "raw", "-o",
+                        str(Path(args.pyspy) / f"{spec_.replace('/', '_')}.txt"),
+                        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
                 cpu0 = common.cpu_seconds(lc)
                 r = await run_mode(kube, mode, burst, args, args.nodes, reg, lc)
                 cpu1 = common.cpu_seconds(lc)
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    await spy.wait()
+                    from pyspy_summary import load, summarise
+                    print(summarise(load(str(Path(args.pyspy) / f"{spec_.replace('/', '_')}.txt")), top=30),
+                          flush=True)
                 print(f"  kube-scheduler during the mode: "
                       f"{common.scheduler_delta(before, await common.scheduler_metrics(lc))}", flush=True)
                 # per process, over the mode and its analysis ("fleetkeeper": this process, controllers and bench)
@@ -557,5 +573,7 @@ if __name__ == "__main__":
                     "pod group cycle failed)")
     ap.add_argument("--scheduler-gates", default="", help="extra kube-scheduler feature gates for every mode "
                     "(e.g. SchedulerAsyncAPICalls=true)")
+    ap.add_argument("--pyspy", help="a py-spy raw profile of this process per mode into this directory, "
+                    "summarised (py-spy beside the interpreter)")
     ap.add_argument("--keep-log", help="copy kube-scheduler's log here at the end")
     asyncio.run(main(ap.parse_args()))

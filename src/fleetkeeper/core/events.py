@@ -22,7 +22,8 @@ Events are written off the write path, as client-go's EventBroadcaster does:
 * **Bounded, never silent.** The sink holds at most ``max_pending`` distinct
   Events; beyond that an occurrence is dropped and counted in
   ``fleetkeeper_events_dropped_total{reason,cause}`` (cause ``queue_full``),
-  as is one the API server refused (cause ``error``). A token bucket paces
+  as is one the API server refused (cause ``error``; ``namespace_terminating``,
+  not logged, for an Event about an object whose namespace is being deleted). A token bucket paces
   the writes (``rate``/``burst``): a burst waits in the sink, it is not
   dropped. :meth:`EventRecorder.flush` waits until the sink is written out
   (a command about to exit, a manager shutting down, tests).
@@ -225,6 +226,14 @@ async def flush_all(timeout: float = 10.0) -> bool:
     return ok
 
 
+def terminating_namespace(exc: Exception) -> bool:
+    """The API server refused a create because the namespace is being deleted (403, NamespaceTerminating)."""
+    if not isinstance(exc, errors.Forbidden):
+        return False
+    cause = ((exc.body.get("details") or {}).get("causes") or [{}])[0].get("reason", "")
+    return cause == "NamespaceTerminating" or "because it is being terminated" in exc.message
+
+
 @dataclass(eq=False)
 class EventRecorder:
     kube: Kube
@@ -293,9 +302,11 @@ class EventRecorder:
         self._start()
         return what
 
-    def _dropped(self, reason: str, cause: str, n: int) -> None:
+    def _dropped(self, reason: str, cause: str, n: int, quiet: bool = False) -> None:
         if self.metrics:
             self.metrics.events_dropped.labels(reason, cause).inc(n)
+        if quiet:
+            return
         mono = self.clock.monotonic()
         if mono - self._last_drop_log >= 10.0:  # logged, at most every 10 s; always counted
             self._last_drop_log = mono
@@ -359,9 +370,16 @@ class EventRecorder:
             self.correlator.written(p.key, name, p.count, now)
             self.counts["created"] += 1
         except errors.FleetkeeperError as exc:
-            self.counts["failed"] += p.count
-            log.warning("could not record event %s on %s: %s", p.reason, obj.name, exc)
-            self._dropped(p.reason, "error", p.count)
+            self._failed(p, exc)
+
+    def _failed(self, p: Pending, exc: errors.FleetkeeperError) -> None:
+        self.counts["failed"] += p.count
+        if terminating_namespace(exc):  # about an object whose namespace is going away with it: expected
+            log.debug("event %s on %s not recorded: %s", p.reason, p.obj.name, exc)
+            self._dropped(p.reason, "namespace_terminating", p.count, quiet=True)
+            return
+        log.warning("could not record event %s on %s: %s", p.reason, p.obj.name, exc)
+        self._dropped(p.reason, "error", p.count)
 
     def _body(self, p: Pending, name: str, ns: str) -> dict:
         return {
@@ -388,9 +406,7 @@ class EventRecorder:
         except errors.Conflict:
             self.counts["existing"] += 1
         except errors.FleetkeeperError as exc:
-            self.counts["failed"] += p.count
-            log.warning("could not record event %s on %s: %s", p.reason, p.obj.name, exc)
-            self._dropped(p.reason, "error", p.count)
+            self._failed(p, exc)
             return
         self._known(name)
 

@@ -625,8 +625,22 @@ class Remediator:
             joined = await self._open_window(node, pods, gangs, now)
             if joined:
                 gang_note += f"; {', '.join(joined)} repaired in the same window"
-        ops = tuple(EvictPod(x.namespace, x.name) for x in pods)
-        done = await self.applier.apply(node, Ops(node.name, "evict", ops, p.why), announce=False)
+        # the gang's members on other nodes first, the node's own pods after them, and only once every other
+        # member is gone: the node's own member names the gang, so a crash (or a blocked member) part-way
+        # leaves the eviction to be resumed from it, never half done and forgotten
+        others = [x for x in pods if x.node != node.name]
+        own = [x for x in pods if x.node == node.name]
+        done = await self.applier.apply(
+            node, Ops(node.name, "evict", tuple(EvictPod(x.namespace, x.name) for x in others or own), p.why),
+            announce=False)
+        if others and own and not (done.blocked or done.failed or done.rate_limited):
+            rest = await self.applier.apply(
+                node, Ops(node.name, "evict", tuple(EvictPod(x.namespace, x.name) for x in own), p.why),
+                announce=False)
+            done.evicted += rest.evicted
+            done.blocked += rest.blocked
+            done.failed += rest.failed
+            done.rate_limited = rest.rate_limited
         for _ in done.evicted:
             self._count("evict", "dry_run" if self.dry_run else "success")
         for _ in done.blocked:

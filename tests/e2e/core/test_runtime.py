@@ -202,6 +202,38 @@ async def test_a_burst_of_events_is_written_off_the_caller_path_counted_never_si
     items, _ = await kube.list(EVENTS, namespace, field_selector="reason=Small")
     assert len(items) == 5
 
+async def test_an_event_into_a_namespace_being_deleted_is_counted_not_logged(kube, caplog):
+    """The API server refuses new content in a terminating namespace: an expected loss (the object goes
+    with it), counted under its own cause and not logged as a failure; another refusal still is."""
+    import logging
+    import secrets
+
+    from fleetkeeper.core.events import EventRecorder, ObjectRef
+    from fleetkeeper.core.kube import NAMESPACES
+
+    ns = f"ending-{secrets.token_hex(3)}"
+    await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    held = cm("held", "0")
+    held["metadata"]["finalizers"] = ["fleetkeeper.io/test-hold"]  # keeps the namespace Terminating
+    await kube.create(CONFIGMAPS, held, ns)
+    reg = CollectorRegistry()
+    try:
+        await kube.delete(NAMESPACES, ns)
+        rec = EventRecorder(kube, "ending", metrics=RuntimeMetrics(reg))
+        with caplog.at_level(logging.WARNING, logger="fleetkeeper.events"):
+            await rec.emit(ObjectRef("Pod", "p", ns), "GangWaiting", "about a pod of a namespace being deleted")
+            await rec.emit(ObjectRef("Pod", "p", f"{ns}-missing"), "Other", "a namespace that does not exist")
+            assert await rec.flush(60)
+        assert reg.get_sample_value("fleetkeeper_events_dropped_total",
+                                    {"reason": "GangWaiting", "cause": "namespace_terminating"}) == 1
+        assert reg.get_sample_value("fleetkeeper_events_dropped_total", {"reason": "Other", "cause": "error"}) == 1
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not [m for m in warned if "GangWaiting" in m], warned
+        assert [m for m in warned if "Other" in m], warned
+    finally:
+        await kube.patch(CONFIGMAPS, "held", {"metadata": {"finalizers": None}}, ns)
+
+
 async def test_a_follower_gets_every_change_from_its_leads_one_list_and_watch(kube, namespace):
     """Two projections of one stream: the follower is fed by the lead (one LIST in pages, one watch),
     sees every add, change and delete with its own projection, and both caches hold the same keys

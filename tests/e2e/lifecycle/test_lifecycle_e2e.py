@@ -120,6 +120,58 @@ async def test_a_gang_of_8_is_evicted_together_when_one_node_fails_and_counts_on
         await stop(task)
 
 
+class StopsAfterOneEviction:
+    """The API client of a process that dies part-way through a drain: its second eviction never returns."""
+
+    def __init__(self, kube):
+        self._kube = kube
+        self.evicted: list[str] = []
+        self.stuck = asyncio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._kube, name)
+
+    async def evict(self, namespace: str, name: str, **kw):
+        if self.evicted:
+            self.stuck.set()
+            await asyncio.Event().wait()  # the process is killed here
+        await self._kube.evict(namespace, name, **kw)
+        self.evicted.append(name)
+
+
+async def test_a_gang_eviction_cut_short_by_a_crash_is_finished_after_the_restart(kube, namespace, own_nodes,
+                                                                                   tmp_path):
+    """The node's own member is evicted last: it names the gang, so a restarted controller finds the rest."""
+    nodes = await own_nodes(4)
+    for i, n in enumerate(nodes):
+        await kube.create(PODS, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"rank-{i}", "namespace": namespace, "labels": {N.gang: "train"}},
+            "spec": {"nodeName": n, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "c", "image": "busybox"}]}}, namespace)
+
+    async def running():
+        items, _ = await kube.list(PODS, namespace)
+        return sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running") == 4
+    await wait_for(running, 60, "the gang Running")
+    dying = StopsAfterOneEviction(kube)
+    mgr, plan, _, task = await start(dying, tmp_path, own_nodes.group, policy=POLICY, lifecycle="")
+    try:
+        plan.inject(nodes[0], parse_fault("ecc"))
+        await asyncio.wait_for(dying.stuck.wait(), 60)
+    finally:
+        await stop(task)
+    assert dying.evicted != ["rank-0"], "the failing node's own member went first: nothing left names the gang"
+    mgr, plan, _, task = await start(kube, tmp_path, own_nodes.group, policy=POLICY, lifecycle="")
+    try:
+        async def gang_gone():
+            items, _ = await kube.list(PODS, namespace)
+            return not [p for p in items if not p["metadata"].get("deletionTimestamp")]
+        await wait_for(gang_gone, 60, "every rank evicted after the restart")
+    finally:
+        await stop(task)
+
+
 LIFECYCLE_SHORT = """
 deadlines: {awaiting_repair: 4s, revalidating: 4s, retiring: 1h}
 preflight_max_attempts: 3
