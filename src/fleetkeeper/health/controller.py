@@ -60,6 +60,7 @@ STORM_UNTIL_KEY = "storm-until"
 FLAPS_KEY = "flaps"
 POLICY_KEY = "policy.yaml"
 ADMISSION_STATS_AGE = 15.0  # admission reads the stats loop's numbers up to this old (never recomputes inline)
+EVICTED_EXPECT_S = 60.0  # a pod this process evicted is not evicted again for this long unless the cache sees it go
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -220,6 +221,9 @@ class Remediator:
                                         else ())
         self._storm_until = 0.0
         self._noted: set[tuple[str, str]] = set()
+        # pods this process evicted, by key: (uid, when). Until the cache shows one going (or EVICTED_EXPECT_S
+        # pass), it is not evicted again: a cache behind the API server would count one pod evicted twice
+        self._evicted: dict[str, tuple[str, float]] = {}
         self._watched = watched_types(self.policy)
         self.nodes.add_handler(self._on_node)
         self.pods.add_handler(self._on_pod)
@@ -628,6 +632,11 @@ class Remediator:
         # the gang's members on other nodes first, the node's own pods after them, and only once every other
         # member is gone: the node's own member names the gang, so a crash (or a blocked member) part-way
         # leaves the eviction to be resumed from it, never half done and forgotten
+        mono = self.clock.monotonic()
+        self._evicted = {k: v for k, v in self._evicted.items() if mono - v[1] < EVICTED_EXPECT_S}
+        pods = [x for x in pods if self._evicted.get(x.key, ("",))[0] != x.uid]
+        if not pods:  # all asked already: the cache has yet to see them go
+            return Result(requeue_after=1.0)
         others = [x for x in pods if x.node != node.name]
         own = [x for x in pods if x.node == node.name]
         done = await self.applier.apply(
@@ -641,6 +650,9 @@ class Remediator:
             done.blocked += rest.blocked
             done.failed += rest.failed
             done.rate_limited = rest.rate_limited
+        if not self.dry_run:
+            uids = {x.key: x.uid for x in pods}
+            self._evicted.update({k: (uids.get(k, ""), mono) for k in done.evicted})
         for _ in done.evicted:
             self._count("evict", "dry_run" if self.dry_run else "success")
         for _ in done.blocked:

@@ -172,6 +172,52 @@ async def test_a_gang_eviction_cut_short_by_a_crash_is_finished_after_the_restar
         await stop(task)
 
 
+class CacheNeverCatchesUp:
+    """An API client whose evictions are answered but never seen by the watch (a cache far behind)."""
+
+    def __init__(self, kube):
+        self._kube = kube
+        self.asked: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._kube, name)
+
+    async def evict(self, namespace: str, name: str, **kw):
+        self.asked.append(name)
+
+
+async def test_a_pod_evicted_is_not_evicted_again_while_the_cache_is_behind(kube, namespace, own_nodes, tmp_path):
+    nodes = await own_nodes(2)
+    for i, n in enumerate(nodes):
+        await kube.create(PODS, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"rank-{i}", "namespace": namespace, "labels": {N.gang: "train"}},
+            "spec": {"nodeName": n, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "c", "image": "busybox"}]}}, namespace)
+    behind = CacheNeverCatchesUp(kube)
+    mgr, plan, _, task = await start(behind, tmp_path, own_nodes.group, policy=POLICY, lifecycle="")
+    try:
+        plan.inject(nodes[0], parse_fault("ecc"))
+        async def asked():
+            return len(behind.asked) >= 2
+        await wait_for(asked, 60, "the gang's eviction asked")
+        health = mgr.health  # type: ignore[attr-defined]
+        passes, evict = [0], health._evict
+
+        async def counted(p, node):
+            passes[0] += 1
+            return await evict(p, node)
+        health._evict = counted
+
+        async def three():
+            return passes[0] >= 3
+        await wait_for(three, 60, "three more drain passes over the failing node")
+        assert sorted(behind.asked) == ["rank-0", "rank-1"], behind.asked  # each once, siblings first
+        assert behind.asked[0] == "rank-1"
+    finally:
+        await stop(task)
+
+
 LIFECYCLE_SHORT = """
 deadlines: {awaiting_repair: 4s, revalidating: 4s, retiring: 1h}
 preflight_max_attempts: 3
