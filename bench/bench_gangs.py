@@ -175,7 +175,7 @@ def parse_mode(spec: str) -> tuple[str, dict]:
 
 
 async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, reg: CollectorRegistry | None,
-                   lc: LocalCluster | None = None) -> dict:
+                   lc: LocalCluster | None = None, node_cache=None) -> dict:
     ns = f"burst-{mode.replace('+', '-')}-{secrets.token_hex(2)}"
     await kube.create(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     gang = mode != "no-gangs"
@@ -193,7 +193,7 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
     samples: list[tuple[float, set[str]]] = []  # reservation taints seen (profile)
     while time.monotonic() < deadline:
         if gang and args.profile:
-            samples.append((time.time(), await reserved_now(kube)))
+            samples.append((time.time(), await reserved_now(kube, node_cache)))
         items, _ = await kube.list(JOBS, ns)
         done = sum(1 for j in items if (j.get("status") or {}).get("succeeded", 0) == j["spec"]["completions"])
         if done == len(burst):
@@ -371,10 +371,13 @@ def scheduler_view(log: Path, ns: str, t0: float, last_member: dict[str, float],
             f"{60 - busy:.1f} s between them"]
 
 
-async def reserved_now(kube: Kube) -> set[str]:
-    """Nodes that carry a reservation taint now."""
-    items, _ = await kube.list(NODES)
+async def reserved_now(kube: Kube, node_cache=None) -> set[str]:
+    """Nodes that carry a reservation taint now: from the manager's node cache when there is one (a LIST of
+    every node every 2 s would load kube-apiserver in the gang modes only, and skew the comparison)."""
     key = f"{N.domain}/reserved"
+    if node_cache is not None:
+        return {n.name for n in node_cache.items() if any(t.key == key for t in n.taints)}
+    items, _ = await kube.list(NODES)
     return {n["metadata"]["name"] for n in items if any(t.get("key") == key for t in n["spec"].get("taints") or ())}
 
 
@@ -485,7 +488,7 @@ async def main(args) -> None:
                               **({"expect_members_seconds": None} if "/noexpect" in spec_ else {}),
                               **({"hold_until_room_members": args.hold_members or None}
                                  if args.hold_members is not None else {})}})
-                task, _, reg = await start(kube, cfg, tmp)
+                task, mode_mgr, reg = await start(kube, cfg, tmp)
                 if mode == "balloons+gangs":
                     t = time.monotonic()
                     while await balloons_running(kube) < args.nodes and time.monotonic() - t < 300:
@@ -512,7 +515,8 @@ async def main(args) -> None:
                         str(Path(args.pyspy) / f"{spec_.replace('/', '_')}.txt"),
                         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
                 cpu0 = common.cpu_seconds(lc)
-                r = await run_mode(kube, mode, burst, args, args.nodes, reg, lc)
+                r = await run_mode(kube, mode, burst, args, args.nodes, reg, lc,
+                                   mode_mgr.node_informer() if mode != "no-gangs" else None)
                 cpu1 = common.cpu_seconds(lc)
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)

@@ -356,6 +356,51 @@ class Eligibility:
         return self._get(pod)[1]
 
 
+class Slots:
+    """How many more pods of one shape and size the nodes could take: the sum of ``room // need`` over the
+    nodes the shape may go on (a node's balloon may be released, so its whole room counts), counted once
+    per shape and size and again only after the room changed (:meth:`changed`).
+
+    A unit that wants more pods of one kind than that cannot be placed, whatever the placement: the check
+    costs a dictionary lookup per kind instead of a heap over the nodes per unit, which is what a pass over
+    hundreds of units blocked behind a full pool spent its time on. For a unit whose pods are all of one
+    kind the count is exact (equal-sized pods fill nodes in any order), so :meth:`fits` says "fits" or "does
+    not" without placing it."""
+
+    def __init__(self, eligibility: Eligibility, room: dict[str, float]):
+        self.elig, self.room = eligibility, room
+        self._count: dict[tuple, int] = {}
+
+    def changed(self) -> None:
+        self._count.clear()
+
+    def _slots(self, pod: WaitingPod, need: int, key: tuple) -> int:
+        n = self._count.get(key)
+        if n is None:
+            room = self.room
+            n = self._count[key] = sum(int(room[x.name] // need) for x in self.elig.nodes_for(pod)
+                                       if room[x.name] >= need)
+        return n
+
+    def fits(self, unit: Unit) -> bool | None:
+        """False: cannot fit; True: fits (a unit of one kind); None: may fit (a placement must tell)."""
+        want: dict[tuple, list] = {}
+        for pod in unit.pods:
+            need = amount(pod, unit.resource)
+            if need <= 0:
+                return None
+            key = (_shape(pod), need)
+            got = want.get(key)
+            if got is None:
+                want[key] = [pod, 1]
+            else:
+                got[1] += 1
+        for (_, need), (pod, k) in want.items():
+            if self._slots(pod, need, (_shape(pod), need)) < k:
+                return False
+        return True if len(want) == 1 else None
+
+
 def _fit(room: float, balloon: float, need: float) -> tuple[int, float] | None:
     """(tier, room left) of a node for a pod: 0 fits in room no balloon holds, 1 fits once its
     balloon goes; None: does not fit."""
@@ -466,12 +511,14 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
                if any(t.key in transient for t in n.taints) else n for n in nodes] if transient else nodes
     pool_elig = Eligibility(lasting) if transient else elig
     mine = []
+    empty_slots = Slots(pool_elig, empty)
     for u in waiting:
         if u.resource != resource or not any(pool_elig.nodes_for(p) for p in u.pods):
             continue  # another pool's work
         if resource == "cpu" and not all(selects_pool(p, names, pool) for p in u.pods):
             continue  # CPU work that does not ask for this pool by name: room is not the only thing it may lack
-        if _place(u, lasting, empty, {}, pool_elig) is None:
+        fits_empty = empty_slots.fits(u)
+        if fits_empty is False or (fits_empty is None and _place(u, lasting, empty, {}, pool_elig) is None):
             out.unfit.append(u.key)  # does not fit even an empty pool: no balloon can help
             continue
         mine.append(u)
@@ -480,8 +527,9 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     # work that fits the pool waits: no new balloon may take the room that frees up
     out.hold = bool(mine)
     stop = False
+    slots = Slots(elig, room)  # room as this pass's placements leave it (changed() after each)
     for u in mine:
-        placed = _place(u, nodes, room, held, elig)
+        placed = None if slots.fits(u) is False else _place(u, nodes, room, held, elig)
         if placed is None:
             out.blocked.append(u.key)  # the room is taken by real work: it waits for that to finish
             continue
@@ -497,6 +545,7 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
             out.free.append(u.key)
         for pod in u.pods:
             room[where[pod.name]] -= amount(pod, resource)
+        slots.changed()
         if released:
             # interchangeable: the nodes are alike and every pod of the unit may go on any of them
             anywhere = alike and all(held_names <= elig.names_for(p) for p in u.pods)

@@ -512,3 +512,47 @@ def test_a_complete_gang_counts_whole_even_where_the_passs_view_lags():
     units = yd.units(big + small, -1000, complete=complete, expected=lambda k: 4 if k == "ns/big" else 0)
     out = yd.decide(POOL, nodes, [], [], units, N, 100)
     assert out.fits == ["ns/big"] and out.blocked == ["ns/small"]
+
+
+def test_the_slot_count_agrees_with_placing_the_unit():
+    """Slots.fits (the shortcut before a placement) never says "cannot fit" for a unit the placement fits,
+    and for a unit of one kind it says exactly what the placement says."""
+    import random
+
+    rng = random.Random(7)
+    for trial in range(300):
+        nodes = [node(f"n{i}", gpus=rng.choice([4, 8]), taints=[("t", "x", "NoSchedule")] if rng.random() < 0.2
+                      else ()) for i in range(rng.randint(1, 8))]
+        room = {n.name: float(n.gpus - rng.choice([0, 0, 1, 2, 4])) for n in nodes}
+        held = {n.name: balloon(n.name) for n in nodes if rng.random() < 0.5}
+        kinds = [dict(gpus=rng.choice([1, 2, 3, 4, 8])) for _ in range(rng.choice([1, 1, 2]))]
+        kinds = [dict(k, tolerations=[yd.Toleration("t", "Equal", "x", "NoSchedule")] if rng.random() < 0.5 else [])
+                 for k in kinds]
+        pods = [waiting(f"p{trial}-{i}", gang="g", **rng.choice(kinds)) for i in range(rng.randint(1, 10))]
+        (u,) = yd.units(pods, -1000)
+        elig = yd.Eligibility(nodes)
+        placed = yd._place(u, nodes, room, held, elig)
+        said = yd.Slots(elig, room).fits(u)
+        assert not (said is False and placed is not None), (trial, u, room)
+        if len({(yd._shape(p), p.gpus) for p in u.pods}) == 1:
+            assert said == (placed is not None), (trial, u, room)
+
+
+def test_units_blocked_behind_a_full_pool_are_judged_without_placing_each():
+    """300 small gangs behind a 1,000-pod job that holds every node: each is judged blocked by the count."""
+    nodes = [node(f"n{i:04d}") for i in range(1000)]
+    bound = [work(f"big-{i}", n.name) for i, n in enumerate(nodes)]
+    pods = [p for g in range(300) for p in gang(f"g{g}", 1 + g % 8)]
+    calls = []
+    real = yd._place
+
+    def counting(*a, **kw):
+        calls.append(a[0].key)
+        return real(*a, **kw)
+    yd._place, saved = counting, yd._place
+    try:
+        out = decide(nodes, bound, [], pods)
+    finally:
+        yd._place = saved
+    assert len(out.blocked) == 300 and not out.fits and out.hold
+    assert calls == []
