@@ -237,3 +237,39 @@ async def test_a_bound_pod_ending_brings_a_pass_only_while_work_waits_for_room()
     assert drain() == 0
     bm.pods._apply("DELETED", pod_body("c", "n3", "Running", "1"))  # a running pod deleted: room frees
     assert drain() == 1
+
+
+def gang_pod(i: int) -> dict:
+    return {"metadata": {"name": f"train-{i}", "namespace": "ns", "uid": f"u{i}", "resourceVersion": str(i + 1),
+                         "labels": {NAMES.gang: "train"}, "creationTimestamp": "2026-12-01T00:00:00Z"},
+            "spec": {}, "status": {"phase": "Pending"}}
+
+
+async def test_a_large_gangs_pod_events_are_coalesced_into_one_pass_per_interval():
+    """A pass over a gang reads every member: a large gang's thousands of member events within
+    COALESCE_SECONDS make one pass, a small gang's each make one at once."""
+    from fleetkeeper.capacity import controller as cc
+
+    clock = FakeClock()
+    mgr = Manager(FakeKube(), RuntimeSettings(namespace="fk", server={"port": 0}, leader_election={"enabled": False}),
+                  registry=CollectorRegistry(), clock=clock)
+    gm = cc.GangManager(mgr, CapacityConfig(), CapacityMetrics(mgr.registry), mgr.recorder("capacity"))
+    q = gm.controller.queue
+    gm.pods._apply("ADDED", gang_pod(0))
+    assert len(q) == 1 and not q._delayed  # a small gang: at once
+    await q.get()  # a worker takes it (the pass is running)
+    q.done("ns/train")
+    gm._soon.discard("ns/train")
+    for i in range(1, 400):
+        gm.pods._apply("ADDED", gang_pod(i))
+    for i in range(400):
+        pod = gang_pod(i)
+        pod["status"]["phase"] = "Running"
+        pod["metadata"]["resourceVersion"] = str(1000 + i)
+        gm.pods._apply("MODIFIED", pod)
+    # the first COALESCE_MEMBERS - 1 additions came one by one (deduplicated in the queue), the rest wait
+    assert len(q) == 1 and len(q._delayed) == 1, (len(q), len(q._delayed))
+    await q.get()
+    q.done("ns/train")
+    await clock.advance(cc.COALESCE_SECONDS)
+    assert q._promote_due() is None and len(q) == 1  # one pass for the 750 events that came after
