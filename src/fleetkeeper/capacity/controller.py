@@ -165,7 +165,7 @@ class BalloonManager:
         self.gang_complete: Callable[[str], bool] | None = None
         # "how many members does this held gang of known size still lack?" (set by setup when gangs run): its
         # turn for room is kept while they are created (gangs.expect_members_seconds)
-        self.gang_expected: Callable[[str], int] | None = None
+        self.gang_expected: Callable[[str], int | None] | None = None
         # told each pass what the simulation says about every waiting unit (fits, blocked, unfit): the gang
         # controller creates a held large gang's PodGroup once it fits (gangs.hold_podgroup)
         self.on_room: Callable[[dict[str, str]], bool] | None = None
@@ -635,7 +635,7 @@ def room_verdicts(yields: list[yd.PoolYield]) -> dict[str, str]:
     for y in yields:
         for k in y.unfit:
             out.setdefault(k, gg.ROOM_UNFIT)
-        for k in (*y.blocked, *y.over_budget, *y.fits):
+        for k in (*y.blocked, *y.over_budget, *y.fits, *y.sizing):
             if out.get(k) != gg.ROOM_FITS:
                 out[k] = gg.ROOM_BLOCKED
         for k in y.free:
@@ -711,14 +711,21 @@ class GangManager:
             return False
         return sum(1 for p in self.members.get(key, {}).values() if p.active) >= plan.min_count
 
-    def expected(self, key: str) -> int:
-        """How many unbound members the balloon pass should count for this gang (0: those it sees).
+    def expected(self, key: str) -> int | None:
+        """How many unbound members the balloon pass should count for this gang (0: those it sees; None: its
+        size is not known yet, it has members younger than ``gangs.expect_members_seconds`` and no pass of
+        this controller yet: the pass keeps its turn rather than give its room to younger gangs meanwhile).
 
         A gang with all its members counts whole (``minCount`` less those bound), even while the pass's own
         view of the pods lags behind this controller's: a 1,000-member gang seen with 900 would leave room
         to smaller gangs that its own cycle then lacks. A held gang of known size still missing members
         counts whole too while its first member is younger than ``gangs.expect_members_seconds``."""
         plan = self.plans.get(key)
+        window = self.cfg.gangs.expect_members_seconds
+        if plan is None and window is not None:
+            active = [p for p in self.members.get(key, {}).values() if p.active and not p.node]
+            if active and self.clock.now() - min(p.created for p in active) <= window:
+                return None
         if plan is None or not plan.min_count:
             return 0
         active = [p for p in self.members.get(key, {}).values() if p.active]
@@ -727,7 +734,6 @@ class GangManager:
         bound = sum(1 for p in active if p.node)
         if len(active) >= plan.min_count:
             return max(0, plan.min_count - bound)
-        window = self.cfg.gangs.expect_members_seconds
         if window is None or not plan.held or bound or self.clock.now() - min(p.created for p in active) > window:
             return 0
         return plan.min_count

@@ -216,6 +216,9 @@ class Unit:
     since: float  # when it started waiting (oldest member's creation)
     pods: tuple[WaitingPod, ...]
     resource: str = "gpu"  # the pool resource it waits for: gpu, or cpu (pods that ask for no GPU)
+    # a gang whose controller has not fixed its size yet (``expected`` answered None): its turn is kept, and
+    # no younger unit gets balloons released before it is known (it may need all of them)
+    sizing: bool = False
 
     @property
     def amount(self) -> int:
@@ -224,7 +227,7 @@ class Unit:
 
 def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu",
           complete: Callable[[str], bool] | None = None,
-          expected: Callable[[str], int] | None = None) -> list[Unit]:
+          expected: Callable[[str], int | None] | None = None) -> list[Unit]:
     """The waiting work for pools of ``resource``, in the order it is served: priority, then oldest.
 
     GPU pools: pods that ask for GPUs; CPU pools: pods that ask for CPU and no
@@ -234,7 +237,10 @@ def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu",
     one balloon per pod, and the pod waits for the victim and its backoff):
     a pod of its own that is not gated, and a gang whose members are all
     there with their group (``complete(key)``; before that its members are
-    held before the queue and no room would help). Pods at or below the
+    held before the queue and no room would help). ``expected(key)``: the
+    unbound members a gang's controller knows of (placeholders stand in for
+    those this view lacks), or None while its size is not known yet (the unit
+    is then ``sizing``: it keeps its turn). Pods at or below the
     balloons' priority never get room from balloons."""
     groups: dict[str, list[WaitingPod]] = {}
     for p in pods:
@@ -250,10 +256,13 @@ def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu",
         # members of a gang this view lacks (``expected``: the gang's unbound members as its controller
         # knows them, or all of a held gang of known size while the rest are created): counted as
         # placeholders shaped like its first member, so that the gang keeps its turn and its whole room
-        missing = (expected(key) - len(members)) if expected is not None and members[0].group else 0
+        want = expected(key) if expected is not None and members[0].group else 0
+        sizing = want is None  # the gang's size is not known yet: it keeps its turn (Unit.sizing)
+        missing = 0 if want is None else want - len(members)
         if not any(m.unschedulable for m in members):
             fresh = not any(m.tried or m.gated for m in members)
-            if not fresh or (members[0].group and missing <= 0 and (complete is None or not complete(key))):
+            if not fresh or (members[0].group and missing <= 0 and not sizing and
+                             (complete is None or not complete(key))):
                 continue
         if missing > 0:
             first = min(members, key=lambda m: m.name)
@@ -262,7 +271,7 @@ def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu",
                                          requeue_for="", tried=False, scheduled_note="")
                                  for i in range(missing)]
         out.append(Unit(key, max(m.priority for m in members), min(m.created for m in members),
-                        tuple(sorted(members, key=lambda m: (-amount(m, resource), m.name))), resource))
+                        tuple(sorted(members, key=lambda m: (-amount(m, resource), m.name))), resource, sizing))
     return sorted(out, key=lambda u: (-u.priority, u.since, u.key))
 
 
@@ -298,6 +307,7 @@ class PoolYield:
     hold: bool = False  # work waits: hold the Deployment at `kept` replicas
     unfit: list[str] = field(default_factory=list)  # units that do not fit the pool even when it is empty
     blocked: list[str] = field(default_factory=list)  # units that fit the pool but not now (real work holds it)
+    sizing: list[str] = field(default_factory=list)  # gangs of a size not known yet: no release behind them
     over_budget: list[str] = field(default_factory=list)
     fits: list[str] = field(default_factory=list)  # units placed whole in this pass's simulation (room is there)
     # those of them placed in room no balloon pod is on any more (none to release, none still leaving): the
@@ -529,6 +539,10 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     stop = False
     slots = Slots(elig, room)  # room as this pass's placements leave it (changed() after each)
     for u in mine:
+        if u.sizing:  # its size is being fixed (a second or so): younger units get no balloons before it
+            stop = True
+            out.sizing.append(u.key)
+            continue
         placed = None if slots.fits(u) is False else _place(u, nodes, room, held, elig)
         if placed is None:
             out.blocked.append(u.key)  # the room is taken by real work: it waits for that to finish

@@ -273,3 +273,25 @@ async def test_a_large_gangs_pod_events_are_coalesced_into_one_pass_per_interval
     q.done("ns/train")
     await clock.advance(cc.COALESCE_SECONDS)
     assert q._promote_due() is None and len(q) == 1  # one pass for the 750 events that came after
+
+
+def test_a_gang_not_yet_looked_at_has_no_known_size_for_a_short_while():
+    """``expected`` answers None (size unknown: the pools' pass keeps its turn) for a gang with young
+    members and no pass of the gang controller yet; 0 once the members are older than the window."""
+    from fleetkeeper.capacity import controller as cc
+    from fleetkeeper.core.views import parse_time
+
+    created = parse_time(gang_pod(0)["metadata"]["creationTimestamp"])
+    clock = FakeClock(start=created + 1)
+    mgr = Manager(FakeKube(), RuntimeSettings(namespace="fk", server={"port": 0}, leader_election={"enabled": False}),
+                  registry=CollectorRegistry(), clock=clock)
+    gm = cc.GangManager(mgr, CapacityConfig(), CapacityMetrics(mgr.registry), mgr.recorder("capacity"))
+    gm.pods._apply("ADDED", gang_pod(0))
+    assert gm.expected("ns/train") is None
+    clock._now = created + CapacityConfig().gangs.expect_members_seconds + 1
+    assert gm.expected("ns/train") == 0
+    off = CapacityConfig.model_validate({"gangs": {"expect_members_seconds": None}})
+    gm2 = cc.GangManager(mgr, off, CapacityMetrics(CollectorRegistry()), mgr.recorder("capacity"))
+    clock._now = created + 1
+    gm.pods._apply("ADDED", gang_pod(1))  # seen by both
+    assert gm2.members["ns/train"] and gm2.expected("ns/train") == 0 and gm.expected("ns/train") is None

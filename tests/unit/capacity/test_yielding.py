@@ -477,6 +477,28 @@ def test_a_gang_still_missing_members_keeps_its_turn_for_room():
     assert out.fits == ["ns/big"] and out.blocked == ["ns/small"]
 
 
+def test_a_gang_whose_size_is_not_known_yet_keeps_its_turn():
+    """Before the gang controller's first pass over a gang (its size unknown: ``expected`` answers None),
+    the gang keeps its place in line: no younger gang gets balloons released before it is sized (it may
+    need all of them), while room that is free already still goes to whoever fits."""
+    nodes = [node(f"n{i}") for i in range(4)]
+    balloons = [balloon(n.name) for n in nodes[:3]]  # n3 is free
+    big = [fresh(p) for p in gang("big", 2, created=NOW - 10)]  # first members of a gang being created
+    small = [fresh(p) for p in gang("small", 2, created=NOW - 5)]
+    solo = [fresh(waiting("solo", created=NOW - 4))]
+    complete = {"ns/small"}.__contains__
+    units = yd.units(big + small + solo, -1000, complete=complete,
+                     expected=lambda k: None if k == "ns/big" else 0)
+    assert [(u.key, u.sizing) for u in units] == [("ns/big", True), ("ns/small", False), ("ns/pod/solo", False)]
+    out = yd.decide(POOL, nodes, [], balloons, units, N, 100)
+    assert out.releases == [] and out.sizing == ["ns/big"]
+    assert out.over_budget == ["ns/small"] and out.fits == ["ns/pod/solo"]  # the free node, no release
+    # once sized (4 members), it is served first and whole
+    units = yd.units(big + small, -1000, complete=complete, expected=lambda k: 4 if k == "ns/big" else 0)
+    out = yd.decide(POOL, nodes, [], balloons, units, N, 100)
+    assert [r.unit for r in out.releases] == ["ns/big"] and out.sizing == []
+
+
 def test_a_reservation_is_never_for_a_gang_still_missing_members():
     from fleetkeeper.capacity import reserve as rs
     nodes = [node(f"n{i}") for i in range(2)]
