@@ -69,6 +69,25 @@ async def start(kube, tmp_path, group: str, *, policy: str | None = None, lifecy
     return mgr, plan, registry, task
 
 
+def bound_pod(namespace: str, name: str, node: str, labels: dict | None = None) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "c", "image": "busybox"}]}}
+
+
+async def place_gang(kube, namespace: str, nodes: list[str], extra: list[dict] = ()) -> None:
+    """A gang "train" with one rank per node (rank-<i>), and ``extra`` pods; returns once all run."""
+    for i, n in enumerate(nodes):
+        await kube.create(PODS, bound_pod(namespace, f"rank-{i}", n, {N.gang: "train"}), namespace)
+    for body in extra:
+        await kube.create(PODS, body, namespace)
+
+    async def running():
+        items, _ = await kube.list(PODS, namespace)
+        return sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running") == len(nodes) + len(extra)
+    await wait_for(running, 60, "the gang Running")
+
+
 POLICY = """
 budget: {cluster: {max_nodes: 10}, zone: {max_percent: 100}, rack: {max_nodes: 10}}
 drain: {deadline: 1h, retry_interval: 1s}
@@ -79,21 +98,7 @@ storm: {min_nodes: 50}
 async def test_a_gang_of_8_is_evicted_together_when_one_node_fails_and_counts_once(kube, namespace, own_nodes,
                                                                                       tmp_path):
     nodes = await own_nodes(8)
-    for i, n in enumerate(nodes):
-        await kube.create(PODS, {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"rank-{i}", "namespace": namespace, "labels": {N.gang: "train"}},
-            "spec": {"nodeName": n, "terminationGracePeriodSeconds": 1,
-                     "containers": [{"name": "c", "image": "busybox"}]}}, namespace)
-    await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bystander",
-                                                                          "namespace": namespace},
-                             "spec": {"nodeName": nodes[3], "terminationGracePeriodSeconds": 1,
-                                      "containers": [{"name": "c", "image": "busybox"}]}}, namespace)
-
-    async def running():
-        items, _ = await kube.list(PODS, namespace)
-        return sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running") == 9
-    await wait_for(running, 60, "the gang and a bystander Running")
+    await place_gang(kube, namespace, nodes, [bound_pod(namespace, "bystander", nodes[3])])
     mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy=POLICY, lifecycle="")
     try:
         plan.inject(nodes[5], parse_fault("ecc"))  # reset ladder: drain
@@ -143,17 +148,7 @@ async def test_a_gang_eviction_cut_short_by_a_crash_is_finished_after_the_restar
                                                                                    tmp_path):
     """The node's own member is evicted last: it names the gang, so a restarted controller finds the rest."""
     nodes = await own_nodes(4)
-    for i, n in enumerate(nodes):
-        await kube.create(PODS, {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"rank-{i}", "namespace": namespace, "labels": {N.gang: "train"}},
-            "spec": {"nodeName": n, "terminationGracePeriodSeconds": 1,
-                     "containers": [{"name": "c", "image": "busybox"}]}}, namespace)
-
-    async def running():
-        items, _ = await kube.list(PODS, namespace)
-        return sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running") == 4
-    await wait_for(running, 60, "the gang Running")
+    await place_gang(kube, namespace, nodes)
     dying = StopsAfterOneEviction(kube)
     mgr, plan, _, task = await start(dying, tmp_path, own_nodes.group, policy=POLICY, lifecycle="")
     try:
@@ -188,12 +183,7 @@ class CacheNeverCatchesUp:
 
 async def test_a_pod_evicted_is_not_evicted_again_while_the_cache_is_behind(kube, namespace, own_nodes, tmp_path):
     nodes = await own_nodes(2)
-    for i, n in enumerate(nodes):
-        await kube.create(PODS, {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"rank-{i}", "namespace": namespace, "labels": {N.gang: "train"}},
-            "spec": {"nodeName": n, "terminationGracePeriodSeconds": 1,
-                     "containers": [{"name": "c", "image": "busybox"}]}}, namespace)
+    await place_gang(kube, namespace, nodes)
     behind = CacheNeverCatchesUp(kube)
     mgr, plan, _, task = await start(behind, tmp_path, own_nodes.group, policy=POLICY, lifecycle="")
     try:
@@ -357,23 +347,10 @@ async def test_the_nodes_of_a_gang_with_reset_faults_are_repaired_in_one_window(
     are reset, and the budget counts one."""
     nodes = await own_nodes(4)
     lead, pending = nodes[0], nodes[2]
-
-    def pod(name, node, labels):
-        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace,
-                                                               "labels": labels},
-                "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
-                         "containers": [{"name": "c", "image": "busybox"}]}}
-    for i, n in enumerate(nodes):
-        await kube.create(PODS, pod(f"rank-{i}", n, {N.gang: "train"}), namespace)
-    await kube.create(PODS, pod("held", pending, {"app": "held"}), namespace)
     await kube.create(PDBS, {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
                              "metadata": {"name": "hold", "namespace": namespace},
                              "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "held"}}}}, namespace)
-
-    async def running():
-        items, _ = await kube.list(PODS, namespace)
-        return sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running") == 5
-    await wait_for(running, 60, "the gang and the held pod Running")
+    await place_gang(kube, namespace, nodes, [bound_pod(namespace, "held", pending, {"app": "held"})])
     mgr, plan, registry, task = await start(kube, tmp_path, own_nodes.group, policy=WINDOW_POLICY, lifecycle="")
     try:
         plan.inject(pending, parse_fault("remap-pending"))
