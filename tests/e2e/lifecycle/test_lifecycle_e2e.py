@@ -125,16 +125,23 @@ async def test_a_gang_of_8_is_evicted_together_when_one_node_fails_and_counts_on
         await stop(task)
 
 
-class StopsAfterOneEviction:
-    """The API client of a process that dies part-way through a drain: its second eviction never returns."""
+class KubeProxy:
+    """The real API client, with the calls a test overrides."""
 
     def __init__(self, kube):
         self._kube = kube
-        self.evicted: list[str] = []
-        self.stuck = asyncio.Event()
 
     def __getattr__(self, name):
         return getattr(self._kube, name)
+
+
+class StopsAfterOneEviction(KubeProxy):
+    """The API client of a process that dies part-way through a drain: its second eviction never returns."""
+
+    def __init__(self, kube):
+        super().__init__(kube)
+        self.evicted: list[str] = []
+        self.stuck = asyncio.Event()
 
     async def evict(self, namespace: str, name: str, **kw):
         if self.evicted:
@@ -167,15 +174,12 @@ async def test_a_gang_eviction_cut_short_by_a_crash_is_finished_after_the_restar
         await stop(task)
 
 
-class CacheNeverCatchesUp:
+class CacheNeverCatchesUp(KubeProxy):
     """An API client whose evictions are answered but never seen by the watch (a cache far behind)."""
 
     def __init__(self, kube):
-        self._kube = kube
+        super().__init__(kube)
         self.asked: list[str] = []
-
-    def __getattr__(self, name):
-        return getattr(self._kube, name)
 
     async def evict(self, namespace: str, name: str, **kw):
         self.asked.append(name)
