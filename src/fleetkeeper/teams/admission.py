@@ -403,7 +403,14 @@ class TeamAdmission:
         v = self._judge(req)
         if v.allowed and v.requester is not None and not v.requester.exempt and v.templates is not None:
             have = ((req.obj.get("metadata") or {}).get("annotations") or {}).get(self.names.requester)
-            if have != v.stamp:
+            if have != v.stamp and have is None and req.operation == "CREATE":
+                # the mutating webhook did not run for this request (failurePolicy Ignore: it timed out or was
+                # unreachable): without the stamp the workload's pods could not be attributed later
+                v = Verdict(False, f"annotation {self.names.requester} is missing: fleetkeeper's mutating webhook "
+                                   f"(tolerations.teams) did not answer this request (timed out or unreachable), so "
+                                   f"it was neither stamped nor given its team tolerations; try again; "
+                                   f"{v.requester.describe()}")
+            elif have != v.stamp:
                 want = "absent" if v.stamp is None else v.stamp
                 v = Verdict(False, f"annotation {self.names.requester} must be {want} (set by fleetkeeper: "
                                    f"who created this workload), not {have!r}; {v.requester.describe()}")

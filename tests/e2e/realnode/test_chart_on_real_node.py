@@ -65,7 +65,11 @@ VALUES = {
                                      "rack": {"max_nodes": 5}},
                           "storm": {"min_nodes": 50}}},
     "teams": {"config": {"teams": [], "membership": {"team-a": {"groups": ["team-a"]},
-                                                     "team-b": {"groups": ["team-b"]}}}},
+                                                     "team-b": {"groups": ["team-b"]}}},
+              # the upgrade and failover tests hammer admission while pods roll: a call that outlasts the
+              # chart's 2 s (a loaded 2-core machine) skips the mutator (Ignore) and the validator refuses
+              # the unstamped pod, a verdict on speed, not on the roll; 10 s is the API server's default
+              "webhook": {"timeoutSeconds": 10}},
     "preflight": {"config": {"node_selector": {"fleetkeeper.io/realnode-test": "gate"},
                              "periodic": {"enabled": False}}},
     # the caching relay (2 replicas behind the fleetkeeper-relay Service), its open-file limit

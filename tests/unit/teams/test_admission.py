@@ -208,3 +208,11 @@ def test_patch_for_adds_labels_map_when_missing():
     v = judge(CFG, N, "alice", ("team-a",), "Pod", pod(), None, PRIO)
     ops = patch_for("Pod", pod(), v, N)
     assert {"op": "add", "path": "/metadata/labels", "value": {N.team: "team-a"}} in ops
+
+
+def test_a_create_the_mutator_never_saw_is_refused_with_the_reason():
+    """failurePolicy Ignore on the mutator: a create it did not answer reaches the validator unstamped;
+    the refusal says why (not "must be <stamp>, not None") and a retry through both passes."""
+    r = handlers().validate(req(pod(tolerations=[A_TOL]), user="alice", groups=("team-a",)))
+    assert not r.allowed and "did not answer this request" in r.message and "try again" in r.message
+    assert admit(handlers(), req(pod(tolerations=[A_TOL]), user="alice", groups=("team-a",)))[1].allowed
