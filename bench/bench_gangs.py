@@ -514,10 +514,13 @@ async def main(args) -> None:
                         "--nonblocking", "-r", "100", "-f", "raw", "-o",
                         str(Path(args.pyspy) / f"{spec_.replace('/', '_')}.txt"),
                         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                api0 = await common.scrape(lc)
                 cpu0 = common.cpu_seconds(lc)
                 r = await run_mode(kube, mode, burst, args, args.nodes, reg, lc,
                                    mode_mgr.node_informer() if mode != "no-gangs" else None)
                 cpu1 = common.cpu_seconds(lc)
+                print(f"  kube-apiserver during the mode: {common.api_requests(api0, await common.scrape(lc))}",
+                      flush=True)
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     await spy.wait()

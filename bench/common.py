@@ -176,3 +176,20 @@ def own_writes(reg: CollectorRegistry) -> dict[str, float]:
                     k = s.labels.get("resource", "?")
                     out[k] = out.get(k, 0.0) + s.value
     return out
+
+
+def api_requests(a: dict, b: dict, top: int = 15) -> str:
+    """The API server's requests between two scrapes (every client), by verb, resource and subresource,
+    the largest first: what a mode asked of kube-apiserver."""
+    out: dict[str, float] = defaultdict(float)
+    for k, v in b.items():
+        if not k.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(x.split("=", 1) for x in k[len("apiserver_request_total{"):-1].split(",") if "=" in x)
+        if labels.get("verb", '""').strip('"') in ("WATCH", "CONNECT"):
+            continue
+        key = "/".join(x for x in (labels.get("verb", "").strip('"'), labels.get("resource", "").strip('"'),
+                                   labels.get("subresource", "").strip('"')) if x)
+        out[key] += v - a.get(k, 0.0)
+    rows = sorted(((n, k) for k, n in out.items() if n > 0), reverse=True)
+    return f"{sum(n for n, _ in rows):.0f} requests: " + ", ".join(f"{k} {n:.0f}" for n, k in rows[:top])
