@@ -61,10 +61,17 @@ HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often 
 BALLOON_LINGER_SECONDS = 10.0
 GANG_WORKERS = 16  # gangs reconciled at once: each is a few API calls (owner GET, group creates, Events), so in a
 # burst of hundreds of gangs the API server's latency, not CPU, bounds how soon a PodGroup exists
-MESSAGE_REFRESH_SECONDS = 5.0  # a gang's message annotation is refreshed at most this often
+# a gang's message annotation (on its Workload and PodGroup) is refreshed at most this often when only the
+# message changed (member counts); a change of state is written at once. What `explain` shows is at most this
+# stale (15 s was tried: explain then still said "2 of 4 members exist" with all 4 there)
+MESSAGE_REFRESH_SECONDS = 5.0
 # a gang's owner (Job, StatefulSet, ...) read live is reused for this long by passes that write no group object;
-# a pass that would create or delete one reads the owner again first (never build a group for a gone owner)
-OWNER_READ_SECONDS = 5.0
+# a pass that would create or delete one reads the owner again first (never build a group for a gone owner).
+# 5 s made 3,100 GETs of Jobs in the 1,000-node burst
+OWNER_READ_SECONDS = 30.0
+# a group object this process created is not created again for this long while the informer has yet to show
+# it (each such pass was a Conflict and a live owner GET: 154 of 454 Workload creates in the 1,000-node burst)
+MADE_GRACE_SECONDS = 10.0
 # a gang of at least COALESCE_MEMBERS members is looked at again at most every COALESCE_SECONDS on pod events: a
 # pass reads every member (O(members)), and a 1,000-member gang's members change thousands of times as they are
 # created, ungated, bound, started and finished (O(members^2) without it: 10,000 passes in a 1,000-node burst)
@@ -675,6 +682,7 @@ class GangManager:
         self.judged_at: float | None = None  # when the balloon pass last judged room (set_room)
         self._owners: dict[str, tuple[float, gg.Owner]] = {}  # gang key -> (read at, owner as read live)
         self._soon: set[str] = set()  # large gangs due for a pass within COALESCE_SECONDS (_touch)
+        self._made: dict[tuple[str, str], float] = {}  # (gang key, plural) -> when this process created it
         self.pods.add_handler(self._on_pod)
         for inf in self.groups.values():
             inf.add_handler(self.controller.handler())
@@ -813,13 +821,14 @@ class GangManager:
                 if nv is not None and not nv.deleting:
                     node_ok[p.node] = nv.ready
         room = gg.ROOM_FITS if self.room is None else self.room.get(key)
-        plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
-                              self.empty_since.get(key), room=room, judged_at=self.judged_at)
+        plan = self._unmade(gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
+                                           self.empty_since.get(key), room=room, judged_at=self.judged_at))
         if not live and (plan.create or plan.delete):
             # a group object is about to be created or deleted: decide again on the owner as it is now
             owner, _ = await self._owner(key, pods, live=True)
-            plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
-                                  self.empty_since.get(key), room=room, judged_at=self.judged_at)
+            plan = self._unmade(gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names,
+                                               self.clock.now(), self.empty_since.get(key), room=room,
+                                               judged_at=self.judged_at))
         self.plans[key] = plan
         await self._apply(ns, gang, plan, owner, pods, objs)
         if plan.state == "Deleted":
@@ -841,6 +850,14 @@ class GangManager:
             self.metrics.gangs.labels(s).set(n)
         return Result(requeue_after=plan.requeue_after) if plan.requeue_after else None
 
+    def _unmade(self, plan: gg.GangPlan) -> gg.GangPlan:
+        """Leave out of ``plan.create`` the group objects this process created moments ago that the informer
+        has yet to show (another create would only meet Conflict)."""
+        now = self.clock.monotonic()
+        self._made = {k: t for k, t in self._made.items() if now - t < MADE_GRACE_SECONDS}
+        plan.create = [(r, b) for r, b in plan.create if (plan.key, r.plural) not in self._made]
+        return plan
+
     async def _apply(self, ns: str, gang: str, plan: gg.GangPlan, owner: gg.Owner | None,
                      pods: list[gg.GangPod], objs: gg.GroupObjects) -> None:
         for problem in plan.problems:
@@ -859,9 +876,11 @@ class GangManager:
                 else:
                     await self.kube.create(res, body, ns)
                     self.metrics.group_ops.labels(kind, "create", "ok").inc()
+                    self._made[(plan.key, res.plural)] = self.clock.monotonic()
                 created.append(res.kind)
             except errors.Conflict:
-                pass  # already there: the cache had not seen it yet (our own create a moment ago)
+                self._made[(plan.key, res.plural)] = self.clock.monotonic()
+                # already there: the cache had not seen it yet (our own create a moment ago)
             except errors.Forbidden as exc:  # e.g. the namespace is terminating: retrying will not help
                 self.metrics.group_ops.labels(kind, "create", "error").inc()
                 log.warning("gang %s: cannot create %s: %s", plan.key, res.kind, exc)
@@ -879,6 +898,7 @@ class GangManager:
             if self.dry_run:
                 self.metrics.group_ops.labels(kind, "delete", "dry_run").inc()
                 continue
+            self._made.pop((plan.key, res.plural), None)
             try:
                 await self.kube.delete(res, name, ns)
                 self.metrics.group_ops.labels(kind, "delete", "ok").inc()

@@ -295,3 +295,23 @@ def test_a_gang_not_yet_looked_at_has_no_known_size_for_a_short_while():
     clock._now = created + 1
     gm.pods._apply("ADDED", gang_pod(1))  # seen by both
     assert gm2.members["ns/train"] and gm2.expected("ns/train") == 0 and gm.expected("ns/train") is None
+
+
+async def test_a_group_object_just_created_is_not_created_again_before_the_cache_shows_it():
+    from fleetkeeper.capacity import controller as cc
+    from fleetkeeper.capacity import gangs as gg
+    from fleetkeeper.core.kube import PODGROUPS, WORKLOADS
+
+    clock = FakeClock()
+    mgr = Manager(FakeKube(), RuntimeSettings(namespace="fk", server={"port": 0}, leader_election={"enabled": False}),
+                  registry=CollectorRegistry(), clock=clock)
+    gm = cc.GangManager(mgr, CapacityConfig(), CapacityMetrics(mgr.registry), mgr.recorder("capacity"))
+
+    def plan():
+        p = gg.GangPlan("ns/train")
+        p.create = [(WORKLOADS, {}), (PODGROUPS, {})]
+        return p
+    gm._made[("ns/train", WORKLOADS.plural)] = clock.monotonic()
+    assert [r for r, _ in gm._unmade(plan()).create] == [PODGROUPS]
+    await clock.advance(cc.MADE_GRACE_SECONDS)
+    assert [r for r, _ in gm._unmade(plan()).create] == [WORKLOADS, PODGROUPS]  # never shown: made again
