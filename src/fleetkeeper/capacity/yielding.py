@@ -384,7 +384,8 @@ class Slots:
     def changed(self) -> None:
         self._count.clear()
 
-    def _slots(self, pod: WaitingPod, need: int, key: tuple) -> int:
+    def _slots(self, pod: WaitingPod, need: int) -> int:
+        key = (_shape(pod), need)
         n = self._count.get(key)
         if n is None:
             room = self.room
@@ -406,7 +407,7 @@ class Slots:
             else:
                 got[1] += 1
         for (_, need), (pod, k) in want.items():
-            if self._slots(pod, need, (_shape(pod), need)) < k:
+            if self._slots(pod, need) < k:
                 return False
         return True if len(want) == 1 else None
 

@@ -82,6 +82,14 @@ class Applied:
     machine: str = ""  # the provider's answer
     gone: bool = False  # the node no longer exists
 
+    def then(self, later: Applied) -> Applied:
+        """This plan's outcome followed by a later plan's on the same node (evictions in two steps)."""
+        self.evicted += later.evicted
+        self.blocked += later.blocked
+        self.failed += later.failed
+        self.rate_limited = later.rate_limited
+        return self
+
 
 class Applier:
     def __init__(self, kube: Kube, recorder: EventRecorder, *, component: str,

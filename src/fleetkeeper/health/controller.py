@@ -629,27 +629,23 @@ class Remediator:
             joined = await self._open_window(node, pods, gangs, now)
             if joined:
                 gang_note += f"; {', '.join(joined)} repaired in the same window"
-        # the gang's members on other nodes first, the node's own pods after them, and only once every other
-        # member is gone: the node's own member names the gang, so a crash (or a blocked member) part-way
-        # leaves the eviction to be resumed from it, never half done and forgotten
         mono = self.clock.monotonic()
         self._evicted = {k: v for k, v in self._evicted.items() if mono - v[1] < EVICTED_EXPECT_S}
         pods = [x for x in pods if self._evicted.get(x.key, ("",))[0] != x.uid]
         if not pods:  # all asked already: the cache has yet to see them go
             return Result(requeue_after=1.0)
+        # the gang's members on other nodes first, the node's own pods after them, and only once every other
+        # member is gone: the node's own member names the gang, so a crash (or a blocked member) part-way
+        # leaves the eviction to be resumed from it, never half done and forgotten
         others = [x for x in pods if x.node != node.name]
         own = [x for x in pods if x.node == node.name]
         done = await self.applier.apply(
             node, Ops(node.name, "evict", tuple(EvictPod(x.namespace, x.name) for x in others or own), p.why),
             announce=False)
         if others and own and not (done.blocked or done.failed or done.rate_limited):
-            rest = await self.applier.apply(
+            done.then(await self.applier.apply(
                 node, Ops(node.name, "evict", tuple(EvictPod(x.namespace, x.name) for x in own), p.why),
-                announce=False)
-            done.evicted += rest.evicted
-            done.blocked += rest.blocked
-            done.failed += rest.failed
-            done.rate_limited = rest.rate_limited
+                announce=False))
         if not self.dry_run:
             uids = {x.key: x.uid for x in pods}
             self._evicted.update({k: (uids.get(k, ""), mono) for k in done.evicted})

@@ -406,10 +406,10 @@ class TeamAdmission:
             if have != v.stamp and have is None and req.operation == "CREATE":
                 # the mutating webhook did not run for this request (failurePolicy Ignore: it timed out or was
                 # unreachable): without the stamp the workload's pods could not be attributed later
-                v = Verdict(False, f"annotation {self.names.requester} is missing: fleetkeeper's mutating webhook "
-                                   f"(tolerations.teams) did not answer this request (timed out or unreachable), so "
-                                   f"it was neither stamped nor given its team tolerations; try again; "
-                                   f"{v.requester.describe()}")
+                why = (f"is missing: fleetkeeper's mutating webhook (tolerations.teams) did not answer this request "
+                       f"(timed out or unreachable), so it was neither stamped nor given its team tolerations; "
+                       f"try again")
+                v = Verdict(False, f"annotation {self.names.requester} {why}; {v.requester.describe()}")
             elif have != v.stamp:
                 want = "absent" if v.stamp is None else v.stamp
                 v = Verdict(False, f"annotation {self.names.requester} must be {want} (set by fleetkeeper: "
