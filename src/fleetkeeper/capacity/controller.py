@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
@@ -59,6 +60,9 @@ HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often 
 # ReplicaSet still creating the pool (thousands of balloons at 7,500 nodes) deletes its pending pods first,
 # in batches of 500, before it gets to the bound ones fleetkeeper released
 BALLOON_LINGER_SECONDS = 10.0
+# room released for a gang stays that gang's this long (reserve.decide's ``claimed``): if other work takes part
+# of it before the gang is placed, the gang's room is reserved at once rather than after its wait threshold
+CLAIM_SECONDS = 60.0
 GANG_WORKERS = 16  # gangs reconciled at once: each is a few API calls (owner GET, group creates, Events), so in a
 # burst of hundreds of gangs the API server's latency, not CPU, bounds how soon a PodGroup exists
 # a gang's message annotation (on its Workload and PodGroup) is refreshed at most this often when only the
@@ -180,6 +184,7 @@ class BalloonManager:
         self._pool_nodes: dict[str, list] = {}
         self._pool_bound: dict[str, list] = {}
         self._reserve_plans: dict[str, rs.ReservePlan] = {}  # per pool: this pass's reservation (_yields)
+        self._claims: dict[str, float] = {}  # gang -> when balloons were first released for it (CLAIM_SECONDS)
         self._applied: dict[str, str] = {}
         self._sized: dict[str, str] = {}
         self._ns_ready = False
@@ -348,6 +353,9 @@ class BalloonManager:
         nodes, pods = self.nodes.items(), self.pods.items()
         budget = self.release_bucket.available()
         now = self.clock.now()
+        keys = {u.key for u in self._units}
+        self._claims = {k: t for k, t in self._claims.items() if k in keys and now - t <= CLAIM_SECONDS}
+        claimed = frozenset(self._claims)
         out = []
         for pool in b.pools:
             if not pool.enabled:
@@ -377,9 +385,13 @@ class BalloonManager:
             y, self._reserve_plans[pool.name] = rs.settle(
                 pool.name, usable, bound, balloons, waiting, self.names, budget, now, self.reserve_after,
                 pool.resource, burst=self.release_bucket.burst,
-                replicas=(replicas or {}).get(bl.deployment_name(pool.name)))
+                replicas=(replicas or {}).get(bl.deployment_name(pool.name)), claimed=claimed)
             if not (b.enabled and b.yield_to_waiting):
                 y.hold = False  # the decision is only read for reservations
+            multi = {u.key for u in waiting if len(u.pods) > 1}
+            for r in y.releases:  # a gang's released room is its own for a while (a pod's: another is released)
+                if r.unit in multi:
+                    self._claims.setdefault(r.unit, now)
             budget = max(0, budget - y.release_count)  # a unit larger than the burst took all of it
             out.append(y)
         self.last_yield = {y.pool: y for y in out}
@@ -429,6 +441,11 @@ class BalloonManager:
             if not nodes or plan is None:
                 continue
             self.last_reserve[y.pool] = plan
+            if plan.virtual:  # kept in the simulation only (the gang still lacks members): nothing to write
+                if plan.untaint:
+                    plan = dataclasses.replace(plan, unit="", token="", reserved=[])
+                else:
+                    continue
             # the gang's pods first get the toleration, so that the nodes reserved are theirs
             waiting = {f"{p.namespace}/{p.name}": p for u in self._units for p in u.pods}
             tol = {"key": key, "operator": "Equal", "value": plan.token, "effect": "NoSchedule"}
@@ -456,7 +473,9 @@ class BalloonManager:
                 continue  # the whole step waits: nothing of it is written, announced or counted as reserved
 
             async def write(i: int, node: str, value: str | None) -> None:
-                note = (f"reserved for gang {plan.unit} (waited {plan.waited:.0f}s): only its pods may start here "
+                note = (f"reserved for gang {plan.unit} ("
+                        + ("room released for it" if plan.claimed else f"waited {plan.waited:.0f}s")
+                        + "): only its pods may start here "
                         f"until it is placed" if value else "reservation removed: the gang it was for is placed "
                         "or gone")
                 # an Event on each of the first nodes of a step; the step's Event on the PodGroup names them
@@ -470,9 +489,12 @@ class BalloonManager:
             if plan.unit and self._reserved.get(y.pool) != state:
                 self._reserved[y.pool] = state
                 ns, _, gang = plan.unit.partition("/")
+                why = (f"other work took part of the room released for it {plan.waited:.0f}s after it began "
+                       "waiting" if plan.claimed else
+                       f"waited {plan.waited:.0f}s (over {self.reserve_after:.0f}s)")
                 await self.recorder.emit(
                     ObjectRef("PodGroup", gang, ns, api_version=PODGROUPS.api_version), "GangRoomReserved",
-                    f"gang {gang} waited {plan.waited:.0f}s (over {self.reserve_after:.0f}s): the {plan.needed} "
+                    f"gang {gang} {why}: the {plan.needed} "
                     f"nodes it needs reserved in one step ({len(plan.reserved)} reserved now: "
                     + ", ".join(plan.reserved[:20]) + (" ..." if len(plan.reserved) > 20 else "")
                     + "); work already there runs on, smaller work no longer starts there"
@@ -920,19 +942,23 @@ class GangManager:
                 plan.message != self._messages.get(plan.key):
             wait = MESSAGE_REFRESH_SECONDS - (now - self._annotated_at.get(plan.key, -1e9))
             plan.requeue_after = min(plan.requeue_after or wait, max(wait, 0.1))
-        if plan.state_changed or refresh:
+        # state and message live on one object: the PodGroup once there is one (what the scheduler reads),
+        # the Workload before (a held gang); a PodGroup just created gets them at its first pass
+        target = next(((res, o) for res, o in ((PODGROUPS, objs.podgroup), (COSCHED_PODGROUPS, objs.cosched),
+                                               (WORKLOADS, objs.workload)) if o is not None), None)
+        bare = (target is not None and plan.state and plan.state != "Deleted"
+                and gg.state_annotation(self.names) not in ((target[1].get("metadata") or {}).get("annotations")
+                                                            or {}))
+        if plan.state_changed or refresh or bare:
             self._messages[plan.key] = plan.message
             self._annotated_at[plan.key] = now
-            if not self.dry_run:
+            if not self.dry_run and target is not None:
                 ann = {"metadata": {"annotations": {gg.state_annotation(self.names): plan.state,
                                                     gg.message_annotation(self.names): plan.message[:1000]}}}
-                for res, o in ((WORKLOADS, objs.workload), (PODGROUPS, objs.podgroup),
-                               (COSCHED_PODGROUPS, objs.cosched)):
-                    if o is not None:
-                        try:
-                            await self.kube.patch(res, gang, ann, ns)
-                        except errors.NotFound:
-                            pass
+                try:
+                    await self.kube.patch(target[0], gang, ann, ns)
+                except errors.NotFound:
+                    pass
         if plan.state_changed and self._emitted.get(plan.key) != plan.state:
             self._emitted[plan.key] = plan.state
             if plan.state == "Broken":

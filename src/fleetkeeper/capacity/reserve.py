@@ -16,6 +16,16 @@ oldest such gang of a pool (highest priority first) gets its room reserved:
 * once the gang is placed (or gone) every reservation taint of that token is
   removed. One reservation per pool at a time.
 
+Room released for a gang (``claimed``: balloons were released for it a short
+while ago) is that gang's at once, whatever its wait: when other work took
+part of it before the gang was placed (kube-scheduler binds pods that are not
+held behind fleetkeeper's gate wherever room is), the gang is blocked, and
+without this backfill would hand the rest of the room to younger gangs, and
+the gang, often the largest, would wait for its threshold. A claimed gang
+still missing members is reserved only in the pools' simulation (``virtual``:
+younger work is kept off the room, nothing is written; members created later
+would lack the toleration) until its last member exists.
+
 Utilisation lost: at most the reserved nodes, idle from when each is reserved
 until the last node the gang needs frees up, i.e. at most ``nodes needed x
 the longest remaining runtime of the jobs on the other nodes``, once per
@@ -56,6 +66,8 @@ class ReservePlan:
     untaint: list[str] = field(default_factory=list)  # reservation taints to remove
     tolerate: list[str] = field(default_factory=list)  # "ns/name" of unit pods lacking the toleration
     reserved: list[str] = field(default_factory=list)  # nodes reserved after this plan
+    claimed: bool = False  # reserved because the room released for it was taken in part (not for its wait)
+    virtual: bool = False  # judged in the pools' simulation only: nothing is written (members still missing)
 
 
 def _without(node: NodeView, key: str) -> NodeView:
@@ -63,10 +75,12 @@ def _without(node: NodeView, key: str) -> NodeView:
 
 
 def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list[Unit], blocked: list[str],
-           names: Names, now: float, after: float | None) -> ReservePlan:
+           names: Names, now: float, after: float | None,
+           claimed: frozenset[str] = frozenset()) -> ReservePlan:
     """``nodes``: the pool's usable nodes; ``bound``: pods bound to them;
     ``waiting``: units in serving order; ``blocked``: keys of units that fit
-    the pool but not now (from :func:`yielding.decide`)."""
+    the pool but not now (from :func:`yielding.decide`); ``claimed``: units
+    balloons were released for a short while ago (their room is theirs)."""
     plan = ReservePlan(pool)
     key = reserved_key(names)
     holders: dict[str, str] = {}
@@ -81,18 +95,27 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list
         if token(u.key) in holders.values():
             target = u
             break
-    if target is None and after is not None:
+    virtual = claim = False
+    if target is None:
         for k in blocked:
             u = by_key.get(k)
-            # (not a gang still missing members: those created later would lack the toleration)
-            if u is not None and now - u.since >= after and not any(p.queued or p.placeholder for p in u.pods):
+            if u is None or any(p.queued for p in u.pods):
+                continue  # Kueue's work: its ordering is Kueue's
+            # (a gang still missing members is not reserved for its wait: those created later would lack the
+            # toleration; for its claim it is, in the simulation only)
+            missing = any(p.placeholder for p in u.pods)
+            if after is not None and now - u.since >= after and not missing:
                 target = u
+                break
+            if u.key in claimed:
+                target, claim, virtual = u, True, missing or after is None
                 break
     if target is None:
         plan.untaint = sorted(holders)
         return plan
     tok = token(target.key)
     plan.unit, plan.token, plan.waited = target.key, tok, now - target.since
+    plan.claimed, plan.virtual = claim, virtual
     free_nodes = [_without(n, key) for n in nodes]
     elig = Eligibility(free_nodes)
     placed = _place(target, free_nodes, {n.name: capacity(n, target.resource) for n in nodes}, {}, elig)
@@ -122,6 +145,8 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list
     plan.reserved = sorted(keep)
     plan.tolerate = sorted(f"{p.namespace}/{p.name}" for p in target.pods
                            if not p.placeholder and not tolerates(p.tolerations, key, tok, "NoSchedule"))
+    if virtual:
+        plan.taint, plan.tolerate = [], []
     return plan
 
 
@@ -150,7 +175,8 @@ def as_planned(nodes: list[NodeView], waiting: list[Unit], plan: ReservePlan,
 
 def settle(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: list[yd.Balloon], waiting: list[Unit],
            names: Names, budget: int, now: float, after: float | None, resource: str = "gpu",
-           burst: int | None = None, replicas: int | None = None) -> tuple[yd.PoolYield, ReservePlan]:
+           burst: int | None = None, replicas: int | None = None,
+           claimed: frozenset[str] = frozenset()) -> tuple[yd.PoolYield, ReservePlan]:
     """One pool's pass: which balloons yield to which waiting unit (:func:`yielding.decide`) and which gang
     gets its room reserved (:func:`decide`), judged together. The reservation is decided from the units the
     first simulation finds blocked; if there is one, the simulation runs again on the nodes as the
@@ -161,7 +187,7 @@ def settle(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     transient = frozenset({reserved_key(names)})  # a unit kept off reserved nodes waits; it is not unfit
     y = yd.decide(pool, nodes, bound, balloons, waiting, names, budget, resource, burst=burst, replicas=replicas,
                   transient=transient)
-    plan = decide(pool, nodes, bound, waiting, y.blocked, names, now, after)
+    plan = decide(pool, nodes, bound, waiting, y.blocked, names, now, after, claimed)
     if plan.unit and plan.reserved:
         planned_nodes, planned_units = as_planned(nodes, waiting, plan, names)
         y = yd.decide(pool, planned_nodes, bound, balloons, planned_units, names, budget, resource, burst=burst,

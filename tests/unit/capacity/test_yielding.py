@@ -578,3 +578,43 @@ def test_units_blocked_behind_a_full_pool_are_judged_without_placing_each():
         yd._place = saved
     assert len(out.blocked) == 300 and not out.fits and out.hold
     assert calls == []
+
+
+# --- room released for a gang stays its own (claims) ------------------------------------------------------
+
+def test_room_released_for_a_gang_and_taken_in_part_is_reserved_for_it_at_once():
+    """Balloons were released for the big gang (it needs every node); before it was placed, another job's pod
+    was bound onto one of the freed nodes. The gang is blocked now; without its claim backfill hands the
+    three free nodes to the younger gang and the big one waits for its threshold. With the claim its room is
+    reserved at once, whatever its wait: the younger gang is held, the stray pod runs on."""
+    nodes = [node(f"n{i}") for i in range(4)]
+    bound = [work("stray", "n2")]
+    pods = gang("big", 4, created=NOW - 20) + gang("small", 2, created=NOW - 10)
+    units = yd.units(pods, -1000)
+    y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, 300.0)
+    assert plan.unit == "" and "ns/small" in y.free  # unclaimed: backfill, as before
+    y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, 300.0, claimed=frozenset({"ns/big"}))
+    assert plan.unit == "ns/big" and plan.claimed and not plan.virtual
+    assert plan.taint == ["n0", "n1", "n3", "n2"] and plan.tolerate == [f"ns/big-{i}" for i in range(4)]
+    assert y.blocked == ["ns/big", "ns/small"] and y.fits == [] and y.free == []
+    # a claim on a unit that is not blocked reserves nothing
+    y, plan = rs.settle(POOL, nodes, [], [], units, N, 100, NOW, 300.0, claimed=frozenset({"ns/big"}))
+    assert plan.unit == "" and y.fits == ["ns/big"]
+
+
+def test_a_claimed_gang_still_missing_members_keeps_its_room_in_the_simulation_only():
+    """Its members are still being created (placeholders): nothing is written (a member created later would
+    lack the toleration), but younger work is not judged to fit on its room; with reservations off
+    (``after`` None) the claim still holds that way."""
+    nodes = [node(f"n{i}") for i in range(4)]
+    bound = [work("stray", "n2")]
+    big = gang("big", 3, created=NOW - 20)
+    units = yd.units(big + gang("small", 2, created=NOW - 10), -1000, expected=lambda k: 4 if k == "ns/big" else 0)
+    assert sum(p.placeholder for p in units[0].pods) == 1
+    for after in (300.0, None):
+        y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, after, claimed=frozenset({"ns/big"}))
+        assert plan.unit == "ns/big" and plan.virtual and plan.taint == [] and plan.tolerate == []
+        assert len(plan.reserved) == 4 and "ns/small" in y.blocked and y.fits == []
+    # past its threshold, still missing members: not reserved for its wait (unclaimed), as before
+    y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, 5.0)
+    assert plan.unit == "" and "ns/small" in y.free
