@@ -306,23 +306,19 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
 
 def largest_timeline(pods: list[dict], groups: list[dict], largest: str, start_at: float) -> str:
     """Where the largest gang's wait goes (s after the burst, API timestamps in whole seconds): its members'
-    creation, fleetkeeper's last write to each (the gate's removal), its PodGroup, its binds."""
+    creation, its PodGroup (created once no member carries fleetkeeper's gate), its binds."""
     mine = [p for p in pods if p["metadata"]["labels"]["job"] == largest]
 
     def spread(ts: list[float]) -> str:
         ts = sorted(t - start_at for t in ts)
         return f"{ts[0]:.0f}/{ts[len(ts) // 2]:.0f}/{ts[-1]:.0f}" if ts else "-"
     created = [parse_time(p["metadata"]["creationTimestamp"]) for p in mine]
-    written = [max(parse_time(f["time"]) for f in p["metadata"].get("managedFields") or ()
-                   if "fleetkeeper" in f.get("manager", "") and not f.get("subresource") and f.get("time"))
-               for p in mine if any("fleetkeeper" in f.get("manager", "") and not f.get("subresource")
-                                    for f in p["metadata"].get("managedFields") or ())]
     bound_ = [parse_time(c["lastTransitionTime"]) for p in mine for c in p["status"].get("conditions") or ()
               if c["type"] == "PodScheduled" and c["status"] == "True"]
     group = next((parse_time(g["metadata"]["creationTimestamp"]) for g in groups
                   if g["metadata"]["name"] == largest), None)
     return (f"largest job ({len(mine)} pods), s after the burst, first/median/last: created {spread(created)}; "
-            f"fleetkeeper's last write (gate removed) {spread(written)} ({len(written)} pods); PodGroup "
+            f"PodGroup "
             f"{'-' if group is None else f'{group - start_at:.0f}'}; bound {spread(bound_)}")
 
 
