@@ -39,6 +39,7 @@ from fleetkeeper.health.decide import (
     fleet_stats,
     gang_window,
     history_add,
+    history_read,
     selected,
     storm_threshold,
     watched_types,
@@ -61,6 +62,16 @@ FLAPS_KEY = "flaps"
 POLICY_KEY = "policy.yaml"
 ADMISSION_STATS_AGE = 15.0  # admission reads the stats loop's numbers up to this old (never recomputes inline)
 EVICTED_EXPECT_S = 60.0  # a pod this process evicted is not evicted again for this long unless the cache sees it go
+# a node write's Events are written off the write path; a process killed in between loses them. Each such
+# Event is named after its reason and the write's time (its entry in the node's history), and the writes
+# younger than this are announced again by the next process (the API server keeps one Event per name)
+REANNOUNCE_S = 600.0
+WARNING_REASONS = frozenset({"Quarantined", "ActionRequested", "ConditionsReturned"})
+
+
+def _event(reason: str, note: str, at: float) -> Event:
+    """A health node write's Event, named after its reason and the write's time (its history entry)."""
+    return Event(reason, note, "Warning" if reason in WARNING_REASONS else "Normal", id=f"{reason}@{int(at)}")
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -220,6 +231,7 @@ class Remediator:
         self.windows = self.nodes.index("repair-window", lambda n: (n.annotations[wkey],) if n.annotations.get(wkey)
                                         else ())
         self._storm_until = 0.0
+        self._announced: dict[str, float] = {}  # node -> time of its last write whose Events were announced
         self._noted: set[tuple[str, str]] = set()
         # pods this process evicted, by key: (uid, when). Until the cache shows one going (or EVICTED_EXPECT_S
         # pass), it is not evicted again: a cache behind the API server would count one pod evicted twice
@@ -326,8 +338,10 @@ class Remediator:
 
         node = self.nodes.get(key)
         if node is None:
+            self._announced.pop(key, None)
             return None
         now = self.clock.now()
+        await self._announce_again(node, now)
         fl = self.policy.flapping
         plan = decide_node(node, self.pods_on(key), self.policy, self.names, now,
                            flapping=self.flaps.flapping(key, now, fl.transitions, fl.window),
@@ -337,6 +351,24 @@ class Remediator:
                 self._noted
             return None
         return await self.apply(plan, node)
+
+    async def _announce_again(self, node: NodeView, now: float) -> None:
+        """The Events of the node's writes younger than REANNOUNCE_S (its history), once per process and
+        node state: a process killed between a write and its Events lost them; the names derive from the
+        history entry (:func:`_event`), so an Event already written is kept as it was (AlreadyExists). After
+        a restart that costs one call per recent entry; a process never announces its own writes again."""
+        entries = history_read(node.annotations.get(self.keys.history))
+        if not entries or self.dry_run:
+            return
+        last = entries[-1][0]
+        if now - last > REANNOUNCE_S or self._announced.get(node.name) == last:
+            return
+        self._announced[node.name] = last
+        for ts, text in entries:
+            reason, _, note = text.partition(": ")
+            if now - ts <= REANNOUNCE_S and reason and note:
+                e = _event(reason, note, ts)
+                await self.recorder.emit(node_ref(node.name, node.uid), e.reason, e.note, type_=e.type, id=e.id)
 
     async def _note(self, node: NodeView, reason: str, note: str, type_: str = "Normal") -> None:
         """An Event once per (node, reason) episode; the episode ends when the node is healthy again."""
@@ -376,7 +408,7 @@ class Remediator:
             return await self._terminate(p, node)
         if p.kind == "request_action":
             _, ann, note = self._request(p, node)
-            return await self._mutate(node, p, "request", "ActionRequested", note, annotations=ann, warn=True)
+            return await self._mutate(node, p, "request", "ActionRequested", note, annotations=ann)
         if p.kind == "return":
             return await self._mutate(
                 node, p, "return", "ReturnedToValidation",
@@ -395,7 +427,7 @@ class Remediator:
                                       requeue=p.requeue_after)
         if p.kind == "unmark_cleared":
             return await self._mutate(node, p, "return", "ConditionsReturned", p.why,
-                                      annotations={self.keys.cleared: None}, warn=True)
+                                      annotations={self.keys.cleared: None})
         if p.kind == "release":
             self._noted = {x for x in self._noted if x[0] != node.name}
             return await self._mutate(node, p, "release", "ReturnedToService", p.why,
@@ -549,19 +581,19 @@ class Remediator:
         action's request is in the same write (one state transition instead of two): the agent reads it
         from the node, and a restarted controller sees it there and does not ask again."""
         annotations = self._marker_annotations(p, node)
-        also: tuple[tuple[str, str, str, bool], ...] = ()
+        also: tuple[tuple[str, str, str], ...] = ()
         note = (f"{p.why}: tainted {self.names.quarantine}:NoSchedule; ladder target {p.action}; "
                 f"fixable by {p.remedy}" + (" (needs hardware replacement)" if p.remedy == "replace" else ""))
         if p.request:
             req, ann, req_note = self._request(p, node)
             annotations.update(ann)
             note += f"; nothing to drain: {req.action} requested in the same write"
-            also = (("request", "ActionRequested", req_note, True),)
+            also = (("request", "ActionRequested", req_note),)
         return await self._mutate(
             node, p, "quarantine", "Quarantined", note,
             add_taint={"key": self.names.quarantine, "value": taint_value(p.problems[0].label if p.problems else p.why),
                        "effect": "NoSchedule"},
-            annotations=annotations, warn=True, also=also,
+            annotations=annotations, also=also,
             record=lifecycle.DRAINING if p.action in ("drain", "terminate") else lifecycle.QUARANTINED)
 
     def _request(self, p: Plan, node: NodeView) -> tuple[Request, dict[str, str | None], str]:
@@ -575,12 +607,13 @@ class Remediator:
     async def _mutate(self, node: NodeView, p: Plan, action: str, reason: str, note: str, *,
                       add_taint: dict | None = None, remove_taints: tuple[str, ...] = (),
                       labels: dict[str, str | None] | None = None, annotations: dict[str, str | None] | None = None,
-                      warn: bool = False, requeue: float | None = None, record: str = "",
-                      also: tuple[tuple[str, str, str, bool], ...] = ()) -> Result | None:
+                      requeue: float | None = None, record: str = "",
+                      also: tuple[tuple[str, str, str], ...] = ()) -> Result | None:
         """One write through the applier: taints, labels, annotations, the history and the lifecycle
         record, guarded by the cached resourceVersion; then the Event and the metric. ``also``: further
-        steps folded into the same write, (action, Event reason, note, warning), each with its own Event,
-        history entry and metric, as if written on its own."""
+        steps folded into the same write, (action, Event reason, note), each with its own Event,
+        history entry and metric, as if written on its own. An Event is a warning if its reason is one of
+        WARNING_REASONS, and is named after the write (:func:`_event`): announced again after a restart."""
         now = self.clock.now()
         if self.dry_run:
             if (node.name, f"dry:{action}:{p.action}") in self._noted:
@@ -592,19 +625,20 @@ class Remediator:
         ops += [SetLabel(k, v) for k, v in (labels or {}).items()]
         ops += [SetAnnotation(k, v) for k, v in (annotations or {}).items()]
         history = history_add(node.annotations.get(self.keys.history), now, f"{reason}: {note}")
-        for _, r, n, _ in also:
+        for _, r, n in also:
             history = history_add(history, now, f"{r}: {n}")
         ops.append(SetAnnotation(self.keys.history, history))
         if record:
             ops += list(lifecycle.record_ops(self.names, record, p.why or note, now))
-        ops.append(Event(reason, note, "Warning" if warn else "Normal"))
-        ops += [Event(r, n, "Warning" if w else "Normal") for _, r, n, w in also]
+        ops.append(_event(reason, note, now))
+        ops += [_event(r, n, now) for _, r, n in also]
         done = await self.applier.apply(node, Ops(node.name, action, tuple(ops), p.why))
         if done.gone or self.dry_run:
             return None
+        self._announced[node.name] = float(int(now))  # its Events are this process's to write (not again)
         self._count(action, "success")
         log.info("%s %s: %s", action, node.name, note)
-        for a, _, n, _ in also:
+        for a, _, n in also:
             self._count(a, "success")
             log.info("%s %s: %s", a, node.name, n)
         return Result(requeue_after=requeue) if requeue else None
@@ -708,7 +742,7 @@ class Remediator:
                     f"{jp.remedy}; in the gang repair window {wid} (one disruption with {lead.name})",
                     add_taint={"key": self.names.quarantine, "value": taint_value(jp.problems[0].label),
                                "effect": "NoSchedule"},
-                    annotations={**self._marker_annotations(jp, m), self.keys.window: wid}, warn=True,
+                    annotations={**self._marker_annotations(jp, m), self.keys.window: wid},
                     record=lifecycle.DRAINING)
             else:
                 await self._mutate(m, jp, "window", "JoinedRepairWindow",

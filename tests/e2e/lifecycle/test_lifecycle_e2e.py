@@ -13,9 +13,10 @@ from prometheus_client import CollectorRegistry
 
 from fleetkeeper.core import errors
 from fleetkeeper.core.domain import Names
+from fleetkeeper.core import events as events_mod
 from fleetkeeper.core.events import EventRecorder, node_ref
 from fleetkeeper.core.faults import FaultPlan, parse_fault
-from fleetkeeper.core.kube import NODES, PDBS, PODS
+from fleetkeeper.core.kube import EVENTS, NODES, PDBS, PODS
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.health.controller import HealthOptions
@@ -410,3 +411,47 @@ async def test_the_nodes_of_a_gang_with_reset_faults_are_repaired_in_one_window(
             assert [e["reason"] for e in await events_for(kube, n)].count("ActionRequested") == 1, n
     finally:
         await stop(task)
+
+
+class EventsNeverWritten(KubeProxy):
+    """The API client of a process killed after its node writes, before their Events were written."""
+
+    async def create(self, res, body, *args, **kw):
+        if res is EVENTS:
+            await asyncio.Event().wait()  # the process is killed here
+        return await self._kube.create(res, body, *args, **kw)
+
+
+async def test_a_quarantine_whose_event_died_with_the_process_is_announced_by_the_next(kube, namespace, own_nodes,
+                                                                                         tmp_path):
+    """Events are written off the write path: a kill after the quarantine's node write loses its Event. The
+    next process announces the node's recent writes again, under names derived from the node's history, so
+    a third process adds none."""
+    nodes = await own_nodes(1)
+    dying = EventsNeverWritten(kube)
+    mgr, plan, _, task = await start(dying, tmp_path, own_nodes.group, policy=POLICY, lifecycle="")
+    try:
+        plan.inject(nodes[0], parse_fault("ecc"))
+
+        async def quarantined():
+            return bool(taint(await kube.get(NODES, nodes[0]), Q))
+        await wait_for(quarantined, 60, "the node quarantined")
+    finally:
+        await stop(task)
+        for r in list(events_mod._RECORDERS):
+            if r.kube is dying:
+                await r.close(0.1)  # the killed process's unwritten Events die with it
+    mine = lambda evs: [e for e in evs if e["reason"] == "Quarantined"  # noqa: E731
+                        and e.get("reportingController") == "fleetkeeper.io/health"]
+    assert not mine(await events_for(kube, nodes[0])), "the first process wrote no Event"
+    for restart in range(2):
+        mgr, plan, _, task = await start(kube, tmp_path, own_nodes.group, policy=POLICY, lifecycle="")
+        try:
+            async def announced():
+                return mine(await events_for(kube, nodes[0]))
+            evs = await wait_for(announced, 60, "the quarantine announced by the next process")
+            await asyncio.sleep(1.0 if restart else 0.0)  # (a second restart's announcement has been made)
+            evs = mine(await events_for(kube, nodes[0]))
+            assert len(evs) == 1 and evs[0]["type"] == "Warning" and "tainted" in evs[0]["note"], evs
+        finally:
+            await stop(task)
