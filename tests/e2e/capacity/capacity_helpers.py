@@ -15,7 +15,7 @@ from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.capacity.controller import Capacity, CapacityOptions, setup
 from fleetkeeper.core import errors
 from fleetkeeper.core.domain import Names
-from fleetkeeper.core.kube import JOBS, MUTATING_WEBHOOKS, NODES, PODS, Kube, build_request
+from fleetkeeper.core.kube import JOBS, MUTATING_WEBHOOKS, NODES, PODS, WORKLOADS, Kube, build_request
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.localcluster.cluster import node_ready
@@ -72,3 +72,20 @@ async def delete_jobs(kube: Kube, ns: str) -> None:
                 body={"propagationPolicy": "Background"}))
         except errors.NotFound:
             pass
+
+
+def gang_member(gang: str, i: int, size: int, spec: dict) -> dict:
+    """A bare pod of gang ``gang`` (``<gang>-<i>``) declaring its size (``gang-min-members``)."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{gang}-{i}", "labels": {NAMES.gang: gang},
+                         "annotations": {NAMES.gang_min: str(size)}},
+            "spec": spec}
+
+
+async def wait_held(kube: Kube, ns: str, gang: str, size: int, what: str) -> str:
+    """Wait until fleetkeeper's message on the gang's Workload says it is held until its room is free."""
+    async def held():
+        wl = await kube.get_or_none(WORKLOADS, gang, ns)
+        msg = ((wl or {}).get("metadata", {}).get("annotations") or {}).get(f"{NAMES.domain}/gang-message", "")
+        return msg if f"until room for all {size} members is free" in msg else None
+    return await wait_for(held, 60, what=what)

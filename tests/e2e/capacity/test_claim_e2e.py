@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 
-from capacity_helpers import NAMES, balloons_on_every_node, bound, pods_of, wait_for
+from capacity_helpers import NAMES, balloons_on_every_node, bound, gang_member, pods_of, wait_for, wait_held
 from fleetkeeper.capacity import reserve as rs
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.core.events import flush_all
-from fleetkeeper.core.kube import EVENTS, NODES, PODGROUPS, PODS, WORKLOADS
+from fleetkeeper.core.kube import EVENTS, NODES, PODGROUPS, PODS
 
 NODES_N = 4
 STRAY = "e2e.fleetkeeper.io/stray"
@@ -36,12 +36,6 @@ def cfg(pool, namespace: str) -> CapacityConfig:
     })
 
 
-def member(gang: str, i: int, size: int, spec: dict) -> dict:
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"{gang}-{i}", "labels": {NAMES.gang: gang},
-                         "annotations": {NAMES.gang_min: str(size)}},
-            "spec": spec}
-
 
 async def test_room_released_for_a_gang_stays_its_own_when_other_work_takes_part_of_it(
         kube, namespace, pool_factory, run_capacity):
@@ -52,7 +46,7 @@ async def test_room_released_for_a_gang_stays_its_own_when_other_work_takes_part
     spec = pool.pod_spec()
     await balloons_on_every_node(kube, namespace, pool.pool, NODES_N)
     for i in range(NODES_N - 1):
-        await kube.create(PODS, member("older", i, NODES_N, spec), namespace)
+        await kube.create(PODS, gang_member("older", i, NODES_N, spec), namespace)
 
     async def balloons_gone():
         items = await pods_of(kube, namespace, f"{NAMES.balloon}={pool.pool}")
@@ -66,13 +60,9 @@ async def test_room_released_for_a_gang_stays_its_own_when_other_work_takes_part
         return bound(await pods_of(kube, namespace, STRAY))
     stray = (await wait_for(stray_bound, 60, what="other work bound onto the freed room"))[0]["spec"]["nodeName"]
     for i in range(2):
-        await kube.create(PODS, member("younger", i, 2, spec), namespace)
+        await kube.create(PODS, gang_member("younger", i, 2, spec), namespace)
 
-    async def younger_held():
-        wl = await kube.get_or_none(WORKLOADS, "younger", namespace)
-        msg = ((wl or {}).get("metadata", {}).get("annotations") or {}).get(f"{NAMES.domain}/gang-message", "")
-        return msg if "until room for all 2 members is free" in msg else None
-    await wait_for(younger_held, 60, what="the younger gang held: the room left is the older gang's")
+    await wait_held(kube, namespace, "younger", 2, "the younger gang held: the room left is the older gang's")
     await asyncio.sleep(3.0)  # more passes: a wrong verdict would let the younger gang in now
     assert not bound(await pods_of(kube, namespace, f"{NAMES.gang}=younger")), \
         "the younger gang took the room released for the older one"
@@ -83,7 +73,7 @@ async def test_room_released_for_a_gang_stays_its_own_when_other_work_takes_part
     nodes = [await kube.get(NODES, n) for n in pool.nodes]
     assert not any(t.get("key") == key for n in nodes for t in n["spec"].get("taints") or ())
 
-    await kube.create(PODS, member("older", NODES_N - 1, NODES_N, spec), namespace)
+    await kube.create(PODS, gang_member("older", NODES_N - 1, NODES_N, spec), namespace)
     tok = rs.token(f"{namespace}/older")
 
     async def reserved():

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 
-from capacity_helpers import NAMES, bound, delete_jobs, pods_of, wait_for
+from capacity_helpers import NAMES, bound, delete_jobs, gang_member, pods_of, wait_for, wait_held
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.capacity.explain import explain_pod
 from fleetkeeper.core import errors
@@ -111,12 +111,6 @@ async def test_a_large_gang_gets_its_podgroup_only_once_it_fits(kube, namespace,
         await delete_jobs(kube, namespace)
 
 
-def member(gang: str, i: int, size: int, spec: dict) -> dict:
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"{gang}-{i}", "labels": {NAMES.gang: gang},
-                         "annotations": {NAMES.gang_min: str(size)}},
-            "spec": spec}
-
 
 async def test_a_gang_still_missing_members_keeps_its_turn(kube, namespace, pool_factory, run_capacity):
     """The older gang's size is known but half its members do not exist yet (a large Job's are created over
@@ -128,25 +122,21 @@ async def test_a_gang_still_missing_members_keeps_its_turn(kube, namespace, pool
     _, registry = await run_capacity(CapacityConfig.model_validate(c), namespace)
     spec = pool.pod_spec()
     for i in range(2):
-        await kube.create(PODS, member("older", i, NODES_N, spec), namespace)
+        await kube.create(PODS, gang_member("older", i, NODES_N, spec), namespace)
 
     async def older_known():
         return await kube.get_or_none(WORKLOADS, "older", namespace)
     await wait_for(older_known, 60, what="the older gang's Workload (its size is known)")
     for i in range(2):
-        await kube.create(PODS, member("younger", i, 2, spec), namespace)
+        await kube.create(PODS, gang_member("younger", i, 2, spec), namespace)
 
-    async def younger_held():
-        wl = await kube.get_or_none(WORKLOADS, "younger", namespace)
-        msg = ((wl or {}).get("metadata", {}).get("annotations") or {}).get(f"{NAMES.domain}/gang-message", "")
-        return msg if "until room for all 2 members is free" in msg else None
-    await wait_for(younger_held, 60, what="the younger gang held: its room is the older gang's")
+    await wait_held(kube, namespace, "younger", 2, "the younger gang held: its room is the older gang's")
     await asyncio.sleep(3.0)  # more passes: a wrong verdict would let the younger gang in now
     assert not bound(await pods_of(kube, namespace, f"{NAMES.gang}=younger")), \
         "the younger gang took the room of the older one while its members were being created"
     assert await kube.get_or_none(PODGROUPS, "younger", namespace) is None
     for i in range(2, NODES_N):
-        await kube.create(PODS, member("older", i, NODES_N, spec), namespace)
+        await kube.create(PODS, gang_member("older", i, NODES_N, spec), namespace)
 
     async def older_placed():
         return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=older"))) == NODES_N
