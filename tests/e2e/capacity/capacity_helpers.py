@@ -89,3 +89,10 @@ async def wait_held(kube: Kube, ns: str, gang: str, size: int, what: str) -> str
         msg = ((wl or {}).get("metadata", {}).get("annotations") or {}).get(f"{NAMES.domain}/gang-message", "")
         return msg if f"until room for all {size} members is free" in msg else None
     return await wait_for(held, 60, what=what)
+
+
+async def wait_gang_bound(kube: Kube, ns: str, gang: str, n: int, what: str, timeout: float = 120.0) -> None:
+    """Wait until ``n`` members of gang ``gang`` are bound."""
+    async def placed():
+        return len(bound(await pods_of(kube, ns, f"{NAMES.gang}={gang}"))) == n
+    await wait_for(placed, timeout, what=what)

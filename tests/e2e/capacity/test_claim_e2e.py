@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 
-from capacity_helpers import NAMES, balloons_on_every_node, bound, gang_member, pods_of, wait_for, wait_held
+from capacity_helpers import (NAMES, balloons_on_every_node, bound, gang_member, pods_of, wait_for, wait_gang_bound,
+                              wait_held)
 from fleetkeeper.capacity import reserve as rs
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.core.events import flush_all
@@ -91,15 +92,11 @@ async def test_room_released_for_a_gang_stays_its_own_when_other_work_takes_part
 
     await kube.delete(PODS, "stray", namespace)
 
-    async def older_placed():
-        return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=older"))) == NODES_N
-    await wait_for(older_placed, 120, what="the older gang placed whole once the stray pod ended")
+    await wait_gang_bound(kube, namespace, "older", NODES_N, "the older gang placed whole once the stray pod ended")
     assert not bound(await pods_of(kube, namespace, f"{NAMES.gang}=younger"))
     for i in range(NODES_N):
         await kube.delete(PODS, f"older-{i}", namespace)
 
-    async def younger_placed():
-        return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=younger"))) == 2
-    await wait_for(younger_placed, 120, what="the younger gang placed after the older one ended")
+    await wait_gang_bound(kube, namespace, "younger", 2, "the younger gang placed after the older one ended")
     for i in range(2):
         await kube.delete(PODS, f"younger-{i}", namespace)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 
-from capacity_helpers import NAMES, bound, delete_jobs, gang_member, pods_of, wait_for, wait_held
+from capacity_helpers import NAMES, bound, delete_jobs, gang_member, pods_of, wait_for, wait_gang_bound, wait_held
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.capacity.explain import explain_pod
 from fleetkeeper.core import errors
@@ -138,13 +138,9 @@ async def test_a_gang_still_missing_members_keeps_its_turn(kube, namespace, pool
     for i in range(2, NODES_N):
         await kube.create(PODS, gang_member("older", i, NODES_N, spec), namespace)
 
-    async def older_placed():
-        return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=older"))) == NODES_N
-    await wait_for(older_placed, 120, what="the older gang placed whole once its last member exists")
+    await wait_gang_bound(kube, namespace, "older", NODES_N, "the older gang placed whole once its last member exists")
     assert not bound(await pods_of(kube, namespace, f"{NAMES.gang}=younger"))
     for i in range(NODES_N):
         await kube.delete(PODS, f"older-{i}", namespace)
 
-    async def younger_placed():
-        return len(bound(await pods_of(kube, namespace, f"{NAMES.gang}=younger"))) == 2
-    await wait_for(younger_placed, 120, what="the younger gang placed after the older one ended")
+    await wait_gang_bound(kube, namespace, "younger", 2, "the younger gang placed after the older one ended")
