@@ -317,9 +317,9 @@ def largest_timeline(pods: list[dict], groups: list[dict], largest: str, start_a
               if c["type"] == "PodScheduled" and c["status"] == "True"]
     group = next((parse_time(g["metadata"]["creationTimestamp"]) for g in groups
                   if g["metadata"]["name"] == largest), None)
+    made = "-" if group is None else f"{group - start_at:.0f}"
     return (f"largest job ({len(mine)} pods), s after the burst, first/median/last: created {spread(created)}; "
-            f"PodGroup "
-            f"{'-' if group is None else f'{group - start_at:.0f}'}; bound {spread(bound_)}")
+            f"PodGroup {made}; bound {spread(bound_)}")
 
 
 KLOG = re.compile(r'^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+)\s+\d+ [^\]]+\] "([^"]*)"(.*)$')

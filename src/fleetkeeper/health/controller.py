@@ -72,6 +72,8 @@ WARNING_REASONS = frozenset({"Quarantined", "ActionRequested", "ConditionsReturn
 def _event(reason: str, note: str, at: float) -> Event:
     """A health node write's Event, named after its reason and the write's time (its history entry)."""
     return Event(reason, note, "Warning" if reason in WARNING_REASONS else "Normal", id=f"{reason}@{int(at)}")
+
+
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -231,7 +233,7 @@ class Remediator:
         self.windows = self.nodes.index("repair-window", lambda n: (n.annotations[wkey],) if n.annotations.get(wkey)
                                         else ())
         self._storm_until = 0.0
-        self._announced: dict[str, float] = {}  # node -> time of its last write whose Events were announced
+        self._announced: dict[str, str] = {}  # node -> its history annotation whose Events were announced
         self._noted: set[tuple[str, str]] = set()
         # pods this process evicted, by key: (uid, when). Until the cache shows one going (or EVICTED_EXPECT_S
         # pass), it is not evicted again: a cache behind the API server would count one pod evicted twice
@@ -357,14 +359,11 @@ class Remediator:
         node state: a process killed between a write and its Events lost them; the names derive from the
         history entry (:func:`_event`), so an Event already written is kept as it was (AlreadyExists). After
         a restart that costs one call per recent entry; a process never announces its own writes again."""
-        entries = history_read(node.annotations.get(self.keys.history))
-        if not entries or self.dry_run:
-            return
-        last = entries[-1][0]
-        if now - last > REANNOUNCE_S or self._announced.get(node.name) == last:
-            return
-        self._announced[node.name] = last
-        for ts, text in entries:
+        raw = node.annotations.get(self.keys.history)
+        if not raw or self.dry_run or self._announced.get(node.name) == raw:
+            return  # (read once per change of the history, not at every pass)
+        self._announced[node.name] = raw
+        for ts, text in history_read(raw):
             reason, _, note = text.partition(": ")
             if now - ts <= REANNOUNCE_S and reason and note:
                 e = _event(reason, note, ts)
@@ -635,7 +634,7 @@ class Remediator:
         done = await self.applier.apply(node, Ops(node.name, action, tuple(ops), p.why))
         if done.gone or self.dry_run:
             return None
-        self._announced[node.name] = float(int(now))  # its Events are this process's to write (not again)
+        self._announced[node.name] = history  # its Events are this process's to write (not again)
         self._count(action, "success")
         log.info("%s %s: %s", action, node.name, note)
         for a, _, n in also:
