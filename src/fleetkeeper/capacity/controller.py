@@ -843,14 +843,15 @@ class GangManager:
                 if nv is not None and not nv.deleting:
                     node_ok[p.node] = nv.ready
         room = gg.ROOM_FITS if self.room is None else self.room.get(key)
-        plan = self._unmade(gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
-                                           self.empty_since.get(key), room=room, judged_at=self.judged_at))
+        plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
+                              self.empty_since.get(key), room=room, judged_at=self.judged_at)
         if not live and (plan.create or plan.delete):
-            # a group object is about to be created or deleted: decide again on the owner as it is now
+            # a group object is about to be created or deleted (or is missing though just made: it may have
+            # been collected with its owner): decide again on the owner as it is now
             owner, _ = await self._owner(key, pods, live=True)
-            plan = self._unmade(gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names,
-                                               self.clock.now(), self.empty_since.get(key), room=room,
-                                               judged_at=self.judged_at))
+            plan = gg.decide_gang(key, pods, owner, objs, node_ok, self.cfg, self.names, self.clock.now(),
+                                  self.empty_since.get(key), room=room, judged_at=self.judged_at)
+        plan = self._unmade(plan)
         self.plans[key] = plan
         await self._apply(ns, gang, plan, owner, pods, objs)
         if plan.state == "Deleted":
@@ -877,7 +878,11 @@ class GangManager:
         has yet to show (another create would only meet Conflict)."""
         now = self.clock.monotonic()
         self._made = {k: t for k, t in self._made.items() if now - t < MADE_GRACE_SECONDS}
-        plan.create = [(r, b) for r, b in plan.create if (plan.key, r.plural) not in self._made]
+        left = [MADE_GRACE_SECONDS - (now - self._made[(plan.key, r.plural)]) for r, _ in plan.create
+                if (plan.key, r.plural) in self._made]
+        if left:  # looked at again once the grace ends (it may be gone for good, not just unseen)
+            plan.create = [(r, b) for r, b in plan.create if (plan.key, r.plural) not in self._made]
+            plan.requeue_after = min(plan.requeue_after or 1e9, max(0.1, min(left)))
         return plan
 
     async def _apply(self, ns: str, gang: str, plan: gg.GangPlan, owner: gg.Owner | None,
