@@ -302,6 +302,37 @@ class EventRecorder:
         self._start()
         return what
 
+    async def announce(self, obj: ObjectRef, reason: str, note: str, *, type_: str = "Normal",
+                       action: str = "Reconcile", id: str, timeout: float = 10.0) -> bool:
+        """Write an identified Event now, before the action it announces (an eviction), so that a kill
+        between the two cannot leave the action without its Event; True once it exists (written now, by an
+        earlier process: AlreadyExists, or known to this one) or in a dry run. False if it could not be
+        written within ``timeout``: the caller leaves the action for a later pass. Never raises."""
+        note = note[:1000]
+        name = event_name(obj, id)
+        if name in self._named:
+            self.counts["known"] += 1
+            return True
+        self.emitted.append((f"{obj.kind}/{obj.namespace + '/' if obj.namespace else ''}{obj.name}", type_, reason, note))
+        del self.emitted[:-1000]
+        if self.metrics:
+            self.metrics.events_emitted.labels(reason, type_).inc()
+        log.info("event %s %s on %s %s: %s", type_, reason, obj.kind, obj.name, note)
+        if self.dry_run:
+            return True
+        now = self.clock.now()
+        p = Pending(event_key(obj, type_, reason, note, id), obj, type_, reason, note, action, 1, now, now, id)
+        self._busy += 1
+        try:
+            return await asyncio.wait_for(self._write_named(p, obj.namespace or "default"), timeout)
+        except asyncio.TimeoutError:
+            self.counts["failed"] += 1
+            log.warning("event %s on %s not written within %.0fs", reason, obj.name, timeout)
+            self._dropped(reason, "error", 1, quiet=True)
+            return False
+        finally:
+            self._busy -= 1
+
     def _dropped(self, reason: str, cause: str, n: int, quiet: bool = False) -> None:
         if self.metrics:
             self.metrics.events_dropped.labels(reason, cause).inc(n)
@@ -396,9 +427,9 @@ class EventRecorder:
         while len(self._named) > self.correlator.max_series:
             self._named.popitem(last=False)
 
-    async def _write_named(self, p: Pending, ns: str) -> None:
+    async def _write_named(self, p: Pending, ns: str) -> bool:
         """An identified occurrence: created under its derived name, once; AlreadyExists means an earlier
-        announcement (maybe by a process that died since) was written."""
+        announcement (maybe by a process that died since) was written. True once it exists."""
         name = event_name(p.obj, p.id)
         try:
             await self.kube.create(EVENTS, self._body(p, name, ns), ns)
@@ -407,8 +438,9 @@ class EventRecorder:
             self.counts["existing"] += 1
         except errors.FleetkeeperError as exc:
             self._failed(p, exc)
-            return
+            return False
         self._known(name)
+        return True
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every Event emitted so far is written (or failed); True if done within ``timeout``."""

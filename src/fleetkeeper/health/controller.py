@@ -12,6 +12,7 @@ already deleted is not deleted again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +65,8 @@ ADMISSION_STATS_AGE = 15.0  # admission reads the stats loop's numbers up to thi
 EVICTED_EXPECT_S = 60.0  # a pod this process evicted is not evicted again for this long unless the cache sees it go
 # a node write's Events are written off the write path; a process killed in between loses them. Each such
 # Event is named after its reason and the write's time (its entry in the node's history), and the writes
+ANNOUNCE_RETRY_S = 5.0  # an eviction whose Event could not be written is tried again after this
+EVICTION_NOTE_PODS = 20  # pods named in an eviction's Event (the rest counted)
 # younger than this are announced again by the next process (the API server keeps one Event per name)
 REANNOUNCE_S = 600.0
 WARNING_REASONS = frozenset({"Quarantined", "ActionRequested", "ConditionsReturned"})
@@ -672,6 +675,8 @@ class Remediator:
         # leaves the eviction to be resumed from it, never half done and forgotten
         others = [x for x in pods if x.node != node.name]
         own = [x for x in pods if x.node == node.name]
+        if not await self._announce_evictions(p, node, pods, since, bool(gangs), gang_note):
+            return Result(requeue_after=ANNOUNCE_RETRY_S)  # no eviction before its Event exists
         done = await self.applier.apply(
             node, Ops(node.name, "evict", tuple(EvictPod(x.namespace, x.name) for x in others or own), p.why),
             announce=False)
@@ -691,11 +696,8 @@ class Remediator:
         if done.rate_limited:
             self._count("evict", "blocked")
         if done.evicted:
-            verb = "would evict" if self.dry_run else "evicted"
-            await self.applier.recorder.emit(node_ref(node.name, node.uid), "GangEvicted" if gangs else "Evicting",
-                                             f"{verb} {len(done.evicted)} pod(s) through the Eviction API "
-                                             f"({p.action}, fixable by {p.remedy}){gang_note}", type_="Warning")
-            log.info("%s %d pod(s) for %s%s", verb, len(done.evicted), node.name, gang_note)
+            log.info("%s %d pod(s) for %s%s", "would evict" if self.dry_run else "evicted", len(done.evicted),
+                     node.name, gang_note)
         if done.blocked:
             left = since + self.policy.drain.deadline - self.clock.now()
             await self._note(node, "EvictionBlocked",
@@ -709,6 +711,24 @@ class Remediator:
         if done.rate_limited:
             return Result(requeue_after=max(0.2, self.applier.evict_bucket.wait_time()))
         return Result(requeue_after=p.requeue_after if done.blocked or done.failed else 1.0)
+
+    async def _announce_evictions(self, p: Plan, node: NodeView, pods: list[PodView], since: float, gang: bool,
+                                  gang_note: str) -> bool:
+        """The Event of the evictions this pass is about to ask for, written before them (not queued): a
+        process killed after an eviction would otherwise leave it without an Event, and the next process
+        finds no pod left to announce. Named after the drain and the pods, so a retry of the same pods (a
+        PodDisruptionBudget, a kill before the evictions) finds it written and adds none. False: not written,
+        nothing is evicted this pass."""
+        keys = sorted(f"{x.namespace}/{x.name}" for x in pods)
+        digest = hashlib.sha256(" ".join(sorted(f"{x.key}/{x.uid}" for x in pods)).encode()).hexdigest()[:16]
+        reason = "GangEvicted" if gang else "Evicting"
+        shown = ", ".join(keys[:EVICTION_NOTE_PODS]) + (f" and {len(keys) - EVICTION_NOTE_PODS} more"
+                                                         if len(keys) > EVICTION_NOTE_PODS else "")
+        verb = "would evict" if self.dry_run else "evicting"
+        return await self.applier.recorder.announce(
+            node_ref(node.name, node.uid), reason,
+            f"{verb} {len(pods)} pod(s) through the Eviction API ({p.action}, fixable by {p.remedy}): "
+            f"{shown}{gang_note}", type_="Warning", id=f"{reason}@{int(since)}:{digest}")
 
     async def _open_window(self, lead: NodeView, pods: list[PodView], gangs: list[str], now: float) -> list[str]:
         """Before a gang is evicted: the gang's other nodes with reset-class faults (active or pending) join

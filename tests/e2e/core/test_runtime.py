@@ -295,3 +295,34 @@ async def test_an_identified_announcement_is_one_event_across_a_restart(kube, na
     mine = sorted((e["metadata"]["name"], e["note"]) for e in items if e["regarding"]["name"] == "retiree")
     assert mine == sorted([(event_name(obj, "retire@100"), "nccl failed; terminating the machine"),
                            (event_name(obj, "retire@200"), "retired again")])
+
+
+async def test_an_announcement_before_an_action_is_written_at_once_and_once(kube, namespace):
+    """``announce`` (an eviction's Event, written before the eviction): it is on the API server when the call
+    returns, not queued; made again (a retry, a restarted process) it finds the one written; an API server
+    that does not answer makes it return False within its timeout, so the caller holds the action back."""
+    from fleetkeeper.core.events import EventRecorder, ObjectRef, event_name
+    from fleetkeeper.core.kube import EVENTS
+
+    obj = ObjectRef("Pod", "evictee", namespace, uid="u-2")
+    first = EventRecorder(kube, "announce-now")
+    assert await first.announce(obj, "Evicting", "evicting 1 pod(s)", type_="Warning", id="evict@1:abc")
+    assert first.waiting == 0  # nothing left in a sink: it was written by the call itself
+    got = await kube.get(EVENTS, event_name(obj, "evict@1:abc"), namespace)
+    assert (got["reason"], got["type"], got["note"]) == ("Evicting", "Warning", "evicting 1 pod(s)")
+    assert await first.announce(obj, "Evicting", "evicting 1 pod(s)", type_="Warning", id="evict@1:abc")
+    assert first.counts["known"] == 1 and first.counts["created"] == 1
+    second = EventRecorder(kube, "announce-now")
+    assert await second.announce(obj, "Evicting", "evicting 1 pod(s)", type_="Warning", id="evict@1:abc")
+    assert second.counts["existing"] == 1 and second.counts["created"] == 0
+
+    class Hung:
+        async def create(self, *args, **kw):
+            await asyncio.Event().wait()
+
+    stuck = EventRecorder(Hung(), "announce-now")  # type: ignore[arg-type]
+    assert not await stuck.announce(obj, "Evicting", "evicting 2 pod(s)", type_="Warning", id="evict@1:def",
+                                    timeout=0.2)
+    assert stuck.counts["failed"] == 1 and stuck.waiting == 0
+    items, _ = await kube.list(EVENTS, namespace)
+    assert [e["note"] for e in items if e["regarding"]["name"] == "evictee"] == ["evicting 1 pod(s)"]

@@ -110,7 +110,7 @@ async def test_a_gang_of_8_is_evicted_together_when_one_node_fails_and_counts_on
             return alive if alive == ["bystander"] else None
         await wait_for(gang_gone, 60, "all 8 ranks evicted, the bystander kept")
         evs = [e for e in await events_for(kube, nodes[5]) if e["reason"] == "GangEvicted"]
-        assert len(evs) == 1 and "evicted 8 pod(s)" in evs[0]["note"] and f"{namespace}/train" in evs[0]["note"]
+        assert len(evs) == 1 and "evicting 8 pod(s)" in evs[0]["note"] and f"{namespace}/train" in evs[0]["note"]
         # one disruption: only the failing node is out of service, in the budget and on the cluster
         for n in nodes:
             live = await kube.get(NODES, n)
@@ -455,3 +455,55 @@ async def test_a_quarantine_whose_event_died_with_the_process_is_announced_by_th
             assert len(evs) == 1 and evs[0]["type"] == "Warning" and "tainted" in evs[0]["note"], evs
         finally:
             await stop(task)
+
+
+class EventsAskedNeverWritten(EventsNeverWritten):
+    """As EventsNeverWritten, keeping what each Event would have said."""
+
+    def __init__(self, kube):
+        super().__init__(kube)
+        self.asked: list[dict] = []
+
+    async def create(self, res, body, *args, **kw):
+        if res is EVENTS:
+            self.asked.append(body)
+        return await super().create(res, body, *args, **kw)
+
+
+async def test_no_pod_is_evicted_before_its_event_is_written(kube, namespace, own_nodes, tmp_path):
+    """An eviction's Event is written before the eviction, not queued after it: a process killed after
+    evicting used to leave the eviction without an Event, and the next process found no pod left to announce.
+    The first process here never gets an Event written: it evicts nothing. The next one evicts and announces;
+    the Event names the pod."""
+    nodes = await own_nodes(1)
+    await kube.create(PODS, bound_pod(namespace, "worker", nodes[0]), namespace)
+    dying = EventsAskedNeverWritten(kube)
+    mgr, plan, _, task = await start(dying, tmp_path, own_nodes.group, policy=POLICY, lifecycle="")
+    try:
+        plan.inject(nodes[0], parse_fault("ecc"))  # reset ladder: drain
+
+        async def eviction_announced():
+            return [b for b in dying.asked if b["reason"] == "Evicting"]
+        asked = await wait_for(eviction_announced, 60, "the eviction's Event asked for")
+        assert "worker" in asked[0]["note"] and asked[0]["type"] == "Warning", asked[0]
+    finally:
+        await stop(task)
+        for r in list(events_mod._RECORDERS):
+            if r.kube is dying:
+                await r.close(0.1)
+    pod = await kube.get(PODS, "worker", namespace)
+    assert not pod["metadata"].get("deletionTimestamp"), "evicted though its Event was never written"
+    mgr, plan, _, task = await start(kube, tmp_path, own_nodes.group, policy=POLICY, lifecycle="")
+    try:
+        async def gone():
+            try:
+                p = await kube.get(PODS, "worker", namespace)
+            except errors.NotFound:
+                return True
+            return bool(p["metadata"].get("deletionTimestamp"))
+        await wait_for(gone, 60, "the pod evicted by the next process")
+        evs = [e for e in await events_for(kube, nodes[0]) if e["reason"] == "Evicting"
+               and e.get("reportingController") == "fleetkeeper.io/health"]
+        assert len(evs) == 1 and f"{namespace}/worker" in evs[0]["note"] and "evicting 1 pod(s)" in evs[0]["note"], evs
+    finally:
+        await stop(task)
