@@ -287,11 +287,7 @@ class EventRecorder:
         if id and event_name(obj, id) in self._named:
             self.counts["known"] += 1
             return "known"
-        self.emitted.append((f"{obj.kind}/{obj.namespace + '/' if obj.namespace else ''}{obj.name}", type_, reason, note))
-        del self.emitted[:-1000]
-        if self.metrics:
-            self.metrics.events_emitted.labels(reason, type_).inc()
-        log.info("event %s %s on %s %s: %s", type_, reason, obj.kind, obj.name, note)
+        self._seen(obj, type_, reason, note)
         if self.dry_run:
             return "dry_run"
         what = self.correlator.observe(obj, type_, reason, note, action, self.clock.now(), id)
@@ -313,11 +309,7 @@ class EventRecorder:
         if name in self._named:
             self.counts["known"] += 1
             return True
-        self.emitted.append((f"{obj.kind}/{obj.namespace + '/' if obj.namespace else ''}{obj.name}", type_, reason, note))
-        del self.emitted[:-1000]
-        if self.metrics:
-            self.metrics.events_emitted.labels(reason, type_).inc()
-        log.info("event %s %s on %s %s: %s", type_, reason, obj.kind, obj.name, note)
+        self._seen(obj, type_, reason, note)
         if self.dry_run:
             return True
         now = self.clock.now()
@@ -332,6 +324,14 @@ class EventRecorder:
             return False
         finally:
             self._busy -= 1
+
+    def _seen(self, obj: ObjectRef, type_: str, reason: str, note: str) -> None:
+        """An Event asked for: kept in ``emitted`` (the last 1000), counted and logged."""
+        self.emitted.append((f"{obj.kind}/{obj.namespace + '/' if obj.namespace else ''}{obj.name}", type_, reason, note))
+        del self.emitted[:-1000]
+        if self.metrics:
+            self.metrics.events_emitted.labels(reason, type_).inc()
+        log.info("event %s %s on %s %s: %s", type_, reason, obj.kind, obj.name, note)
 
     def _dropped(self, reason: str, cause: str, n: int, quiet: bool = False) -> None:
         if self.metrics:
