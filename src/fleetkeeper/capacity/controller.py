@@ -60,6 +60,7 @@ HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often 
 # ReplicaSet still creating the pool (thousands of balloons at 7,500 nodes) deletes its pending pods first,
 # in batches of 500, before it gets to the bound ones fleetkeeper released
 BALLOON_LINGER_SECONDS = 10.0
+ANNOUNCE_RETRY_SECONDS = 5.0  # a balloon eviction whose Event could not be written is tried again after this
 # room released for a gang stays that gang's this long (reserve.decide's ``claimed``): if other work takes part
 # of it before the gang is placed, the gang's room is reserved at once rather than after its wait threshold
 CLAIM_SECONDS = 60.0
@@ -302,6 +303,15 @@ class BalloonManager:
                 self.metrics.evictions.labels(ev.pool, "rate_limited").inc()
                 requeue = min(requeue, max(0.5, self.bucket.wait_time()))
                 continue
+            # the Event first, written by the call (no eviction without its Event, even across a kill)
+            if not await self.recorder.announce(
+                    ObjectRef("Pod", ev.name, ev.namespace), "BalloonRemoved",
+                    f"balloon of pool {ev.pool} removed from node {ev.node} ({ev.reason}): "
+                    f"balloons never hold preflight or quarantined nodes" + (" [dry-run]" if self.dry_run else ""),
+                    type_="Warning", id=f"removed:{ev.node}"):
+                self.metrics.evictions.labels(ev.pool, "error").inc()
+                requeue = min(requeue, ANNOUNCE_RETRY_SECONDS)
+                continue
             result = "dry_run" if self.dry_run else "ok"
             try:
                 if not self.dry_run:
@@ -312,10 +322,6 @@ class BalloonManager:
                 result = "error"
                 log.warning("could not remove balloon %s/%s from %s: %s", ev.namespace, ev.name, ev.node, exc)
             self.metrics.evictions.labels(ev.pool, result).inc()
-            await self.recorder.emit(ObjectRef("Pod", ev.name, ev.namespace), "BalloonRemoved",
-                                     f"balloon of pool {ev.pool} removed from node {ev.node} ({ev.reason}): "
-                                     f"balloons never hold preflight or quarantined nodes"
-                                     + (" [dry-run]" if self.dry_run else ""), type_="Warning")
         for st in plan.status:
             self.metrics.idle.labels(st.pool, st.resource).set(st.idle_capacity)
             self.metrics.balloons.labels(st.pool, "running").set(st.running)
@@ -414,6 +420,14 @@ class BalloonManager:
             due.append((k, pool, b))
 
         async def one(key: tuple[str, str], pool: str, b: yd.Balloon) -> None:
+            # the Event first, written by the call (no eviction without its Event, even across a kill)
+            if not await self.recorder.announce(
+                    ObjectRef("Pod", b.name, b.namespace), "BalloonEvicted",
+                    f"balloon of pool {pool} on node {b.node} evicted: released for waiting work "
+                    f"{now - self._going_since[key]:.0f}s ago and not yet removed by its ReplicaSet"
+                    + (" [dry-run]" if self.dry_run else ""), id=f"evicted:{b.node}"):
+                self.metrics.lingering.labels(pool, "error").inc()
+                return  # tried again at a later pass
             result = "dry_run" if self.dry_run else "ok"
             try:
                 if not self.dry_run:
@@ -426,10 +440,6 @@ class BalloonManager:
                 log.warning("could not evict released balloon %s/%s: %s", b.namespace, b.name, exc)
                 return
             self.metrics.lingering.labels(pool, result).inc()
-            await self.recorder.emit(ObjectRef("Pod", b.name, b.namespace), "BalloonEvicted",
-                                     f"balloon of pool {pool} on node {b.node} evicted: released for waiting work "
-                                     f"{now - self._going_since[key]:.0f}s ago and not yet removed by its "
-                                     f"ReplicaSet" + (" [dry-run]" if self.dry_run else ""))
         await _bounded([one(k, pool, b) for k, pool, b in due])
 
     async def _reserve_room(self, yields: list[yd.PoolYield]) -> None:
