@@ -65,11 +65,25 @@ ADMISSION_STATS_AGE = 15.0  # admission reads the stats loop's numbers up to thi
 EVICTED_EXPECT_S = 60.0  # a pod this process evicted is not evicted again for this long unless the cache sees it go
 # a node write's Events are written off the write path; a process killed in between loses them. Each such
 # Event is named after its reason and the write's time (its entry in the node's history), and the writes
-ANNOUNCE_RETRY_S = 5.0  # an eviction whose Event could not be written is tried again after this
-EVICTION_NOTE_PODS = 20  # pods named in an eviction's Event (the rest counted)
 # younger than this are announced again by the next process (the API server keeps one Event per name)
 REANNOUNCE_S = 600.0
 WARNING_REASONS = frozenset({"Quarantined", "ActionRequested", "ConditionsReturned"})
+
+ANNOUNCE_RETRY_S = 5.0  # an eviction whose Event could not be written is tried again after this
+EVICTION_NOTE_CHARS = 500  # pod names in an eviction's Event, at most this long (the rest counted)
+
+
+def pod_list(keys: list[str], budget: int = EVICTION_NOTE_CHARS) -> str:
+    """``keys`` for an Event's note (it holds 1,000 characters): as many as fit ``budget``, the rest counted
+    ("a, b and 3 more"); the first always."""
+    named: list[str] = []
+    used = 0
+    for k in keys:
+        if named and used + len(k) > budget:
+            break
+        named.append(k)
+        used += len(k) + 2
+    return ", ".join(named) + (f" and {len(keys) - len(named)} more" if len(keys) > len(named) else "")
 
 
 def _event(reason: str, note: str, at: float) -> Event:
@@ -722,8 +736,7 @@ class Remediator:
         keys = sorted(f"{x.namespace}/{x.name}" for x in pods)
         digest = hashlib.sha256(" ".join(sorted(f"{x.key}/{x.uid}" for x in pods)).encode()).hexdigest()[:16]
         reason = "GangEvicted" if gang else "Evicting"
-        shown = ", ".join(keys[:EVICTION_NOTE_PODS]) + (f" and {len(keys) - EVICTION_NOTE_PODS} more"
-                                                         if len(keys) > EVICTION_NOTE_PODS else "")
+        shown = pod_list(keys)
         verb = "would evict" if self.dry_run else "evicting"
         return await self.applier.recorder.announce(
             node_ref(node.name, node.uid), reason,
