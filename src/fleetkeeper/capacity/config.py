@@ -46,7 +46,8 @@ class PoolConfig(BaseModel):
 class BalloonConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false (then restart): the balloon Deployments fleetkeeper made are "
+                                            "removed")
     namespace: str | None = Field(None, description="where balloon Deployments live; None: the manager's namespace")
     priority_class: str = Field("fleetkeeper-balloon-lowest",
                                 description="its value is immutable: a new priority needs a new name")
@@ -104,7 +105,9 @@ class BalloonConfig(BaseModel):
 class GangConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false (then restart): new pods are not made gangs (the webhook "
+                                            "admits them unchanged, with a warning); gangs admitted before are "
+                                            "finished as gangs, handed to kube-scheduler at once")
     backend: Literal["in-tree", "coscheduling", "both"] = Field(
         "in-tree", description="in-tree: scheduling.k8s.io/v1alpha2 Workload+PodGroup (kube-scheduler "
                                "GangScheduling); coscheduling: scheduling.x-k8s.io PodGroup (scheduler-plugins)")

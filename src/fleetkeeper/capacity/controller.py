@@ -27,6 +27,7 @@ import orjson
 from fleetkeeper.core import errors
 from fleetkeeper.core.applier import Applier
 from fleetkeeper.core.configmap import ConfigMapKey, watch_at_start_only
+from fleetkeeper.core.admission import Admission, AdmissionRequest
 from fleetkeeper.core.controller import Controller, Result
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.events import EventRecorder, ObjectRef
@@ -683,8 +684,11 @@ def room_verdicts(yields: list[yd.PoolYield]) -> dict[str, str]:
 
 
 class GangManager:
-    def __init__(self, mgr: Manager, cfg: CapacityConfig, metrics: CapacityMetrics, recorder: EventRecorder):
+    def __init__(self, mgr: Manager, cfg: CapacityConfig, metrics: CapacityMetrics, recorder: EventRecorder,
+                 admitted_only: bool = False):
         self.kube, self.names, self.cfg = mgr.kube, mgr.names, cfg
+        # gangs turned off: only pods admitted as gang members (naming their group, or gated) are members
+        self.admitted_only = admitted_only
         self.dry_run = mgr.settings.dry_run
         self.metrics, self.recorder, self.clock = metrics, recorder, mgr.clock
         self.nodes = mgr.node_informer()
@@ -721,6 +725,9 @@ class GangManager:
         self.nodes.add_handler(self._on_node)
 
     def _on_pod(self, typ: str, key: str, old: gg.GangPod | None, new: gg.GangPod | None) -> None:
+        if self.admitted_only:  # a pod admitted after gangs were turned off is no member
+            old, new = (p if p is None or p.scheduling_group or p.cosched_group or p.gated else None
+                        for p in (old, new))
         if old is not None and old.gang:
             self.members.get(old.key, {}).pop(old.name, None)
             if old.node:
@@ -1037,6 +1044,15 @@ def webhook_registration(cfg: CapacityConfig, names: Names, config_name: str, ur
     return registration("mutating", config_name, entries)
 
 
+def gangs_off(req: AdmissionRequest, names: Names) -> Admission:
+    """The gang webhook with gangs disabled: a gang member is admitted unchanged, with a warning saying so."""
+    labels = ((req.obj or {}).get("metadata") or {}).get("labels") or {}
+    if req.kind != "Pod" or req.operation != "CREATE" or names.gang not in labels:
+        return Admission()
+    return Admission(warnings=[f"gangs are disabled in fleetkeeper's capacity configuration (gangs.enabled: "
+                               f"false): label {names.gang} has no effect, the pod is scheduled on its own"])
+
+
 class GangWebhook:
     """The gang and workload-gang handlers on the process's one webhook server (one port, one
     certificate), and the registration of their configuration."""
@@ -1056,14 +1072,21 @@ class GangWebhook:
         self.webhooks = mgr.webhook(
             WebhookAsk("capacity", (WEBHOOK_PATH, WORKLOAD_GANG_PATH), g.webhook_host, g.webhook_port, hosts,
                        mounted=mounted, cert_dir=options.webhook_cert_dir),
-            {WEBHOOK_PATH: self.handler, WORKLOAD_GANG_PATH: lambda req: mutate_workload(req, self.names)})
+            {WEBHOOK_PATH: self.handler, WORKLOAD_GANG_PATH: self.workload_handler})
 
     @property
     def server(self) -> WebhookServer:
         return self.webhooks.server
 
     def handler(self, req):
+        if not self.cfg.gangs.enabled:
+            return gangs_off(req, self.names)
         return gg.mutate_pod(req, self.cfg, self.names, gate=not self.dry_run)
+
+    def workload_handler(self, req):
+        if not self.cfg.gangs.enabled:
+            return Admission()
+        return mutate_workload(req, self.names)
 
     def registration(self, url: str | None, ca: bytes) -> dict:
         return webhook_registration(self.cfg, self.names, self.options.webhook_config_name, url, ca,
@@ -1077,7 +1100,15 @@ class GangWebhook:
         log.info("gang webhook serving on %s", self.webhooks.url(WEBHOOK_PATH))
         try:
             if g.manage_webhook_registration and not self.dry_run:
-                await self.kube.apply(MUTATING_WEBHOOKS, self.registration(url, self.webhooks.ca_bundle))
+                if g.enabled:
+                    await self.kube.apply(MUTATING_WEBHOOKS, self.registration(url, self.webhooks.ca_bundle))
+                else:  # gangs off: the registration an earlier configuration made goes (no pod is sent here)
+                    try:
+                        await self.kube.delete(MUTATING_WEBHOOKS, self.options.webhook_config_name)
+                        log.info("gangs are disabled: webhook registration %s removed",
+                                 self.options.webhook_config_name)
+                    except errors.NotFound:
+                        pass
             self.ready.set()
             await asyncio.Event().wait()
         finally:
@@ -1121,6 +1152,21 @@ async def check_apis(kube: Kube, cfg: CapacityConfig) -> None:
         raise errors.ConfigError("capacity", problems)
 
 
+async def gangs_in_flight(kube: Kube, cfg: CapacityConfig, names: Names) -> bool:
+    """Whether group objects fleetkeeper made exist (gangs admitted while gangs were on): with gangs turned
+    off, those gangs are still finished. An API not served means none."""
+    resources = ([WORKLOADS, PODGROUPS] if cfg.in_tree else []) + ([COSCHED_PODGROUPS] if cfg.coscheduling else [])
+    for res in resources:
+        try:
+            resp = await kube.request(build_request("list", res, limit=1,
+                                                    label_selector=f"{names.managed_by}={gg.MANAGER}"))
+        except errors.NotFound:
+            continue
+        if resp.get("items"):
+            return True
+    return False
+
+
 async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
     watch = options is None
     src = config_source(mgr.kube, mgr.settings.namespace)
@@ -1137,18 +1183,26 @@ async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
     mgr.add("capacity-balloons", cap.balloons.run)
     if watch:  # applied at start; later versions are checked and reported (the running one stays)
         mgr.add("capacity-config-watch", lambda: watch_at_start_only(src, mgr.clock.sleep), leader=False)
-    if cfg.gangs.enabled:
-        cap.gangs = GangManager(mgr, cfg, metrics, recorder)
-        mgr.add("capacity-gangs", cap.gangs.run)
-        # a gang whose group appears is complete work waiting for room: look at the pools at once
-        cap.balloons.gang_complete = cap.gangs.complete
-        cap.balloons.gang_expected = cap.gangs.expected
-        if cap.balloons.waiting is not None:  # the pass judges room: large gangs wait for it (hold_podgroup)
-            cap.gangs.room = {}
-            cap.balloons.on_room = cap.gangs.set_room
-        for inf in cap.gangs.groups.values():
-            inf.add_handler(cap.balloons.controller.handler(lambda k, o, n: "pools" if o is None else None))
-        if options.webhook:
-            cap.webhook = GangWebhook(mgr, cfg, options)
-            mgr.add("capacity-webhook", cap.webhook.run, leader=False)
+    if options.webhook:  # served with gangs off too: a registration it does not manage (the chart's) stays,
+        # and a gang member it admits unchanged is better than one refused (failurePolicy Fail)
+        cap.webhook = GangWebhook(mgr, cfg, options)
+        mgr.add("capacity-webhook", cap.webhook.run, leader=False)
+    if not cfg.gangs.enabled:
+        # turned off: gangs already admitted as gangs (their pods name their group, possibly held behind
+        # fleetkeeper's gate) still need their group objects and gates lifted, or they would pend for good;
+        # they are finished as gangs, handed to kube-scheduler at once. New pods are not made gangs.
+        if await gangs_in_flight(mgr.kube, cfg, mgr.names):
+            cap.gangs = GangManager(mgr, cfg, metrics, recorder, admitted_only=True)
+            mgr.add("capacity-gangs", cap.gangs.run)
+        return cap
+    cap.gangs = GangManager(mgr, cfg, metrics, recorder)
+    mgr.add("capacity-gangs", cap.gangs.run)
+    # a gang whose group appears is complete work waiting for room: look at the pools at once
+    cap.balloons.gang_complete = cap.gangs.complete
+    cap.balloons.gang_expected = cap.gangs.expected
+    if cap.balloons.waiting is not None:  # the pass judges room: large gangs wait for it (hold_podgroup)
+        cap.gangs.room = {}
+        cap.balloons.on_room = cap.gangs.set_room
+    for inf in cap.gangs.groups.values():
+        inf.add_handler(cap.balloons.controller.handler(lambda k, o, n: "pools" if o is None else None))
     return cap

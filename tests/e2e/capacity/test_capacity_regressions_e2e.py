@@ -3,6 +3,7 @@
 * a gang stays Running until every member finished (succeeded members count);
 * deleting a finished gang's Job never re-creates its group objects;
 * turning balloons off (and restarting) removes the balloon Deployments;
+* turning gangs off (and restarting) leaves no gang held for good: one admitted as a gang is finished as one;
 * the priority ladder: a borrower (priority -100) and a periodic re-test
   (priority -100, preemptionPolicy Never, pinned to a node) both get nodes
   that balloons hold.
@@ -13,7 +14,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from capacity_helpers import NAMES, balloons_on_every_node, bound, pods_of, wait_for
+from capacity_helpers import (NAMES, balloons_on_every_node, bound, gang_member, pods_of, wait_for, wait_gang_bound,
+                              wait_held)
 from fleetkeeper.capacity import controller as capacity_controller
 from fleetkeeper.capacity import gangs as gg
 from fleetkeeper.capacity.config import CapacityConfig
@@ -25,12 +27,12 @@ from fleetkeeper.core.resources import Resource
 SIM_RESULT, SIM_DELAY = "fleetkeeper.io/sim-result", "fleetkeeper.io/sim-delay"
 
 
-def cfg(pool, namespace: str, nodes: int, **balloons) -> CapacityConfig:
+def cfg(pool, namespace: str, nodes: int, gangs: dict | None = None, **balloons) -> CapacityConfig:
     return CapacityConfig.model_validate({
         "balloons": {"namespace": namespace, "priority_class": f"fk-balloon-{pool.pool}",
                      "tolerations": [pool.toleration],
                      "pools": [{"name": pool.pool, "resource": "gpu", "max_nodes": nodes}], **balloons},
-        "gangs": {"webhook_port": 0, "cleanup_grace_seconds": 0},
+        "gangs": {"webhook_port": 0, "cleanup_grace_seconds": 0, **(gangs or {})},
     })
 
 
@@ -163,6 +165,50 @@ async def test_turning_balloons_off_removes_their_deployments(kube, namespace, p
         await flush_all(60)  # Events are written by the recorders' sinks, after the action
         events, _ = await kube.list(EVENTS, namespace)
         assert any(e.get("reason") == "BalloonPoolRemoved" and "disabled" in e.get("note", "") for e in events)
+    finally:
+        await drop_priority_class(kube, f"fk-balloon-{pool.pool}")
+
+
+async def test_turning_gangs_off_finishes_the_gangs_already_admitted(kube, namespace, pool_factory, run_capacity):
+    """A gang held behind fleetkeeper's gate (its room not free) when gangs are turned off: its members name
+    their PodGroup (immutable) and carry the gate, so without fleetkeeper they would pend for good. The next
+    process, gangs off, hands it to kube-scheduler at once (PodGroup created, gates lifted) and it is placed
+    whole once room frees; it makes no gang of anything else."""
+    pool = await pool_factory(3)
+    await run_capacity(cfg(pool, namespace, 3), namespace)
+    try:
+        spec = pool.pod_spec()
+        await kube.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stray", "labels": {"exp": "stray"}},
+                                 "spec": spec}, namespace)
+
+        async def stray_bound():
+            return bound(await pods_of(kube, namespace, "exp=stray"))
+        await wait_for(stray_bound, 90, what="other work on one of the pool's 3 nodes")
+        for i in range(3):
+            await kube.create(PODS, gang_member("train", i, 3, spec), namespace)
+        await wait_held(kube, namespace, "train", 3, "the gang held: its room is not free")
+        assert await kube.get_or_none(PODGROUPS, "train", namespace) is None
+        await run_capacity.stop_last()
+        cap, _ = await run_capacity(cfg(pool, namespace, 3, gangs={"enabled": False}, enabled=False), namespace)
+        assert cap.gangs is not None and cap.gangs.admitted_only  # started to finish the gangs in flight
+
+        async def handed_over():
+            pods = await pods_of(kube, namespace, f"{NAMES.gang}=train")
+            gated = [p["metadata"]["name"] for p in pods
+                     if any(g["name"] == NAMES.gang_gate for g in p["spec"].get("schedulingGates") or ())]
+            pg = await kube.get_or_none(PODGROUPS, "train", namespace)
+            return pg if pg is not None and len(pods) == 3 and not gated else None
+        await wait_for(handed_over, 60, what="the held gang handed to kube-scheduler (PodGroup, gates lifted)")
+        await kube.delete(PODS, "stray", namespace)
+        await wait_gang_bound(kube, namespace, "train", 3, "the gang placed whole once room frees")
+        # a gang-labelled pod admitted with gangs off is no gang member: no group object is made for it
+        await kube.create(PODS, gang_member("late", 0, 2, spec), namespace)
+
+        async def seen():
+            return cap.gangs.pods.get(f"{namespace}/late-0") is not None
+        await wait_for(seen, 60, what="the late pod in the gang controller's cache")
+        assert f"{namespace}/late" not in cap.gangs.members
+        assert await kube.get_or_none(WORKLOADS, "late", namespace) is None
     finally:
         await drop_priority_class(kube, f"fk-balloon-{pool.pool}")
 

@@ -42,3 +42,21 @@ def test_cert_is_reused_and_renewed_for_new_hosts(tmp_path):
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(str(c.cert), str(c.key))  # a usable key pair
     assert (c.key.stat().st_mode & 0o777) == 0o600
+
+
+def test_with_gangs_off_a_gang_member_is_admitted_unchanged_with_a_warning():
+    """The chart's registration (failurePolicy Fail) stays when gangs are turned off in the ConfigMap: the
+    webhook then admits gang members unchanged instead of leaving them to be refused."""
+    from fleetkeeper.capacity.controller import gangs_off
+    from fleetkeeper.capacity.gangs import mutate_pod
+    from fleetkeeper.core.admission import AdmissionRequest
+
+    names = Names("example.com")
+    pod = {"metadata": {"name": "p", "labels": {"example.com/gang": "train"}}, "spec": {"containers": []}}
+    req = AdmissionRequest("u", "Pod", "CREATE", "ns", "p", "alice", (), pod, None, False, "")
+    off = gangs_off(req, names)
+    assert off.allowed and not off.patch and "gangs.enabled: false" in off.warnings[0]
+    assert mutate_pod(req, CapacityConfig(), names).patch  # on: the same pod is made a gang member
+    plain = AdmissionRequest("u", "Pod", "CREATE", "ns", "p", "alice", (), {"metadata": {"name": "p"}}, None,
+                             False, "")
+    assert gangs_off(plain, names).warnings == []
