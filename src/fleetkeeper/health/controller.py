@@ -689,7 +689,7 @@ class Remediator:
         # leaves the eviction to be resumed from it, never half done and forgotten
         others = [x for x in pods if x.node != node.name]
         own = [x for x in pods if x.node == node.name]
-        if not await self._announce_evictions(p, node, pods, since, bool(gangs), gang_note):
+        if not await self._announce_evictions(p, node, pods, bool(gangs), gang_note):
             return Result(requeue_after=ANNOUNCE_RETRY_S)  # no eviction before its Event exists
         done = await self.applier.apply(
             node, Ops(node.name, "evict", tuple(EvictPod(x.namespace, x.name) for x in others or own), p.why),
@@ -726,13 +726,15 @@ class Remediator:
             return Result(requeue_after=max(0.2, self.applier.evict_bucket.wait_time()))
         return Result(requeue_after=p.requeue_after if done.blocked or done.failed else 1.0)
 
-    async def _announce_evictions(self, p: Plan, node: NodeView, pods: list[PodView], since: float, gang: bool,
+    async def _announce_evictions(self, p: Plan, node: NodeView, pods: list[PodView], gang: bool,
                                   gang_note: str) -> bool:
         """The Event of the evictions this pass is about to ask for, written before them (not queued): a
         process killed after an eviction would otherwise leave it without an Event, and the next process
         finds no pod left to announce. Named after the drain and the pods, so a retry of the same pods (a
-        PodDisruptionBudget, a kill before the evictions) finds it written and adds none. False: not written,
-        nothing is evicted this pass."""
+        PodDisruptionBudget, a kill before the evictions) finds it written and adds none (the drain is its
+        quarantine's recorded start, as written on the node: nothing that changes from pass to pass). False:
+        not written, nothing is evicted this pass."""
+        drain = node.annotations.get(self.keys.since, "")
         keys = sorted(f"{x.namespace}/{x.name}" for x in pods)
         digest = hashlib.sha256(" ".join(sorted(f"{x.key}/{x.uid}" for x in pods)).encode()).hexdigest()[:16]
         reason = "GangEvicted" if gang else "Evicting"
@@ -741,7 +743,7 @@ class Remediator:
         return await self.applier.recorder.announce(
             node_ref(node.name, node.uid), reason,
             f"{verb} {len(pods)} pod(s) through the Eviction API ({p.action}, fixable by {p.remedy}): "
-            f"{shown}{gang_note}", type_="Warning", id=f"{reason}@{int(since)}:{digest}")
+            f"{shown}{gang_note}", type_="Warning", id=f"{reason}@{drain}:{digest}")
 
     async def _open_window(self, lead: NodeView, pods: list[PodView], gangs: list[str], now: float) -> list[str]:
         """Before a gang is evicted: the gang's other nodes with reset-class faults (active or pending) join
