@@ -46,6 +46,9 @@ class FakeKube:
     async def get_or_none(self, res, name, namespace=None):
         return self.cm
 
+    async def list(self, res, namespace=None, **kw):
+        return [], "1"
+
 
 def raw_node(name="n1", rv="5"):
     return {"metadata": {"name": name, "uid": name, "resourceVersion": rv, "labels": {NAMES.pool: "gpu"}},
@@ -93,6 +96,32 @@ async def test_dry_run_writes_nothing_and_counts_it():
     assert await mgr.flush_events(10)
     assert kube.patches == [] and kube.events == []
     assert mgr.registry.get_sample_value(W, {"component": "capacity", "action": "reserve", "result": "dry_run"}) == 1
+
+
+def test_the_pass_interval_follows_the_decision_cost_within_its_bounds():
+    from fleetkeeper.capacity.controller import pass_interval
+    assert pass_interval(0.0) == 0.2  # a cheap pass: the next may come 0.2 s later
+    assert pass_interval(0.05) == pytest.approx(0.5)  # 10x its cost: passes take at most a tenth of the loop
+    assert pass_interval(0.2) == 1.0 and pass_interval(30.0) == 1.0  # never further apart than a second
+
+
+async def test_events_within_the_interval_wait_for_it_and_a_costly_decision_widens_it(monkeypatch):
+    from fleetkeeper.capacity import balloons as bl
+    kube, mgr, bm = balloons(dry_run=True)
+    decide = bl.decide
+
+    def slow_decide(*a, **kw):  # the decision costs 0.06 s of the (fake) monotonic clock
+        mgr.clock._mono += 0.06
+        return decide(*a, **kw)
+    first = await bm.reconcile("pools")
+    assert first.requeue_after and first.requeue_after > 1  # nothing waits: the resync, not the interval
+    await mgr.clock.advance(0.05)
+    assert (await bm.reconcile("pools")).requeue_after == pytest.approx(0.15)  # 0.2 s after the last pass
+    await mgr.clock.advance(0.15)
+    monkeypatch.setattr(bl, "decide", slow_decide)
+    assert (await bm.reconcile("pools")).requeue_after > 1  # a pass ran, its decision took 0.06 s
+    assert (await bm.reconcile("pools")).requeue_after == pytest.approx(0.6 - 0.06)  # 10x 0.06 s from its start
+    assert mgr.registry.get_sample_value("fleetkeeper_balloon_pass_decision_seconds_count") == 2
 
 
 async def test_configmap_missing_is_the_defaults():
