@@ -1,5 +1,6 @@
 """Relay, paced joins and control-plane memory, measured on local control planes.
 
+    .venv/bin/python bench/bench_relay.py              (all three parts, as `make bench` runs it)
     .venv/bin/python bench/bench_relay.py --part fanout --agents 500
     .venv/bin/python bench/bench_relay.py --part joins --join-nodes 1000
     .venv/bin/python bench/bench_relay.py --part memory --memory-steps 1000,3000
@@ -551,7 +552,8 @@ async def memory(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("fanout", "joins", "memory"), required=True)
+    ap.add_argument("--part", choices=("all", "fanout", "joins", "memory"), default="all",
+                    help="which measurement (default: all three, one after the other, as `make bench` runs it)")
     ap.add_argument("--agents", type=int, default=500)
     ap.add_argument("--join-nodes", type=int, default=1000)
     ap.add_argument("--memory-steps", default="1000,3000")
@@ -568,7 +570,10 @@ def main() -> None:
     # cancellation, so the control plane started here is stopped and removed
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     t0 = time.monotonic()
-    asyncio.run({"fanout": fanout, "joins": joins, "memory": memory}[args.part](args))
+    parts = {"fanout": fanout, "joins": joins, "memory": memory}
+    for name in parts if args.part == "all" else [args.part]:
+        print(f"\n=== part {name}", flush=True)
+        asyncio.run(parts[name](args))
     print(f"\n(total {time.monotonic() - t0:.0f}s; command: {' '.join(sys.argv)})")
 
 
