@@ -56,21 +56,21 @@ WEBHOOK_PATH = "capacity-gang"
 WORKLOAD_GANG_PATH = "capacity-workload-gang"
 WEBHOOK_CONFIG_NAME = "fleetkeeper-capacity"
 # bursts of pod and node events collapse into one balloon pass: the next pass comes at least
-# pass_interval(the last pass's decision time) after the last one began. A pass's decision (every node and pod of
-# the pools) is pure CPU on the manager's event loop: the interval keeps it to at most 1/PASS_SHARE_DIVISOR of
-# the loop (what a fixed second allowed a 0.1 s decision), and never lets passes run further apart than
-# MAX_BALLOON_PASS_SECONDS while events come. A fixed
-# second left a gang's room released 1.0 s after its first member (the pass that saw the first member judged it
-# before it was sized; the next waited out the second): 1.44x an empty pool for a 200-pod gang, 1.20x at 0.2 s
+# pass_interval(the last pass's wall time) after the last one began. A pass's decision (every node and pod of the
+# pools) is CPU on the manager's event loop: the interval keeps passes to at most 1/PASS_SHARE_DIVISOR of the
+# loop (what a fixed second allowed a 0.1 s pass; the wall time also counts the pass's API calls, so its share of
+# the CPU is less), and never lets passes run further apart than MAX_BALLOON_PASS_SECONDS while events come. A
+# fixed second left a gang's room released 1.0 s after its first member (the pass that saw the first member judged
+# it before it was sized; the next waited out the second): 1.44x an empty pool for a 200-pod gang, 1.20x at 0.2 s
 MIN_BALLOON_PASS_SECONDS = 0.2
 MAX_BALLOON_PASS_SECONDS = 1.0
 PASS_SHARE_DIVISOR = 10.0
 
 
-def pass_interval(decision_seconds: float) -> float:
+def pass_interval(pass_seconds: float) -> float:
     """Seconds from the start of one balloon pass to the earliest next: MIN_BALLOON_PASS_SECONDS when the
-    decision is cheap, PASS_SHARE_DIVISOR times its cost when that is more, at most MAX_BALLOON_PASS_SECONDS."""
-    return min(MAX_BALLOON_PASS_SECONDS, max(MIN_BALLOON_PASS_SECONDS, PASS_SHARE_DIVISOR * decision_seconds))
+    pass is cheap, PASS_SHARE_DIVISOR times its wall time when that is more, at most MAX_BALLOON_PASS_SECONDS."""
+    return min(MAX_BALLOON_PASS_SECONDS, max(MIN_BALLOON_PASS_SECONDS, PASS_SHARE_DIVISOR * pass_seconds))
 
 
 HOLD_RESYNC_SECONDS = 5.0  # while work waits for a pool, look again this often even without events
@@ -209,7 +209,7 @@ class BalloonManager:
         self._ns_ready = False
         self._last_problems: list[str] = []
         self._last_pass = -1e9
-        self._pass_interval = MIN_BALLOON_PASS_SECONDS  # pass_interval() of the last pass's decision time
+        self._pass_interval = MIN_BALLOON_PASS_SECONDS  # pass_interval() of the last pass's wall time
         self.last_plan: bl.BalloonPlan | None = None
         label = bl.balloon_label(self.names)
         self.nodes.add_handler(self.controller.handler(lambda k, o, n: "pools"))
@@ -261,21 +261,25 @@ class BalloonManager:
         since = self.clock.monotonic() - self._last_pass
         if since < self._pass_interval:
             return Result(requeue_after=self._pass_interval - since)
-        self._last_pass = self.clock.monotonic()
+        self._last_pass = start = self.clock.monotonic()
+        try:
+            return await self._pass()
+        finally:
+            took = self.clock.monotonic() - start
+            self._pass_interval = pass_interval(took)
+            self.metrics.pass_seconds.observe(took)
+
+    async def _pass(self) -> Result:
         await self._ensure_namespace()
         items, _ = await self.kube.list(DEPLOYMENTS, self.namespace,
                                         label_selector=f"{self.names.managed_by}={bl.MANAGER}")
         existing = [d["metadata"]["name"] for d in items
                     if bl.balloon_label(self.names) in ((d["metadata"].get("labels")) or {})]
         replicas = {d["metadata"]["name"]: int((d.get("spec") or {}).get("replicas") or 0) for d in items}
-        decided = self.clock.monotonic()
         yields = self._yields(replicas)
         hold = {y.pool: y.kept for y in yields if y.hold}
         plan = bl.decide(self.cfg.balloons, self.names, self.namespace, self.nodes.items(), self.pods.items(), existing,
                          hold=hold)
-        decided = self.clock.monotonic() - decided
-        self._pass_interval = pass_interval(decided)
-        self.metrics.pass_seconds.observe(decided)
         self.last_plan = plan
         if plan.problems != self._last_problems:
             for problem in plan.problems:

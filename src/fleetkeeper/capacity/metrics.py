@@ -34,9 +34,9 @@ class CapacityMetrics:
         self.held = Gauge(f"{PREFIX}_balloon_pool_held",
                           "1 while work waits for the pool: no new balloon takes room that frees up", ["pool"],
                           registry=registry)
-        self.pass_seconds = Histogram(f"{PREFIX}_balloon_pass_decision_seconds",
-                                      "CPU-bound decision of one balloon pass (every pool's nodes and pods); the "
-                                      "next pass waits 10x this, 0.2 s at least and 1 s at most",
+        self.pass_seconds = Histogram(f"{PREFIX}_balloon_pass_seconds",
+                                      "Wall time of one balloon pass (its decision over every pool's nodes and pods, "
+                                      "and its writes); the next pass waits 10x this, 0.2 s at least and 1 s at most",
                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
                                       registry=registry)
         self.reserved = Gauge(f"{PREFIX}_gang_reserved_nodes",

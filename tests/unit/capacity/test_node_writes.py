@@ -105,12 +105,12 @@ def test_the_pass_interval_follows_the_decision_cost_within_its_bounds():
     assert pass_interval(0.2) == 1.0 and pass_interval(30.0) == 1.0  # never further apart than a second
 
 
-async def test_events_within_the_interval_wait_for_it_and_a_costly_decision_widens_it(monkeypatch):
+async def test_events_within_the_interval_wait_for_it_and_a_costly_pass_widens_it(monkeypatch):
     from fleetkeeper.capacity import balloons as bl
     kube, mgr, bm = balloons(dry_run=True)
     decide = bl.decide
 
-    def slow_decide(*a, **kw):  # the decision costs 0.06 s of the (fake) monotonic clock
+    def slow_decide(*a, **kw):  # the pass costs 0.06 s of the (fake) monotonic clock
         mgr.clock._mono += 0.06
         return decide(*a, **kw)
     first = await bm.reconcile("pools")
@@ -119,9 +119,9 @@ async def test_events_within_the_interval_wait_for_it_and_a_costly_decision_wide
     assert (await bm.reconcile("pools")).requeue_after == pytest.approx(0.15)  # 0.2 s after the last pass
     await mgr.clock.advance(0.15)
     monkeypatch.setattr(bl, "decide", slow_decide)
-    assert (await bm.reconcile("pools")).requeue_after > 1  # a pass ran, its decision took 0.06 s
+    assert (await bm.reconcile("pools")).requeue_after > 1  # a pass ran, it took 0.06 s
     assert (await bm.reconcile("pools")).requeue_after == pytest.approx(0.6 - 0.06)  # 10x 0.06 s from its start
-    assert mgr.registry.get_sample_value("fleetkeeper_balloon_pass_decision_seconds_count") == 2
+    assert mgr.registry.get_sample_value("fleetkeeper_balloon_pass_seconds_count") == 2
 
 
 async def test_configmap_missing_is_the_defaults():
