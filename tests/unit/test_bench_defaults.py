@@ -18,7 +18,9 @@ def argument_problems(source: str) -> list[str]:
                 and node.func.attr == "add_argument"):
             continue
         names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-        if names and not names[0].startswith("-"):
+        nargs = next((kw.value.value for kw in node.keywords if kw.arg == "nargs" and isinstance(kw.value, ast.Constant)),
+                     None)
+        if names and not names[0].startswith("-") and nargs not in ("?", "*"):  # an optional positional is fine
             problems.append(f"line {node.lineno}: positional argument {names[0]!r}")
         for kw in node.keywords:
             if kw.arg == "required" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
@@ -28,7 +30,7 @@ def argument_problems(source: str) -> list[str]:
 
 def test_the_check_finds_a_required_option_and_a_positional_one():
     src = 'ap.add_argument("--part", choices=("a",), required=True)\nap.add_argument("nodes")\n' \
-          'ap.add_argument("--ok", default=1, required=False)'
+          'ap.add_argument("--ok", default=1, required=False)\nap.add_argument("files", nargs="*")'
     assert argument_problems(src) == ["line 1: --part is required", "line 2: positional argument 'nodes'"]
 
 

@@ -98,7 +98,7 @@ async def test_dry_run_writes_nothing_and_counts_it():
     assert mgr.registry.get_sample_value(W, {"component": "capacity", "action": "reserve", "result": "dry_run"}) == 1
 
 
-def test_the_pass_interval_follows_the_decision_cost_within_its_bounds():
+def test_the_pass_interval_follows_the_pass_cost_within_its_bounds():
     from fleetkeeper.capacity.controller import pass_interval
     assert pass_interval(0.0) == 0.2  # a cheap pass: the next may come 0.2 s later
     assert pass_interval(0.05) == pytest.approx(0.5)  # 10x its cost: passes take at most a tenth of the loop
