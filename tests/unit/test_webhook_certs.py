@@ -266,3 +266,39 @@ async def test_stopping_the_serving_thread_closes_connections_its_server_no_long
         await asyncio.to_thread(_until_closed, raw)  # returns only once the server closed the socket
     finally:
         raw.close()
+
+
+async def test_stopping_the_serving_thread_closes_connections_nothing_watches(tmp_path):
+    """A connection whose reading is paused (a request body larger than the buffers, the TLS layer
+    holding back) is open but watched by no selector callback. The serving thread must still close it
+    before its loop stops, never leave it to the garbage collector (an unclosed-transport warning, an
+    error under this suite's warning filter)."""
+    _issue(tmp_path, make_ca("test-ca"), "srv")
+    server = WebhookServer(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), registry=CollectorRegistry())
+    server.add("ok", lambda req: Admission())
+    thread = ServingThread(settle_s=0.5)
+    await thread.call(server.start())
+    raw = await asyncio.to_thread(_silent_tls_client, server.port, tmp_path / "ca.crt")
+    try:
+        async def pause() -> int:
+            paused = 0
+            for key in list(asyncio.get_running_loop()._selector.get_map().values()):  # type: ignore[attr-defined]
+                for handle in key.data or ():
+                    owner = getattr(getattr(handle, "_callback", None), "__self__", None)
+                    if isinstance(owner, asyncio.Transport) and not owner.is_closing():
+                        owner.pause_reading()
+                        paused += 1
+            return paused
+        paused = 0
+        for _ in range(500):  # the server's loop has accepted the connection and made its transport
+            paused = await thread.call(pause())
+            if paused:
+                break
+            await asyncio.sleep(0.01)
+        assert paused == 1
+        await thread.close()
+        del thread, server  # what still held the loop (and so the connection) goes too
+        gc.collect()  # a transport or socket left open would warn here (an error under this suite's filter)
+        await asyncio.to_thread(_until_closed, raw)  # returns only once the server closed the socket
+    finally:
+        raw.close()

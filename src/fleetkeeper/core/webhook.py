@@ -322,6 +322,15 @@ class ServingThread:
         await asyncio.to_thread(self._thread.join, 10)
 
 
+def _open_transports(loop: asyncio.AbstractEventLoop) -> list[asyncio.BaseTransport]:
+    """Every socket transport of a selector loop whose socket is not closed yet, from the loop's own
+    registry of them by file descriptor (what it checks before reusing a descriptor). The selector
+    alone does not see them all: a transport whose reading is paused (a request body larger than the
+    buffers, a TLS layer holding back) is watched by nothing while it stays open."""
+    registry = getattr(loop, "_transports", None) or {}
+    return [t for t in list(registry.values()) if getattr(t, "_sock", None) is not None]
+
+
 async def _settle(limit_s: float = 10.0) -> None:
     """Run this loop until the sockets it still watches are closed (a stopped TLS
     server's connections finish their close_notify exchange with the client on the
@@ -348,23 +357,28 @@ async def _settle(limit_s: float = 10.0) -> None:
 
 
 async def _drained(loop: asyncio.AbstractEventLoop, limit_s: float) -> bool:
-    """Wait up to ``limit_s`` until the loop watches no socket but its own wake-up socket."""
+    """Wait up to ``limit_s`` until the loop watches no socket but its own wake-up socket and every
+    transport it made is closed."""
     selector = getattr(loop, "_selector", None)
     if selector is None:
         return True
+
+    def idle() -> bool:
+        return len(selector.get_map()) <= 1 and not _open_transports(loop)
     for _ in range(max(1, int(limit_s / 0.02))):
-        if len(selector.get_map()) <= 1:
+        if idle():
             return True
         await asyncio.sleep(0.02)
-    return len(selector.get_map()) <= 1
+    return idle()
 
 
 def _still_open(loop: asyncio.AbstractEventLoop) -> list[Any]:
-    """The transports and listening sockets a selector loop still watches, its wake-up socket aside.
-    asyncio keeps no list of a server's connections before 3.13 (``Server.abort_clients``), so they
-    are found by the callbacks the loop holds for them: a transport's bound ``_read_ready``/
-    ``_write_ready``, a listener's ``_accept_connection`` with the socket among its arguments."""
-    found: list[Any] = []
+    """The transports still open and the listening sockets a selector loop still watches, its wake-up
+    socket aside. asyncio keeps no list of a server's connections before 3.13 (``Server.abort_clients``):
+    the transports come from the loop's registry of them by descriptor (:func:`_open_transports`) and
+    from the callbacks the loop holds (a transport's bound ``_read_ready``/``_write_ready``), listeners
+    from a listener's ``_accept_connection`` callback, the socket among its arguments."""
+    found: list[Any] = list(_open_transports(loop))
     for key in list(getattr(loop, "_selector").get_map().values()):
         for handle in key.data or ():
             if handle is None or handle.cancelled():
