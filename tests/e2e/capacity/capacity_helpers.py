@@ -15,7 +15,7 @@ from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.capacity.controller import Capacity, CapacityOptions, setup
 from fleetkeeper.core import errors
 from fleetkeeper.core.domain import Names
-from fleetkeeper.core.kube import JOBS, MUTATING_WEBHOOKS, NODES, PODS, WORKLOADS, Kube, build_request
+from fleetkeeper.core.kube import JOBS, MUTATING_WEBHOOKS, NODES, PODGROUPS, PODS, WORKLOADS, Kube, build_request
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.localcluster.cluster import node_ready
@@ -92,7 +92,36 @@ async def wait_held(kube: Kube, ns: str, gang: str, size: int, what: str) -> str
 
 
 async def wait_gang_bound(kube: Kube, ns: str, gang: str, n: int, what: str, timeout: float = 120.0) -> None:
-    """Wait until ``n`` members of gang ``gang`` are bound."""
+    """Wait until ``n`` members of gang ``gang`` are bound; on a timeout, the failure shows the namespace's
+    pods and group objects as they were (what a stuck gang's cause is read from)."""
     async def placed():
         return len(bound(await pods_of(kube, ns, f"{NAMES.gang}={gang}"))) == n
-    await wait_for(placed, timeout, what=what)
+    try:
+        await wait_for(placed, timeout, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{await gang_state_dump(kube, ns)}") from None
+
+
+async def gang_state_dump(kube: Kube, ns: str) -> str:
+    """The namespace's pods (node, gates, PodScheduled condition) and group objects (fleetkeeper's
+    annotations, the scheduler's status), one line each."""
+    lines = []
+    items, _ = await kube.list(PODS, ns)
+    for p in items:
+        cond = next((c for c in (p.get("status") or {}).get("conditions") or () if c.get("type") == "PodScheduled"),
+                    {})
+        gates = [g.get("name") for g in p["spec"].get("schedulingGates") or ()]
+        lines.append(f"pod {p['metadata']['name']}: node={p['spec'].get('nodeName')} gates={gates} "
+                     f"deleting={bool(p['metadata'].get('deletionTimestamp'))} "
+                     f"scheduled={cond.get('status')}/{cond.get('reason')}: {cond.get('message')}")
+    for res in (WORKLOADS, PODGROUPS):
+        try:
+            objs, _ = await kube.list(res, ns)
+        except errors.ApiError as exc:  # the API is not served on this control plane
+            lines.append(f"{res.kind}: {exc}")
+            continue
+        for o in objs:
+            ann = {k: v for k, v in (o["metadata"].get("annotations") or {}).items() if NAMES.domain in k}
+            lines.append(f"{res.kind} {o['metadata']['name']}: annotations={ann} spec={o.get('spec')} "
+                         f"status={o.get('status')}")
+    return "\n".join(lines)
