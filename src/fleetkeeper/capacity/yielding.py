@@ -70,6 +70,7 @@ class WaitingPod:
     scheduled_note: str = ""  # the PodScheduled condition as the scheduler last wrote it (status|reason|message|time)
     tried: bool = True  # has a PodScheduled condition other than SchedulingGated (False: not looked at yet)
     gated: bool = False  # spec.schedulingGates other than fleetkeeper's gang gate: held before the queue on purpose
+    held: bool = False  # carries fleetkeeper's gang gate: its gang waits for this pass's verdict on its room
     placeholder: bool = False  # not a pod: a member its gang still lacks (``units``, ``expected``)
 
     @property
@@ -131,6 +132,7 @@ def waiting_pod_projector(names: Names):
             # like any held gang); the API server's SchedulingGated condition is no attempt by the scheduler
             tried=bool(sched) and sched.get("reason") != "SchedulingGated",
             gated=any(g.get("name") != own_gate for g in spec.get("schedulingGates") or ()),
+            held=any(g.get("name") == own_gate for g in spec.get("schedulingGates") or ()),
             scheduled_note="|".join(str(sched.get(k) or "") for k in ("status", "reason", "message",
                                                                       "lastTransitionTime")),
         )
@@ -261,8 +263,11 @@ def units(pods: list[WaitingPod], balloon_priority: int, resource: str = "gpu",
         missing = 0 if want is None else want - len(members)
         if not any(m.unschedulable for m in members):
             fresh = not any(m.tried or m.gated for m in members)
+            # a gang fleetkeeper holds (its gate) waits for this pass's verdict: it counts even where the gang
+            # controller's view lags behind this one (all members seen here, not yet there): left out, a
+            # younger gang behind it was judged to fit, let go, and took the room first
             if not fresh or (members[0].group and missing <= 0 and not sizing and
-                             (complete is None or not complete(key))):
+                             not any(m.held for m in members) and (complete is None or not complete(key))):
                 continue
         if missing > 0:
             first = min(members, key=lambda m: m.name)

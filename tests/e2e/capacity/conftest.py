@@ -12,7 +12,8 @@ from capacity_helpers import ISOLATION_TAINT, NAMES, Pool, wait_for
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.capacity.controller import Capacity, CapacityOptions, setup
 from fleetkeeper.core import errors
-from fleetkeeper.core.kube import MUTATING_WEBHOOKS, NODES
+from fleetkeeper.capacity.gangs import COSCHED_LABEL
+from fleetkeeper.core.kube import MUTATING_WEBHOOKS, NODES, PODS, Kube
 from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.localcluster.cluster import node_ready
@@ -55,6 +56,27 @@ async def pool_factory(kube):
             pass
 
 
+async def webhook_effective(kube: Kube, namespace: str, cfg: CapacityConfig) -> None:
+    """Wait until the API server calls the gang webhook just registered: it picks up webhook configurations
+    through a watch of its own, which on a loaded control plane lags more than a second, and a gang member
+    created before that is admitted unchanged (no group: scheduled on its own). A server-side dry run of a
+    gang member (no object is made) shows the webhook's mutation once it is called. With gangs off the
+    webhook changes nothing there is to see."""
+    probe = {"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": "webhook-probe", "labels": {NAMES.gang: "webhook-probe"}},
+             "spec": {"containers": [{"name": "probe", "image": "probe"}]}}
+
+    async def mutated() -> bool:
+        obj = await kube.create(PODS, probe, namespace, dry_run=True)
+        if cfg.in_tree:
+            return (obj["spec"].get("schedulingGroup") or {}).get("podGroupName") == "webhook-probe"
+        return (obj["metadata"].get("labels") or {}).get(COSCHED_LABEL) == "webhook-probe"
+    if not cfg.gangs.enabled:
+        await asyncio.sleep(1.0)
+        return
+    await wait_for(mutated, 60, what="the API server calling the gang webhook")
+
+
 @pytest.fixture
 async def run_capacity(kube, tmp_path):
     started: list[tuple[asyncio.Task, str]] = []
@@ -76,7 +98,7 @@ async def run_capacity(kube, tmp_path):
             if task in done:
                 task.result()
             assert waiter in done, "gang webhook did not become ready"
-            await asyncio.sleep(1.0)  # the API server's webhook configuration watch catches up
+            await webhook_effective(kube, namespace, cfg)
         await mgr.wait_synced(60)
         return cap, registry
 

@@ -536,6 +536,29 @@ def test_a_complete_gang_counts_whole_even_where_the_passs_view_lags():
     assert out.fits == ["ns/big"] and out.blocked == ["ns/small"]
 
 
+def test_a_held_gang_counts_where_the_gang_controllers_view_lags():
+    """All 4 members of the older gang are in the pass's view, but the gang controller has seen only 2 so
+    far (its own informer is behind): it does not call the gang complete yet. The gang carries fleetkeeper's
+    gate (held for this pass's verdict), so it still counts, first: the younger gang is blocked, not let
+    go onto the older one's room."""
+    nodes = [node(f"n{i}") for i in range(4)]
+    older = [fresh(p, held=True) for p in gang("older", 4, created=NOW - 10)]
+    younger = [fresh(p, held=True) for p in gang("younger", 2, created=NOW - 5)]
+    complete = {"ns/younger"}.__contains__
+    units = yd.units(older + younger, -1000, complete=complete, expected=lambda k: 4 if k == "ns/older" else 2)
+    assert [(u.key, len(u.pods)) for u in units] == [("ns/older", 4), ("ns/younger", 2)]
+    out = yd.decide(POOL, nodes, [], [], units, N, 100)
+    assert out.fits == ["ns/older"] and out.blocked == ["ns/younger"]
+    # members not held by fleetkeeper and not complete stay out (the scheduler holds them before its queue)
+    assert [u.key for u in yd.units([fresh(p, held=False) for p in older] + younger, -1000, complete=complete,
+                                    expected=lambda k: 4 if k == "ns/older" else 2)] == ["ns/younger"]
+    # the projector reads the gate
+    proj = yd.waiting_pod_projector(N)
+    pod = {"metadata": {"namespace": "ns", "name": "p"},
+           "spec": {"schedulingGates": [{"name": N.gang_gate}]}, "status": {"phase": "Pending"}}
+    assert proj(pod).held and not proj(pod).gated
+
+
 def test_the_slot_count_agrees_with_placing_the_unit():
     """Slots.fits (the shortcut before a placement) never says "cannot fit" for a unit the placement fits,
     and for a unit of one kind it says exactly what the placement says."""
