@@ -25,6 +25,18 @@ async def wait_for(fn, timeout: float = 60.0, what: str = "condition", interval:
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+async def until_webhook_answers(kube, res, body: dict, namespace: str | None, answered, what: str,
+                                timeout: float = 60.0) -> dict:
+    """Wait until the API server calls a webhook just registered. It learns of webhook configurations
+    through a watch of its own, which on a loaded control plane lags by more than a second; an object
+    created before then is admitted without the webhook. A server-side dry run of ``body`` (nothing is
+    stored) is repeated until ``answered(the API server's answer)`` shows the webhook's work."""
+    async def seen():
+        obj = await kube.create(res, body, namespace, dry_run=True)
+        return obj if answered(obj) else None
+    return await wait_for(seen, timeout, what=f"the API server calling {what}")
+
+
 async def stop(task: asyncio.Task) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -13,6 +13,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
+from e2e_helpers import until_webhook_answers
 from fleetkeeper.core import errors
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.faults import FaultPlan, parse_fault
@@ -94,7 +95,8 @@ async def test_join_gate_end_to_end(kube, namespace, tmp_path):
     mgr, pf, task = await start(kube, namespace, cfg)
     try:
         await until(lambda: kube.get_or_none(MUTATING_WEBHOOKS, CONFIG_NAME), 30, "webhook registration")
-        await asyncio.sleep(1.0)  # the API server picks up new webhook configurations asynchronously
+        await until_webhook_answers(kube, NODES, nodes[0], None, lambda o: taint(o) is not None,
+                                    "the preflight gate webhook")
         created = []
         for n in nodes:
             obj = await kube.create(NODES, n)
@@ -355,7 +357,8 @@ async def test_chart_rbac_is_enough_and_each_rule_needed(kube, tmp_path):
         await kube.apply(MUTATING_WEBHOOKS, gate_registration(
             WebhookConfig(), ca, url=f"https://127.0.0.1:{server.port}/node-preflight-gate",
             object_selector={"matchLabels": {TEST_LABEL: tid}}))
-        await asyncio.sleep(1.0)
+        await until_webhook_answers(kube, NODES, nodes[0], None, lambda o: taint(o) is not None,
+                                    "the preflight gate webhook")
         obj = await kube.create(NODES, nodes[0])
         assert taint(obj) is not None, "the webhook did not gate the node"
 

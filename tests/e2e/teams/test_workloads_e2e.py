@@ -26,6 +26,7 @@ from fleetkeeper.core.manager import Manager
 from fleetkeeper.core.settings import RuntimeSettings
 from fleetkeeper.localcluster import operators as ops
 
+from e2e_helpers import until_webhook_answers
 from teams_e2e_helpers import NAMES, WEBHOOK_LABEL, until
 from test_teams_e2e import config
 
@@ -152,6 +153,11 @@ async def start_capacity(env, tmp: Path):
     if task in done:
         task.result()
     assert waiter in done, "gang webhook did not become ready"
+    probe = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "webhook-probe", "labels": {NAMES.gang: "probe"}},
+             "spec": {"containers": [{"name": "probe", "image": "probe"}]}}
+    await until_webhook_answers(env.kube, PODS, probe, env.namespace,
+                                lambda o: (o["spec"].get("schedulingGroup") or {}).get("podGroupName") == "probe",
+                                "the gang webhook")
     return task, name
 
 
@@ -183,7 +189,6 @@ async def test_alice_jobset_and_mpijob_pods_carry_only_team_a(env, operators, tm
             return c if c == {"team-a": 2, "team-b": 2} else None
         await until(teams_set, 60, "team nodes assigned")
         node_team = {n: label for n, (label, _) in (await env.node_teams()).items()}
-        await asyncio.sleep(1.0)  # webhook configurations reach the API server's watch
         alice = await env.user("alice")
         await alice.create(res, make(env), env.namespace)
         stamp = (await env.kube.get(res, app, env.namespace))["metadata"]["annotations"][NAMES.requester]
