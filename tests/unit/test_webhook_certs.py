@@ -203,14 +203,20 @@ def _until_closed(raw: socket.socket) -> None:
         pass
 
 
-async def test_stopping_the_serving_thread_closes_connections_whose_peer_never_answers(tmp_path):
-    """A connection mid TLS close when the serving thread stops is cut off (bounded TLS shutdown)
-    before the thread's loop stops, never left open for the garbage collector."""
+async def _serving(tmp_path, **thread_kw) -> tuple[WebhookServer, ServingThread]:
+    """A webhook server with one allow-all handler, started on a serving thread of its own."""
     _issue(tmp_path, make_ca("test-ca"), "srv")
     server = WebhookServer(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), registry=CollectorRegistry())
     server.add("ok", lambda req: Admission())
-    thread = ServingThread()
+    thread = ServingThread(**thread_kw)
     await thread.call(server.start())
+    return server, thread
+
+
+async def test_stopping_the_serving_thread_closes_connections_whose_peer_never_answers(tmp_path):
+    """A connection mid TLS close when the serving thread stops is cut off (bounded TLS shutdown)
+    before the thread's loop stops, never left open for the garbage collector."""
+    server, thread = await _serving(tmp_path)
     raw = await asyncio.to_thread(_silent_tls_client, server.port, tmp_path / "ca.crt")
     try:
         await thread.call(server.stop())  # closes the idle keep-alive connection: close_notify, no answer
@@ -225,11 +231,7 @@ async def test_stopping_the_serving_thread_closes_connections_still_in_their_han
     """A connection accepted but not yet through its TLS handshake (aiohttp has not seen it, so its
     shutdown cannot close it) is cut off when the serving thread stops, never left to the garbage
     collector (an unclosed-transport warning, an error under this suite's warning filter)."""
-    _issue(tmp_path, make_ca("test-ca"), "srv")
-    server = WebhookServer(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), registry=CollectorRegistry())
-    server.add("ok", lambda req: Admission())
-    thread = ServingThread(settle_s=0.5)
-    await thread.call(server.start())
+    server, thread = await _serving(tmp_path, settle_s=0.5)
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=60)  # never sends a ClientHello
     try:
         async def accepted() -> int:
@@ -253,11 +255,7 @@ async def test_stopping_the_serving_thread_closes_connections_its_server_no_long
     after the server's shutdown). Its handler is cancelled, its TLS close waits for a peer that never
     answers, and the thread's loop must still not stop and close with that connection (or the
     listening socket) left to the garbage collector."""
-    _issue(tmp_path, make_ca("test-ca"), "srv")
-    server = WebhookServer(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), registry=CollectorRegistry())
-    server.add("ok", lambda req: Admission())
-    thread = ServingThread(settle_s=0.5)
-    await thread.call(server.start())
+    server, thread = await _serving(tmp_path, settle_s=0.5)
     raw = await asyncio.to_thread(_silent_tls_client, server.port, tmp_path / "ca.crt")
     try:
         await thread.close()
@@ -273,11 +271,7 @@ async def test_stopping_the_serving_thread_closes_connections_nothing_watches(tm
     holding back) is open but watched by no selector callback. The serving thread must still close it
     before its loop stops, never leave it to the garbage collector (an unclosed-transport warning, an
     error under this suite's warning filter)."""
-    _issue(tmp_path, make_ca("test-ca"), "srv")
-    server = WebhookServer(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), registry=CollectorRegistry())
-    server.add("ok", lambda req: Admission())
-    thread = ServingThread(settle_s=0.5)
-    await thread.call(server.start())
+    server, thread = await _serving(tmp_path, settle_s=0.5)
     raw = await asyncio.to_thread(_silent_tls_client, server.port, tmp_path / "ca.crt")
     try:
         async def pause() -> int:

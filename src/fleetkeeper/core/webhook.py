@@ -373,20 +373,17 @@ async def _drained(loop: asyncio.AbstractEventLoop, limit_s: float) -> bool:
 
 
 def _still_open(loop: asyncio.AbstractEventLoop) -> list[Any]:
-    """The transports still open and the listening sockets a selector loop still watches, its wake-up
-    socket aside. asyncio keeps no list of a server's connections before 3.13 (``Server.abort_clients``):
-    the transports come from the loop's registry of them by descriptor (:func:`_open_transports`) and
-    from the callbacks the loop holds (a transport's bound ``_read_ready``/``_write_ready``), listeners
-    from a listener's ``_accept_connection`` callback, the socket among its arguments."""
+    """The transports still open and the listening sockets of a selector loop. asyncio keeps no list of a
+    server's connections before 3.13 (``Server.abort_clients``): the transports come from the loop's
+    registry of them by descriptor (:func:`_open_transports`, which every selector transport joins), the
+    listeners from the ``_accept_connection`` callbacks the loop holds, the socket among their arguments."""
     found: list[Any] = list(_open_transports(loop))
     for key in list(getattr(loop, "_selector").get_map().values()):
         for handle in key.data or ():
             if handle is None or handle.cancelled():
                 continue
-            owner = getattr(handle._callback, "__self__", None)
-            if isinstance(owner, asyncio.BaseTransport):
-                found.append(owner)
-            elif owner is loop and getattr(handle._callback, "__name__", "") == "_accept_connection":
+            if getattr(handle._callback, "__self__", None) is loop and \
+                    getattr(handle._callback, "__name__", "") == "_accept_connection":
                 found.extend(a for a in (handle._args or ()) if isinstance(a, socket.socket))
     return list(dict.fromkeys(found))
 

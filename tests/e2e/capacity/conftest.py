@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from capacity_helpers import ISOLATION_TAINT, NAMES, Pool, wait_for
+from e2e_helpers import until_webhook_answers
 from fleetkeeper.capacity.config import CapacityConfig
 from fleetkeeper.capacity.controller import Capacity, CapacityOptions, setup
 from fleetkeeper.core import errors
@@ -62,19 +63,18 @@ async def webhook_effective(kube: Kube, namespace: str, cfg: CapacityConfig) -> 
     created before that is admitted unchanged (no group: scheduled on its own). A server-side dry run of a
     gang member (no object is made) shows the webhook's mutation once it is called. With gangs off the
     webhook changes nothing there is to see."""
+    if not cfg.gangs.enabled:
+        await asyncio.sleep(1.0)
+        return
     probe = {"apiVersion": "v1", "kind": "Pod",
              "metadata": {"name": "webhook-probe", "labels": {NAMES.gang: "webhook-probe"}},
              "spec": {"containers": [{"name": "probe", "image": "probe"}]}}
 
-    async def mutated() -> bool:
-        obj = await kube.create(PODS, probe, namespace, dry_run=True)
+    def mutated(obj: dict) -> bool:
         if cfg.in_tree:
             return (obj["spec"].get("schedulingGroup") or {}).get("podGroupName") == "webhook-probe"
         return (obj["metadata"].get("labels") or {}).get(COSCHED_LABEL) == "webhook-probe"
-    if not cfg.gangs.enabled:
-        await asyncio.sleep(1.0)
-        return
-    await wait_for(mutated, 60, what="the API server calling the gang webhook")
+    await until_webhook_answers(kube, PODS, probe, namespace, mutated, "the gang webhook")
 
 
 @pytest.fixture
