@@ -150,7 +150,12 @@ async def _bounded(calls, limit: int = WRITE_CONCURRENCY) -> None:
 
 
 class BalloonManager:
-    def __init__(self, mgr: Manager, cfg: CapacityConfig, metrics: CapacityMetrics, recorder: EventRecorder):
+    def __init__(self, mgr: Manager, cfg: CapacityConfig, metrics: CapacityMetrics, recorder: EventRecorder,
+                 finish_gangs: bool = False):
+        """``finish_gangs``: gangs are off but gangs admitted before are still in flight (setup's
+        admitted-only gang controller finishes them): the repair of gangs kube-scheduler stopped trying
+        (requeue.decide) keeps watching them, or a gang handed over while its room was taken could pend for
+        good once the room frees."""
         self.kube, self.names, self.cfg = mgr.kube, mgr.names, cfg
         self.dry_run = mgr.settings.dry_run
         self.namespace = cfg.balloons.namespace or mgr.settings.namespace
@@ -172,7 +177,8 @@ class BalloonManager:
                                           max(1, int(cfg.gangs.reserve_per_minute // 4)), mgr.clock)
         self._reserved: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.last_reserve: dict[str, rs.ReservePlan] = {}
-        self.requeue_after = cfg.gangs.requeue_stuck_after_seconds if cfg.gangs.enabled and cfg.in_tree else None
+        self.requeue_after = (cfg.gangs.requeue_stuck_after_seconds
+                              if (cfg.gangs.enabled or finish_gangs) and cfg.in_tree else None)
         self.requeue_bucket = TokenBucket(cfg.gangs.requeue_per_minute / 60.0,
                                           max(1, int(cfg.gangs.requeue_per_minute // 4)), mgr.clock)
         self.requeue_per_member = cfg.gangs.requeue_seconds_per_member
@@ -215,6 +221,7 @@ class BalloonManager:
         self.nodes.add_handler(self.controller.handler(lambda k, o, n: "pools"))
         # set by each pass: work waits for room (a pool holds its balloons, or a held gang waits for its room)
         self._room_wanted = False
+        self._handed_waiting = False  # set by each pass: a gang kube-scheduler has waits unplaced (_requeue)
 
         def pod_event(k, o, n):
             p = n or o
@@ -310,7 +317,9 @@ class BalloonManager:
         watch_requeue, kick_in = await self._requeue(yields)
         if self.on_room is not None and self.on_room(room_verdicts(yields)):
             watch_requeue = True  # a held gang waits for room: look again soon even without events
-        self._room_wanted = watch_requeue or any(y.hold for y in yields)
+        # a gang kube-scheduler has and found no room for also wants to hear of room freeing: its prompt retry
+        # (the kick) counts from the pass that sees the room, not from the next resync
+        self._room_wanted = watch_requeue or any(y.hold for y in yields) or self._handed_waiting
         for name in plan.delete_deployments:
             why = "balloons are disabled" if not self.cfg.balloons.enabled else "pool no longer configured for balloons"
             if self.dry_run:
@@ -553,6 +562,8 @@ class BalloonManager:
         whole = [u for u in self._units if not any(p.placeholder for p in u.pods)]
         handed = None if self.gang_complete is None else {
             u.key for u in whole if u.pods[0].group and self.gang_complete(u.key)}
+        self._handed_waiting = self.kick_after is not None and any(
+            u.pods[0].group and (handed is None or u.key in handed) for u in whole)
         plan = rq.decide(whole, fitting, probes, self._requeue_state, now, self.requeue_after,
                          self.requeue_per_member, self.kick_after, free=free, handed=handed)
         self.last_requeue = plan
@@ -1203,9 +1214,12 @@ async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
     metrics = CapacityMetrics(mgr.registry)
     recorder = mgr.recorder("capacity")
     cap = Capacity(cfg, metrics)
+    # turned off: gangs already admitted as gangs (their pods name their group, possibly held behind
+    # fleetkeeper's gate) still need their group objects and gates lifted, or they would pend for good
+    in_flight = not cfg.gangs.enabled and await gangs_in_flight(mgr.kube, cfg, mgr.names)
     # started when balloons are off too: its plan then removes the balloon Deployments a previous
     # configuration left behind (turning a feature off cleans up after it)
-    cap.balloons = BalloonManager(mgr, cfg, metrics, recorder)
+    cap.balloons = BalloonManager(mgr, cfg, metrics, recorder, finish_gangs=in_flight)
     mgr.add("capacity-balloons", cap.balloons.run)
     if watch:  # applied at start; later versions are checked and reported (the running one stays)
         mgr.add("capacity-config-watch", lambda: watch_at_start_only(src, mgr.clock.sleep), leader=False)
@@ -1214,12 +1228,12 @@ async def setup(mgr: Manager, options: CapacityOptions | None) -> Capacity:
         cap.webhook = GangWebhook(mgr, cfg, options)
         mgr.add("capacity-webhook", cap.webhook.run, leader=False)
     if not cfg.gangs.enabled:
-        # turned off: gangs already admitted as gangs (their pods name their group, possibly held behind
-        # fleetkeeper's gate) still need their group objects and gates lifted, or they would pend for good;
-        # they are finished as gangs, handed to kube-scheduler at once. New pods are not made gangs.
-        if await gangs_in_flight(mgr.kube, cfg, mgr.names):
+        # gangs in flight are finished as gangs, handed to kube-scheduler at once (and watched by the
+        # balloon pass's repair like any gang it has). New pods are not made gangs.
+        if in_flight:
             cap.gangs = GangManager(mgr, cfg, metrics, recorder, admitted_only=True)
             mgr.add("capacity-gangs", cap.gangs.run)
+            cap.balloons.gang_complete = cap.gangs.complete
         return cap
     cap.gangs = GangManager(mgr, cfg, metrics, recorder)
     mgr.add("capacity-gangs", cap.gangs.run)

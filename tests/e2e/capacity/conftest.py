@@ -62,13 +62,23 @@ async def webhook_effective(kube: Kube, namespace: str, cfg: CapacityConfig) -> 
     through a watch of its own, which on a loaded control plane lags more than a second, and a gang member
     created before that is admitted unchanged (no group: scheduled on its own). A server-side dry run of a
     gang member (no object is made) shows the webhook's mutation once it is called. With gangs off the
-    webhook changes nothing there is to see."""
-    if not cfg.gangs.enabled:
-        await asyncio.sleep(1.0)
-        return
+    registration is removed instead: the dry run of a gang member is admitted unchanged once the API server
+    no longer calls the webhook of an earlier configuration (whose server may be gone)."""
     probe = {"apiVersion": "v1", "kind": "Pod",
              "metadata": {"name": "webhook-probe", "labels": {NAMES.gang: "webhook-probe"}},
              "spec": {"containers": [{"name": "probe", "image": "probe"}]}}
+    if not cfg.gangs.enabled:
+        async def unchanged():
+            try:
+                obj = await kube.create(PODS, probe, namespace, dry_run=True)
+            except errors.ApiError as exc:
+                if "failed calling webhook" in str(exc):
+                    return None
+                raise
+            return obj if not obj["spec"].get("schedulingGroup") and not obj["spec"].get("schedulingGates") \
+                else None
+        await wait_for(unchanged, 60, what="gang members admitted unchanged (no gang webhook called)")
+        return
 
     def mutated(obj: dict) -> bool:
         if cfg.in_tree:

@@ -344,3 +344,59 @@ async def test_a_group_object_just_created_is_not_created_again_before_the_cache
     assert [r for r, _ in gm._unmade(plan()).create] == [PODGROUPS]
     await clock.advance(cc.MADE_GRACE_SECONDS)
     assert [r for r, _ in gm._unmade(plan()).create] == [WORKLOADS, PODGROUPS]  # never shown: made again
+
+
+# --- gangs turned off: the gangs admitted before are still repaired --------------------------------------
+
+
+def unschedulable_member(i: int, since: str) -> dict:
+    return {"metadata": {"name": f"train-{i}", "namespace": "ns", "uid": f"u{i}", "resourceVersion": str(i + 1),
+                         "labels": {NAMES.gang: "train"}, "creationTimestamp": "2026-12-01T00:00:00Z"},
+            "spec": {"schedulingGroup": {"podGroupName": "train"}, "priority": 0,
+                     "containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "8"}}}]},
+            "status": {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "waiting for minCount pods", "lastTransitionTime": since}]}}
+
+
+@pytest.mark.parametrize("finish_gangs", [True, False])
+async def test_with_gangs_off_a_gang_in_flight_found_no_room_is_retried_once_room_frees(finish_gangs):
+    """Gangs off, balloons off, a gang admitted before still in flight (setup's ``finish_gangs``): it was
+    handed to kube-scheduler while its room was taken and found unschedulable; the room frees. The pass
+    retries it with one requeue pod (kube-scheduler may otherwise never try the group again, the v1.36 gang
+    stall). Without ``finish_gangs`` (a cluster that never had gangs) the pass watches no waiting pods."""
+    kube = FakeKube()
+    clock = FakeClock(1_796_083_200.0 + 3600)  # an hour after the members were last tried
+    mgr = Manager(kube, RuntimeSettings(namespace="fk", server={"port": 0}, leader_election={"enabled": False}),
+                  registry=CollectorRegistry(), clock=clock)
+    cfg = CapacityConfig.model_validate({"balloons": {"enabled": False,
+                                                      "pools": [{"name": "gpu", "resource": "gpu"}]},
+                                         "gangs": {"enabled": False}})
+    bm = BalloonManager(mgr, cfg, CapacityMetrics(mgr.registry), mgr.recorder("capacity"),
+                        finish_gangs=finish_gangs)
+    if not finish_gangs:
+        assert bm.waiting is None and bm.requeue_after is None
+        return
+    bm.gang_complete = lambda key: key == "ns/train"  # its PodGroup and members exist: handed over
+    for i in range(3):
+        bm.nodes._apply("ADDED", gpu_node(f"n{i}"))
+        bm.waiting._apply("ADDED", unschedulable_member(i, "2026-12-01T00:00:00Z"))
+    stray = pod_body("stray", "n0", "Running", "1")
+    stray["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "8"}}
+    bm.pods._apply("ADDED", stray)
+    await bm._pass()  # other work holds part of its room
+    assert bm.last_yield["gpu"].fits == [] and bm.last_requeue.kick == []
+    assert bm._room_wanted  # a gang kube-scheduler has waits: room freeing brings the next pass
+    q = bm.controller.queue
+    q._queue.clear()
+    q._queued.clear()
+    bm.pods._apply("DELETED", stray)
+    assert len(q) == 1
+    await bm._pass()  # the room is free: the retry falls due shortly after
+    assert bm.last_yield["gpu"].fits == ["ns/train"]
+    assert not [b for b in kube.events if b.get("kind") == "Pod"]
+    await clock.advance(cfg.gangs.retry_when_room_frees_after_seconds + 1)
+    await bm._pass()
+    [probe] = [b for b in kube.events if b.get("kind") == "Pod"]
+    assert probe["spec"]["schedulingGroup"] == {"podGroupName": "train"}
+    assert mgr.registry.get_sample_value("fleetkeeper_gang_requeue_pods_total", {"op": "kick", "result": "ok"}) == 1
