@@ -460,8 +460,10 @@ async def main(args) -> None:
         parse_mode(m)  # a bad mode fails before the cluster starts
     burst = sizes(args.jobs, args.nodes)
     print(f"burst: {len(burst)} jobs, {sum(burst)} pods x 8 GPUs, {args.seconds}s each; sizes {burst}", flush=True)
+    # every pod takes a whole node (8 GPUs) and runs equally long: without gangs a schedule is still whole
+    # waves of pods, ceil(pods / nodes) of them
     print(f"ideal makespan (perfect packing, no scheduling time): "
-          f"{sum(burst) * args.seconds / args.nodes:.0f}s without gangs; "
+          f"{-(-sum(burst) // args.nodes) * args.seconds}s without gangs (pods split freely, one per node); "
           f"{waves(burst, args.nodes) * args.seconds}s with every job whole", flush=True)
     with tempfile.TemporaryDirectory(prefix="fk-bench-gangs-") as d:
         tmp = Path(d)
