@@ -712,7 +712,7 @@ def room_verdicts(yields: list[yd.PoolYield]) -> dict[str, str]:
     for y in yields:
         for k in y.unfit:
             out.setdefault(k, gg.ROOM_UNFIT)
-        for k in (*y.blocked, *y.over_budget, *y.fits, *y.sizing):
+        for k in (*y.blocked, *y.over_budget, *y.fits, *y.sizing, *y.behind):
             if out.get(k) != gg.ROOM_FITS:
                 out[k] = gg.ROOM_BLOCKED
         for k in y.free:

@@ -313,6 +313,9 @@ class PoolYield:
     unfit: list[str] = field(default_factory=list)  # units that do not fit the pool even when it is empty
     blocked: list[str] = field(default_factory=list)  # units that fit the pool but not now (real work holds it)
     sizing: list[str] = field(default_factory=list)  # gangs of a size not known yet: no release behind them
+    # gangs that would fit but wait behind an older gang being sized (a second or so): held, as it may need
+    # their room (with no balloons in the pool, free room went to them and the older gang lost its turn)
+    behind: list[str] = field(default_factory=list)
     over_budget: list[str] = field(default_factory=list)
     fits: list[str] = field(default_factory=list)  # units placed whole in this pass's simulation (room is there)
     # those of them placed in room no balloon pod is on any more (none to release, none still leaving): the
@@ -554,6 +557,11 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
             out.blocked.append(u.key)  # the room is taken by real work: it waits for that to finish
             continue
         where, released = placed
+        if out.sizing and u.pods[0].group:
+            # a gang fleetkeeper holds waits for the older gang's size (it takes no room meanwhile); a pod of
+            # its own is kube-scheduler's to place wherever room is free, so the simulation gives it that room
+            out.behind.append(u.key)
+            continue
         cost = min(len(released), burst) if burst else len(released)
         if released and (stop or cost > budget):
             stop = True

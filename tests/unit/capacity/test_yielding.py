@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from fleetkeeper.capacity import yielding as yd
+from fleetkeeper.capacity.controller import room_verdicts
 from fleetkeeper.core.domain import Names
 from fleetkeeper.core.views import Condition, NodeView, PodView, Taint, Toleration
 
@@ -479,8 +480,9 @@ def test_a_gang_still_missing_members_keeps_its_turn_for_room():
 
 def test_a_gang_whose_size_is_not_known_yet_keeps_its_turn():
     """Before the gang controller's first pass over a gang (its size unknown: ``expected`` answers None),
-    the gang keeps its place in line: no younger gang gets balloons released before it is sized (it may
-    need all of them), while room that is free already still goes to whoever fits."""
+    the gang keeps its place in line: no younger gang is let go before it is sized (it may need all the
+    room), while room that is free already still goes to a pod of its own (kube-scheduler places it
+    wherever room is free: fleetkeeper holds gangs only)."""
     nodes = [node(f"n{i}") for i in range(4)]
     balloons = [balloon(n.name) for n in nodes[:3]]  # n3 is free
     big = [fresh(p) for p in gang("big", 2, created=NOW - 10)]  # first members of a gang being created
@@ -492,7 +494,8 @@ def test_a_gang_whose_size_is_not_known_yet_keeps_its_turn():
     assert [(u.key, u.sizing) for u in units] == [("ns/big", True), ("ns/small", False), ("ns/pod/solo", False)]
     out = yd.decide(POOL, nodes, [], balloons, units, N, 100)
     assert out.releases == [] and out.sizing == ["ns/big"]
-    assert out.over_budget == ["ns/small"] and out.fits == ["ns/pod/solo"]  # the free node, no release
+    assert out.behind == ["ns/small"] and out.fits == ["ns/pod/solo"]  # the free node, no release
+    assert room_verdicts([out])["ns/small"] == "blocked"  # held
     # once sized (4 members), it is served first and whole
     units = yd.units(big + small, -1000, complete=complete, expected=lambda k: 4 if k == "ns/big" else 0)
     out = yd.decide(POOL, nodes, [], balloons, units, N, 100)
@@ -641,3 +644,22 @@ def test_a_claimed_gang_still_missing_members_keeps_its_room_in_the_simulation_o
     # past its threshold, still missing members: not reserved for its wait (unclaimed), as before
     y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, 5.0)
     assert plan.unit == "" and "ns/small" in y.free
+
+
+def test_a_gang_being_sized_keeps_its_turn_on_free_room_too():
+    """No balloons in the pool (gangs without balloons): every node is free. Before the older gang is sized,
+    a younger complete gang that fits the free room waits behind it rather than being let go: let go, it
+    took part of the pool, the older gang (which needs all of it) was then blocked, and every younger gang
+    took the room it freed until the older one's reservation (a 1,000-pod job started last of 300)."""
+    nodes = [node(f"n{i}") for i in range(4)]
+    big = [fresh(p) for p in gang("big", 1, created=NOW - 10)]  # the first member of a large Job
+    small = [fresh(p) for p in gang("small", 2, created=NOW - 5)]
+    complete = {"ns/small"}.__contains__
+    units = yd.units(big + small, -1000, complete=complete, expected=lambda k: None if k == "ns/big" else 0)
+    out = yd.decide(POOL, nodes, [], [], units, N, 100)
+    assert out.sizing == ["ns/big"] and out.behind == ["ns/small"] and out.fits == [] and out.free == []
+    assert room_verdicts([out]) == {"ns/big": "blocked", "ns/small": "blocked"}
+    # sized at 4 members (3 not created yet): it takes the whole pool in its turn, the small gang waits
+    units = yd.units(big + small, -1000, complete=complete, expected=lambda k: 4 if k == "ns/big" else 0)
+    out = yd.decide(POOL, nodes, [], [], units, N, 100)
+    assert out.fits == ["ns/big"] and out.blocked == ["ns/small"] and out.behind == []
