@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from fleetkeeper.core import errors
 from fleetkeeper.core.events import flush_all
 from fleetkeeper.core.kube import EVENTS, NODES
 from fleetkeeper.localcluster.fleet import FleetSpec, node_manifest
@@ -30,9 +31,16 @@ async def until_webhook_answers(kube, res, body: dict, namespace: str | None, an
     """Wait until the API server calls a webhook just registered. It learns of webhook configurations
     through a watch of its own, which on a loaded control plane lags by more than a second; an object
     created before then is admitted without the webhook. A server-side dry run of ``body`` (nothing is
-    stored) is repeated until ``answered(the API server's answer)`` shows the webhook's work."""
+    stored) is repeated until ``answered(the API server's answer)`` shows the webhook's work. A call that
+    fails inside the API server ("failed calling webhook": a registration it still has whose server is not
+    serving, or gone) is not an answer yet either."""
     async def seen():
-        obj = await kube.create(res, body, namespace, dry_run=True)
+        try:
+            obj = await kube.create(res, body, namespace, dry_run=True)
+        except errors.ApiError as exc:
+            if "failed calling webhook" in str(exc):
+                return None
+            raise
         return obj if answered(obj) else None
     return await wait_for(seen, timeout, what=f"the API server calling {what}")
 

@@ -68,16 +68,10 @@ async def webhook_effective(kube: Kube, namespace: str, cfg: CapacityConfig) -> 
              "metadata": {"name": "webhook-probe", "labels": {NAMES.gang: "webhook-probe"}},
              "spec": {"containers": [{"name": "probe", "image": "probe"}]}}
     if not cfg.gangs.enabled:
-        async def unchanged():
-            try:
-                obj = await kube.create(PODS, probe, namespace, dry_run=True)
-            except errors.ApiError as exc:
-                if "failed calling webhook" in str(exc):
-                    return None
-                raise
-            return obj if not obj["spec"].get("schedulingGroup") and not obj["spec"].get("schedulingGates") \
-                else None
-        await wait_for(unchanged, 60, what="gang members admitted unchanged (no gang webhook called)")
+        def unchanged(obj: dict) -> bool:
+            return not obj["spec"].get("schedulingGroup") and not obj["spec"].get("schedulingGates")
+        await until_webhook_answers(kube, PODS, probe, namespace, unchanged,
+                                    "the gang webhook no more (gang members admitted unchanged)")
         return
 
     def mutated(obj: dict) -> bool:
