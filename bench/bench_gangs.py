@@ -28,6 +28,9 @@ mode, all read from the API server's own timestamps (whole seconds):
 
 * makespan: first job created to last pod finished;
 * GPU use: GPU-seconds of finished pods / (makespan x GPUs of the pool);
+* GPU use while jobs wait (``--profile``): the same, over the seconds some job had
+  not started yet: the burst's tail (its last jobs running on a partly empty
+  pool) is the burst's shape, not the scheduling, and this leaves it out;
 * partial placements: jobs whose pods were bound more than ``--partial`` s
   apart (with gangs a job is bound whole, within a second or two);
 * largest job's wait: its creation to its last pod bound; its rank among the
@@ -230,6 +233,7 @@ async def run_mode(kube: Kube, mode: str, burst: list[int], args, nodes: int, re
                 last_finish = max(last_finish, fin)
     created = min(parse_time(p["metadata"]["creationTimestamp"]) for p in pods) if pods else t0
     start_at = min(created, t0)
+    print(f"  {sanity(spans, args.seconds)}", flush=True)
     makespan = (last_finish - start_at) if done == len(burst) else float("nan")
     partial = sum(1 for j, b in binds.items() if len(b) > 1 and max(b) - min(b) > args.partial)
     largest = names[0]
@@ -409,6 +413,32 @@ def intervals(samples: list[tuple[float, set[str]]]) -> dict[str, list[tuple[flo
     return out
 
 
+def sanity(spans: list[tuple[float, float, str]], seconds: int) -> str:
+    """How long the pods ran (bound to finished) and the most pods a node ran at once: a pod that ran
+    much shorter than ``seconds``, or two pods of 8 GPUs on one node at once, make the figures wrong."""
+    if not spans:
+        return "pods ran: none finished"
+    runs = sorted(f - s0 for s0, f, _ in spans)
+    per_node: dict[str, list[tuple[float, int]]] = {}
+    for s0, f, n in spans:
+        per_node.setdefault(n, []).extend([(s0, 1), (f, -1)])
+    most = 0
+    for evs in per_node.values():
+        cur = 0
+        for _, d in sorted(evs, key=lambda e: (e[0], e[1])):  # an end before a start at the same second
+            cur += d
+            most = max(most, cur)
+    short = sum(1 for r in runs if r < seconds - 2)
+    return (f"pods ran (bound to finished, s): min {runs[0]:.0f}, median {runs[len(runs) // 2]:.0f}, "
+            f"max {runs[-1]:.0f}; {short} of {len(runs)} shorter than {seconds - 2} s; "
+            f"most pods on one node at once: {most}")
+
+
+def waiting_use(r: dict) -> str:
+    w = (r.get("idle_node_seconds") or {}).get("busy_while_waiting")
+    return f" ({100 * w:.1f}%)" if w is not None else ""
+
+
 def where_time_goes(spans: list[tuple[float, float, str]], binds: dict[str, list[float]], size: dict[str, int],
                     created: dict[str, float], start_at: float, makespan: float, nodes: int,
                     reserved: dict[str, list[tuple[float, float]]] | None = None) -> dict:
@@ -420,11 +450,15 @@ def where_time_goes(spans: list[tuple[float, float, str]], binds: dict[str, list
     * ``drain``: jobs were waiting, each larger than the idle nodes (packing, or nodes kept free for a
       large job);
     * ``tail``: every job had started (nothing left to place).
+
+    ``busy_while_waiting``: the share of the pool's node-seconds busy while some job had not started
+    (the seconds of the tail left out: what the scheduling, not the burst's shape, decides).
     """
     started = {j: max(b) for j, b in binds.items() if len(b) == size.get(j)}
     secs = int(makespan) + 1
     out = {"reserved": 0, "latency": 0, "drain": 0, "tail": 0}
     per_second = []
+    waited_busy = waited_secs = 0
     reserved = reserved or {}
     for i in range(secs):
         t = start_at + i + 0.5
@@ -432,6 +466,8 @@ def where_time_goes(spans: list[tuple[float, float, str]], binds: dict[str, list
         busy = len(busy_nodes)
         per_second.append(busy)
         idle = max(0, nodes - busy)
+        if any(created.get(j, start_at) <= t and started.get(j, 1e18) > t for j in size):
+            waited_busy, waited_secs = waited_busy + min(busy, nodes), waited_secs + 1
         held = sum(1 for n, iv in reserved.items() if n not in busy_nodes and any(a <= t < b for a, b in iv))
         out["reserved"] += held
         idle -= held
@@ -445,6 +481,7 @@ def where_time_goes(spans: list[tuple[float, float, str]], binds: dict[str, list
         else:
             out["drain"] += idle
     out["total"] = out["reserved"] + out["latency"] + out["drain"] + out["tail"]
+    out["busy_while_waiting"] = round(waited_busy / (waited_secs * nodes), 3) if waited_secs else None
     out["first_40s"] = per_second[:40]
     gaps = sorted(started[j] - created.get(j, start_at) for j in started)
     out["phases"] = {"created->all bound": (round(gaps[len(gaps) // 2], 1), round(gaps[-1], 1))} if gaps else {}
@@ -557,11 +594,11 @@ async def main(args) -> None:
                 results.append(r)
                 print(f"  {r}", flush=True)
                 await stop(task)
-            print("\n| mode | makespan | GPU use | partial placements | largest job's wait (start rank) | stalled "
+            print("\n| mode | makespan | GPU use (while jobs wait) | partial placements | largest job's wait (start rank) | stalled "
                   "jobs | balloons released | requeue pods (stuck / room freed) |")
             print("|---|---|---|---|---|---|---|---|")
             for r in results:
-                print(f"| {r['mode']} | {r['makespan']:.0f} s | {100 * r['gpu_use']:.1f}% | {r['partial']} of "
+                print(f"| {r['mode']} | {r['makespan']:.0f} s | {100 * r['gpu_use']:.1f}%{waiting_use(r)} | {r['partial']} of "
                       f"{r['jobs']} | {r['largest_wait']:.0f} s ({r['largest_rank']} of {r['jobs']}) | "
                       f"{r['stalled']} | {r.get('released', 0):.0f} | {r.get('requeued', 0):.0f} / {r.get('retried', 0):.0f} |")
             base = next((r for r in results if r["mode"].startswith("no-gangs")), None)

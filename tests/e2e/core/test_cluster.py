@@ -3,7 +3,7 @@
 import asyncio
 import time
 
-from fleetkeeper.core.kube import NODES, PODS
+from fleetkeeper.core.kube import JOBS, NODES, PODS
 from fleetkeeper.localcluster.cluster import node_ready
 import os
 
@@ -57,3 +57,36 @@ async def test_pods_run_and_finish_as_asked(kube, namespace):
     term = bad["status"]["containerStatuses"][0]["state"]["terminated"]
     assert term["exitCode"] == 1 and term["message"] == "msg-bad"
     assert bad["spec"]["nodeName"].startswith("node-gpu-")
+
+
+async def test_a_job_pod_that_says_how_it_ends_is_not_ended_early_by_kwok(kube, namespace):
+    """KWOK's own ``pod-complete`` stage ends a Job's running pod after 1-5 s; a pod with
+    ``fleetkeeper.io/sim-result`` matched it too and KWOK picked one of the two at random (1 in 11),
+    so benchmarks' pods ran 1-5 s instead of their ``sim-delay``. 60 pods of one Job, each asked to
+    run an hour: none may finish (with the old stages, all 60 surviving had odds of 1 in 300)."""
+    n = 60
+    await kube.create(JOBS, {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "long"},
+        "spec": {"parallelism": n, "completions": n, "backoffLimit": 0,
+                 "template": {"metadata": {"annotations": {"fleetkeeper.io/sim-result": "succeed",
+                                                           "fleetkeeper.io/sim-delay": "1h"}},
+                              "spec": {"restartPolicy": "Never", "nodeSelector": {"fleetkeeper.io/pool": "gpu"},
+                                       "containers": [{"name": "c", "image": "x"}]}}}}, namespace)
+
+    def ready(p):
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or ())
+
+    deadline = time.monotonic() + 120
+    pods: list[dict] = []
+    while time.monotonic() < deadline:
+        pods, _ = await kube.list(PODS, namespace)
+        if len(pods) == n and all(ready(p) or p["status"].get("phase") != "Pending" for p in pods):
+            break
+        await asyncio.sleep(0.5)
+    assert len(pods) == n, f"{len(pods)} of {n} pods created"
+    # past KWOK's pod-complete window (at most 5 s after Ready), then nothing may have ended
+    await asyncio.sleep(7)
+    pods, _ = await kube.list(PODS, namespace)
+    ended = [p["metadata"]["name"] for p in pods if p["status"].get("phase") in ("Succeeded", "Failed")]
+    assert ended == [], f"{len(ended)} of {n} pods ended before their sim-delay: {ended[:5]}"
+    assert sum(1 for p in pods if p["status"].get("phase") == "Running") == n

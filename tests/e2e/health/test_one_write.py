@@ -118,6 +118,13 @@ def actions(registry: CollectorRegistry, action: str) -> float:
                                      {"action": action, "result": "success"}) or 0.0
 
 
+async def counted(registry: CollectorRegistry, *, node_writes: int = 0, quarantine: int = 0,
+                  request: int = 0) -> bool:
+    """At least these counts (a wait's condition: the exact values are asserted after it)."""
+    return (writes(registry) >= node_writes and actions(registry, "quarantine") >= quarantine
+            and actions(registry, "request") >= request)
+
+
 async def test_ecc_on_an_empty_node_is_one_write_and_a_restart_does_not_ask_again(kube, nodes):
     group, (node, _) = nodes
     agent = AgentCore(ConditionWriter(kube), RealClock(), heartbeat=3600)
@@ -138,23 +145,30 @@ async def test_ecc_on_an_empty_node_is_one_write_and_a_restart_does_not_ask_agai
         async def watched():
             return seen.changes[node] and REQ in seen.changes[node][-1]["metadata"].get("annotations", {})
         await wait_for(watched, 30, "the request in the watch")
+        # the controller counts a write and records its Events once the API server has answered it:
+        # the watch (another connection) can show the write before that answer is read
+        await wait_for(lambda: counted(registry, node_writes=1, quarantine=1, request=1), 30,
+                       "the write and both actions counted")
         # one write: the first change the watch shows is the taint and the request together
         assert len(seen.changes[node]) == 1, [_mark(o) for o in seen.changes[node]]
         assert taint(seen.changes[node][0], Q) is not None
         assert writes(registry) == 1
         assert actions(registry, "quarantine") == 1 and actions(registry, "request") == 1
         # both steps announced: the quarantine's Event and the request's (with its nonce)
-        evs = {e["reason"]: e["note"] for e in await events_for(kube, node)}
-        assert "Quarantined" in evs and req.nonce in evs.get("ActionRequested", ""), evs
+        async def announced():
+            evs = {e["reason"]: e["note"] for e in await events_for(kube, node)}
+            return evs if "Quarantined" in evs and req.nonce in evs.get("ActionRequested", "") else None
+        await wait_for(announced, 30, "the Quarantined and ActionRequested Events")
 
         # a restarted controller reads the request back: it waits for the agent, asks nothing again
         await stop(task)
         mgr, registry, task = await start(kube, group)
 
-        async def reconciled():
-            return (registry.get_sample_value("fleetkeeper_reconcile_total",
-                                              {"controller": "health", "result": "success"}) or 0) >= 1
-        await wait_for(reconciled, 60, "the restarted controller's reconcile of the node")
+        async def reconciled():  # both nodes of the selector, the faulty one among them
+            return sum(registry.get_sample_value("fleetkeeper_reconcile_total",
+                                                 {"controller": "health", "result": r}) or 0
+                       for r in ("success", "requeue")) >= 2
+        await wait_for(reconciled, 60, "the restarted controller's reconcile of both nodes")
         assert writes(registry) == 0 and actions(registry, "request") == 0
         n = await kube.get(NODES, node)
         assert Request.loads(n["metadata"]["annotations"][REQ]).nonce == req.nonce
@@ -191,6 +205,7 @@ async def test_a_node_with_a_pod_is_quarantined_drained_then_asked(kube, namespa
         first = seen.changes[node][0]
         assert taint(first, Q) is not None and REQ not in first["metadata"].get("annotations", {})
         assert len(seen.changes[node]) == 2, [_mark(o) for o in seen.changes[node]]
+        await wait_for(lambda: counted(registry, quarantine=1, request=1), 30, "both actions counted")
         assert actions(registry, "quarantine") == 1 and actions(registry, "request") == 1
     finally:
         await stop(task)
