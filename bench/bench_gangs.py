@@ -466,14 +466,14 @@ def where_time_goes(spans: list[tuple[float, float, str]], binds: dict[str, list
         busy = len(busy_nodes)
         per_second.append(busy)
         idle = max(0, nodes - busy)
-        if any(created.get(j, start_at) <= t and started.get(j, 1e18) > t for j in size):
-            waited_busy, waited_secs = waited_busy + min(busy, nodes), waited_secs + 1
+        waiting = [size[j] for j in size if created.get(j, start_at) <= t and started.get(j, 1e18) > t]
+        if waiting:
+            waited_busy, waited_secs = waited_busy + busy, waited_secs + 1
         held = sum(1 for n, iv in reserved.items() if n not in busy_nodes and any(a <= t < b for a, b in iv))
         out["reserved"] += held
         idle -= held
         if idle <= 0:
             continue
-        waiting = [size[j] for j in size if created.get(j, start_at) <= t and started.get(j, 1e18) > t]
         if not waiting:
             out["tail"] += idle
         elif min(waiting) <= idle:

@@ -5,6 +5,7 @@ import time
 
 from fleetkeeper.core.kube import JOBS, NODES, PODS
 from fleetkeeper.localcluster.cluster import node_ready
+from e2e_helpers import wait_for
 import os
 
 E2E_NODES = int(os.environ.get("FLEETKEEPER_E2E_NODES", "24"))
@@ -73,17 +74,10 @@ async def test_a_job_pod_that_says_how_it_ends_is_not_ended_early_by_kwok(kube, 
                               "spec": {"restartPolicy": "Never", "nodeSelector": {"fleetkeeper.io/pool": "gpu"},
                                        "containers": [{"name": "c", "image": "x"}]}}}}, namespace)
 
-    def ready(p):
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or ())
-
-    deadline = time.monotonic() + 120
-    pods: list[dict] = []
-    while time.monotonic() < deadline:
+    async def started():  # every pod past Pending (KWOK's pod-ready stage makes it Running and Ready at once)
         pods, _ = await kube.list(PODS, namespace)
-        if len(pods) == n and all(ready(p) or p["status"].get("phase") != "Pending" for p in pods):
-            break
-        await asyncio.sleep(0.5)
-    assert len(pods) == n, f"{len(pods)} of {n} pods created"
+        return len(pods) == n and all(p["status"].get("phase") != "Pending" for p in pods)
+    await wait_for(started, 120, f"the {n} pods of the Job started")
     # past KWOK's pod-complete window (at most 5 s after Ready), then nothing may have ended
     await asyncio.sleep(7)
     pods, _ = await kube.list(PODS, namespace)
