@@ -125,9 +125,10 @@ class GangConfig(BaseModel):
     cleanup_grace_seconds: float = Field(30.0, ge=0, le=86_400,
                                          description="delete a gang's group objects this long after its last pod")
     reserve_after_seconds: float | None = Field(
-        300.0, ge=1, le=86_400, description="a gang that fits its pool but has waited this long for room gets "
-                                            "nodes reserved as they free up (taint + toleration), so smaller "
-                                            "gangs stop taking them; None: never reserve")
+        300.0, ge=1, le=86_400, description="a gang that fits its pool but has waited this long at the head of "
+                                            "the pool's queue (the first of its waiting work: priority, then "
+                                            "age) gets the nodes it needs reserved (taint + toleration), so "
+                                            "smaller gangs stop taking them; None: never reserve")
     reserve_per_minute: float = Field(
         12.0, gt=0, le=10_000, description="rate limit for reservation steps: one step taints every node one "
                                            "gang's reservation needs, at once (or removes a reservation's "

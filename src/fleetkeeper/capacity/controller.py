@@ -209,6 +209,9 @@ class BalloonManager:
         self._pool_nodes: dict[str, list] = {}
         self._pool_bound: dict[str, list] = {}
         self._reserve_plans: dict[str, rs.ReservePlan] = {}  # per pool: this pass's reservation (_yields)
+        # per pool: its head (the first of its waiting work) and since when (reserve.decide's ``turn``); kept in
+        # memory: after a restart a head's wait starts again (a reservation already written stays: its taints)
+        self._turns: dict[str, tuple[str, float]] = {}
         self._claims: dict[str, float] = {}  # gang -> when balloons were first released for it (CLAIM_SECONDS)
         self._applied: dict[str, str] = {}
         self._sized: dict[str, str] = {}
@@ -412,6 +415,7 @@ class BalloonManager:
                 # nothing waits: any reservation left is stale and goes
                 self._reserve_plans[pool.name] = rs.decide(pool.name, usable, [], [], [], self.names, now,
                                                            self.reserve_after)
+                self._set_turn(pool.name, self._reserve_plans[pool.name])
                 continue
             names_ = {n.name for n in usable}
             bound = [p for p in pods if p.node in names_ and p.active]
@@ -427,7 +431,9 @@ class BalloonManager:
             y, self._reserve_plans[pool.name] = rs.settle(
                 pool.name, usable, bound, balloons, waiting, self.names, budget, now, self.reserve_after,
                 pool.resource, burst=self.release_bucket.burst,
-                replicas=(replicas or {}).get(bl.deployment_name(pool.name)), claimed=claimed)
+                replicas=(replicas or {}).get(bl.deployment_name(pool.name)), claimed=claimed,
+                turn=self._turns.get(pool.name))
+            self._set_turn(pool.name, self._reserve_plans[pool.name])
             if not (b.enabled and b.yield_to_waiting):
                 y.hold = False  # the decision is only read for reservations
             multi = {u.key for u in waiting if len(u.pods) > 1}
@@ -438,6 +444,12 @@ class BalloonManager:
             out.append(y)
         self.last_yield = {y.pool: y for y in out}
         return out
+
+    def _set_turn(self, pool: str, plan: rs.ReservePlan) -> None:
+        if plan.head:
+            self._turns[pool] = (plan.head, plan.head_since)
+        else:
+            self._turns.pop(pool, None)
 
     async def _evict_lingering(self, yields: list[yd.PoolYield]) -> None:
         """Evict balloons released for waiting work that are still there BALLOON_LINGER_SECONDS later (the
@@ -520,7 +532,7 @@ class BalloonManager:
 
             async def write(i: int, node: str, value: str | None) -> None:
                 note = (f"reserved for gang {plan.unit} ("
-                        + ("room released for it" if plan.claimed else f"waited {plan.waited:.0f}s")
+                        + ("room released for it" if plan.claimed else f"waited {plan.waited:.0f}s at the head")
                         + "): only its pods may start here "
                         f"until it is placed" if value else "reservation removed: the gang it was for is placed "
                         "or gone")
@@ -537,7 +549,8 @@ class BalloonManager:
                 ns, _, gang = plan.unit.partition("/")
                 why = (f"other work took part of the room released for it {plan.waited:.0f}s after it began "
                        "waiting" if plan.claimed else
-                       f"waited {plan.waited:.0f}s (over {self.reserve_after:.0f}s)")
+                       f"waited {plan.waited:.0f}s at the head of its pool's queue (over "
+                       f"{self.reserve_after:.0f}s)")
                 await self.recorder.emit(
                     ObjectRef("PodGroup", gang, ns, api_version=PODGROUPS.api_version), "GangRoomReserved",
                     f"gang {gang} {why}: the {plan.needed} "

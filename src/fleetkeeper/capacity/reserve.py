@@ -3,8 +3,16 @@
 kube-scheduler serves pod groups in queue order and retries an unschedulable
 group only after its backoff, so in a burst every smaller gang that fits the
 room that frees up takes it first, and a large gang (it needs many nodes free
-at once) can wait behind all of them. After ``reserve_after_seconds`` the
-oldest such gang of a pool (highest priority first) gets its room reserved:
+at once) can wait behind all of them. A gang that has been its pool's
+**head** (the first of the pool's waiting work in serving order: priority,
+then age) for ``reserve_after_seconds`` and still does not fit gets its room
+reserved. The clock is the time at the head, not since the gang was created:
+in a burst every gang is old after a few minutes, and a reservation for each
+in turn (each draining its nodes for up to a pod length while smaller work
+could have run there) cost the 53-job burst a whole extra wave; a head is
+placed as soon as room for it frees, so a queue that moves never reaches the
+threshold, and a gang that smaller work keeps overtaking does. The head's
+start is kept by the controller (a restart starts it again):
 
 * as many nodes of the pool as the gang needs get the taint
   ``<domain>/reserved=<token>:NoSchedule`` at once: nodes that hold no real
@@ -67,6 +75,8 @@ class ReservePlan:
     tolerate: list[str] = field(default_factory=list)  # "ns/name" of unit pods lacking the toleration
     reserved: list[str] = field(default_factory=list)  # nodes reserved after this plan
     claimed: bool = False  # reserved because the room released for it was taken in part (not for its wait)
+    head: str = ""  # the pool's head: the first of its waiting work in serving order ("": none)
+    head_since: float = 0.0  # when it became the head (the wait a reservation is judged on)
     virtual: bool = False  # judged in the pools' simulation only: nothing is written (members still missing)
 
 
@@ -74,14 +84,33 @@ def _without(node: NodeView, key: str) -> NodeView:
     return dataclasses.replace(node, taints=tuple(t for t in node.taints if t.key != key))
 
 
+def head_of(waiting: list[Unit], pools_work: set[str] | frozenset[str]) -> Unit | None:
+    """The pool's head: the first unit in serving order that is the pool's work (``pools_work``: the keys
+    the pool's simulation judged, whether they fit now or not), Kueue's work left out (its order is
+    Kueue's)."""
+    for u in waiting:
+        if u.key in pools_work and not any(p.queued for p in u.pods):
+            return u
+    return None
+
+
 def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list[Unit], blocked: list[str],
            names: Names, now: float, after: float | None,
-           claimed: frozenset[str] = frozenset()) -> ReservePlan:
+           claimed: frozenset[str] = frozenset(), turn: tuple[str, float] | None = None,
+           pools_work: set[str] | frozenset[str] | None = None) -> ReservePlan:
     """``nodes``: the pool's usable nodes; ``bound``: pods bound to them;
     ``waiting``: units in serving order; ``blocked``: keys of units that fit
     the pool but not now (from :func:`yielding.decide`); ``claimed``: units
-    balloons were released for a short while ago (their room is theirs)."""
+    balloons were released for a short while ago (their room is theirs);
+    ``turn``: the head as the last pass left it (its key, since when it is
+    the head); ``pools_work``: the keys of every unit that is this pool's
+    work (None: the blocked ones). A gang is reserved for its wait once it
+    has been the head for ``after`` seconds and is blocked."""
     plan = ReservePlan(pool)
+    head = head_of(waiting, frozenset(blocked) if pools_work is None else pools_work)
+    if head is not None:
+        plan.head = head.key
+        plan.head_since = turn[1] if turn is not None and turn[0] == head.key else now
     key = reserved_key(names)
     holders: dict[str, str] = {}
     for n in nodes:
@@ -104,7 +133,7 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list
             # (a gang still missing members is not reserved for its wait: those created later would lack the
             # toleration; for its claim it is, in the simulation only)
             missing = any(p.placeholder for p in u.pods)
-            if after is not None and now - u.since >= after and not missing:
+            if after is not None and u.key == plan.head and now - plan.head_since >= after and not missing:
                 target = u
                 break
             if u.key in claimed:
@@ -114,7 +143,8 @@ def decide(pool: str, nodes: list[NodeView], bound: list[PodView], waiting: list
         plan.untaint = sorted(holders)
         return plan
     tok = token(target.key)
-    plan.unit, plan.token, plan.waited = target.key, tok, now - target.since
+    plan.unit, plan.token = target.key, tok
+    plan.waited = now - (plan.head_since if target.key == plan.head and not claim else target.since)
     plan.claimed, plan.virtual = claim, virtual
     free_nodes = [_without(n, key) for n in nodes]
     elig = Eligibility(free_nodes)
@@ -176,7 +206,8 @@ def as_planned(nodes: list[NodeView], waiting: list[Unit], plan: ReservePlan,
 def settle(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: list[yd.Balloon], waiting: list[Unit],
            names: Names, budget: int, now: float, after: float | None, resource: str = "gpu",
            burst: int | None = None, replicas: int | None = None,
-           claimed: frozenset[str] = frozenset()) -> tuple[yd.PoolYield, ReservePlan]:
+           claimed: frozenset[str] = frozenset(),
+           turn: tuple[str, float] | None = None) -> tuple[yd.PoolYield, ReservePlan]:
     """One pool's pass: which balloons yield to which waiting unit (:func:`yielding.decide`) and which gang
     gets its room reserved (:func:`decide`), judged together. The reservation is decided from the units the
     first simulation finds blocked; if there is one, the simulation runs again on the nodes as the
@@ -187,7 +218,8 @@ def settle(pool: str, nodes: list[NodeView], bound: list[PodView], balloons: lis
     transient = frozenset({reserved_key(names)})  # a unit kept off reserved nodes waits; it is not unfit
     y = yd.decide(pool, nodes, bound, balloons, waiting, names, budget, resource, burst=burst, replicas=replicas,
                   transient=transient)
-    plan = decide(pool, nodes, bound, waiting, y.blocked, names, now, after, claimed)
+    work = frozenset(y.fits + y.blocked + y.over_budget + y.sizing + y.behind)
+    plan = decide(pool, nodes, bound, waiting, y.blocked, names, now, after, claimed, turn, work)
     if plan.unit and plan.reserved:
         planned_nodes, planned_units = as_planned(nodes, waiting, plan, names)
         y = yd.decide(pool, planned_nodes, bound, balloons, planned_units, names, budget, resource, burst=burst,

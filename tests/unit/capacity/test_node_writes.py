@@ -188,7 +188,8 @@ async def reserve_room(bm, y):
     """The pass's reservation step as ``_yields`` leaves it (the plan decided with the yield), then applied."""
     from fleetkeeper.capacity import reserve as rs
     bm._reserve_plans["gpu"] = rs.decide("gpu", bm._pool_nodes["gpu"], bm._pool_bound.get("gpu", []), bm._units,
-                                         y.blocked, NAMES, bm.clock.now(), bm.reserve_after)
+                                         y.blocked, NAMES, bm.clock.now(), bm.reserve_after,
+                                         turn=("ns/big", bm.clock.now() - 120))  # the head for 120 s
     await bm._reserve_room([y])
 
 
@@ -400,3 +401,46 @@ async def test_with_gangs_off_a_gang_in_flight_found_no_room_is_retried_once_roo
     [probe] = [b for b in kube.events if b.get("kind") == "Pod"]
     assert probe["spec"]["schedulingGroup"] == {"podGroupName": "train"}
     assert mgr.registry.get_sample_value("fleetkeeper_gang_requeue_pods_total", {"op": "kick", "result": "ok"}) == 1
+
+
+async def test_the_pass_keeps_the_heads_wait_between_passes_and_reserves_once_it_reaches_the_threshold():
+    """The head's wait is the time since it became the pool's head, carried from pass to pass by the
+    controller (reserve.decide's ``turn``): the members were created an hour ago, yet nothing is reserved
+    until the gang has been the head for ``reserve_after_seconds``; a restart starts the wait again."""
+    kube = PodPatchingKube()
+    clock = FakeClock(1_796_083_200.0 + 3600)  # an hour after the members were created
+    cfg = CapacityConfig.model_validate({"balloons": {"enabled": False,
+                                                      "pools": [{"name": "gpu", "resource": "gpu"}]},
+                                         "gangs": {"reserve_after_seconds": 60}})
+
+    def manager() -> BalloonManager:  # a fresh process: its own registry, the same cluster and clock
+        mgr = Manager(kube, RuntimeSettings(namespace="fk", server={"port": 0}, leader_election={"enabled": False}),
+                      registry=CollectorRegistry(), clock=clock)
+        bm = BalloonManager(mgr, cfg, CapacityMetrics(mgr.registry), mgr.recorder("capacity"))
+        bm.gang_complete = lambda key: key == "ns/train"
+        for i in range(3):
+            bm.nodes._apply("ADDED", gpu_node(f"n{i}"))
+            bm.waiting._apply("ADDED", unschedulable_member(i, "2026-12-01T00:00:00Z"))
+        busy = pod_body("busy", "n0", "Running", "1")
+        busy["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "8"}}
+        bm.pods._apply("ADDED", busy)
+        return bm
+
+    bm = manager()
+    start = clock.now()
+    await bm._pass()
+    plan = bm.last_reserve["gpu"]
+    assert bm.last_yield["gpu"].blocked == ["ns/train"]
+    assert (plan.head, plan.head_since, plan.unit) == ("ns/train", start, "")
+    await clock.advance(59)
+    await bm._pass()
+    assert bm.last_reserve["gpu"].unit == "" and bm.last_reserve["gpu"].head_since == start
+    await clock.advance(1)
+    await bm._pass()
+    plan = bm.last_reserve["gpu"]
+    assert plan.unit == "ns/train" and plan.waited == 60 and plan.needed == 3
+    assert sorted(name for name, _ in kube.patches) == ["n0", "n1", "n2"]  # the reservation was written
+    # a restart: the wait starts again (the taints written before would carry a reservation on)
+    bm = manager()
+    await bm._pass()
+    assert bm.last_reserve["gpu"].unit == "" and bm.last_reserve["gpu"].head_since == clock.now()

@@ -176,10 +176,14 @@ def test_projection_reads_what_the_decision_needs():
 from fleetkeeper.capacity import reserve as rs  # noqa: E402
 
 
-def reserve(nodes, bound, pods, after=300.0, balloons=()):
+def reserve(nodes, bound, pods, after=300.0, balloons=(), turn="created"):
+    """``turn``: the head as the last pass left it; "created": the first unit has been the head since it
+    was created (nothing was ahead of it)."""
     units = yd.units(pods, -1000)
     y = yd.decide(POOL, nodes, bound, list(balloons), units, N, 100)
-    return rs.decide(POOL, nodes, bound, units, y.blocked, N, NOW, after), y
+    if turn == "created":
+        turn = (units[0].key, units[0].since) if units else None
+    return rs.decide(POOL, nodes, bound, units, y.blocked, N, NOW, after, turn=turn), y
 
 
 def test_a_gang_waiting_past_the_threshold_gets_the_free_nodes_reserved():
@@ -207,12 +211,12 @@ def test_no_younger_gang_is_let_go_onto_nodes_reserved_in_the_same_pass():
     units = yd.units(pods, -1000)
     alone = yd.decide(POOL, nodes, bound, [], units, N, 100)
     assert "ns/small2" in alone.free  # judged alone, the younger gang fits the room about to be reserved
-    y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, 300.0)
+    y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, 300.0, turn=("ns/big", NOW - 400))
     assert plan.unit == "ns/big" and plan.taint == ["n2", "n3", "n0", "n1"]
     assert "ns/small2" not in y.fits and "ns/small2" not in y.free and "ns/small2" in y.blocked
     assert y.blocked[0] == "ns/big" and "ns/big" not in y.unfit  # the gang still counts its reserved room
     # below the threshold nothing is reserved and the younger gang goes as before
-    y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, 600.0)
+    y, plan = rs.settle(POOL, nodes, bound, [], units, N, 100, NOW, 600.0, turn=("ns/big", NOW - 400))
     assert plan.unit == "" and "ns/small2" in y.free
 
 
@@ -223,7 +227,7 @@ def test_balloons_on_nodes_reserved_in_the_same_pass_are_not_released_for_younge
     pods = gang("big", 3, created=NOW - 400) + gang("young", 1, created=NOW - 10)
     units = yd.units(pods, -1000)
     assert [r.unit for r in yd.decide(POOL, nodes, bound, balloons, units, N, 100).releases] == ["ns/young"]
-    y, plan = rs.settle(POOL, nodes, bound, balloons, units, N, 100, NOW, 300.0)
+    y, plan = rs.settle(POOL, nodes, bound, balloons, units, N, 100, NOW, 300.0, turn=("ns/big", NOW - 400))
     assert plan.unit == "ns/big" and sorted(plan.reserved) == ["n0", "n1", "n2"]
     assert all(r.unit != "ns/young" for r in y.releases) and "ns/young" in y.blocked
 
@@ -283,6 +287,51 @@ def test_work_queued_by_kueue_is_left_to_kueue():
     big = [dataclasses.replace(p, queued=True) for p in gang("big", 2, created=NOW - 1000)]
     plan, _ = reserve(nodes, bound, big)
     assert plan.unit == ""
+
+
+def test_the_wait_that_counts_is_the_time_at_the_head_of_the_queue_not_since_creation():
+    """A burst: every gang was created 400 s ago (past the 300 s threshold), but the queue moves: the head
+    became the head 10 s ago, when the gang before it was placed. Nothing is reserved (a reservation for each
+    gang in turn drained its nodes for up to a pod length and cost the 53-job burst a whole extra wave);
+    once the same head has waited 300 s at the head it is."""
+    nodes = [node(f"n{i}") for i in range(4)]
+    bound = [work("w0", "n0"), work("w1", "n1"), work("w2", "n2")]  # n3 free
+    pods = gang("a", 2, created=NOW - 400) + gang("b", 3, created=NOW - 400) + gang("c", 1, created=NOW - 399)
+    plan, y = reserve(nodes, bound, pods, turn=("ns/a", NOW - 10))
+    assert y.blocked == ["ns/a", "ns/b"] and y.fits == ["ns/c"]
+    assert plan.unit == "" and plan.head == "ns/a" and plan.head_since == NOW - 10
+    plan, _ = reserve(nodes, bound, pods, turn=("ns/a", NOW - 300))
+    assert plan.unit == "ns/a" and plan.waited == 300 and plan.needed == 2
+
+
+def test_a_new_head_starts_its_wait_when_it_becomes_the_head():
+    nodes = [node(f"n{i}") for i in range(4)]
+    bound = [work(f"w{i}", f"n{i}") for i in range(4)]
+    pods = gang("b", 3, created=NOW - 900) + gang("c", 2, created=NOW - 800)
+    # the last pass's head (ns/a) was placed since: ns/b is the head from now on, however old it is
+    plan, _ = reserve(nodes, bound, pods, turn=("ns/a", NOW - 600))
+    assert plan.head == "ns/b" and plan.head_since == NOW and plan.unit == ""
+    # the head's wait carries over between passes
+    plan, _ = reserve(nodes, bound, pods, turn=(plan.head, plan.head_since - 300))
+    assert plan.unit == "ns/b" and plan.head_since == NOW - 300
+    # only the head is reserved for its wait: a unit behind it is not, however long it has waited
+    plan, _ = reserve(nodes, bound, pods, turn=("ns/b", NOW - 5))
+    assert plan.unit == ""
+
+
+def test_a_higher_priority_gang_is_the_head_and_kueues_work_never_is():
+    nodes = [node(f"n{i}") for i in range(4)]
+    bound = [work(f"w{i}", f"n{i}") for i in range(4)]
+    low = gang("low", 2, created=NOW - 900)
+    high = gang("high", 2, created=NOW - 5, prio=10)
+    plan, _ = reserve(nodes, bound, low + high, turn=("ns/low", NOW - 600))
+    assert plan.head == "ns/high" and plan.unit == ""  # the low one's turn ended when the high one came
+    queued = [dataclasses.replace(p, queued=True) for p in gang("kq", 2, created=NOW - 900)]
+    plan, _ = reserve(nodes, bound, queued + low, turn=("ns/low", NOW - 600))
+    assert plan.head == "ns/low" and plan.unit == "ns/low"
+    # nothing of the pool's waits: no head
+    plan, _ = reserve(nodes, [], [], turn=("ns/low", NOW - 600))
+    assert plan.head == "" and plan.unit == ""
 
 
 # --- CPU pools: CPU work gets CPU balloons released as a unit, as GPU pools do -----------------------------
