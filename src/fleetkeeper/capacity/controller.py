@@ -448,8 +448,10 @@ class BalloonManager:
     def _set_turn(self, pool: str, plan: rs.ReservePlan) -> None:
         if plan.head:
             self._turns[pool] = (plan.head, plan.head_since)
+            self.metrics.head_wait.labels(pool).set(max(0.0, self.clock.now() - plan.head_since))
         else:
             self._turns.pop(pool, None)
+            self.metrics.head_wait.labels(pool).set(0)
 
     async def _evict_lingering(self, yields: list[yd.PoolYield]) -> None:
         """Evict balloons released for waiting work that are still there BALLOON_LINGER_SECONDS later (the

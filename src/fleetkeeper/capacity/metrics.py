@@ -40,8 +40,12 @@ class CapacityMetrics:
                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
                                       registry=registry)
         self.reserved = Gauge(f"{PREFIX}_gang_reserved_nodes",
-                              "Nodes reserved for a gang that waited past reserve_after_seconds", ["pool"],
-                              registry=registry)
+                              "Nodes reserved for a gang that waited past reserve_after_seconds at the head of "
+                              "its pool's queue", ["pool"], registry=registry)
+        self.head_wait = Gauge(f"{PREFIX}_gang_queue_head_wait_seconds",
+                               "How long the pool's head (the first of its waiting work) has been the head, as of "
+                               "the last pass; 0 while nothing waits. Its room is reserved once this reaches "
+                               "reserve_after_seconds", ["pool"], registry=registry)
         self.reservations = Counter(f"{PREFIX}_node_reservations_total",
                                     "Reservation taints set (reserve) and removed (release)", ["op", "result"],
                                     registry=registry)

@@ -435,6 +435,7 @@ async def test_the_pass_keeps_the_heads_wait_between_passes_and_reserves_once_it
     await clock.advance(59)
     await bm._pass()
     assert bm.last_reserve["gpu"].unit == "" and bm.last_reserve["gpu"].head_since == start
+    assert bm.metrics.head_wait.labels("gpu")._value.get() == 59
     await clock.advance(1)
     await bm._pass()
     plan = bm.last_reserve["gpu"]
