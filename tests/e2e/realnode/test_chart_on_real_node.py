@@ -29,7 +29,7 @@ import yaml
 from fleetkeeper.core import errors
 from fleetkeeper.core.kube import (
     CLUSTERROLEBINDINGS, CLUSTERROLES, CONFIGMAPS, LEASES, MUTATING_WEBHOOKS, NAMESPACES, NODES, PODS, SECRETS,
-    SERVICES, VALIDATING_WEBHOOKS, Kube, Resource,
+    SERVICES, SUBJECT_ACCESS_REVIEWS, VALIDATING_WEBHOOKS, Kube, Resource,
 )
 from fleetkeeper.localcluster.cluster import LocalCluster
 from fleetkeeper.localcluster.realnode import LABEL_KEY, NODE_NAME, TAINT_KEY
@@ -276,6 +276,16 @@ async def workspace(kube):
         "metadata": {"name": "researchers-edit", "namespace": ns},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "researchers"}]}, ns)
+
+    async def bound():
+        # the API server authorizes from its RBAC cache: a RoleBinding just created can still be missing there
+        # (a researcher's first call was refused 403 once); a SubjectAccessReview asks that same cache
+        review = await kube.create(SUBJECT_ACCESS_REVIEWS, {
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": "alice", "groups": ["researchers", "system:authenticated"],
+                     "resourceAttributes": {"namespace": ns, "verb": "create", "resource": "pods"}}})
+        return bool(review["status"].get("allowed"))
+    await until(bound, 60, f"researchers allowed to create pods in {ns}")
     yield ns
     await kube.delete(NAMESPACES, ns)
 
